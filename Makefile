@@ -1,0 +1,24 @@
+# Two entry points for a fresh machine with Python 3.11+: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test lint clean
+
+$(BIN)/segpipe: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/segpipe
+	$(BIN)/segpipe demo
+
+test: $(BIN)/segpipe
+	$(BIN)/python -m pytest
+
+lint: $(BIN)/segpipe
+	$(BIN)/ruff check pipeline flows tests
+
+clean:
+	rm -rf $(VENV) segpipe-demo

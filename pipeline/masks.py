@@ -1,0 +1,71 @@
+"""Label masks as files: palette PNGs of class ids (uint16 PNGs beyond 256 classes) and
+8-bit confidence maps."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def default_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
+    """The PASCAL VOC colour map (0 black, 1 dark red, 2 dark green, ...), up to 256 colours.
+
+    Used when weights carry no palette of their own; distinct and stable across runs.
+    """
+    colours = []
+    for index in range(min(num_classes, 256)):
+        r = g = b = 0
+        c = index
+        for shift in range(7, -1, -1):
+            r |= ((c >> 0) & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        colours.append((r, g, b))
+    return tuple(colours)
+
+
+def encode_mask(labels: np.ndarray, palette: Sequence[Sequence[int]] | None = None) -> bytes:
+    """PNG bytes for an (H, W) array of class ids.
+
+    Ids below 256 become a palette ("P" mode) PNG: viewers show colours, readers get the ids
+    back. Larger ids need a 16-bit greyscale PNG (no palette is possible there).
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be (H, W), got shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 65535):
+        raise ValueError(f"class ids must lie in [0, 65535], got [{labels.min()}, {labels.max()}]")
+    buffer = io.BytesIO()
+    if labels.size == 0 or labels.max() < 256:
+        image = Image.fromarray(labels.astype(np.uint8), mode="P")
+        colours = list(palette) if palette is not None else list(default_palette(256))
+        flat = [channel for colour in colours[:256] for channel in colour]
+        image.putpalette(flat + [0] * (768 - len(flat)))
+    else:
+        image = Image.fromarray(labels.astype(np.uint16))
+    image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    """Class ids from a mask PNG written by `encode_mask` (or any single-channel PNG)."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode not in {"P", "L", "I;16", "I;16B", "I"}:
+            raise ValueError(f"a mask must be a single-channel image, got mode {image.mode!r}")
+        array = np.array(image)
+    return array.astype(np.uint16) if array.dtype != np.uint8 else array
+
+
+def encode_confidence(confidence: np.ndarray) -> bytes:
+    """An 8-bit greyscale PNG of per-pixel confidence in [0, 1] (255 = certain)."""
+    confidence = np.asarray(confidence, dtype=np.float32)
+    if confidence.ndim != 2:
+        raise ValueError(f"confidence must be (H, W), got shape {confidence.shape}")
+    levels = np.clip(np.rint(confidence * 255.0), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(levels, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()

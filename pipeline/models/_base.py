@@ -1,0 +1,56 @@
+"""Pieces shared by the architectures segpipe defines itself (PSPNet, DeepLabV3+, U-Net)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet
+
+
+def resnet_backbone(
+    depth: int, *, weights_backbone: str | None, dilation: tuple[bool, bool, bool]
+) -> resnet.ResNet:
+    """A torchvision ResNet whose layers 2-4 may trade stride for dilation.
+
+    `weights_backbone=None` initialises at random and downloads nothing.
+    """
+    builders = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101}
+    kwargs = {}
+    if any(dilation):
+        kwargs["replace_stride_with_dilation"] = list(dilation)
+    return builders[depth](weights=weights_backbone, **kwargs)
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def resize_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    if x.shape[-2:] == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def outputs(
+    out: torch.Tensor, aux: torch.Tensor | None, size: torch.Size
+) -> OrderedDict[str, torch.Tensor]:
+    """The torchvision contract: {"out": logits[, "aux": logits]} at the input's resolution."""
+    result: OrderedDict[str, torch.Tensor] = OrderedDict(out=resize_to(out, size))
+    if aux is not None:
+        result["aux"] = resize_to(aux, size)
+    return result
+
+
+class FCNAuxHead(nn.Sequential):
+    """The auxiliary head on layer3 used by PSPNet and DeepLab for deep supervision."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        mid = in_channels // 4
+        super().__init__(conv_bn_relu(in_channels, mid), nn.Dropout(0.1), nn.Conv2d(mid, num_classes, 1))

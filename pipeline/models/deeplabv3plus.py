@@ -1,0 +1,58 @@
+"""DeepLabV3+ (Chen et al., 2018): ResNet at output stride 16, ASPP, and a decoder that fuses
+stride-4 features reduced to 48 channels."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.segmentation.deeplabv3 import ASPP
+
+from ._base import FCNAuxHead, conv_bn_relu, outputs, resize_to, resnet_backbone
+from ._registry import register_model
+
+
+class DeepLabV3Plus(nn.Module):
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int,
+        *,
+        aux_loss: bool = False,
+        weights_backbone: str | None = None,
+        atrous_rates: tuple[int, int, int] = (6, 12, 18),
+    ) -> None:
+        super().__init__()
+        backbone = resnet_backbone(depth, weights_backbone=weights_backbone, dilation=(False, False, True))
+        self.stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool)
+        self.layer1, self.layer2 = backbone.layer1, backbone.layer2
+        self.layer3, self.layer4 = backbone.layer3, backbone.layer4
+        self.aspp = ASPP(2048, list(atrous_rates), out_channels=256)
+        self.low_level = conv_bn_relu(256, 48, 1)
+        self.decoder = nn.Sequential(
+            conv_bn_relu(256 + 48, 256), conv_bn_relu(256, 256), nn.Conv2d(256, num_classes, 1)
+        )
+        self.aux_classifier = FCNAuxHead(1024, num_classes) if aux_loss else None
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = x.shape[-2:]
+        c1 = self.layer1(self.stem(x))
+        c3 = self.layer3(self.layer2(c1))
+        low = self.low_level(c1)
+        high = resize_to(self.aspp(self.layer4(c3)), low.shape[-2:])
+        out = self.decoder(torch.cat([high, low], dim=1))
+        aux = self.aux_classifier(c3) if self.aux_classifier is not None else None
+        return outputs(out, aux, size)
+
+
+@register_model("deeplabv3plus_resnet50")
+def deeplabv3plus_resnet50(
+    *, num_classes: int, aux_loss: bool = False, weights_backbone: str | None = None
+) -> DeepLabV3Plus:
+    return DeepLabV3Plus(50, num_classes, aux_loss=aux_loss, weights_backbone=weights_backbone)
+
+
+@register_model("deeplabv3plus_resnet101")
+def deeplabv3plus_resnet101(
+    *, num_classes: int, aux_loss: bool = False, weights_backbone: str | None = None
+) -> DeepLabV3Plus:
+    return DeepLabV3Plus(101, num_classes, aux_loss=aux_loss, weights_backbone=weights_backbone)

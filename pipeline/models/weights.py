@@ -1,0 +1,261 @@
+"""Weights and the metadata that travels with them.
+
+Three sources of weights, one entry point (`build_model`):
+- `None` / "none": random initialisation, nothing downloaded (backbone included).
+- a torchvision weight enum name ("COCO_WITH_VOC_LABELS_V1", "DEFAULT"), for the models
+  torchvision publishes weights for; fetched into torch.hub's cache.
+- a segpipe checkpoint at any fsspec URL (local path, s3://, gs://), loaded with
+  `torch.load(weights_only=True)`. It holds `ModelMeta` (architecture, classes, palette,
+  preprocessing), so a checkpoint alone says how to run it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import urllib.error
+from typing import Any, Literal
+
+import fsspec
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import nn
+
+from ..masks import default_palette
+from ._registry import get_spec
+
+CHECKPOINT_FORMAT = "segpipe-checkpoint/1"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Weights could not be fetched (offline, missing file, no permission)."""
+
+
+class Preprocessing(BaseModel):
+    """How pixels must be prepared for a set of weights.
+
+    `resize`: "none" runs at the image's own size (aerial tiles, with sliding windows for big
+    ones); "short_side"/"long_side" scale that side to `size` keeping the aspect ratio (what
+    torchvision's published segmentation weights expect: short side 520); "fixed" resizes to
+    `size` = (height, width). Predictions are always returned at the original size.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    resize: Literal["none", "short_side", "long_side", "fixed"] = "none"
+    size: tuple[int, ...] | None = None
+
+    @model_validator(mode="after")
+    def _check_size(self) -> Preprocessing:
+        wanted = {"none": 0, "short_side": 1, "long_side": 1, "fixed": 2}[self.resize]
+        got = 0 if self.size is None else len(self.size)
+        if got != wanted or (self.size and min(self.size) <= 0):
+            raise ValueError(
+                f"resize={self.resize!r} needs {wanted} positive size value(s), got size={self.size}"
+            )
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std}")
+        return self
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) the network sees for an image of the given size."""
+        if self.resize == "none":
+            return height, width
+        if self.resize == "fixed":
+            return self.size[0], self.size[1]  # type: ignore[index]
+        side = min(height, width) if self.resize == "short_side" else max(height, width)
+        scale = self.size[0] / side  # type: ignore[index]
+        return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+class ModelMeta(BaseModel):
+    """What a set of weights means: the contract between a checkpoint and the pipeline."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    architecture: str
+    num_classes: int = Field(gt=0)
+    class_names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    preprocessing: Preprocessing = Preprocessing()
+    # where the weights came from: "none", a torchvision enum, or a checkpoint URI
+    weights: str = "none"
+    # builder arguments needed to rebuild the same module (e.g. {"aux_loss": True})
+    model_kwargs: dict[str, Any] = {}
+    # free-form: training configuration, validation mIoU, dataset name...
+    extra: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> ModelMeta:
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"class_names has {len(self.class_names)} entries but num_classes={self.num_classes}"
+            )
+        if len(self.palette) < min(self.num_classes, 256):
+            raise ValueError(f"palette has {len(self.palette)} colours for {self.num_classes} classes")
+        return self
+
+    @classmethod
+    def default(cls, architecture: str, num_classes: int, **overrides: Any) -> ModelMeta:
+        fields: dict[str, Any] = {
+            "architecture": architecture,
+            "num_classes": num_classes,
+            "class_names": tuple(f"class_{i}" for i in range(num_classes)),
+            "palette": default_palette(num_classes),
+        }
+        return cls(**(fields | overrides))
+
+
+def save_checkpoint(
+    model: nn.Module, url: str, meta: ModelMeta, *, storage_options: dict[str, Any] | None = None
+) -> None:
+    """Write `model`'s weights with `meta` to any fsspec URL, loadable by `build_model`."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, "meta": meta.model_dump(mode="json"), "state_dict": state}, buffer)
+    with fsspec.open(url, "wb", **(storage_options or {})) as f:
+        f.write(buffer.getvalue())
+
+
+def load_checkpoint(
+    url: str, *, storage_options: dict[str, Any] | None = None
+) -> tuple[ModelMeta, dict[str, torch.Tensor]]:
+    """Read a segpipe checkpoint. Only tensors and plain data are unpickled (weights_only)."""
+    try:
+        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+            data = f.read()
+    except Exception as err:  # fsspec surfaces each backend's own error types
+        raise WeightsUnavailableError(
+            f"cannot read checkpoint {url}: {type(err).__name__}: {err}. Check the URL and its "
+            "credentials (--storage-options or AWS_* variables), or pass weights=none for an untrained model"
+        ) from err
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"refused to load {url}: it is not a plain tensor checkpoint (weights_only=True rejected it: "
+            f"{str(err).splitlines()[0]}). Only load checkpoints you trust, re-saved with segpipe's save_checkpoint"
+        ) from err
+    except Exception as err:
+        raise ValueError(f"{url} is not a readable PyTorch checkpoint: {type(err).__name__}: {err}") from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{url} is not a segpipe checkpoint (no format={CHECKPOINT_FORMAT!r} entry); "
+            "write it with pipeline.models.save_checkpoint so it carries classes and preprocessing"
+        )
+    try:
+        meta = ModelMeta.model_validate(payload["meta"])
+    except ValidationError as err:
+        raise ValueError(f"checkpoint {url} has invalid metadata: {err}") from err
+    return meta, payload["state_dict"]
+
+
+def _torchvision_weights(tv_name: str | None, weights: str) -> Any | None:
+    """The torchvision enum member that `weights` names for this model, or None."""
+    if tv_name is None:
+        return None
+    from torchvision.models import get_model_weights
+
+    enum_cls = get_model_weights(tv_name)
+    member = weights.removeprefix(enum_cls.__name__ + ".")
+    return enum_cls[member] if member in enum_cls.__members__ else None
+
+
+def _looks_like_uri(weights: str) -> bool:
+    return "://" in weights or os.sep in weights or weights.endswith((".pt", ".pth", ".ckpt")) or os.path.exists(weights)
+
+
+def _check_num_classes(num_classes: int | None, source: str, expected: int) -> None:
+    if num_classes is not None and num_classes != expected:
+        raise ValueError(
+            f"num_classes={num_classes} but weights {source} have {expected} classes; "
+            f"pass num_classes={expected} (or omit it)"
+        )
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"weights {source} do not fit {model.__class__.__name__}: {err}") from err
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    weights: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a registered model, optionally with weights; its `ModelMeta` is at `model.meta`.
+
+    `num_classes` is required without weights and otherwise checked against them. Auxiliary
+    heads in published weights or checkpoints are dropped unless `aux_loss=True` is passed.
+    """
+    spec = get_spec(name)
+    want_aux = bool(kwargs.get("aux_loss", False))
+
+    if weights is None or weights.lower() == "none":
+        if num_classes is None:
+            raise ValueError(f"num_classes is required to build {name!r} without weights")
+        model = spec.builder(num_classes=num_classes, **kwargs)
+        model.meta = ModelMeta.default(name, num_classes, model_kwargs=kwargs)
+        return model
+
+    enum = _torchvision_weights(spec.torchvision_name, weights)
+    if enum is not None:
+        categories = enum.meta["categories"]
+        _check_num_classes(num_classes, str(enum), len(categories))
+        try:
+            state = enum.get_state_dict(progress=False, weights_only=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as err:
+            cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(enum.url))
+            raise WeightsUnavailableError(
+                f"cannot download {enum} from {enum.url} ({type(err).__name__}: {err}). Offline, either "
+                f"copy that file to {cache}, pass a checkpoint path or URL as weights, or use weights=none "
+                "for an untrained model"
+            ) from err
+        has_aux = any(k.startswith("aux_classifier.") for k in state)
+        build_kwargs = {**kwargs, "aux_loss": True} if has_aux else kwargs
+        model = spec.builder(num_classes=len(categories), **build_kwargs)
+        _load_state(model, state, str(enum))
+        transforms = enum.transforms()
+        preprocessing = Preprocessing(
+            mean=tuple(transforms.mean), std=tuple(transforms.std),
+            resize="short_side", size=(int(transforms.resize_size[0]),),
+        )
+        meta = ModelMeta.default(
+            name, len(categories), class_names=tuple(categories), preprocessing=preprocessing,
+            weights=str(enum).split(".")[-1], model_kwargs=kwargs,
+        )
+    elif _looks_like_uri(weights):
+        meta, state = load_checkpoint(weights, storage_options=storage_options)
+        if meta.architecture != name:
+            raise ValueError(
+                f"checkpoint {weights} holds a {meta.architecture!r} model, not {name!r}; "
+                f"pass model={meta.architecture!r}"
+            )
+        _check_num_classes(num_classes, weights, meta.num_classes)
+        model = spec.builder(num_classes=meta.num_classes, **(meta.model_kwargs | kwargs))
+        _load_state(model, state, weights)
+        meta = meta.model_copy(update={"weights": weights})
+    else:
+        known = ""
+        if spec.torchvision_name:
+            from torchvision.models import get_model_weights
+
+            known = f" torchvision weights for it: {', '.join(get_model_weights(spec.torchvision_name).__members__)};"
+        raise ValueError(
+            f"unknown weights {weights!r} for {name!r};{known} or pass a checkpoint path/URL, or 'none'"
+        )
+
+    if getattr(model, "aux_classifier", None) is not None and not want_aux:
+        model.aux_classifier = None  # inference does not need deep supervision
+    model.meta = meta
+    return model

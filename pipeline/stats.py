@@ -1,0 +1,67 @@
+"""Per-image class statistics: what an analyst queries after a nightly run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+# 8-connectivity: diagonal neighbours belong to the same region, as in scikit-image's default
+_CONNECTIVITY = np.ones((3, 3), dtype=bool)
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    """One entry per class present in the image, sorted by class id."""
+
+    class_id: np.ndarray  # int64
+    pixel_count: np.ndarray  # int64
+    fraction: np.ndarray  # float64, pixel_count / (H * W)
+    mean_confidence: np.ndarray  # float64, mean probability of the pixels assigned to the class
+    components: np.ndarray  # int64, connected regions (8-connectivity)
+
+    def __len__(self) -> int:
+        return len(self.class_id)
+
+
+def labels_and_confidence(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax labels and their probability from (C, H, W) or (B, C, H, W) probabilities, on
+    the probabilities' device, so only these two maps need to leave a GPU."""
+    confidence, labels = probs.max(dim=-3)
+    return labels, confidence
+
+
+def class_statistics(
+    labels: torch.Tensor | np.ndarray, confidence: torch.Tensor | np.ndarray, num_classes: int
+) -> ClassStats:
+    """Statistics of one (H, W) label map; `confidence` is each pixel's probability of its label.
+
+    Counts and confidence sums are one bincount each (on the GPU when the inputs are there);
+    connected components are counted on the CPU.
+    """
+    labels_t = torch.as_tensor(labels)
+    confidence_t = torch.as_tensor(confidence, device=labels_t.device).float()
+    if labels_t.ndim != 2 or labels_t.shape != confidence_t.shape:
+        raise ValueError(
+            f"labels and confidence must be equal (H, W) maps, got {tuple(labels_t.shape)} and {tuple(confidence_t.shape)}"
+        )
+    flat = labels_t.reshape(-1).long()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(flat.min())}, {int(flat.max())}]")
+    counts = torch.bincount(flat, minlength=num_classes)
+    confidence_sums = torch.bincount(flat, weights=confidence_t.reshape(-1).double(), minlength=num_classes)
+    present = torch.nonzero(counts).reshape(-1)
+    counts_np = counts[present].cpu().numpy().astype(np.int64)
+    sums_np = confidence_sums[present].cpu().numpy()
+    labels_np = labels_t.cpu().numpy()
+    class_ids = present.cpu().numpy().astype(np.int64)
+    components = np.array([ndimage.label(labels_np == c, structure=_CONNECTIVITY)[1] for c in class_ids], dtype=np.int64)
+    return ClassStats(
+        class_id=class_ids,
+        pixel_count=counts_np,
+        fraction=counts_np / max(flat.numel(), 1),
+        mean_confidence=sums_np / counts_np,
+        components=components,
+    )

@@ -1,0 +1,185 @@
+"""Segmenter: preprocessing from metadata, batching by size, sliding windows, TTA, precision."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from pipeline.inference import TTA, Segmenter, SlidingWindow, blend_weights, window_starts
+from pipeline.models import ModelMeta, Preprocessing, build_model
+
+
+class Pointwise(nn.Module):
+    """A 1x1 convolution: each pixel's logits depend on that pixel alone, so sliding windows
+    must reproduce the whole-image result exactly. Records every batch it sees."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, num_classes, 1)
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.inputs.append(x.detach().clone())
+        return {"out": self.conv(x) * 3}
+
+
+class ColumnRamp(Pointwise):
+    """Adds a left-to-right ramp to class 0: not mirror-symmetric, to test flip TTA."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().forward(x)["out"].clone()
+        out[:, 0] += torch.linspace(-2, 2, x.shape[-1])
+        return {"out": out}
+
+
+def _meta(num_classes: int = 4, **pre) -> ModelMeta:
+    return ModelMeta.default("test", num_classes, preprocessing=Preprocessing(**pre))
+
+
+def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_probabilities_at_each_original_size_in_input_order() -> None:
+    model = Pointwise()
+    seg = Segmenter(model, _meta(), device="cpu", batch_size=2)
+    images = [_image(20, 30, 0), _image(17, 11, 1), _image(20, 30, 2), _image(20, 30, 3)]
+    probs = seg.predict(images)
+    assert [tuple(p.shape) for p in probs] == [(4, 20, 30), (4, 17, 11), (4, 20, 30), (4, 20, 30)]
+    for p in probs:
+        torch.testing.assert_close(p.sum(0), torch.ones(p.shape[1:]))
+    # batched by size (2 + 1 windows of 20x30, one of 17x11), never mixing sizes in a batch
+    assert sorted(tuple(x.shape) for x in model.inputs) == [(1, 3, 17, 11), (1, 3, 20, 30), (2, 3, 20, 30)]
+    alone = seg.predict([images[2]])[0]
+    torch.testing.assert_close(alone, probs[2])
+    numpy_input = seg.predict([images[1].permute(1, 2, 0).numpy()])[0]
+    torch.testing.assert_close(numpy_input, probs[1])
+
+
+def test_normalisation_and_resize_policy_come_from_the_metadata() -> None:
+    model = Pointwise()
+    meta = _meta(mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0), resize="short_side", size=(10,))
+    image = _image(20, 30)
+    probs = Segmenter(model, meta, device="cpu").predict([image])[0]
+    seen = model.inputs[0]
+    assert seen.shape == (1, 3, 10, 15)  # short side 20 -> 10, aspect kept
+    resized = F.interpolate(image[None].float(), size=(10, 15), mode="bilinear", align_corners=False, antialias=True)
+    expected = (resized / 255 - torch.tensor([0.5, 0.25, 0.0]).view(1, 3, 1, 1)) / torch.tensor([0.5, 0.25, 1.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen, expected, atol=1e-5, rtol=1e-5)
+    assert probs.shape == (4, 20, 30)  # back at the original size
+
+
+def test_window_starts_snap_the_last_window_inward() -> None:
+    assert window_starts(100, 32, 20) == [0, 20, 40, 60, 68]
+    assert window_starts(64, 32, 32) == [0, 32]
+    assert window_starts(30, 32, 20) == [0]
+
+
+def test_blend_weights_fade_toward_edges_but_stay_positive() -> None:
+    w = blend_weights(9, 13, torch.device("cpu"))
+    assert (w > 0).all()
+    assert w.argmax() == 4 * 13 + 6  # the centre
+    assert w[0, 0] < w[2, 2] < w[4, 6]
+
+
+def test_sliding_window_equals_whole_image_for_a_pointwise_model() -> None:
+    model = Pointwise()
+    image = _image(100, 77)
+    whole = Segmenter(model, _meta(), device="cpu").predict([image])[0]
+    model.inputs.clear()
+    window = SlidingWindow(crop=(32, 32), stride=(20, 24), batch_size=3)
+    slid = Segmenter(model, _meta(), device="cpu", sliding_window=window).predict([image])[0]
+    torch.testing.assert_close(slid, whole, atol=1e-5, rtol=1e-5)
+    # memory is bounded by the window batch: never more than 3 crops of 32x32 at once
+    assert all(x.shape[0] <= 3 and x.shape[-2:] == (32, 32) for x in model.inputs)
+    assert sum(x.shape[0] for x in model.inputs) == 5 * 3  # starts y 0,20,40,60,68; x 0,24,45
+
+
+def test_one_window_covering_the_image_agrees_with_whole_image_inference() -> None:
+    model = build_model("deeplabv3_mobilenet_v3_large", num_classes=5)
+    images = [_image(48, 40, 0), _image(33, 47, 1)]
+    whole = Segmenter(model, device="cpu").predict(images)
+    slid = Segmenter(model, device="cpu", sliding_window=SlidingWindow(crop=(48, 48), stride=(32, 32))).predict(images)
+    for a, b in zip(whole, slid, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_sliding_window_blends_a_real_model_without_seams(shared_data) -> None:
+    """A LoveDA tile (1024x1024) with a real CNN in windows: valid probabilities everywhere,
+    and close to whole-image inference (convolution padding makes windows differ slightly)."""
+    path = next((shared_data / "aerial" / "loveda" / "images").iterdir())
+    image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[:, :512, :400].contiguous()
+    model = build_model("lraspp_mobilenet_v3_large", num_classes=3)
+    whole = Segmenter(model, device="cpu").predict([image])[0]
+    slid = Segmenter(model, device="cpu", sliding_window=SlidingWindow((256, 256), (192, 192), 2)).predict([image])[0]
+    assert slid.shape == (3, 512, 400)
+    torch.testing.assert_close(slid.sum(0), torch.ones(512, 400))
+    assert (slid.argmax(0) == whole.argmax(0)).float().mean() > 0.9
+
+
+def test_flip_and_multiscale_tta_average_probabilities() -> None:
+    model = ColumnRamp()
+    image = _image(24, 32)
+    tta = TTA(flip=True, scales=(1.0, 0.5))
+    got = Segmenter(model, _meta(), device="cpu", tta=tta).predict([image])[0]
+
+    def view(scale: float, flip: bool) -> torch.Tensor:
+        size = (round(24 * scale), round(32 * scale))
+        x = image[None].float()
+        if size != (24, 32):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        x = (x / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        with torch.no_grad():
+            logits = model(x.flip(-1) if flip else x)["out"]
+        logits = logits.flip(-1) if flip else logits
+        return F.interpolate(logits, size=(24, 32), mode="bilinear", align_corners=False).softmax(1)[0]
+
+    expected = sum(view(s, f) for s in (1.0, 0.5) for f in (False, True)) / 4
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    plain = Segmenter(model, _meta(), device="cpu").predict([image])[0]
+    assert not torch.allclose(plain, got, atol=1e-3)  # TTA changed something
+
+
+def test_bf16_channels_last_path_runs_on_cpu_and_matches_fp32() -> None:
+    """The CUDA settings (bf16 autocast, channels_last) forced on CPU, so CI covers them."""
+    model = build_model("fcn_resnet50", num_classes=3)
+    images = [_image(40, 56)]
+    fp32 = Segmenter(model, device="cpu").predict(images)[0]
+    fast = Segmenter(model, device="cpu", precision="bf16", channels_last=True)
+    assert fast.autocast_dtype == torch.bfloat16
+    probs = fast.predict(images)[0]
+    assert probs.dtype == torch.float32
+    assert (probs - fp32).abs().max() < 0.05
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_probabilities() -> None:
+    model = Pointwise()
+    image = _image(16, 16)
+    eager = Segmenter(model, _meta(), device="cpu").predict([image])[0]
+    compiled = Segmenter(model, _meta(), device="cpu", compile=True).predict([image])[0]
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_segmenter_from_name_uses_defaults_and_validates() -> None:
+    seg = Segmenter.from_name("lraspp_mobilenet_v3_large", num_classes=2, device="cpu", batch_size=4)
+    assert seg.num_classes == 2 and seg.batch_size == 4 and seg.autocast_dtype is None
+    with pytest.raises(ValueError, match="precision"):
+        Segmenter.from_name("lraspp_mobilenet_v3_large", num_classes=2, device="cpu", precision="fp16")
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        seg.predict([np.zeros((4, 4), dtype=np.uint8)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu() -> None:
+    model = build_model("deeplabv3_mobilenet_v3_large", num_classes=4)
+    images = [_image(64, 80)]
+    cpu = Segmenter(model, device="cpu").predict(images)[0]
+    gpu = Segmenter(model, device="cuda").predict(images)[0]
+    assert gpu.device.type == "cuda"
+    assert (gpu.cpu().argmax(0) == cpu.argmax(0)).float().mean() > 0.95

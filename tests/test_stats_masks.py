@@ -1,0 +1,75 @@
+"""Per-image class statistics and mask files."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.masks import decode_mask, default_palette, encode_confidence, encode_mask
+from pipeline.stats import class_statistics, labels_and_confidence
+
+
+def test_class_statistics_by_hand() -> None:
+    labels = np.array([[0, 0, 2, 2], [0, 0, 0, 0], [2, 0, 0, 2], [2, 0, 0, 2]])
+    confidence = np.full((4, 4), 0.5, dtype=np.float32)
+    confidence[0, 2] = 1.0
+    stats = class_statistics(labels, confidence, num_classes=3)
+    np.testing.assert_array_equal(stats.class_id, [0, 2])  # class 1 absent: no row
+    np.testing.assert_array_equal(stats.pixel_count, [10, 6])
+    np.testing.assert_allclose(stats.fraction, [10 / 16, 6 / 16])
+    np.testing.assert_allclose(stats.mean_confidence, [0.5, (1.0 + 5 * 0.5) / 6])
+    # class 2: the top pair, the left column pair, the right column pair (8-connectivity)
+    np.testing.assert_array_equal(stats.components, [1, 3])
+
+
+def test_diagonal_pixels_are_one_component() -> None:
+    labels = np.eye(5, dtype=np.int64)
+    stats = class_statistics(labels, np.ones((5, 5)), 2)
+    np.testing.assert_array_equal(stats.components, [1, 1])
+
+
+def test_statistics_from_probabilities_add_up() -> None:
+    probs = torch.randn(5, 30, 40).softmax(0)
+    labels, confidence = labels_and_confidence(probs)
+    stats = class_statistics(labels, confidence, 5)
+    assert stats.pixel_count.sum() == 30 * 40
+    assert stats.fraction.sum() == pytest.approx(1.0)
+    for c, mean in zip(stats.class_id, stats.mean_confidence, strict=True):
+        assert mean == pytest.approx(float(probs.max(0).values[labels == c].mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        class_statistics(labels, confidence, 2)
+
+
+def test_palette_png_round_trip_with_model_colours() -> None:
+    labels = np.random.default_rng(0).integers(0, 6, (17, 23)).astype(np.uint8)
+    palette = [(10 * i, 20 * i, 30 * i) for i in range(6)]
+    data = encode_mask(labels, palette)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.mode == "P" and image.size == (23, 17)
+        assert image.getpalette()[:18] == [v for colour in palette for v in colour]
+    np.testing.assert_array_equal(decode_mask(data), labels)
+
+
+def test_more_than_256_classes_use_uint16_png() -> None:
+    labels = np.array([[0, 300], [65535, 7]], dtype=np.int64)
+    data = encode_mask(labels)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.mode.startswith("I")
+    np.testing.assert_array_equal(decode_mask(data), labels)
+
+
+def test_default_palette_is_pascal_voc() -> None:
+    palette = default_palette(21)
+    assert palette[0] == (0, 0, 0) and palette[1] == (128, 0, 0) and palette[15] == (192, 128, 128)
+    assert len(set(default_palette(256))) == 256
+
+
+def test_confidence_map_png() -> None:
+    confidence = np.array([[0.0, 0.5], [1.0, 0.25]])
+    with Image.open(io.BytesIO(encode_confidence(confidence))) as image:
+        assert image.mode == "L"
+        np.testing.assert_array_equal(np.array(image), [[0, 128], [255, 64]])
