@@ -5,10 +5,10 @@ BIN    := $(VENV)/bin
 
 .PHONY: demo test lint clean
 
-$(BIN)/segpipe: pyproject.toml
+$(BIN)/segpipe: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -c constraints.txt -e '.[dev]'
 	touch $@
 
 demo: $(BIN)/segpipe
