@@ -33,11 +33,13 @@ def confusion_matrix(pred: Array, target: Array, num_classes: int, ignore_index:
     if isinstance(target, torch.Tensor):
         target = target.reshape(-1).long()
         pred = pred.reshape(-1).long().to(target.device)
-        keep = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
-        target, pred = target[keep], pred[keep]
-        _check_range(target, pred, n, ignore_index, int(target.min()) if target.numel() else 0,
-                     int(target.max()) if target.numel() else 0,
-                     int(pred.min()) if pred.numel() else 0, int(pred.max()) if pred.numel() else 0)
+        if ignore_index is not None:
+            keep = target != ignore_index
+            target, pred = target[keep], pred[keep]
+        if target.numel():
+            # one device-to-host transfer for the four bounds
+            bounds = torch.stack([target.min(), target.max(), pred.min(), pred.max()]).tolist()
+            _check_range(n, ignore_index, *bounds)
         return torch.bincount(n * target + pred, minlength=n * n).reshape(n, n)
     target = np.asarray(target).reshape(-1).astype(np.int64)
     pred = np.asarray(pred).reshape(-1).astype(np.int64)
@@ -45,20 +47,18 @@ def confusion_matrix(pred: Array, target: Array, num_classes: int, ignore_index:
         keep = target != ignore_index
         target, pred = target[keep], pred[keep]
     if target.size:
-        _check_range(target, pred, n, ignore_index, target.min(), target.max(), pred.min(), pred.max())
+        _check_range(n, ignore_index, target.min(), target.max(), pred.min(), pred.max())
     return np.bincount(n * target + pred, minlength=n * n).reshape(n, n)
 
 
-def _check_range(target, pred, n, ignore_index, tmin, tmax, pmin, pmax) -> None:
+def _check_range(n: int, ignore_index: int | None, tmin: int, tmax: int, pmin: int, pmax: int) -> None:
     if tmin < 0 or tmax >= n:
-        bad = tmin if tmin < 0 else tmax
         raise ValueError(
-            f"ground truth holds label {bad}, outside [0, {n}) and not ignore_index={ignore_index}; "
-            "check num_classes, ignore_index or the label map"
+            f"ground truth holds label {tmin if tmin < 0 else tmax}, outside [0, {n}) and not "
+            f"ignore_index={ignore_index}; check num_classes, ignore_index or the label map"
         )
     if pmin < 0 or pmax >= n:
-        bad = pmin if pmin < 0 else pmax
-        raise ValueError(f"prediction holds label {bad}, outside [0, {n}); check num_classes")
+        raise ValueError(f"prediction holds label {pmin if pmin < 0 else pmax}, outside [0, {n}); check num_classes")
 
 
 def scores(cm: np.ndarray | torch.Tensor) -> dict[str, Any]:

@@ -113,7 +113,7 @@ def test_crf_brings_a_degraded_unary_closer_to_ground_truth(shared_data) -> None
         assert after > before + 0.05, (before, after)
 
 
-def test_argmax_agrees_with_pydensecrf2(shared_data) -> None:
+def test_argmax_agrees_with_pydensecrf2(shared_data, capsys) -> None:
     import pydensecrf.densecrf as dcrf
 
     agreements = []
@@ -127,7 +127,8 @@ def test_argmax_agrees_with_pydensecrf2(shared_data) -> None:
         reference = np.array(crf.inference(5)).reshape(c, h, w).argmax(0)
         ours = dense_crf(probs, torch.from_numpy(image).permute(2, 0, 1)[None].contiguous())[0].argmax(0).numpy()
         agreements.append(float((ours == reference).mean()))
-    print(f"argmax agreement with pydensecrf2: {agreements}")
+    with capsys.disabled():  # reported in the test log, not only asserted
+        print(f"\nargmax agreement with pydensecrf2 on CamVid: {[round(a, 4) for a in agreements]}")
     assert min(agreements) > 0.93
 
 
