@@ -167,8 +167,8 @@ class Segmenter:
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 batch = torch.stack([tensors[i] for i in chunk])
-                if self.device.type == "cuda":
-                    batch = batch.pin_memory()
+                if self.device.type == "cuda" and batch.device.type == "cpu":
+                    batch = batch.pin_memory()  # lets the copy below overlap with compute
                 batch = batch.to(self.device, non_blocking=True)
                 for i, probs in zip(chunk, self._probabilities(batch, size), strict=True):
                     results[i] = probs

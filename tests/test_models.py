@@ -77,7 +77,7 @@ def test_pspnet_is_dilated_to_stride_8_with_pyramid_bins_and_aux_head() -> None:
     model = build_model("pspnet_resnet50", num_classes=4, aux_loss=True)
     assert [stage[0].output_size for stage in model.ppm.stages] == [1, 2, 3, 6]
     features = {}
-    model.layer4.register_forward_hook(lambda m, i, o: features.setdefault("c5", o))
+    model.backbone.layer4.register_forward_hook(lambda m, i, o: features.setdefault("c5", o))
     model.train()
     out = model(torch.randn(2, 3, 64, 96))
     assert features["c5"].shape[-2:] == (8, 12)  # output stride 8

@@ -24,6 +24,23 @@ def resnet_backbone(
     return builders[depth](weights=weights_backbone, **kwargs)
 
 
+class ResNetFeatures(nn.Module):
+    """A torchvision ResNet without its classifier, returning the stride-4 (layer1), layer3 and
+    layer4 features that the segmentation heads fuse."""
+
+    def __init__(self, depth: int, *, weights_backbone: str | None, dilation: tuple[bool, bool, bool]) -> None:
+        super().__init__()
+        backbone = resnet_backbone(depth, weights_backbone=weights_backbone, dilation=dilation)
+        self.stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool)
+        self.layer1, self.layer2 = backbone.layer1, backbone.layer2
+        self.layer3, self.layer4 = backbone.layer3, backbone.layer4
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c1 = self.layer1(self.stem(x))
+        c3 = self.layer3(self.layer2(c1))
+        return c1, c3, self.layer4(c3)
+
+
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),

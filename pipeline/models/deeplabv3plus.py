@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
-from ._base import FCNAuxHead, conv_bn_relu, outputs, resize_to, resnet_backbone
+from ._base import FCNAuxHead, ResNetFeatures, conv_bn_relu, outputs, resize_to
 from ._registry import register_model
 
 
@@ -22,10 +22,7 @@ class DeepLabV3Plus(nn.Module):
         atrous_rates: tuple[int, int, int] = (6, 12, 18),
     ) -> None:
         super().__init__()
-        backbone = resnet_backbone(depth, weights_backbone=weights_backbone, dilation=(False, False, True))
-        self.stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool)
-        self.layer1, self.layer2 = backbone.layer1, backbone.layer2
-        self.layer3, self.layer4 = backbone.layer3, backbone.layer4
+        self.backbone = ResNetFeatures(depth, weights_backbone=weights_backbone, dilation=(False, False, True))
         self.aspp = ASPP(2048, list(atrous_rates), out_channels=256)
         self.low_level = conv_bn_relu(256, 48, 1)
         self.decoder = nn.Sequential(
@@ -35,10 +32,9 @@ class DeepLabV3Plus(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         size = x.shape[-2:]
-        c1 = self.layer1(self.stem(x))
-        c3 = self.layer3(self.layer2(c1))
+        c1, c3, c4 = self.backbone(x)
         low = self.low_level(c1)
-        high = resize_to(self.aspp(self.layer4(c3)), low.shape[-2:])
+        high = resize_to(self.aspp(c4), low.shape[-2:])
         out = self.decoder(torch.cat([high, low], dim=1))
         aux = self.aux_classifier(c3) if self.aux_classifier is not None else None
         return outputs(out, aux, size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._base import FCNAuxHead, conv_bn_relu, outputs, resize_to, resnet_backbone
+from ._base import FCNAuxHead, ResNetFeatures, conv_bn_relu, outputs, resize_to
 from ._registry import register_model
 
 
@@ -36,10 +36,7 @@ class PSPNet(nn.Module):
         bins: tuple[int, ...] = (1, 2, 3, 6),
     ) -> None:
         super().__init__()
-        backbone = resnet_backbone(depth, weights_backbone=weights_backbone, dilation=(False, True, True))
-        self.stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool)
-        self.layer1, self.layer2 = backbone.layer1, backbone.layer2
-        self.layer3, self.layer4 = backbone.layer3, backbone.layer4
+        self.backbone = ResNetFeatures(depth, weights_backbone=weights_backbone, dilation=(False, True, True))
         self.ppm = PyramidPooling(2048, bins)
         self.classifier = nn.Sequential(
             conv_bn_relu(self.ppm.out_channels, 512), nn.Dropout(0.1), nn.Conv2d(512, num_classes, 1)
@@ -48,8 +45,8 @@ class PSPNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         size = x.shape[-2:]
-        c3 = self.layer3(self.layer2(self.layer1(self.stem(x))))
-        out = self.classifier(self.ppm(self.layer4(c3)))
+        _, c3, c4 = self.backbone(x)
+        out = self.classifier(self.ppm(c4))
         aux = self.aux_classifier(c3) if self.aux_classifier is not None else None
         return outputs(out, aux, size)
 
