@@ -84,7 +84,9 @@ def to_chw_uint8(image: ImageLike) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"numpy images must be (H, W, 3) RGB, got shape {image.shape}")
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        # arrays from Ray's object store are read-only views; torch wants memory it may own
+        image = np.ascontiguousarray(image) if image.flags.writeable else image.copy()
+        image = torch.from_numpy(image).permute(2, 0, 1)
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"tensor images must be (3, H, W) RGB, got shape {tuple(image.shape)}")
     if image.dtype != torch.uint8:

@@ -1,0 +1,64 @@
+"""The settings of a segmentation run, validated once at the edge (CLI, flow parameters)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .images import DEFAULT_MAX_PIXELS
+
+
+class SegmentConfig(BaseModel):
+    """Everything `segpipe segment` needs. Field names are the CLI's option names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1, description="fsspec URL of the images")
+    output: str = Field(min_length=1, description="fsspec URL for masks and tables")
+    model: str = "deeplabv3_resnet101"
+    # a torchvision weights name ("DEFAULT", "COCO_WITH_VOC_LABELS_V1"), a checkpoint path or
+    # URL, or None for an untrained model (then num_classes is required)
+    weights: str | None = "DEFAULT"
+    num_classes: int | None = Field(default=None, gt=0)
+    crf: bool = True
+    batch_size: int = Field(default=8, ge=1)
+    shard_by: Literal["directory", "count"] = "directory"
+    shard_size: int = Field(default=1000, ge=1)
+    ray_address: str | None = None
+    storage_options: dict[str, Any] = {}
+    # model replicas; default: one per GPU in the cluster, or one CPU replica without GPUs
+    actors: int | None = Field(default=None, ge=1)
+    gpus_per_actor: float = Field(default=1.0, gt=0, le=1)
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    # a batch whose replica died is sent again this many times before its images become
+    # error rows; the replica itself is restarted up to max_restarts times
+    batch_attempts: int = Field(default=3, ge=1)
+    max_restarts: int = Field(default=3, ge=0)
+    # batches in flight per replica: enough to keep decode, inference and upload overlapped,
+    # few enough that memory stays flat
+    batches_in_flight_per_actor: int = Field(default=3, ge=1)
+
+    @field_validator("weights")
+    @classmethod
+    def _none_weights(cls, value: str | None) -> str | None:
+        return None if value is None or value.strip().lower() in {"", "none"} else value
+
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _parse_options(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as err:
+                # the text may hold credentials: name the position, not the content
+                raise ValueError(f"storage_options is not valid JSON ({err.msg} at position {err.pos})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"storage_options must be a JSON object, got {type(value).__name__}")
+        return value
+
+    def __repr_args__(self):  # keep credentials out of logs and tracebacks
+        for name, value in super().__repr_args__():
+            yield name, ("<hidden>" if name == "storage_options" and value else value)

@@ -1,0 +1,241 @@
+"""The output layout analysts rely on, and the per-shard commit that keeps it consistent.
+
+    OUTPUT/_segpipe.json                          layout: source, sharding (fixed per OUTPUT)
+    OUTPUT/masks/<image key, extension .png>      palette PNG of class ids, the image's size
+    OUTPUT/images/shard=<id>/part-0.parquet       one row per input image (ok or error)
+    OUTPUT/class_stats/shard=<id>/part-0.parquet  one row per image and class present
+    OUTPUT/manifest/shard=<id>/part-0.parquet     every input of the shard: key, size, version
+    OUTPUT/_commits/<id>.json                     the shard's commit marker
+
+Each table file belongs to exactly one shard and lives at a path fixed by the shard id, so
+re-processing a shard replaces its rows by overwriting one object (atomic on object stores,
+rename on local disks): a reader sees the old rows or the new ones, never both, never half.
+The commit marker is written last, once every input of the shard is accounted for; a shard
+without a current marker is processed again on the next run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .stages import ImageRecord, mask_key
+from .storage import Location, Shard, ShardBy, read_bytes, write_atomic
+
+LAYOUT_FORMAT = "segpipe-output/1"
+# a shard is at most a few thousand images; one row group per file keeps scans simple while
+# staying far below the sizes (~128 MiB) where readers would want to split it
+ROW_GROUP_ROWS = 1 << 20
+
+IMAGES_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("run_date", pa.date32(), nullable=False),
+    pa.field("shard_id", pa.string(), nullable=False),
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("image_uri", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error_type", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("bytes", pa.int64(), nullable=False),
+    pa.field("source_version", pa.string(), nullable=False),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("weights", pa.string(), nullable=False),
+    pa.field("num_classes", pa.int32(), nullable=False),
+    pa.field("crf", pa.bool_(), nullable=False),
+    pa.field("mask_uri", pa.string()),
+    pa.field("decode_seconds", pa.float32()),
+    pa.field("inference_seconds", pa.float32()),
+    pa.field("encode_seconds", pa.float32()),
+    pa.field("seconds", pa.float32(), nullable=False),
+])
+
+CLASS_STATS_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("run_date", pa.date32(), nullable=False),
+    pa.field("shard_id", pa.string(), nullable=False),
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("class_id", pa.int32(), nullable=False),
+    pa.field("class_name", pa.string(), nullable=False),
+    pa.field("pixel_count", pa.int64(), nullable=False),
+    pa.field("fraction", pa.float64(), nullable=False),
+    pa.field("mean_confidence", pa.float32(), nullable=False),
+    pa.field("components", pa.int32(), nullable=False),
+])
+
+MANIFEST_SCHEMA = pa.schema([
+    pa.field("shard_id", pa.string(), nullable=False),
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("bytes", pa.int64(), nullable=False),
+    pa.field("source_version", pa.string(), nullable=False),
+])
+
+
+class LayoutMismatchError(ValueError):
+    """OUTPUT was written from another source or with other sharding."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What every row of one run shares."""
+
+    run_id: str
+    run_date: dt.date
+    model: str
+    weights: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    crf: bool
+    source_url: str
+    # changes whenever results would differ (model, weights, classes, CRF): shards committed
+    # under another fingerprint are processed again
+    fingerprint: str
+
+
+def table_key(table: str, shard_id: str) -> str:
+    return f"{table}/shard={shard_id}/part-0.parquet"
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS, write_statistics=True)
+    return sink.getvalue()
+
+
+class OutputStore:
+    """Reads and writes one OUTPUT location following the layout above."""
+
+    def __init__(self, location: Location) -> None:
+        self.location = location
+
+    def check_layout(self, source_url: str, shard_by: ShardBy, shard_size: int) -> None:
+        """Record the source and sharding on first use; refuse a different one afterwards,
+        since other shard boundaries would leave rows of the old shards behind as duplicates."""
+        layout = {"format": LAYOUT_FORMAT, "source": source_url, "shard_by": shard_by, "shard_size": shard_size}
+        existing = read_bytes(self.location, "_segpipe.json")
+        if existing is None:
+            write_atomic(self.location, "_segpipe.json", json.dumps(layout, indent=2).encode())
+            return
+        found = json.loads(existing)
+        for name in ("format", "source", "shard_by", "shard_size"):
+            if found.get(name) != layout[name]:
+                raise LayoutMismatchError(
+                    f"{self.location.uri('_segpipe.json')} records {name}={found.get(name)!r} but this run has "
+                    f"{name}={layout[name]!r}; use the same value or a new OUTPUT"
+                )
+
+    def read_commit(self, shard_id: str) -> dict[str, Any] | None:
+        data = read_bytes(self.location, f"_commits/{shard_id}.json")
+        return json.loads(data) if data is not None else None
+
+    def is_current(self, shard: Shard, run: RunInfo) -> bool:
+        """True when the shard is committed with the same inputs and the same settings."""
+        commit = self.read_commit(shard.shard_id)
+        return (
+            commit is not None
+            and commit.get("manifest_sha256") == shard.manifest_digest()
+            and commit.get("fingerprint") == run.fingerprint
+        )
+
+    def commit_shard(self, shard: Shard, records: Sequence[ImageRecord], run: RunInfo) -> None:
+        """Write the shard's tables, then its marker. Every input must have a record."""
+        by_key = {r.key: r for r in records}
+        missing = [f.key for f in shard.files if f.key not in by_key]
+        if missing or len(by_key) != len(shard.files) or len(records) != len(shard.files):
+            raise RuntimeError(
+                f"shard {shard.shard_id}: {len(records)} records for {len(shard.files)} inputs "
+                f"(missing: {missing[:5]}); refusing to commit"
+            )
+        ordered = [by_key[f.key] for f in shard.files]
+        previous_keys = self._manifest_keys(shard.shard_id)
+        tables = {
+            "manifest": self._manifest_table(shard),
+            "images": self._images_table(shard.shard_id, ordered, run),
+            "class_stats": self._class_stats_table(shard.shard_id, ordered, run),
+        }
+        for name, table in tables.items():
+            write_atomic(self.location, table_key(name, shard.shard_id), _parquet_bytes(table))
+        ok = sum(r.ok for r in ordered)
+        marker = {
+            "shard_id": shard.shard_id,
+            "run_id": run.run_id,
+            "committed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "manifest_sha256": shard.manifest_digest(),
+            "fingerprint": run.fingerprint,
+            "images": len(ordered),
+            "ok": ok,
+            "errors": len(ordered) - ok,
+        }
+        write_atomic(self.location, f"_commits/{shard.shard_id}.json", json.dumps(marker, indent=2).encode())
+        if previous_keys:
+            self._remove_stale_masks(previous_keys | {r.key for r in ordered}, ordered)
+
+    def _manifest_keys(self, shard_id: str) -> set[str]:
+        """Inputs of the shard's last (possibly uncommitted) attempt, from its manifest."""
+        data = read_bytes(self.location, table_key("manifest", shard_id))
+        if data is None:
+            return set()
+        return set(pq.read_table(io.BytesIO(data), columns=["image_id"]).column("image_id").to_pylist())
+
+    def _remove_stale_masks(self, keys: set[str], records: Sequence[ImageRecord]) -> None:
+        """Delete the masks of images that left the shard (deleted at the source) or fail now,
+        so no mask outlives its row."""
+        written = {r.mask_key for r in records if r.mask_key}
+        for key in keys:
+            try:
+                candidate = mask_key(key)
+            except ValueError:
+                continue
+            if candidate not in written:
+                try:
+                    self.location.fs.rm_file(self.location.path(candidate))
+                except FileNotFoundError:
+                    pass
+
+    def _manifest_table(self, shard: Shard) -> pa.Table:
+        return pa.Table.from_pylist(
+            [{"shard_id": shard.shard_id, "image_id": f.key, "bytes": f.size, "source_version": f.version} for f in shard.files],
+            schema=MANIFEST_SCHEMA,
+        )
+
+    def _images_table(self, shard_id: str, records: Sequence[ImageRecord], run: RunInfo) -> pa.Table:
+        rows = []
+        for r in records:
+            seconds = r.seconds
+            rows.append({
+                "run_id": run.run_id, "run_date": run.run_date, "shard_id": shard_id,
+                "image_id": r.key, "image_uri": f"{run.source_url}/{r.key}",
+                "status": "ok" if r.ok else "error", "error_type": r.error_type, "error": r.error,
+                "width": r.width, "height": r.height, "bytes": r.size, "source_version": r.version,
+                "model": run.model, "weights": run.weights, "num_classes": run.num_classes, "crf": run.crf,
+                "mask_uri": self.location.uri(r.mask_key) if r.mask_key else None,
+                "decode_seconds": seconds.get("decode"), "inference_seconds": seconds.get("inference"),
+                "encode_seconds": seconds.get("encode"), "seconds": sum(seconds.values()),
+            })
+        return pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA)
+
+    def _class_stats_table(self, shard_id: str, records: Sequence[ImageRecord], run: RunInfo) -> pa.Table:
+        columns: dict[str, list[Any]] = {name: [] for name in CLASS_STATS_SCHEMA.names}
+        for r in records:
+            if r.stats is None:
+                continue
+            n = len(r.stats)
+            columns["run_id"] += [run.run_id] * n
+            columns["run_date"] += [run.run_date] * n
+            columns["shard_id"] += [shard_id] * n
+            columns["image_id"] += [r.key] * n
+            columns["class_id"] += r.stats.class_id.tolist()
+            columns["class_name"] += [run.class_names[c] for c in r.stats.class_id]
+            columns["pixel_count"] += r.stats.pixel_count.tolist()
+            columns["fraction"] += r.stats.fraction.tolist()
+            columns["mean_confidence"] += r.stats.mean_confidence.tolist()
+            columns["components"] += r.stats.components.tolist()
+        return pa.table(columns, schema=CLASS_STATS_SCHEMA)

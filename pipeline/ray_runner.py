@@ -1,0 +1,379 @@
+"""The distributed run on Ray: the only module of `pipeline` that imports ray.
+
+Why persistent actors and a driver loop rather than Ray Data `map_batches`: a run is a stream
+of shards that must each be committed atomically once all its inputs are accounted for, and
+skipped when already committed. Here the driver pulls shards from the streamed listing only
+as capacity frees up, so its memory holds the shards in flight and nothing more; each batch
+is a chain of three Ray calls (decode task -> model actor -> mask-writing task) that Ray
+pipelines, so decode and upload of neighbouring batches overlap the model; the number of
+batches in flight is bounded (per replica), which keeps memory flat whatever the archive
+size; the model is built once per actor for the whole run, across shards; and a batch lost
+with its actor is sent again, so nothing is lost or written twice (outputs have fixed paths).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import RayActorError, RayError
+
+from .config import SegmentConfig
+from .inference import Segmenter
+from .models import build_model, list_models
+from .outputs import LAYOUT_FORMAT, OutputStore, RunInfo
+from .stages import ImageRecord, SegmentStage, plan_shard, read_and_decode, write_masks
+from .storage import ListingCounts, Location, Shard, SourceFile, iter_shards, open_location
+
+log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """The run could not start or could not go on (bad settings, no workers left)."""
+
+
+@dataclass
+class Progress:
+    images: int = 0
+    errors: int = 0
+    shards_committed: int = 0
+    shards_skipped: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / max(time.monotonic() - self.started, 1e-9)
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    source: str
+    output: str
+    model: str
+    weights: str
+    shards_committed: int
+    shards_skipped: int
+    images: int
+    errors: int
+    errors_by_type: dict[str, int]
+    non_image_keys: int
+    retried_batches: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def worker_device(gpu_ids: list[str], cuda_available: bool) -> torch.device:
+    """The torch device for the GPUs Ray assigned to this actor. Ray narrows
+    CUDA_VISIBLE_DEVICES to those GPUs, so the first one is always cuda:0."""
+    if not gpu_ids:
+        return torch.device("cpu")
+    if not cuda_available:
+        raise RuntimeError(
+            f"Ray assigned GPU {','.join(gpu_ids)} to this worker but torch sees no CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); install a CUDA build of torch"
+        )
+    return torch.device("cuda", 0)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    model: str
+    weights: str | None
+    num_classes: int | None
+    crf: bool
+    batch_size: int
+    storage_options: dict[str, Any]
+    threads: int
+
+
+class SegmentWorker:
+    """One model replica: built once when the actor starts, then fed batches."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.gpu_ids = [str(i) for i in ray.get_gpu_ids()]
+        self.setup_error: str | None = None
+        try:
+            if not self.gpu_ids:
+                torch.set_num_threads(spec.threads)
+            self.device = worker_device(self.gpu_ids, self._cuda_available())
+            self.stage = self._build_stage(spec, self.device)
+        except Exception as err:  # reported by ready(), so the driver can say what went wrong
+            self.setup_error = f"{type(err).__name__}: {err}"
+
+    def _cuda_available(self) -> bool:
+        return torch.cuda.is_available()
+
+    def _build_stage(self, spec: WorkerSpec, device: torch.device) -> SegmentStage:
+        model = build_model(spec.model, num_classes=spec.num_classes, weights=spec.weights, storage_options=spec.storage_options)
+        return SegmentStage(Segmenter(model, device=device, batch_size=spec.batch_size), crf=spec.crf)
+
+    def ready(self) -> dict[str, Any]:
+        if self.setup_error is not None:
+            return {"error": self.setup_error}
+        meta = self.stage.segmenter.meta
+        return {
+            "meta": meta.model_dump(mode="json"),
+            "device": str(self.stage.segmenter.device),
+            "gpu_ids": self.gpu_ids,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
+
+    def segment(self, records: list[ImageRecord]) -> list[ImageRecord]:
+        return self.stage(records)
+
+
+@ray.remote
+def _decode(source: Location, files: list[SourceFile], max_pixels: int) -> list[ImageRecord]:
+    return read_and_decode(source, files, max_pixels=max_pixels)
+
+
+@ray.remote
+def _write(output: Location, records: list[ImageRecord], palette: list[list[int]]) -> list[ImageRecord]:
+    return write_masks(output, records, palette)
+
+
+class _ReplicaPool:
+    """The model actors, with how busy each is and how often each has died."""
+
+    def __init__(self, config: SegmentConfig, worker_class: type, run_id: str) -> None:
+        resources = ray.cluster_resources()
+        gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+        if gpus:
+            count = config.actors or max(1, int(gpus / config.gpus_per_actor))
+            num_gpus = config.gpus_per_actor
+        else:
+            count, num_gpus = config.actors or 1, 0.0
+        if count * config.cpus_per_actor > cpus - 1:
+            raise RunError(
+                f"{count} model replicas x {config.cpus_per_actor} CPUs leave no CPU for decoding and writing "
+                f"(the cluster has {cpus:g}); lower actors or cpus_per_actor"
+            )
+        spec = WorkerSpec(
+            model=config.model, weights=config.weights, num_classes=config.num_classes, crf=config.crf,
+            batch_size=config.batch_size, storage_options=config.storage_options,
+            threads=max(1, int(config.cpus_per_actor)),
+        )
+        actor_class = ray.remote(worker_class)
+        self.actors = [
+            actor_class.options(
+                num_gpus=num_gpus, num_cpus=config.cpus_per_actor, max_restarts=config.max_restarts,
+                name=f"segpipe-{run_id}-{index}",
+            ).remote(spec)
+            for index in range(count)
+        ]
+        self.max_restarts = config.max_restarts
+        self.load = [0] * count
+        self.deaths = [0] * count
+        try:
+            self.placements = ray.get([actor.ready.remote() for actor in self.actors])
+        except RayError as err:
+            self.shutdown()
+            raise RunError(f"model replicas failed to start: {_short(err)}") from err
+        failed = [p["error"] for p in self.placements if "error" in p]
+        if failed:
+            self.shutdown()
+            raise RunError(f"cannot load {config.model!r}: {failed[0]}")
+        self.meta = self.placements[0]["meta"]
+
+    def alive(self) -> list[int]:
+        return [i for i, deaths in enumerate(self.deaths) if deaths <= self.max_restarts]
+
+    def pick(self) -> int:
+        alive = self.alive()
+        if not alive:
+            raise RunError("every model replica died more often than max_restarts allows; see the Ray logs")
+        return min(alive, key=lambda i: self.load[i])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+@dataclass
+class _OpenShard:
+    shard: Shard
+    records: list[ImageRecord]
+    outstanding: int = 0
+
+
+@dataclass
+class _Batch:
+    shard: _OpenShard
+    files: list[SourceFile]
+    replica: int = -1
+    attempts: int = 0
+
+
+def _short(err: BaseException) -> str:
+    """One line for an error row: the last line of Ray's wrapped traceback."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:500]
+
+
+def _fingerprint(meta: dict[str, Any], crf: bool) -> str:
+    settings = {
+        "format": LAYOUT_FORMAT, "architecture": meta["architecture"], "weights": meta["weights"],
+        "num_classes": meta["num_classes"], "class_names": meta["class_names"],
+        "preprocessing": meta["preprocessing"], "model_kwargs": meta["model_kwargs"], "crf": crf,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _batched(items: list[SourceFile], size: int) -> Iterator[list[SourceFile]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class _Run:
+    """The driver loop: shards in, bounded batches through Ray, shards committed."""
+
+    def __init__(self, config: SegmentConfig, source: Location, store: OutputStore, pool: _ReplicaPool,
+                 run: RunInfo, palette: list[list[int]], on_progress: Callable[[Progress], None] | None) -> None:
+        self.config, self.source, self.store, self.pool, self.run = config, source, store, pool, run
+        self.palette = palette
+        self.on_progress = on_progress or (lambda _: None)
+        self.pending: dict[ray.ObjectRef, _Batch] = {}
+        self.limit = config.batches_in_flight_per_actor * len(pool.actors)
+        self.progress = Progress()
+        self.errors_by_type: Counter[str] = Counter()
+        self.retried = 0
+
+    def process(self, shards: Iterable[Shard]) -> None:
+        for shard in shards:
+            if self.store.is_current(shard, self.run):
+                self.progress.shards_skipped += 1
+                self.on_progress(self.progress)
+                continue
+            todo, refused = plan_shard(shard.files)
+            open_shard = _OpenShard(shard, records=[])
+            self._account(open_shard, refused)
+            for files in _batched(todo, self.config.batch_size):
+                while len(self.pending) >= self.limit:
+                    self._collect()
+                self._submit(_Batch(open_shard, files))
+            if open_shard.outstanding == 0:
+                self._commit(open_shard)
+        while self.pending:
+            self._collect()
+
+    def _submit(self, batch: _Batch) -> None:
+        if batch.attempts == 0:
+            batch.shard.outstanding += 1
+        batch.replica = self.pool.pick()
+        decoded = _decode.remote(self.source, batch.files, self.config.max_pixels)
+        segmented = self.pool.actors[batch.replica].segment.remote(decoded)
+        written = _write.remote(self.store.location, segmented, self.palette)
+        self.pool.load[batch.replica] += 1
+        self.pending[written] = batch
+
+    def _collect(self) -> None:
+        [ref], _ = ray.wait(list(self.pending), num_returns=1)
+        batch = self.pending.pop(ref)
+        self.pool.load[batch.replica] -= 1
+        try:
+            records = ray.get(ref)
+        except RayError as err:
+            if isinstance(err, RayActorError):
+                self.pool.deaths[batch.replica] += 1
+            batch.attempts += 1
+            if batch.attempts < self.config.batch_attempts:
+                log.warning("batch of %d images failed (%s); sending it again", len(batch.files), _short(err))
+                self.retried += 1
+                self._submit(batch)
+                return
+            records = []
+            for file in batch.files:
+                record = ImageRecord(key=file.key, size=file.size, version=file.version)
+                record.fail("worker_failed", f"failed {batch.attempts} times: {_short(err)}")
+                records.append(record)
+        batch.shard.outstanding -= 1
+        self._account(batch.shard, records)
+        if batch.shard.outstanding == 0:
+            self._commit(batch.shard)
+
+    def _account(self, open_shard: _OpenShard, records: list[ImageRecord]) -> None:
+        open_shard.records.extend(records)
+        failed = [r for r in records if not r.ok]
+        self.errors_by_type.update(r.error_type for r in failed)
+        self.progress.images += len(records)
+        self.progress.errors += len(failed)
+        self.on_progress(self.progress)
+
+    def _commit(self, open_shard: _OpenShard) -> None:
+        self.store.commit_shard(open_shard.shard, open_shard.records, self.run)
+        self.progress.shards_committed += 1
+        self.on_progress(self.progress)
+
+
+def _start_ray(address: str | None) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS), or start a local one; True when this
+    call started Ray and so should stop it."""
+    if ray.is_initialized():
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def run_segmentation(
+    config: SegmentConfig,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+    worker_class: type = SegmentWorker,
+) -> RunSummary:
+    """Segment every image under config.source into config.output; see `pipeline.outputs`
+    for the layout. Shards already committed with the same inputs and settings are skipped."""
+    if config.model not in list_models():
+        raise RunError(f"unknown model {config.model!r}; choose one of: {', '.join(list_models())}")
+    started = time.monotonic()
+    source = open_location(config.source, config.storage_options)
+    output = open_location(config.output, config.storage_options)
+    try:
+        if not source.fs.isdir(source.root):
+            raise RunError(f"source {source.url} is not a folder or prefix that exists")
+    except OSError as err:
+        raise RunError(f"cannot reach source {source.url}: {type(err).__name__}: {err}") from err
+    store = OutputStore(output)
+    store.check_layout(source.url, config.shard_by, config.shard_size)
+    run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    stop_ray = _start_ray(config.ray_address)
+    pool = None
+    try:
+        pool = _ReplicaPool(config, worker_class, run_id)
+        meta = pool.meta
+        run = RunInfo(
+            run_id=run_id, run_date=dt.datetime.now(dt.UTC).date(), model=config.model, weights=meta["weights"],
+            num_classes=meta["num_classes"], class_names=tuple(meta["class_names"]), crf=config.crf,
+            source_url=source.url, fingerprint=_fingerprint(meta, config.crf),
+        )
+        counts = ListingCounts()
+        loop = _Run(config, source, store, pool, run, meta["palette"], on_progress)
+        loop.process(iter_shards(source, shard_by=config.shard_by, shard_size=config.shard_size, counts=counts))
+        return RunSummary(
+            run_id=run_id, source=source.url, output=output.url, model=config.model, weights=run.weights,
+            shards_committed=loop.progress.shards_committed, shards_skipped=loop.progress.shards_skipped,
+            images=loop.progress.images, errors=loop.progress.errors, errors_by_type=dict(loop.errors_by_type),
+            non_image_keys=counts.skipped, retried_batches=loop.retried, seconds=time.monotonic() - started,
+        )
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if stop_ray:
+            ray.shutdown()

@@ -1,0 +1,177 @@
+"""The three stages of a batch, as plain functions and one class, so each can be called in a
+test without Ray:
+
+1. `read_and_decode` (CPU): bytes from the source, decoded to RGB.
+2. `SegmentStage` (GPU when there is one): probabilities, dense CRF, argmax, statistics. Only
+   the label map and the statistics leave the device.
+3. `write_masks` (CPU): palette PNGs written to OUTPUT/masks/.
+
+Every image travels as one `ImageRecord`. A failure in any stage turns that image into an
+error record that names the stage's reason; the other images of the batch go on.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .crf import dense_crf
+from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from .inference import Segmenter
+from .masks import encode_mask
+from .stats import ClassStats, class_statistics, labels_and_confidence
+from .storage import Location, SourceFile, write_atomic
+
+
+@dataclass
+class ImageRecord:
+    """One image on its way through the stages; ends as a row of the images table."""
+
+    key: str
+    size: int = 0
+    version: str = ""
+    image: np.ndarray | None = None  # (H, W, 3) uint8, dropped once segmented
+    labels: np.ndarray | None = None  # (H, W) class ids, dropped once written
+    stats: ClassStats | None = None
+    width: int | None = None
+    height: int | None = None
+    mask_key: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def fail(self, error_type: str, message: str) -> None:
+        self.error, self.error_type = message, error_type
+        self.image = self.labels = self.stats = None
+
+
+def mask_key(image_key: str) -> str:
+    """OUTPUT key of an image's mask: masks/<key with its extension replaced by .png>.
+
+    Keys come from listings we do not control; one that could climb out of OUTPUT is refused.
+    """
+    parts = image_key.split("/")
+    if image_key.startswith("/") or any(part in {"", ".", ".."} for part in parts) or any(
+        ord(char) < 32 or ord(char) == 127 for char in image_key
+    ):
+        raise ValueError(f"unsafe key {image_key!r}: empty, '.' or '..' segments, or control characters")
+    return "masks/" + posixpath.splitext(image_key)[0] + ".png"
+
+
+def read_and_decode(source: Location, files: Sequence[SourceFile], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[ImageRecord]:
+    records = []
+    for file in files:
+        record = ImageRecord(key=file.key, size=file.size, version=file.version)
+        start = time.perf_counter()
+        try:
+            data = source.fs.cat_file(source.path(file.key))
+            record.image = decode_image(data, max_pixels=max_pixels)
+            record.height, record.width = record.image.shape[:2]
+        except ImageDecodeError as err:
+            record.fail(err.reason, str(err))
+        except FileNotFoundError:
+            record.fail("missing", "the file disappeared after it was listed")
+        except OSError as err:
+            record.fail("read_error", f"cannot read: {type(err).__name__}: {err}")
+        record.seconds["decode"] = time.perf_counter() - start
+        records.append(record)
+    return records
+
+
+class SegmentStage:
+    """Segmenter + optional dense CRF + statistics, for one batch of decoded records."""
+
+    def __init__(self, segmenter: Segmenter, *, crf: bool = True) -> None:
+        self.segmenter = segmenter
+        self.crf = crf
+        self.num_classes = segmenter.num_classes
+        self._label_dtype = np.uint8 if self.num_classes <= 256 else np.uint16
+
+    def __call__(self, records: list[ImageRecord]) -> list[ImageRecord]:
+        todo = [r for r in records if r.ok]
+        if not todo:
+            return records
+        start = time.perf_counter()
+        try:
+            probs = self.segmenter.predict([r.image for r in todo])
+        except (RuntimeError, ValueError):
+            # one bad image (or out of memory) must not cost its neighbours: retry one by one
+            probs = [self._predict_one(r) for r in todo]
+        share = (time.perf_counter() - start) / len(todo)
+        for record, p in zip(todo, probs, strict=True):
+            if p is None:
+                continue
+            started = time.perf_counter()
+            try:
+                self._finish(record, p)
+            except (RuntimeError, ValueError) as err:
+                record.fail("inference", f"{type(err).__name__}: {err}")
+            record.seconds["inference"] = share + time.perf_counter() - started
+            record.image = None  # the decoded pixels need not travel further
+        return records
+
+    def _predict_one(self, record: ImageRecord) -> torch.Tensor | None:
+        try:
+            return self.segmenter.predict([record.image])[0]
+        except (RuntimeError, ValueError) as err:
+            record.fail("inference", f"{type(err).__name__}: {err}")
+            return None
+
+    def _finish(self, record: ImageRecord, probs: torch.Tensor) -> None:
+        if self.crf:
+            pixels = torch.from_numpy(record.image).permute(2, 0, 1).to(probs.device, non_blocking=True)
+            probs = dense_crf(probs[None], pixels[None])[0]
+        labels, confidence = labels_and_confidence(probs)
+        record.stats = class_statistics(labels, confidence, self.num_classes)
+        record.labels = labels.to(torch.int32).cpu().numpy().astype(self._label_dtype)
+
+
+def write_masks(output: Location, records: list[ImageRecord], palette: Sequence[Sequence[int]]) -> list[ImageRecord]:
+    for record in records:
+        if not record.ok:
+            continue
+        start = time.perf_counter()
+        try:
+            key = mask_key(record.key)
+            write_atomic(output, key, encode_mask(record.labels, palette))
+            record.mask_key = key
+        except ValueError as err:
+            record.fail("unsafe_key", str(err))
+        except OSError as err:
+            record.fail("write_error", f"cannot write the mask: {type(err).__name__}: {err}")
+        record.labels = None
+        record.seconds["encode"] = time.perf_counter() - start
+    return records
+
+
+def plan_shard(files: Sequence[SourceFile]) -> tuple[list[SourceFile], list[ImageRecord]]:
+    """Split a shard's inputs into those to segment and those that are errors before any work:
+    keys unsafe as output paths, and keys whose mask path another key already takes (a.jpg
+    and a.png both become masks/a.png; the first in listing order keeps it)."""
+    todo: list[SourceFile] = []
+    refused: list[ImageRecord] = []
+    owners: dict[str, str] = {}
+    for file in files:
+        record = ImageRecord(key=file.key, size=file.size, version=file.version)
+        try:
+            key = mask_key(file.key)
+        except ValueError as err:
+            record.fail("unsafe_key", str(err))
+            refused.append(record)
+            continue
+        if key in owners:
+            record.fail("mask_collision", f"its mask {key} would overwrite the mask of {owners[key]}; rename one of them")
+            refused.append(record)
+            continue
+        owners[key] = file.key
+        todo.append(file)
+    return todo, refused

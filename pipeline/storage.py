@@ -1,0 +1,237 @@
+"""Object storage through fsspec: locations, the streamed listing of a source, shards, and
+atomic writes.
+
+Any fsspec URL works (`s3://bucket/prefix`, `gs://...`, a local folder). S3-compatible
+endpoints are reached through the standard `AWS_ENDPOINT_URL` / `AWS_*` variables (botocore
+reads them) or through `storage_options={"endpoint_url": ...}`.
+
+The listing is streamed one directory at a time, and on S3 one page (1000 keys) at a time, so
+the memory it takes does not grow with the archive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import fsspec
+import fsspec.asyn
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.spec import AbstractFileSystem
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"})
+ShardBy = Literal["directory", "count"]
+
+# keys of an fsspec info dict that identify one version of an object, best first
+_VERSION_KEYS = ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified", "last_modified", "updated")
+_S3_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder-like place given by URL: the filesystem, its root path, and the URL as given.
+
+    Keys are '/'-separated paths relative to the root.
+    """
+
+    fs: AbstractFileSystem
+    root: str
+    url: str
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, key: str) -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    def uri(self, key: str) -> str:
+        """The key as a URL a user can paste (the absolute path for local folders)."""
+        return f"{self.url}/{key}"
+
+
+def open_location(url: str, storage_options: dict[str, Any] | None = None) -> Location:
+    """The fsspec filesystem and root for `url`; `storage_options` go to remote filesystems
+    only, so one set of options serves an S3 source and a local output alike."""
+    url = url.rstrip("/") or url
+    protocol = fsspec.utils.get_protocol(url)
+    options = {} if protocol in {"file", "local"} else dict(storage_options or {})
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **options)
+    except (ValueError, TypeError, ImportError) as err:
+        raise ValueError(f"cannot open {url!r}: {err}") from err
+    root = root.rstrip("/")
+    if isinstance(fs, LocalFileSystem):
+        url = root  # url_to_fs made it absolute
+    return Location(fs=fs, root=root, url=url)
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One object of the source: its key relative to the source root, size and version
+    (ETag on object stores, mtime on local disks), as recorded in the shard's manifest."""
+
+    key: str
+    size: int
+    version: str
+
+
+def is_image_key(key: str) -> bool:
+    return posixpath.splitext(key)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _version(info: dict[str, Any]) -> str:
+    for name in _VERSION_KEYS:
+        if info.get(name) is not None:
+            return str(info[name]).strip('"')
+    return ""
+
+
+def _entries(fs: AbstractFileSystem, path: str) -> Iterator[dict[str, Any]]:
+    """The entries (files and sub-directories) of one directory level, files in name order."""
+    if hasattr(fs, "_iterdir") and hasattr(fs, "split_path"):  # s3fs: page by page
+        bucket, key, _ = fs.split_path(path)
+        pages = fs._iterdir(bucket, delimiter="/", prefix=f"{key}/" if key else "")
+
+        async def next_page() -> list[dict[str, Any]]:
+            page = []
+            for _ in range(_S3_PAGE):
+                try:
+                    page.append(await pages.__anext__())
+                except StopAsyncIteration:
+                    break
+            return page
+
+        while page := fsspec.asyn.sync(fs.loop, next_page):
+            yield from page
+        return
+    entries = fs.ls(path, detail=True)
+    fs.invalidate_cache(path)  # listings cache would otherwise grow with the archive
+    yield from sorted(entries, key=lambda entry: entry["name"])
+
+
+def iter_files(location: Location) -> Iterator[tuple[str, SourceFile]]:
+    """Every object under the location as (directory key, file), depth first: the files of a
+    directory in name order, then its sub-directories in name order. Deterministic for a
+    given listing, and the same order on every backend."""
+    pending = [location.root]
+    prefix = len(location.root) + 1
+    while pending:
+        path = pending.pop()
+        subdirs = []
+        directory = path[prefix:] if len(path) > len(location.root) else ""
+        for entry in _entries(location.fs, path):
+            name = entry["name"].rstrip("/")
+            if entry.get("type") == "directory":
+                if name != path:
+                    subdirs.append(name)
+                continue
+            if entry["name"].endswith("/"):
+                continue  # a zero-byte "folder marker" object
+            yield directory, SourceFile(key=name[prefix:], size=int(entry.get("size") or 0), version=_version(entry))
+        pending.extend(sorted(subdirs, reverse=True))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A unit of work and of commit: a deterministic id and the files it covers."""
+
+    shard_id: str
+    files: tuple[SourceFile, ...]
+
+    def manifest_digest(self) -> str:
+        """Changes when any file is added, removed, resized or rewritten."""
+        digest = hashlib.sha256()
+        for f in self.files:
+            digest.update(f"{f.key}\t{f.size}\t{f.version}\n".encode())
+        return digest.hexdigest()
+
+
+@dataclass
+class ListingCounts:
+    """Filled in while shards are streamed: what the listing held besides images."""
+
+    images: int = 0
+    skipped: int = 0
+    skipped_by_extension: Counter[str] = field(default_factory=Counter)
+
+
+def shard_id(shard_by: ShardBy, directory: str, index: int) -> str:
+    return hashlib.sha256(f"{shard_by}\n{directory}\n{index}".encode()).hexdigest()[:16]
+
+
+def iter_shards(
+    location: Location,
+    *,
+    shard_by: ShardBy = "directory",
+    shard_size: int = 1000,
+    counts: ListingCounts | None = None,
+) -> Iterator[Shard]:
+    """Stream the images under `location` as shards.
+
+    "directory": one shard per directory (its images only), split into chunks of `shard_size`
+    when bigger. "count": chunks of `shard_size` images in listing order, across directories.
+    A shard's id derives from its directory and chunk index, so the same listing always gives
+    the same shards. Keys that are not images are counted in `counts` and skipped.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if shard_by not in ("directory", "count"):
+        raise ValueError(f"shard_by must be 'directory' or 'count', got {shard_by!r}")
+    counts = counts if counts is not None else ListingCounts()
+    batch: list[SourceFile] = []
+    group, index = "", 0
+    for directory, file in iter_files(location):
+        if not is_image_key(file.key):
+            counts.skipped += 1
+            counts.skipped_by_extension[posixpath.splitext(file.key)[1].lower() or "(none)"] += 1
+            continue
+        counts.images += 1
+        key = directory if shard_by == "directory" else ""
+        if batch and (key != group or len(batch) == shard_size):
+            yield Shard(shard_id(shard_by, group, index), tuple(batch))
+            index = index + 1 if key == group else 0
+            batch = []
+        group = key
+        batch.append(file)
+    if batch:
+        yield Shard(shard_id(shard_by, group, index), tuple(batch))
+
+
+def write_atomic(location: Location, key: str, data: bytes) -> None:
+    """Write a whole object so that a reader sees the old one or the new one, never part.
+
+    Object stores replace an object in one PUT; on a local disk the bytes go to a hidden
+    temporary file (ignored by Parquet readers) and are renamed over the target.
+    """
+    path = location.path(key)
+    if not location.is_local:
+        location.fs.pipe_file(path, data)
+        return
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def read_bytes(location: Location, key: str) -> bytes | None:
+    """The object's bytes, or None when it does not exist."""
+    try:
+        return location.fs.cat_file(location.path(key))
+    except FileNotFoundError:
+        return None
