@@ -23,6 +23,8 @@ class SegmentConfig(BaseModel):
     weights: str | None = "DEFAULT"
     num_classes: int | None = Field(default=None, gt=0)
     crf: bool = True
+    # also re-process committed shards that hold error rows (after fixing what failed)
+    redo_errors: bool = False
     batch_size: int = Field(default=8, ge=1)
     shard_by: Literal["directory", "count"] = "directory"
     shard_size: int = Field(default=1000, ge=1)
@@ -40,6 +42,15 @@ class SegmentConfig(BaseModel):
     # batches in flight per replica: enough to keep decode, inference and upload overlapped,
     # few enough that memory stays flat
     batches_in_flight_per_actor: int = Field(default=3, ge=1)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        from .models import list_models
+
+        if value not in list_models():
+            raise ValueError(f"unknown model {value!r}; choose one of: {', '.join(list_models())}")
+        return value
 
     @field_validator("weights")
     @classmethod

@@ -16,6 +16,7 @@ without a current marker is processed again on the next run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import json
@@ -136,13 +137,15 @@ class OutputStore:
         data = read_bytes(self.location, f"_commits/{shard_id}.json")
         return json.loads(data) if data is not None else None
 
-    def is_current(self, shard: Shard, run: RunInfo) -> bool:
-        """True when the shard is committed with the same inputs and the same settings."""
+    def is_current(self, shard: Shard, run: RunInfo, *, redo_errors: bool = False) -> bool:
+        """True when the shard is committed with the same inputs and the same settings (and,
+        with `redo_errors`, without error rows)."""
         commit = self.read_commit(shard.shard_id)
         return (
             commit is not None
             and commit.get("manifest_sha256") == shard.manifest_digest()
             and commit.get("fingerprint") == run.fingerprint
+            and not (redo_errors and commit.get("errors", 0) > 0)
         )
 
     def commit_shard(self, shard: Shard, records: Sequence[ImageRecord], run: RunInfo) -> None:
@@ -195,10 +198,8 @@ class OutputStore:
             except ValueError:
                 continue
             if candidate not in written:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     self.location.fs.rm_file(self.location.path(candidate))
-                except FileNotFoundError:
-                    pass
 
     def _manifest_table(self, shard: Shard) -> pa.Table:
         return pa.Table.from_pylist(

@@ -20,18 +20,18 @@ import logging
 import os
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 import torch
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import ActorDiedError, RayActorError, RayError
 
 from .config import SegmentConfig
 from .inference import Segmenter
-from .models import build_model, list_models
+from .models import build_model
 from .outputs import LAYOUT_FORMAT, OutputStore, RunInfo
 from .stages import ImageRecord, SegmentStage, plan_shard, read_and_decode, write_masks
 from .storage import ListingCounts, Location, Shard, SourceFile, iter_shards, open_location
@@ -70,11 +70,19 @@ class RunSummary:
     errors_by_type: dict[str, int]
     non_image_keys: int
     retried_batches: int
+    # starting Ray and loading the model, before the first image
+    setup_seconds: float
+    # where the run happened: a local Ray, or the cluster it joined
+    ray_cluster: str
+    # one entry per model replica: the device it ran on and the GPUs Ray gave it
+    replicas: list[dict[str, Any]]
     seconds: float
 
     @property
     def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
+        """Throughput once the replicas were up (setup excluded)."""
+        busy = self.seconds - self.setup_seconds
+        return self.images / busy if busy > 0 else 0.0
 
 
 def worker_device(gpu_ids: list[str], cuda_available: bool) -> torch.device:
@@ -128,7 +136,7 @@ class SegmentWorker:
         meta = self.stage.segmenter.meta
         return {
             "meta": meta.model_dump(mode="json"),
-            "device": str(self.stage.segmenter.device),
+            "device": str(self.device),
             "gpu_ids": self.gpu_ids,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
@@ -148,7 +156,13 @@ def _write(output: Location, records: list[ImageRecord], palette: list[list[int]
 
 
 class _ReplicaPool:
-    """The model actors, with how busy each is and how often each has died."""
+    """The model actors: how busy each is, and which are restarting or gone.
+
+    Ray restarts a dead actor (up to max_restarts) and rebuilds its model. Calls made while it
+    restarts fail at once, so a replica whose call failed is set aside and pinged until it
+    answers again (or until Ray declares it dead for good); meanwhile batches go elsewhere or
+    wait, instead of burning their attempts on a replica that cannot take them.
+    """
 
     def __init__(self, config: SegmentConfig, worker_class: type, run_id: str) -> None:
         resources = ray.cluster_resources()
@@ -176,9 +190,10 @@ class _ReplicaPool:
             ).remote(spec)
             for index in range(count)
         ]
-        self.max_restarts = config.max_restarts
         self.load = [0] * count
-        self.deaths = [0] * count
+        self.dead: set[int] = set()
+        self.checks: dict[ray.ObjectRef, int] = {}  # pings in flight to replicas set aside
+        self.recheck_at: dict[int, float] = {}
         try:
             self.placements = ray.get([actor.ready.remote() for actor in self.actors])
         except RayError as err:
@@ -190,14 +205,42 @@ class _ReplicaPool:
             raise RunError(f"cannot load {config.model!r}: {failed[0]}")
         self.meta = self.placements[0]["meta"]
 
-    def alive(self) -> list[int]:
-        return [i for i, deaths in enumerate(self.deaths) if deaths <= self.max_restarts]
+    def _set_aside(self) -> set[int]:
+        return set(self.checks.values()) | set(self.recheck_at) | self.dead
 
-    def pick(self) -> int:
-        alive = self.alive()
-        if not alive:
-            raise RunError("every model replica died more often than max_restarts allows; see the Ray logs")
-        return min(alive, key=lambda i: self.load[i])
+    def pick(self) -> int | None:
+        """The least busy replica that can take work now, if any."""
+        usable = [i for i in range(len(self.actors)) if i not in self._set_aside()]
+        return min(usable, key=lambda i: self.load[i]) if usable else None
+
+    def suspect(self, replica: int) -> None:
+        if replica not in self._set_aside():
+            self.checks[self.actors[replica].ready.remote()] = replica
+
+    def ping_due(self) -> None:
+        now = time.monotonic()
+        for replica, when in list(self.recheck_at.items()):
+            if now >= when:
+                del self.recheck_at[replica]
+                self.checks[self.actors[replica].ready.remote()] = replica
+
+    def resolve(self, ref: ray.ObjectRef) -> None:
+        replica = self.checks.pop(ref)
+        try:
+            answer = ray.get(ref)
+        except ActorDiedError:
+            self.dead.add(replica)  # restarts used up: Ray will not bring it back
+            log.warning("model replica %d is gone for good", replica)
+            return
+        except RayActorError:
+            self.recheck_at[replica] = time.monotonic() + 0.5  # still restarting
+            return
+        if "error" in answer:
+            self.dead.add(replica)
+            log.warning("model replica %d could not reload its model: %s", replica, answer["error"])
+
+    def all_dead(self) -> bool:
+        return len(self.dead) == len(self.actors)
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -240,7 +283,7 @@ def _batched(items: list[SourceFile], size: int) -> Iterator[list[SourceFile]]:
 
 
 class _Run:
-    """The driver loop: shards in, bounded batches through Ray, shards committed."""
+    """The driver loop: shards in, a bounded number of batches through Ray, shards committed."""
 
     def __init__(self, config: SegmentConfig, source: Location, store: OutputStore, pool: _ReplicaPool,
                  run: RunInfo, palette: list[list[int]], on_progress: Callable[[Progress], None] | None) -> None:
@@ -248,14 +291,15 @@ class _Run:
         self.palette = palette
         self.on_progress = on_progress or (lambda _: None)
         self.pending: dict[ray.ObjectRef, _Batch] = {}
+        self.queue: deque[_Batch] = deque()  # batches waiting for a replica
         self.limit = config.batches_in_flight_per_actor * len(pool.actors)
         self.progress = Progress()
         self.errors_by_type: Counter[str] = Counter()
         self.retried = 0
 
     def process(self, shards: Iterable[Shard]) -> None:
-        for shard in shards:
-            if self.store.is_current(shard, self.run):
+        for shard in shards:  # pulled from the listing only as capacity frees up
+            if self.store.is_current(shard, self.run, redo_errors=self.config.redo_errors):
                 self.progress.shards_skipped += 1
                 self.on_progress(self.progress)
                 continue
@@ -263,38 +307,60 @@ class _Run:
             open_shard = _OpenShard(shard, records=[])
             self._account(open_shard, refused)
             for files in _batched(todo, self.config.batch_size):
-                while len(self.pending) >= self.limit:
-                    self._collect()
-                self._submit(_Batch(open_shard, files))
+                open_shard.outstanding += 1
+                self.queue.append(_Batch(open_shard, files))
+                self._submit_queued()
+                while self.queue or len(self.pending) >= self.limit:
+                    self._wait_one()
+                    self._submit_queued()
             if open_shard.outstanding == 0:
                 self._commit(open_shard)
-        while self.pending:
-            self._collect()
+        while self.queue or self.pending:
+            self._wait_one()
+            self._submit_queued()
 
-    def _submit(self, batch: _Batch) -> None:
-        if batch.attempts == 0:
-            batch.shard.outstanding += 1
-        batch.replica = self.pool.pick()
-        decoded = _decode.remote(self.source, batch.files, self.config.max_pixels)
-        segmented = self.pool.actors[batch.replica].segment.remote(decoded)
-        written = _write.remote(self.store.location, segmented, self.palette)
-        self.pool.load[batch.replica] += 1
-        self.pending[written] = batch
+    def _submit_queued(self) -> None:
+        while self.queue and len(self.pending) < self.limit:
+            replica = self.pool.pick()
+            if replica is None:
+                return
+            batch = self.queue.popleft()
+            batch.replica = replica
+            decoded = _decode.remote(self.source, batch.files, self.config.max_pixels)
+            segmented = self.pool.actors[replica].segment.remote(decoded)
+            written = _write.remote(self.store.location, segmented, self.palette)
+            self.pool.load[replica] += 1
+            self.pending[written] = batch
 
-    def _collect(self) -> None:
-        [ref], _ = ray.wait(list(self.pending), num_returns=1)
+    def _wait_one(self) -> None:
+        self.pool.ping_due()
+        refs = [*self.pending, *self.pool.checks]
+        if not refs:
+            if self.pool.all_dead():
+                raise RunError("every model replica died and Ray could not restart them (max_restarts); "
+                               "committed shards are kept, and the next run resumes from them")
+            time.sleep(0.1)  # replicas are restarting; their next ping is due shortly
+            return
+        ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+        for ref in ready:
+            if ref in self.pool.checks:
+                self.pool.resolve(ref)
+            else:
+                self._finish(ref)
+
+    def _finish(self, ref: ray.ObjectRef) -> None:
         batch = self.pending.pop(ref)
         self.pool.load[batch.replica] -= 1
         try:
             records = ray.get(ref)
         except RayError as err:
             if isinstance(err, RayActorError):
-                self.pool.deaths[batch.replica] += 1
+                self.pool.suspect(batch.replica)
             batch.attempts += 1
             if batch.attempts < self.config.batch_attempts:
                 log.warning("batch of %d images failed (%s); sending it again", len(batch.files), _short(err))
                 self.retried += 1
-                self._submit(batch)
+                self.queue.appendleft(batch)
                 return
             records = []
             for file in batch.files:
@@ -320,16 +386,16 @@ class _Run:
         self.on_progress(self.progress)
 
 
-def _start_ray(address: str | None) -> bool:
-    """Join the cluster at `address` (or RAY_ADDRESS), or start a local one; True when this
-    call started Ray and so should stop it."""
+def _start_ray(address: str | None) -> tuple[bool, str]:
+    """Join the cluster at `address` (or RAY_ADDRESS), or start a local one. Returns whether
+    this call connected (and so should disconnect) and how Ray was found, for the summary."""
     if ray.is_initialized():
-        return False
+        return False, "the Ray session already open in this process"
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
-    return True
+        return True, f"the Ray cluster at {ray.get_runtime_context().gcs_address}"
+    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    return True, "a local Ray started for this run"
 
 
 def run_segmentation(
@@ -340,8 +406,6 @@ def run_segmentation(
 ) -> RunSummary:
     """Segment every image under config.source into config.output; see `pipeline.outputs`
     for the layout. Shards already committed with the same inputs and settings are skipped."""
-    if config.model not in list_models():
-        raise RunError(f"unknown model {config.model!r}; choose one of: {', '.join(list_models())}")
     started = time.monotonic()
     source = open_location(config.source, config.storage_options)
     output = open_location(config.output, config.storage_options)
@@ -353,7 +417,7 @@ def run_segmentation(
     store = OutputStore(output)
     store.check_layout(source.url, config.shard_by, config.shard_size)
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    stop_ray = _start_ray(config.ray_address)
+    stop_ray, ray_cluster = _start_ray(config.ray_address)
     pool = None
     try:
         pool = _ReplicaPool(config, worker_class, run_id)
@@ -364,13 +428,15 @@ def run_segmentation(
             source_url=source.url, fingerprint=_fingerprint(meta, config.crf),
         )
         counts = ListingCounts()
+        setup_seconds = time.monotonic() - started
         loop = _Run(config, source, store, pool, run, meta["palette"], on_progress)
         loop.process(iter_shards(source, shard_by=config.shard_by, shard_size=config.shard_size, counts=counts))
         return RunSummary(
             run_id=run_id, source=source.url, output=output.url, model=config.model, weights=run.weights,
             shards_committed=loop.progress.shards_committed, shards_skipped=loop.progress.shards_skipped,
             images=loop.progress.images, errors=loop.progress.errors, errors_by_type=dict(loop.errors_by_type),
-            non_image_keys=counts.skipped, retried_batches=loop.retried, seconds=time.monotonic() - started,
+            non_image_keys=counts.skipped, retried_batches=loop.retried, setup_seconds=setup_seconds, ray_cluster=ray_cluster,
+            replicas=[{"device": p["device"], "gpu_ids": p["gpu_ids"]} for p in pool.placements], seconds=time.monotonic() - started,
         )
     finally:
         if pool is not None:

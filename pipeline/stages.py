@@ -22,7 +22,7 @@ import torch
 
 from .crf import dense_crf
 from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from .inference import Segmenter
+from .inference import Segmenter, to_chw_uint8
 from .masks import encode_mask
 from .stats import ClassStats, class_statistics, labels_and_confidence
 from .storage import Location, SourceFile, write_atomic
@@ -128,7 +128,7 @@ class SegmentStage:
 
     def _finish(self, record: ImageRecord, probs: torch.Tensor) -> None:
         if self.crf:
-            pixels = torch.from_numpy(record.image).permute(2, 0, 1).to(probs.device, non_blocking=True)
+            pixels = to_chw_uint8(record.image).to(probs.device, non_blocking=True)
             probs = dense_crf(probs[None], pixels[None])[0]
         labels, confidence = labels_and_confidence(probs)
         record.stats = class_statistics(labels, confidence, self.num_classes)

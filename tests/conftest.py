@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,29 @@ def s3_bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> tuple[str, di
 
     options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
     fs = s3fs.S3FileSystem(**options)
-    name = "b-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
+    readable = request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40].strip("-")
+    name = f"b-{readable}-{uuid.uuid4().hex[:8]}"
     fs.mkdir(name)
     fs.invalidate_cache()
     return f"s3://{name}", options
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_cpu(_ray_session):
+    """A real local Ray with 2 CPUs, shared by the tests that use it (tests that declare GPUs
+    start their own and this one comes back afterwards)."""
+    import ray
+
+    if ray.is_initialized() and ray.cluster_resources().get("GPU"):
+        ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    return ray

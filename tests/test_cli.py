@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import io
+import os
 import subprocess
 import sys
 
+import duckdb
 import numpy as np
+import pytest
+import s3fs
+from PIL import Image
 
 from pipeline.cli import main
 from pipeline.masks import decode_mask
+from pipeline.samples import synthetic_scene
 
 
 def test_pipeline_imports_without_ray_or_prefect() -> None:
     code = (
         "import sys, pipeline, pipeline.models, pipeline.inference, pipeline.crf, pipeline.stats, "
-        "pipeline.metrics, pipeline.masks, pipeline.samples, pipeline.cli; "
+        "pipeline.metrics, pipeline.masks, pipeline.samples, pipeline.cli, pipeline.storage, pipeline.images, "
+        "pipeline.stages, pipeline.outputs, pipeline.config; "
         "assert 'ray' not in sys.modules and 'prefect' not in sys.modules, 'pipeline pulled in ray or prefect'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -36,3 +44,60 @@ def test_demo_segments_generated_images(tmp_path, monkeypatch, capsys) -> None:
 def test_models_command_lists_the_registry(capsys) -> None:
     assert main(["models"]) == 0
     assert "pspnet_resnet101" in capsys.readouterr().out.split()
+
+
+def _segpipe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_endpoint) -> None:
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    for i in range(3):
+        buffer = io.BytesIO()
+        Image.fromarray(synthetic_scene(30, 40, i)[0]).save(buffer, format="PNG")
+        fs.pipe_file(f"{bucket[5:]}/in/night/{i}.png", buffer.getvalue())
+    fs.pipe_file(f"{bucket[5:]}/in/night/broken.png", buffer.getvalue()[:200])  # truncated
+    # the endpoint comes from AWS_ENDPOINT_URL, as a user of an S3-compatible store would set it
+    done = _segpipe(
+        "segment", f"{bucket}/in", f"{bucket}/out", "--model", "lraspp_mobilenet_v3_large", "--weights", "none",
+        "--num-classes", "4", "--no-crf", "--batch-size", "2",
+        env={"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "4 images segmented (3 ok, 1 errors)" in done.stdout
+    assert "errors by reason: corrupt 1" in done.stdout
+    assert "4 images," in done.stderr and "errors, 1 shards committed" in done.stderr  # the progress line
+    con = duckdb.connect()
+    con.register_filesystem(s3fs.S3FileSystem(**options))
+    rows = con.sql(f"select status, count(*) from read_parquet('{bucket}/out/images/**/*.parquet', hive_partitioning=true) group by 1 order by 1").fetchall()
+    assert rows == [("error", 1), ("ok", 3)]
+    # a second run finds everything committed
+    again = _segpipe("segment", f"{bucket}/in", f"{bucket}/out", "--model", "lraspp_mobilenet_v3_large", "--weights",
+                     "none", "--num-classes", "4", "--no-crf", "--batch-size", "2", "--storage-options",
+                     f'{{"endpoint_url": "{s3_endpoint}", "key": "testing", "secret": "testing"}}')
+    assert again.returncode == 0, again.stderr
+    assert "0 images segmented" in again.stdout and "1 already up to date" in again.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model", "nope"], "unknown model 'nope'"),
+    (["--storage-options", '{"secret": "hunter2'], "storage-options: Value error, storage_options is not valid JSON"),
+    (["--storage-options", "[1]"], "must be a JSON object"),
+    (["--batch-size", "0"], "batch-size: Input should be greater than or equal to 1"),
+])
+def test_segment_refuses_bad_settings_in_one_line(tmp_path, args, message) -> None:
+    done = _segpipe("segment", str(tmp_path), str(tmp_path / "out"), *args)
+    assert done.returncode == 2
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "hunter2" not in done.stderr + done.stdout
+
+
+def test_segment_refuses_a_missing_source(tmp_path) -> None:
+    done = _segpipe("segment", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--weights", "none", "--num-classes", "2")
+    assert done.returncode == 2
+    assert f"source {tmp_path / 'nowhere'} is not a folder or prefix that exists" in done.stderr
+    assert not (tmp_path / "out").exists()

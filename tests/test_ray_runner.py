@@ -1,0 +1,238 @@
+"""The distributed run end to end: real local Ray (2 CPUs), a real S3 API over HTTP (moto's
+server), Parquet read back by DuckDB."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import ray
+import s3fs
+from PIL import Image
+
+from pipeline.config import SegmentConfig
+from pipeline.masks import decode_mask
+from pipeline.ray_runner import RunError, SegmentWorker, run_segmentation
+from pipeline.samples import synthetic_scene
+
+# test worker classes below are shipped to Ray workers by value, not imported there by name
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+MODEL = {"model": "lraspp_mobilenet_v3_large", "weights": None, "num_classes": 4}
+
+
+def _jpeg(seed: int, h: int = 40, w: int = 56) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(synthetic_scene(h, w, seed)[0]).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _duckdb(fs: s3fs.S3FileSystem | None = None) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    if fs is not None:
+        con.register_filesystem(fs)  # DuckDB reads s3:// through fsspec: no extension download
+    return con
+
+
+def _check_outputs(con, output: str, fs, expected_ids: set[str]) -> list[tuple]:
+    """Every input exactly once; pixel counts add up to width x height; masks match the stats."""
+    images = con.sql(f"select image_id, status, width, height, mask_uri, run_id from read_parquet('{output}/images/**/*.parquet', hive_partitioning=true)").fetchall()
+    assert sorted(r[0] for r in images) == sorted(expected_ids)
+    sums = dict(con.sql(f"""
+        select image_id, sum(pixel_count) from read_parquet('{output}/class_stats/**/*.parquet', hive_partitioning=true)
+        group by image_id""").fetchall())
+    for image_id, status, width, height, mask_uri, _ in images:
+        if status != "ok":
+            assert image_id not in sums and mask_uri is None
+            continue
+        assert sums[image_id] == width * height
+        mask = decode_mask(fs.cat_file(mask_uri))
+        assert mask.shape == (height, width) and mask.max() < 4
+    return images
+
+
+def test_s3_to_s3_idempotent_and_incremental(ray_cpu, s3_bucket):
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    root = bucket[5:]
+    inputs = {f"{root}/src/2026-11-19/{i}.jpg": _jpeg(i) for i in range(3)}
+    inputs |= {f"{root}/src/2026-11-20/{i}.JPG": _jpeg(10 + i, 33, 47) for i in range(2)}
+    inputs[f"{root}/src/2026-11-20/corrupt.jpg"] = _jpeg(5)[:300]  # truncated
+    inputs[f"{root}/src/2026-11-20/notes.txt"] = b"not an image"
+    fs.pipe(inputs)
+    config = SegmentConfig(source=f"{bucket}/src", output=f"{bucket}/out", storage_options=options, batch_size=2, **MODEL)
+
+    first = run_segmentation(config)
+    assert (first.images, first.errors, first.shards_committed, first.non_image_keys) == (6, 1, 2, 1)
+    assert first.errors_by_type == {"corrupt": 1}
+    expected = {k.split("/src/", 1)[1] for k in inputs if not k.endswith(".txt")}
+    con = _duckdb(s3fs.S3FileSystem(**options))
+    rows = _check_outputs(con, f"{bucket}/out", fs, expected)
+    error = con.sql(f"select error_type, error, image_uri from read_parquet('{bucket}/out/images/*/*.parquet') where status = 'error'").fetchall()
+    assert error == [("corrupt", error[0][1], f"{bucket}/src/2026-11-20/corrupt.jpg")]
+
+    again = run_segmentation(config)  # nothing changed: nothing to do, nothing duplicated
+    assert (again.images, again.shards_skipped, again.shards_committed) == (0, 2, 0)
+    assert sorted(_check_outputs(con, f"{bucket}/out", fs, expected)) == sorted(rows)
+
+    fs.pipe({f"{root}/src/2026-11-21/0.jpg": _jpeg(20), f"{root}/src/2026-11-20/0.JPG": _jpeg(21, 30, 30)})
+    s3fs.S3FileSystem.clear_instance_cache()
+    incremental = run_segmentation(config)
+    assert (incremental.shards_committed, incremental.shards_skipped, incremental.images) == (2, 1, 4)
+    expected |= {"2026-11-21/0.jpg"}
+    con = _duckdb(s3fs.S3FileSystem(**options))  # a fresh fsspec listing: files were replaced
+    rows = _check_outputs(con, f"{bucket}/out", fs, expected)
+    run_of = {image_id: run_id for image_id, *_, run_id in rows}
+    assert run_of["2026-11-19/0.jpg"] == first.run_id  # untouched shard keeps its rows
+    assert run_of["2026-11-20/0.JPG"] == run_of["2026-11-21/0.jpg"] == incremental.run_id
+    size = con.sql(f"select width, height from read_parquet('{bucket}/out/images/*/*.parquet') where image_id = '2026-11-20/0.JPG'").fetchall()[0]
+    assert size == (30, 30)  # the rewritten image's row and mask were replaced
+
+
+def _local_source(tmp_path, count: int, per_dir: int = 4):
+    for i in range(count):
+        path = tmp_path / "src" / f"d{i // per_dir}" / f"{i:03d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_jpeg(i, 24, 24))
+    return str(tmp_path / "src"), str(tmp_path / "out")
+
+
+def test_an_actor_killed_mid_run_loses_and_duplicates_nothing(ray_cpu, tmp_path):
+    source, output = _local_source(tmp_path, 10)
+    config = SegmentConfig(source=source, output=output, batch_size=1, crf=False, **MODEL)
+    killed = []
+
+    def kill_once(progress):
+        if progress.images >= 1 and not killed:
+            [name] = [n for n in ray_cpu.util.list_named_actors() if n.startswith("segpipe-")]
+            ray_cpu.kill(ray_cpu.get_actor(name), no_restart=False)  # as the OOM killer would
+            killed.append(name)
+
+    summary = run_segmentation(config, on_progress=kill_once)
+    assert killed and summary.retried_batches >= 1
+    assert (summary.images, summary.errors) == (10, 0)
+    rows = _duckdb().sql(f"select image_id, status from read_parquet('{output}/images/**/*.parquet')").fetchall()
+    assert sorted(rows) == [(f"d{i // 4}/{i:03d}.jpg", "ok") for i in range(10)]
+
+
+class AlwaysDyingWorker(SegmentWorker):
+    """A replica that crashes on every batch (as on a poisoned input that kills the process)."""
+
+    def segment(self, records):
+        os._exit(1)
+
+
+def test_batches_that_keep_killing_workers_become_error_rows(ray_cpu, tmp_path):
+    source, output = _local_source(tmp_path, 3)
+    config = SegmentConfig(source=source, output=output, batch_size=2, batch_attempts=2, max_restarts=10, **MODEL)
+    summary = run_segmentation(config, worker_class=AlwaysDyingWorker)
+    assert (summary.images, summary.errors, summary.retried_batches) == (3, 3, 2)
+    rows = _duckdb().sql(f"select image_id, error_type, error from read_parquet('{output}/images/**/*.parquet')").fetchall()
+    assert sorted(r[0] for r in rows) == ["d0/000.jpg", "d0/001.jpg", "d0/002.jpg"]
+    assert {r[1] for r in rows} == {"worker_failed"} and all("failed 2 times" in r[2] for r in rows)
+    # error rows are committed: a plain re-run leaves the shard alone (its inputs did not
+    # change), and --redo-errors processes it again, replacing the error rows
+    assert run_segmentation(config).shards_skipped == 1
+    redone = run_segmentation(config.model_copy(update={"redo_errors": True}))
+    assert (redone.shards_committed, redone.images, redone.errors) == (1, 3, 0)
+    rows = _duckdb().sql(f"select status, count(*) from read_parquet('{output}/images/**/*.parquet') group by 1").fetchall()
+    assert rows == [("ok", 3)]
+
+
+def test_model_that_cannot_load_stops_the_run_with_its_reason(ray_cpu, tmp_path):
+    source, output = _local_source(tmp_path, 1)
+    config = SegmentConfig(source=source, output=output, model="lraspp_mobilenet_v3_large", weights="none")
+    with pytest.raises(RunError, match="num_classes is required"):
+        run_segmentation(config)
+    with pytest.raises(RunError, match="not a folder or prefix that exists"):
+        run_segmentation(config.model_copy(update={"source": str(tmp_path / "missing")}))
+
+
+class FakeCudaWorker(SegmentWorker):
+    """Mocked GPU (none on this machine): reports CUDA as available so the device that Ray's
+    assignment selects is used, but builds the model on the CPU. What is checked is the
+    assignment and the device the worker chose from it."""
+
+    def _cuda_available(self) -> bool:
+        return True
+
+    def _build_stage(self, spec, device):
+        assert device.type == "cuda"
+        return super()._build_stage(spec, "cpu")
+
+
+def test_one_replica_per_declared_gpu(tmp_path, _ray_session):
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        source, output = _local_source(tmp_path, 4)
+        config = SegmentConfig(source=source, output=output, cpus_per_actor=0.5, batch_size=1, crf=False, **MODEL)
+        summary = run_segmentation(config, worker_class=FakeCudaWorker)
+        assert (summary.images, summary.errors) == (4, 0)
+        assert len(summary.replicas) == 2
+        assert sorted(gpu for r in summary.replicas for gpu in r["gpu_ids"]) == ["0", "1"]
+        assert {r["device"] for r in summary.replicas} == {"cuda:0"}  # each sees only its own GPU
+
+        actor = ray.remote(FakeCudaWorker).options(num_gpus=1, num_cpus=0.5).remote(SegmentWorker_spec(config))
+        placement = ray.get(actor.ready.remote())
+        assert placement["cuda_visible_devices"] == placement["gpu_ids"][0]
+        ray.kill(actor)
+        # fractional GPUs: two small replicas share each GPU
+        half = run_segmentation(config.model_copy(update={"gpus_per_actor": 0.5, "cpus_per_actor": 0.25}), worker_class=FakeCudaWorker)
+        assert len(half.replicas) == 4
+    finally:
+        ray.shutdown()
+
+
+def SegmentWorker_spec(config):
+    from pipeline.ray_runner import WorkerSpec
+
+    return WorkerSpec(model=config.model, weights=config.weights, num_classes=config.num_classes, crf=False,
+                      batch_size=1, storage_options={}, threads=1)
+
+
+def test_worker_device_without_cuda_is_a_clear_error():
+    from pipeline.ray_runner import worker_device
+
+    assert str(worker_device([], False)) == "cpu"
+    assert str(worker_device(["3"], True)) == "cuda:0"
+    with pytest.raises(RuntimeError, match="Ray assigned GPU 3"):
+        worker_device(["3"], False)
+
+
+def test_masks_and_stats_agree(ray_cpu, tmp_path):
+    source, output = _local_source(tmp_path, 2)
+    run_segmentation(SegmentConfig(source=source, output=output, **MODEL))
+    con = _duckdb()
+    for image_id, mask_uri in con.sql(f"select image_id, mask_uri from read_parquet('{output}/images/**/*.parquet')").fetchall():
+        mask = decode_mask(Path(mask_uri).read_bytes())
+        stats = dict(con.sql(f"select class_id, pixel_count from read_parquet('{output}/class_stats/**/*.parquet') where image_id = '{image_id}'").fetchall())
+        counts = np.bincount(mask.ravel())
+        assert stats == {c: int(n) for c, n in enumerate(counts) if n}
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_cli_joins_an_existing_cluster(ray_cpu, tmp_path, how):
+    """`--ray-address` and RAY_ADDRESS join a running cluster (here: this test's own Ray)."""
+    source, output = _local_source(tmp_path, 2)
+    address = ray_cpu.get_runtime_context().gcs_address
+    args = ["--ray-address", address] if how == "flag" else []
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    if how == "environment":
+        env["RAY_ADDRESS"] = address
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "segment", source, output, "--model", "lraspp_mobilenet_v3_large",
+         "--weights", "none", "--num-classes", "4", "--no-crf", *args],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"in the Ray cluster at {address}" in done.stdout
+    assert "2 images segmented (2 ok, 0 errors)" in done.stdout

@@ -1,0 +1,203 @@
+"""The decode, segment and write stages and the per-shard commit, without Ray: each is a plain
+function or class called on tiny images."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.images import ImageDecodeError, decode_image
+from pipeline.inference import Segmenter
+from pipeline.masks import decode_mask
+from pipeline.models import build_model
+from pipeline.outputs import (
+    CLASS_STATS_SCHEMA,
+    IMAGES_SCHEMA,
+    LayoutMismatchError,
+    OutputStore,
+    RunInfo,
+)
+from pipeline.samples import synthetic_scene
+from pipeline.stages import (
+    ImageRecord,
+    SegmentStage,
+    mask_key,
+    plan_shard,
+    read_and_decode,
+    write_masks,
+)
+from pipeline.storage import Shard, SourceFile, iter_shards, open_location
+
+
+def _encode(array: np.ndarray, fmt: str, **kw) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+def test_decode_common_modes_to_rgb():
+    rgb = synthetic_scene(12, 16, 0)[0]
+    assert np.array_equal(decode_image(_encode(rgb, "PNG")), rgb)
+    grey = decode_image(_encode(rgb[..., 0], "PNG"))
+    assert grey.shape == (12, 16, 3) and np.array_equal(grey[..., 2], rgb[..., 0])
+    rgba = np.dstack([rgb, np.full((12, 16), 7, np.uint8)])
+    assert np.array_equal(decode_image(_encode(rgba, "PNG")), rgb)
+    sixteen = (np.arange(12 * 16, dtype=np.uint16).reshape(12, 16) * 300)
+    decoded = decode_image(_encode(sixteen, "PNG"))
+    assert decoded.dtype == np.uint8 and decoded[..., 0].max() > 200  # scaled, not clipped to 255
+
+
+def test_decode_applies_exif_orientation():
+    tall = np.zeros((8, 4, 3), np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    data = _encode(tall, "JPEG", exif=exif.tobytes())
+    assert decode_image(data).shape == (4, 8, 3)
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (b"", "empty"),
+    (b"<html>not an image</html>", "not_an_image"),
+])
+def test_decode_errors_have_reasons(data, reason):
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data)
+    assert err.value.reason == reason
+
+
+def test_truncated_and_oversized_images_are_refused():
+    data = _encode(synthetic_scene(64, 64, 1)[0], "JPEG")
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data[: len(data) // 2])
+    assert err.value.reason == "corrupt"
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data, max_pixels=64 * 64 - 1)
+    assert err.value.reason == "too_large" and "4096 pixels" in str(err.value)
+
+
+def test_mask_keys_replace_the_extension_and_refuse_escapes():
+    assert mask_key("2026-11-20/cam 1/ä#1.JPG") == "masks/2026-11-20/cam 1/ä#1.png"
+    for bad in ["../x.jpg", "a/../../x.jpg", "/etc/x.jpg", "a//b.jpg", "a/\x00.jpg"]:
+        with pytest.raises(ValueError, match="unsafe key"):
+            mask_key(bad)
+
+
+def test_plan_shard_refuses_collisions_and_unsafe_keys():
+    files = [SourceFile(k, 1, "v") for k in ["a.jpg", "a.png", "b.jpg", "../c.jpg"]]
+    todo, refused = plan_shard(files)
+    assert [f.key for f in todo] == ["a.jpg", "b.jpg"]
+    assert {r.key: r.error_type for r in refused} == {"a.png": "mask_collision", "../c.jpg": "unsafe_key"}
+    assert "a.jpg" in next(r.error for r in refused if r.key == "a.png")
+
+
+@pytest.fixture(scope="module")
+def stage() -> SegmentStage:
+    model = build_model("lraspp_mobilenet_v3_large", num_classes=4, weights=None)
+    return SegmentStage(Segmenter(model, device="cpu", batch_size=2), crf=True)
+
+
+def _source(tmp_path):
+    (tmp_path / "src" / "d").mkdir(parents=True)
+    for i, (h, w) in enumerate([(40, 56), (40, 56), (33, 47)]):
+        (tmp_path / "src" / "d" / f"img{i}.jpg").write_bytes(_encode(synthetic_scene(h, w, i)[0], "JPEG"))
+    (tmp_path / "src" / "d" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return open_location(str(tmp_path / "src"))
+
+
+def test_stages_account_for_every_image(tmp_path, stage):
+    source = _source(tmp_path)
+    output = open_location(str(tmp_path / "out"))
+    [shard] = list(iter_shards(source))
+    records = write_masks(output, stage(read_and_decode(source, shard.files)), [(0, 0, 0)] * 4)
+    assert [r.key for r in records] == [f.key for f in shard.files]
+    broken = next(r for r in records if r.key == "d/broken.png")
+    assert not broken.ok and broken.error_type == "corrupt" and broken.mask_key is None
+    for record in (r for r in records if r.ok):
+        mask = decode_mask((tmp_path / "out" / record.mask_key).read_bytes())
+        assert mask.shape == (record.height, record.width)
+        counts = np.bincount(mask.ravel(), minlength=4)
+        assert dict(zip(record.stats.class_id.tolist(), record.stats.pixel_count.tolist(), strict=True)) == {
+            c: int(n) for c, n in enumerate(counts) if n
+        }
+        assert record.image is None and record.labels is None  # nothing heavy travels back
+        assert set(record.seconds) == {"decode", "inference", "encode"}
+
+
+def test_one_failing_image_does_not_fail_its_batch(stage):
+    good = ImageRecord("good.jpg", image=synthetic_scene(32, 32, 0)[0], width=32, height=32)
+    bad = ImageRecord("bad.jpg", image=np.zeros((0, 5, 3), np.uint8), width=5, height=0)
+    records = stage([good, bad])
+    assert good.ok and good.stats is not None
+    assert not records[1].ok and records[1].error_type == "inference"
+
+
+def _run(run_id="r1", fingerprint="f1") -> RunInfo:
+    return RunInfo(
+        run_id=run_id, run_date=dt.date(2026, 11, 21), model="m", weights="none", num_classes=4,
+        class_names=("sky", "building", "road", "car"), crf=True, source_url="s3://b/src", fingerprint=fingerprint,
+    )
+
+
+def test_commit_writes_tables_marker_and_manifest(tmp_path, stage):
+    source = _source(tmp_path)
+    store = OutputStore(open_location(str(tmp_path / "out")))
+    [shard] = list(iter_shards(source))
+    records = write_masks(store.location, stage(read_and_decode(source, shard.files)), [(0, 0, 0)] * 4)
+    assert not store.is_current(shard, _run())
+    store.commit_shard(shard, records, _run())
+    assert store.is_current(shard, _run())
+    assert not store.is_current(shard, _run(fingerprint="other settings"))
+    out = tmp_path / "out"
+    images = pq.read_table(out / "images" / f"shard={shard.shard_id}" / "part-0.parquet")
+    assert images.schema.equals(IMAGES_SCHEMA) and images.num_rows == 4
+    meta = pq.ParquetFile(out / "images" / f"shard={shard.shard_id}" / "part-0.parquet").metadata
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+    stats = pq.read_table(out / "class_stats" / f"shard={shard.shard_id}" / "part-0.parquet")
+    assert stats.schema.equals(CLASS_STATS_SCHEMA)
+    check = duckdb.sql(f"""
+        select i.image_id, i.width * i.height as area, sum(s.pixel_count) as pixels, sum(s.fraction) as total
+        from read_parquet('{out}/images/**/*.parquet', hive_partitioning=true) i
+        join read_parquet('{out}/class_stats/**/*.parquet', hive_partitioning=true) s using (image_id)
+        group by all""").fetchall()
+    assert len(check) == 3 and all(area == pixels and abs(total - 1) < 1e-9 for _, area, pixels, total in check)
+    errors = duckdb.sql(f"select image_id, error_type, image_uri from read_parquet('{out}/images/*/*.parquet') where status = 'error'").fetchall()
+    assert errors == [("d/broken.png", "corrupt", "s3://b/src/d/broken.png")]
+
+
+def test_commit_refuses_a_shard_with_missing_records(tmp_path):
+    store = OutputStore(open_location(str(tmp_path / "out")))
+    shard = Shard("s1", (SourceFile("a.jpg", 1, "v"), SourceFile("b.jpg", 1, "v")))
+    with pytest.raises(RuntimeError, match="1 records for 2 inputs"):
+        store.commit_shard(shard, [ImageRecord("a.jpg")], _run())
+    assert not (tmp_path / "out" / "_commits").exists()
+
+
+def test_recommit_replaces_rows_and_removes_masks_of_deleted_images(tmp_path, stage):
+    source = _source(tmp_path)
+    store = OutputStore(open_location(str(tmp_path / "out")))
+    [shard] = list(iter_shards(source))
+    store.commit_shard(shard, write_masks(store.location, stage(read_and_decode(source, shard.files)), [(0, 0, 0)] * 4), _run("r1"))
+    assert (tmp_path / "out" / "masks" / "d" / "img1.png").exists()
+    (tmp_path / "src" / "d" / "img1.jpg").unlink()
+    [shard] = list(iter_shards(source))
+    store.commit_shard(shard, write_masks(store.location, stage(read_and_decode(source, shard.files)), [(0, 0, 0)] * 4), _run("r2"))
+    rows = duckdb.sql(f"select run_id, image_id from read_parquet('{tmp_path}/out/images/**/*.parquet') order by 2").fetchall()
+    assert rows == [("r2", "d/broken.png"), ("r2", "d/img0.jpg"), ("r2", "d/img2.jpg")]
+    assert not (tmp_path / "out" / "masks" / "d" / "img1.png").exists()
+    assert (tmp_path / "out" / "masks" / "d" / "img0.png").exists()
+
+
+def test_layout_is_fixed_per_output(tmp_path):
+    store = OutputStore(open_location(str(tmp_path / "out")))
+    store.check_layout("s3://b/src", "directory", 1000)
+    store.check_layout("s3://b/src", "directory", 1000)
+    with pytest.raises(LayoutMismatchError, match="shard_size=1000 but this run has shard_size=10"):
+        store.check_layout("s3://b/src", "directory", 10)
+    with pytest.raises(LayoutMismatchError, match="source"):
+        store.check_layout("s3://b/other", "directory", 1000)

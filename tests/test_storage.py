@@ -1,0 +1,135 @@
+"""Discovery and shards, on a local folder and on a real S3 API (moto's server over HTTP)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import s3fs
+
+from pipeline.storage import (
+    ListingCounts,
+    is_image_key,
+    iter_files,
+    iter_shards,
+    open_location,
+    read_bytes,
+    write_atomic,
+)
+
+KEYS = [
+    "2026-11-19/cam1/a.jpg", "2026-11-19/cam1/b.JPEG", "2026-11-19/cam1/c.png", "2026-11-19/cam1/notes.txt",
+    "2026-11-19/cam2/d.TIF", "2026-11-19/cam2/e.tiff", "2026-11-19/top.webp",
+    "2026-11-20/cam1/f.jpg", "2026-11-20/cam1/g.Png", "2026-11-20/readme", "root.jpg",
+]
+
+
+def _fill_local(tmp_path):
+    for key in KEYS:
+        path = tmp_path / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(key.encode())
+    return open_location(str(tmp_path))
+
+
+def _fill_s3(bucket, options):
+    fs = s3fs.S3FileSystem(**options)
+    for key in KEYS:
+        fs.pipe_file(f"{bucket[5:]}/archive/{key}", key.encode())
+    return open_location(f"{bucket}/archive/", options)
+
+
+def test_image_keys_by_extension_in_any_case():
+    assert all(is_image_key(k) for k in ["a.jpg", "b.JPEG", "c.Png", "d.tif", "e.TIFF", "f.webp"])
+    assert not any(is_image_key(k) for k in ["a.txt", "readme", "x.jpg.bak", "png"])
+
+
+def test_listing_order_and_versions_agree_between_local_and_s3(tmp_path, s3_bucket):
+    local = [(d, f.key, f.size) for d, f in iter_files(_fill_local(tmp_path))]
+    remote = list(iter_files(_fill_s3(*s3_bucket)))
+    assert [(d, f.key, f.size) for d, f in remote] == local
+    assert {f.key for _, f in remote} == set(KEYS)
+    # files of a directory first, in name order, then its sub-directories
+    assert [f.key for _, f in remote][:3] == ["root.jpg", "2026-11-19/top.webp", "2026-11-19/cam1/a.jpg"]
+    assert all(len(f.version) == 32 for _, f in remote)  # S3 ETags (MD5 of single-part uploads)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_directory_shards_are_deterministic_and_skip_non_images(where, tmp_path, s3_bucket):
+    location = _fill_local(tmp_path) if where == "local" else _fill_s3(*s3_bucket)
+    counts = ListingCounts()
+    shards = list(iter_shards(location, shard_by="directory", shard_size=2, counts=counts))
+    assert [[f.key for f in s.files] for s in shards] == [
+        ["root.jpg"], ["2026-11-19/top.webp"],
+        ["2026-11-19/cam1/a.jpg", "2026-11-19/cam1/b.JPEG"], ["2026-11-19/cam1/c.png"],
+        ["2026-11-19/cam2/d.TIF", "2026-11-19/cam2/e.tiff"], ["2026-11-20/cam1/f.jpg", "2026-11-20/cam1/g.Png"],
+    ]
+    assert (counts.images, counts.skipped) == (9, 2)
+    assert counts.skipped_by_extension == {".txt": 1, "(none)": 1}
+    again = list(iter_shards(location, shard_by="directory", shard_size=2))
+    assert [s.shard_id for s in again] == [s.shard_id for s in shards]
+    assert len({s.shard_id for s in shards}) == len(shards)
+
+
+def test_count_shards_cross_directories(tmp_path):
+    shards = list(iter_shards(_fill_local(tmp_path), shard_by="count", shard_size=4))
+    assert [len(s.files) for s in shards] == [4, 4, 1]
+    assert shards[0].files[1].key == "2026-11-19/top.webp"
+
+
+def test_manifest_digest_changes_when_a_file_changes(tmp_path):
+    location = _fill_local(tmp_path)
+    before = {s.shard_id: s.manifest_digest() for s in iter_shards(location)}
+    (tmp_path / "2026-11-19/cam2/d.TIF").write_bytes(b"rewritten with other bytes")
+    after = {s.shard_id: s.manifest_digest() for s in iter_shards(location)}
+    assert before.keys() == after.keys()
+    assert [k for k in before if before[k] != after[k]] == [next(iter(
+        s.shard_id for s in iter_shards(location) if s.files[0].key == "2026-11-19/cam2/d.TIF"))]
+
+
+def test_listing_is_streamed(s3_bucket):
+    """The first shard arrives after one S3 page, not after the whole listing."""
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    fs.pipe({f"{bucket[5:]}/flat/{i:05d}.jpg": b"x" for i in range(2500)})
+    calls = []
+    original = fs._call_s3
+
+    async def counting(method, *args, **kwargs):
+        calls.append(method)
+        return await original(method, *args, **kwargs)
+
+    location = open_location(f"{bucket}/flat", options)
+    location.fs._call_s3 = counting
+    shards = iter_shards(location, shard_by="count", shard_size=100)
+    first = next(shards)
+    assert first.files[0].key == "00000.jpg"
+    assert calls.count("list_objects_v2") == 1  # one page of 1000 keys, of 3
+    rest = list(itertools.chain([first], shards))
+    assert sum(len(s.files) for s in rest) == 2500
+    assert calls.count("list_objects_v2") == 3
+
+
+def test_aws_endpoint_url_from_the_environment(s3_bucket, s3_endpoint, monkeypatch):
+    bucket, options = s3_bucket
+    s3fs.S3FileSystem(**options).pipe_file(f"{bucket[5:]}/x/a.jpg", b"abc")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+    location = open_location(f"{bucket}/x")  # no storage options: botocore reads the variable
+    assert [f.key for _, f in iter_files(location)] == ["a.jpg"]
+
+
+def test_storage_options_are_not_passed_to_local_paths(tmp_path):
+    location = open_location(str(tmp_path), {"endpoint_url": "http://127.0.0.1:1", "key": "k"})
+    assert location.is_local and location.url == str(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_write_atomic_replaces_whole_objects(where, tmp_path, s3_bucket):
+    location = open_location(str(tmp_path / "out")) if where == "local" else open_location(f"{s3_bucket[0]}/out", s3_bucket[1])
+    write_atomic(location, "t/x.parquet", b"first")
+    write_atomic(location, "t/x.parquet", b"second")
+    assert read_bytes(location, "t/x.parquet") == b"second"
+    assert read_bytes(location, "t/missing") is None
+    if where == "local":
+        assert sorted(p.name for p in (tmp_path / "out" / "t").iterdir()) == ["x.parquet"]  # no temporaries left
