@@ -1,9 +1,15 @@
 """Image files to RGB arrays: the decode stage.
 
 An image is segmented as a viewer displays it: EXIF orientation is applied, and every mode
-(greyscale, palette, RGBA, CMYK, 16-bit) becomes 8-bit RGB. Multi-frame files give their first
-frame. A file whose header claims more pixels than `max_pixels` is refused before its pixels
-are decoded.
+(greyscale, palette, RGBA, CMYK) becomes 8-bit RGB. Samples deeper than 8 bits (16-bit PNG,
+uint16 or float GeoTIFF) are stretched per band between their 2nd and 98th percentiles, as GIS
+viewers display them: satellite data often fills only 11 or 12 of its 16 bits, and a plain
+division by 65535 would leave it black. Of more than three bands the first three are used.
+Multi-frame files give their first frame. A file whose header claims more pixels than
+`max_pixels` is refused before its pixels are decoded.
+
+Pillow decodes everything it can; TIFFs it cannot (separate band planes, many bands, float
+samples) go to tifffile.
 """
 
 from __future__ import annotations
@@ -12,11 +18,13 @@ import io
 import warnings
 
 import numpy as np
+import tifffile
 from PIL import Image, ImageOps
 
 # Pillow's own decompression-bomb threshold (2 x Image.MAX_IMAGE_PIXELS): Pillow refuses
 # anything bigger while opening, before we could check it
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 class ImageDecodeError(ValueError):
@@ -48,21 +56,57 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     except Image.DecompressionBombError as err:
         raise ImageDecodeError("too_large", str(err)) from err
     except Image.UnidentifiedImageError as err:
+        if data[:4] in _TIFF_MAGIC:
+            return _decode_tiff(data, max_pixels, err)
         raise ImageDecodeError("not_an_image", "not a recognised image format") from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:
+        if data[:4] in _TIFF_MAGIC:
+            return _decode_tiff(data, max_pixels, err)
         raise ImageDecodeError("corrupt", f"cannot decode: {err}") from err
 
 
+def _decode_tiff(data: bytes, max_pixels: int, pillow_error: BaseException) -> np.ndarray:
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+            page = tiff.pages.first
+            height, width = page.imagelength, page.imagewidth
+            if width * height > max_pixels:
+                raise ImageDecodeError("too_large", f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}")
+            array = page.asarray()
+    except ImageDecodeError:
+        raise
+    except Exception as err:  # tifffile raises many types for broken files
+        raise ImageDecodeError("corrupt", f"cannot decode TIFF: {pillow_error}; tifffile: {err}") from err
+    if array.ndim == 3 and array.shape[:2] != (height, width):
+        array = np.moveaxis(array, 0, -1)  # separate band planes: (bands, H, W)
+    return _bands_to_rgb(array)
+
+
+def _stretch(band: np.ndarray) -> np.ndarray:
+    values = np.nan_to_num(band.astype(np.float64))
+    low, high = np.percentile(values, (2, 98))
+    if high <= low:
+        low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(band.shape, np.uint8)
+    return np.clip((values - low) / (high - low) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _bands_to_rgb(array: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, bands) of any dtype to (H, W, 3) uint8."""
+    if array.ndim == 2:
+        array = array[..., None]
+    array = array[..., :3]
+    if array.dtype != np.uint8:
+        array = np.stack([_stretch(array[..., b]) for b in range(array.shape[-1])], axis=-1)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    elif array.shape[-1] == 2:  # grey + alpha
+        array = np.repeat(array[..., :1], 3, axis=-1)
+    return np.ascontiguousarray(array)
+
+
 def _to_rgb(image: Image.Image) -> np.ndarray:
-    if image.mode in {"I;16", "I;16B", "I;16L", "I;16N", "I"}:
-        # 16-bit (or 32-bit integer) greyscale: scale the full range to 8 bits, not clip it
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else values.max()
-        grey = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
-    if image.mode == "F":
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        low, high = float(values.min(initial=0)), float(values.max(initial=0))
-        grey = ((values - low) / (high - low) * 255.0 + 0.5).astype(np.uint8) if high > low else np.zeros(values.shape, np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode in {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}:
+        return _bands_to_rgb(np.asarray(image))
     return np.asarray(image.convert("RGB"))

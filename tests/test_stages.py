@@ -53,6 +53,28 @@ def test_decode_common_modes_to_rgb():
     assert decoded.dtype == np.uint8 and decoded[..., 0].max() > 200  # scaled, not clipped to 255
 
 
+def test_decode_multiband_uint16_tiff_in_band_planes():
+    """Satellite data: 4 bands of 11-bit values in separate planes (Pillow cannot read these)."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    bands = rng.integers(100, 2048, size=(4, 20, 30), dtype=np.uint16)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, bands, planarconfig="separate", photometric="minisblack")
+    rgb = decode_image(buffer.getvalue())
+    assert rgb.shape == (20, 30, 3) and rgb.dtype == np.uint8
+    # stretched per band: the brightest and darkest pixels of band 0 land at the ends of 0..255
+    assert rgb[..., 0].flat[np.argmax(bands[0])] == 255 and rgb[..., 0].flat[np.argmin(bands[0])] == 0
+    assert np.corrcoef(rgb[..., 1].ravel(), bands[1].ravel())[0, 1] > 0.95
+
+
+def test_decode_real_geotiff(shared_data):
+    data = (shared_data / "aerial" / "geotiff" / "sample_geotiff.tif").read_bytes()
+    rgb = decode_image(data)
+    assert rgb.shape == (900, 900, 3)
+    assert 40 < np.median(rgb) < 215 and rgb.std() > 30  # a visible image, not black or flat
+
+
 def test_decode_applies_exif_orientation():
     tall = np.zeros((8, 4, 3), np.uint8)
     exif = Image.Exif()
