@@ -236,3 +236,57 @@ def test_cli_joins_an_existing_cluster(ray_cpu, tmp_path, how):
     assert done.returncode == 0, done.stderr
     assert f"in the Ray cluster at {address}" in done.stdout
     assert "2 images segmented (2 ok, 0 errors)" in done.stdout
+
+
+def test_real_frames_and_a_geotiff(ray_cpu, tmp_path, shared_data):
+    """Real files: CamVid JPEG frames and a single-band uint16 GeoTIFF, each segmented at its size."""
+    source = tmp_path / "src"
+    (source / "camvid").mkdir(parents=True)
+    (source / "aerial").mkdir()
+    frames = sorted((shared_data / "camvid" / "val" / "images").glob("*.jpg"))[:3]
+    for frame in frames:
+        (source / "camvid" / frame.name).write_bytes(frame.read_bytes())
+    (source / "aerial" / "tile.tif").write_bytes((shared_data / "aerial" / "geotiff" / "sample_geotiff.tif").read_bytes())
+    output = tmp_path / "out"
+    summary = run_segmentation(SegmentConfig(source=str(source), output=str(output), **MODEL))
+    assert (summary.images, summary.errors) == (4, 0)
+    rows = dict((r[0], r[1:]) for r in _duckdb().sql(
+        f"select image_id, width, height from read_parquet('{output}/images/**/*.parquet')").fetchall())
+    assert rows == {**{f"camvid/{f.name}": (480, 360) for f in frames}, "aerial/tile.tif": (900, 900)}
+    assert decode_mask((output / "masks" / "aerial" / "tile.png").read_bytes()).shape == (900, 900)
+
+
+def test_readme_queries_run_on_real_outputs(ray_cpu, tmp_path):
+    """The analyst queries in the README, run as written against a run's outputs."""
+    import re
+
+    import pyarrow.dataset as ds
+    import torch
+
+    from pipeline.models import ModelMeta, build_model, save_checkpoint
+
+    source, output = _local_source(tmp_path, 5)
+    (tmp_path / "src" / "d0" / "broken.jpg").write_bytes(b"<html>")
+    model = build_model("lraspp_mobilenet_v3_large", num_classes=4, weights=None)
+    torch.nn.init.constant_(model.classifier.low_classifier.bias, 0.0)
+    with torch.no_grad():
+        model.classifier.high_classifier.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))  # mostly "car"
+    meta = ModelMeta.default("lraspp_mobilenet_v3_large", 4, class_names=("sky", "building", "road", "car"))
+    save_checkpoint(model, str(tmp_path / "model.pt"), meta)
+    run_segmentation(SegmentConfig(source=source, output=output, model="lraspp_mobilenet_v3_large",
+                                   weights=str(tmp_path / "model.pt")))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    queries = [q.replace("OUTPUT", output) for q in re.findall(r"```sql\n(.*?)```", readme, re.S)]
+    assert len(queries) == 3
+    con = _duckdb()
+    shares, cars, errors = (con.sql(q).fetchall() for q in queries)
+    stats = ds.dataset(f"{output}/class_stats", format="parquet", partitioning="hive").to_table().to_pylist()
+    total = sum(r["pixel_count"] for r in stats)
+    expected_shares = {r["class_name"]: 0 for r in stats}
+    for r in stats:
+        expected_shares[r["class_name"]] += r["pixel_count"] / total
+    assert {name: round(share, 9) for _, name, share in shares} == {k: round(v, 9) for k, v in expected_shares.items()}
+    assert sorted(image_id for image_id, *_ in cars) == sorted(
+        r["image_id"] for r in stats if r["class_name"] == "car" and r["fraction"] > 0.05)
+    assert len(cars) > 0
+    assert errors == [("not_an_image", 1, "d0/broken.jpg")]
