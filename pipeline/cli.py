@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--ray-address", dest="ray_address", help="join this Ray cluster (default: RAY_ADDRESS, or a local Ray)")
     segment.add_argument("--storage-options", dest="storage_options",
                          help="JSON object for fsspec on remote URLs, e.g. '{\"endpoint_url\": \"http://...\"}'")
+    segment.add_argument("--device", choices=["auto", "cuda", "cpu"],
+                         help="auto: GPU replicas when the cluster has GPUs; cuda: always (autoscaling clusters); cpu")
     segment.add_argument("--actors", type=int, help="model replicas (default: one per GPU, or 1 without GPUs)")
     segment.add_argument("--gpus-per-actor", dest="gpus_per_actor", type=float, help="fraction of a GPU per replica (default 1)")
     segment.add_argument("--cpus-per-actor", dest="cpus_per_actor", type=float, help="CPUs per replica (default 1)")

@@ -30,11 +30,16 @@ class SegmentConfig(BaseModel):
     shard_size: int = Field(default=1000, ge=1)
     ray_address: str | None = None
     storage_options: dict[str, Any] = {}
+    # "auto": GPU replicas when the cluster has GPUs now; "cuda": GPU replicas even when it has
+    # none yet (an autoscaling cluster adds GPU workers on demand); "cpu": CPU replicas only
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     # model replicas; default: one per GPU in the cluster, or one CPU replica without GPUs
     actors: int | None = Field(default=None, ge=1)
     gpus_per_actor: float = Field(default=1.0, gt=0, le=1)
     cpus_per_actor: float = Field(default=1.0, gt=0)
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    # how long replicas may take to be placed and load their model (autoscaling included)
+    startup_timeout_s: float = Field(default=900.0, gt=0)
     # a batch whose replica died is sent again this many times before its images become
     # error rows; the replica itself is restarted up to max_restarts times
     batch_attempts: int = Field(default=3, ge=1)

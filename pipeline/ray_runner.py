@@ -27,7 +27,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import ActorDiedError, RayActorError, RayError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError
 
 from .config import SegmentConfig
 from .inference import Segmenter
@@ -45,6 +45,7 @@ class RunError(RuntimeError):
 
 @dataclass
 class Progress:
+    run_id: str = ""
     images: int = 0
     errors: int = 0
     shards_committed: int = 0
@@ -167,12 +168,12 @@ class _ReplicaPool:
     def __init__(self, config: SegmentConfig, worker_class: type, run_id: str) -> None:
         resources = ray.cluster_resources()
         gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
-        if gpus:
+        if config.device == "cuda" or (config.device == "auto" and gpus):
             count = config.actors or max(1, int(gpus / config.gpus_per_actor))
             num_gpus = config.gpus_per_actor
         else:
             count, num_gpus = config.actors or 1, 0.0
-        if count * config.cpus_per_actor > cpus - 1:
+        if not num_gpus and count * config.cpus_per_actor > cpus - 1:
             raise RunError(
                 f"{count} model replicas x {config.cpus_per_actor} CPUs leave no CPU for decoding and writing "
                 f"(the cluster has {cpus:g}); lower actors or cpus_per_actor"
@@ -195,7 +196,14 @@ class _ReplicaPool:
         self.checks: dict[ray.ObjectRef, int] = {}  # pings in flight to replicas set aside
         self.recheck_at: dict[int, float] = {}
         try:
-            self.placements = ray.get([actor.ready.remote() for actor in self.actors])
+            self.placements = ray.get([actor.ready.remote() for actor in self.actors], timeout=config.startup_timeout_s)
+        except GetTimeoutError as err:
+            self.shutdown()
+            raise RunError(
+                f"{count} model replicas ({num_gpus:g} GPU, {config.cpus_per_actor:g} CPU each) were not placed and "
+                f"loaded within {config.startup_timeout_s:g} s; the cluster has {gpus:g} GPUs and {cpus:g} CPUs "
+                "(lower actors, or check that the autoscaler can add workers)"
+            ) from err
         except RayError as err:
             self.shutdown()
             raise RunError(f"model replicas failed to start: {_short(err)}") from err
@@ -293,7 +301,7 @@ class _Run:
         self.pending: dict[ray.ObjectRef, _Batch] = {}
         self.queue: deque[_Batch] = deque()  # batches waiting for a replica
         self.limit = config.batches_in_flight_per_actor * len(pool.actors)
-        self.progress = Progress()
+        self.progress = Progress(run_id=run.run_id)
         self.errors_by_type: Counter[str] = Counter()
         self.retried = 0
 

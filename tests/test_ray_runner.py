@@ -110,7 +110,7 @@ def test_an_actor_killed_mid_run_loses_and_duplicates_nothing(ray_cpu, tmp_path)
 
     def kill_once(progress):
         if progress.images >= 1 and not killed:
-            [name] = [n for n in ray_cpu.util.list_named_actors() if n.startswith("segpipe-")]
+            name = f"segpipe-{progress.run_id}-0"  # the run's only replica
             ray_cpu.kill(ray_cpu.get_actor(name), no_restart=False)  # as the OOM killer would
             killed.append(name)
 
@@ -154,6 +154,17 @@ def test_model_that_cannot_load_stops_the_run_with_its_reason(ray_cpu, tmp_path)
         run_segmentation(config.model_copy(update={"source": str(tmp_path / "missing")}))
 
 
+def test_replicas_that_cannot_be_placed_stop_the_run(ray_cpu, tmp_path):
+    """--device cuda on a cluster without GPUs (and no autoscaler to add one): a clear error
+    once the startup timeout passes, not a hang."""
+    source, output = _local_source(tmp_path, 1)
+    config = SegmentConfig(source=source, output=output, device="cuda", startup_timeout_s=3, **MODEL)
+    before = set(ray_cpu.util.list_named_actors())
+    with pytest.raises(RunError, match=r"1 model replicas \(1 GPU, 1 CPU each\) were not placed .* the cluster has 0 GPUs"):
+        run_segmentation(config)
+    assert not set(ray_cpu.util.list_named_actors()) - before  # the pending replica was removed
+
+
 class FakeCudaWorker(SegmentWorker):
     """Mocked GPU (none on this machine): reports CUDA as available so the device that Ray's
     assignment selects is used, but builds the model on the CPU. What is checked is the
@@ -188,6 +199,9 @@ def test_one_replica_per_declared_gpu(tmp_path, _ray_session):
         # fractional GPUs: two small replicas share each GPU
         half = run_segmentation(config.model_copy(update={"gpus_per_actor": 0.5, "cpus_per_actor": 0.25}), worker_class=FakeCudaWorker)
         assert len(half.replicas) == 4
+        # --device cpu keeps the model off the GPUs even where there are some
+        on_cpu = run_segmentation(config.model_copy(update={"device": "cpu"}))
+        assert on_cpu.replicas == [{"device": "cpu", "gpu_ids": []}]
     finally:
         ray.shutdown()
 
