@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .images import DEFAULT_MAX_PIXELS
+
+
+class RunError(RuntimeError):
+    """The run could not start or could not go on (bad settings, no workers left)."""
 
 
 class SegmentConfig(BaseModel):
@@ -57,6 +62,16 @@ class SegmentConfig(BaseModel):
             raise ValueError(f"unknown model {value!r}; choose one of: {', '.join(list_models())}")
         return value
 
+    @field_validator("ray_address")
+    @classmethod
+    def _no_ray_client(cls, value: str | None) -> str | None:
+        if value and value.startswith("ray://"):
+            raise ValueError(
+                f"{value!r} is a Ray Client address; segpipe joins the cluster as a driver on one of its "
+                "nodes: use 'auto' (or the GCS address host:6379) from a process running in the cluster"
+            )
+        return value
+
     @field_validator("weights")
     @classmethod
     def _none_weights(cls, value: str | None) -> str | None:
@@ -78,3 +93,29 @@ class SegmentConfig(BaseModel):
     def __repr_args__(self):  # keep credentials out of logs and tracebacks
         for name, value in super().__repr_args__():
             yield name, ("<hidden>" if name == "storage_options" and value else value)
+
+
+def yesterday_utc() -> str:
+    return (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)).isoformat()
+
+
+def substitute_date(url: str, date: str | None) -> str:
+    """`{date}` in `url` becomes `date` (YYYY-MM-DD; default yesterday, UTC)."""
+    if date is not None:
+        try:
+            dt.date.fromisoformat(date)
+        except ValueError as err:
+            raise ValueError(f"date must be YYYY-MM-DD, got {date!r}") from err
+    return url.replace("{date}", date or yesterday_utc())
+
+
+def fill_date(source: str, output: str, date: str | None) -> tuple[str, str]:
+    """Substitute `{date}` in SOURCE and OUTPUT, so a scheduled run processes one night's
+    folder. A dated SOURCE needs a dated OUTPUT: image keys are relative to SOURCE, so two
+    nights would otherwise overwrite each other's masks."""
+    if "{date}" in source and "{date}" not in output:
+        raise ValueError(
+            f"source {source!r} contains {{date}} but output {output!r} does not; put {{date}} in the output too "
+            "(e.g. s3://bucket/segpipe/date={date}/) so each night has its own masks and tables"
+        )
+    return substitute_date(source, date), substitute_date(output, date)

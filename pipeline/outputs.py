@@ -27,8 +27,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .config import RunError, SegmentConfig
 from .stages import ImageRecord, mask_key
-from .storage import Location, Shard, ShardBy, read_bytes, write_atomic
+from .storage import Location, Shard, ShardBy, open_location, read_bytes, write_atomic
 
 LAYOUT_FORMAT = "segpipe-output/1"
 # a shard is at most a few thousand images; one row group per file keeps scans simple while
@@ -240,3 +241,17 @@ class OutputStore:
             columns["mean_confidence"] += r.stats.mean_confidence.tolist()
             columns["components"] += r.stats.components.tolist()
         return pa.table(columns, schema=CLASS_STATS_SCHEMA)
+
+
+def prepare_locations(config: SegmentConfig) -> tuple[Location, OutputStore]:
+    """Open SOURCE and OUTPUT, check that SOURCE exists, and record or check OUTPUT's layout."""
+    source = open_location(config.source, config.storage_options)
+    output = open_location(config.output, config.storage_options)
+    try:
+        if not source.fs.isdir(source.root):
+            raise RunError(f"source {source.url} is not a folder or prefix that exists")
+    except OSError as err:
+        raise RunError(f"cannot reach source {source.url}: {type(err).__name__}: {err}") from err
+    store = OutputStore(output)
+    store.check_layout(source.url, config.shard_by, config.shard_size)
+    return source, store

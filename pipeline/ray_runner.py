@@ -1,4 +1,5 @@
-"""The distributed run on Ray: the only module of `pipeline` that imports ray.
+"""The distributed run on Ray (with `ray_evaluate`, the only modules of `pipeline` that
+import ray).
 
 Why persistent actors and a driver loop rather than Ray Data `map_batches`: a run is a stream
 of shards that must each be committed atomically once all its inputs are accounted for, and
@@ -29,18 +30,14 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError
 
-from .config import SegmentConfig
+from .config import RunError, SegmentConfig
 from .inference import Segmenter
 from .models import build_model
-from .outputs import LAYOUT_FORMAT, OutputStore, RunInfo
+from .outputs import LAYOUT_FORMAT, OutputStore, RunInfo, prepare_locations
 from .stages import ImageRecord, SegmentStage, plan_shard, read_and_decode, write_masks
-from .storage import ListingCounts, Location, Shard, SourceFile, iter_shards, open_location
+from .storage import ListingCounts, Location, Shard, SourceFile, iter_shards
 
 log = logging.getLogger(__name__)
-
-
-class RunError(RuntimeError):
-    """The run could not start or could not go on (bad settings, no workers left)."""
 
 
 @dataclass
@@ -70,6 +67,8 @@ class RunSummary:
     errors: int
     errors_by_type: dict[str, int]
     non_image_keys: int
+    # pixels per class name over the images segmented in this run
+    pixels_by_class: dict[str, int]
     retried_batches: int
     # starting Ray and loading the model, before the first image
     setup_seconds: float
@@ -303,6 +302,7 @@ class _Run:
         self.limit = config.batches_in_flight_per_actor * len(pool.actors)
         self.progress = Progress(run_id=run.run_id)
         self.errors_by_type: Counter[str] = Counter()
+        self.pixels_by_class: Counter[str] = Counter()
         self.retried = 0
 
     def process(self, shards: Iterable[Shard]) -> None:
@@ -384,6 +384,10 @@ class _Run:
         open_shard.records.extend(records)
         failed = [r for r in records if not r.ok]
         self.errors_by_type.update(r.error_type for r in failed)
+        for record in records:
+            if record.stats is not None:
+                for class_id, count in zip(record.stats.class_id, record.stats.pixel_count, strict=True):
+                    self.pixels_by_class[self.run.class_names[class_id]] += int(count)
         self.progress.images += len(records)
         self.progress.errors += len(failed)
         self.on_progress(self.progress)
@@ -394,7 +398,7 @@ class _Run:
         self.on_progress(self.progress)
 
 
-def _start_ray(address: str | None) -> tuple[bool, str]:
+def connect_ray(address: str | None) -> tuple[bool, str]:
     """Join the cluster at `address` (or RAY_ADDRESS), or start a local one. Returns whether
     this call connected (and so should disconnect) and how Ray was found, for the summary."""
     if ray.is_initialized():
@@ -415,17 +419,10 @@ def run_segmentation(
     """Segment every image under config.source into config.output; see `pipeline.outputs`
     for the layout. Shards already committed with the same inputs and settings are skipped."""
     started = time.monotonic()
-    source = open_location(config.source, config.storage_options)
-    output = open_location(config.output, config.storage_options)
-    try:
-        if not source.fs.isdir(source.root):
-            raise RunError(f"source {source.url} is not a folder or prefix that exists")
-    except OSError as err:
-        raise RunError(f"cannot reach source {source.url}: {type(err).__name__}: {err}") from err
-    store = OutputStore(output)
-    store.check_layout(source.url, config.shard_by, config.shard_size)
+    source, store = prepare_locations(config)
+    output = store.location
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    stop_ray, ray_cluster = _start_ray(config.ray_address)
+    stop_ray, ray_cluster = connect_ray(config.ray_address)
     pool = None
     try:
         pool = _ReplicaPool(config, worker_class, run_id)
@@ -443,7 +440,7 @@ def run_segmentation(
             run_id=run_id, source=source.url, output=output.url, model=config.model, weights=run.weights,
             shards_committed=loop.progress.shards_committed, shards_skipped=loop.progress.shards_skipped,
             images=loop.progress.images, errors=loop.progress.errors, errors_by_type=dict(loop.errors_by_type),
-            non_image_keys=counts.skipped, retried_batches=loop.retried, setup_seconds=setup_seconds, ray_cluster=ray_cluster,
+            non_image_keys=counts.skipped, pixels_by_class=dict(loop.pixels_by_class), retried_batches=loop.retried, setup_seconds=setup_seconds, ray_cluster=ray_cluster,
             replicas=[{"device": p["device"], "gpu_ids": p["gpu_ids"]} for p in pool.placements], seconds=time.monotonic() - started,
         )
     finally:

@@ -1,0 +1,108 @@
+"""The evaluation flow: pair prediction and ground-truth masks -> score on Ray -> write the
+report -> publish the per-class table. Wiring only; the work is `pipeline.evaluation`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows._retries import IO_TASK
+from pipeline.config import substitute_date
+from pipeline.evaluation import (
+    BatchScore,
+    Pairing,
+    ScoreSettings,
+    build_report,
+    markdown_table,
+    pair_masks,
+    per_image_table,
+    resolve_class_names,
+    write_report,
+)
+from pipeline.ray_evaluate import score_on_ray
+from pipeline.storage import open_location
+
+
+class NothingToScoreError(ValueError):
+    """No prediction could be paired with a ground-truth mask."""
+
+
+@task(**IO_TASK)
+def pair(predictions: str, ground_truth: str, prediction_suffix: str, ground_truth_suffix: str,
+         storage_options: dict[str, Any]) -> Pairing:
+    pairing = pair_masks(open_location(predictions, storage_options), open_location(ground_truth, storage_options),
+                         prediction_suffix=prediction_suffix, ground_truth_suffix=ground_truth_suffix)
+    logger = get_run_logger()
+    logger.info("%d pairs; %d predictions and %d ground-truth masks without a partner",
+                len(pairing.pairs), len(pairing.unpaired_predictions), len(pairing.unpaired_ground_truth))
+    if not pairing.pairs:
+        raise NothingToScoreError(
+            f"no prediction under {predictions} pairs with a ground-truth mask under {ground_truth} "
+            f"({len(pairing.unpaired_predictions)} predictions, {len(pairing.unpaired_ground_truth)} ground-truth masks); "
+            "check the roots and the suffixes"
+        )
+    return pairing
+
+
+@task(cache_policy=NO_CACHE)
+def score(predictions: str, ground_truth: str, pairing: Pairing, settings: ScoreSettings,
+          storage_options: dict[str, Any], ray_address: str | None) -> BatchScore:
+    total = score_on_ray(open_location(predictions, storage_options), open_location(ground_truth, storage_options),
+                         pairing.pairs, settings, ray_address=ray_address)
+    if not total.image_ids:
+        reasons = "; ".join(e["reason"] for e in total.excluded[:3])
+        raise NothingToScoreError(f"none of the {len(pairing.pairs)} pairs could be scored: {reasons}")
+    return total
+
+
+@task(**IO_TASK)
+def write(output: str, report: dict[str, Any], total: BatchScore, class_names: list[str],
+          storage_options: dict[str, Any]) -> list[str]:
+    return write_report(open_location(output, storage_options), report, per_image_table(total, class_names))
+
+
+@task(cache_policy=NO_CACHE)
+def publish(report: dict[str, Any], files: list[str], description: str) -> None:
+    create_markdown_artifact(markdown_table(report) + "\n\nFiles: " + ", ".join(f"`{f}`" for f in files),
+                             key="segpipe-evaluation", description=description)
+
+
+@flow(name="evaluate-predictions", log_prints=True)
+def evaluate_predictions(
+    predictions: str,
+    ground_truth: str,
+    output: str,
+    num_classes: int,
+    ignore_index: int = 255,
+    class_names: list[str] | None = None,
+    label_map: dict[int, int] | None = None,
+    reduce_zero_label: bool = False,
+    prediction_suffix: str = "",
+    ground_truth_suffix: str = "",
+    storage_options: dict[str, Any] | None = None,
+    ray_address: str | None = None,
+    date: str | None = None,
+) -> dict[str, Any]:
+    """Dataset-wide IoU of the masks under PREDICTIONS against those under GROUND_TRUTH,
+    written to OUTPUT (metrics.json, per_image.parquet, confusion_matrix.png, per_class_iou.png).
+
+    Pairs are made by key relative to each root, extension and suffixes removed. `label_map`
+    remaps ground-truth values before scoring (values not in it are kept); `reduce_zero_label`
+    makes 0 the ignore index and shifts the other labels down by one. `{date}` in the URLs
+    becomes `date` (default yesterday, UTC).
+    """
+    options = storage_options or {}
+    predictions, ground_truth, output = (substitute_date(url, date) for url in (predictions, ground_truth, output))
+    names = resolve_class_names(class_names, num_classes)
+    settings = ScoreSettings(num_classes=num_classes, ignore_index=ignore_index, label_map=label_map,
+                             reduce_zero_label=reduce_zero_label)
+    pairing = pair(predictions, ground_truth, prediction_suffix, ground_truth_suffix, options)
+    total = score(predictions, ground_truth, pairing, settings, options, ray_address)
+    report = build_report(total, pairing, settings, names)
+    files = write(output, report, total, names, options)
+    publish(report, files, f"{predictions} against {ground_truth}")
+    print(f"mIoU {report['miou']} over {report['images']} images; report in {output}")
+    return report

@@ -1,0 +1,315 @@
+"""Dataset-wide evaluation of predicted masks against ground truth, as plain functions.
+
+Pairs are made by key relative to each root, extension and an optional suffix removed
+(MMSegmentation's `img_suffix` / `seg_map_suffix`): `a/0001_pred.png` pairs with
+`a/0001_gtFine_labelTrainIds.png` given suffixes `_pred` and `_gtFine_labelTrainIds`. Each
+pair gives one confusion matrix; the matrices are summed and scored once, which is
+dataset-wide IoU as MMSegmentation computes it (`pipeline.metrics`). A pair that cannot be
+scored (size mismatch, labels out of range, unreadable mask) is reported by name and left out.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import posixpath
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .masks import decode_mask
+from .metrics import confusion_matrix, scores
+from .storage import Location, iter_files, write_atomic
+
+MASK_EXTENSIONS = frozenset({".png"})
+
+
+@dataclass(frozen=True)
+class Pair:
+    image_id: str  # the pairing key
+    prediction: str  # key under the predictions root
+    ground_truth: str  # key under the ground-truth root
+
+
+@dataclass
+class Pairing:
+    pairs: list[Pair]
+    unpaired_predictions: list[str]
+    unpaired_ground_truth: list[str]
+    # keys that are not PNG masks, with the reason, on either side
+    rejected: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    num_classes: int
+    ignore_index: int = 255
+    # ground-truth value -> class id, applied before scoring; values not in the map are kept
+    label_map: Mapping[int, int] | None = None
+    # MMSegmentation's reduce_zero_label: 0 becomes ignore_index, every other label drops by 1
+    reduce_zero_label: bool = False
+
+
+@dataclass
+class PairScore:
+    image_id: str
+    confusion: np.ndarray | None = None  # (C, C) int64, rows ground truth
+    error: str | None = None
+
+
+def _pairing_key(key: str, suffix: str) -> str:
+    stem = posixpath.splitext(key)[0]
+    return stem[: -len(suffix)] if suffix and stem.endswith(suffix) else stem
+
+
+def _index(location: Location, suffix: str, side: str, rejected: list[dict[str, str]]) -> dict[str, str]:
+    index: dict[str, str] = {}
+    for _, file in iter_files(location):
+        if posixpath.splitext(file.key)[1].lower() not in MASK_EXTENSIONS:
+            rejected.append({"key": file.key, "side": side, "reason": "not a PNG mask"})
+            continue
+        key = _pairing_key(file.key, suffix)
+        if key in index:
+            rejected.append({"key": file.key, "side": side, "reason": f"pairs under the same key as {index[key]}"})
+            continue
+        index[key] = file.key
+    return index
+
+
+def pair_masks(predictions: Location, ground_truth: Location, *, prediction_suffix: str = "",
+               ground_truth_suffix: str = "") -> Pairing:
+    rejected: list[dict[str, str]] = []
+    preds = _index(predictions, prediction_suffix, "prediction", rejected)
+    truths = _index(ground_truth, ground_truth_suffix, "ground_truth", rejected)
+    pairs = [Pair(key, preds[key], truths[key]) for key in sorted(preds.keys() & truths.keys())]
+    return Pairing(
+        pairs=pairs,
+        unpaired_predictions=sorted(preds[k] for k in preds.keys() - truths.keys()),
+        unpaired_ground_truth=sorted(truths[k] for k in truths.keys() - preds.keys()),
+        rejected=rejected,
+    )
+
+
+def remap_ground_truth(labels: np.ndarray, settings: ScoreSettings) -> np.ndarray:
+    """Apply the label map, then reduce-zero-label, leaving ignore_index pixels alone."""
+    out = labels.astype(np.int64)
+    if settings.label_map:
+        lookup_keys = np.array(list(settings.label_map.keys()), dtype=np.int64)
+        lookup_values = np.array(list(settings.label_map.values()), dtype=np.int64)
+        mapped = out.copy()
+        for old, new in zip(lookup_keys, lookup_values, strict=True):
+            mapped[out == old] = new
+        out = mapped
+    if settings.reduce_zero_label:
+        ignore = out == settings.ignore_index
+        out = out - 1
+        out[out == -1] = settings.ignore_index
+        out[ignore] = settings.ignore_index
+    return out
+
+
+def score_pair(pair: Pair, prediction: bytes, ground_truth: bytes, settings: ScoreSettings) -> PairScore:
+    try:
+        pred = decode_mask(prediction).astype(np.int64)
+    except (OSError, ValueError) as err:
+        return PairScore(pair.image_id, error=f"prediction {pair.prediction}: unreadable mask ({err})")
+    try:
+        truth = remap_ground_truth(decode_mask(ground_truth), settings)
+    except (OSError, ValueError) as err:
+        return PairScore(pair.image_id, error=f"ground truth {pair.ground_truth}: unreadable mask ({err})")
+    if pred.shape != truth.shape:
+        return PairScore(pair.image_id, error=(
+            f"size mismatch: prediction {pair.prediction} is {pred.shape[1]}x{pred.shape[0]}, "
+            f"ground truth {pair.ground_truth} is {truth.shape[1]}x{truth.shape[0]}"))
+    n = settings.num_classes
+    if pred.size and pred.max() >= n:
+        return PairScore(pair.image_id, error=f"prediction {pair.prediction} has label {int(pred.max())} >= num_classes={n}")
+    valid = truth != settings.ignore_index
+    bad = valid & ((truth < 0) | (truth >= n))
+    if bad.any():
+        values = sorted({int(v) for v in np.unique(truth[bad])})[:5]
+        return PairScore(pair.image_id, error=(
+            f"ground truth {pair.ground_truth} has labels {values} outside [0, {n}) that are not "
+            f"ignore_index={settings.ignore_index}; pass a label map or the right num_classes"))
+    return PairScore(pair.image_id, confusion=confusion_matrix(pred, truth, n, ignore_index=settings.ignore_index))
+
+
+@dataclass
+class BatchScore:
+    """What scoring a batch of pairs returns: the summed matrix, each scored image's own
+    pixel accuracy and IoU per class (for per_image.parquet), and the pairs left out."""
+
+    confusion: np.ndarray
+    image_ids: list[str] = field(default_factory=list)
+    pixel_accuracy: list[float] = field(default_factory=list)
+    iou: list[np.ndarray] = field(default_factory=list)
+    excluded: list[dict[str, str]] = field(default_factory=list)
+
+    def add(self, other: BatchScore) -> None:
+        self.confusion += other.confusion
+        self.image_ids += other.image_ids
+        self.pixel_accuracy += other.pixel_accuracy
+        self.iou += other.iou
+        self.excluded += other.excluded
+
+
+def score_pairs(predictions: Location, ground_truth: Location, pairs: Sequence[Pair],
+                settings: ScoreSettings) -> BatchScore:
+    """Read and score a batch of pairs (one Ray task's work)."""
+    n = settings.num_classes
+    batch = BatchScore(confusion=np.zeros((n, n), dtype=np.int64))
+    for pair in pairs:
+        try:
+            pred = predictions.fs.cat_file(predictions.path(pair.prediction))
+            truth = ground_truth.fs.cat_file(ground_truth.path(pair.ground_truth))
+        except OSError as err:
+            batch.excluded.append({"image_id": pair.image_id, "reason": f"cannot read: {type(err).__name__}: {err}"})
+            continue
+        result = score_pair(pair, pred, truth, settings)
+        if result.confusion is None:
+            batch.excluded.append({"image_id": pair.image_id, "reason": result.error or ""})
+            continue
+        own = scores(result.confusion)
+        batch.confusion += result.confusion
+        batch.image_ids.append(pair.image_id)
+        batch.pixel_accuracy.append(own["pixel_accuracy"])
+        batch.iou.append(own["iou"])
+    return batch
+
+
+def _json_number(value: float) -> float | None:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def build_report(total: BatchScore, pairing: Pairing, settings: ScoreSettings,
+                 class_names: Sequence[str] | None) -> dict[str, Any]:
+    """The metrics.json document: dataset-wide scores from the summed confusion matrix."""
+    n = settings.num_classes
+    names = resolve_class_names(class_names, n)
+    confusion = total.confusion
+    s = scores(confusion)
+    classes = [
+        {"id": i, "name": names[i], "iou": _json_number(float(s["iou"][i])), "dice": _json_number(float(s["dice"][i])),
+         "precision": _json_number(float(s["precision"][i])), "recall": _json_number(float(s["recall"][i])),
+         "gt_pixels": int(confusion[i].sum()), "pred_pixels": int(confusion[:, i].sum())}
+        for i in range(n)
+    ]
+    return {
+        "num_classes": n,
+        "ignore_index": settings.ignore_index,
+        "images": len(total.image_ids),
+        "miou": _json_number(float(s["miou"])),
+        "mdice": _json_number(float(s["mdice"])),
+        "pixel_accuracy": _json_number(float(s["pixel_accuracy"])),
+        "fw_iou": _json_number(float(s["fw_iou"])),
+        "classes": classes,
+        "confusion_matrix": confusion.astype(np.int64).tolist(),
+        "unpaired_predictions": pairing.unpaired_predictions,
+        "unpaired_ground_truth": pairing.unpaired_ground_truth,
+        "excluded": total.excluded
+        + [{"image_id": r["key"], "reason": f"{r['side']}: {r['reason']}"} for r in pairing.rejected],
+    }
+
+
+def resolve_class_names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
+    names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"class_names has {len(names)} names but num_classes={num_classes}")
+    return names
+
+
+def per_image_table(total: BatchScore, class_names: Sequence[str]) -> pa.Table:
+    """One row per scored pair: pixel accuracy and the image's own IoU per class (null where
+    the class is in neither mask)."""
+    ious = np.stack(total.iou) if total.iou else np.zeros((0, len(class_names)))
+    columns: dict[str, Any] = {
+        "image_id": pa.array(total.image_ids, pa.string()),
+        "pixel_accuracy": pa.array(total.pixel_accuracy, pa.float64()),
+    }
+    for index, name in enumerate(class_names):
+        columns[f"iou_{name}"] = pa.array(ious[:, index], pa.float64(), from_pandas=True)  # NaN -> null
+    return pa.table(columns)
+
+
+def _plots(report: dict[str, Any]) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a display
+    import matplotlib.pyplot as plt
+
+    names = [c["name"] for c in report["classes"]]
+    cm = np.asarray(report["confusion_matrix"], dtype=np.float64)
+    rows = cm.sum(axis=1, keepdims=True)
+    normalised = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    size = max(5.0, 0.45 * len(names) + 2)
+    figures: dict[str, bytes] = {}
+
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(normalised, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=90)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    ax.set_title("confusion matrix (rows normalised)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    figures["confusion_matrix.png"] = buffer.getvalue()
+
+    fig, ax = plt.subplots(figsize=(size + 1, 4))
+    ious = [c["iou"] if c["iou"] is not None else 0.0 for c in report["classes"]]
+    ax.bar(range(len(names)), ious, color="tab:blue")
+    ax.set_xticks(range(len(names)), names, rotation=90)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("IoU")
+    miou = report["miou"]
+    ax.set_title(f"per-class IoU (mIoU {miou:.3f})" if miou is not None else "per-class IoU")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    figures["per_class_iou.png"] = buffer.getvalue()
+    return figures
+
+
+def write_report(output: Location, report: dict[str, Any], per_image: pa.Table) -> list[str]:
+    """metrics.json, per_image.parquet and the two plots; returns their URIs."""
+    sink = io.BytesIO()
+    pq.write_table(per_image, sink, compression="zstd")
+    files = {
+        "metrics.json": json.dumps(report, indent=2).encode(),
+        "per_image.parquet": sink.getvalue(),
+        **_plots(report),
+    }
+    for key, data in files.items():
+        write_atomic(output, key, data)
+    return [output.uri(key) for key in files]
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The per-class table for a Prefect artifact or a terminal."""
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = [
+        f"**mIoU {fmt(report['miou'])}**, mDice {fmt(report['mdice'])}, pixel accuracy "
+        f"{fmt(report['pixel_accuracy'])}, fwIoU {fmt(report['fw_iou'])} over {report['images']} images",
+        "",
+        "| id | class | IoU | Dice | precision | recall | gt pixels | predicted pixels |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in report["classes"]:
+        lines.append(f"| {c['id']} | {c['name']} | {fmt(c['iou'])} | {fmt(c['dice'])} | {fmt(c['precision'])} | "
+                     f"{fmt(c['recall'])} | {c['gt_pixels']} | {c['pred_pixels']} |")
+    left_out = len(report["excluded"]) + len(report["unpaired_predictions"]) + len(report["unpaired_ground_truth"])
+    if left_out:
+        lines += ["", f"{len(report['unpaired_predictions'])} predictions and {len(report['unpaired_ground_truth'])} "
+                  f"ground-truth masks had no partner; {len(report['excluded'])} were excluded (see metrics.json)."]
+    return "\n".join(lines)

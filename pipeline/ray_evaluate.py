@@ -1,0 +1,57 @@
+"""Scoring on Ray: batches of mask pairs read and scored in parallel CPU tasks, their
+confusion matrices summed in the driver."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import ray
+
+from .evaluation import BatchScore, Pair, ScoreSettings, score_pairs
+from .ray_runner import connect_ray
+from .storage import Location
+
+
+@ray.remote
+def _score(predictions: Location, ground_truth: Location, pairs: list[Pair], settings: ScoreSettings) -> BatchScore:
+    return score_pairs(predictions, ground_truth, pairs, settings)
+
+
+def score_on_ray(
+    predictions: Location,
+    ground_truth: Location,
+    pairs: Sequence[Pair],
+    settings: ScoreSettings,
+    *,
+    ray_address: str | None = None,
+    batch_size: int = 32,
+    on_batch: Callable[[int], None] | None = None,
+) -> BatchScore:
+    """Score every pair; at most two batches per CPU are in flight, so memory stays flat."""
+    stop_ray, _ = connect_ray(ray_address)
+    try:
+        n = settings.num_classes
+        total = BatchScore(confusion=np.zeros((n, n), dtype=np.int64))
+        limit = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        batches = (list(pairs[i : i + batch_size]) for i in range(0, len(pairs), batch_size))
+        pending: list[ray.ObjectRef] = []
+        for batch in batches:
+            if len(pending) >= limit:
+                pending = _collect(pending, total, on_batch)
+            pending.append(_score.remote(predictions, ground_truth, batch, settings))
+        while pending:
+            pending = _collect(pending, total, on_batch)
+        return total
+    finally:
+        if stop_ray:
+            ray.shutdown()
+
+
+def _collect(pending: list[ray.ObjectRef], total: BatchScore, on_batch: Callable[[int], None] | None) -> list[ray.ObjectRef]:
+    [ready], rest = ray.wait(pending, num_returns=1)
+    batch = ray.get(ready)
+    total.add(batch)
+    if on_batch is not None:
+        on_batch(len(batch.image_ids) + len(batch.excluded))
+    return rest

@@ -1,0 +1,186 @@
+"""The Prefect flows end to end under `prefect_test_harness`: moto's S3 server over HTTP,
+a real local Ray, Parquet and JSON read back."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from PIL import Image
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.evaluate import NothingToScoreError, evaluate_predictions
+from flows.segment import segment_archive
+from pipeline.config import SegmentConfig, fill_date, substitute_date, yesterday_utc
+from pipeline.masks import encode_mask
+from pipeline.samples import synthetic_scene
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _artifact(key: str):
+    """The latest artifact with this key, read back from the Prefect API. Every filter field is
+    given explicitly: Prefect 3.8.8's own `Artifact.get` sends nulls its server rejects (422)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), flow_run_filter=FlowRunFilter(),
+            task_run_filter=TaskRunFilter(), sort=ArtifactSort.UPDATED_DESC, limit=1, offset=0,
+        )
+    return artifact
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_dates_fill_source_and_output():
+    assert fill_date("s3://cams/{date}/", "s3://out/date={date}", "2026-11-20") == ("s3://cams/2026-11-20/", "s3://out/date=2026-11-20")
+    assert substitute_date("gs://x/{date}", None) == f"gs://x/{yesterday_utc()}"
+    with pytest.raises(ValueError, match="put \\{date\\} in the output too"):
+        fill_date("s3://cams/{date}/", "s3://out/", None)
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        substitute_date("s3://cams/{date}", "20/11/2026")
+
+
+def test_ray_client_addresses_are_refused():
+    with pytest.raises(ValueError, match="Ray Client address"):
+        SegmentConfig(source="a", output="b", ray_address="ray://head:10001")
+
+
+def test_segment_flow_nightly_partitions_on_s3(prefect_harness, ray_cpu, s3_bucket):
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    for night, count in [("2026-11-19", 2), ("2026-11-20", 3)]:
+        for i in range(count):
+            fs.pipe_file(f"{bucket[5:]}/cams/{night}/cam1/{i}.png", _png(synthetic_scene(24, 32, i)[0]))
+    fs.pipe_file(f"{bucket[5:]}/cams/2026-11-20/cam1/broken.png", b"not a png")
+    common = dict(source=f"{bucket}/cams/{{date}}", output=f"{bucket}/segpipe/date={{date}}", model="lraspp_mobilenet_v3_large",
+                  weights="none", num_classes=4, crf=False, storage_options=options)
+    first = segment_archive(**common, date="2026-11-19")
+    second = segment_archive(**common, date="2026-11-20")
+    assert (first["images"], first["errors"]) == (2, 0)
+    assert (second["images"], second["errors"], second["errors_by_type"]) == (4, 1, {"not_an_image": 1})
+    assert abs(sum(second["pixel_share"].values()) - 1) < 1e-9
+    record = json.loads(fs.cat_file(second["record"]))
+    assert record["run_id"] == second["run_id"] and record["images"] == 4
+    con = duckdb.connect()
+    con.register_filesystem(s3fs.S3FileSystem(**options))
+    rows = con.sql(f"""select date, count(*), count(*) filter (where status = 'error')
+                       from read_parquet('{bucket}/segpipe/*/images/**/*.parquet', hive_partitioning = true)
+                       group by date order by date""").fetchall()
+    assert [(str(d), n, e) for d, n, e in rows] == [("2026-11-19", 2, 0), ("2026-11-20", 4, 1)]
+    table = _artifact("segpipe-run-summary")
+    assert table.type == "table" and "errors: not_an_image" in str(table.data)
+    markdown = _artifact("segpipe-run-outputs")
+    assert f"{bucket}/segpipe/date=2026-11-20/images/" in markdown.data
+
+
+def _write_masks(fs, root: str, masks: dict[str, np.ndarray]) -> None:
+    for key, labels in masks.items():
+        fs.pipe_file(f"{root}/{key}", encode_mask(labels))
+
+
+def test_evaluate_flow_scores_dataset_wide_and_reports_what_it_left_out(prefect_harness, ray_cpu, s3_bucket, tmp_path):
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    root = bucket[5:]
+    # two images with hand-countable confusion, ground truth given as Cityscapes-like ids that
+    # the label map turns into classes 0..2 (id 7 -> 0, 8 -> 1, 26 -> 2, anything else kept)
+    pred_a = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 2], [2, 2, 2, 2]], np.uint8)
+    gt_a = np.array([[7, 7, 7, 8], [7, 7, 8, 8], [26, 26, 26, 255], [26, 26, 26, 26]], np.uint8)
+    pred_b = np.zeros((2, 2), np.uint8)
+    gt_b = np.array([[7, 8], [255, 7]], np.uint8)
+    _write_masks(fs, f"{root}/pred", {"city/a_pred.png": pred_a, "city/b_pred.png": pred_b,
+                                     "city/c_pred.png": np.zeros((3, 3), np.uint8),  # size mismatch
+                                     "city/d_pred.png": np.zeros((2, 2), np.uint8),  # labels out of range
+                                     "city/e_pred.png": pred_b})
+    _write_masks(fs, f"{root}/gt", {"city/a_gt.png": gt_a, "city/b_gt.png": gt_b, "city/c_gt.png": gt_b,
+                                   "city/d_gt.png": np.full((2, 2), 40, np.uint8), "city/f_gt.png": gt_b})
+    fs.pipe_file(f"{root}/gt/city/notes.txt", b"x")
+    report = evaluate_predictions(
+        predictions=f"{bucket}/pred", ground_truth=f"{bucket}/gt", output=str(tmp_path / "eval"), num_classes=3,
+        class_names=["road", "sidewalk", "car"], label_map={7: 0, 8: 1, 26: 2},
+        prediction_suffix="_pred", ground_truth_suffix="_gt", storage_options=options,
+    )
+    # by hand, rows ground truth: a gives [[4,1,0],[0,3,0],[0,0,7]], b gives [[2,0,0],[1,0,0],[0,0,0]]
+    expected_cm = [[6, 1, 0], [1, 3, 0], [0, 0, 7]]
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved == report and saved["confusion_matrix"] == expected_cm
+    assert saved["images"] == 2
+    assert [c["iou"] for c in saved["classes"]] == pytest.approx([6 / 8, 3 / 5, 1.0])
+    assert saved["miou"] == pytest.approx((6 / 8 + 3 / 5 + 1) / 3)
+    assert saved["pixel_accuracy"] == pytest.approx(16 / 18)
+    assert saved["classes"][1] == {"id": 1, "name": "sidewalk", "iou": pytest.approx(0.6), "dice": pytest.approx(0.75),
+                                   "precision": pytest.approx(0.75), "recall": pytest.approx(0.75),
+                                   "gt_pixels": 4, "pred_pixels": 4}
+    assert saved["unpaired_predictions"] == ["city/e_pred.png"]
+    assert saved["unpaired_ground_truth"] == ["city/f_gt.png"]
+    reasons = {e["image_id"]: e["reason"] for e in saved["excluded"]}
+    assert "size mismatch" in reasons["city/c"] and "city/c_pred.png is 3x3" in reasons["city/c"]
+    assert "labels [40] outside [0, 3)" in reasons["city/d"]
+    assert reasons["city/notes.txt"] == "ground_truth: not a PNG mask"
+    per_image = pq.read_table(tmp_path / "eval" / "per_image.parquet").to_pylist()
+    assert [r["image_id"] for r in per_image] == ["city/a", "city/b"]
+    assert per_image[1]["iou_car"] is None and per_image[1]["pixel_accuracy"] == pytest.approx(2 / 3)
+    for plot in ["confusion_matrix.png", "per_class_iou.png"]:
+        assert Image.open(tmp_path / "eval" / plot).size[0] > 200
+    artifact = _artifact("segpipe-evaluation")
+    assert "| 1 | sidewalk | 0.6000 |" in artifact.data
+
+
+def test_evaluate_flow_fails_only_when_nothing_pairs(prefect_harness, ray_cpu, tmp_path):
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "pred" / "a.png").write_bytes(encode_mask(np.zeros((2, 2), np.uint8)))
+    (tmp_path / "gt" / "b.png").write_bytes(encode_mask(np.zeros((2, 2), np.uint8)))
+    with pytest.raises(NothingToScoreError, match="1 predictions, 1 ground-truth masks"):
+        evaluate_predictions(predictions=str(tmp_path / "pred"), ground_truth=str(tmp_path / "gt"),
+                             output=str(tmp_path / "eval"), num_classes=2)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_io_tasks_retry_only_io_errors(prefect_harness):
+    from prefect import flow, task
+
+    from flows._retries import IO_TASK
+    from pipeline.config import RunError
+
+    calls = {"flaky": 0, "wrong": 0}
+
+    @task(**(IO_TASK | {"retry_delay_seconds": 0}))
+    def flaky():
+        calls["flaky"] += 1
+        if calls["flaky"] < 3:
+            try:
+                raise ConnectionResetError("peer reset")
+            except ConnectionResetError as err:
+                raise RunError("cannot reach source") from err  # wrapped, as prepare_locations does
+        return "done"
+
+    @task(**(IO_TASK | {"retry_delay_seconds": 0}))
+    def wrong():
+        calls["wrong"] += 1
+        raise ValueError("num_classes must be positive")
+
+    @flow
+    def both():
+        return flaky(), wrong()
+
+    with pytest.raises(ValueError, match="num_classes"):
+        both()
+    assert calls == {"flaky": 3, "wrong": 1}
