@@ -103,9 +103,10 @@ def summarise(summary: RunSummary, survey: dict[str, int], record_uri: str) -> d
         ]),
         key="segpipe-run-outputs",
     )
-    return {"run_id": summary.run_id, "images": summary.images, "errors": summary.errors,
-            "errors_by_type": summary.errors_by_type, "pixel_share": shares, "record": record_uri,
-            "images_listed": survey["images"], "output": out}
+    return dataclasses.asdict(summary) | {
+        "images_per_second": summary.images_per_second, "pixel_share": shares, "record": record_uri,
+        "images_listed": survey["images"],
+    }
 
 
 @flow(name="segment-archive", log_prints=True)

@@ -3,84 +3,67 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from pathlib import Path
+from collections import Counter
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Segment a few generated images with the core: model, CRF, statistics, mask files."""
-    import numpy as np
-    import torch
-    from PIL import Image
+    """The whole product on this machine: local S3 endpoint, both flows, a DuckDB query."""
+    _quiet_prefect()
+    from flows.demo import run_demo
 
-    from .crf import dense_crf
-    from .inference import Segmenter
-    from .masks import encode_mask
-    from .models import WeightsUnavailableError, build_model
-    from .samples import synthetic_scene
-    from .stats import class_statistics, labels_and_confidence
-
-    output = Path(args.output)
-    (output / "images").mkdir(parents=True, exist_ok=True)
-    (output / "masks").mkdir(parents=True, exist_ok=True)
-    try:
-        model = build_model(args.model, weights="DEFAULT")
-        print(f"model: {args.model} with pretrained weights {model.meta.weights}")
-    except (WeightsUnavailableError, ValueError) as err:
-        print(f"Pretrained weights for {args.model} are not available here: {err}")
-        print("Running an UNTRAINED model instead (random weights): the masks show the pipeline working, not real classes.")
-        model = build_model(args.model, num_classes=21, weights=None)
-    segmenter = Segmenter(model, device=args.device)
-    scenes = [synthetic_scene(240, 320, seed) for seed in range(args.images)]
-    images = [torch.from_numpy(image).permute(2, 0, 1).contiguous() for image, _ in scenes]
-    probs = segmenter.predict(images)
-    names = model.meta.class_names
-    for index, (image, p) in enumerate(zip(images, probs, strict=True)):
-        refined = dense_crf(p[None], image[None].to(p.device))[0]
-        labels, confidence = labels_and_confidence(refined)
-        stats = class_statistics(labels, confidence, segmenter.num_classes)
-        name = f"scene_{index:03d}"
-        Image.fromarray(scenes[index][0]).save(output / "images" / f"{name}.png")
-        (output / "masks" / f"{name}.png").write_bytes(encode_mask(labels.cpu().numpy(), model.meta.palette))
-        top = np.argsort(-stats.fraction)[:3]
-        summary = ", ".join(
-            f"{names[stats.class_id[i]]} {stats.fraction[i]:.0%} (conf {stats.mean_confidence[i]:.2f}, {stats.components[i]} regions)"
-            for i in top
-        )
-        print(f"{name}: {summary}")
-    print(f"images and masks written under {output.resolve()}")
+    run_demo(args.output, model=args.model, images=args.images)
     return 0
 
 
-def _segment(args: argparse.Namespace) -> int:
-    """Run the distributed segmentation and print a summary; errors of single images do not
-    change the exit code, only a run that could not happen does."""
-    from collections import Counter
+def _config_errors(err) -> int:
+    # pydantic's own text echoes input values, which may be credentials: name the field only
+    for problem in err.errors():
+        where = ".".join(str(part) for part in problem["loc"])
+        print(f"segpipe: error: {where.replace('_', '-')}: {problem['msg']}", file=sys.stderr)
+    return 2
 
+
+def _quiet_prefect() -> None:
+    """Prefect's INFO lines would tear through the progress bar (PREFECT_LOGGING_LEVEL=INFO
+    brings them back), and the ephemeral server this command may start has no one to report
+    usage to (offline, it logs an error for each attempt)."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _segment(args: argparse.Namespace) -> int:
+    """Run the segmentation flow and print a summary; errors of single images do not change
+    the exit code, only a run that could not happen does."""
     from pydantic import ValidationError
 
-    from .config import SegmentConfig
+    from .config import SegmentConfig, fill_date
 
     fields = {name: getattr(args, name) for name in SegmentConfig.model_fields if getattr(args, name, None) is not None}
     try:
-        config = SegmentConfig(**fields)
+        fields["source"], fields["output"] = fill_date(args.source, args.output, args.date)
+        # fail here, in one line, before any server or cluster starts
+        fields["storage_options"] = SegmentConfig(**fields).storage_options
     except ValidationError as err:
-        # pydantic's own text echoes input values, which may be credentials
-        for problem in err.errors():
-            where = ".".join(str(part) for part in problem["loc"])
-            print(f"segpipe: error: {where.replace('_', '-')}: {problem['msg']}", file=sys.stderr)
+        return _config_errors(err)
+    except ValueError as err:
+        print(f"segpipe: error: {err}", file=sys.stderr)
         return 2
 
+    _quiet_prefect()
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from flows.segment import progress_listeners, segment_archive
+
+    from .config import RunError
     from .outputs import LayoutMismatchError
-    from .ray_runner import RunError, run_segmentation
 
     console = Console(stderr=True)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("starting Ray and loading the model")
+        task = bar.add_task("starting Prefect, Ray and the model")
 
         def show(p):
             bar.update(task, description=(
@@ -88,26 +71,71 @@ def _segment(args: argparse.Namespace) -> int:
                 f"{p.shards_committed} shards committed, {p.shards_skipped} skipped"
             ))
 
+        progress_listeners.append(show)
         try:
-            summary = run_segmentation(config, on_progress=show)
+            summary = segment_archive(**fields)
         except (RunError, LayoutMismatchError, ValueError) as err:
             bar.stop()
             print(f"segpipe: error: {err}", file=sys.stderr)
             return 2
-    ok = summary.images - summary.errors
-    print(f"run {summary.run_id}: {summary.images} images segmented ({ok} ok, {summary.errors} errors) "
-          f"in {summary.seconds:.1f} s ({summary.setup_seconds:.1f} s to start), {summary.images_per_second:.1f} images/s")
-    print(f"shards: {summary.shards_committed} committed, {summary.shards_skipped} already up to date; "
-          f"{summary.non_image_keys} keys that are not images skipped")
-    if summary.errors_by_type:
-        reasons = ", ".join(f"{name} {count}" for name, count in sorted(summary.errors_by_type.items(), key=lambda kv: -kv[1]))
+        finally:
+            progress_listeners.remove(show)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(s: dict) -> None:
+    ok = s["images"] - s["errors"]
+    print(f"run {s['run_id']}: {s['images']} images segmented ({ok} ok, {s['errors']} errors) "
+          f"in {s['seconds']:.1f} s ({s['setup_seconds']:.1f} s to start), {s['images_per_second']:.1f} images/s")
+    print(f"shards: {s['shards_committed']} committed, {s['shards_skipped']} already up to date; "
+          f"{s['non_image_keys']} keys that are not images skipped")
+    if s["errors_by_type"]:
+        reasons = ", ".join(f"{name} {count}" for name, count in sorted(s["errors_by_type"].items(), key=lambda kv: -kv[1]))
         print(f"errors by reason: {reasons} (details: status = 'error' rows of the images table)")
-    devices = Counter(r["device"] for r in summary.replicas)
-    print(f"model {summary.model} ({summary.weights}) on {len(summary.replicas)} replicas in {summary.ray_cluster}: "
+    devices = Counter(r["device"] for r in s["replicas"])
+    print(f"model {s['model']} ({s['weights']}) on {len(s['replicas'])} replicas in {s['ray_cluster']}: "
           + ", ".join(f"{n} on {device}" for device, n in devices.items()))
-    if summary.retried_batches:
-        print(f"{summary.retried_batches} batches were sent again after a worker failed")
-    print(f"outputs: {summary.output}/images/, {summary.output}/class_stats/, {summary.output}/masks/")
+    if s["retried_batches"]:
+        print(f"{s['retried_batches']} batches were sent again after a worker failed")
+    print(f"outputs: {s['output']}/images/, {s['output']}/class_stats/, {s['output']}/masks/ (run record {s['record']})")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    _quiet_prefect()
+    from flows.evaluate import evaluate_predictions
+
+    from .evaluation import markdown_table
+
+    try:
+        label_map = {int(k): int(v) for k, v in args.label_map.items()} if args.label_map else None
+    except (TypeError, ValueError):
+        print("segpipe: error: --label-map maps integer labels to integer labels", file=sys.stderr)
+        return 2
+    try:
+        report = evaluate_predictions(
+            predictions=args.predictions, ground_truth=args.ground_truth, output=args.output,
+            num_classes=args.num_classes, ignore_index=args.ignore_index, class_names=args.class_names,
+            label_map=label_map, reduce_zero_label=args.reduce_zero_label, prediction_suffix=args.prediction_suffix,
+            ground_truth_suffix=args.ground_truth_suffix, storage_options=args.storage_options or {},
+            ray_address=args.ray_address,
+        )
+    except ValueError as err:
+        print(f"segpipe: error: {err}", file=sys.stderr)
+        return 2
+    print(markdown_table(report))
+    print(f"report: {args.output.rstrip('/')}/metrics.json, per_image.parquet, confusion_matrix.png, per_class_iou.png")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from flows.deployments import serve_deployments
+
+    parameters = {"source": args.source, "output": args.output}
+    for name in ("model", "weights", "num_classes", "ray_address", "storage_options"):
+        if getattr(args, name) is not None:
+            parameters[name] = getattr(args, name)
+    serve_deployments(parameters, cron=args.cron)
     return 0
 
 
@@ -118,14 +146,27 @@ def _models(_: argparse.Namespace) -> int:
     return 0
 
 
+def json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not valid JSON") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segpipe", description="Batch semantic segmentation of image archives.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="segment a few generated images on this machine")
-    demo.add_argument("--output", default="segpipe-demo", help="folder for images and masks (default: %(default)s)")
+    demo = commands.add_parser(
+        "demo", help="run both flows on generated images through a local S3 endpoint, no cluster or cloud needed",
+    )
+    demo.add_argument("--output", default="segpipe-demo", help="folder for the outputs (default: %(default)s)")
     demo.add_argument("--model", default="deeplabv3_mobilenet_v3_large")
-    demo.add_argument("--images", type=int, default=4)
-    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    demo.add_argument("--images", type=int, default=6)
     demo.set_defaults(run=_demo)
     segment = commands.add_parser(
         "segment", help="segment every image under SOURCE on Ray; write masks and Parquet tables to OUTPUT",
@@ -153,7 +194,43 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--gpus-per-actor", dest="gpus_per_actor", type=float, help="fraction of a GPU per replica (default 1)")
     segment.add_argument("--cpus-per-actor", dest="cpus_per_actor", type=float, help="CPUs per replica (default 1)")
     segment.add_argument("--max-pixels", dest="max_pixels", type=int, help="refuse images with more pixels than this")
+    segment.add_argument("--date", help="YYYY-MM-DD for {date} in SOURCE and OUTPUT (default: yesterday, UTC)")
     segment.set_defaults(run=_segment)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="dataset-wide IoU of predicted masks against ground truth",
+        description="Pair masks by key relative to each root (extension and suffixes removed), score them on "
+        "Ray, and write metrics.json, per_image.parquet and plots to OUTPUT.",
+    )
+    evaluate.add_argument("predictions", help="fsspec URL of predicted masks (e.g. a segment OUTPUT/masks)")
+    evaluate.add_argument("ground_truth", help="fsspec URL of ground-truth masks")
+    evaluate.add_argument("output", help="fsspec URL for the report")
+    evaluate.add_argument("--num-classes", dest="num_classes", type=int, required=True)
+    evaluate.add_argument("--ignore-index", dest="ignore_index", type=int, default=255)
+    evaluate.add_argument("--class-names", dest="class_names", nargs="+")
+    evaluate.add_argument("--label-map", dest="label_map", type=json_object, help='JSON object remapping ground truth, e.g. \'{"7": 0, "8": 1}\'')
+    evaluate.add_argument("--reduce-zero-label", dest="reduce_zero_label", action="store_true",
+                          help="ground truth 0 is ignored and the other labels shift down by one")
+    evaluate.add_argument("--prediction-suffix", dest="prediction_suffix", default="")
+    evaluate.add_argument("--ground-truth-suffix", dest="ground_truth_suffix", default="")
+    evaluate.add_argument("--storage-options", dest="storage_options", type=json_object)
+    evaluate.add_argument("--ray-address", dest="ray_address")
+    evaluate.set_defaults(run=_evaluate)
+
+    serve = commands.add_parser(
+        "serve", help="serve the nightly segmentation and the evaluation deployments from this process",
+        description="One process, no work pool: Prefect's serve() runs both flows, the segmentation on its "
+        "nightly schedule.",
+    )
+    serve.add_argument("--source", required=True, help="SOURCE of the nightly run; may contain {date}")
+    serve.add_argument("--output", required=True, help="OUTPUT of the nightly run; contains {date} when SOURCE does")
+    serve.add_argument("--cron", default="0 2 * * *", help="schedule, UTC (default: %(default)s)")
+    serve.add_argument("--model")
+    serve.add_argument("--weights")
+    serve.add_argument("--num-classes", dest="num_classes", type=int)
+    serve.add_argument("--ray-address", dest="ray_address")
+    serve.add_argument("--storage-options", dest="storage_options", type=json_object)
+    serve.set_defaults(run=_serve)
     models = commands.add_parser("models", help="list the model names")
     models.set_defaults(run=_models)
     return parser

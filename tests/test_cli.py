@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import s3fs
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.masks import decode_mask
+from pipeline.masks import decode_mask, encode_mask
 from pipeline.samples import synthetic_scene
 
 
@@ -28,17 +29,41 @@ def test_pipeline_imports_without_ray_or_prefect() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_demo_segments_generated_images(tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached weights
-    assert main(["demo", "--output", str(tmp_path / "out"), "--images", "2", "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out
-    masks = sorted((tmp_path / "out" / "masks").glob("*.png"))
-    assert [m.name for m in masks] == ["scene_000.png", "scene_001.png"]
-    labels = decode_mask(masks[0].read_bytes())
-    assert labels.shape == (240, 320) and labels.dtype == np.uint8
+@pytest.mark.slow
+def test_demo_runs_both_flows_on_a_local_s3_endpoint(tmp_path) -> None:
+    done = _segpipe("demo", "--output", str(tmp_path / "demo"), "--images", "3",
+                    env={"TORCH_HOME": str(tmp_path / "torch")})  # no cached weights: offline here
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
     # offline it must say so plainly rather than silently run random weights
-    assert "pretrained weights" in printed.lower() or "UNTRAINED" in printed
-    assert "scene_001:" in printed
+    assert "Pretrained weights" in out and "UNTRAINED" in out
+    assert "local S3 endpoint http://127.0.0.1:" in out
+    assert "segmentation: 3 images, 0 errors" in out
+    [night] = (tmp_path / "demo" / "segmentation").iterdir()
+    assert night.name.startswith("date=")
+    masks = sorted(p.relative_to(night / "masks").as_posix() for p in (night / "masks").rglob("*.png"))
+    assert masks == ["cam1/scene_000.png", "cam1/scene_002.png", "cam2/scene_001.png"]
+    assert decode_mask((night / "masks" / masks[0]).read_bytes()).shape == (240, 320)
+    metrics = json.loads((tmp_path / "demo" / "evaluation" / "metrics.json").read_text())
+    assert metrics["images"] == 3 and [c["name"] for c in metrics["classes"]] == ["sky", "building", "road", "car"]
+    assert f"evaluation: mIoU {metrics['miou']:.3f} over 3 images" in out
+    # the DuckDB query's result is printed: the class shares add up to the pixels of 3 images
+    shares = duckdb.sql(f"select sum(pixel_count) from read_parquet('{night}/class_stats/**/*.parquet')").fetchall()
+    assert shares == [(3 * 240 * 320,)] and "class_name" in out and "share" in out
+
+
+def test_evaluate_command(tmp_path) -> None:
+    for root, labels in [("pred", np.array([[0, 1], [1, 1]], np.uint8)), ("gt", np.array([[0, 1], [0, 1]], np.uint8))]:
+        (tmp_path / root).mkdir()
+        (tmp_path / root / "x.png").write_bytes(encode_mask(labels))
+    done = _segpipe("evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "report"),
+                    "--num-classes", "2", "--class-names", "background", "road")
+    assert done.returncode == 0, done.stderr
+    assert "| 1 | road | 0.6667 |" in done.stdout  # IoU of road: 2 / 3
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["miou"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    bad = _segpipe("evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "r2"), "--num-classes", "2",
+                   "--label-map", "[1, 2]")
+    assert bad.returncode == 2 and "--label-map: must be a JSON object" in bad.stderr
 
 
 def test_models_command_lists_the_registry(capsys) -> None:

@@ -31,7 +31,12 @@ def _artifact(key: str):
     """The latest artifact with this key, read back from the Prefect API. Every filter field is
     given explicitly: Prefect 3.8.8's own `Artifact.get` sends nulls its server rejects (422)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        TaskRunFilter,
+    )
     from prefect.client.schemas.sorting import ArtifactSort
 
     with get_client(sync_client=True) as client:
