@@ -1,0 +1,101 @@
+"""Pairing, label maps and dataset-wide scoring as plain functions (the evaluation flow's
+work), on hand-made masks and on real CamVid ground truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.evaluation import (
+    ScoreSettings,
+    build_report,
+    pair_masks,
+    per_image_table,
+    remap_ground_truth,
+    score_pairs,
+)
+from pipeline.masks import encode_mask
+from pipeline.metrics import confusion_matrix, scores
+from pipeline.storage import open_location
+
+
+def test_label_map_keeps_unmapped_values_and_reduce_zero_label_shifts():
+    gt = np.array([[0, 7, 8], [26, 255, 3]])
+    mapped = remap_ground_truth(gt, ScoreSettings(num_classes=3, label_map={0: 255, 7: 0, 8: 1, 26: 2}))
+    assert mapped.tolist() == [[255, 0, 1], [2, 255, 3]]
+    reduced = remap_ground_truth(np.array([[0, 1, 2], [255, 3, 0]]), ScoreSettings(num_classes=3, reduce_zero_label=True))
+    assert reduced.tolist() == [[255, 0, 1], [255, 2, 255]]
+
+
+def test_pairing_by_relative_key_with_suffixes_and_any_extension_case(tmp_path):
+    for key in ["a/x_pred.png", "a/y_pred.PNG", "b/z_pred.png"]:
+        (tmp_path / "p" / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "p" / key).write_bytes(b"")
+    for key in ["a/x_gt.png", "a/y_gt.png", "c/z_gt.png", "a/w_gt.jpg"]:
+        (tmp_path / "g" / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "g" / key).write_bytes(b"")
+    pairing = pair_masks(open_location(str(tmp_path / "p")), open_location(str(tmp_path / "g")),
+                         prediction_suffix="_pred", ground_truth_suffix="_gt")
+    assert [(p.image_id, p.prediction, p.ground_truth) for p in pairing.pairs] == [
+        ("a/x", "a/x_pred.png", "a/x_gt.png"), ("a/y", "a/y_pred.PNG", "a/y_gt.png")]
+    assert pairing.unpaired_predictions == ["b/z_pred.png"]
+    assert pairing.unpaired_ground_truth == ["c/z_gt.png"]
+    assert pairing.rejected == [{"key": "a/w_gt.jpg", "side": "ground_truth", "reason": "not a PNG mask"}]
+
+
+def test_dataset_wide_iou_is_not_the_mean_of_per_image_iou(tmp_path):
+    """Image 1 is large and right, image 2 is tiny and wrong: dataset-wide IoU weighs pixels."""
+    (tmp_path / "p").mkdir()
+    (tmp_path / "g").mkdir()
+    big = np.zeros((10, 10), np.uint8)
+    big[:, 5:] = 1
+    (tmp_path / "p" / "1.png").write_bytes(encode_mask(big))
+    (tmp_path / "g" / "1.png").write_bytes(encode_mask(big))
+    (tmp_path / "p" / "2.png").write_bytes(encode_mask(np.array([[1]], np.uint8)))
+    (tmp_path / "g" / "2.png").write_bytes(encode_mask(np.array([[0]], np.uint8)))
+    p, g = open_location(str(tmp_path / "p")), open_location(str(tmp_path / "g"))
+    pairing = pair_masks(p, g)
+    settings = ScoreSettings(num_classes=2)
+    total = score_pairs(p, g, pairing.pairs, settings)
+    report = build_report(total, pairing, settings, ["bg", "fg"])
+    assert report["confusion_matrix"] == [[50, 1], [0, 50]]
+    assert [c["iou"] for c in report["classes"]] == pytest.approx([50 / 51, 50 / 51])
+    per_image = per_image_table(total, ["bg", "fg"]).to_pylist()
+    assert per_image[1] == {"image_id": "2", "pixel_accuracy": 0.0, "iou_bg": 0.0, "iou_fg": 0.0}
+    mean_of_images = np.mean([np.nanmean([r["iou_bg"], r["iou_fg"]]) for r in per_image])
+    assert report["miou"] > 0.98 > mean_of_images + 0.4
+
+
+def test_camvid_ground_truth_against_itself_and_a_degraded_copy(shared_data, tmp_path):
+    labels = sorted((shared_data / "camvid" / "val" / "labels").glob("*.png"))[:6]
+    truth = open_location(str(labels[0].parent))
+    (tmp_path / "pred").mkdir()
+    rng = np.random.default_rng(0)
+    from pipeline.masks import decode_mask
+
+    arrays = {}
+    for path in labels:
+        gt = decode_mask(path.read_bytes())
+        noisy = gt.copy()
+        flip = rng.random(gt.shape) < 0.1
+        noisy[flip] = rng.integers(0, 11, flip.sum())
+        noisy[noisy == 11] = 0  # predictions never contain the ignore label
+        arrays[path.stem] = (gt, noisy)
+        (tmp_path / "pred" / path.name).write_bytes(encode_mask(noisy))
+    settings = ScoreSettings(num_classes=11, ignore_index=11)
+    subset = [p for p in pair_masks(open_location(str(tmp_path / "pred")), truth).pairs]
+    total = score_pairs(open_location(str(tmp_path / "pred")), truth, subset, settings)
+    assert len(total.image_ids) == 6 and not total.excluded
+    # the same as one confusion matrix over all pixels of all images at once
+    gts = np.concatenate([a[0].ravel() for a in arrays.values()])
+    preds = np.concatenate([a[1].ravel() for a in arrays.values()])
+    assert np.array_equal(total.confusion, confusion_matrix(preds, gts, 11, ignore_index=11))
+    assert 0.6 < scores(total.confusion)["miou"] < 0.95
+    # the ground truth itself as prediction (its ignore pixels, which a model never predicts,
+    # set to 0: they are not scored anyway) gives exactly 1
+    (tmp_path / "exact").mkdir()
+    for name, (gt, _) in arrays.items():
+        (tmp_path / "exact" / f"{name}.png").write_bytes(encode_mask(np.where(gt == 11, 0, gt)))
+    exact = open_location(str(tmp_path / "exact"))
+    perfect = score_pairs(exact, truth, pair_masks(exact, truth).pairs, settings)
+    assert len(perfect.image_ids) == 6 and scores(perfect.confusion)["miou"] == 1.0
