@@ -253,5 +253,8 @@ def prepare_locations(config: SegmentConfig) -> tuple[Location, OutputStore]:
     except OSError as err:
         raise RunError(f"cannot reach source {source.url}: {type(err).__name__}: {err}") from err
     store = OutputStore(output)
-    store.check_layout(source.url, config.shard_by, config.shard_size)
+    try:
+        store.check_layout(source.url, config.shard_by, config.shard_size)
+    except OSError as err:
+        raise RunError(f"cannot write to output {output.url}: {type(err).__name__}: {err}") from err
     return source, store

@@ -126,3 +126,11 @@ def test_segment_refuses_a_missing_source(tmp_path) -> None:
     assert done.returncode == 2
     assert f"source {tmp_path / 'nowhere'} is not a folder or prefix that exists" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_segment_refuses_an_unwritable_output(tmp_path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "a-file").write_text("not a folder")
+    done = _segpipe("segment", str(tmp_path / "src"), str(tmp_path / "a-file" / "out"), "--weights", "none", "--num-classes", "2")
+    assert done.returncode == 2
+    assert f"segpipe: error: cannot write to output {tmp_path / 'a-file' / 'out'}: NotADirectoryError" in done.stderr

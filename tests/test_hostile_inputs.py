@@ -1,0 +1,139 @@
+"""Hostile and unusual files: each becomes a correct result or an error row that names the file
+and the reason, and the run goes on. Decode and segment stages first (no Ray), then one run
+on S3 over all of them, names with spaces, unicode, '#', '?' and '%' included."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from collections import Counter
+
+import duckdb
+import numpy as np
+import pytest
+import s3fs
+from PIL import Image
+
+from pipeline.config import SegmentConfig
+from pipeline.images import decode_image
+from pipeline.inference import Segmenter
+from pipeline.masks import decode_mask
+from pipeline.models import build_model
+from pipeline.ray_runner import run_segmentation
+from pipeline.stages import ImageRecord, SegmentStage
+
+RGB = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+
+
+def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _bomb() -> bytes:
+    """A 100-byte PNG whose header claims 100000 x 100000 pixels."""
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 10)) + _png_chunk(b"IEND", b"")
+
+
+def _exif_rotated() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
+    return _encode(Image.fromarray(RGB), "JPEG", exif=exif.tobytes())
+
+
+def _frames(fmt: str) -> bytes:
+    first, second = Image.fromarray(RGB), Image.fromarray(255 - RGB)
+    return _encode(first, fmt, save_all=True, append_images=[second])
+
+
+JPEG = _encode(Image.fromarray(RGB), "JPEG")
+PNG = _encode(Image.fromarray(RGB), "PNG")
+
+# name -> (bytes, expected (height, width) of the result, or the error reason)
+CASES = {
+    "zero-byte.jpg": (b"", "empty"),
+    "truncated.jpg": (JPEG[: len(JPEG) // 2], "corrupt"),
+    "truncated-png.png": (PNG[: len(PNG) // 2], "corrupt"),
+    "random.jpg": (np.random.default_rng(1).bytes(2048), "not_an_image"),
+    "page.jpg": (b"<!doctype html><html><body>404 Not Found</body></html>", "not_an_image"),
+    "grey.png": (_encode(Image.fromarray(RGB[..., 0]), "PNG"), (20, 30)),
+    "rgba.png": (_encode(Image.fromarray(np.dstack([RGB, RGB[..., :1]])), "PNG"), (20, 30)),
+    "palette.png": (_encode(Image.fromarray(RGB).convert("P"), "PNG"), (20, 30)),
+    "cmyk.jpg": (_encode(Image.fromarray(RGB).convert("CMYK"), "JPEG"), (20, 30)),
+    "sixteen.png": (_encode(Image.fromarray(RGB[..., 0].astype(np.uint16) * 257), "PNG"), (20, 30)),
+    "float.tif": (_encode(Image.fromarray(RGB[..., 0].astype(np.float32) / 255), "TIFF"), (20, 30)),
+    "exif-rotated.jpg": (_exif_rotated(), (30, 20)),  # segmented as displayed
+    "one-pixel.png": (_encode(Image.fromarray(RGB[:1, :1]), "PNG"), (1, 1)),
+    "bomb.png": (_bomb(), "too_large"),
+    "pages.tif": (_frames("TIFF"), (20, 30)),  # first frame
+    "animated-webp.webp": (_frames("WEBP"), (20, 30)),
+    "animated.png": (_frames("PNG"), (20, 30)),
+}
+
+
+@pytest.fixture(scope="module")
+def stage() -> SegmentStage:
+    model = build_model("lraspp_mobilenet_v3_large", num_classes=4, weights=None)
+    return SegmentStage(Segmenter(model, device="cpu"), crf=True)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_each_hostile_file_is_a_result_or_a_named_error(name, stage):
+    data, expected = CASES[name]
+    record = ImageRecord(name)
+    try:
+        record.image = decode_image(data)
+        record.height, record.width = record.image.shape[:2]
+    except ValueError as err:
+        record.fail(err.reason, str(err))
+    stage([record])
+    if isinstance(expected, str):
+        assert (record.ok, record.error_type) == (False, expected), record.error
+        assert record.error
+    else:
+        assert record.ok, record.error
+        assert (record.height, record.width) == expected
+        assert int(record.stats.pixel_count.sum()) == expected[0] * expected[1]
+
+
+def test_multi_frame_files_give_their_first_frame():
+    assert np.array_equal(decode_image(_frames("TIFF")), RGB)
+    assert np.array_equal(decode_image(_frames("PNG")), RGB)
+
+
+def test_a_run_over_hostile_files_and_names_accounts_for_every_input(ray_cpu, s3_bucket):
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    root = f"{bucket[5:]}/in"
+    names = {f"bad/{name}": data for name, (data, _) in CASES.items()}
+    odd = ["names/with space.jpg", "names/ünïcødé 街.jpg", "names/hash#1.jpg", "names/what?.jpg",
+           "names/100%.jpg", "names/Case.jpg", "names/case.jpg"]
+    names |= {key: JPEG for key in odd}
+    fs.pipe({f"{root}/{key}": data for key, data in names.items()})
+    config = SegmentConfig(source=f"{bucket}/in", output=f"{bucket}/out", model="lraspp_mobilenet_v3_large",
+                           weights=None, num_classes=4, storage_options=options, batch_size=4)
+    summary = run_segmentation(config)
+    expected_errors = {f"bad/{n}": e for n, (_, e) in CASES.items() if isinstance(e, str)}
+    assert summary.images == len(names), summary
+    assert summary.errors_by_type == dict(Counter(expected_errors.values()))
+    con = duckdb.connect()
+    con.register_filesystem(s3fs.S3FileSystem(**options))
+    rows = {r[0]: r[1:] for r in con.sql(
+        f"select image_id, status, error_type, error, mask_uri, height, width from read_parquet('{bucket}/out/images/**/*.parquet')").fetchall()}
+    assert set(rows) == set(names)  # every input exactly once (a dict would hide duplicates: count them)
+    assert con.sql(f"select count(*) from read_parquet('{bucket}/out/images/**/*.parquet')").fetchall() == [(len(names),)]
+    for key, error_type in expected_errors.items():
+        assert rows[key][:2] == ("error", error_type) and rows[key][2]
+    for key in odd:
+        status, _, _, mask_uri, height, width = rows[key]
+        assert status == "ok" and mask_uri == f"{bucket}/out/masks/{key[:-4]}.png"
+        assert decode_mask(fs.cat_file(mask_uri)).shape == (height, width) == (20, 30)
+    # keys differing only in case keep separate masks
+    assert fs.exists(f"{bucket[5:]}/out/masks/names/Case.png") and fs.exists(f"{bucket[5:]}/out/masks/names/case.png")
