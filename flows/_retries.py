@@ -8,21 +8,7 @@ from typing import Any
 
 from prefect.cache_policies import NO_CACHE
 
-# I/O errors that another attempt will meet again
-_PERMANENT = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
-
-
-def is_transient(error: BaseException | None) -> bool:
-    """An I/O error that may pass (connection errors, timeouts, a storage service's 5xx, which
-    s3fs raises as OSError), itself or as the cause of one of our errors; not a missing,
-    forbidden or misplaced path."""
-    while error is not None:
-        if isinstance(error, _PERMANENT):
-            return False
-        if isinstance(error, OSError | TimeoutError):
-            return True
-        error = error.__cause__
-    return False
+from pipeline.storage import is_transient
 
 
 def _retry_on_io(task: Any, task_run: Any, state: Any) -> bool:

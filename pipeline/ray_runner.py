@@ -35,7 +35,14 @@ from .inference import Segmenter
 from .models import build_model
 from .outputs import LAYOUT_FORMAT, OutputStore, RunInfo, prepare_locations
 from .stages import ImageRecord, SegmentStage, plan_shard, read_and_decode, write_masks
-from .storage import ListingCounts, Location, Shard, SourceFile, iter_shards
+from .storage import (
+    ListingCounts,
+    Location,
+    Shard,
+    SourceFile,
+    StorageUnavailableError,
+    iter_shards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +368,8 @@ class _Run:
         self.pool.load[batch.replica] -= 1
         try:
             records = ray.get(ref)
+        except StorageUnavailableError as err:  # Ray re-raises the task's error as this type too
+            raise RunError(f"storage unavailable: {_short(err)}; committed shards are kept, run again to resume") from err
         except RayError as err:
             if isinstance(err, RayActorError):
                 self.pool.suspect(batch.replica)
@@ -393,7 +402,13 @@ class _Run:
         self.on_progress(self.progress)
 
     def _commit(self, open_shard: _OpenShard) -> None:
-        self.store.commit_shard(open_shard.shard, open_shard.records, self.run)
+        try:
+            self.store.commit_shard(open_shard.shard, open_shard.records, self.run)
+        except (OSError, StorageUnavailableError) as err:
+            raise RunError(
+                f"cannot commit shard {open_shard.shard.shard_id} to {self.store.location.url}: {type(err).__name__}: {err}; "
+                "committed shards are kept, run again to resume"
+            ) from err
         self.progress.shards_committed += 1
         self.on_progress(self.progress)
 
@@ -435,7 +450,11 @@ def run_segmentation(
         counts = ListingCounts()
         setup_seconds = time.monotonic() - started
         loop = _Run(config, source, store, pool, run, meta["palette"], on_progress)
-        loop.process(iter_shards(source, shard_by=config.shard_by, shard_size=config.shard_size, counts=counts))
+        try:
+            loop.process(iter_shards(source, shard_by=config.shard_by, shard_size=config.shard_size, counts=counts))
+        except (StorageUnavailableError, OSError) as err:  # listing, or reading commit markers
+            raise RunError(f"storage unavailable: {type(err).__name__}: {err}; committed shards are kept, "
+                           "run again to resume") from err
         return RunSummary(
             run_id=run_id, source=source.url, output=output.url, model=config.model, weights=run.weights,
             shards_committed=loop.progress.shards_committed, shards_skipped=loop.progress.shards_skipped,

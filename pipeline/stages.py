@@ -25,7 +25,7 @@ from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from .inference import Segmenter, to_chw_uint8
 from .masks import encode_mask
 from .stats import ClassStats, class_statistics, labels_and_confidence
-from .storage import Location, SourceFile, write_atomic
+from .storage import Location, SourceFile, StorageUnavailableError, retry_io, write_atomic
 
 
 @dataclass
@@ -73,14 +73,14 @@ def read_and_decode(source: Location, files: Sequence[SourceFile], *, max_pixels
         record = ImageRecord(key=file.key, size=file.size, version=file.version)
         start = time.perf_counter()
         try:
-            data = source.fs.cat_file(source.path(file.key))
+            data = retry_io(source.uri(file.key), source.fs.cat_file, source.path(file.key))
             record.image = decode_image(data, max_pixels=max_pixels)
             record.height, record.width = record.image.shape[:2]
         except ImageDecodeError as err:
             record.fail(err.reason, str(err))
         except FileNotFoundError:
             record.fail("missing", "the file disappeared after it was listed")
-        except OSError as err:
+        except OSError as err:  # permanent (forbidden...): transient ones were retried, then raised
             record.fail("read_error", f"cannot read: {type(err).__name__}: {err}")
         record.seconds["decode"] = time.perf_counter() - start
         records.append(record)
@@ -147,7 +147,9 @@ def write_masks(output: Location, records: list[ImageRecord], palette: Sequence[
         except ValueError as err:
             record.fail("unsafe_key", str(err))
         except OSError as err:
-            record.fail("write_error", f"cannot write the mask: {type(err).__name__}: {err}")
+            # a write fails for the output's sake (disk full, no permission), not the image's:
+            # stop the run rather than commit error rows for images that are fine
+            raise StorageUnavailableError(f"cannot write {output.uri(mask_key(record.key))}: {type(err).__name__}: {err}") from err
         record.labels = None
         record.seconds["encode"] = time.perf_counter() - start
     return records

@@ -12,8 +12,10 @@ the memory it takes does not grow with the archive.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -24,6 +26,8 @@ import fsspec
 import fsspec.asyn
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"})
 ShardBy = Literal["directory", "count"]
@@ -93,25 +97,29 @@ def _version(info: dict[str, Any]) -> str:
     return ""
 
 
+def _s3_entries(fs: AbstractFileSystem, path: str) -> Iterator[dict[str, Any]]:
+    """One directory level of an S3 prefix, a page of 1000 keys at a time; each page request
+    is retried on its own (its continuation token asks for the same page again)."""
+    bucket, key, _ = fs.split_path(path)
+    prefix = f"{key}/" if key else ""
+    request: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": _S3_PAGE}
+    while True:
+        page = retry_io(f"listing s3://{bucket}/{prefix}", fsspec.asyn.sync, fs.loop, fs._call_s3, "list_objects_v2", **request)
+        for common in page.get("CommonPrefixes", []):
+            yield {"name": f"{bucket}/{common['Prefix'].rstrip('/')}", "type": "directory", "size": 0}
+        for item in page.get("Contents", []):
+            yield {"name": f"{bucket}/{item['Key']}", "type": "file", "size": item["Size"], "ETag": item.get("ETag")}
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
+
+
 def _entries(fs: AbstractFileSystem, path: str) -> Iterator[dict[str, Any]]:
     """The entries (files and sub-directories) of one directory level, files in name order."""
-    if hasattr(fs, "_iterdir") and hasattr(fs, "split_path"):  # s3fs: page by page
-        bucket, key, _ = fs.split_path(path)
-        pages = fs._iterdir(bucket, delimiter="/", prefix=f"{key}/" if key else "")
-
-        async def next_page() -> list[dict[str, Any]]:
-            page = []
-            for _ in range(_S3_PAGE):
-                try:
-                    page.append(await pages.__anext__())
-                except StopAsyncIteration:
-                    break
-            return page
-
-        while page := fsspec.asyn.sync(fs.loop, next_page):
-            yield from page
+    if hasattr(fs, "_call_s3") and hasattr(fs, "split_path"):  # s3fs: streamed page by page
+        yield from _s3_entries(fs, path)
         return
-    entries = fs.ls(path, detail=True)
+    entries = retry_io(f"listing {path}", fs.ls, path, detail=True)
     fs.invalidate_cache(path)  # listings cache would otherwise grow with the archive
     yield from sorted(entries, key=lambda entry: entry["name"])
 
@@ -212,7 +220,7 @@ def write_atomic(location: Location, key: str, data: bytes) -> None:
     """
     path = location.path(key)
     if not location.is_local:
-        location.fs.pipe_file(path, data)
+        retry_io(location.uri(key), location.fs.pipe_file, path, data)
         return
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
@@ -232,6 +240,49 @@ def write_atomic(location: Location, key: str, data: bytes) -> None:
 def read_bytes(location: Location, key: str) -> bytes | None:
     """The object's bytes, or None when it does not exist."""
     try:
-        return location.fs.cat_file(location.path(key))
+        return retry_io(location.uri(key), location.fs.cat_file, location.path(key))
     except FileNotFoundError:
         return None
+
+
+# I/O errors that another attempt will meet again
+_PERMANENT = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+
+
+class StorageUnavailableError(RuntimeError):
+    """Storage kept failing through every retry: the run stops (nothing more is committed)
+    and the next run resumes from the shards committed so far."""
+
+
+def is_transient(error: BaseException | None) -> bool:
+    """An I/O error that may pass (connection errors, timeouts, a storage service's 5xx, which
+    s3fs raises as OSError), itself or as the cause of one of our errors; not a missing,
+    forbidden or misplaced path."""
+    while error is not None:
+        if isinstance(error, _PERMANENT):
+            return False
+        if isinstance(error, OSError | TimeoutError):
+            return True
+        error = error.__cause__
+    return False
+
+
+def retry_io(what: str, call, *args, attempts: int = 5, first_delay: float = 0.5, **kwargs):
+    """`call(*args, **kwargs)`, retried with exponential backoff (0.5, 1, 2, 4 s) on transient
+    I/O errors; StorageUnavailableError once they are used up. `what` names the object for
+    the message (never the credentials)."""
+    delay = first_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return call(*args, **kwargs)
+        except Exception as err:
+            if not is_transient(err):
+                raise
+            if attempt == attempts:
+                raise StorageUnavailableError(
+                    f"{what}: still failing after {attempts} attempts ({type(err).__name__}: {err})"
+                ) from err
+            log.warning("%s: %s; attempt %d of %d in %.1f s", what, type(err).__name__, attempt + 1, attempts, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")

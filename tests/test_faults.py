@@ -71,3 +71,156 @@ def test_driver_killed_mid_run_resumes_without_duplicates(tmp_path):
     assert len(list((output / "_commits").glob("*.json"))) == 8
     masks = sorted(output.rglob("masks/**/*.png"))
     assert len(masks) == 24 and all(np.asarray(Image.open(m)).shape == (32, 48) for m in masks)
+
+
+class FlakyS3Proxy:
+    """An HTTP proxy in front of moto's S3 server that answers 503 to the next N requests
+    when told to: a storage service failing, then recovering (or not)."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        self.failures_left = 0
+        self.failed = 0
+        self._lock = threading.Lock()
+        target = urlparse(upstream)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # botocore's PUTs wait for "100 Continue"
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                chunks = []
+                while size := int(self.rfile.readline().split(b";")[0], 16):
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+                self.rfile.readline()
+                return b"".join(chunks)
+
+            def _handle(self) -> None:
+                body = self._body()
+                with proxy._lock:
+                    fail = proxy.failures_left > 0
+                    if fail:
+                        proxy.failures_left -= 1
+                        proxy.failed += 1
+                if fail:
+                    payload = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                upstream_connection = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                skip = {"connection", "expect", "transfer-encoding", "content-length"}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                headers["Content-Length"] = str(len(body))
+                upstream_connection.request(self.command, self.path, body=body, headers=headers)
+                response = upstream_connection.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in {"transfer-encoding", "connection", "content-length"}:
+                        self.send_header(key, value)
+                # a HEAD answer has no body but tells the object's length
+                self.send_header("Content-Length", response.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream_connection.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def fail_next(self, count: int) -> None:
+        with self._lock:
+            self.failures_left = count
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def flaky_s3(s3_bucket):
+    bucket, options = s3_bucket
+    proxy = FlakyS3Proxy(options["endpoint_url"])
+    # one attempt in botocore (s3fs leaves 5xx answers to it), so what is tested is segpipe's own retries
+    through_proxy = options | {"endpoint_url": proxy.endpoint,
+                               "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+    yield bucket, options, through_proxy, proxy
+    proxy.close()
+
+
+def _upload(bucket: str, options: dict, shards: int, per_shard: int) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**options)
+    for s in range(shards):
+        for i in range(per_shard):
+            buffer = io.BytesIO()
+            Image.fromarray(synthetic_scene(24, 32, s * 10 + i)[0]).save(buffer, format="JPEG")
+            fs.pipe_file(f"{bucket[5:]}/in/d{s}/{i}.jpg", buffer.getvalue())
+
+
+def _config(bucket: str, options: dict):
+    from pipeline.config import SegmentConfig
+
+    return SegmentConfig(source=f"{bucket}/in", output=f"{bucket}/out", model="lraspp_mobilenet_v3_large",
+                         weights=None, num_classes=4, crf=False, batch_size=1, storage_options=options)
+
+
+def test_storage_failing_for_a_while_is_retried_and_loses_nothing(ray_cpu, flaky_s3):
+    from pipeline.ray_runner import run_segmentation
+
+    bucket, direct, through_proxy, proxy = flaky_s3
+    _upload(bucket, direct, shards=3, per_shard=2)
+    started = []
+
+    def fail_once_started(progress):
+        if progress.images >= 1 and not started:
+            started.append(True)
+            proxy.fail_next(3)  # reads, mask writes and commits meet 503s, then it recovers
+
+    summary = run_segmentation(_config(bucket, through_proxy), on_progress=fail_once_started)
+    assert proxy.failed == 3
+    assert (summary.images, summary.errors, summary.shards_committed) == (6, 0, 3)
+
+
+def test_storage_that_stays_down_stops_the_run_and_the_next_run_resumes(ray_cpu, flaky_s3):
+    import s3fs
+
+    from pipeline.config import RunError
+    from pipeline.ray_runner import run_segmentation
+
+    bucket, direct, through_proxy, proxy = flaky_s3
+    _upload(bucket, direct, shards=4, per_shard=2)
+
+    def go_down_after_a_commit(progress):
+        if progress.shards_committed >= 1:
+            proxy.fail_next(10**9)
+
+    with pytest.raises(RunError, match=r"storage unavailable: .*still failing after 5 attempts.*run again to resume"):
+        run_segmentation(_config(bucket, through_proxy), on_progress=go_down_after_a_commit)
+    fs = s3fs.S3FileSystem(**direct)
+    committed = fs.ls(f"{bucket[5:]}/out/_commits")
+    assert 1 <= len(committed) < 4
+
+    proxy.fail_next(0)  # storage is back
+    s3fs.S3FileSystem.clear_instance_cache()
+    summary = run_segmentation(_config(bucket, through_proxy))
+    assert summary.shards_skipped >= len(committed) and summary.errors == 0
+    con = duckdb.connect()
+    con.register_filesystem(s3fs.S3FileSystem(**direct))
+    rows = con.sql(f"select image_id, count(*) from read_parquet('{bucket}/out/images/**/*.parquet') group by 1").fetchall()
+    assert sorted(rows) == sorted((f"d{s}/{i}.jpg", 1) for s in range(4) for i in range(2))

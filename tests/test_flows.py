@@ -192,8 +192,8 @@ def test_io_tasks_retry_only_io_errors(prefect_harness):
 
 
 def test_missing_or_forbidden_paths_are_not_worth_a_retry():
-    from flows._retries import is_transient
     from pipeline.config import RunError
+    from pipeline.storage import is_transient
 
     def wrapped(cause: BaseException) -> RunError:
         try:
