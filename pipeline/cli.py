@@ -26,10 +26,11 @@ def _config_errors(err) -> int:
 
 
 def _quiet_prefect() -> None:
-    """Prefect's INFO lines would tear through the progress bar (PREFECT_LOGGING_LEVEL=INFO
-    brings them back), and the ephemeral server this command may start has no one to report
-    usage to (offline, it logs an error for each attempt)."""
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    """The command prints its own progress, summary and one-line errors; Prefect's log lines
+    (and its tracebacks of the same errors) would tear through them. PREFECT_LOGGING_LEVEL=INFO
+    brings them back. The ephemeral server this command may start has no one to report usage
+    to (offline, it logs an error for each attempt)."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 

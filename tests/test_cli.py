@@ -134,3 +134,18 @@ def test_segment_refuses_an_unwritable_output(tmp_path) -> None:
     done = _segpipe("segment", str(tmp_path / "src"), str(tmp_path / "a-file" / "out"), "--weights", "none", "--num-classes", "2")
     assert done.returncode == 2
     assert f"segpipe: error: cannot write to output {tmp_path / 'a-file' / 'out'}: NotADirectoryError" in done.stderr
+
+
+def test_weights_that_disagree_with_num_classes_are_one_line(tmp_path) -> None:
+    (tmp_path / "src").mkdir()
+    buffer = io.BytesIO()
+    Image.fromarray(synthetic_scene(20, 20, 0)[0]).save(buffer, format="PNG")
+    (tmp_path / "src" / "a.png").write_bytes(buffer.getvalue())
+    done = _segpipe("segment", str(tmp_path / "src"), str(tmp_path / "out"), "--model", "lraspp_mobilenet_v3_large",
+                    "--weights", "DEFAULT", "--num-classes", "5")
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower() and "Token authentication" not in line]
+    assert errors == ["segpipe: error: cannot load 'lraspp_mobilenet_v3_large': ValueError: num_classes=5 but weights "
+                      "LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1 have 21 classes; pass num_classes=21 (or omit it)"]
+    assert "Traceback" not in done.stderr
+    assert not list((tmp_path / "out").glob("images/*"))  # nothing written
