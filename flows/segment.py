@@ -117,6 +117,8 @@ def segment_archive(
     weights: str | None = _DEFAULTS["weights"],
     num_classes: int | None = None,
     crf: bool = _DEFAULTS["crf"],
+    tile: int | None = None,
+    tile_stride: int | None = None,
     batch_size: int = _DEFAULTS["batch_size"],
     shard_by: Literal["directory", "count"] = _DEFAULTS["shard_by"],
     shard_size: int = _DEFAULTS["shard_size"],
@@ -137,6 +139,7 @@ def segment_archive(
     source, output = fill_date(source, output, date)
     config = SegmentConfig(
         source=source, output=output, model=model, weights=weights, num_classes=num_classes, crf=crf,
+        tile=tile, tile_stride=tile_stride,
         batch_size=batch_size, shard_by=shard_by, shard_size=shard_size, ray_address=ray_address,
         storage_options=storage_options or {}, device=device, actors=actors, gpus_per_actor=gpus_per_actor,
         cpus_per_actor=cpus_per_actor, max_pixels=max_pixels, redo_errors=redo_errors,

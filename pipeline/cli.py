@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--weights", help="torchvision weights name (default DEFAULT), checkpoint path/URL, or none")
     segment.add_argument("--num-classes", dest="num_classes", type=int, help="classes (required with --weights none)")
     segment.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None, help="dense CRF (default on)")
+    segment.add_argument("--tile", type=int, help="sliding windows of this side for larger images (aerial tiles)")
+    segment.add_argument("--tile-stride", dest="tile_stride", type=int, help="window stride (default 3/4 of --tile)")
     segment.add_argument("--redo-errors", dest="redo_errors", action="store_true", default=None,
                          help="also re-process committed shards that have error rows")
     segment.add_argument("--batch-size", dest="batch_size", type=int)

@@ -6,7 +6,7 @@ import datetime as dt
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .images import DEFAULT_MAX_PIXELS
 
@@ -28,6 +28,10 @@ class SegmentConfig(BaseModel):
     weights: str | None = "DEFAULT"
     num_classes: int | None = Field(default=None, gt=0)
     crf: bool = True
+    # sliding-window inference for images larger than tile x tile (aerial tiles): windows of
+    # that side, tile_stride apart, blended; None segments every image whole
+    tile: int | None = Field(default=None, ge=32)
+    tile_stride: int | None = Field(default=None, ge=16)
     # also re-process committed shards that hold error rows (after fixing what failed)
     redo_errors: bool = False
     batch_size: int = Field(default=8, ge=1)
@@ -52,6 +56,12 @@ class SegmentConfig(BaseModel):
     # batches in flight per replica: enough to keep decode, inference and upload overlapped,
     # few enough that memory stays flat
     batches_in_flight_per_actor: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _stride_within_tile(self) -> SegmentConfig:
+        if self.tile_stride is not None and (self.tile is None or self.tile_stride > self.tile):
+            raise ValueError(f"tile_stride={self.tile_stride} needs a tile at least as large (tile={self.tile})")
+        return self
 
     @field_validator("model")
     @classmethod

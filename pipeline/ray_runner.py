@@ -31,7 +31,7 @@ import torch
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError
 
 from .config import RunError, SegmentConfig
-from .inference import Segmenter
+from .inference import Segmenter, SlidingWindow
 from .models import build_model
 from .outputs import LAYOUT_FORMAT, OutputStore, RunInfo, prepare_locations
 from .stages import ImageRecord, SegmentStage, plan_shard, read_and_decode, write_masks
@@ -114,6 +114,14 @@ class WorkerSpec:
     batch_size: int
     storage_options: dict[str, Any]
     threads: int
+    tile: int | None = None
+    tile_stride: int | None = None
+
+    def sliding_window(self) -> SlidingWindow | None:
+        if self.tile is None:
+            return None
+        stride = self.tile_stride or self.tile * 3 // 4
+        return SlidingWindow(crop=(self.tile, self.tile), stride=(stride, stride), batch_size=self.batch_size)
 
 
 class SegmentWorker:
@@ -135,7 +143,8 @@ class SegmentWorker:
 
     def _build_stage(self, spec: WorkerSpec, device: torch.device) -> SegmentStage:
         model = build_model(spec.model, num_classes=spec.num_classes, weights=spec.weights, storage_options=spec.storage_options)
-        return SegmentStage(Segmenter(model, device=device, batch_size=spec.batch_size), crf=spec.crf)
+        segmenter = Segmenter(model, device=device, batch_size=spec.batch_size, sliding_window=spec.sliding_window())
+        return SegmentStage(segmenter, crf=spec.crf)
 
     def ready(self) -> dict[str, Any]:
         if self.setup_error is not None:
@@ -187,7 +196,7 @@ class _ReplicaPool:
         spec = WorkerSpec(
             model=config.model, weights=config.weights, num_classes=config.num_classes, crf=config.crf,
             batch_size=config.batch_size, storage_options=config.storage_options,
-            threads=max(1, int(config.cpus_per_actor)),
+            threads=max(1, int(config.cpus_per_actor)), tile=config.tile, tile_stride=config.tile_stride,
         )
         actor_class = ray.remote(worker_class)
         self.actors = [
@@ -282,11 +291,11 @@ def _short(err: BaseException) -> str:
     return (lines[-1] if lines else type(err).__name__)[:500]
 
 
-def _fingerprint(meta: dict[str, Any], crf: bool) -> str:
+def _fingerprint(meta: dict[str, Any], crf: bool, tile: tuple[int | None, int | None]) -> str:
     settings = {
         "format": LAYOUT_FORMAT, "architecture": meta["architecture"], "weights": meta["weights"],
         "num_classes": meta["num_classes"], "class_names": meta["class_names"],
-        "preprocessing": meta["preprocessing"], "model_kwargs": meta["model_kwargs"], "crf": crf,
+        "preprocessing": meta["preprocessing"], "model_kwargs": meta["model_kwargs"], "crf": crf, "tile": tile,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -445,7 +454,7 @@ def run_segmentation(
         run = RunInfo(
             run_id=run_id, run_date=dt.datetime.now(dt.UTC).date(), model=config.model, weights=meta["weights"],
             num_classes=meta["num_classes"], class_names=tuple(meta["class_names"]), crf=config.crf,
-            source_url=source.url, fingerprint=_fingerprint(meta, config.crf),
+            source_url=source.url, fingerprint=_fingerprint(meta, config.crf, (config.tile, config.tile_stride)),
         )
         counts = ListingCounts()
         setup_seconds = time.monotonic() - started

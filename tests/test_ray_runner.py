@@ -305,3 +305,26 @@ def test_readme_queries_run_on_real_outputs(ray_cpu, tmp_path):
         r["image_id"] for r in stats if r["class_name"] == "car" and r["fraction"] > 0.05)
     assert len(cars) > 0
     assert errors == [("not_an_image", 1, "d0/broken.jpg")]
+
+
+def test_tile_option_segments_large_images_with_sliding_windows(ray_cpu, tmp_path):
+    from pipeline.inference import Segmenter, SlidingWindow
+    from pipeline.models import build_model, save_checkpoint
+
+    # an untrained FCN's labels vary with what each window sees (LR-ASPP's barely do)
+    model = build_model("fcn_resnet50", num_classes=4, weights=None)
+    save_checkpoint(model, str(tmp_path / "m.pt"), model.meta)
+    image = synthetic_scene(96, 130, 3)[0]
+    (tmp_path / "src").mkdir()
+    Image.fromarray(image).save(tmp_path / "src" / "tile.png")
+    config = SegmentConfig(source=str(tmp_path / "src"), output=str(tmp_path / "out"), model="fcn_resnet50",
+                           weights=str(tmp_path / "m.pt"), crf=False, tile=64, tile_stride=48)
+    assert run_segmentation(config).errors == 0
+    mask = decode_mask((tmp_path / "out" / "masks" / "tile.png").read_bytes())
+    loaded = build_model("fcn_resnet50", weights=str(tmp_path / "m.pt"))
+    windowed = Segmenter(loaded, device="cpu", sliding_window=SlidingWindow((64, 64), (48, 48))).predict([image])[0]
+    whole = Segmenter(loaded, device="cpu").predict([image])[0]
+    assert (mask == windowed.argmax(0).numpy()).mean() > 0.999
+    assert (mask == whole.argmax(0).numpy()).mean() < 0.97  # the test can tell the two apart
+    with pytest.raises(ValueError, match="tile_stride=80 needs a tile at least as large"):
+        SegmentConfig(source="a", output="b", tile=64, tile_stride=80)
