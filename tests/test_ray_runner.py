@@ -192,7 +192,7 @@ def test_one_replica_per_declared_gpu(tmp_path, _ray_session):
         assert sorted(gpu for r in summary.replicas for gpu in r["gpu_ids"]) == ["0", "1"]
         assert {r["device"] for r in summary.replicas} == {"cuda:0"}  # each sees only its own GPU
 
-        actor = ray.remote(FakeCudaWorker).options(num_gpus=1, num_cpus=0.5).remote(SegmentWorker_spec(config))
+        actor = ray.remote(FakeCudaWorker).options(num_gpus=1, num_cpus=0.5).remote(_worker_spec(config))
         placement = ray.get(actor.ready.remote())
         assert placement["cuda_visible_devices"] == placement["gpu_ids"][0]
         ray.kill(actor)
@@ -206,7 +206,7 @@ def test_one_replica_per_declared_gpu(tmp_path, _ray_session):
         ray.shutdown()
 
 
-def SegmentWorker_spec(config):
+def _worker_spec(config):
     from pipeline.ray_runner import WorkerSpec
 
     return WorkerSpec(model=config.model, weights=config.weights, num_classes=config.num_classes, crf=False,
