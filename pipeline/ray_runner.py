@@ -275,6 +275,12 @@ class _OpenShard:
     shard: Shard
     records: list[ImageRecord]
     outstanding: int = 0
+    # True until every batch of the shard is queued: the first batches may come back while
+    # later ones are still being queued, and the shard must not be committed then
+    queueing: bool = True
+
+    def complete(self) -> bool:
+        return not self.queueing and self.outstanding == 0
 
 
 @dataclass
@@ -337,7 +343,8 @@ class _Run:
                 while self.queue or len(self.pending) >= self.limit:
                     self._wait_one()
                     self._submit_queued()
-            if open_shard.outstanding == 0:
+            open_shard.queueing = False
+            if open_shard.complete():
                 self._commit(open_shard)
         while self.queue or self.pending:
             self._wait_one()
@@ -395,7 +402,7 @@ class _Run:
                 records.append(record)
         batch.shard.outstanding -= 1
         self._account(batch.shard, records)
-        if batch.shard.outstanding == 0:
+        if batch.shard.complete():
             self._commit(batch.shard)
 
     def _account(self, open_shard: _OpenShard, records: list[ImageRecord]) -> None:

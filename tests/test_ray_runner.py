@@ -328,3 +328,14 @@ def test_tile_option_segments_large_images_with_sliding_windows(ray_cpu, tmp_pat
     assert (mask == whole.argmax(0).numpy()).mean() < 0.97  # the test can tell the two apart
     with pytest.raises(ValueError, match="tile_stride=80 needs a tile at least as large"):
         SegmentConfig(source="a", output="b", tile=64, tile_stride=80)
+
+
+def test_a_shard_is_committed_only_after_all_its_batches(ray_cpu, tmp_path):
+    """With one batch in flight, a shard's first batch returns while the rest are still being
+    queued; committing then would lose them (the commit refuses, so the run would fail)."""
+    source, output = _local_source(tmp_path, 3, per_dir=3)
+    config = SegmentConfig(source=source, output=output, batch_size=1, batches_in_flight_per_actor=1, crf=False, **MODEL)
+    summary = run_segmentation(config)
+    assert (summary.images, summary.errors, summary.shards_committed) == (3, 0, 1)
+    rows = _duckdb().sql(f"select count(*) from read_parquet('{output}/images/**/*.parquet')").fetchall()
+    assert rows == [(3,)]
