@@ -21,7 +21,7 @@ from flows._retries import IO_TASK
 from pipeline.config import SegmentConfig, fill_date
 from pipeline.outputs import prepare_locations
 from pipeline.ray_runner import Progress, RunSummary, run_segmentation
-from pipeline.storage import ListingCounts, iter_shards, write_atomic
+from pipeline.storage import ListingCounts, iter_shards, open_location, write_atomic
 
 # Callables a caller in this process (the CLI's progress bar) can add to follow a run. They are
 # not flow parameters: a scheduled run has no terminal to draw on.
@@ -62,11 +62,11 @@ def run_on_ray(config: SegmentConfig, images_expected: int) -> RunSummary:
 @task(**IO_TASK)
 def commit_run(config: SegmentConfig, summary: RunSummary) -> str:
     """Write OUTPUT/_runs/<run_id>.json, the run's record (overwritten whole on retry)."""
-    _, store = prepare_locations(config)
+    output = open_location(config.output, config.storage_options)  # already checked by discover_shards
     record = dataclasses.asdict(summary) | {"images_per_second": summary.images_per_second}
     key = f"_runs/{summary.run_id}.json"
-    write_atomic(store.location, key, json.dumps(record, indent=2).encode())
-    return store.location.uri(key)
+    write_atomic(output, key, json.dumps(record, indent=2).encode())
+    return output.uri(key)
 
 
 @task(cache_policy=NO_CACHE)

@@ -159,6 +159,14 @@ def json_object(text: str) -> dict:
     return value
 
 
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The options `segment` and `serve` share (serve passes them on to the nightly runs)."""
+    parser.add_argument("--model", help="model name (see `segpipe models`; default deeplabv3_resnet101)")
+    parser.add_argument("--weights", help="torchvision weights name (default DEFAULT), checkpoint path/URL, or none")
+    parser.add_argument("--num-classes", dest="num_classes", type=int, help="classes (required with --weights none)")
+    parser.add_argument("--ray-address", dest="ray_address", help="join this Ray cluster (default: RAY_ADDRESS, or a local Ray)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segpipe", description="Batch semantic segmentation of image archives.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -176,9 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     segment.add_argument("source", help="fsspec URL of the images (s3://bucket/prefix, a folder, gs://...)")
     segment.add_argument("output", help="fsspec URL for masks/, images/, class_stats/")
-    segment.add_argument("--model", help="model name (see `segpipe models`; default deeplabv3_resnet101)")
-    segment.add_argument("--weights", help="torchvision weights name (default DEFAULT), checkpoint path/URL, or none")
-    segment.add_argument("--num-classes", dest="num_classes", type=int, help="classes (required with --weights none)")
+    _add_model_options(segment)
     segment.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None, help="dense CRF (default on)")
     segment.add_argument("--tile", type=int, help="sliding windows of this side for larger images (aerial tiles)")
     segment.add_argument("--tile-stride", dest="tile_stride", type=int, help="window stride (default 3/4 of --tile)")
@@ -188,7 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--shard-by", dest="shard_by", choices=["directory", "count"],
                          help="one shard per directory (split at --shard-size), or chunks of --shard-size keys")
     segment.add_argument("--shard-size", dest="shard_size", type=int, help="images per shard at most (default 1000)")
-    segment.add_argument("--ray-address", dest="ray_address", help="join this Ray cluster (default: RAY_ADDRESS, or a local Ray)")
     segment.add_argument("--storage-options", dest="storage_options",
                          help="JSON object for fsspec on remote URLs, e.g. '{\"endpoint_url\": \"http://...\"}'")
     segment.add_argument("--device", choices=["auto", "cuda", "cpu"],
@@ -228,10 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--source", required=True, help="SOURCE of the nightly run; may contain {date}")
     serve.add_argument("--output", required=True, help="OUTPUT of the nightly run; contains {date} when SOURCE does")
     serve.add_argument("--cron", default="0 2 * * *", help="schedule, UTC (default: %(default)s)")
-    serve.add_argument("--model")
-    serve.add_argument("--weights")
-    serve.add_argument("--num-classes", dest="num_classes", type=int)
-    serve.add_argument("--ray-address", dest="ray_address")
+    _add_model_options(serve)
     serve.add_argument("--storage-options", dest="storage_options", type=json_object)
     serve.set_defaults(run=_serve)
     models = commands.add_parser("models", help="list the model names")

@@ -99,12 +99,13 @@ def remap_ground_truth(labels: np.ndarray, settings: ScoreSettings) -> np.ndarra
     """Apply the label map, then reduce-zero-label, leaving ignore_index pixels alone."""
     out = labels.astype(np.int64)
     if settings.label_map:
-        lookup_keys = np.array(list(settings.label_map.keys()), dtype=np.int64)
-        lookup_values = np.array(list(settings.label_map.values()), dtype=np.int64)
-        mapped = out.copy()
-        for old, new in zip(lookup_keys, lookup_values, strict=True):
-            mapped[out == old] = new
-        out = mapped
+        # one lookup table, one pass over the pixels (not one pass per mapped value)
+        top = max(int(out.max(initial=0)), *settings.label_map)
+        table = np.arange(top + 1, dtype=np.int64)
+        for old, new in settings.label_map.items():
+            if old >= 0:
+                table[old] = new
+        out = np.where(out >= 0, table[np.clip(out, 0, None)], out)
     if settings.reduce_zero_label:
         ignore = out == settings.ignore_index
         out = out - 1
