@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows._retries import IO_TASK
+from flows._storage import resolve_storage_options
 from pipeline.config import substitute_date
 from pipeline.evaluation import (
     BatchScore,
@@ -83,6 +84,7 @@ def evaluate_predictions(
     prediction_suffix: str = "",
     ground_truth_suffix: str = "",
     storage_options: dict[str, Any] | None = None,
+    storage_secret: str | None = None,
     ray_address: str | None = None,
     date: str | None = None,
 ) -> dict[str, Any]:
@@ -92,9 +94,9 @@ def evaluate_predictions(
     Pairs are made by key relative to each root, extension and suffixes removed. `label_map`
     remaps ground-truth values before scoring (values not in it are kept); `reduce_zero_label`
     makes 0 the ignore index and shifts the other labels down by one. `{date}` in the URLs
-    becomes `date` (default yesterday, UTC).
+    becomes `date` (default yesterday, UTC). Credentials: as for segment-archive.
     """
-    options = storage_options or {}
+    options = resolve_storage_options(storage_options, storage_secret)
     predictions, ground_truth, output = (substitute_date(url, date) for url in (predictions, ground_truth, output))
     names = resolve_class_names(class_names, num_classes)
     settings = ScoreSettings(num_classes=num_classes, ignore_index=ignore_index, label_map=label_map,

@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows._retries import IO_TASK
+from flows._storage import resolve_storage_options
 from pipeline.config import SegmentConfig, fill_date
 from pipeline.outputs import prepare_locations
 from pipeline.ray_runner import Progress, RunSummary, run_segmentation
@@ -124,25 +125,30 @@ def segment_archive(
     shard_size: int = _DEFAULTS["shard_size"],
     ray_address: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    storage_secret: str | None = None,
     device: Literal["auto", "cuda", "cpu"] = _DEFAULTS["device"],
     actors: int | None = None,
     gpus_per_actor: float = _DEFAULTS["gpus_per_actor"],
     cpus_per_actor: float = _DEFAULTS["cpus_per_actor"],
     max_pixels: int = _DEFAULTS["max_pixels"],
+    image_timeout_s: float = _DEFAULTS["image_timeout_s"],
     redo_errors: bool = False,
     date: str | None = None,
 ) -> dict[str, Any]:
     """Segment every image under SOURCE into OUTPUT (the options of `segpipe segment`).
 
     `{date}` in SOURCE and OUTPUT becomes `date` (YYYY-MM-DD; default yesterday, UTC).
+    Credentials come from SEGPIPE_STORAGE_OPTIONS or the Secret block named `storage_secret`,
+    never from `storage_options`, which Prefect stores with the run (see flows/_storage.py).
     """
     source, output = fill_date(source, output, date)
     config = SegmentConfig(
         source=source, output=output, model=model, weights=weights, num_classes=num_classes, crf=crf,
         tile=tile, tile_stride=tile_stride,
         batch_size=batch_size, shard_by=shard_by, shard_size=shard_size, ray_address=ray_address,
-        storage_options=storage_options or {}, device=device, actors=actors, gpus_per_actor=gpus_per_actor,
-        cpus_per_actor=cpus_per_actor, max_pixels=max_pixels, redo_errors=redo_errors,
+        storage_options=resolve_storage_options(storage_options, storage_secret), device=device, actors=actors, gpus_per_actor=gpus_per_actor,
+        cpus_per_actor=cpus_per_actor, max_pixels=max_pixels, image_timeout_s=image_timeout_s,
+        redo_errors=redo_errors,
     )
     survey = discover_shards(config)
     summary = run_on_ray(config, survey["images"])

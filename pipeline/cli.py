@@ -42,10 +42,13 @@ def _segment(args: argparse.Namespace) -> int:
     from .config import SegmentConfig, fill_date
 
     fields = {name: getattr(args, name) for name in SegmentConfig.model_fields if getattr(args, name, None) is not None}
+    if args.storage_secret:
+        fields["storage_secret"] = args.storage_secret
     try:
         fields["source"], fields["output"] = fill_date(args.source, args.output, args.date)
         # fail here, in one line, before any server or cluster starts
-        fields["storage_options"] = SegmentConfig(**fields).storage_options
+        _options_to_environment(SegmentConfig(**fields).storage_options)
+        fields.pop("storage_options", None)
     except ValidationError as err:
         return _config_errors(err)
     except ValueError as err:
@@ -85,6 +88,19 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _options_to_environment(options: dict) -> None:
+    """Hand --storage-options to the flow through its environment, not as a parameter: Prefect
+    stores parameters (in its database, even the ephemeral one), and these may be credentials."""
+    import json
+    import os
+
+    from flows._storage import STORAGE_OPTIONS_ENV
+
+    if options:
+        inherited = json.loads(os.environ.get(STORAGE_OPTIONS_ENV) or "{}")
+        os.environ[STORAGE_OPTIONS_ENV] = json.dumps(inherited | options)
+
+
 def _print_summary(s: dict) -> None:
     ok = s["images"] - s["errors"]
     print(f"run {s['run_id']}: {s['images']} images segmented ({ok} ok, {s['errors']} errors) "
@@ -113,12 +129,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     except (TypeError, ValueError):
         print("segpipe: error: --label-map maps integer labels to integer labels", file=sys.stderr)
         return 2
+    _options_to_environment(args.storage_options or {})
     try:
         report = evaluate_predictions(
             predictions=args.predictions, ground_truth=args.ground_truth, output=args.output,
             num_classes=args.num_classes, ignore_index=args.ignore_index, class_names=args.class_names,
             label_map=label_map, reduce_zero_label=args.reduce_zero_label, prediction_suffix=args.prediction_suffix,
-            ground_truth_suffix=args.ground_truth_suffix, storage_options=args.storage_options or {},
+            ground_truth_suffix=args.ground_truth_suffix, storage_secret=args.storage_secret,
             ray_address=args.ray_address,
         )
     except ValueError as err:
@@ -133,7 +150,7 @@ def _serve(args: argparse.Namespace) -> int:
     from flows.deployments import serve_deployments
 
     parameters = {"source": args.source, "output": args.output}
-    for name in ("model", "weights", "num_classes", "ray_address", "storage_options"):
+    for name in ("model", "weights", "num_classes", "ray_address", "storage_options", "storage_secret"):
         if getattr(args, name) is not None:
             parameters[name] = getattr(args, name)
     serve_deployments(parameters, cron=args.cron)
@@ -167,6 +184,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-address", dest="ray_address", help="join this Ray cluster (default: RAY_ADDRESS, or a local Ray)")
 
 
+def _add_secret_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage-secret", dest="storage_secret",
+                        help="name of a Prefect Secret block holding storage options (credentials) as a JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segpipe", description="Batch semantic segmentation of image archives.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -196,12 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--shard-size", dest="shard_size", type=int, help="images per shard at most (default 1000)")
     segment.add_argument("--storage-options", dest="storage_options",
                          help="JSON object for fsspec on remote URLs, e.g. '{\"endpoint_url\": \"http://...\"}'")
+    _add_secret_option(segment)
     segment.add_argument("--device", choices=["auto", "cuda", "cpu"],
                          help="auto: GPU replicas when the cluster has GPUs; cuda: always (autoscaling clusters); cpu")
     segment.add_argument("--actors", type=int, help="model replicas (default: one per GPU, or 1 without GPUs)")
     segment.add_argument("--gpus-per-actor", dest="gpus_per_actor", type=float, help="fraction of a GPU per replica (default 1)")
     segment.add_argument("--cpus-per-actor", dest="cpus_per_actor", type=float, help="CPUs per replica (default 1)")
     segment.add_argument("--max-pixels", dest="max_pixels", type=int, help="refuse images with more pixels than this")
+    segment.add_argument("--image-timeout", dest="image_timeout_s", type=float,
+                         help="seconds one image may take to decode before it becomes an error row (default 120)")
     segment.add_argument("--date", help="YYYY-MM-DD for {date} in SOURCE and OUTPUT (default: yesterday, UTC)")
     segment.set_defaults(run=_segment)
 
@@ -222,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--prediction-suffix", dest="prediction_suffix", default="")
     evaluate.add_argument("--ground-truth-suffix", dest="ground_truth_suffix", default="")
     evaluate.add_argument("--storage-options", dest="storage_options", type=json_object)
+    _add_secret_option(evaluate)
     evaluate.add_argument("--ray-address", dest="ray_address")
     evaluate.set_defaults(run=_evaluate)
 
@@ -234,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--output", required=True, help="OUTPUT of the nightly run; contains {date} when SOURCE does")
     serve.add_argument("--cron", default="0 2 * * *", help="schedule, UTC (default: %(default)s)")
     _add_model_options(serve)
-    serve.add_argument("--storage-options", dest="storage_options", type=json_object)
+    serve.add_argument("--storage-options", dest="storage_options", type=json_object,
+                       help="stored with the deployment: endpoints and regions only; credentials go in --storage-secret")
+    _add_secret_option(serve)
     serve.set_defaults(run=_serve)
     models = commands.add_parser("models", help="list the model names")
     models.set_defaults(run=_models)

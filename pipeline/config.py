@@ -47,6 +47,8 @@ class SegmentConfig(BaseModel):
     gpus_per_actor: float = Field(default=1.0, gt=0, le=1)
     cpus_per_actor: float = Field(default=1.0, gt=0)
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    # wall-time limit for decoding one image: past it the image becomes a `timeout` error row
+    image_timeout_s: float = Field(default=120.0, gt=0)
     # how long replicas may take to be placed and load their model (autoscaling included)
     startup_timeout_s: float = Field(default=900.0, gt=0)
     # a batch whose replica died is sent again this many times before its images become

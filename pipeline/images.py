@@ -10,12 +10,21 @@ Multi-frame files give their first frame. A file whose header claims more pixels
 
 Pillow decodes everything it can; TIFFs it cannot (separate band planes, many bands, float
 samples) go to tifffile.
+
+`time_limit` bounds the wall time of a decode: a file can be small, within the pixel limit
+and still take minutes (a highly compressed plane of zeros, a JPEG with thousands of scans).
 """
 
 from __future__ import annotations
 
 import io
+import os
+import signal
+import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import tifffile
@@ -33,6 +42,53 @@ class ImageDecodeError(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class DecodeTimeout(BaseException):
+    """Raised into a decode that ran past its time limit.
+
+    A BaseException, like KeyboardInterrupt, so that no decoder's `except Exception` swallows
+    it and reports a broken file instead.
+    """
+
+
+@contextmanager
+def time_limit(seconds: float | None, *, hard_stop_after: float | None = None) -> Iterator[None]:
+    """Interrupt the block with DecodeTimeout after `seconds` of wall time.
+
+    The interruption is a SIGALRM, delivered between the decoder's steps (Pillow feeds its
+    decoders 64 KiB at a time), so it needs the main thread; elsewhere the block runs
+    unlimited. A decoder stuck inside one C call never sees the signal: with
+    `hard_stop_after`, a watchdog thread then ends the whole process after that many seconds,
+    which only a disposable worker process (a Ray task) should ask for.
+    """
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum: int, frame: object) -> None:
+        raise DecodeTimeout(f"decoding took longer than the {seconds:g} s limit")
+
+    watchdog = None
+    if hard_stop_after is not None:
+        watchdog = threading.Timer(hard_stop_after, _stop_process, (hard_stop_after,))
+        watchdog.daemon = True
+        watchdog.start()
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if watchdog is not None:
+            watchdog.cancel()
+
+
+def _stop_process(after: float) -> None:
+    sys.stderr.write(f"segpipe: a decode ignored its time limit for {after:g} s; stopping this worker process\n")
+    sys.stderr.flush()
+    os._exit(70)
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

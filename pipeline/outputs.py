@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from .config import RunError, SegmentConfig
 from .stages import ImageRecord, mask_key
-from .storage import Location, Shard, ShardBy, open_location, read_bytes, write_atomic
+from .storage import Location, Shard, ShardBy, is_case_insensitive, open_location, read_bytes, write_atomic
 
 LAYOUT_FORMAT = "segpipe-output/1"
 # a shard is at most a few thousand images; one row group per file keeps scans simple while
@@ -117,6 +117,14 @@ class OutputStore:
 
     def __init__(self, location: Location) -> None:
         self.location = location
+        self._case_insensitive: bool | None = None
+
+    @property
+    def case_insensitive(self) -> bool:
+        """Whether mask paths differing only in case are one file here (asked once)."""
+        if self._case_insensitive is None:
+            self._case_insensitive = is_case_insensitive(self.location)
+        return self._case_insensitive
 
     def check_layout(self, source_url: str, shard_by: ShardBy, shard_size: int) -> None:
         """Record the source and sharding on first use; refuse a different one afterwards,

@@ -161,9 +161,11 @@ class SegmentWorker:
         return self.stage(records)
 
 
-@ray.remote
-def _decode(source: Location, files: list[SourceFile], max_pixels: int) -> list[ImageRecord]:
-    return read_and_decode(source, files, max_pixels=max_pixels)
+# no Ray-level retries: a decode that crashed or hung its worker is the driver's to retry,
+# image by image (see _Run._finish), not Ray's to repeat whole
+@ray.remote(max_retries=0)
+def _decode(source: Location, files: list[SourceFile], max_pixels: int, time_limit_s: float) -> list[ImageRecord]:
+    return read_and_decode(source, files, max_pixels=max_pixels, time_limit_s=time_limit_s, hard_stop=True)
 
 
 @ray.remote
@@ -210,6 +212,7 @@ class _ReplicaPool:
         self.dead: set[int] = set()
         self.checks: dict[ray.ObjectRef, int] = {}  # pings in flight to replicas set aside
         self.recheck_at: dict[int, float] = {}
+        self.alone: set[int] = set()  # replicas running a batch that must run by itself
         try:
             self.placements = ray.get([actor.ready.remote() for actor in self.actors], timeout=config.startup_timeout_s)
         except GetTimeoutError as err:
@@ -231,10 +234,18 @@ class _ReplicaPool:
     def _set_aside(self) -> set[int]:
         return set(self.checks.values()) | set(self.recheck_at) | self.dead
 
-    def pick(self) -> int | None:
-        """The least busy replica that can take work now, if any."""
-        usable = [i for i in range(len(self.actors)) if i not in self._set_aside()]
-        return min(usable, key=lambda i: self.load[i]) if usable else None
+    def pick(self, *, alone: bool = False) -> int | None:
+        """The least busy replica that can take work now, if any; with `alone`, an idle one,
+        which then takes nothing else until that batch is back."""
+        usable = [i for i in range(len(self.actors)) if i not in self._set_aside() and i not in self.alone]
+        if alone:
+            usable = [i for i in usable if self.load[i] == 0]
+        if not usable:
+            return None
+        replica = min(usable, key=lambda i: self.load[i])
+        if alone:
+            self.alone.add(replica)
+        return replica
 
     def suspect(self, replica: int) -> None:
         if replica not in self._set_aside():
@@ -289,6 +300,9 @@ class _Batch:
     files: list[SourceFile]
     replica: int = -1
     attempts: int = 0
+    # split from a batch that failed: runs on an idle replica with nothing beside it, so that
+    # if it kills the replica again, the blame (and the attempt) is its own
+    alone: bool = False
 
 
 def _short(err: BaseException) -> str:
@@ -333,7 +347,7 @@ class _Run:
                 self.progress.shards_skipped += 1
                 self.on_progress(self.progress)
                 continue
-            todo, refused = plan_shard(shard.files)
+            todo, refused = plan_shard(shard.files, fold_case=self.store.case_insensitive)
             open_shard = _OpenShard(shard, records=[])
             self._account(open_shard, refused)
             for files in _batched(todo, self.config.batch_size):
@@ -352,12 +366,12 @@ class _Run:
 
     def _submit_queued(self) -> None:
         while self.queue and len(self.pending) < self.limit:
-            replica = self.pool.pick()
+            replica = self.pool.pick(alone=self.queue[0].alone)
             if replica is None:
                 return
             batch = self.queue.popleft()
             batch.replica = replica
-            decoded = _decode.remote(self.source, batch.files, self.config.max_pixels)
+            decoded = _decode.remote(self.source, batch.files, self.config.max_pixels, self.config.image_timeout_s)
             segmented = self.pool.actors[replica].segment.remote(decoded)
             written = _write.remote(self.store.location, segmented, self.palette)
             self.pool.load[replica] += 1
@@ -382,6 +396,8 @@ class _Run:
     def _finish(self, ref: ray.ObjectRef) -> None:
         batch = self.pending.pop(ref)
         self.pool.load[batch.replica] -= 1
+        if batch.alone:
+            self.pool.alone.discard(batch.replica)
         try:
             records = ray.get(ref)
         except StorageUnavailableError as err:  # Ray re-raises the task's error as this type too
@@ -391,9 +407,13 @@ class _Run:
                 self.pool.suspect(batch.replica)
             batch.attempts += 1
             if batch.attempts < self.config.batch_attempts:
-                log.warning("batch of %d images failed (%s); sending it again", len(batch.files), _short(err))
+                log.warning("batch of %d images failed (%s); sending them again one by one", len(batch.files), _short(err))
                 self.retried += 1
-                self.queue.appendleft(batch)
+                # one by one, each alone on its replica: if an image crashed or hung the worker,
+                # only that image fails again; its neighbours were collateral
+                singles = [_Batch(batch.shard, [file], attempts=batch.attempts, alone=True) for file in batch.files]
+                batch.shard.outstanding += len(singles) - 1
+                self.queue.extendleft(reversed(singles))
                 return
             records = []
             for file in batch.files:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .crf import dense_crf
-from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from .images import DEFAULT_MAX_PIXELS, DecodeTimeout, ImageDecodeError, decode_image, time_limit
 from .inference import Segmenter, to_chw_uint8
 from .masks import encode_mask
 from .stats import ClassStats, class_statistics, labels_and_confidence
@@ -67,15 +67,31 @@ def mask_key(image_key: str) -> str:
     return "masks/" + posixpath.splitext(image_key)[0] + ".png"
 
 
-def read_and_decode(source: Location, files: Sequence[SourceFile], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[ImageRecord]:
+def read_and_decode(
+    source: Location,
+    files: Sequence[SourceFile],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    time_limit_s: float | None = None,
+    hard_stop: bool = False,
+) -> list[ImageRecord]:
+    """Records with decoded images, or the reason each file could not be decoded.
+
+    `time_limit_s` bounds each decode (see `images.time_limit`); with `hard_stop` a decode
+    stuck past twice the limit (at least the limit plus 5 s) ends the process, for Ray to replace.
+    """
+    hard_stop_after = time_limit_s + max(time_limit_s, 5.0) if hard_stop and time_limit_s else None
     records = []
     for file in files:
         record = ImageRecord(key=file.key, size=file.size, version=file.version)
         start = time.perf_counter()
         try:
             data = retry_io(source.uri(file.key), source.fs.cat_file, source.path(file.key))
-            record.image = decode_image(data, max_pixels=max_pixels)
+            with time_limit(time_limit_s, hard_stop_after=hard_stop_after):
+                record.image = decode_image(data, max_pixels=max_pixels)
             record.height, record.width = record.image.shape[:2]
+        except DecodeTimeout as err:
+            record.fail("timeout", str(err))
         except ImageDecodeError as err:
             record.fail(err.reason, str(err))
         except FileNotFoundError:
@@ -155,10 +171,11 @@ def write_masks(output: Location, records: list[ImageRecord], palette: Sequence[
     return records
 
 
-def plan_shard(files: Sequence[SourceFile]) -> tuple[list[SourceFile], list[ImageRecord]]:
+def plan_shard(files: Sequence[SourceFile], *, fold_case: bool = False) -> tuple[list[SourceFile], list[ImageRecord]]:
     """Split a shard's inputs into those to segment and those that are errors before any work:
     keys unsafe as output paths, and keys whose mask path another key already takes (a.jpg
-    and a.png both become masks/a.png; the first in listing order keeps it)."""
+    and a.png both become masks/a.png; the first in listing order keeps it). With `fold_case`
+    (an OUTPUT where A.png and a.png are one file), keys differing only in case collide too."""
     todo: list[SourceFile] = []
     refused: list[ImageRecord] = []
     owners: dict[str, str] = {}
@@ -170,10 +187,11 @@ def plan_shard(files: Sequence[SourceFile]) -> tuple[list[SourceFile], list[Imag
             record.fail("unsafe_key", str(err))
             refused.append(record)
             continue
-        if key in owners:
-            record.fail("mask_collision", f"its mask {key} would overwrite the mask of {owners[key]}; rename one of them")
+        owner_key = key.casefold() if fold_case else key
+        if owner_key in owners:
+            record.fail("mask_collision", f"its mask {key} would overwrite the mask of {owners[owner_key]}; rename one of them")
             refused.append(record)
             continue
-        owners[key] = file.key
+        owners[owner_key] = file.key
         todo.append(file)
     return todo, refused

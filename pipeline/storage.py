@@ -212,6 +212,20 @@ def iter_shards(
         yield Shard(shard_id(shard_by, group, index), tuple(batch))
 
 
+def is_case_insensitive(location: Location) -> bool:
+    """Whether names differing only in case are the same file there (local folders on macOS
+    and Windows by default), found by asking the folder itself. Object stores never are."""
+    if not location.is_local:
+        return False
+    name = f".segpipe-case-probe-{uuid.uuid4().hex}"
+    with open(os.path.join(location.root, name), "wb"):
+        pass
+    try:
+        return os.path.exists(os.path.join(location.root, name.upper()))
+    finally:
+        os.remove(os.path.join(location.root, name))
+
+
 def write_atomic(location: Location, key: str, data: bytes) -> None:
     """Write a whole object so that a reader sees the old one or the new one, never part.
 

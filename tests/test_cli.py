@@ -78,7 +78,7 @@ def _segpipe(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     )
 
 
-def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_endpoint) -> None:
+def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_endpoint, tmp_path) -> None:
     bucket, options = s3_bucket
     fs = s3fs.S3FileSystem(**options)
     for i in range(3):
@@ -101,11 +101,19 @@ def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_end
     rows = con.sql(f"select status, count(*) from read_parquet('{bucket}/out/images/**/*.parquet', hive_partitioning=true) group by 1 order by 1").fetchall()
     assert rows == [("error", 1), ("ok", 3)]
     # a second run finds everything committed
+    # a second run finds everything committed; its --storage-options (credentials) reach the
+    # run but not Prefect's database, where flow-run parameters are kept
+    marker = "s3cr3t-ON-THE-COMMAND-LINE"
+    prefect_home = tmp_path / "prefect-home"
     again = _segpipe("segment", f"{bucket}/in", f"{bucket}/out", "--model", "lraspp_mobilenet_v3_large", "--weights",
                      "none", "--num-classes", "4", "--no-crf", "--batch-size", "2", "--storage-options",
-                     f'{{"endpoint_url": "{s3_endpoint}", "key": "testing", "secret": "testing"}}')
+                     f'{{"endpoint_url": "{s3_endpoint}", "key": "testing", "secret": "{marker}"}}',
+                     env={"PREFECT_HOME": str(prefect_home)})
     assert again.returncode == 0, again.stderr
     assert "0 images segmented" in again.stdout and "1 already up to date" in again.stdout
+    stored = b"".join(p.read_bytes() for p in prefect_home.rglob("*") if p.is_file())
+    assert f"{bucket}/in".encode() in stored  # the run's parameters are in there...
+    assert marker.encode() not in stored and s3_endpoint.encode() not in stored  # ...its storage options are not
 
 
 @pytest.mark.parametrize(("args", "message"), [

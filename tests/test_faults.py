@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
+import json
 import os
 import signal
 import subprocess
@@ -224,3 +226,70 @@ def test_storage_that_stays_down_stops_the_run_and_the_next_run_resumes(ray_cpu,
     con.register_filesystem(s3fs.S3FileSystem(**direct))
     rows = con.sql(f"select image_id, count(*) from read_parquet('{bucket}/out/images/**/*.parquet') group by 1").fetchall()
     assert sorted(rows) == sorted((f"d{s}/{i}.jpg", 1) for s in range(4) for i in range(2))
+
+
+DISK_FULL = textwrap.dedent("""
+    import datetime as dt, json, resource, sys
+    import numpy as np
+    from pipeline.outputs import OutputStore, RunInfo
+    from pipeline.stages import ImageRecord, write_masks
+    from pipeline.stats import class_statistics
+    from pipeline.storage import Shard, SourceFile, StorageUnavailableError, open_location
+
+    store = OutputStore(open_location(sys.argv[1]))
+    def shard(version):
+        return Shard("s1", (SourceFile("a.jpg", 1, version), SourceFile("b.jpg", 1, version)))
+    def records():
+        out = []
+        for seed, key in enumerate(["a.jpg", "b.jpg"]):
+            labels = np.random.default_rng(seed).integers(0, 4, (256, 256), dtype=np.uint8)
+            out.append(ImageRecord(key, labels=labels, width=256, height=256,
+                                   stats=class_statistics(labels, np.ones(labels.shape, np.float32), 4)))
+        return out
+    def run(run_id):
+        return RunInfo(run_id, dt.date(2026, 11, 21), "m", "none", 4, ("a", "b", "c", "d"), False, "src", "f")
+
+    store.commit_shard(shard("v1"), write_masks(store.location, records(), [(0, 0, 0)] * 4), run("r1"))
+    # the disk fills up: no file may grow past 2 KiB (Python ignores SIGXFSZ, so writes fail
+    # with EFBIG, as they would with ENOSPC)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+    result = {}
+    try:
+        write_masks(store.location, records(), [(0, 0, 0)] * 4)
+    except StorageUnavailableError as err:
+        result["masks"] = str(err)
+    try:
+        written = [ImageRecord(r.key, width=256, height=256, stats=r.stats, mask_key="masks/" + r.key[0] + ".png")
+                   for r in records()]
+        store.commit_shard(shard("v2"), written, run("r2"))
+    except OSError as err:
+        result["commit"] = str(err)
+    print(json.dumps(result))
+""")
+
+
+def test_a_full_disk_stops_writes_and_leaves_the_last_commit_intact(tmp_path):
+    """Nothing corrupt is left: no partial mask, table or temporary file, and the shard's last
+    commit still reads back whole. The next run re-processes the shard (its marker does not
+    match the new inputs). That the Ray run stops on such a write is tested in test_ray_runner."""
+    from pipeline.masks import decode_mask
+    from pipeline.outputs import OutputStore, RunInfo
+    from pipeline.storage import Shard, SourceFile, open_location
+
+    output = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", DISK_FULL, str(output)], capture_output=True, text=True,
+                          timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "cannot write" in errors["masks"] and "masks/a.png" in errors["masks"] and "File too large" in errors["masks"]
+    assert "File too large" in errors["commit"]
+    assert not [p for p in output.rglob("*") if p.name.startswith(".") and p.name.endswith(".tmp")]
+    for name in ("a", "b"):
+        assert decode_mask((output / "masks" / f"{name}.png").read_bytes()).shape == (256, 256)
+    rows = duckdb.sql(f"select run_id, image_id from read_parquet('{output}/images/**/*.parquet') order by 2").fetchall()
+    assert rows == [("r1", "a.jpg"), ("r1", "b.jpg")]
+    assert json.loads((output / "_commits" / "s1.json").read_text())["run_id"] == "r1"
+    store = OutputStore(open_location(str(output)))
+    run = RunInfo("r3", dt.date(2026, 11, 21), "m", "none", 4, ("a", "b", "c", "d"), False, "src", "f")
+    assert store.is_current(Shard("s1", (SourceFile("a.jpg", 1, "v1"), SourceFile("b.jpg", 1, "v1"))), run)
+    assert not store.is_current(Shard("s1", (SourceFile("a.jpg", 1, "v2"), SourceFile("b.jpg", 1, "v2"))), run)

@@ -219,11 +219,30 @@ def test_credentials_never_reach_outputs_artifacts_or_logs(prefect_harness, ray_
     state = segment_archive(source=f"{bucket}/in", output=f"{bucket}/out", model="lraspp_mobilenet_v3_large",
                             weights="none", num_classes=4, crf=False, storage_options=leaky, return_state=True)
     assert state.is_completed()
-    # (the flow run's stored parameters do hold storage_options: the README says to give
-    # credentials to scheduled runs through the environment instead)
+    # (the flow run's stored parameters do hold storage_options: credentials belong in a Secret
+    # block or the environment, tested below)
     for path in fs.find(f"{bucket[5:]}/out"):  # tables, masks, markers, the run record
         assert secret.encode() not in fs.cat_file(path), path
     for key in ["segpipe-run-summary", "segpipe-run-outputs"]:
         assert secret not in str(_artifact(key).data)
     captured = capfd.readouterr()
     assert secret not in captured.out + captured.err + caplog.text
+
+
+def test_credentials_from_a_secret_block_are_not_stored_with_the_run(prefect_harness, ray_cpu, s3_bucket, monkeypatch):
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # the endpoint is only in the block
+    bucket, options = s3_bucket
+    marker = "s3cr3t-IN-A-BLOCK"
+    Secret(value=options | {"secret": marker}).save("segpipe-test-storage", overwrite=True)
+    s3fs.S3FileSystem(**options).pipe_file(f"{bucket[5:]}/in/a.png", _png(synthetic_scene(24, 32, 0)[0]))
+    state = segment_archive(source=f"{bucket}/in", output=f"{bucket}/out", model="lraspp_mobilenet_v3_large",
+                            weights="none", num_classes=4, crf=False, storage_secret="segpipe-test-storage",
+                            return_state=True)
+    assert state.is_completed() and state.result()["images"] == 1  # so the block's endpoint was used
+    with get_client(sync_client=True) as client:
+        stored = json.dumps(client.read_flow_run(state.state_details.flow_run_id).parameters, default=str)
+    assert '"storage_secret": "segpipe-test-storage"' in stored
+    assert marker not in stored and options["endpoint_url"] not in stored

@@ -5,9 +5,14 @@ on S3 over all of them, names with spaces, unicode, '#', '?' and '%' included.""
 from __future__ import annotations
 
 import io
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from collections import Counter
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -21,7 +26,8 @@ from pipeline.inference import Segmenter
 from pipeline.masks import decode_mask
 from pipeline.models import build_model
 from pipeline.ray_runner import run_segmentation
-from pipeline.stages import ImageRecord, SegmentStage
+from pipeline.stages import ImageRecord, SegmentStage, read_and_decode
+from pipeline.storage import SourceFile, open_location
 
 RGB = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
 
@@ -137,3 +143,48 @@ def test_a_run_over_hostile_files_and_names_accounts_for_every_input(ray_cpu, s3
         assert decode_mask(fs.cat_file(mask_uri)).shape == (height, width) == (20, 30)
     # keys differing only in case keep separate masks
     assert fs.exists(f"{bucket[5:]}/out/masks/names/Case.png") and fs.exists(f"{bucket[5:]}/out/masks/names/case.png")
+
+
+def _slow_png() -> bytes:
+    """62 KB that take about 2 s to decode: an 8000 x 8000 plane of zeros, deflated. Small,
+    within a raised pixel limit, and still expensive, as a hostile file can be."""
+    return _encode(Image.new("L", (8000, 8000)), "PNG")
+
+
+def test_a_decode_past_the_time_limit_becomes_a_timeout_row(tmp_path):
+    (tmp_path / "slow.png").write_bytes(_slow_png())
+    (tmp_path / "small.png").write_bytes(_encode(Image.fromarray(RGB), "PNG"))
+    source = open_location(str(tmp_path))
+    files = [SourceFile(key="slow.png", size=1, version=""), SourceFile(key="small.png", size=1, version="")]
+    handler = signal.getsignal(signal.SIGALRM)
+    started = time.monotonic()
+    slow, small = read_and_decode(source, files, max_pixels=10**9, time_limit_s=0.3)
+    assert time.monotonic() - started < 1.5  # stopped at the limit, not after the full decode
+    assert (slow.error_type, slow.image) == ("timeout", None) and "0.3 s limit" in slow.error
+    assert small.ok and small.image.shape == (20, 30, 3)
+    assert signal.getsignal(signal.SIGALRM) is handler and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    # without a limit the same file decodes: the limit, not the file, made the error
+    assert read_and_decode(source, files[:1], max_pixels=10**9)[0].ok
+
+
+def test_a_decode_deaf_to_the_limit_ends_its_process(tmp_path):
+    """A decoder stuck inside one C call never sees the alarm. Here the alarm is switched off
+    and the decode sleeps, which is the same to the watchdog: it must end the (disposable)
+    worker process about 5 s after the limit."""
+    (tmp_path / "a.png").write_bytes(_encode(Image.fromarray(RGB), "PNG"))
+    script = f"""
+import time
+import pipeline.images, pipeline.stages
+pipeline.images.signal.setitimer = lambda *args: (0.0, 0.0)
+pipeline.stages.decode_image = lambda data, max_pixels: time.sleep(120)
+from pipeline.storage import SourceFile, open_location
+records = pipeline.stages.read_and_decode(open_location({str(tmp_path)!r}), [SourceFile("a.png", 1, "")],
+                                          time_limit_s=0.1, hard_stop=True)
+print("finished", records[0].error_type)
+"""
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 70, done.stdout + done.stderr
+    assert "ignored its time limit" in done.stderr and "finished" not in done.stdout
+    assert time.monotonic() - started < 60

@@ -339,3 +339,55 @@ def test_a_shard_is_committed_only_after_all_its_batches(ray_cpu, tmp_path):
     assert (summary.images, summary.errors, summary.shards_committed) == (3, 0, 1)
     rows = _duckdb().sql(f"select count(*) from read_parquet('{output}/images/**/*.parquet')").fetchall()
     assert rows == [(3,)]
+
+
+class PoisonedWorker(SegmentWorker):
+    """A replica whose process dies on one particular image, as on a file that crashes a
+    decoder or a kernel: it takes down whichever batch holds it."""
+
+    def segment(self, records):
+        if any("poison" in r.key for r in records):
+            os._exit(1)
+        return super().segment(records)
+
+
+def test_a_crashing_image_costs_only_itself(ray_cpu, tmp_path):
+    source, output = _local_source(tmp_path, 4)
+    os.rename(f"{source}/d0/002.jpg", f"{source}/d0/002-poison.jpg")
+    config = SegmentConfig(source=source, output=output, batch_size=4, crf=False, max_restarts=10, **MODEL)
+    summary = run_segmentation(config, worker_class=PoisonedWorker)
+    assert (summary.images, summary.errors) == (4, 1)
+    rows = _duckdb().sql(f"select image_id, status, error_type from read_parquet('{output}/images/**/*.parquet')").fetchall()
+    assert sorted(rows) == [("d0/000.jpg", "ok", None), ("d0/001.jpg", "ok", None),
+                            ("d0/002-poison.jpg", "error", "worker_failed"), ("d0/003.jpg", "ok", None)]
+
+
+def test_an_image_that_decodes_too_slowly_becomes_a_timeout_row(ray_cpu, tmp_path):
+    """The time limit holds inside Ray's decode tasks (they run on their worker's main thread,
+    where the alarm can interrupt them)."""
+    source, output = _local_source(tmp_path, 3)
+    buffer = io.BytesIO()
+    Image.new("L", (8000, 8000)).save(buffer, format="PNG")  # 62 KB, about 2 s to decode
+    Path(source, "d0", "slow.png").write_bytes(buffer.getvalue())
+    config = SegmentConfig(source=source, output=output, batch_size=4, crf=False, max_pixels=10**9,
+                           image_timeout_s=0.5, **MODEL)
+    summary = run_segmentation(config)
+    assert (summary.images, summary.errors, summary.errors_by_type) == (4, 1, {"timeout": 1})
+    rows = _duckdb().sql(f"select image_id, status, error from read_parquet('{output}/images/**/*.parquet')").fetchall()
+    assert [r[0] for r in rows if r[1] == "error"] == ["d0/slow.png"]
+    assert "0.5 s limit" in next(r[2] for r in rows if r[1] == "error")
+
+
+def test_a_mask_that_cannot_be_written_stops_the_run(ray_cpu, tmp_path):
+    """A write that fails for the output's sake (disk full, a file where a folder must go)
+    stops the run with a clear error instead of turning good images into error rows; the
+    shard is not committed, so the next run, once the output is fixed, does it."""
+    source, output = _local_source(tmp_path, 2)
+    Path(output, "masks").mkdir(parents=True)
+    Path(output, "masks", "d0").write_text("a file where the masks' folder must go")
+    config = SegmentConfig(source=source, output=output, crf=False, **MODEL)
+    with pytest.raises(RunError, match=r"storage unavailable: .*cannot write .*masks/d0/00\d\.png"):
+        run_segmentation(config)
+    assert not Path(output, "_commits").exists() or not list(Path(output, "_commits").iterdir())
+    Path(output, "masks", "d0").unlink()
+    assert run_segmentation(config).images == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import os
 
 import duckdb
 import numpy as np
@@ -32,7 +33,7 @@ from pipeline.stages import (
     read_and_decode,
     write_masks,
 )
-from pipeline.storage import Shard, SourceFile, iter_shards, open_location
+from pipeline.storage import Shard, SourceFile, is_case_insensitive, iter_shards, open_location
 
 
 def _encode(array: np.ndarray, fmt: str, **kw) -> bytes:
@@ -116,6 +117,21 @@ def test_plan_shard_refuses_collisions_and_unsafe_keys():
     assert [f.key for f in todo] == ["a.jpg", "b.jpg"]
     assert {r.key: r.error_type for r in refused} == {"a.png": "mask_collision", "../c.jpg": "unsafe_key"}
     assert "a.jpg" in next(r.error for r in refused if r.key == "a.png")
+
+
+def test_keys_differing_in_case_collide_only_where_the_output_folds_case(tmp_path):
+    files = [SourceFile(k, 1, "v") for k in ["Cam/A.jpg", "cam/a.JPG", "b.jpg"]]
+    todo, refused = plan_shard(files)
+    assert len(todo) == 3 and not refused  # S3, Linux folders: two masks
+    todo, refused = plan_shard(files, fold_case=True)  # macOS, Windows: one file
+    assert [f.key for f in todo] == ["Cam/A.jpg", "b.jpg"]
+    assert [(r.key, r.error_type) for r in refused] == [("cam/a.JPG", "mask_collision")]
+    assert "Cam/A.jpg" in refused[0].error
+    # the probe asks the folder itself, and leaves nothing behind
+    folder = open_location(str(tmp_path))
+    expected = os.path.exists(str(tmp_path).upper()) and os.path.samefile(tmp_path, str(tmp_path).upper())
+    assert is_case_insensitive(folder) == expected
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.fixture(scope="module")
