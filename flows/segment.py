@@ -114,7 +114,7 @@ def summarise(summary: RunSummary, survey: dict[str, int], record_uri: str) -> d
 def segment_archive(
     source: str,
     output: str,
-    model: str = _DEFAULTS["model"],
+    model: str | None = None,
     weights: str | None = _DEFAULTS["weights"],
     num_classes: int | None = None,
     crf: bool = _DEFAULTS["crf"],

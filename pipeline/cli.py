@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections import Counter
@@ -157,6 +158,44 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    """Run the training flow and print its epochs and where the checkpoint is."""
+    from pydantic import ValidationError
+
+    from .training import TrainConfig
+
+    fields = {name: getattr(args, name) for name in TrainConfig.model_fields if getattr(args, name, None) is not None}
+    try:
+        TrainConfig(**fields)  # fail here, in one line, before any server or cluster starts
+    except ValidationError as err:
+        return _config_errors(err)
+    _options_to_environment(fields.pop("storage_options", {}))
+    if args.storage_secret:
+        fields["storage_secret"] = args.storage_secret
+    _quiet_prefect()
+    from flows.train import train_model
+
+    from .ray_train import TrainingError
+
+    try:
+        summary = train_model(**fields)
+    except ValueError as err:
+        print(f"segpipe: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"segpipe: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{'epoch':>5} {'loss':>8} {'train mIoU':>10} {'val mIoU':>8} {'images/s':>8}")
+    for e in summary["epochs"]:
+        print(f"{e['epoch']:>5} {e['loss']:>8.4f} {e['train_miou'] or float('nan'):>10.4f} "
+              f"{e['val_miou'] if e['val_miou'] is not None else float('nan'):>8.4f} {e['images_per_second']:>8.1f}")
+    print(f"{summary['train_images']} training and {summary['val_images']} validation images, {summary['workers']} "
+          f"{summary['device']} workers, {summary['seconds']:.0f} s; best {summary['score']} {summary['best_score']} "
+          f"at epoch {summary['best_epoch']}")
+    print(f"checkpoint: {summary['output']} (run it with: segpipe segment SOURCE OUTPUT --weights {summary['output']})")
+    return 0
+
+
 def _models(_: argparse.Namespace) -> int:
     from .models import list_models
 
@@ -178,7 +217,8 @@ def json_object(text: str) -> dict:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     """The options `segment` and `serve` share (serve passes them on to the nightly runs)."""
-    parser.add_argument("--model", help="model name (see `segpipe models`; default deeplabv3_resnet101)")
+    parser.add_argument("--model", help="model name (see `segpipe models`; default: the architecture a checkpoint given "
+                        "as --weights names, else deeplabv3_resnet101)")
     parser.add_argument("--weights", help="torchvision weights name (default DEFAULT), checkpoint path/URL, or none")
     parser.add_argument("--num-classes", dest="num_classes", type=int, help="classes (required with --weights none)")
     parser.add_argument("--ray-address", dest="ray_address", help="join this Ray cluster (default: RAY_ADDRESS, or a local Ray)")
@@ -264,6 +304,41 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stored with the deployment: endpoints and regions only; credentials go in --storage-secret")
     _add_secret_option(serve)
     serve.set_defaults(run=_serve)
+    train = commands.add_parser(
+        "train", help="fine-tune a model on labelled images (Ray Train); write a checkpoint segment can run",
+        description="Train MODEL on the images under IMAGES and the label masks under LABELS (PNG of class ids, "
+        "paired by key as in evaluate) and write the best checkpoint, with its classes and palette, to "
+        "OUTPUT_CHECKPOINT. `segpipe segment --weights OUTPUT_CHECKPOINT` runs it with no other flag.",
+    )
+    train.add_argument("images", help="fsspec URL of the training images")
+    train.add_argument("labels", help="fsspec URL of their label masks")
+    train.add_argument("output", metavar="output_checkpoint", help="fsspec URL of the checkpoint to write (.pt)")
+    train.add_argument("--model", required=True, help="model name (see `segpipe models`)")
+    train.add_argument("--num-classes", dest="num_classes", type=int, required=True)
+    train.add_argument("--class-names", dest="class_names", nargs="+", help="one name per class, in id order")
+    train.add_argument("--palette", type=json.loads, help='JSON list of [r, g, b], one per class (default: a fixed palette)')
+    train.add_argument("--epochs", type=int, help="default 20")
+    train.add_argument("--batch-size", dest="batch_size", type=int, help="per worker (default 8)")
+    train.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop (default 512 512)")
+    train.add_argument("--scale", type=float, nargs=2, metavar=("LOW", "HIGH"), help="random scale range (default 0.5 2.0)")
+    train.add_argument("--ignore-index", dest="ignore_index", type=int, help="label of unlabelled pixels (default 255)")
+    train.add_argument("--init", help="none (default), imagenet (backbone), a torchvision weights name, or a checkpoint URL")
+    train.add_argument("--optimizer", choices=["sgd", "adamw"], help="default sgd (momentum 0.9), polynomial decay")
+    train.add_argument("--lr", type=float, help="default 0.01 for sgd, 1e-4 for adamw")
+    train.add_argument("--weight-decay", dest="weight_decay", type=float)
+    train.add_argument("--label-suffix", dest="label_suffix", help="suffix of label names, e.g. _L for x_L.png")
+    train.add_argument("--val-images", dest="val_images", help="fsspec URL of validation images")
+    train.add_argument("--val-labels", dest="val_labels", help="fsspec URL of their label masks")
+    train.add_argument("--val-last", dest="val_last", type=int, help="without --val-images: hold out the last N pairs")
+    train.add_argument("--workers", type=int, help="Ray Train workers (default: one per GPU, else 1)")
+    train.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    train.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float)
+    train.add_argument("--resume", help="a checkpoint written by segpipe train: continue after its epoch")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--storage-options", dest="storage_options", type=json_object)
+    _add_secret_option(train)
+    train.add_argument("--ray-address", dest="ray_address")
+    train.set_defaults(run=_train)
     models = commands.add_parser("models", help="list the model names")
     models.set_defaults(run=_models)
     return parser

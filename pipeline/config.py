@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .images import DEFAULT_MAX_PIXELS
 
+DEFAULT_MODEL = "deeplabv3_resnet101"
+
 
 class RunError(RuntimeError):
     """The run could not start or could not go on (bad settings, no workers left)."""
@@ -22,7 +24,8 @@ class SegmentConfig(BaseModel):
 
     source: str = Field(min_length=1, description="fsspec URL of the images")
     output: str = Field(min_length=1, description="fsspec URL for masks and tables")
-    model: str = "deeplabv3_resnet101"
+    # None: the architecture a checkpoint given as weights names, else DEFAULT_MODEL
+    model: str | None = None
     # a torchvision weights name ("DEFAULT", "COCO_WITH_VOC_LABELS_V1"), a checkpoint path or
     # URL, or None for an untrained model (then num_classes is required)
     weights: str | None = "DEFAULT"
@@ -59,6 +62,17 @@ class SegmentConfig(BaseModel):
     # few enough that memory stays flat
     batches_in_flight_per_actor: int = Field(default=3, ge=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_model(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("model") is None:
+            from .models import is_checkpoint_uri
+
+            weights = data.get("weights", "DEFAULT")
+            if not (isinstance(weights, str) and weights.strip().lower() not in {"", "none"} and is_checkpoint_uri(weights)):
+                data = {**data, "model": DEFAULT_MODEL}
+        return data
+
     @model_validator(mode="after")
     def _stride_within_tile(self) -> SegmentConfig:
         if self.tile_stride is not None and (self.tile is None or self.tile_stride > self.tile):
@@ -67,10 +81,10 @@ class SegmentConfig(BaseModel):
 
     @field_validator("model")
     @classmethod
-    def _known_model(cls, value: str) -> str:
+    def _known_model(cls, value: str | None) -> str | None:
         from .models import list_models
 
-        if value not in list_models():
+        if value is not None and value not in list_models():
             raise ValueError(f"unknown model {value!r}; choose one of: {', '.join(list_models())}")
         return value
 

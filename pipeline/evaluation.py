@@ -62,7 +62,7 @@ class PairScore:
     error: str | None = None
 
 
-def _pairing_key(key: str, suffix: str) -> str:
+def pairing_key(key: str, suffix: str) -> str:
     stem = posixpath.splitext(key)[0]
     return stem[: -len(suffix)] if suffix and stem.endswith(suffix) else stem
 
@@ -73,7 +73,7 @@ def _index(location: Location, suffix: str, side: str, rejected: list[dict[str, 
         if posixpath.splitext(file.key)[1].lower() not in MASK_EXTENSIONS:
             rejected.append({"key": file.key, "side": side, "reason": "not a PNG mask"})
             continue
-        key = _pairing_key(file.key, suffix)
+        key = pairing_key(file.key, suffix)
         if key in index:
             rejected.append({"key": file.key, "side": side, "reason": f"pairs under the same key as {index[key]}"})
             continue

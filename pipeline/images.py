@@ -43,6 +43,9 @@ class ImageDecodeError(ValueError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # picklable with both arguments, so Ray can carry it between processes
+        return type(self), (self.reason, str(self))
+
 
 class DecodeTimeout(BaseException):
     """Raised into a decode that ran past its time limit.

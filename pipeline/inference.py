@@ -142,7 +142,7 @@ class Segmenter:
     @classmethod
     def from_name(
         cls,
-        name: str,
+        name: str | None,
         *,
         num_classes: int | None = None,
         weights: str | None = None,

@@ -29,7 +29,15 @@ import pyarrow.parquet as pq
 
 from .config import RunError, SegmentConfig
 from .stages import ImageRecord, mask_key
-from .storage import Location, Shard, ShardBy, is_case_insensitive, open_location, read_bytes, write_atomic
+from .storage import (
+    Location,
+    Shard,
+    ShardBy,
+    is_case_insensitive,
+    open_location,
+    read_bytes,
+    write_atomic,
+)
 
 LAYOUT_FORMAT = "segpipe-output/1"
 # a shard is at most a few thousand images; one row group per file keeps scans simple while

@@ -107,7 +107,7 @@ def worker_device(gpu_ids: list[str], cuda_available: bool) -> torch.device:
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    model: str
+    model: str | None  # None: the checkpoint in `weights` names it
     weights: str | None
     num_classes: int | None
     crf: bool
@@ -228,7 +228,7 @@ class _ReplicaPool:
         failed = [p["error"] for p in self.placements if "error" in p]
         if failed:
             self.shutdown()
-            raise RunError(f"cannot load {config.model!r}: {failed[0]}")
+            raise RunError(f"cannot load {config.model or config.weights!r}: {failed[0]}")
         self.meta = self.placements[0]["meta"]
 
     def _set_aside(self) -> set[int]:
@@ -479,7 +479,7 @@ def run_segmentation(
         pool = _ReplicaPool(config, worker_class, run_id)
         meta = pool.meta
         run = RunInfo(
-            run_id=run_id, run_date=dt.datetime.now(dt.UTC).date(), model=config.model, weights=meta["weights"],
+            run_id=run_id, run_date=dt.datetime.now(dt.UTC).date(), model=meta["architecture"], weights=meta["weights"],
             num_classes=meta["num_classes"], class_names=tuple(meta["class_names"]), crf=config.crf,
             source_url=source.url, fingerprint=_fingerprint(meta, config.crf, (config.tile, config.tile_stride)),
         )
@@ -492,7 +492,7 @@ def run_segmentation(
             raise RunError(f"storage unavailable: {type(err).__name__}: {err}; committed shards are kept, "
                            "run again to resume") from err
         return RunSummary(
-            run_id=run_id, source=source.url, output=output.url, model=config.model, weights=run.weights,
+            run_id=run_id, source=source.url, output=output.url, model=run.model, weights=run.weights,
             shards_committed=loop.progress.shards_committed, shards_skipped=loop.progress.shards_skipped,
             images=loop.progress.images, errors=loop.progress.errors, errors_by_type=dict(loop.errors_by_type),
             non_image_keys=counts.skipped, pixels_by_class=dict(loop.pixels_by_class), retried_batches=loop.retried, setup_seconds=setup_seconds, ray_cluster=ray_cluster,

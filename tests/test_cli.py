@@ -23,7 +23,7 @@ def test_pipeline_imports_without_ray_or_prefect() -> None:
     code = (
         "import sys, pipeline, pipeline.models, pipeline.inference, pipeline.crf, pipeline.stats, "
         "pipeline.metrics, pipeline.masks, pipeline.samples, pipeline.cli, pipeline.storage, pipeline.images, "
-        "pipeline.stages, pipeline.outputs, pipeline.config; "
+        "pipeline.stages, pipeline.outputs, pipeline.config, pipeline.training; "
         "assert 'ray' not in sys.modules and 'prefect' not in sys.modules, 'pipeline pulled in ray or prefect'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

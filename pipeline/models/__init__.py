@@ -9,7 +9,9 @@ from .weights import (
     Preprocessing,
     WeightsUnavailableError,
     build_model,
+    is_checkpoint_uri,
     load_checkpoint,
+    load_training_state,
     save_checkpoint,
 )
 
@@ -18,8 +20,10 @@ __all__ = [
     "Preprocessing",
     "WeightsUnavailableError",
     "build_model",
+    "is_checkpoint_uri",
     "list_models",
     "load_checkpoint",
+    "load_training_state",
     "register_model",
     "save_checkpoint",
 ]

@@ -112,12 +112,17 @@ class ModelMeta(BaseModel):
 
 
 def save_checkpoint(
-    model: nn.Module, url: str, meta: ModelMeta, *, storage_options: dict[str, Any] | None = None
+    model: nn.Module, url: str, meta: ModelMeta, *, storage_options: dict[str, Any] | None = None,
+    training_state: dict[str, Any] | None = None,
 ) -> None:
-    """Write `model`'s weights with `meta` to any fsspec URL, loadable by `build_model`."""
+    """Write `model`'s weights with `meta` to any fsspec URL, loadable by `build_model`.
+    `training_state` (optimizer state, epoch: plain data and tensors) lets training resume."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"format": CHECKPOINT_FORMAT, "meta": meta.model_dump(mode="json"), "state_dict": state}
+    if training_state is not None:
+        payload["training_state"] = training_state
     buffer = io.BytesIO()
-    torch.save({"format": CHECKPOINT_FORMAT, "meta": meta.model_dump(mode="json"), "state_dict": state}, buffer)
+    torch.save(payload, buffer)
     with fsspec.open(url, "wb", **(storage_options or {})) as f:
         f.write(buffer.getvalue())
 
@@ -155,6 +160,13 @@ def load_checkpoint(
     return meta, payload["state_dict"]
 
 
+def load_training_state(url: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The `training_state` saved with a checkpoint (None if it has none), weights_only too."""
+    with fsspec.open(url, "rb", **(storage_options or {})) as f:
+        payload = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    return payload.get("training_state") if isinstance(payload, dict) else None
+
+
 def _torchvision_weights(tv_name: str | None, weights: str) -> Any | None:
     """The torchvision enum member that `weights` names for this model, or None."""
     if tv_name is None:
@@ -166,7 +178,8 @@ def _torchvision_weights(tv_name: str | None, weights: str) -> Any | None:
     return enum_cls[member] if member in enum_cls.__members__ else None
 
 
-def _looks_like_uri(weights: str) -> bool:
+def is_checkpoint_uri(weights: str) -> bool:
+    """Whether `weights` names a checkpoint file rather than a torchvision weights name."""
     return "://" in weights or os.sep in weights or weights.endswith((".pt", ".pth", ".ckpt")) or os.path.exists(weights)
 
 
@@ -186,7 +199,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
 
 
 def build_model(
-    name: str,
+    name: str | None,
     *,
     num_classes: int | None = None,
     weights: str | None = None,
@@ -197,7 +210,14 @@ def build_model(
 
     `num_classes` is required without weights and otherwise checked against them. Auxiliary
     heads in published weights or checkpoints are dropped unless `aux_loss=True` is passed.
+    `name` may be None when `weights` is a segpipe checkpoint: it names its architecture.
     """
+    checkpoint = None
+    if name is None:
+        if weights is None or weights.lower() == "none" or not is_checkpoint_uri(weights):
+            raise ValueError("a model name is needed unless weights is a segpipe checkpoint (which names its architecture)")
+        checkpoint = load_checkpoint(weights, storage_options=storage_options)
+        name = checkpoint[0].architecture
     spec = get_spec(name)
     want_aux = bool(kwargs.get("aux_loss", False))
 
@@ -234,8 +254,8 @@ def build_model(
             name, len(categories), class_names=tuple(categories), preprocessing=preprocessing,
             weights=str(enum).split(".")[-1], model_kwargs=kwargs,
         )
-    elif _looks_like_uri(weights):
-        meta, state = load_checkpoint(weights, storage_options=storage_options)
+    elif is_checkpoint_uri(weights):
+        meta, state = checkpoint or load_checkpoint(weights, storage_options=storage_options)
         if meta.architecture != name:
             raise ValueError(
                 f"checkpoint {weights} holds a {meta.architecture!r} model, not {name!r}; "

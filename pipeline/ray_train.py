@@ -1,0 +1,255 @@
+"""Distributed fine-tuning with Ray Train: a TorchTrainer with one worker per GPU (CPU
+workers when there is no GPU), each training on its share of the pairs under DDP.
+
+The driver pairs the data and checks every label mask before any worker starts, so a wrong
+label range is one clear error, not a failed trial. Rank 0 writes the checkpoint straight to
+its URL (any fsspec URL) whenever the score improves: validation mIoU, or training mIoU
+without a validation set. Ray Train's own checkpoint storage is not used, so no shared
+filesystem is needed between the nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from .masks import decode_mask
+from .models import is_checkpoint_uri, load_checkpoint, load_training_state, save_checkpoint
+from .ray_runner import connect_ray
+from .storage import open_location, read_bytes
+from .training import (
+    Normalizer,
+    TrainConfig,
+    TrainingPair,
+    build_training_model,
+    load_samples,
+    make_optimizer,
+    miou,
+    pair_training_data,
+    precise_batch_norm,
+    train_epoch,
+    validate,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSummary:
+    output: str
+    model: str
+    train_images: int
+    val_images: int
+    workers: int
+    device: str
+    epochs: list[dict[str, Any]] = field(default_factory=list)  # one row of metrics per epoch
+    best_epoch: int | None = None
+    best_score: float | None = None
+    score: str = "val_miou"
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        rates = [e["images_per_second"] for e in self.epochs if e.get("images_per_second")]
+        return float(np.mean(rates)) if rates else 0.0
+
+
+def split_pairs(config: TrainConfig) -> tuple[list[TrainingPair], list[TrainingPair]]:
+    images, labels = open_location(config.images, config.storage_options), open_location(config.labels, config.storage_options)
+    pairs = pair_training_data(images, labels, label_suffix=config.label_suffix)
+    if config.val_images is not None:
+        val = pair_training_data(open_location(config.val_images, config.storage_options),
+                                 open_location(config.val_labels, config.storage_options), label_suffix=config.label_suffix)
+        return pairs, val
+    if config.val_last >= len(pairs):
+        raise ValueError(f"val_last={config.val_last} leaves nothing to train on ({len(pairs)} pairs)")
+    cut = len(pairs) - config.val_last
+    return pairs[:cut], pairs[cut:]
+
+
+def check_labels(url: str, pairs: list[TrainingPair], config: TrainConfig) -> None:
+    """Every mask's values within [0, num_classes) or ignore_index, before any training."""
+    labels = open_location(url, config.storage_options)
+    for pair in pairs:
+        values = np.unique(decode_mask(read_bytes(labels, pair.label) or b""))
+        bad = values[(values >= config.num_classes) & (values != config.ignore_index)]
+        if bad.size:
+            raise ValueError(
+                f"{labels.uri(pair.label)} holds label {int(bad[0])}, outside [0, {config.num_classes}) and not "
+                f"ignore_index={config.ignore_index}; check --num-classes and --ignore-index"
+            )
+
+
+def _all_reduce(*tensors: torch.Tensor) -> None:
+    if dist.is_available() and dist.is_initialized():
+        for tensor in tensors:
+            dist.all_reduce(tensor)
+
+
+def _average_batch_norm(model: torch.nn.Module, world: int) -> None:
+    """Every worker recomputed its statistics on its own share: average them, so all ranks
+    validate (and rank 0 saves) the same model."""
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            for buffer in (module.running_mean, module.running_var):
+                dist.all_reduce(buffer)
+                buffer /= world
+
+
+def _train_worker(loop: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """One Ray Train worker. Rank 0 returns the metrics of every epoch; it also writes the
+    checkpoint, so nothing goes through ray.train.report."""
+    config = TrainConfig.model_validate(loop["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(max(1, int(config.cpus_per_worker)))
+    rng = np.random.default_rng([config.seed, rank, loop["start_epoch"]])
+    options = config.storage_options
+    samples = load_samples(open_location(config.images, options), open_location(config.labels, options),
+                           loop["train"][rank::world], num_classes=config.num_classes, ignore_index=config.ignore_index)
+    val_images = open_location(config.val_images or config.images, options)
+    val_labels = open_location(config.val_labels or config.labels, options)
+    val_samples = load_samples(val_images, val_labels, loop["val"][rank::world], num_classes=config.num_classes,
+                               ignore_index=config.ignore_index)
+
+    model, meta, skipped = build_training_model(config)
+    if skipped and rank == 0:
+        print(f"segpipe train: {len(skipped)} tensors start random (not in --init or other shapes): {', '.join(skipped[:4])}...")
+    training_state = None
+    if config.resume:
+        _, state = load_checkpoint(config.resume, storage_options=options)
+        model.load_state_dict(state)
+        training_state = load_training_state(config.resume, storage_options=options)
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
+    plain = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    # batches() drops a last batch of one
+    steps = max(1, len(samples) // config.batch_size + (len(samples) % config.batch_size >= 2)) * config.epochs
+    optimizer, schedule = make_optimizer(model, config, steps)
+    history: list[dict[str, Any]] = []
+    best = None
+    if training_state is not None:
+        optimizer.load_state_dict(training_state["optimizer"])
+        schedule.load_state_dict(training_state["schedule"])
+        history, best = list(training_state["history"]), training_state["best"]
+    normalize = Normalizer(meta.preprocessing, device)
+    score_name = "val_miou" if loop["val"] else "train_miou"
+
+    for epoch in range(loop["start_epoch"], config.epochs):
+        result = train_epoch(model, samples, config, optimizer, schedule, normalize, rng)
+        precise_batch_norm(plain, samples, config, normalize, rng)
+        _average_batch_norm(plain, world)
+        val_confusion = validate(plain, val_samples, config, normalize)
+        totals = torch.tensor([result.loss * len(samples), len(samples), result.images], dtype=torch.float64, device=device)
+        _all_reduce(result.confusion, val_confusion, totals)
+        metrics = {
+            "epoch": epoch + 1, "loss": round(float(totals[0] / totals[1]), 5), "train_miou": miou(result.confusion),
+            "val_miou": miou(val_confusion) if loop["val"] else None,
+            "images_per_second": round(float(totals[2]) / result.seconds, 2), "lr": schedule.get_last_lr()[0],
+        }
+        history.append(metrics)
+        score = metrics[score_name]
+        if rank == 0:
+            print(f"segpipe train: epoch {epoch + 1}/{config.epochs} loss {metrics['loss']:.4f} "
+                  f"train mIoU {metrics['train_miou']} val mIoU {metrics['val_miou']} {metrics['images_per_second']} img/s")
+            if best is None or (score is not None and score > best):
+                best = score
+                extra = {"training": config.model_dump(mode="json", exclude={"storage_options"}), "epoch": epoch + 1,
+                         "val_miou": metrics["val_miou"], "train_miou": metrics["train_miou"], "history": history}
+                save_checkpoint(
+                    plain, config.output, meta.model_copy(update={"extra": extra}), storage_options=options,
+                    training_state={"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+                                    "schedule": schedule.state_dict(), "history": history, "best": best},
+                )
+    return history if rank == 0 else None
+
+
+class TrainingError(RuntimeError):
+    """Training started but a worker failed; the message is the worker's error."""
+
+
+def _absolute(config: TrainConfig) -> TrainConfig:
+    """Local paths made absolute: Ray Train's workers run in other folders."""
+    update = {}
+    for name in ("images", "labels", "val_images", "val_labels", "output", "resume", "init"):
+        value = getattr(config, name)
+        if value and "://" not in value and (name != "init" or is_checkpoint_uri(value)):
+            update[name] = os.path.abspath(value)
+    return config.model_copy(update=update)
+
+
+def run_training(config: TrainConfig) -> TrainSummary:
+    """Train `config.model` and write the best checkpoint to `config.output`."""
+    started = time.monotonic()
+    config = _absolute(config)
+    train_pairs, val_pairs = split_pairs(config)
+    if len(train_pairs) < 2:
+        raise ValueError(f"{len(train_pairs)} training pair(s): at least 2 are needed (batch norm)")
+    check_labels(config.labels, train_pairs, config)
+    check_labels(config.val_labels or config.labels, val_pairs, config)
+    start_epoch = 0
+    if config.resume:
+        state = load_training_state(config.resume, storage_options=config.storage_options)
+        if state is None:
+            raise ValueError(f"{config.resume} holds no training state; resume from a checkpoint written by segpipe train")
+        start_epoch = int(state["epoch"])
+        if start_epoch >= config.epochs:
+            raise ValueError(f"{config.resume} already trained {start_epoch} epochs; ask for more than that with --epochs")
+        if config.resume != config.output:  # the best so far, until an epoch of this run beats it
+            with fsspec.open(config.resume, "rb", **config.storage_options) as source:
+                data = source.read()
+            with fsspec.open(config.output, "wb", **config.storage_options) as target:
+                target.write(data)
+
+    stop_ray, _ = connect_ray(config.ray_address)
+    storage = tempfile.mkdtemp(prefix="segpipe-train-")  # Ray Train's run state; checkpoints go to config.output
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        use_gpu = config.device == "cuda" or (config.device == "auto" and gpus >= 1)
+        workers = config.workers or (max(1, int(gpus)) if use_gpu else 1)
+        trainer = TorchTrainer(
+            _train_worker,
+            train_loop_config={"config": config.model_dump(), "train": train_pairs, "val": val_pairs,
+                               "start_epoch": start_epoch},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": config.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})),
+            run_config=RunConfig(name=f"segpipe-train-{uuid.uuid4().hex[:8]}", storage_path=storage),
+        )
+        try:
+            history = trainer.fit().return_value or []
+        except ray.train.TrainingFailedError as err:
+            lines = [line.strip() for line in str(err).splitlines() if "Error" in line and ":" in line]
+            raise TrainingError(f"training failed: {lines[-1] if lines else err}") from err
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+        if stop_ray:
+            ray.shutdown()
+    score = "val_miou" if val_pairs else "train_miou"
+    epochs = history[-(config.epochs - start_epoch):] if history else []  # this run's epochs
+    scored = [e for e in history if e.get(score) is not None]
+    best = max(scored, key=lambda e: e[score]) if scored else None
+    return TrainSummary(
+        output=config.output, model=config.model, train_images=len(train_pairs), val_images=len(val_pairs),
+        workers=workers, device="cuda" if use_gpu else "cpu", epochs=epochs,
+        best_epoch=best["epoch"] if best else None, best_score=best[score] if best else None, score=score,
+        seconds=time.monotonic() - started,
+    )

@@ -1,0 +1,330 @@
+"""Fine-tuning: labelled images in, a segpipe checkpoint out, which `segpipe segment --weights`
+runs with no other flag.
+
+Plain functions and one settings class, run inside Ray Train's workers by
+`pipeline.ray_train` and callable without Ray: pairing images with label masks (by key, as the
+evaluation pairs masks), random scale, crop and flip, the loss (cross-entropy with the ignore
+index, plus `aux_weight` times the auxiliary head's where the model has one), SGD or AdamW
+with polynomial decay, and validation mIoU with `pipeline.metrics`, as MMSegmentation's
+schedules do.
+"""
+
+from __future__ import annotations
+
+import inspect
+import posixpath
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from .evaluation import pairing_key
+from .images import decode_image
+from .masks import decode_mask, default_palette
+from .metrics import confusion_matrix, scores
+from .models import ModelMeta, Preprocessing, build_model
+from .models._registry import get_spec
+from .storage import Location, is_image_key, iter_files, read_bytes
+
+
+class TrainConfig(BaseModel):
+    """Everything `segpipe train` needs. Field names are the CLI's option names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    images: str = Field(min_length=1, description="fsspec URL of the training images")
+    labels: str = Field(min_length=1, description="fsspec URL of their label masks (PNG, class ids)")
+    output: str = Field(min_length=1, description="fsspec URL of the checkpoint to write")
+    model: str
+    num_classes: int = Field(gt=0)
+    class_names: tuple[str, ...] | None = None
+    palette: tuple[tuple[int, int, int], ...] | None = None
+    epochs: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=8, ge=2)  # per worker; batch norm needs two samples
+    crop: tuple[int, int] = (512, 512)
+    scale: tuple[float, float] = (0.5, 2.0)
+    ignore_index: int = 255
+    # "none" (random), "imagenet" (the backbone's ImageNet weights), a torchvision weights name
+    # of the model, or a checkpoint URL; tensors whose shapes differ (the classifier, for other
+    # classes) start random
+    init: str = "none"
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float | None = Field(default=None, gt=0)  # default 0.01 for SGD, 1e-4 for AdamW
+    weight_decay: float | None = Field(default=None, ge=0)  # default 1e-4 for SGD, 0.01 for AdamW
+    aux_weight: float = Field(default=0.4, ge=0)
+    label_suffix: str = ""
+    val_images: str | None = None
+    val_labels: str | None = None
+    # without a validation set: hold out the last N pairs in key order (0: validate on none)
+    val_last: int = Field(default=0, ge=0)
+    workers: int | None = Field(default=None, ge=1)  # default: one per GPU, else 1
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    resume: str | None = None  # a checkpoint written by segpipe train: continue after its epoch
+    seed: int = 0
+    storage_options: dict[str, Any] = {}
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        get_spec(self.model)  # unknown model: ValueError naming the choices
+        if (self.val_images is None) != (self.val_labels is None):
+            raise ValueError("give both val_images and val_labels, or neither")
+        if self.val_images is not None and self.val_last:
+            raise ValueError("val_last holds pairs out of the training data; it cannot be combined with val_images")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for num_classes={self.num_classes}")
+        if min(self.crop) < 32:
+            raise ValueError(f"crop {self.crop} is too small; the models downsample by up to 32")
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {self.scale}")
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr or (0.01 if self.optimizer == "sgd" else 1e-4)
+
+    @property
+    def decay(self) -> float:
+        return self.weight_decay if self.weight_decay is not None else (1e-4 if self.optimizer == "sgd" else 0.01)
+
+    def __repr_args__(self):  # keep credentials out of logs and tracebacks
+        for name, value in super().__repr_args__():
+            yield name, ("<hidden>" if name == "storage_options" and value else value)
+
+
+@dataclass(frozen=True)
+class TrainingPair:
+    key: str  # the pairing key
+    image: str  # key under the images root
+    label: str  # key under the labels root
+
+
+@dataclass
+class Sample:
+    key: str
+    image: np.ndarray  # (H, W, 3) uint8
+    label: np.ndarray  # (H, W) int64 class ids, ignore_index where unlabelled
+
+
+def pair_training_data(images: Location, labels: Location, *, label_suffix: str = "") -> list[TrainingPair]:
+    """Images and PNG label masks with the same key relative to their roots (extension and
+    `label_suffix` removed), sorted by key. Refuses an empty pairing, naming both roots."""
+    image_keys = {pairing_key(f.key, ""): f.key for _, f in iter_files(images) if is_image_key(f.key)}
+    label_keys = {
+        pairing_key(f.key, label_suffix): f.key for _, f in iter_files(labels) if posixpath.splitext(f.key)[1].lower() == ".png"
+    }
+    pairs = [TrainingPair(k, image_keys[k], label_keys[k]) for k in sorted(image_keys.keys() & label_keys.keys())]
+    if not pairs:
+        raise ValueError(
+            f"no image under {images.url} has a label mask under {labels.url} with the same key "
+            f"({len(image_keys)} images, {len(label_keys)} PNG masks; label_suffix={label_suffix!r})"
+        )
+    return pairs
+
+
+def load_samples(images: Location, labels: Location, pairs: Sequence[TrainingPair], *, num_classes: int,
+                 ignore_index: int) -> list[Sample]:
+    """Decoded pairs, checked: a mask whose size differs from its image, or that holds a label
+    outside [0, num_classes) other than ignore_index, is refused naming the file."""
+    samples = []
+    for pair in pairs:
+        try:
+            image = decode_image(read_bytes(images, pair.image) or b"")
+            label = decode_mask(read_bytes(labels, pair.label) or b"").astype(np.int64)
+        except ValueError as err:  # a training set with a broken file is fixed, not trained around
+            raise ValueError(f"{images.uri(pair.image)} or its label {labels.uri(pair.label)}: {err}") from None
+        if label.shape != image.shape[:2]:
+            raise ValueError(f"{labels.uri(pair.label)} is {label.shape[1]}x{label.shape[0]} but its image "
+                             f"{images.uri(pair.image)} is {image.shape[1]}x{image.shape[0]}")
+        values = np.unique(label)
+        bad = values[((values < 0) | (values >= num_classes)) & (values != ignore_index)]
+        if bad.size:
+            raise ValueError(
+                f"{labels.uri(pair.label)} holds label {int(bad[0])}, outside [0, {num_classes}) and not "
+                f"ignore_index={ignore_index}; check num_classes and ignore_index"
+            )
+        samples.append(Sample(pair.key, image if image.flags.writeable else image.copy(), label))
+    return samples
+
+
+def augment(sample: Sample, *, crop: tuple[int, int], scale: tuple[float, float], ignore_index: int,
+            rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random scale, then a random crop (padded with ignore_index where the image is smaller),
+    then a random horizontal flip: (3, h, w) uint8 pixels and (h, w) int64 labels."""
+    image = torch.from_numpy(sample.image).permute(2, 0, 1)
+    label = torch.from_numpy(sample.label)
+    factor = rng.uniform(*scale)
+    height, width = label.shape
+    size = (max(1, round(height * factor)), max(1, round(width * factor)))
+    image = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    image = image.round().clamp(0, 255).to(torch.uint8)
+    label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    pad_h, pad_w = max(0, crop[0] - size[0]), max(0, crop[1] - size[1])
+    if pad_h or pad_w:
+        image = F.pad(image, (0, pad_w, 0, pad_h), value=0)
+        label = F.pad(label, (0, pad_w, 0, pad_h), value=ignore_index)
+    top = int(rng.integers(0, label.shape[0] - crop[0] + 1))
+    left = int(rng.integers(0, label.shape[1] - crop[1] + 1))
+    image = image[:, top : top + crop[0], left : left + crop[1]]
+    label = label[top : top + crop[0], left : left + crop[1]]
+    if rng.random() < 0.5:
+        image, label = image.flip(-1), label.flip(-1)
+    return image.contiguous(), label.contiguous()
+
+
+def batches(samples: Sequence[Sample], config: TrainConfig, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of augmented batches in a random order; a last batch of one is dropped
+    (batch norm cannot train on a single sample)."""
+    order = rng.permutation(len(samples))
+    for start in range(0, len(order), config.batch_size):
+        chosen = order[start : start + config.batch_size]
+        if len(chosen) < 2:
+            return
+        pairs = [augment(samples[i], crop=config.crop, scale=config.scale, ignore_index=config.ignore_index, rng=rng)
+                 for i in chosen]
+        yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def has_aux_head(model_name: str) -> bool:
+    return "aux_loss" in inspect.signature(get_spec(model_name).builder).parameters
+
+
+def build_training_model(config: TrainConfig) -> tuple[nn.Module, ModelMeta, list[str]]:
+    """The model to train, its metadata, and the names of tensors `init` could not provide
+    (shapes that differ: the classifier, when the classes differ)."""
+    kwargs = {"aux_loss": True} if has_aux_head(config.model) else {}
+    skipped: list[str] = []
+    if config.init == "imagenet":
+        if "weights_backbone" not in inspect.signature(get_spec(config.model).builder).parameters:
+            raise ValueError(f"{config.model} has no ImageNet backbone weights to start from")
+        model = build_model(config.model, num_classes=config.num_classes, weights=None, weights_backbone="DEFAULT", **kwargs)
+    else:
+        model = build_model(config.model, num_classes=config.num_classes, weights=None, **kwargs)
+        if config.init.lower() != "none":
+            source = build_model(config.model, weights=config.init, storage_options=config.storage_options, **kwargs)
+            skipped = load_matching(model, source.state_dict())
+    meta = ModelMeta(
+        architecture=config.model, num_classes=config.num_classes,
+        class_names=config.class_names or tuple(f"class_{i}" for i in range(config.num_classes)),
+        palette=config.palette or default_palette(config.num_classes),
+        preprocessing=Preprocessing(), weights=config.output, model_kwargs=kwargs,
+    )
+    model.meta = meta
+    return model, meta, skipped
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Copy the tensors of `state` whose name and shape match; return the names left as they were."""
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    return sorted(set(own) - set(usable))
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=0.9, weight_decay=config.decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.decay)
+    schedule = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max(1, total_steps), power=0.9)
+    return optimizer, schedule
+
+
+class Normalizer:
+    """uint8 batches on the host -> normalised float batches on the device."""
+
+    def __init__(self, preprocessing: Preprocessing, device: torch.device) -> None:
+        self.device = device
+        self.mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(preprocessing.std, device=device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory()
+        return (pixels.to(self.device, non_blocking=True).float() - self.mean) / self.std
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    confusion: torch.Tensor  # (C, C) on the crops, predictions before each step
+    images: int
+    seconds: float
+
+
+def train_epoch(model: nn.Module, samples: Sequence[Sample], config: TrainConfig, optimizer: torch.optim.Optimizer,
+                schedule: Any, normalize: Normalizer, rng: np.random.Generator) -> EpochResult:
+    model.train()
+    device = normalize.device
+    confusion = torch.zeros(config.num_classes, config.num_classes, dtype=torch.int64, device=device)
+    total_loss, steps, images, started = 0.0, 0, 0, time.perf_counter()
+    for pixels, labels in batches(samples, config, rng):
+        x, y = normalize(pixels), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(x)
+            loss = F.cross_entropy(out["out"].float(), y, ignore_index=config.ignore_index)
+            if "aux" in out and config.aux_weight:
+                loss = loss + config.aux_weight * F.cross_entropy(out["aux"].float(), y, ignore_index=config.ignore_index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        confusion += confusion_matrix(out["out"].detach().argmax(1), y, config.num_classes, config.ignore_index)
+        total_loss += float(loss.detach())
+        steps += 1
+        images += len(pixels)
+    return EpochResult(total_loss / max(1, steps), confusion, images, time.perf_counter() - started)
+
+
+@torch.no_grad()
+def precise_batch_norm(model: nn.Module, samples: Sequence[Sample], config: TrainConfig, normalize: Normalizer,
+                       rng: np.random.Generator, *, images: int = 64) -> None:
+    """Recompute every batch norm's running statistics as a plain average over up to `images`
+    augmented training crops, with the current weights ("precise BN"). The running averages
+    kept during training trail the weights: torchvision's MobileNetV3 updates them with
+    momentum 0.01, so after a short fine-tuning they still describe the first steps, and the
+    model in eval mode (validation, segpipe segment) predicts one class everywhere."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+    model.train()
+    seen = 0
+    for pixels, _ in batches(samples, config, rng):
+        with torch.autocast(normalize.device.type, dtype=torch.bfloat16, enabled=normalize.device.type == "cuda"):
+            model(normalize(pixels))
+        seen += len(pixels)
+        if seen >= images:
+            break
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+
+
+@torch.no_grad()
+def validate(model: nn.Module, samples: Sequence[Sample], config: TrainConfig, normalize: Normalizer) -> torch.Tensor:
+    """Confusion matrix of whole images (no augmentation) at their own size."""
+    model.eval()
+    device = normalize.device
+    confusion = torch.zeros(config.num_classes, config.num_classes, dtype=torch.int64, device=device)
+    for sample in samples:
+        x = normalize(torch.from_numpy(sample.image).permute(2, 0, 1)[None])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x)["out"]
+        target = torch.from_numpy(sample.label).to(device)
+        confusion += confusion_matrix(logits.argmax(1)[0], target, config.num_classes, config.ignore_index)
+    return confusion
+
+
+def miou(confusion: torch.Tensor) -> float | None:
+    value = scores(confusion)["miou"]
+    return None if np.isnan(value) else round(float(value), 4)

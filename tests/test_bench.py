@@ -1,0 +1,21 @@
+"""The benchmark script runs and its comparisons mean something: the same answers as the
+references it is timed against. Timings themselves are not asserted (shared, noisy machines)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_crf_and_evaluation_benchmarks_agree_with_their_references():
+    done = subprocess.run([sys.executable, "bench/run.py", "--quick", "--only", "crf", "eval"], capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [line.get("benchmark") for line in lines[:-1]] == ["crf", "eval"]
+    summary = lines[-1]["summary"]
+    assert summary["crf_argmax_agreement"] > 0.9  # the same CRF as pydensecrf2's, not merely a fast one
+    assert summary["eval_max_abs_diff"] < 1e-6  # the same IoU as torchmetrics'
+    assert summary["crf_speedup_vs_pydensecrf"] > 0 and summary["eval_speedup_vs_torchmetrics"] > 0

@@ -1,0 +1,162 @@
+"""Fine-tuning: the pieces without Ray, then Ray Train on a real local Ray (2 CPUs), the
+`segpipe train` command (the Prefect flow on its ephemeral server), and the checkpoint run by
+`segpipe segment --weights` with no other flag. Tiny generated scenes; CamVid when present."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.masks import decode_mask, encode_mask
+from pipeline.models import build_model, load_checkpoint, load_training_state, save_checkpoint
+from pipeline.samples import _COLOURS, SAMPLE_CLASSES, synthetic_scene
+from pipeline.training import Sample, TrainConfig, augment, build_training_model, load_matching
+
+PALETTE = [[0, 0, 255], [255, 128, 0], [64, 64, 64], [255, 0, 0]]
+
+
+def _scenes(root: Path, count: int, height: int = 64, width: int = 80) -> tuple[str, str]:
+    (root / "images" / "day1").mkdir(parents=True)
+    (root / "labels" / "day1").mkdir(parents=True)
+    for i in range(count):
+        image, labels = synthetic_scene(height, width, i)
+        Image.fromarray(image).save(root / "images" / "day1" / f"{i:02d}.jpg", quality=95)
+        (root / "labels" / "day1" / f"{i:02d}_L.png").write_bytes(encode_mask(labels))
+    return str(root / "images"), str(root / "labels")
+
+
+def _config(tmp_path, **overrides) -> TrainConfig:
+    images, labels = _scenes(tmp_path / "data", 10)
+    fields = dict(images=images, labels=labels, output=str(tmp_path / "model.pt"), model="lraspp_mobilenet_v3_large",
+                  num_classes=4, class_names=SAMPLE_CLASSES, epochs=2, batch_size=4, crop=(48, 48), label_suffix="_L",
+                  val_last=2, optimizer="sgd", lr=0.02)
+    return TrainConfig(**(fields | overrides))
+
+
+def test_augment_keeps_pixels_and_labels_aligned():
+    image, labels = synthetic_scene(60, 90, 3)
+    sample = Sample("a", image, labels.astype(np.int64))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        pixels, target = augment(sample, crop=(64, 64), scale=(0.5, 2.0), ignore_index=255, rng=rng)
+        assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.uint8 and target.shape == (64, 64)
+        assert (pixels[:, target == 255] == 0).all()  # padding: black pixels, ignored labels
+        for class_id, colour in _COLOURS.items():  # each labelled pixel keeps its class's colour
+            inside = target == class_id
+            if inside.sum() > 50:
+                mean = pixels[:, inside].float().mean(1).numpy()
+                assert np.abs(mean - np.array(colour)).max() < 40, (class_id, mean)
+
+
+def test_init_from_a_checkpoint_with_other_classes_keeps_the_backbone(tmp_path):
+    donor = build_model("lraspp_mobilenet_v3_large", num_classes=7, weights=None)
+    save_checkpoint(donor, str(tmp_path / "donor.pt"), donor.meta)
+    config = _config(tmp_path, init=str(tmp_path / "donor.pt"))
+    model, meta, skipped = build_training_model(config)
+    assert skipped and all(name.startswith("classifier.") for name in skipped)  # the 7-class head
+    backbone = "backbone.0.0.weight"
+    assert torch.equal(model.state_dict()[backbone], donor.state_dict()[backbone])
+    assert meta.class_names == SAMPLE_CLASSES and meta.num_classes == 4
+    target = build_model("lraspp_mobilenet_v3_large", num_classes=4, weights=None)
+    assert load_matching(target, {"classifier.low_classifier.weight": torch.zeros(9, 40, 1, 1)}) != []
+
+
+def test_a_wrong_label_range_is_one_clear_error_before_training(tmp_path):
+    from pipeline.ray_train import run_training
+
+    config = _config(tmp_path, num_classes=3, class_names=None)  # the scenes hold labels 0-3
+    with pytest.raises(ValueError, match=r"day1/\d\d_L.png holds label 3, outside \[0, 3\) and not ignore_index=255"):
+        run_training(config)
+    import ray
+
+    assert not ray.is_initialized()  # refused before any cluster started
+
+
+def test_training_resumes_after_the_epoch_of_its_checkpoint(ray_cpu, tmp_path):
+    from pipeline.ray_train import run_training
+
+    config = _config(tmp_path, epochs=2)
+    first = run_training(config)
+    assert [e["epoch"] for e in first.epochs] == [1, 2] and first.workers == 1 and first.device == "cpu"
+    state = load_training_state(config.output)
+    best_epoch = state["epoch"]
+    resumed = run_training(config.model_copy(update={"epochs": 3, "resume": config.output,
+                                                     "output": str(tmp_path / "resumed.pt")}))
+    assert [e["epoch"] for e in resumed.epochs] == list(range(best_epoch + 1, 4))
+    # the resumed run's checkpoint carries the history of both runs
+    assert load_training_state(str(tmp_path / "resumed.pt"))["history"][:best_epoch] == first.epochs[:best_epoch]
+    with pytest.raises(ValueError, match="already trained"):
+        run_training(config.model_copy(update={"epochs": best_epoch, "resume": config.output}))
+    plain = tmp_path / "plain.pt"
+    model = build_model("lraspp_mobilenet_v3_large", num_classes=4, weights=None)
+    save_checkpoint(model, str(plain), model.meta)
+    with pytest.raises(ValueError, match="holds no training state"):
+        run_training(config.model_copy(update={"resume": str(plain)}))
+
+
+def _segpipe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, **(env or {})}, cwd=Path(__file__).parent.parent)
+
+
+@pytest.mark.slow
+def test_train_command_learns_and_segment_runs_its_checkpoint_alone(tmp_path):
+    images, labels = _scenes(tmp_path / "data", 14)
+    checkpoint = tmp_path / "models" / "scenes.pt"
+    done = _segpipe(
+        "train", images, labels, str(checkpoint), "--model", "deeplabv3_mobilenet_v3_large", "--num-classes", "4",
+        "--class-names", *SAMPLE_CLASSES, "--palette", json.dumps(PALETTE), "--epochs", "20", "--batch-size", "3",
+        "--crop", "48", "48", "--label-suffix", "_L", "--val-last", "2", "--lr", "0.02", "--workers", "2",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [r for r in (line.split() for line in done.stdout.splitlines()) if len(r) == 5 and r[0].isdigit()]
+    losses, train_miou = [float(r[1]) for r in rows], [float(r[2]) for r in rows]
+    assert len(rows) == 20
+    assert np.mean(losses[-3:]) < 0.7 * losses[0]  # the loss falls
+    # 4 classes: a model that has learnt nothing scores about 0.12 (road everywhere) or 0.1
+    # (uniformly random); learning takes it well above both
+    assert max(train_miou[-3:]) > 0.33 and max(train_miou[-3:]) > train_miou[0] + 0.1, train_miou
+    assert "12 training and 2 validation images, 2 cpu workers" in done.stdout
+
+    meta, state = load_checkpoint(str(checkpoint))
+    assert meta.architecture == "deeplabv3_mobilenet_v3_large" and meta.class_names == SAMPLE_CLASSES
+    assert [list(c) for c in meta.palette[:4]] == PALETTE and meta.model_kwargs == {"aux_loss": True}
+    assert meta.extra["training"]["epochs"] == 20 and meta.extra["training"]["crop"] == [48, 48]
+    assert meta.extra["epoch"] in range(1, 21) and meta.extra["val_miou"] is not None
+    assert any(k.startswith("aux_classifier.") for k in state)  # trained with the auxiliary loss
+    rebuilt = build_model(None, weights=str(checkpoint))  # the checkpoint alone says what it is
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in state.items() if not k.startswith("aux_classifier."))
+
+    segmented = _segpipe("segment", images, str(tmp_path / "out"), "--weights", str(checkpoint), "--no-crf")
+    assert segmented.returncode == 0, segmented.stderr[-3000:]
+    assert "14 images segmented (14 ok, 0 errors)" in segmented.stdout
+    assert "model deeplabv3_mobilenet_v3_large" in segmented.stdout
+    names = {r[0] for r in duckdb.sql(
+        f"select distinct class_name from read_parquet('{tmp_path}/out/class_stats/**/*.parquet')").fetchall()}
+    assert len(names) >= 2 and names <= set(SAMPLE_CLASSES)  # in eval mode too: no collapse to one class
+    mask = Image.open(tmp_path / "out" / "masks" / "day1" / "00.png")
+    assert mask.getpalette()[:12] == [v for colour in PALETTE for v in colour]
+    assert decode_mask((tmp_path / "out" / "masks" / "day1" / "00.png").read_bytes()).max() < 4
+
+
+@pytest.mark.slow
+def test_camvid_frames_train_with_the_last_20_held_out(ray_cpu, tmp_path, shared_data):
+    from pipeline.ray_train import run_training
+
+    camvid = shared_data / "camvid" / "val"
+    config = TrainConfig(images=str(camvid / "images"), labels=str(camvid / "labels"), output=str(tmp_path / "camvid.pt"),
+                         model="lraspp_mobilenet_v3_large", num_classes=11, ignore_index=11, epochs=1, batch_size=8,
+                         crop=(128, 128), scale=(0.25, 0.5), val_last=20)
+    summary = run_training(config)
+    assert (summary.train_images, summary.val_images) == (81, 20)
+    assert summary.epochs[0]["val_miou"] is not None and 0 <= summary.epochs[0]["val_miou"] <= 1
+    assert load_checkpoint(config.output)[0].extra["training"]["ignore_index"] == 11
