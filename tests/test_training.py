@@ -163,7 +163,14 @@ def test_camvid_frames_train_with_the_last_20_held_out(ray_cpu, tmp_path, shared
 def _epochs_in_process(device: torch.device, tmp_path, epochs: int) -> list[float]:
     """Training mIoU per epoch without Ray: the same functions the Ray Train workers call."""
     from pipeline.storage import open_location
-    from pipeline.training import Normalizer, load_samples, make_optimizer, miou, pair_training_data, train_epoch
+    from pipeline.training import (
+        Normalizer,
+        load_samples,
+        make_optimizer,
+        miou,
+        pair_training_data,
+        train_epoch,
+    )
 
     config = _config(tmp_path, epochs=epochs, batch_size=3)
     images, labels = open_location(config.images), open_location(config.labels)
