@@ -38,6 +38,7 @@ from .training import (
     TrainConfig,
     TrainingPair,
     build_training_model,
+    check_label_range,
     load_samples,
     make_optimizer,
     miou,
@@ -87,13 +88,8 @@ def check_labels(url: str, pairs: list[TrainingPair], config: TrainConfig) -> No
     """Every mask's values within [0, num_classes) or ignore_index, before any training."""
     labels = open_location(url, config.storage_options)
     for pair in pairs:
-        values = np.unique(decode_mask(read_bytes(labels, pair.label) or b""))
-        bad = values[(values >= config.num_classes) & (values != config.ignore_index)]
-        if bad.size:
-            raise ValueError(
-                f"{labels.uri(pair.label)} holds label {int(bad[0])}, outside [0, {config.num_classes}) and not "
-                f"ignore_index={config.ignore_index}; check --num-classes and --ignore-index"
-            )
+        label = decode_mask(read_bytes(labels, pair.label) or b"")
+        check_label_range(label, labels.uri(pair.label), config.num_classes, config.ignore_index)
 
 
 def _all_reduce(*tensors: torch.Tensor) -> None:

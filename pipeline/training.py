@@ -143,15 +143,20 @@ def load_samples(images: Location, labels: Location, pairs: Sequence[TrainingPai
         if label.shape != image.shape[:2]:
             raise ValueError(f"{labels.uri(pair.label)} is {label.shape[1]}x{label.shape[0]} but its image "
                              f"{images.uri(pair.image)} is {image.shape[1]}x{image.shape[0]}")
-        values = np.unique(label)
-        bad = values[((values < 0) | (values >= num_classes)) & (values != ignore_index)]
-        if bad.size:
-            raise ValueError(
-                f"{labels.uri(pair.label)} holds label {int(bad[0])}, outside [0, {num_classes}) and not "
-                f"ignore_index={ignore_index}; check num_classes and ignore_index"
-            )
+        check_label_range(label, labels.uri(pair.label), num_classes, ignore_index)
         samples.append(Sample(pair.key, image if image.flags.writeable else image.copy(), label))
     return samples
+
+
+def check_label_range(label: np.ndarray, uri: str, num_classes: int, ignore_index: int) -> None:
+    """Refuse a mask holding a label outside [0, num_classes) that is not ignore_index."""
+    values = np.unique(label)
+    bad = values[((values < 0) | (values >= num_classes)) & (values != ignore_index)]
+    if bad.size:
+        raise ValueError(
+            f"{uri} holds label {int(bad[0])}, outside [0, {num_classes}) and not "
+            f"ignore_index={ignore_index}; check --num-classes and --ignore-index"
+        )
 
 
 def augment(sample: Sample, *, crop: tuple[int, int], scale: tuple[float, float], ignore_index: int,
