@@ -118,6 +118,7 @@ def segment_archive(
     weights: str | None = _DEFAULTS["weights"],
     num_classes: int | None = None,
     crf: bool = _DEFAULTS["crf"],
+    compile: bool = _DEFAULTS["compile"],
     tile: int | None = None,
     tile_stride: int | None = None,
     batch_size: int = _DEFAULTS["batch_size"],
@@ -130,7 +131,9 @@ def segment_archive(
     actors: int | None = None,
     gpus_per_actor: float = _DEFAULTS["gpus_per_actor"],
     cpus_per_actor: float = _DEFAULTS["cpus_per_actor"],
+    threads_per_actor: int | None = None,
     max_pixels: int = _DEFAULTS["max_pixels"],
+    jpeg_decode: Literal["auto", "device", "cpu"] = _DEFAULTS["jpeg_decode"],
     image_timeout_s: float = _DEFAULTS["image_timeout_s"],
     redo_errors: bool = False,
     date: str | None = None,
@@ -143,11 +146,12 @@ def segment_archive(
     """
     source, output = fill_date(source, output, date)
     config = SegmentConfig(
-        source=source, output=output, model=model, weights=weights, num_classes=num_classes, crf=crf,
+        source=source, output=output, model=model, weights=weights, num_classes=num_classes, crf=crf, compile=compile,
         tile=tile, tile_stride=tile_stride,
         batch_size=batch_size, shard_by=shard_by, shard_size=shard_size, ray_address=ray_address,
         storage_options=resolve_storage_options(storage_options, storage_secret), device=device, actors=actors, gpus_per_actor=gpus_per_actor,
-        cpus_per_actor=cpus_per_actor, max_pixels=max_pixels, image_timeout_s=image_timeout_s,
+        cpus_per_actor=cpus_per_actor, threads_per_actor=threads_per_actor, max_pixels=max_pixels,
+        jpeg_decode=jpeg_decode, image_timeout_s=image_timeout_s,
         redo_errors=redo_errors,
     )
     survey = discover_shards(config)

@@ -111,7 +111,7 @@ def _print_summary(s: dict) -> None:
     if s["errors_by_type"]:
         reasons = ", ".join(f"{name} {count}" for name, count in sorted(s["errors_by_type"].items(), key=lambda kv: -kv[1]))
         print(f"errors by reason: {reasons} (details: status = 'error' rows of the images table)")
-    devices = Counter(r["device"] for r in s["replicas"])
+    devices = Counter(r["device"] + (f" ({r['threads']} threads)" if r["device"] == "cpu" else "") for r in s["replicas"])
     print(f"model {s['model']} ({s['weights']}) on {len(s['replicas'])} replicas in {s['ray_cluster']}: "
           + ", ".join(f"{n} on {device}" for device, n in devices.items()))
     if s["retried_batches"]:
@@ -264,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--actors", type=int, help="model replicas (default: one per GPU, or 1 without GPUs)")
     segment.add_argument("--gpus-per-actor", dest="gpus_per_actor", type=float, help="fraction of a GPU per replica (default 1)")
     segment.add_argument("--cpus-per-actor", dest="cpus_per_actor", type=float, help="CPUs per replica (default 1)")
+    segment.add_argument("--threads-per-actor", dest="threads_per_actor", type=int,
+                         help="torch threads of a CPU replica (default: its node's CPUs shared among the replicas there)")
+    segment.add_argument("--compile", action="store_true", default=None,
+                         help="torch.compile the model in each replica (pays on GPUs over long runs of one image size)")
+    segment.add_argument("--jpeg-decode", dest="jpeg_decode", choices=["auto", "device", "cpu"],
+                         help="where plain JPEGs are decoded: auto = on the replica's GPU when it has one (default), "
+                              "device = always on the replica's device, cpu = in the decode tasks")
     segment.add_argument("--max-pixels", dest="max_pixels", type=int, help="refuse images with more pixels than this")
     segment.add_argument("--image-timeout", dest="image_timeout_s", type=float,
                          help="seconds one image may take to decode before it becomes an error row (default 120)")

@@ -31,6 +31,9 @@ class SegmentConfig(BaseModel):
     weights: str | None = "DEFAULT"
     num_classes: int | None = Field(default=None, gt=0)
     crf: bool = True
+    # torch.compile the model in each replica: pays on GPUs over long runs of one image size;
+    # the first batch of each new size waits for a compilation (seconds to minutes)
+    compile: bool = False
     # sliding-window inference for images larger than tile x tile (aerial tiles): windows of
     # that side, tile_stride apart, blended; None segments every image whole
     tile: int | None = Field(default=None, ge=32)
@@ -49,7 +52,14 @@ class SegmentConfig(BaseModel):
     actors: int | None = Field(default=None, ge=1)
     gpus_per_actor: float = Field(default=1.0, gt=0, le=1)
     cpus_per_actor: float = Field(default=1.0, gt=0)
+    # torch threads of each CPU replica; None: its node's CPUs shared among the CPU replicas
+    # there (see ray_runner.replica_threads)
+    threads_per_actor: int | None = Field(default=None, ge=1)
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    # where plain JPEGs are decoded: "auto" on the replica's GPU when it has one (nvjpeg),
+    # else in the CPU decode tasks; "device" always on the replica's device; "cpu" always in
+    # the decode tasks (Pillow). Other formats are always decoded in the decode tasks.
+    jpeg_decode: Literal["auto", "device", "cpu"] = "auto"
     # wall-time limit for decoding one image: past it the image becomes a `timeout` error row
     image_timeout_s: float = Field(default=120.0, gt=0)
     # how long replicas may take to be placed and load their model (autoscaling included)
@@ -59,8 +69,9 @@ class SegmentConfig(BaseModel):
     batch_attempts: int = Field(default=3, ge=1)
     max_restarts: int = Field(default=3, ge=0)
     # batches in flight per replica: enough to keep decode, inference and upload overlapped,
-    # few enough that memory stays flat
-    batches_in_flight_per_actor: int = Field(default=3, ge=1)
+    # few enough that memory stays flat; None: the CPUs Ray has beside the replicas, shared
+    # among them, between 3 and 8 (see ray_runner.batches_in_flight)
+    batches_in_flight_per_actor: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -11,15 +11,19 @@ positions (`bi_xy_std`) and RGB (`bi_rgb_std`), weight `bi_w`. Both include each
 term.
 
 Instead of a permutohedral lattice, messages are exact sums over a square `window` of
-neighbours on a grid `downsample` times coarser than the image, then upsampled. The long
-bilateral range (67 px) is covered by a small window on the coarse grid, and everything is
-plain tensor arithmetic that runs wherever the tensors are (CPU or CUDA), batched. With
-`downsample=1` and a window covering the image (`window=None`), this is the exact dense CRF.
+neighbours on a grid `downsample` times coarser than the image. The mean-field iterations run
+on that grid, on the probabilities averaged over each cell; the last update is made at full
+resolution from the full-resolution probabilities and the upsampled messages, so the model's
+own boundaries survive while the messages (smooth at the kernels' scale) cost a coarse
+grid's work. Everything is plain tensor arithmetic that runs wherever the tensors are (CPU or
+CUDA), batched. With `downsample=1` and a window covering the image (`window=None`), this is
+the exact dense CRF.
 
-Defaults (`window=11`, `downsample=4`): each iteration sums 121 neighbours on a 4x coarser
-grid, reaching 20 px in every direction for the bilateral term; on 512x512 images with 21
-classes this matched pydensecrf's argmax on the large majority of pixels at a fraction of its
-time (bench/ reports both figures).
+Defaults (`downsample=8`, `window=7`): each iteration sums 49 neighbours on an 8x coarser grid,
+reaching 24 px in every direction for the bilateral term. On CamVid frames and on 512x512
+images with 21 classes, the argmax agrees with pydensecrf's on about 96.5% of pixels (97% for
+`downsample=4, window=11`, at 3 to 4 times the cost), in about 15 ms for a 480x360 frame with
+21 classes on 2 CPU cores (bench/ reports the figures).
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-DEFAULT_WINDOW = 11
-DEFAULT_DOWNSAMPLE = 4
+DEFAULT_WINDOW = 7
+DEFAULT_DOWNSAMPLE = 8
 
 
 def dense_crf(
@@ -73,32 +77,35 @@ def dense_crf(
     probs = probs.float()
     if iterations == 0:
         return probs.clone()
-    # Full-resolution tensors in channels_last: the softmax over classes then reads
-    # contiguous memory, about 3x faster on CPU than NCHW.
-    log_p = probs.clamp_min(eps).log().contiguous(memory_format=torch.channels_last)
-
     grid = (math.ceil(height / downsample), math.ceil(width / downsample))
     coarse = grid != (height, width)
-    image = images.float()
-    if coarse:
-        image = F.adaptive_avg_pool2d(image, grid)
+    # Mean-field runs on the coarse grid: Q and its unary are the probabilities averaged over
+    # each cell. Only the last update is made at full resolution, from the full-resolution
+    # probabilities, so the model's own boundaries survive while the messages (smooth at the
+    # scale of the kernels) are upsampled. Full-resolution passes over C classes dominated the
+    # cost when every iteration made them (about 80% of the time on CPU).
+    q = F.adaptive_avg_pool2d(probs, grid) if coarse else probs
+    unary = q.clamp_min(eps).log()
+    image = F.adaptive_avg_pool2d(images.float(), grid) if coarse else images.float()
     radius_y = grid[0] - 1 if window is None else min(window // 2, grid[0] - 1)
     radius_x = grid[1] - 1 if window is None else min(window // 2, grid[1] - 1)
 
     positional = _SeparableGaussian(pos_xy_std / downsample, radius_y, radius_x, grid, probs.device)
     bilateral = _Bilateral(image, bi_xy_std / downsample, bi_rgb_std, radius_y, radius_x)
 
-    q = probs
-    for _ in range(iterations):
-        q_grid = F.adaptive_avg_pool2d(q, grid) if coarse else q
-        message = pos_w * positional(q_grid) + bi_w * bilateral(q_grid)
-        if coarse:
-            message = F.interpolate(
-                message.contiguous(memory_format=torch.channels_last),
-                size=(height, width), mode="bilinear", align_corners=False,
-            )
-        q = torch.softmax(log_p + message, dim=1)
-    return q.contiguous()
+    for iteration in range(iterations):
+        message = pos_w * positional(q) + bi_w * bilateral(q)
+        if iteration < iterations - 1:
+            q = torch.softmax(unary + message, dim=1)
+    # softmax(log P + m) = P * exp(m) / sum: no full-resolution log, and exp on the coarse grid
+    factor = (message - message.amax(dim=1, keepdim=True)).exp_()
+    if coarse:
+        # channels_last: PyTorch's vectorised bilinear kernel on CPU, about 3x the NCHW one
+        factor = F.interpolate(factor.contiguous(memory_format=torch.channels_last), size=(height, width),
+                               mode="bilinear", align_corners=False)
+    q = factor.mul_(probs)
+    # all-zero probabilities stay zero rather than becoming NaN
+    return q.div_(q.sum(dim=1, keepdim=True).clamp_min_(1e-30))
 
 
 class _SeparableGaussian:

@@ -11,6 +11,9 @@ Multi-frame files give their first frame. A file whose header claims more pixels
 Pillow decodes everything it can; TIFFs it cannot (separate band planes, many bands, float
 samples) go to tifffile.
 
+`plain_jpeg_shape` picks out the JPEGs that can instead be decoded on the model's device
+(nvjpeg through `torchvision.io.decode_jpeg`) with the same result.
+
 `time_limit` bounds the wall time of a decode: a file can be small, within the pixel limit
 and still take minutes (a highly compressed plane of zeros, a JPEG with thousands of scans).
 """
@@ -122,6 +125,33 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         if data[:4] in _TIFF_MAGIC:
             return _decode_tiff(data, max_pixels, err)
         raise ImageDecodeError("corrupt", f"cannot decode: {err}") from err
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def plain_jpeg_shape(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
+    """(height, width) of a JPEG that a device decoder turns into the same RGB image as
+    `decode_image`, read from its header alone; None for every other file.
+
+    Plain means: baseline (a progressive file can hold thousands of scans, a decode-time bomb
+    that only the time-limited CPU decode may meet), 8-bit greyscale or YCbCr (not CMYK), no
+    EXIF rotation, and within `max_pixels`. Anything else, broken files included, goes to
+    `decode_image`, which knows why it fails.
+    """
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                plain = (
+                    image.format == "JPEG" and image.mode in {"RGB", "L"} and not image.info.get("progressive")
+                    and image.width * image.height <= max_pixels and image.getexif().get(_EXIF_ORIENTATION, 1) == 1
+                )
+                return (image.height, image.width) if plain else None
+    except Exception:
+        return None
 
 
 def _decode_tiff(data: bytes, max_pixels: int, pillow_error: BaseException) -> np.ndarray:

@@ -6,8 +6,10 @@ metadata. Images of one size are batched together; images larger than a configur
 can be segmented with sliding windows whose overlaps are blended with weights that fade
 toward the window edges; test-time augmentation (flip, scales) averages probabilities.
 
-On CUDA: bf16 autocast, channels_last and optional torch.compile. On CPU: float32. The
-precision and layout can be forced either way, so the CUDA code path is exercised on CPU too.
+On CUDA: bf16 autocast, channels_last and optional torch.compile. On CPU: float32, and
+channels_last too (oneDNN's convolutions and PyTorch's bilinear upsampling are faster in it:
+1.3 to 1.5x for the whole forward of DeepLabV3 and LR-ASPP, measured on 2 cores). The precision
+and layout can be forced either way, so the CUDA code path is exercised on CPU too.
 """
 
 from __future__ import annotations
@@ -94,11 +96,23 @@ def to_chw_uint8(image: ImageLike) -> torch.Tensor:
     return image
 
 
+def softmax_classes(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over dim 1 of (B, C, H, W) logits, in the layout they come in.
+
+    For channels_last logits it is taken over the last dimension of the (B, H, W, C) view,
+    which is the same arithmetic on the same memory: PyTorch's softmax over dim 1 of a
+    channels_last tensor is 2 to 3 times slower on CPU.
+    """
+    if logits.dim() == 4 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
+        return torch.softmax(logits.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)
+    return torch.softmax(logits, dim=1)
+
+
 class Segmenter:
     """One model on one device, loaded once, serving batches of images.
 
     `precision`: "auto" is bf16 autocast on CUDA and float32 elsewhere. `channels_last`:
-    None means on CUDA only. `compile`: wrap the model in `torch.compile` (pays off on long
+    None means yes, on every device. `compile`: wrap the model in `torch.compile` (pays off on long
     runs of same-sized batches on a GPU).
     """
 
@@ -126,7 +140,7 @@ class Segmenter:
         self.tta = tta or TTA()
         on_cuda = self.device.type == "cuda"
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and on_cuda) else None
-        self.channels_last = on_cuda if channels_last is None else channels_last
+        self.channels_last = True if channels_last is None else channels_last
         model = model.eval().to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -189,7 +203,7 @@ class Segmenter:
                 if flip:
                     logits = logits.flip(-1)
                 logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False) if logits.shape[-2:] != size else logits
-                probs = torch.softmax(logits, dim=1)
+                probs = softmax_classes(logits)
                 total = probs if total is None else total.add_(probs)
                 views += 1
         return total / views if views > 1 else total  # type: ignore[operator, return-value]
@@ -205,7 +219,15 @@ class Segmenter:
         """Float32 logits at the pixels' size, by whole image or sliding window."""
         window = self.sliding_window
         if window is not None and (pixels.shape[-2] > window.crop[0] or pixels.shape[-1] > window.crop[1]):
-            return torch.stack([self._slide(image) for image in pixels])
+            batch, _, height, width = pixels.shape
+            logits = torch.zeros(batch, self.num_classes, height, width, device=pixels.device)
+            if self.channels_last:
+                # the model's own layout: window logits then add in without a transposing copy,
+                # which otherwise cost more than the windows' forward on CPU (measured)
+                logits = logits.contiguous(memory_format=torch.channels_last)
+            for image, out in zip(pixels, logits, strict=True):
+                self._slide(image, out)
+            return logits
         return self._forward(pixels)
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -216,8 +238,9 @@ class Segmenter:
             out = self.model(x)["out"]
         return out.float()
 
-    def _slide(self, image: torch.Tensor) -> torch.Tensor:
-        """Logits for one (3, H, W) image from overlapping windows, blended.
+    def _slide(self, image: torch.Tensor, logits_sum: torch.Tensor) -> None:
+        """Logits for one (3, H, W) image from overlapping windows, blended, into the zeroed
+        (C, H, W) `logits_sum`.
 
         Only `batch_size` windows are normalised and run at a time; the full-size buffers are
         the logits sum and the weight sum.
@@ -232,7 +255,6 @@ class Segmenter:
             for x in window_starts(width, crop_w, window.stride[1])
         ]
         weight = blend_weights(crop_h, crop_w, image.device)
-        logits_sum = torch.zeros(self.num_classes, height, width, device=image.device)
         weight_sum = torch.zeros(1, height, width, device=image.device)
         for start in range(0, len(boxes), window.batch_size):
             chunk = boxes[start : start + window.batch_size]
@@ -240,4 +262,4 @@ class Segmenter:
             for (y, x), logits in zip(chunk, self._forward(crops), strict=True):
                 logits_sum[:, y : y + crop_h, x : x + crop_w].add_(logits * weight)
                 weight_sum[:, y : y + crop_h, x : x + crop_w].add_(weight)
-        return logits_sum / weight_sum
+        logits_sum.div_(weight_sum)

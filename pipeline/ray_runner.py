@@ -81,7 +81,7 @@ class RunSummary:
     setup_seconds: float
     # where the run happened: a local Ray, or the cluster it joined
     ray_cluster: str
-    # one entry per model replica: the device it ran on and the GPUs Ray gave it
+    # one entry per model replica: the device it ran on, the GPUs Ray gave it, its torch CPU threads
     replicas: list[dict[str, Any]]
     seconds: float
 
@@ -90,6 +90,34 @@ class RunSummary:
         """Throughput once the replicas were up (setup excluded)."""
         busy = self.seconds - self.setup_seconds
         return self.images / busy if busy > 0 else 0.0
+
+
+def replica_threads(node_cpus: float, replicas_per_node: int, cpus_per_actor: float) -> int:
+    """Torch threads for a CPU replica: its node's CPUs shared among the replicas on it.
+
+    More than the CPUs the replica reserves from Ray: the decode and write tasks beside it
+    are short, and a forward limited to its reservation left half of a 2-core machine idle
+    (end-to-end at 0.14 of the bare model's speed; bench/ measures it).
+    """
+    return max(1, int(cpus_per_actor), int(node_cpus // max(replicas_per_node, 1)))
+
+
+def batches_in_flight(configured: int | None, spare_cpus: float, replicas: int) -> int:
+    """Batches in flight per replica: as configured, or one per CPU left beside the replicas
+    (each batch in flight can hold a CPU decoding or encoding), at least 3 so the three stages
+    overlap, at most 8 so that memory stays flat."""
+    if configured is not None:
+        return configured
+    return min(8, max(3, int(spare_cpus // max(replicas, 1))))
+
+
+def _node_cpus() -> float:
+    """The CPUs Ray counts on the node this process runs on (cgroup limits included)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return float(node["Resources"].get("CPU", 1.0))
+    return float(os.cpu_count() or 1)
 
 
 def worker_device(gpu_ids: list[str], cuda_available: bool) -> torch.device:
@@ -113,15 +141,27 @@ class WorkerSpec:
     crf: bool
     batch_size: int
     storage_options: dict[str, Any]
-    threads: int
+    threads: int | None  # torch threads on CPU; None: replica_threads decides
     tile: int | None = None
     tile_stride: int | None = None
+    cpus_per_actor: float = 1.0
+    compile: bool = False
+    # CPU replicas expected on one node: the run's CPU replicas over the nodes with CPUs
+    replicas_per_node: int = 1
 
     def sliding_window(self) -> SlidingWindow | None:
         if self.tile is None:
             return None
         stride = self.tile_stride or self.tile * 3 // 4
         return SlidingWindow(crop=(self.tile, self.tile), stride=(stride, stride), batch_size=self.batch_size)
+
+
+def build_stage(spec: WorkerSpec, device: torch.device) -> SegmentStage:
+    """A replica's model and stage, as its actor builds them."""
+    model = build_model(spec.model, num_classes=spec.num_classes, weights=spec.weights, storage_options=spec.storage_options)
+    segmenter = Segmenter(model, device=device, batch_size=spec.batch_size, sliding_window=spec.sliding_window(),
+                          compile=spec.compile)
+    return SegmentStage(segmenter, crf=spec.crf)
 
 
 class SegmentWorker:
@@ -132,7 +172,7 @@ class SegmentWorker:
         self.setup_error: str | None = None
         try:
             if not self.gpu_ids:
-                torch.set_num_threads(spec.threads)
+                torch.set_num_threads(spec.threads or replica_threads(_node_cpus(), spec.replicas_per_node, spec.cpus_per_actor))
             self.device = worker_device(self.gpu_ids, self._cuda_available())
             self.stage = self._build_stage(spec, self.device)
         except Exception as err:  # reported by ready(), so the driver can say what went wrong
@@ -142,9 +182,7 @@ class SegmentWorker:
         return torch.cuda.is_available()
 
     def _build_stage(self, spec: WorkerSpec, device: torch.device) -> SegmentStage:
-        model = build_model(spec.model, num_classes=spec.num_classes, weights=spec.weights, storage_options=spec.storage_options)
-        segmenter = Segmenter(model, device=device, batch_size=spec.batch_size, sliding_window=spec.sliding_window())
-        return SegmentStage(segmenter, crf=spec.crf)
+        return build_stage(spec, device)
 
     def ready(self) -> dict[str, Any]:
         if self.setup_error is not None:
@@ -154,6 +192,7 @@ class SegmentWorker:
             "meta": meta.model_dump(mode="json"),
             "device": str(self.device),
             "gpu_ids": self.gpu_ids,
+            "threads": torch.get_num_threads(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
@@ -164,8 +203,15 @@ class SegmentWorker:
 # no Ray-level retries: a decode that crashed or hung its worker is the driver's to retry,
 # image by image (see _Run._finish), not Ray's to repeat whole
 @ray.remote(max_retries=0)
-def _decode(source: Location, files: list[SourceFile], max_pixels: int, time_limit_s: float) -> list[ImageRecord]:
-    return read_and_decode(source, files, max_pixels=max_pixels, time_limit_s=time_limit_s, hard_stop=True)
+def _decode(source: Location, files: list[SourceFile], max_pixels: int, time_limit_s: float,
+            jpeg_on_device: bool) -> list[ImageRecord]:
+    return read_and_decode(source, files, max_pixels=max_pixels, time_limit_s=time_limit_s, hard_stop=True,
+                           jpeg_on_device=jpeg_on_device)
+
+
+@ray.remote
+def _warm_up() -> None:
+    """Nothing: running it imports this module (torch, Pillow, pyarrow) in a task worker."""
 
 
 @ray.remote
@@ -198,7 +244,8 @@ class _ReplicaPool:
         spec = WorkerSpec(
             model=config.model, weights=config.weights, num_classes=config.num_classes, crf=config.crf,
             batch_size=config.batch_size, storage_options=config.storage_options,
-            threads=max(1, int(config.cpus_per_actor)), tile=config.tile, tile_stride=config.tile_stride,
+            threads=config.threads_per_actor, tile=config.tile, tile_stride=config.tile_stride,
+            cpus_per_actor=config.cpus_per_actor, compile=config.compile, replicas_per_node=-(-count // _nodes_with_cpus()),
         )
         actor_class = ray.remote(worker_class)
         self.actors = [
@@ -213,6 +260,12 @@ class _ReplicaPool:
         self.checks: dict[ray.ObjectRef, int] = {}  # pings in flight to replicas set aside
         self.recheck_at: dict[int, float] = {}
         self.alone: set[int] = set()  # replicas running a batch that must run by itself
+        # while the replicas load their model, the CPUs left over start the processes that
+        # will decode and write, so the first batches do not wait for Python to import torch
+        spare = cpus - count * config.cpus_per_actor
+        self.in_flight = batches_in_flight(config.batches_in_flight_per_actor, spare, count)
+        for _ in range(min(max(int(spare), 1), 2 * self.in_flight * count)):
+            _warm_up.remote()
         try:
             self.placements = ray.get([actor.ready.remote() for actor in self.actors], timeout=config.startup_timeout_s)
         except GetTimeoutError as err:
@@ -230,6 +283,10 @@ class _ReplicaPool:
             self.shutdown()
             raise RunError(f"cannot load {config.model or config.weights!r}: {failed[0]}")
         self.meta = self.placements[0]["meta"]
+
+    def decodes_jpeg(self, replica: int, policy: str) -> bool:
+        """Whether plain JPEGs go to this replica undecoded, for its device to decode."""
+        return policy == "device" or (policy == "auto" and self.placements[replica]["device"].startswith("cuda"))
 
     def _set_aside(self) -> set[int]:
         return set(self.checks.values()) | set(self.recheck_at) | self.dead
@@ -305,6 +362,10 @@ class _Batch:
     alone: bool = False
 
 
+def _nodes_with_cpus() -> int:
+    return max(1, sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0))
+
+
 def _short(err: BaseException) -> str:
     """One line for an error row: the last line of Ray's wrapped traceback."""
     lines = [line for line in str(err).strip().splitlines() if line.strip()]
@@ -335,7 +396,7 @@ class _Run:
         self.on_progress = on_progress or (lambda _: None)
         self.pending: dict[ray.ObjectRef, _Batch] = {}
         self.queue: deque[_Batch] = deque()  # batches waiting for a replica
-        self.limit = config.batches_in_flight_per_actor * len(pool.actors)
+        self.limit = pool.in_flight * len(pool.actors)
         self.progress = Progress(run_id=run.run_id)
         self.errors_by_type: Counter[str] = Counter()
         self.pixels_by_class: Counter[str] = Counter()
@@ -371,7 +432,8 @@ class _Run:
                 return
             batch = self.queue.popleft()
             batch.replica = replica
-            decoded = _decode.remote(self.source, batch.files, self.config.max_pixels, self.config.image_timeout_s)
+            decoded = _decode.remote(self.source, batch.files, self.config.max_pixels, self.config.image_timeout_s,
+                                     self.pool.decodes_jpeg(replica, self.config.jpeg_decode))
             segmented = self.pool.actors[replica].segment.remote(decoded)
             written = _write.remote(self.store.location, segmented, self.palette)
             self.pool.load[replica] += 1
@@ -496,7 +558,7 @@ def run_segmentation(
             shards_committed=loop.progress.shards_committed, shards_skipped=loop.progress.shards_skipped,
             images=loop.progress.images, errors=loop.progress.errors, errors_by_type=dict(loop.errors_by_type),
             non_image_keys=counts.skipped, pixels_by_class=dict(loop.pixels_by_class), retried_batches=loop.retried, setup_seconds=setup_seconds, ray_cluster=ray_cluster,
-            replicas=[{"device": p["device"], "gpu_ids": p["gpu_ids"]} for p in pool.placements], seconds=time.monotonic() - started,
+            replicas=[{"device": p["device"], "gpu_ids": p["gpu_ids"], "threads": p["threads"]} for p in pool.placements], seconds=time.monotonic() - started,
         )
     finally:
         if pool is not None:

@@ -34,12 +34,17 @@ def labels_and_confidence(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def class_statistics(
-    labels: torch.Tensor | np.ndarray, confidence: torch.Tensor | np.ndarray, num_classes: int
+    labels: torch.Tensor | np.ndarray,
+    confidence: torch.Tensor | np.ndarray,
+    num_classes: int,
+    *,
+    host_labels: np.ndarray | None = None,
 ) -> ClassStats:
     """Statistics of one (H, W) label map; `confidence` is each pixel's probability of its label.
 
     Counts and confidence sums are one bincount each (on the GPU when the inputs are there);
-    connected components are counted on the CPU.
+    connected components are counted on the CPU, from `host_labels` when the caller already
+    has the labels there (they are not copied from the device twice).
     """
     labels_t = torch.as_tensor(labels)
     confidence_t = torch.as_tensor(confidence, device=labels_t.device).float()
@@ -48,14 +53,16 @@ def class_statistics(
             f"labels and confidence must be equal (H, W) maps, got {tuple(labels_t.shape)} and {tuple(confidence_t.shape)}"
         )
     flat = labels_t.reshape(-1).long()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(flat.min())}, {int(flat.max())}]")
+    if flat.numel():
+        low, high = (int(v) for v in torch.aminmax(flat))  # one reduction, one device sync
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes}), got [{low}, {high}]")
     counts = torch.bincount(flat, minlength=num_classes)
     confidence_sums = torch.bincount(flat, weights=confidence_t.reshape(-1).double(), minlength=num_classes)
     present = torch.nonzero(counts).reshape(-1)
     counts_np = counts[present].cpu().numpy().astype(np.int64)
     sums_np = confidence_sums[present].cpu().numpy()
-    labels_np = labels_t.cpu().numpy()
+    labels_np = host_labels if host_labels is not None else labels_t.cpu().numpy()
     class_ids = present.cpu().numpy().astype(np.int64)
     components = np.array([ndimage.label(labels_np == c, structure=_CONNECTIVITY)[1] for c in class_ids], dtype=np.int64)
     return ClassStats(

@@ -18,10 +18,11 @@ import duckdb
 import numpy as np
 import pytest
 import s3fs
+import torch
 from PIL import Image
 
 from pipeline.config import SegmentConfig
-from pipeline.images import decode_image
+from pipeline.images import decode_image, plain_jpeg_shape
 from pipeline.inference import Segmenter
 from pipeline.masks import decode_mask
 from pipeline.models import build_model
@@ -60,12 +61,15 @@ def _frames(fmt: str) -> bytes:
 
 
 JPEG = _encode(Image.fromarray(RGB), "JPEG")
+# a header that reads well and a body that stops short: only decoding finds out
+LARGER_JPEG = _encode(Image.fromarray(np.random.default_rng(2).integers(0, 255, (120, 160, 3), dtype=np.uint8)), "JPEG")
 PNG = _encode(Image.fromarray(RGB), "PNG")
 
 # name -> (bytes, expected (height, width) of the result, or the error reason)
 CASES = {
     "zero-byte.jpg": (b"", "empty"),
     "truncated.jpg": (JPEG[: len(JPEG) // 2], "corrupt"),
+    "truncated-body.jpg": (LARGER_JPEG[: len(LARGER_JPEG) * 3 // 4], "corrupt"),
     "truncated-png.png": (PNG[: len(PNG) // 2], "corrupt"),
     "random.jpg": (np.random.default_rng(1).bytes(2048), "not_an_image"),
     "page.jpg": (b"<!doctype html><html><body>404 Not Found</body></html>", "not_an_image"),
@@ -109,12 +113,79 @@ def test_each_hostile_file_is_a_result_or_a_named_error(name, stage):
         assert int(record.stats.pixel_count.sum()) == expected[0] * expected[1]
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_with_jpegs_decoded_on_the_model_device_each_file_ends_the_same(name, stage, tmp_path):
+    """--jpeg-decode device: plain JPEGs reach the model's stage undecoded and are decoded there
+    (on the CPU here, by the decode_jpeg call that uses nvjpeg on a GPU). Every file must end
+    as it does when the decode tasks decode it, failures named the same."""
+    data, expected = CASES[name]
+    (tmp_path / "in.bin").write_bytes(data)
+    [record] = read_and_decode(open_location(str(tmp_path)), [SourceFile("in.bin", len(data), "v")], jpeg_on_device=True)
+    left_for_device = record.encoded is not None
+    stage([record])
+    if isinstance(expected, str):
+        assert (record.ok, record.error_type) == (False, expected), record.error
+    else:
+        assert record.ok, record.error
+        assert (record.height, record.width) == expected
+        assert int(record.stats.pixel_count.sum()) == expected[0] * expected[1]
+    # only headers that promise a plain JPEG go undecoded; a truncated body is found out there
+    assert left_for_device == (name == "truncated-body.jpg")
+
+
+def test_only_plain_jpegs_are_left_for_the_device():
+    def jpeg(image: Image.Image, **kw) -> bytes:
+        return _encode(image, "JPEG", **kw)
+
+    assert plain_jpeg_shape(JPEG) == (20, 30)
+    assert plain_jpeg_shape(jpeg(Image.fromarray(RGB[..., 0]))) == (20, 30)  # greyscale
+    assert plain_jpeg_shape(JPEG, max_pixels=599) is None  # decode_image refuses it, with its reason
+    assert plain_jpeg_shape(jpeg(Image.fromarray(RGB), progressive=True)) is None  # scan count unbounded
+    assert plain_jpeg_shape(CASES["cmyk.jpg"][0]) is None
+    assert plain_jpeg_shape(_exif_rotated()) is None
+    assert plain_jpeg_shape(PNG) is None
+    assert plain_jpeg_shape(b"\xff\xd8\xff" + b"\0" * 64) is None  # a JPEG marker and no header
+
+
+def test_jpegs_decoded_on_the_device_have_pillows_pixels(shared_data, stage):
+    """On the CPU, torchvision and Pillow both use libjpeg-turbo: the pixels must be identical."""
+    frames = sorted((shared_data / "camvid" / "val" / "images").glob("*.jpg"))[:3]
+    records = [ImageRecord(p.name, encoded=p.read_bytes()) for p in frames]
+    for record in records:
+        record.height, record.width = plain_jpeg_shape(record.encoded)
+    stage._decode_jpegs(records)
+    for record, path in zip(records, frames, strict=True):
+        assert record.encoded is None
+        assert np.array_equal(record.image.permute(1, 2, 0).numpy(), decode_image(path.read_bytes()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nvjpeg_decodes_on_the_gpu_close_to_pillow(shared_data):
+    """nvjpeg's IDCT and chroma upsampling differ from libjpeg-turbo's by a level or two."""
+    gpu_stage = SegmentStage(Segmenter(build_model("lraspp_mobilenet_v3_large", num_classes=4, weights=None), device="cuda"))
+    frames = sorted((shared_data / "camvid" / "val" / "images").glob("*.jpg"))[:3]
+    broken = ImageRecord("broken.jpg", encoded=LARGER_JPEG[: len(LARGER_JPEG) * 3 // 4], height=120, width=160)
+    records = [ImageRecord(p.name, encoded=p.read_bytes(), height=360, width=480) for p in frames] + [broken]
+    gpu_stage(records)
+    assert (broken.ok, broken.error_type) == (False, "corrupt")
+    for record in records[:-1]:
+        assert record.ok and record.stats is not None, record.error
+    decoded = [ImageRecord(p.name, encoded=p.read_bytes(), height=360, width=480) for p in frames]
+    gpu_stage._decode_jpegs(decoded)
+    for record, path in zip(decoded, frames, strict=True):
+        assert record.image.device.type == "cuda"
+        difference = np.abs(record.image.permute(1, 2, 0).cpu().numpy().astype(int) - decode_image(path.read_bytes()))
+        assert difference.mean() < 1.5, difference.mean()
+
+
 def test_multi_frame_files_give_their_first_frame():
     assert np.array_equal(decode_image(_frames("TIFF")), RGB)
     assert np.array_equal(decode_image(_frames("PNG")), RGB)
 
 
-def test_a_run_over_hostile_files_and_names_accounts_for_every_input(ray_cpu, s3_bucket):
+@pytest.mark.parametrize("jpeg_decode", ["cpu", "device"])
+def test_a_run_over_hostile_files_and_names_accounts_for_every_input(ray_cpu, s3_bucket, jpeg_decode):
     bucket, options = s3_bucket
     fs = s3fs.S3FileSystem(**options)
     root = f"{bucket[5:]}/in"
@@ -124,7 +195,7 @@ def test_a_run_over_hostile_files_and_names_accounts_for_every_input(ray_cpu, s3
     names |= {key: JPEG for key in odd}
     fs.pipe({f"{root}/{key}": data for key, data in names.items()})
     config = SegmentConfig(source=f"{bucket}/in", output=f"{bucket}/out", model="lraspp_mobilenet_v3_large",
-                           weights=None, num_classes=4, storage_options=options, batch_size=4)
+                           weights=None, num_classes=4, storage_options=options, batch_size=4, jpeg_decode=jpeg_decode)
     summary = run_segmentation(config)
     expected_errors = {f"bad/{n}": e for n, (_, e) in CASES.items() if isinstance(e, str)}
     assert summary.images == len(names), summary

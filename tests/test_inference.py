@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from pipeline.inference import TTA, Segmenter, SlidingWindow, blend_weights, window_starts
+from pipeline.inference import (
+    TTA,
+    Segmenter,
+    SlidingWindow,
+    blend_weights,
+    softmax_classes,
+    window_starts,
+)
 from pipeline.models import ModelMeta, Preprocessing, build_model
 
 
@@ -154,6 +161,23 @@ def test_bf16_channels_last_path_runs_on_cpu_and_matches_fp32() -> None:
     probs = fast.predict(images)[0]
     assert probs.dtype == torch.float32
     assert (probs - fp32).abs().max() < 0.05
+
+
+def test_channels_last_is_the_default_layout_and_changes_no_result() -> None:
+    """channels_last on CPU too (faster there, see pipeline.inference): the probabilities must be
+    those of the NCHW model, and the class softmax of channels_last logits that of NCHW ones."""
+    model = build_model("deeplabv3_mobilenet_v3_large", num_classes=5)
+    images = [_image(40, 56), _image(33, 47)]
+    default = Segmenter(model, device="cpu")
+    assert default.channels_last
+    nchw = Segmenter(build_model("deeplabv3_mobilenet_v3_large", num_classes=5), device="cpu", channels_last=False)
+    nchw.model.load_state_dict(default.model.state_dict())
+    for got, expected in zip(default.predict(images), nchw.predict(images), strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    logits = torch.randn(2, 7, 9, 11)
+    cl = softmax_classes(logits.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(cl, torch.softmax(logits, dim=1))
+    assert cl.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.slow

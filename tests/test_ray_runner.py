@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import ray
 import s3fs
+import torch
 from PIL import Image
 
 from pipeline.config import SegmentConfig
@@ -201,7 +202,10 @@ def test_one_replica_per_declared_gpu(tmp_path, _ray_session):
         assert len(half.replicas) == 4
         # --device cpu keeps the model off the GPUs even where there are some
         on_cpu = run_segmentation(config.model_copy(update={"device": "cpu"}))
-        assert on_cpu.replicas == [{"device": "cpu", "gpu_ids": []}]
+        # one CPU replica on a 2-CPU node runs torch on both, though it reserves one
+        assert on_cpu.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 2}]
+        pinned = run_segmentation(config.model_copy(update={"device": "cpu", "threads_per_actor": 1}))
+        assert pinned.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 1}]
     finally:
         ray.shutdown()
 
@@ -391,3 +395,37 @@ def test_a_mask_that_cannot_be_written_stops_the_run(ray_cpu, tmp_path):
     assert not Path(output, "_commits").exists() or not list(Path(output, "_commits").iterdir())
     Path(output, "masks", "d0").unlink()
     assert run_segmentation(config).images == 2
+
+
+def test_batches_in_flight_follow_the_spare_cpus() -> None:
+    from pipeline.ray_runner import batches_in_flight
+
+    assert batches_in_flight(None, 1, 1) == 3  # a 2-CPU machine: the three stages still overlap
+    assert batches_in_flight(None, 15, 1) == 8  # a 16-CPU GPU node: more, but bounded
+    assert batches_in_flight(None, 12, 2) == 6
+    assert batches_in_flight(2, 15, 1) == 2  # as configured
+
+
+def test_replica_threads_share_the_node() -> None:
+    from pipeline.ray_runner import replica_threads
+
+    assert replica_threads(2, 1, 1.0) == 2  # one replica: every core, though it reserves one
+    assert replica_threads(16, 4, 1.0) == 4
+    assert replica_threads(2, 3, 0.5) == 1  # never fewer than one
+    assert replica_threads(8, 2, 6.0) == 6  # never fewer than it reserved
+
+
+def test_replicas_compile_their_model_only_when_asked() -> None:
+    """--compile reaches the replica's Segmenter (compilation itself is lazy: nothing runs here;
+    tests/test_inference.py checks a compiled model's output)."""
+    import dataclasses
+
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from pipeline.ray_runner import build_stage
+
+    config = SegmentConfig(source="s", output="o", **MODEL)
+    spec = dataclasses.replace(_worker_spec(config), compile=True)
+    assert isinstance(build_stage(spec, torch.device("cpu")).segmenter.model, OptimizedModule)
+    plain = build_stage(dataclasses.replace(spec, compile=False), torch.device("cpu"))
+    assert not isinstance(plain.segmenter.model, OptimizedModule)

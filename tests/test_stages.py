@@ -175,6 +175,42 @@ def test_one_failing_image_does_not_fail_its_batch(stage):
     assert not records[1].ok and records[1].error_type == "inference"
 
 
+def _records(sizes):
+    return [ImageRecord(f"{i}.jpg", image=synthetic_scene(h, w, i)[0], height=h, width=w) for i, (h, w) in enumerate(sizes)]
+
+
+def test_images_refined_together_end_as_when_refined_alone(stage, monkeypatch):
+    """On CUDA the CRF runs once per image size (`refine_together`); forced on here, it must
+    give each image what one-by-one refinement gives, and an image whose refinement fails
+    (stood for by a CRF that refuses one image's pixels, as an out-of-memory error would) must
+    fail alone."""
+    import pipeline.stages as stages
+
+    sizes = [(40, 56), (33, 47), (40, 56), (40, 56)]
+    together = SegmentStage(stage.segmenter, crf=True, refine_together=True)
+    alone, grouped = stage(_records(sizes)), together(_records(sizes))
+    for one, other in zip(alone, grouped, strict=True):
+        assert one.ok and other.ok
+        assert np.array_equal(one.labels, other.labels) and one.labels.dtype == np.uint8
+        assert np.array_equal(one.stats.pixel_count, other.stats.pixel_count)
+        np.testing.assert_allclose(one.stats.mean_confidence, other.stats.mean_confidence, rtol=1e-4)
+
+    real_crf = stages.dense_crf
+
+    def refusing(probs, images, **kw):
+        if bool((images == 7).all(dim=(1, 2, 3)).any()):
+            raise RuntimeError("CUDA out of memory (stand-in)")
+        return real_crf(probs, images, **kw)
+
+    monkeypatch.setattr(stages, "dense_crf", refusing)
+    records = _records(sizes)
+    records[2].image = np.full((40, 56, 3), 7, np.uint8)
+    together(records)
+    assert [r.ok for r in records] == [True, True, False, True]
+    assert records[2].error_type == "inference" and "out of memory" in records[2].error
+    assert np.array_equal(records[0].labels, alone[0].labels)
+
+
 def _run(run_id="r1", fingerprint="f1") -> RunInfo:
     return RunInfo(
         run_id=run_id, run_date=dt.date(2026, 11, 21), model="m", weights="none", num_classes=4,

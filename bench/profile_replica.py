@@ -1,0 +1,100 @@
+"""Where one image's time goes on a replica: each step of the three stages timed apart, on
+the same frames, model and device as bench/run.py, and optionally torch's profiler.
+
+    python bench/profile_replica.py [--device cpu|cuda] [--model M] [--batch-size 4] [--torch-profiler]
+
+Prints one JSON line: milliseconds per image for decode (Pillow, in the decode tasks), the
+forward with preprocessing and softmax (`Segmenter.predict`), the dense CRF, labels and
+confidence, class statistics, and mask encoding (in the write tasks); with --device cuda,
+also the JPEG decode on the GPU. The device is synchronised between steps, so the figures
+add up to the replica's work per image, not to its throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from run import NUM_CLASSES, source_images  # noqa: E402
+
+from pipeline.crf import dense_crf  # noqa: E402
+from pipeline.images import decode_image, plain_jpeg_shape  # noqa: E402
+from pipeline.inference import Segmenter, to_chw_uint8  # noqa: E402
+from pipeline.masks import encode_mask  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
+from pipeline.stages import ImageRecord, SegmentStage  # noqa: E402
+from pipeline.stats import class_statistics, labels_and_confidence  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default="deeplabv3_mobilenet_v3_large")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--torch-profiler", action="store_true", help="also print torch's profiler table for one round")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(os.cpu_count() or 1)
+    segmenter = Segmenter(build_model(args.model, num_classes=NUM_CLASSES, weights=None), device=device, batch_size=args.batch_size)
+    stage = SegmentStage(segmenter)
+    palette = segmenter.meta.palette
+    data = source_images()[: args.batch_size]
+    totals: dict[str, float] = defaultdict(float)
+
+    def timed(name: str, work):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        result = work()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        totals[name] += time.perf_counter() - started
+        return result
+
+    def one_round() -> None:
+        images = timed("decode_pillow", lambda: [decode_image(d) for d in data])
+        if device.type == "cuda":
+            records = [ImageRecord(str(i), encoded=d) for i, d in enumerate(data)]
+            for record in records:
+                record.height, record.width = plain_jpeg_shape(record.encoded)
+            timed("decode_on_device", lambda: stage._decode_jpegs(records))
+        probs = timed("forward_and_softmax", lambda: segmenter.predict(images))
+        for image, p in zip(images, probs, strict=True):
+            refined = timed("crf", lambda p=p, image=image: dense_crf(p[None], to_chw_uint8(image).to(device)[None])[0])
+            labels, confidence = timed("labels_and_confidence", lambda refined=refined: labels_and_confidence(refined))
+            timed("statistics", lambda labels=labels, confidence=confidence: class_statistics(labels, confidence, NUM_CLASSES))
+            mask = labels.to(torch.int32).cpu().numpy().astype(np.uint8)
+            timed("encode_mask", lambda mask=mask: encode_mask(mask, palette))
+
+    one_round()  # warm-up: allocator, oneDNN primitives, cudnn.benchmark
+    totals.clear()
+    for _ in range(args.rounds):
+        one_round()
+    per_image = {name: round(seconds / (args.rounds * len(data)) * 1000, 2) for name, seconds in totals.items()}
+    print(json.dumps({"profile": "replica", "model": args.model, "device": args.device, "batch_size": args.batch_size,
+                      "ms_per_image": per_image}))
+    if args.torch_profiler:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as profile:
+            one_round()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(profile.key_averages().table(sort_by=sort, row_limit=20))
+
+
+if __name__ == "__main__":
+    main()
