@@ -14,6 +14,8 @@ and layout can be forced either way, so the CUDA code path is exercised on CPU t
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -96,6 +98,45 @@ def to_chw_uint8(image: ImageLike) -> torch.Tensor:
     return image
 
 
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """A copy of an eval-mode model in which every BatchNorm2d that directly follows a Conv2d
+    is folded into that convolution's weights and bias, as MMSegmentation's `fuse_conv_bn`
+    does for inference: one pass over the activations instead of two (batch norm took 7 to 13%
+    of a MobileNetV3 DeepLab's forward on CPU, profiled).
+
+    Pairs are folded only where the order of definition is the order of execution:
+    consecutive children of an nn.Sequential or of torchvision's IntermediateLayerGetter (never
+    a child whose output it returns), and the convN/bnN pairs of ResNet blocks.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    def foldable(conv: nn.Module | None, bn: nn.Module | None) -> bool:
+        return (
+            type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.num_features == conv.out_channels
+            and bn.running_mean is not None and bn.running_var is not None
+        )
+
+    model = copy.deepcopy(model).eval()
+    for module in model.modules():
+        if isinstance(module, nn.Sequential | IntermediateLayerGetter):
+            returned = set(getattr(module, "return_layers", {}))
+            names = list(module._modules)
+            for first, second in itertools.pairwise(names):
+                conv, bn = module._modules[first], module._modules[second]
+                if first not in returned and foldable(conv, bn):
+                    module._modules[first] = fuse_conv_bn_eval(conv, bn)
+                    module._modules[second] = nn.Identity()
+        if isinstance(module, BasicBlock | Bottleneck | ResNet):
+            for index in (1, 2, 3):
+                conv, bn = getattr(module, f"conv{index}", None), getattr(module, f"bn{index}", None)
+                if foldable(conv, bn):
+                    setattr(module, f"conv{index}", fuse_conv_bn_eval(conv, bn))
+                    setattr(module, f"bn{index}", nn.Identity())
+    return model
+
+
 def softmax_classes(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over dim 1 of (B, C, H, W) logits, in the layout they come in.
 
@@ -113,7 +154,8 @@ class Segmenter:
 
     `precision`: "auto" is bf16 autocast on CUDA and float32 elsewhere. `channels_last`:
     None means yes, on every device. `compile`: wrap the model in `torch.compile` (pays off on long
-    runs of same-sized batches on a GPU).
+    runs of same-sized batches on a GPU). `fold_bn`: fold batch norms into the convolutions
+    before them (`fold_batch_norms`; the model given is left as it is).
     """
 
     def __init__(
@@ -128,6 +170,7 @@ class Segmenter:
         precision: Literal["auto", "fp32", "bf16"] = "auto",
         channels_last: bool | None = None,
         compile: bool = False,
+        fold_bn: bool = True,
     ) -> None:
         self.meta: ModelMeta = meta if meta is not None else model.meta
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -141,7 +184,7 @@ class Segmenter:
         on_cuda = self.device.type == "cuda"
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and on_cuda) else None
         self.channels_last = True if channels_last is None else channels_last
-        model = model.eval().to(self.device)
+        model = (fold_batch_norms(model) if fold_bn else model.eval()).to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if on_cuda:

@@ -60,7 +60,8 @@ def test_probabilities_at_each_original_size_in_input_order() -> None:
     for p in probs:
         torch.testing.assert_close(p.sum(0), torch.ones(p.shape[1:]))
     # batched by size (2 + 1 windows of 20x30, one of 17x11), never mixing sizes in a batch
-    assert sorted(tuple(x.shape) for x in model.inputs) == [(1, 3, 17, 11), (1, 3, 20, 30), (2, 3, 20, 30)]
+    # (the segmenter runs its own copy of the model, with batch norms folded)
+    assert sorted(tuple(x.shape) for x in seg.model.inputs) == [(1, 3, 17, 11), (1, 3, 20, 30), (2, 3, 20, 30)]
     alone = seg.predict([images[2]])[0]
     torch.testing.assert_close(alone, probs[2])
     numpy_input = seg.predict([images[1].permute(1, 2, 0).numpy()])[0]
@@ -71,8 +72,9 @@ def test_normalisation_and_resize_policy_come_from_the_metadata() -> None:
     model = Pointwise()
     meta = _meta(mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0), resize="short_side", size=(10,))
     image = _image(20, 30)
-    probs = Segmenter(model, meta, device="cpu").predict([image])[0]
-    seen = model.inputs[0]
+    segmenter = Segmenter(model, meta, device="cpu")
+    probs = segmenter.predict([image])[0]
+    seen = segmenter.model.inputs[0]
     assert seen.shape == (1, 3, 10, 15)  # short side 20 -> 10, aspect kept
     resized = F.interpolate(image[None].float(), size=(10, 15), mode="bilinear", align_corners=False, antialias=True)
     expected = (resized / 255 - torch.tensor([0.5, 0.25, 0.0]).view(1, 3, 1, 1)) / torch.tensor([0.5, 0.25, 1.0]).view(1, 3, 1, 1)
@@ -97,13 +99,14 @@ def test_sliding_window_equals_whole_image_for_a_pointwise_model() -> None:
     model = Pointwise()
     image = _image(100, 77)
     whole = Segmenter(model, _meta(), device="cpu").predict([image])[0]
-    model.inputs.clear()
     window = SlidingWindow(crop=(32, 32), stride=(20, 24), batch_size=3)
-    slid = Segmenter(model, _meta(), device="cpu", sliding_window=window).predict([image])[0]
+    sliding = Segmenter(model, _meta(), device="cpu", sliding_window=window)
+    slid = sliding.predict([image])[0]
     torch.testing.assert_close(slid, whole, atol=1e-5, rtol=1e-5)
     # memory is bounded by the window batch: never more than 3 crops of 32x32 at once
-    assert all(x.shape[0] <= 3 and x.shape[-2:] == (32, 32) for x in model.inputs)
-    assert sum(x.shape[0] for x in model.inputs) == 5 * 3  # starts y 0,20,40,60,68; x 0,24,45
+    seen = sliding.model.inputs
+    assert all(x.shape[0] <= 3 and x.shape[-2:] == (32, 32) for x in seen)
+    assert sum(x.shape[0] for x in seen) == 5 * 3  # starts y 0,20,40,60,68; x 0,24,45
 
 
 def test_one_window_covering_the_image_agrees_with_whole_image_inference() -> None:
@@ -170,14 +173,31 @@ def test_channels_last_is_the_default_layout_and_changes_no_result() -> None:
     images = [_image(40, 56), _image(33, 47)]
     default = Segmenter(model, device="cpu")
     assert default.channels_last
-    nchw = Segmenter(build_model("deeplabv3_mobilenet_v3_large", num_classes=5), device="cpu", channels_last=False)
-    nchw.model.load_state_dict(default.model.state_dict())
+    nchw = Segmenter(model, device="cpu", channels_last=False)
     for got, expected in zip(default.predict(images), nchw.predict(images), strict=True):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     logits = torch.randn(2, 7, 9, 11)
     cl = softmax_classes(logits.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(cl, torch.softmax(logits, dim=1))
     assert cl.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("name", ["deeplabv3_mobilenet_v3_large", "pspnet_resnet50", "lraspp_mobilenet_v3_large"])
+def test_batch_norms_folded_into_convolutions_change_no_result(name) -> None:
+    model = build_model(name, num_classes=5)
+    with torch.no_grad():  # statistics unlike a fresh layer's (mean 0, variance 1), or folding would be trivial
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    folded = Segmenter(model, device="cpu")
+    plain = Segmenter(model, device="cpu", fold_bn=False)
+    left = [m for m in folded.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = [m for m in plain.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert before and len(left) <= len(before) // 10, (len(left), len(before))
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the model given is untouched
+    images = [_image(40, 56)]
+    torch.testing.assert_close(folded.predict(images)[0], plain.predict(images)[0], atol=1e-4, rtol=1e-3)
 
 
 @pytest.mark.slow
