@@ -94,14 +94,20 @@ def model_only(model_name: str, device: torch.device, batch_size: int, count: in
     the device, with the precision and memory format segpipe uses there."""
     from PIL import Image
 
-    from pipeline.inference import Segmenter
-
-    segmenter = Segmenter(build_model(model_name, num_classes=NUM_CLASSES, weights=None), device=device, batch_size=batch_size)
+    model = build_model(model_name, num_classes=NUM_CLASSES, weights=None)
     frames = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in source_images()[:batch_size]]
     pixels = torch.stack([torch.from_numpy(f.copy()).permute(2, 0, 1) for f in frames]).to(device).float()
-    mean = torch.tensor(segmenter.meta.preprocessing.mean, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(segmenter.meta.preprocessing.std, device=device).view(1, 3, 1, 1) * 255
-    batch = (pixels - mean) / std
+    mean = torch.tensor(model.meta.preprocessing.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(model.meta.preprocessing.std, device=device).view(1, 3, 1, 1) * 255
+    return _bare_forward_rate(model, device, (pixels - mean) / std, count)
+
+
+def _bare_forward_rate(model: torch.nn.Module, device: torch.device, batch: torch.Tensor, count: int) -> float:
+    """Items/s of the model's forward on a preprocessed batch, with the precision, memory format
+    and folded batch norms a segpipe replica uses on `device` (its Segmenter's model)."""
+    from pipeline.inference import Segmenter
+
+    segmenter = Segmenter(model, device=device, batch_size=len(batch))
     if segmenter.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
     dtype = segmenter.autocast_dtype
@@ -180,7 +186,7 @@ TILE, TILE_STRIDE = 512, 384
 def tile_comparison(model_name: str, device: torch.device, batch_size: int, count: int, work: Path) -> dict:
     """Large tiles in sliding-window mode: end-to-end tiles/s against the bare forward of the
     tiles' windows (preprocessed, in batches of batch_size) expressed in tiles/s."""
-    from pipeline.inference import Segmenter, window_starts
+    from pipeline.inference import window_starts
 
     source = work / "tiles"
     mosaics = tile_sources()
@@ -188,17 +194,9 @@ def tile_comparison(model_name: str, device: torch.device, batch_size: int, coun
         (source / "t").mkdir(parents=True, exist_ok=True)
         (source / "t" / f"{i:04d}.jpg").write_bytes(mosaics[i % len(mosaics)])
     windows = len(window_starts(2048, TILE, TILE_STRIDE)) ** 2
-    segmenter = Segmenter(build_model(model_name, num_classes=NUM_CLASSES, weights=None), device=device, batch_size=batch_size)
+    model = build_model(model_name, num_classes=NUM_CLASSES, weights=None)
     crops = torch.randn(batch_size, 3, TILE, TILE, device=device)
-    if segmenter.channels_last:
-        crops = crops.contiguous(memory_format=torch.channels_last)
-    dtype = segmenter.autocast_dtype
-
-    def forward() -> None:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            segmenter.model(crops)["out"]
-
-    windows_per_second = _best_rate(forward, batch_size, max(windows, 2 * batch_size), device)
+    windows_per_second = _bare_forward_rate(model, device, crops, max(windows, 2 * batch_size))
     ours = end_to_end(model_name, device.type, batch_size, source, work / "tiles-out", tile=TILE)
     model_tiles = windows_per_second / windows
     return {"tile": "2048x2048", "window": TILE, "stride": TILE_STRIDE, "windows_per_tile": windows, "tiles": ours["images"],

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from .crf import dense_crf
 from .images import (
@@ -186,8 +187,6 @@ class SegmentStage:
         refuses is decoded again alone, then by Pillow on the CPU, which names what is wrong."""
         if not records:
             return
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         start = time.perf_counter()
         device = self.segmenter.device
         data = [torch.frombuffer(bytearray(r.encoded), dtype=torch.uint8) for r in records]  # type: ignore[arg-type]
