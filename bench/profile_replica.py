@@ -34,7 +34,8 @@ from pipeline.images import decode_image, plain_jpeg_shape  # noqa: E402
 from pipeline.inference import Segmenter, to_chw_uint8  # noqa: E402
 from pipeline.masks import encode_mask  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.stages import ImageRecord, SegmentStage  # noqa: E402
+from pipeline.records import ImageRecord  # noqa: E402
+from pipeline.stages import SegmentStage  # noqa: E402
 from pipeline.stats import class_statistics, labels_and_confidence  # noqa: E402
 
 

@@ -145,7 +145,7 @@ def _sync(device: torch.device) -> None:
 def end_to_end(model_name: str, device: str, batch_size: int, source: Path, output: Path, *, crf: bool = True,
                tile: int | None = None) -> dict:
     from pipeline.config import SegmentConfig
-    from pipeline.ray_runner import run_segmentation
+    from pipeline.runtime.driver import run_segmentation
 
     config = SegmentConfig(source=str(source), output=str(output), model=model_name, weights=None, num_classes=NUM_CLASSES,
                            crf=crf, batch_size=batch_size, device=device, shard_size=100, tile=tile)
@@ -332,7 +332,7 @@ def eval_comparison(pairs: int) -> dict:
 PEAK_RUN = """
 import sys, ray
 from pipeline.config import SegmentConfig
-from pipeline.ray_runner import run_segmentation
+from pipeline.runtime.driver import run_segmentation
 ray.init(include_dashboard=False, logging_level="WARNING")
 s = run_segmentation(SegmentConfig(source=sys.argv[1], output=sys.argv[2], model=sys.argv[3], weights=None,
                                    num_classes=21, crf=True, batch_size=int(sys.argv[4]), device=sys.argv[5], shard_size=100))

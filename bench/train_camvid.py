@@ -18,8 +18,8 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.ray_train import run_training
-from pipeline.training import TrainConfig
+from pipeline.config import TrainConfig
+from pipeline.runtime.training import run_training
 
 CAMVID = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "camvid" / "val"
 CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian", "bicyclist")

@@ -23,7 +23,7 @@ from pipeline.evaluation import (
     resolve_class_names,
     write_report,
 )
-from pipeline.ray_evaluate import score_on_ray
+from pipeline.runtime.scoring import score_on_ray
 from pipeline.storage import open_location
 
 

@@ -1,6 +1,6 @@
 """The nightly segmentation flow: discover -> run on Ray -> commit the run record -> summarise.
 
-Wiring only: the work is `pipeline.ray_runner.run_segmentation`. The Prefect process is the
+Wiring only: the work is `pipeline.runtime.driver.run_segmentation`. The Prefect process is the
 Ray driver: it joins the cluster it runs in (`ray_address="auto"`, or RAY_ADDRESS) or starts a
 local Ray; never a `ray://` client connection.
 """
@@ -21,7 +21,8 @@ from flows._retries import IO_TASK
 from flows._storage import resolve_storage_options
 from pipeline.config import SegmentConfig, fill_date
 from pipeline.outputs import prepare_locations
-from pipeline.ray_runner import Progress, RunSummary, run_segmentation
+from pipeline.run import Progress, RunSummary
+from pipeline.runtime.driver import run_segmentation
 from pipeline.storage import ListingCounts, iter_shards, open_location, write_atomic
 
 # Callables a caller in this process (the CLI's progress bar) can add to follow a run. They are

@@ -1,5 +1,5 @@
 """The training flow: fine-tune a model on labelled images with Ray Train and publish its
-epochs. Wiring only; the work is `pipeline.ray_train.run_training`."""
+epochs. Wiring only; the work is `pipeline.runtime.training.run_training`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows._storage import resolve_storage_options
-from pipeline.ray_train import TrainSummary, run_training
-from pipeline.training import TrainConfig
+from pipeline.config import TrainConfig
+from pipeline.runtime.training import TrainSummary, run_training
 
 _DEFAULTS = {name: field.default for name, field in TrainConfig.model_fields.items()}
 

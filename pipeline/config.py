@@ -53,7 +53,7 @@ class SegmentConfig(BaseModel):
     gpus_per_actor: float = Field(default=1.0, gt=0, le=1)
     cpus_per_actor: float = Field(default=1.0, gt=0)
     # torch threads of each CPU replica; None: its node's CPUs shared among the CPU replicas
-    # there (see ray_runner.replica_threads)
+    # there (see pipeline.run.replica_threads)
     threads_per_actor: int | None = Field(default=None, ge=1)
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
     # where plain JPEGs are decoded: "auto" on the replica's GPU when it has one (nvjpeg),
@@ -70,7 +70,7 @@ class SegmentConfig(BaseModel):
     max_restarts: int = Field(default=3, ge=0)
     # batches in flight per replica: enough to keep decode, inference and upload overlapped,
     # few enough that memory stays flat; None: the CPUs Ray has beside the replicas, shared
-    # among them, between 3 and 8 (see ray_runner.batches_in_flight)
+    # among them, between 3 and 8 (see pipeline.run.batches_in_flight)
     batches_in_flight_per_actor: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="before")
@@ -126,6 +126,74 @@ class SegmentConfig(BaseModel):
         if not isinstance(value, dict):
             raise ValueError(f"storage_options must be a JSON object, got {type(value).__name__}")
         return value
+
+    def __repr_args__(self):  # keep credentials out of logs and tracebacks
+        for name, value in super().__repr_args__():
+            yield name, ("<hidden>" if name == "storage_options" and value else value)
+
+
+class TrainConfig(BaseModel):
+    """Everything `segpipe train` needs. Field names are the CLI's option names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    images: str = Field(min_length=1, description="fsspec URL of the training images")
+    labels: str = Field(min_length=1, description="fsspec URL of their label masks (PNG, class ids)")
+    output: str = Field(min_length=1, description="fsspec URL of the checkpoint to write")
+    model: str
+    num_classes: int = Field(gt=0)
+    class_names: tuple[str, ...] | None = None
+    palette: tuple[tuple[int, int, int], ...] | None = None
+    epochs: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=8, ge=2)  # per worker; batch norm needs two samples
+    crop: tuple[int, int] = (512, 512)
+    scale: tuple[float, float] = (0.5, 2.0)
+    ignore_index: int = 255
+    # "none" (random), "imagenet" (the backbone's ImageNet weights), a torchvision weights name
+    # of the model, or a checkpoint URL; tensors whose shapes differ (the classifier, for other
+    # classes) start random
+    init: str = "none"
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float | None = Field(default=None, gt=0)  # default 0.01 for SGD, 1e-4 for AdamW
+    weight_decay: float | None = Field(default=None, ge=0)  # default 1e-4 for SGD, 0.01 for AdamW
+    aux_weight: float = Field(default=0.4, ge=0)
+    label_suffix: str = ""
+    val_images: str | None = None
+    val_labels: str | None = None
+    # without a validation set: hold out the last N pairs in key order (0: validate on none)
+    val_last: int = Field(default=0, ge=0)
+    workers: int | None = Field(default=None, ge=1)  # default: one per GPU, else 1
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    resume: str | None = None  # a checkpoint written by segpipe train: continue after its epoch
+    seed: int = 0
+    storage_options: dict[str, Any] = {}
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        from .models._registry import get_spec
+
+        get_spec(self.model)  # unknown model: ValueError naming the choices
+        if (self.val_images is None) != (self.val_labels is None):
+            raise ValueError("give both val_images and val_labels, or neither")
+        if self.val_images is not None and self.val_last:
+            raise ValueError("val_last holds pairs out of the training data; it cannot be combined with val_images")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for num_classes={self.num_classes}")
+        if min(self.crop) < 32:
+            raise ValueError(f"crop {self.crop} is too small; the models downsample by up to 32")
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {self.scale}")
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr or (0.01 if self.optimizer == "sgd" else 1e-4)
+
+    @property
+    def decay(self) -> float:
+        return self.weight_decay if self.weight_decay is not None else (1e-4 if self.optimizer == "sgd" else 0.01)
 
     def __repr_args__(self):  # keep credentials out of logs and tracebacks
         for name, value in super().__repr_args__():

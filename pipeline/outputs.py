@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import RunError, SegmentConfig
-from .stages import ImageRecord, mask_key
+from .records import ImageRecord, mask_key
 from .storage import (
     Location,
     Shard,
@@ -108,6 +108,22 @@ class RunInfo:
     # changes whenever results would differ (model, weights, classes, CRF): shards committed
     # under another fingerprint are processed again
     fingerprint: str
+
+
+@dataclass
+class OpenShard:
+    """A shard being processed: its records so far and its batches still out. It is committed
+    once every batch is queued and back, never earlier."""
+
+    shard: Shard
+    records: list[ImageRecord]
+    outstanding: int = 0
+    # True until every batch of the shard is queued: the first batches may come back while
+    # later ones are still being queued, and the shard must not be committed then
+    queueing: bool = True
+
+    def complete(self) -> bool:
+        return not self.queueing and self.outstanding == 0
 
 
 def table_key(table: str, shard_id: str) -> str:

@@ -13,11 +13,9 @@ error record that names the stage's reason; the other images of the batch go on.
 from __future__ import annotations
 
 import contextlib
-import posixpath
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,51 +32,9 @@ from .images import (
 )
 from .inference import Segmenter, to_chw_uint8
 from .masks import encode_mask
-from .stats import ClassStats, class_statistics, labels_and_confidence
+from .records import ImageRecord, mask_key
+from .stats import class_statistics, labels_and_confidence
 from .storage import Location, SourceFile, StorageUnavailableError, retry_io, write_atomic
-
-
-@dataclass
-class ImageRecord:
-    """One image on its way through the stages; ends as a row of the images table."""
-
-    key: str
-    size: int = 0
-    version: str = ""
-    # (H, W, 3) uint8 array, or a (3, H, W) uint8 tensor once decoded on the model's device;
-    # dropped once segmented
-    image: np.ndarray | torch.Tensor | None = None
-    # a plain JPEG's bytes, left for the model's device to decode (see SegmentStage)
-    encoded: bytes | None = None
-    labels: np.ndarray | None = None  # (H, W) class ids, dropped once written
-    stats: ClassStats | None = None
-    width: int | None = None
-    height: int | None = None
-    mask_key: str | None = None
-    error: str | None = None
-    error_type: str | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def fail(self, error_type: str, message: str) -> None:
-        self.error, self.error_type = message, error_type
-        self.image = self.encoded = self.labels = self.stats = None
-
-
-def mask_key(image_key: str) -> str:
-    """OUTPUT key of an image's mask: masks/<key with its extension replaced by .png>.
-
-    Keys come from listings we do not control; one that could climb out of OUTPUT is refused.
-    """
-    parts = image_key.split("/")
-    if image_key.startswith("/") or any(part in {"", ".", ".."} for part in parts) or any(
-        ord(char) < 32 or ord(char) == 127 for char in image_key
-    ):
-        raise ValueError(f"unsafe key {image_key!r}: empty, '.' or '..' segments, or control characters")
-    return "masks/" + posixpath.splitext(image_key)[0] + ".png"
 
 
 def read_and_decode(

@@ -2,7 +2,7 @@
 runs with no other flag.
 
 Plain functions and one settings class, run inside Ray Train's workers by
-`pipeline.ray_train` and callable without Ray: pairing images with label masks (by key, as the
+`pipeline.runtime.training` and callable without Ray: pairing images with label masks (by key, as the
 evaluation pairs masks), random scale, crop and flip, the loss (cross-entropy with the ignore
 index, plus `aux_weight` times the auxiliary head's where the model has one), SGD or AdamW
 with polynomial decay, and validation mIoU with `pipeline.metrics`, as MMSegmentation's
@@ -16,14 +16,14 @@ import posixpath
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from .config import TrainConfig
 from .evaluation import pairing_key
 from .images import decode_image
 from .masks import decode_mask, default_palette
@@ -31,72 +31,6 @@ from .metrics import confusion_matrix, scores
 from .models import ModelMeta, Preprocessing, build_model
 from .models._registry import get_spec
 from .storage import Location, is_image_key, iter_files, read_bytes
-
-
-class TrainConfig(BaseModel):
-    """Everything `segpipe train` needs. Field names are the CLI's option names."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    images: str = Field(min_length=1, description="fsspec URL of the training images")
-    labels: str = Field(min_length=1, description="fsspec URL of their label masks (PNG, class ids)")
-    output: str = Field(min_length=1, description="fsspec URL of the checkpoint to write")
-    model: str
-    num_classes: int = Field(gt=0)
-    class_names: tuple[str, ...] | None = None
-    palette: tuple[tuple[int, int, int], ...] | None = None
-    epochs: int = Field(default=20, ge=1)
-    batch_size: int = Field(default=8, ge=2)  # per worker; batch norm needs two samples
-    crop: tuple[int, int] = (512, 512)
-    scale: tuple[float, float] = (0.5, 2.0)
-    ignore_index: int = 255
-    # "none" (random), "imagenet" (the backbone's ImageNet weights), a torchvision weights name
-    # of the model, or a checkpoint URL; tensors whose shapes differ (the classifier, for other
-    # classes) start random
-    init: str = "none"
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float | None = Field(default=None, gt=0)  # default 0.01 for SGD, 1e-4 for AdamW
-    weight_decay: float | None = Field(default=None, ge=0)  # default 1e-4 for SGD, 0.01 for AdamW
-    aux_weight: float = Field(default=0.4, ge=0)
-    label_suffix: str = ""
-    val_images: str | None = None
-    val_labels: str | None = None
-    # without a validation set: hold out the last N pairs in key order (0: validate on none)
-    val_last: int = Field(default=0, ge=0)
-    workers: int | None = Field(default=None, ge=1)  # default: one per GPU, else 1
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    resume: str | None = None  # a checkpoint written by segpipe train: continue after its epoch
-    seed: int = 0
-    storage_options: dict[str, Any] = {}
-    ray_address: str | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
-        get_spec(self.model)  # unknown model: ValueError naming the choices
-        if (self.val_images is None) != (self.val_labels is None):
-            raise ValueError("give both val_images and val_labels, or neither")
-        if self.val_images is not None and self.val_last:
-            raise ValueError("val_last holds pairs out of the training data; it cannot be combined with val_images")
-        if self.class_names is not None and len(self.class_names) != self.num_classes:
-            raise ValueError(f"{len(self.class_names)} class names for num_classes={self.num_classes}")
-        if min(self.crop) < 32:
-            raise ValueError(f"crop {self.crop} is too small; the models downsample by up to 32")
-        if not 0 < self.scale[0] <= self.scale[1]:
-            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {self.scale}")
-        return self
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr or (0.01 if self.optimizer == "sgd" else 1e-4)
-
-    @property
-    def decay(self) -> float:
-        return self.weight_decay if self.weight_decay is not None else (1e-4 if self.optimizer == "sgd" else 0.01)
-
-    def __repr_args__(self):  # keep credentials out of logs and tracebacks
-        for name, value in super().__repr_args__():
-            yield name, ("<hidden>" if name == "storage_options" and value else value)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import pytest
 import s3fs
 from PIL import Image
 
-from pipeline.cli import main
+from flows.cli import main
 from pipeline.masks import decode_mask, encode_mask
 from pipeline.samples import synthetic_scene
 
@@ -73,7 +73,7 @@ def test_models_command_lists_the_registry(capsys) -> None:
 
 def _segpipe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=600,
         env={**os.environ, **(env or {})},
     )
 

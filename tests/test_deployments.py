@@ -74,7 +74,7 @@ def test_segpipe_serve_registers_both_deployments(tmp_path):
     with prefect_test_harness(server_startup_timeout=120):
         env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
         process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "serve", "--source", f"{tmp_path}/{{date}}",
+            [sys.executable, "-m", "flows.cli", "serve", "--source", f"{tmp_path}/{{date}}",
              "--output", f"{tmp_path}/out/date={{date}}", "--cron", "30 3 * * *"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )

@@ -35,7 +35,7 @@ def _source(tmp_path, shards: int, per_shard: int):
 DRIVER = textwrap.dedent("""
     import sys, ray
     from pipeline.config import SegmentConfig
-    from pipeline.ray_runner import run_segmentation
+    from pipeline.runtime.driver import run_segmentation
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     summary = run_segmentation(SegmentConfig(source=sys.argv[1], output=sys.argv[2], model="lraspp_mobilenet_v3_large",
                                              weights=None, num_classes=4, batch_size=1))
@@ -183,7 +183,7 @@ def _config(bucket: str, options: dict):
 
 
 def test_storage_failing_for_a_while_is_retried_and_loses_nothing(ray_cpu, flaky_s3):
-    from pipeline.ray_runner import run_segmentation
+    from pipeline.runtime.driver import run_segmentation
 
     bucket, direct, through_proxy, proxy = flaky_s3
     _upload(bucket, direct, shards=3, per_shard=2)
@@ -203,7 +203,7 @@ def test_storage_that_stays_down_stops_the_run_and_the_next_run_resumes(ray_cpu,
     import s3fs
 
     from pipeline.config import RunError
-    from pipeline.ray_runner import run_segmentation
+    from pipeline.runtime.driver import run_segmentation
 
     bucket, direct, through_proxy, proxy = flaky_s3
     _upload(bucket, direct, shards=4, per_shard=2)
@@ -232,7 +232,8 @@ DISK_FULL = textwrap.dedent("""
     import datetime as dt, json, resource, sys
     import numpy as np
     from pipeline.outputs import OutputStore, RunInfo
-    from pipeline.stages import ImageRecord, write_masks
+    from pipeline.records import ImageRecord
+    from pipeline.stages import write_masks
     from pipeline.stats import class_statistics
     from pipeline.storage import Shard, SourceFile, StorageUnavailableError, open_location
 
@@ -271,7 +272,7 @@ DISK_FULL = textwrap.dedent("""
 def test_a_full_disk_stops_writes_and_leaves_the_last_commit_intact(tmp_path):
     """Nothing corrupt is left: no partial mask, table or temporary file, and the shard's last
     commit still reads back whole. The next run re-processes the shard (its marker does not
-    match the new inputs). That the Ray run stops on such a write is tested in test_ray_runner."""
+    match the new inputs). That the Ray run stops on such a write is tested in test_runtime_driver."""
     from pipeline.masks import decode_mask
     from pipeline.outputs import OutputStore, RunInfo
     from pipeline.storage import Shard, SourceFile, open_location

@@ -26,8 +26,9 @@ from pipeline.images import decode_image, plain_jpeg_shape
 from pipeline.inference import Segmenter
 from pipeline.masks import decode_mask
 from pipeline.models import build_model
-from pipeline.ray_runner import run_segmentation
-from pipeline.stages import ImageRecord, SegmentStage, read_and_decode
+from pipeline.records import ImageRecord
+from pipeline.runtime.driver import run_segmentation
+from pipeline.stages import SegmentStage, read_and_decode
 from pipeline.storage import SourceFile, open_location
 
 RGB = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)

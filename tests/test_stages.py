@@ -24,11 +24,10 @@ from pipeline.outputs import (
     OutputStore,
     RunInfo,
 )
+from pipeline.records import ImageRecord, mask_key
 from pipeline.samples import synthetic_scene
 from pipeline.stages import (
-    ImageRecord,
     SegmentStage,
-    mask_key,
     plan_shard,
     read_and_decode,
     write_masks,

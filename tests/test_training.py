@@ -16,10 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.config import TrainConfig
 from pipeline.masks import decode_mask, encode_mask
 from pipeline.models import build_model, load_checkpoint, load_training_state, save_checkpoint
 from pipeline.samples import _COLOURS, SAMPLE_CLASSES, synthetic_scene
-from pipeline.training import Sample, TrainConfig, augment, build_training_model, load_matching
+from pipeline.training import Sample, augment, build_training_model, load_matching
 
 PALETTE = [[0, 0, 255], [255, 128, 0], [64, 64, 64], [255, 0, 0]]
 
@@ -71,7 +72,7 @@ def test_init_from_a_checkpoint_with_other_classes_keeps_the_backbone(tmp_path):
 
 
 def test_a_wrong_label_range_is_one_clear_error_before_training(tmp_path):
-    from pipeline.ray_train import run_training
+    from pipeline.runtime.training import run_training
 
     config = _config(tmp_path, num_classes=3, class_names=None)  # the scenes hold labels 0-3
     with pytest.raises(ValueError, match=r"day1/\d\d_L.png holds label 3, outside \[0, 3\) and not ignore_index=255"):
@@ -80,7 +81,7 @@ def test_a_wrong_label_range_is_one_clear_error_before_training(tmp_path):
 
 
 def test_training_resumes_after_the_epoch_of_its_checkpoint(ray_cpu, tmp_path):
-    from pipeline.ray_train import run_training
+    from pipeline.runtime.training import run_training
 
     config = _config(tmp_path, epochs=2)
     first = run_training(config)
@@ -102,7 +103,7 @@ def test_training_resumes_after_the_epoch_of_its_checkpoint(ray_cpu, tmp_path):
 
 
 def _segpipe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=900,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=900,
                           env={**os.environ, **(env or {})}, cwd=Path(__file__).parent.parent)
 
 
@@ -148,7 +149,7 @@ def test_train_command_learns_and_segment_runs_its_checkpoint_alone(tmp_path):
 
 @pytest.mark.slow
 def test_camvid_frames_train_with_the_last_20_held_out(ray_cpu, tmp_path, shared_data):
-    from pipeline.ray_train import run_training
+    from pipeline.runtime.training import run_training
 
     camvid = shared_data / "camvid" / "val"
     config = TrainConfig(images=str(camvid / "images"), labels=str(camvid / "labels"), output=str(tmp_path / "camvid.pt"),

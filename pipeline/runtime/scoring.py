@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import ray
 
-from .evaluation import BatchScore, Pair, ScoreSettings, score_pairs
-from .ray_runner import connect_ray
-from .storage import Location
+from ..evaluation import BatchScore, Pair, ScoreSettings, score_pairs
+from ..storage import Location
+from .cluster import connect_ray
 
 
 @ray.remote

@@ -17,9 +17,10 @@ import s3fs
 import torch
 from PIL import Image
 
-from pipeline.config import SegmentConfig
+from pipeline.config import RunError, SegmentConfig
 from pipeline.masks import decode_mask
-from pipeline.ray_runner import RunError, SegmentWorker, run_segmentation
+from pipeline.runtime.driver import run_segmentation
+from pipeline.runtime.replicas import SegmentWorker
 from pipeline.samples import synthetic_scene
 
 # test worker classes below are shipped to Ray workers by value, not imported there by name
@@ -211,14 +212,14 @@ def test_one_replica_per_declared_gpu(tmp_path, _ray_session):
 
 
 def _worker_spec(config):
-    from pipeline.ray_runner import WorkerSpec
+    from pipeline.runtime.replicas import WorkerSpec
 
     return WorkerSpec(model=config.model, weights=config.weights, num_classes=config.num_classes, crf=False,
                       batch_size=1, storage_options={}, threads=1)
 
 
 def test_worker_device_without_cuda_is_a_clear_error():
-    from pipeline.ray_runner import worker_device
+    from pipeline.runtime.replicas import worker_device
 
     assert str(worker_device([], False)) == "cpu"
     assert str(worker_device(["3"], True)) == "cuda:0"
@@ -247,7 +248,7 @@ def test_cli_joins_an_existing_cluster(ray_cpu, tmp_path, how):
     if how == "environment":
         env["RAY_ADDRESS"] = address
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "segment", source, output, "--model", "lraspp_mobilenet_v3_large",
+        [sys.executable, "-m", "flows.cli", "segment", source, output, "--model", "lraspp_mobilenet_v3_large",
          "--weights", "none", "--num-classes", "4", "--no-crf", *args],
         capture_output=True, text=True, timeout=600, env=env,
     )
@@ -398,7 +399,7 @@ def test_a_mask_that_cannot_be_written_stops_the_run(ray_cpu, tmp_path):
 
 
 def test_batches_in_flight_follow_the_spare_cpus() -> None:
-    from pipeline.ray_runner import batches_in_flight
+    from pipeline.run import batches_in_flight
 
     assert batches_in_flight(None, 1, 1) == 3  # a 2-CPU machine: the three stages still overlap
     assert batches_in_flight(None, 15, 1) == 8  # a 16-CPU GPU node: more, but bounded
@@ -407,7 +408,7 @@ def test_batches_in_flight_follow_the_spare_cpus() -> None:
 
 
 def test_replica_threads_share_the_node() -> None:
-    from pipeline.ray_runner import replica_threads
+    from pipeline.run import replica_threads
 
     assert replica_threads(2, 1, 1.0) == 2  # one replica: every core, though it reserves one
     assert replica_threads(16, 4, 1.0) == 4
@@ -422,7 +423,7 @@ def test_replicas_compile_their_model_only_when_asked() -> None:
 
     from torch._dynamo.eval_frame import OptimizedModule
 
-    from pipeline.ray_runner import build_stage
+    from pipeline.runtime.replicas import build_stage
 
     config = SegmentConfig(source="s", output="o", **MODEL)
     spec = dataclasses.replace(_worker_spec(config), compile=True)

@@ -29,11 +29,10 @@ import torch.distributed as dist
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from .masks import decode_mask
-from .models import is_checkpoint_uri, load_checkpoint, load_training_state, save_checkpoint
-from .ray_runner import connect_ray
-from .storage import open_location, read_bytes
-from .training import (
+from ..masks import decode_mask
+from ..models import is_checkpoint_uri, load_checkpoint, load_training_state, save_checkpoint
+from ..storage import open_location, read_bytes
+from ..training import (
     Normalizer,
     TrainConfig,
     TrainingPair,
@@ -47,6 +46,7 @@ from .training import (
     train_epoch,
     validate,
 )
+from .cluster import connect_ray
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ def _segment(args: argparse.Namespace) -> int:
     the exit code, only a run that could not happen does."""
     from pydantic import ValidationError
 
-    from .config import SegmentConfig, fill_date
+    from pipeline.config import SegmentConfig, fill_date
 
     fields = {name: getattr(args, name) for name in SegmentConfig.model_fields if getattr(args, name, None) is not None}
     if args.storage_secret:
@@ -61,9 +61,8 @@ def _segment(args: argparse.Namespace) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from flows.segment import progress_listeners, segment_archive
-
-    from .config import RunError
-    from .outputs import LayoutMismatchError
+    from pipeline.config import RunError
+    from pipeline.outputs import LayoutMismatchError
 
     console = Console(stderr=True)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
@@ -122,8 +121,7 @@ def _print_summary(s: dict) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     _quiet_prefect()
     from flows.evaluate import evaluate_predictions
-
-    from .evaluation import markdown_table
+    from pipeline.evaluation import markdown_table
 
     try:
         label_map = {int(k): int(v) for k, v in args.label_map.items()} if args.label_map else None
@@ -162,7 +160,7 @@ def _train(args: argparse.Namespace) -> int:
     """Run the training flow and print its epochs and where the checkpoint is."""
     from pydantic import ValidationError
 
-    from .training import TrainConfig
+    from pipeline.config import TrainConfig
 
     fields = {name: getattr(args, name) for name in TrainConfig.model_fields if getattr(args, name, None) is not None}
     try:
@@ -174,8 +172,7 @@ def _train(args: argparse.Namespace) -> int:
         fields["storage_secret"] = args.storage_secret
     _quiet_prefect()
     from flows.train import train_model
-
-    from .ray_train import TrainingError
+    from pipeline.runtime.training import TrainingError
 
     try:
         summary = train_model(**fields)
@@ -197,7 +194,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _models(_: argparse.Namespace) -> int:
-    from .models import list_models
+    from pipeline.models import list_models
 
     print("\n".join(list_models()))
     return 0
