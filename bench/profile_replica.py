@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from run import NUM_CLASSES, source_images  # noqa: E402
 
 from pipeline.crf import dense_crf  # noqa: E402
-from pipeline.images import decode_image, plain_jpeg_shape  # noqa: E402
+from pipeline.decode import decode_image, plain_jpeg_shape  # noqa: E402
 from pipeline.inference import Segmenter, to_chw_uint8  # noqa: E402
 from pipeline.masks import encode_mask  # noqa: E402
 from pipeline.models import build_model  # noqa: E402

@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows._retries import IO_TASK
 from flows._storage import resolve_storage_options
-from pipeline.config import substitute_date
+from pipeline.config import EvaluateConfig
 from pipeline.evaluation import (
     BatchScore,
     Pairing,
@@ -72,39 +72,25 @@ def publish(report: dict[str, Any], files: list[str], description: str) -> None:
 
 
 @flow(name="evaluate-predictions", log_prints=True)
-def evaluate_predictions(
-    predictions: str,
-    ground_truth: str,
-    output: str,
-    num_classes: int,
-    ignore_index: int = 255,
-    class_names: list[str] | None = None,
-    label_map: dict[int, int] | None = None,
-    reduce_zero_label: bool = False,
-    prediction_suffix: str = "",
-    ground_truth_suffix: str = "",
-    storage_options: dict[str, Any] | None = None,
-    storage_secret: str | None = None,
-    ray_address: str | None = None,
-    date: str | None = None,
-) -> dict[str, Any]:
-    """Dataset-wide IoU of the masks under PREDICTIONS against those under GROUND_TRUTH,
-    written to OUTPUT (metrics.json, per_image.parquet, confusion_matrix.png, per_class_iou.png).
+def evaluate_predictions(config: EvaluateConfig, storage_secret: str | None = None) -> dict[str, Any]:
+    """Dataset-wide IoU of the masks under config.predictions against those under
+    config.ground_truth, written to config.output (metrics.json, per_image.parquet,
+    confusion_matrix.png, per_class_iou.png).
 
     Pairs are made by key relative to each root, extension and suffixes removed. `label_map`
     remaps ground-truth values before scoring (values not in it are kept); `reduce_zero_label`
     makes 0 the ignore index and shifts the other labels down by one. `{date}` in the URLs
-    becomes `date` (default yesterday, UTC). Credentials: as for segment-archive.
+    becomes config.date (default yesterday, UTC). Credentials: as for segment-archive.
     """
-    options = resolve_storage_options(storage_options, storage_secret)
-    predictions, ground_truth, output = (substitute_date(url, date) for url in (predictions, ground_truth, output))
-    names = resolve_class_names(class_names, num_classes)
-    settings = ScoreSettings(num_classes=num_classes, ignore_index=ignore_index, label_map=label_map,
-                             reduce_zero_label=reduce_zero_label)
-    pairing = pair(predictions, ground_truth, prediction_suffix, ground_truth_suffix, options)
-    total = score(predictions, ground_truth, pairing, settings, options, ray_address)
+    config = config.dated().with_storage_options(resolve_storage_options(config.storage_options, storage_secret))
+    options = config.storage_options
+    names = resolve_class_names(config.class_names, config.num_classes)
+    settings = ScoreSettings(num_classes=config.num_classes, ignore_index=config.ignore_index,
+                             label_map=config.label_map, reduce_zero_label=config.reduce_zero_label)
+    pairing = pair(config.predictions, config.ground_truth, config.prediction_suffix, config.ground_truth_suffix, options)
+    total = score(config.predictions, config.ground_truth, pairing, settings, options, config.ray_address)
     report = build_report(total, pairing, settings, names)
-    files = write(output, report, total, names, options)
-    publish(report, files, f"{predictions} against {ground_truth}")
-    print(f"mIoU {report['miou']} over {report['images']} images; report in {output}")
+    files = write(config.output, report, total, names, options)
+    publish(report, files, f"{config.predictions} against {config.ground_truth}")
+    print(f"mIoU {report['miou']} over {report['images']} images; report in {config.output}")
     return report

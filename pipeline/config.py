@@ -1,77 +1,212 @@
-"""The settings of a segmentation run, validated once at the edge (CLI, flow parameters)."""
+"""The settings of each job, validated once at the edge and passed inward as one typed object.
+
+`SegmentConfig`, `EvaluateConfig` and `TrainConfig` are the only lists of a job's parameters:
+the command line generates its options from their fields (name, type, default, description),
+the Prefect flows take them as their parameter, and `infra/prefect.yaml` passes the same
+fields. Storage options travel as `StorageOptions`, the one type that keeps credentials out
+of reprs, logs and the parameters Prefect stores.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from .images import DEFAULT_MAX_PIXELS
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import core_schema
 
 DEFAULT_MODEL = "deeplabv3_resnet101"
+# Pillow's own decompression-bomb threshold (2 x Image.MAX_IMAGE_PIXELS): Pillow refuses
+# anything bigger while opening, before segpipe could check it
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
 
 
 class RunError(RuntimeError):
     """The run could not start or could not go on (bad settings, no workers left)."""
 
 
-class SegmentConfig(BaseModel):
-    """Everything `segpipe segment` needs. Field names are the CLI's option names."""
+class TrainingError(RuntimeError):
+    """Training started but a worker failed; the message is the worker's error."""
+
+
+def parse_json_object(text: str, origin: str) -> dict[str, Any]:
+    """A JSON object from text that may hold credentials: an error names the position, never
+    the content."""
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{origin} is not valid JSON ({err.msg} at position {err.pos})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{origin} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+class StorageOptions(dict[str, Any]):
+    """fsspec storage options (endpoint, region, credentials), given as a dict or JSON text.
+
+    Values that are not known to be harmless are hidden from repr and from JSON serialisation:
+    Prefect stores a flow run's parameters (serialised to JSON) and shows them in its UI, so
+    a key or a token must never reach them. Python code receives the values themselves.
+    """
+
+    # fsspec/s3fs options that are settings, never secrets; every other value is hidden
+    VISIBLE = frozenset({"endpoint_url", "region_name", "anon", "use_ssl", "requester_pays", "version_aware", "profile"})
+
+    def hidden_keys(self) -> list[str]:
+        return sorted(k for k in self if k not in self.VISIBLE)
+
+    def redacted(self) -> dict[str, Any]:
+        return {k: (v if k in self.VISIBLE else "<hidden>") for k, v in self.items()}
+
+    def __repr__(self) -> str:
+        return f"StorageOptions({self.redacted()!r})"
+
+    @classmethod
+    def _validate(cls, value: Any) -> StorageOptions:
+        if isinstance(value, str):
+            value = parse_json_object(value, "storage_options")
+        if not isinstance(value, dict):
+            raise ValueError(f"storage_options must be a JSON object, got {type(value).__name__}")
+        return cls(value)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            cls._validate,
+            json_schema_input_schema=core_schema.dict_schema(),
+            serialization=core_schema.plain_serializer_function_ser_schema(
+                lambda value, info: value.redacted() if info.mode_is_json() else dict(value), info_arg=True,
+            ),
+        )
+
+
+def yesterday_utc() -> str:
+    return (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)).isoformat()
+
+
+def substitute_date(url: str, date: str | None) -> str:
+    """`{date}` in `url` becomes `date` (YYYY-MM-DD; default yesterday, UTC)."""
+    return url.replace("{date}", date or yesterday_utc())
+
+
+class JobConfig(BaseModel):
+    """What the three job configs share: strict fields, frozen, and the `{date}` template."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: str = Field(min_length=1, description="fsspec URL of the images")
-    output: str = Field(min_length=1, description="fsspec URL for masks and tables")
-    # None: the architecture a checkpoint given as weights names, else DEFAULT_MODEL
-    model: str | None = None
-    # a torchvision weights name ("DEFAULT", "COCO_WITH_VOC_LABELS_V1"), a checkpoint path or
-    # URL, or None for an untrained model (then num_classes is required)
-    weights: str | None = "DEFAULT"
-    num_classes: int | None = Field(default=None, gt=0)
-    crf: bool = True
-    # torch.compile the model in each replica: pays on GPUs over long runs of one image size;
-    # the first batch of each new size waits for a compilation (seconds to minutes)
-    compile: bool = False
-    # sliding-window inference for images larger than tile x tile (aerial tiles): windows of
-    # that side, tile_stride apart, blended; None segments every image whole
-    tile: int | None = Field(default=None, ge=32)
-    tile_stride: int | None = Field(default=None, ge=16)
-    # also re-process committed shards that hold error rows (after fixing what failed)
-    redo_errors: bool = False
-    batch_size: int = Field(default=8, ge=1)
-    shard_by: Literal["directory", "count"] = "directory"
-    shard_size: int = Field(default=1000, ge=1)
-    ray_address: str | None = None
-    storage_options: dict[str, Any] = {}
-    # "auto": GPU replicas when the cluster has GPUs now; "cuda": GPU replicas even when it has
-    # none yet (an autoscaling cluster adds GPU workers on demand); "cpu": CPU replicas only
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    # model replicas; default: one per GPU in the cluster, or one CPU replica without GPUs
-    actors: int | None = Field(default=None, ge=1)
-    gpus_per_actor: float = Field(default=1.0, gt=0, le=1)
-    cpus_per_actor: float = Field(default=1.0, gt=0)
-    # torch threads of each CPU replica; None: its node's CPUs shared among the CPU replicas
-    # there (see pipeline.run.replica_threads)
-    threads_per_actor: int | None = Field(default=None, ge=1)
-    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
-    # where plain JPEGs are decoded: "auto" on the replica's GPU when it has one (nvjpeg),
-    # else in the CPU decode tasks; "device" always on the replica's device; "cpu" always in
-    # the decode tasks (Pillow). Other formats are always decoded in the decode tasks.
-    jpeg_decode: Literal["auto", "device", "cpu"] = "auto"
-    # wall-time limit for decoding one image: past it the image becomes a `timeout` error row
-    image_timeout_s: float = Field(default=120.0, gt=0)
-    # how long replicas may take to be placed and load their model (autoscaling included)
-    startup_timeout_s: float = Field(default=900.0, gt=0)
-    # a batch whose replica died is sent again this many times before its images become
-    # error rows; the replica itself is restarted up to max_restarts times
-    batch_attempts: int = Field(default=3, ge=1)
-    max_restarts: int = Field(default=3, ge=0)
-    # batches in flight per replica: enough to keep decode, inference and upload overlapped,
-    # few enough that memory stays flat; None: the CPUs Ray has beside the replicas, shared
-    # among them, between 3 and 8 (see pipeline.run.batches_in_flight)
-    batches_in_flight_per_actor: int | None = Field(default=None, ge=1)
+    # fields the command line takes as positional arguments, in order; the others are --options
+    positional: ClassVar[tuple[str, ...]] = ()
+    # URL fields that may hold {date}; `date_fields[0]` holding it means the last one must too
+    dated_urls: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="after")
+    def _date_template(self) -> Self:
+        if not self.dated_urls:
+            return self
+        urls = {name: getattr(self, name) for name in self.dated_urls}
+        first, last = self.dated_urls[0], self.dated_urls[-1]
+        if "{date}" in urls[first] and "{date}" not in urls[last]:
+            raise ValueError(
+                f"{first} {urls[first]!r} contains {{date}} but {last} {urls[last]!r} does not; put {{date}} in "
+                f"the {last} too (e.g. s3://bucket/segpipe/date={{date}}/) so each night has its own results"
+            )
+        return self
+
+    def dated(self, date: str | None = None) -> Self:
+        """A copy with `{date}` in its URLs replaced by `date`, else its `date` field, else
+        yesterday (UTC): a scheduled run processes one night's folder."""
+        when = date or getattr(self, "date", None)
+        return self.model_copy(update={name: substitute_date(getattr(self, name), when) for name in self.dated_urls})
+
+    def with_storage_options(self, options: dict[str, Any]) -> Self:
+        return self.model_copy(update={"storage_options": StorageOptions(options)})
+
+
+def _iso_date(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            dt.date.fromisoformat(value)
+        except ValueError as err:
+            raise ValueError(f"date must be YYYY-MM-DD, got {value!r}") from err
+    return value
+
+
+def _no_ray_client(value: str | None) -> str | None:
+    if value and value.startswith("ray://"):
+        raise ValueError(
+            f"{value!r} is a Ray Client address; segpipe joins the cluster as a driver on one of its "
+            "nodes: use 'auto' (or the GCS address host:6379) from a process running in the cluster"
+        )
+    return value
+
+
+_STORAGE_OPTIONS = "JSON object of fsspec options for remote URLs, e.g. '{\"endpoint_url\": \"http://...\"}'"
+_RAY_ADDRESS = "join this Ray cluster ('auto', or host:6379) instead of RAY_ADDRESS or a local Ray"
+_DATE = "YYYY-MM-DD that replaces {date} in the URLs (default: yesterday, UTC)"
+
+
+class SegmentConfig(JobConfig):
+    """Everything `segpipe segment` needs."""
+
+    positional: ClassVar[tuple[str, ...]] = ("source", "output")
+    dated_urls: ClassVar[tuple[str, ...]] = ("source", "output")
+
+    source: str = Field(min_length=1, description="fsspec URL of the images (s3://bucket/prefix, a folder, gs://...)")
+    output: str = Field(min_length=1, description="fsspec URL for masks/, images/ and class_stats/")
+    model: str | None = Field(default=None, description=(
+        "model name (see `segpipe models`); default: the architecture a checkpoint given as --weights names, "
+        f"else {DEFAULT_MODEL}"))
+    weights: str | None = Field(default="DEFAULT", description=(
+        "torchvision weights name (DEFAULT, COCO_WITH_VOC_LABELS_V1), a checkpoint path or URL, or none for an "
+        "untrained model (then --num-classes is required)"))
+    num_classes: int | None = Field(default=None, gt=0, description="classes; required with --weights none")
+    crf: bool = Field(default=True, description="refine the labels with the dense CRF")
+    compile: bool = Field(default=False, description=(
+        "torch.compile the model in each replica: pays on GPUs over long runs of one image size; the first "
+        "batch of each new size waits for a compilation"))
+    tile: int | None = Field(default=None, ge=32, description=(
+        "segment images larger than TILE x TILE in sliding windows of that side (aerial tiles); default: whole"))
+    tile_stride: int | None = Field(default=None, ge=16, description="window stride (default: 3/4 of --tile)")
+    redo_errors: bool = Field(default=False, description="also re-process committed shards that hold error rows")
+    batch_size: int = Field(default=8, ge=1, description="images per batch sent to a replica")
+    shard_by: Literal["directory", "count"] = Field(default="directory", description=(
+        "one shard per directory (split at --shard-size), or chunks of --shard-size keys"))
+    shard_size: int = Field(default=1000, ge=1, description="images per shard at most")
+    ray_address: str | None = Field(default=None, description=_RAY_ADDRESS)
+    storage_options: StorageOptions = Field(default_factory=StorageOptions, description=_STORAGE_OPTIONS)
+    device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description=(
+        "auto: GPU replicas when the cluster has GPUs now; cuda: always (an autoscaler adds GPU workers on "
+        "demand); cpu: CPU replicas only"))
+    actors: int | None = Field(default=None, ge=1, description="model replicas (default: one per GPU, or 1 without GPUs)")
+    gpus_per_actor: float = Field(default=1.0, gt=0, le=1, description="fraction of a GPU per replica")
+    cpus_per_actor: float = Field(default=1.0, gt=0, description="CPUs Ray reserves for each replica")
+    threads_per_actor: int | None = Field(default=None, ge=1, description=(
+        "torch threads of a CPU replica (default: its node's CPUs shared among the replicas there)"))
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1, description="refuse images with more pixels than this")
+    jpeg_decode: Literal["auto", "device", "cpu"] = Field(default="auto", description=(
+        "where plain JPEGs are decoded: auto = on the replica's GPU when it has one, device = always on the "
+        "replica's device, cpu = in the decode tasks"))
+    image_timeout_s: float = Field(default=120.0, gt=0, description=(
+        "seconds one image may take to decode before it becomes a `timeout` error row"))
+    startup_timeout_s: float = Field(default=900.0, gt=0, description=(
+        "seconds the replicas may take to be placed and load their model (autoscaling included)"))
+    batch_attempts: int = Field(default=3, ge=1, description=(
+        "times a batch whose replica died is sent before its images become error rows"))
+    max_restarts: int = Field(default=3, ge=0, description="times Ray restarts a replica that died")
+    no_replica_timeout_s: float = Field(default=900.0, gt=0, description=(
+        "seconds without any live replica (every worker node lost) before the run stops; long enough for an "
+        "autoscaler to add nodes"))
+    batches_in_flight_per_actor: int | None = Field(default=None, ge=1, description=(
+        "batches in flight per replica (default: the spare CPUs shared among the replicas, 3 to 8)"))
+    date: str | None = Field(default=None, description=_DATE)
 
     @model_validator(mode="before")
     @classmethod
@@ -87,7 +222,7 @@ class SegmentConfig(BaseModel):
     @model_validator(mode="after")
     def _stride_within_tile(self) -> SegmentConfig:
         if self.tile_stride is not None and (self.tile is None or self.tile_stride > self.tile):
-            raise ValueError(f"tile_stride={self.tile_stride} needs a tile at least as large (tile={self.tile})")
+            raise ValueError(f"--tile-stride {self.tile_stride} needs a --tile at least as large (--tile {self.tile})")
         return self
 
     @field_validator("model")
@@ -99,76 +234,88 @@ class SegmentConfig(BaseModel):
             raise ValueError(f"unknown model {value!r}; choose one of: {', '.join(list_models())}")
         return value
 
-    @field_validator("ray_address")
-    @classmethod
-    def _no_ray_client(cls, value: str | None) -> str | None:
-        if value and value.startswith("ray://"):
-            raise ValueError(
-                f"{value!r} is a Ray Client address; segpipe joins the cluster as a driver on one of its "
-                "nodes: use 'auto' (or the GCS address host:6379) from a process running in the cluster"
-            )
-        return value
+    _ray_address = field_validator("ray_address")(_no_ray_client)
+    _date = field_validator("date")(_iso_date)
 
     @field_validator("weights")
     @classmethod
     def _none_weights(cls, value: str | None) -> str | None:
         return None if value is None or value.strip().lower() in {"", "none"} else value
 
-    @field_validator("storage_options", mode="before")
-    @classmethod
-    def _parse_options(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value) if value.strip() else {}
-            except json.JSONDecodeError as err:
-                # the text may hold credentials: name the position, not the content
-                raise ValueError(f"storage_options is not valid JSON ({err.msg} at position {err.pos})") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"storage_options must be a JSON object, got {type(value).__name__}")
-        return value
 
-    def __repr_args__(self):  # keep credentials out of logs and tracebacks
-        for name, value in super().__repr_args__():
-            yield name, ("<hidden>" if name == "storage_options" and value else value)
+class EvaluateConfig(JobConfig):
+    """Everything `segpipe evaluate` needs."""
+
+    positional: ClassVar[tuple[str, ...]] = ("predictions", "ground_truth", "output")
+    dated_urls: ClassVar[tuple[str, ...]] = ("predictions", "ground_truth", "output")
+
+    predictions: str = Field(min_length=1, description="fsspec URL of predicted masks (e.g. a segment OUTPUT/masks)")
+    ground_truth: str = Field(min_length=1, description="fsspec URL of ground-truth masks")
+    output: str = Field(min_length=1, description="fsspec URL for the report")
+    num_classes: int = Field(gt=0, description="classes the predictions use")
+    ignore_index: int = Field(default=255, description="ground-truth label of pixels that are not scored")
+    class_names: tuple[str, ...] | None = Field(default=None, description="one name per class, in id order")
+    label_map: dict[int, int] | None = Field(default=None, description=(
+        "JSON object remapping ground-truth values before scoring, e.g. '{\"7\": 0, \"8\": 1}' (others kept)"))
+    reduce_zero_label: bool = Field(default=False, description=(
+        "ground truth 0 is ignored and the other labels shift down by one"))
+    prediction_suffix: str = Field(default="", description="suffix removed from prediction names before pairing")
+    ground_truth_suffix: str = Field(default="", description="suffix removed from ground-truth names, e.g. _L")
+    storage_options: StorageOptions = Field(default_factory=StorageOptions, description=_STORAGE_OPTIONS)
+    ray_address: str | None = Field(default=None, description=_RAY_ADDRESS)
+    date: str | None = Field(default=None, description=_DATE)
+
+    _ray_address = field_validator("ray_address")(_no_ray_client)
+    _date = field_validator("date")(_iso_date)
+
+    @model_validator(mode="after")
+    def _names_per_class(self) -> EvaluateConfig:
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} --class-names for --num-classes {self.num_classes}")
+        return self
 
 
-class TrainConfig(BaseModel):
-    """Everything `segpipe train` needs. Field names are the CLI's option names."""
+class TrainConfig(JobConfig):
+    """Everything `segpipe train` needs."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    positional: ClassVar[tuple[str, ...]] = ("images", "labels", "output")
 
     images: str = Field(min_length=1, description="fsspec URL of the training images")
-    labels: str = Field(min_length=1, description="fsspec URL of their label masks (PNG, class ids)")
-    output: str = Field(min_length=1, description="fsspec URL of the checkpoint to write")
-    model: str
-    num_classes: int = Field(gt=0)
-    class_names: tuple[str, ...] | None = None
-    palette: tuple[tuple[int, int, int], ...] | None = None
-    epochs: int = Field(default=20, ge=1)
-    batch_size: int = Field(default=8, ge=2)  # per worker; batch norm needs two samples
-    crop: tuple[int, int] = (512, 512)
-    scale: tuple[float, float] = (0.5, 2.0)
-    ignore_index: int = 255
-    # "none" (random), "imagenet" (the backbone's ImageNet weights), a torchvision weights name
-    # of the model, or a checkpoint URL; tensors whose shapes differ (the classifier, for other
-    # classes) start random
-    init: str = "none"
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float | None = Field(default=None, gt=0)  # default 0.01 for SGD, 1e-4 for AdamW
-    weight_decay: float | None = Field(default=None, ge=0)  # default 1e-4 for SGD, 0.01 for AdamW
-    aux_weight: float = Field(default=0.4, ge=0)
-    label_suffix: str = ""
-    val_images: str | None = None
-    val_labels: str | None = None
-    # without a validation set: hold out the last N pairs in key order (0: validate on none)
-    val_last: int = Field(default=0, ge=0)
-    workers: int | None = Field(default=None, ge=1)  # default: one per GPU, else 1
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    resume: str | None = None  # a checkpoint written by segpipe train: continue after its epoch
-    seed: int = 0
-    storage_options: dict[str, Any] = {}
-    ray_address: str | None = None
+    labels: str = Field(min_length=1, description="fsspec URL of their label masks (PNG of class ids, paired by key)")
+    output: str = Field(min_length=1, description="fsspec URL of the checkpoint to write (.pt)")
+    model: str = Field(description="model name (see `segpipe models`)")
+    num_classes: int = Field(gt=0, description="classes to train")
+    class_names: tuple[str, ...] | None = Field(default=None, description="one name per class, in id order")
+    palette: tuple[tuple[int, int, int], ...] | None = Field(default=None, description=(
+        "JSON list of [r, g, b], one per class (default: a fixed palette)"))
+    epochs: int = Field(default=20, ge=1, description="epochs to train")
+    # batch norm needs two samples
+    batch_size: int = Field(default=8, ge=2, description="images per batch on each worker")
+    crop: tuple[int, int] = Field(default=(512, 512), description="training crop, height and width")
+    scale: tuple[float, float] = Field(default=(0.5, 2.0), description="random scale range, low and high")
+    ignore_index: int = Field(default=255, description="label of unlabelled pixels")
+    init: str = Field(default="none", description=(
+        "none (random), imagenet (the backbone's ImageNet weights), a torchvision weights name of the model, or "
+        "a checkpoint URL; tensors whose shapes differ (the classifier, for other classes) start random"))
+    optimizer: Literal["sgd", "adamw"] = Field(default="sgd", description="sgd (momentum 0.9) or adamw, polynomial decay")
+    lr: float | None = Field(default=None, gt=0, description="learning rate (default 0.01 for sgd, 1e-4 for adamw)")
+    weight_decay: float | None = Field(default=None, ge=0, description="default 1e-4 for sgd, 0.01 for adamw")
+    aux_weight: float = Field(default=0.4, ge=0, description="weight of the auxiliary head's loss, where there is one")
+    label_suffix: str = Field(default="", description="suffix of label names, e.g. _L for x_L.png")
+    val_images: str | None = Field(default=None, description="fsspec URL of validation images")
+    val_labels: str | None = Field(default=None, description="fsspec URL of their label masks")
+    val_last: int = Field(default=0, ge=0, description=(
+        "without --val-images: hold out the last N pairs in key order (0: no validation)"))
+    workers: int | None = Field(default=None, ge=1, description="Ray Train workers (default: one per GPU, else 1)")
+    device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="auto: GPUs when the cluster has them")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs Ray reserves for each worker")
+    resume: str | None = Field(default=None, description=(
+        "a checkpoint written by segpipe train: continue after its epoch"))
+    seed: int = Field(default=0, description="seed of the shuffling, cropping and initialisation")
+    storage_options: StorageOptions = Field(default_factory=StorageOptions, description=_STORAGE_OPTIONS)
+    ray_address: str | None = Field(default=None, description=_RAY_ADDRESS)
+
+    _ray_address = field_validator("ray_address")(_no_ray_client)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -176,15 +323,15 @@ class TrainConfig(BaseModel):
 
         get_spec(self.model)  # unknown model: ValueError naming the choices
         if (self.val_images is None) != (self.val_labels is None):
-            raise ValueError("give both val_images and val_labels, or neither")
+            raise ValueError("give both --val-images and --val-labels, or neither")
         if self.val_images is not None and self.val_last:
-            raise ValueError("val_last holds pairs out of the training data; it cannot be combined with val_images")
+            raise ValueError("--val-last holds pairs out of the training data; it cannot be combined with --val-images")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
-            raise ValueError(f"{len(self.class_names)} class names for num_classes={self.num_classes}")
+            raise ValueError(f"{len(self.class_names)} --class-names for --num-classes {self.num_classes}")
         if min(self.crop) < 32:
-            raise ValueError(f"crop {self.crop} is too small; the models downsample by up to 32")
+            raise ValueError(f"--crop {self.crop} is too small; the models downsample by up to 32")
         if not 0 < self.scale[0] <= self.scale[1]:
-            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {self.scale}")
+            raise ValueError(f"--scale must be LOW HIGH with 0 < LOW <= HIGH, got {self.scale}")
         return self
 
     @property
@@ -194,33 +341,3 @@ class TrainConfig(BaseModel):
     @property
     def decay(self) -> float:
         return self.weight_decay if self.weight_decay is not None else (1e-4 if self.optimizer == "sgd" else 0.01)
-
-    def __repr_args__(self):  # keep credentials out of logs and tracebacks
-        for name, value in super().__repr_args__():
-            yield name, ("<hidden>" if name == "storage_options" and value else value)
-
-
-def yesterday_utc() -> str:
-    return (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)).isoformat()
-
-
-def substitute_date(url: str, date: str | None) -> str:
-    """`{date}` in `url` becomes `date` (YYYY-MM-DD; default yesterday, UTC)."""
-    if date is not None:
-        try:
-            dt.date.fromisoformat(date)
-        except ValueError as err:
-            raise ValueError(f"date must be YYYY-MM-DD, got {date!r}") from err
-    return url.replace("{date}", date or yesterday_utc())
-
-
-def fill_date(source: str, output: str, date: str | None) -> tuple[str, str]:
-    """Substitute `{date}` in SOURCE and OUTPUT, so a scheduled run processes one night's
-    folder. A dated SOURCE needs a dated OUTPUT: image keys are relative to SOURCE, so two
-    nights would otherwise overwrite each other's masks."""
-    if "{date}" in source and "{date}" not in output:
-        raise ValueError(
-            f"source {source!r} contains {{date}} but output {output!r} does not; put {{date}} in the output too "
-            "(e.g. s3://bucket/segpipe/date={date}/) so each night has its own masks and tables"
-        )
-    return substitute_date(source, date), substitute_date(output, date)

@@ -14,7 +14,7 @@ import io
 import json
 import math
 import posixpath
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .masks import decode_mask
-from .metrics import confusion_matrix, scores
+from .metrics import check_label_range, confusion_matrix, scores
 from .storage import Location, iter_files, write_atomic
 
 MASK_EXTENSIONS = frozenset({".png"})
@@ -67,18 +67,34 @@ def pairing_key(key: str, suffix: str) -> str:
     return stem[: -len(suffix)] if suffix and stem.endswith(suffix) else stem
 
 
-def _index(location: Location, suffix: str, side: str, rejected: list[dict[str, str]]) -> dict[str, str]:
-    index: dict[str, str] = {}
+def is_mask_key(key: str) -> bool:
+    return posixpath.splitext(key)[1].lower() in MASK_EXTENSIONS
+
+
+def index_by_key(location: Location, suffix: str, accepts: Callable[[str], bool]) -> tuple[dict[str, list[str]], list[str]]:
+    """The keys under `location` that `accepts` takes, grouped by pairing key in listing
+    order, and the keys it refused. The one pairing rule of segpipe: evaluation pairs
+    predictions with ground truth by it, training pairs images with label masks; each caller
+    decides what a pairing key held by two files means (evaluation reports the second,
+    training refuses the data)."""
+    groups: dict[str, list[str]] = {}
+    refused: list[str] = []
     for _, file in iter_files(location):
-        if posixpath.splitext(file.key)[1].lower() not in MASK_EXTENSIONS:
-            rejected.append({"key": file.key, "side": side, "reason": "not a PNG mask"})
-            continue
-        key = pairing_key(file.key, suffix)
-        if key in index:
-            rejected.append({"key": file.key, "side": side, "reason": f"pairs under the same key as {index[key]}"})
-            continue
-        index[key] = file.key
-    return index
+        if accepts(file.key):
+            groups.setdefault(pairing_key(file.key, suffix), []).append(file.key)
+        else:
+            refused.append(file.key)
+    return groups, refused
+
+
+def _index(location: Location, suffix: str, side: str, rejected: list[dict[str, str]]) -> dict[str, str]:
+    """PNG masks by pairing key; other files, and every file after the first under a key, go
+    to `rejected` with the reason."""
+    groups, refused = index_by_key(location, suffix, is_mask_key)
+    rejected += [{"key": key, "side": side, "reason": "not a PNG mask"} for key in refused]
+    rejected += [{"key": key, "side": side, "reason": f"pairs under the same key as {keys[0]}"}
+                 for keys in groups.values() for key in keys[1:]]
+    return {key: keys[0] for key, keys in groups.items()}
 
 
 def pair_masks(predictions: Location, ground_truth: Location, *, prediction_suffix: str = "",
@@ -128,15 +144,11 @@ def score_pair(pair: Pair, prediction: bytes, ground_truth: bytes, settings: Sco
             f"size mismatch: prediction {pair.prediction} is {pred.shape[1]}x{pred.shape[0]}, "
             f"ground truth {pair.ground_truth} is {truth.shape[1]}x{truth.shape[0]}"))
     n = settings.num_classes
-    if pred.size and pred.max() >= n:
-        return PairScore(pair.image_id, error=f"prediction {pair.prediction} has label {int(pred.max())} >= num_classes={n}")
-    valid = truth != settings.ignore_index
-    bad = valid & ((truth < 0) | (truth >= n))
-    if bad.any():
-        values = sorted({int(v) for v in np.unique(truth[bad])})[:5]
-        return PairScore(pair.image_id, error=(
-            f"ground truth {pair.ground_truth} has labels {values} outside [0, {n}) that are not "
-            f"ignore_index={settings.ignore_index}; pass a label map or the right num_classes"))
+    try:
+        check_label_range(pred, n, None, source=f"prediction {pair.prediction}")
+        check_label_range(truth, n, settings.ignore_index, source=f"ground truth {pair.ground_truth}")
+    except ValueError as err:
+        return PairScore(pair.image_id, error=str(err))
     return PairScore(pair.image_id, confusion=confusion_matrix(pred, truth, n, ignore_index=settings.ignore_index))
 
 

@@ -2,9 +2,9 @@
 
 `Segmenter.predict` takes decoded RGB images of any sizes and returns class probabilities at
 each image's own size. Preprocessing (mean, std, resize policy) comes from the weights'
-metadata. Images of one size are batched together; images larger than a configured crop
-can be segmented with sliding windows whose overlaps are blended with weights that fade
-toward the window edges; test-time augmentation (flip, scales) averages probabilities.
+metadata and is `pipeline.preprocess`'s, the one training uses too. Images of one size are
+batched together; images larger than a configured crop can be segmented with sliding windows
+whose overlaps are blended with weights that fade toward the window edges.
 
 On CUDA: bf16 autocast, channels_last and optional torch.compile. On CPU: float32, and
 channels_last too (oneDNN's convolutions and PyTorch's bilinear upsampling are faster in it:
@@ -20,16 +20,14 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import ModelMeta, build_model
-
-ImageLike = torch.Tensor | np.ndarray
+from .models import ModelMeta
+from .preprocess import ImageLike, Normalizer, to_chw_uint8
 
 
 @dataclass(frozen=True)
@@ -52,18 +50,6 @@ class SlidingWindow:
             raise ValueError(f"stride {self.stride} larger than crop {self.crop} would leave gaps")
 
 
-@dataclass(frozen=True)
-class TTA:
-    """Test-time augmentation: every scale, each also mirrored when `flip`, probabilities averaged."""
-
-    flip: bool = False
-    scales: tuple[float, ...] = (1.0,)
-
-    def __post_init__(self) -> None:
-        if not self.scales or min(self.scales) <= 0:
-            raise ValueError(f"scales must be positive, got {self.scales}")
-
-
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
     """Start offsets of windows along one axis, the last one snapped inward to end at `length`."""
     if length <= crop:
@@ -81,21 +67,6 @@ def blend_weights(height: int, width: int, device: torch.device) -> torch.Tensor
         return torch.sin(math.pi * t).clamp_min(1e-3)
 
     return ramp(height)[:, None] * ramp(width)[None, :]
-
-
-def to_chw_uint8(image: ImageLike) -> torch.Tensor:
-    """An RGB image as a (3, H, W) uint8 tensor; accepts (3, H, W) tensors or (H, W, 3) arrays."""
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"numpy images must be (H, W, 3) RGB, got shape {image.shape}")
-        # arrays from Ray's object store are read-only views; torch wants memory it may own
-        image = np.ascontiguousarray(image) if image.flags.writeable else image.copy()
-        image = torch.from_numpy(image).permute(2, 0, 1)
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"tensor images must be (3, H, W) RGB, got shape {tuple(image.shape)}")
-    if image.dtype != torch.uint8:
-        raise TypeError(f"images must be uint8, got {image.dtype}")
-    return image
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
@@ -152,10 +123,14 @@ def softmax_classes(logits: torch.Tensor) -> torch.Tensor:
 class Segmenter:
     """One model on one device, loaded once, serving batches of images.
 
+    It runs its own copy of the model, in eval mode with batch norms folded into the
+    convolutions before them (`fold_batch_norms`): the model given is left as it is, so
+    training can validate through a Segmenter and go on training.
+
     `precision`: "auto" is bf16 autocast on CUDA and float32 elsewhere. `channels_last`:
     None means yes, on every device. `compile`: wrap the model in `torch.compile` (pays off on long
-    runs of same-sized batches on a GPU). `fold_bn`: fold batch norms into the convolutions
-    before them (`fold_batch_norms`; the model given is left as it is).
+    runs of same-sized batches on a GPU). Process-wide settings (`torch.backends.cudnn.benchmark`,
+    thread counts) are the caller's: the process that serves the model sets them.
     """
 
     def __init__(
@@ -166,11 +141,9 @@ class Segmenter:
         device: str | torch.device | None = None,
         batch_size: int = 8,
         sliding_window: SlidingWindow | None = None,
-        tta: TTA | None = None,
         precision: Literal["auto", "fp32", "bf16"] = "auto",
         channels_last: bool | None = None,
         compile: bool = False,
-        fold_bn: bool = True,
     ) -> None:
         self.meta: ModelMeta = meta if meta is not None else model.meta
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -180,34 +153,13 @@ class Segmenter:
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
         self.batch_size = batch_size
         self.sliding_window = sliding_window
-        self.tta = tta or TTA()
-        on_cuda = self.device.type == "cuda"
-        self.autocast_dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and on_cuda) else None
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and self.device.type == "cuda") else None
         self.channels_last = True if channels_last is None else channels_last
-        model = (fold_batch_norms(model) if fold_bn else model.eval()).to(self.device)
+        model = fold_batch_norms(model).to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        if on_cuda:
-            torch.backends.cudnn.benchmark = True
         self.model = torch.compile(model) if compile else model
-        pre = self.meta.preprocessing
-        # normalisation folded into one multiply-add on 0..255 pixels
-        std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._scale = 1.0 / std
-        self._shift = -torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1) * 255.0 / std
-
-    @classmethod
-    def from_name(
-        cls,
-        name: str | None,
-        *,
-        num_classes: int | None = None,
-        weights: str | None = None,
-        storage_options: dict[str, Any] | None = None,
-        **options: Any,
-    ) -> Segmenter:
-        model = build_model(name, num_classes=num_classes, weights=weights, storage_options=storage_options)
-        return cls(model, **options)
+        self.normalize = Normalizer(self.meta.preprocessing, self.device)
 
     @property
     def num_classes(self) -> int:
@@ -225,31 +177,19 @@ class Segmenter:
         for size, indices in groups.items():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
-                batch = torch.stack([tensors[i] for i in chunk])
-                if self.device.type == "cuda" and batch.device.type == "cpu":
-                    batch = batch.pin_memory()  # lets the copy below overlap with compute
-                batch = batch.to(self.device, non_blocking=True)
+                # to the device as uint8 (a quarter of float32's bytes); resized and normalised there
+                batch = self.normalize.to_device(torch.stack([tensors[i] for i in chunk]))
                 for i, probs in zip(chunk, self._probabilities(batch, size), strict=True):
                     results[i] = probs
         return results  # type: ignore[return-value]
 
     def _probabilities(self, batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """(B, C, H, W) probabilities for a uint8 batch of one size, TTA averaged."""
-        base = self.meta.preprocessing.input_size(*size)
-        total: torch.Tensor | None = None
-        views = 0
-        for scale in self.tta.scales:
-            scaled = (max(1, round(base[0] * scale)), max(1, round(base[1] * scale)))
-            pixels = self._resize_pixels(batch, scaled)
-            for flip in (False, True) if self.tta.flip else (False,):
-                logits = self._logits(pixels.flip(-1) if flip else pixels)
-                if flip:
-                    logits = logits.flip(-1)
-                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False) if logits.shape[-2:] != size else logits
-                probs = softmax_classes(logits)
-                total = probs if total is None else total.add_(probs)
-                views += 1
-        return total / views if views > 1 else total  # type: ignore[operator, return-value]
+        """(B, C, H, W) probabilities for a uint8 batch of one size, at that size."""
+        pixels = self._resize_pixels(batch, self.meta.preprocessing.input_size(*size))
+        logits = self._logits(pixels)
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return softmax_classes(logits)
 
     @staticmethod
     def _resize_pixels(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -274,7 +214,7 @@ class Segmenter:
         return self._forward(pixels)
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.float() * self._scale + self._shift
+        x = self.normalize(pixels)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):

@@ -276,14 +276,10 @@ class OutputStore:
 
 
 def prepare_locations(config: SegmentConfig) -> tuple[Location, OutputStore]:
-    """Open SOURCE and OUTPUT, check that SOURCE exists, and record or check OUTPUT's layout."""
+    """Open SOURCE and OUTPUT, and record or check OUTPUT's layout. SOURCE is checked by the
+    run's one listing (`pipeline.run.list_source`), not by a listing of its own."""
     source = open_location(config.source, config.storage_options)
     output = open_location(config.output, config.storage_options)
-    try:
-        if not source.fs.isdir(source.root):
-            raise RunError(f"source {source.url} is not a folder or prefix that exists")
-    except OSError as err:
-        raise RunError(f"cannot reach source {source.url}: {type(err).__name__}: {err}") from err
     store = OutputStore(output)
     try:
         store.check_layout(source.url, config.shard_by, config.shard_size)

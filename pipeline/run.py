@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import json
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
+from .config import RunError
 from .outputs import LAYOUT_FORMAT
+from .storage import ListingCounts, Location, Shard, ShardBy, iter_shards
 
 T = TypeVar("T")
 
@@ -35,6 +40,92 @@ def fingerprint(meta: dict[str, Any], crf: bool, tile: tuple[int | None, int | N
         "preprocessing": meta["preprocessing"], "model_kwargs": meta["model_kwargs"], "crf": crf, "tile": tile,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def list_source(source: Location, *, shard_by: ShardBy, shard_size: int, counts: ListingCounts) -> Prefetched[Shard]:
+    """The run's one streamed listing of SOURCE, as shards. Its first shard is listed here,
+    before Ray or a model starts, so a SOURCE that cannot be read stops the run at once; the
+    rest is listed by a thread a few shards ahead of the run, so work starts with the first
+    page and a slow listing never holds finished shards back from their commit."""
+    shards = iter_shards(source, shard_by=shard_by, shard_size=shard_size, counts=counts)
+    try:
+        first = next(shards, None)
+        # an empty listing: the prefix may not exist at all (asked only then, once)
+        missing = first is None and counts.skipped == 0 and not source.fs.exists(source.root)
+    except FileNotFoundError:
+        missing = True
+    except OSError as err:
+        raise RunError(f"cannot read source {source.url}: {type(err).__name__}: {err}") from err
+    if missing:
+        raise RunError(f"source {source.url} is not a folder or prefix that exists")
+    return Prefetched(itertools.chain([first] if first is not None else [], shards))
+
+
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NOT_YET = _Marker("NOT_YET")  # Prefetched.get: nothing arrived in time
+DONE = _Marker("DONE")  # Prefetched.get: the iterator is exhausted
+
+
+class Prefetched(Generic[T]):
+    """An iterator drained by a thread, at most `depth` items ahead of its reader, so that a
+    slow producer (a listing page on its way) and the reader's own work overlap. An error in
+    the producer is raised in the reader, at the point it would have been reached."""
+
+    def __init__(self, items: Iterator[T], depth: int = 2) -> None:
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+        self._closed = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._fill, args=(items,), name="segpipe-listing", daemon=True)
+        self._thread.start()
+
+    def _put(self, entry: tuple[str, Any]) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(entry, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self, items: Iterator[T]) -> None:
+        try:
+            for item in items:
+                if not self._put(("item", item)):
+                    return
+            self._put(("done", None))
+        except BaseException as err:  # handed to the reader, which decides what it means
+            self._put(("error", err))
+
+    def get(self, timeout: float | None = None) -> T | _Marker:
+        """The next item; NOT_YET if none arrived within `timeout`; DONE at the end."""
+        if self._done:
+            return DONE
+        try:
+            kind, value = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return NOT_YET
+        if kind == "error":
+            self._done = True
+            raise value
+        if kind == "done":
+            self._done = True
+            return DONE
+        return value
+
+    def close(self) -> None:
+        """Stop the producer (a run that ends early leaves no listing running behind it)."""
+        self._closed.set()
+
+    def __iter__(self) -> Iterator[T]:
+        while (item := self.get()) is not DONE:
+            yield item  # type: ignore[misc]
 
 
 def batched(items: Sequence[T], size: int) -> Iterator[list[T]]:
@@ -63,16 +154,27 @@ def batches_in_flight(configured: int | None, spare_cpus: float, replicas: int) 
 
 @dataclass
 class Progress:
+    """A run as it goes. The archive is listed while it is segmented: `listed` counts the
+    images found so far, and is the total once `listing_done`."""
+
     run_id: str = ""
+    listed: int = 0
+    listing_done: bool = False
     images: int = 0
     errors: int = 0
     shards_committed: int = 0
     shards_skipped: int = 0
+    finished: bool = False
     started: float = field(default_factory=time.monotonic)
 
     @property
     def images_per_second(self) -> float:
         return self.images / max(time.monotonic() - self.started, 1e-9)
+
+    def describe(self) -> str:
+        found = f"of {self.listed}" if self.listing_done else f"of {self.listed}+ found so far"
+        return (f"{self.images} images {found}, {self.images_per_second:.1f} img/s, {self.errors} errors, "
+                f"{self.shards_committed} shards committed, {self.shards_skipped} up to date")
 
 
 @dataclass

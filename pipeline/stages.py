@@ -1,9 +1,11 @@
 """The three stages of a batch, as plain functions and one class, so each can be called in a
 test without Ray:
 
-1. `read_and_decode` (CPU): bytes from the source, decoded to RGB.
-2. `SegmentStage` (GPU when there is one): probabilities, dense CRF, argmax, statistics. Only
-   the label map and the statistics leave the device.
+1. `read_and_decode` (CPU): bytes from the source, decoded to RGB by `decode.decode`, or left
+   encoded for the model's device if it says so.
+2. `SegmentStage` (GPU when there is one): the JPEGs left encoded decoded on the device, then
+   probabilities, dense CRF, argmax, statistics. Only the label map and the statistics leave
+   the device.
 3. `write_masks` (CPU): palette PNGs written to OUTPUT/masks/.
 
 Every image travels as one `ImageRecord`. A failure in any stage turns that image into an
@@ -12,24 +14,14 @@ error record that names the stage's reason; the other images of the batch go on.
 
 from __future__ import annotations
 
-import contextlib
 import time
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from .crf import dense_crf
-from .images import (
-    DEFAULT_MAX_PIXELS,
-    DecodeTimeout,
-    ImageDecodeError,
-    decode_image,
-    plain_jpeg_shape,
-    time_limit,
-)
+from .decode import DEFAULT_MAX_PIXELS, DeviceJpeg, ImageDecodeError, decode, decode_on_device
 from .inference import Segmenter, to_chw_uint8
 from .masks import encode_mask
 from .records import ImageRecord, mask_key
@@ -48,28 +40,23 @@ def read_and_decode(
 ) -> list[ImageRecord]:
     """Records with decoded images, or the reason each file could not be decoded.
 
-    `time_limit_s` bounds each decode (see `images.time_limit`); with `hard_stop` a decode
-    stuck past twice the limit (at least the limit plus 5 s) ends the process, for Ray to replace.
-    With `jpeg_on_device`, plain JPEGs (`images.plain_jpeg_shape`) keep their bytes for the
-    model's device to decode; their size comes from the header.
+    The settings are those of `decode.decode`, which decodes each file. With `jpeg_on_device`,
+    the plain JPEGs it leaves undecoded keep their bytes in `encoded`, for `SegmentStage` to
+    decode on the model's device; their size comes from the header.
     """
-    hard_stop_after = time_limit_s + max(time_limit_s, 5.0) if hard_stop and time_limit_s else None
     records = []
     for file in files:
         record = ImageRecord(key=file.key, size=file.size, version=file.version)
         start = time.perf_counter()
         try:
             data = retry_io(source.uri(file.key), source.fs.cat_file, source.path(file.key))
-            shape = plain_jpeg_shape(data, max_pixels=max_pixels) if jpeg_on_device else None
-            if shape is not None:
-                record.encoded = data
-                record.height, record.width = shape
+            decoded = decode(data, max_pixels=max_pixels, time_limit_s=time_limit_s, hard_stop=hard_stop,
+                             jpeg_on_device=jpeg_on_device)
+            if isinstance(decoded, DeviceJpeg):
+                record.encoded, record.height, record.width = decoded.data, decoded.height, decoded.width
             else:
-                with time_limit(time_limit_s, hard_stop_after=hard_stop_after):
-                    record.image = decode_image(data, max_pixels=max_pixels)
-                record.height, record.width = record.image.shape[:2]
-        except DecodeTimeout as err:
-            record.fail("timeout", str(err))
+                record.image = decoded
+                record.height, record.width = decoded.shape[:2]
         except ImageDecodeError as err:
             record.fail(err.reason, str(err))
         except FileNotFoundError:
@@ -138,37 +125,18 @@ class SegmentStage:
         return list(groups.values())
 
     def _decode_jpegs(self, records: list[ImageRecord]) -> None:
-        """Decode plain JPEGs on the model's device, all in one call (nvjpeg's batched
-        decode on CUDA), so only compressed bytes cross to the GPU. A file the device decoder
-        refuses is decoded again alone, then by Pillow on the CPU, which names what is wrong."""
+        """Decode the JPEGs `read_and_decode` left for the model's device, all in one call (see
+        `decode.decode_on_device`), so only compressed bytes cross to the GPU."""
         if not records:
             return
         start = time.perf_counter()
-        device = self.segmenter.device
-        data = [torch.frombuffer(bytearray(r.encoded), dtype=torch.uint8) for r in records]  # type: ignore[arg-type]
-        with warnings.catch_warnings():
-            # torchvision 0.29 deprecates its decoders in favour of TorchCodec; still the one
-            # batched nvjpeg decoder in the stack we pin
-            warnings.simplefilter("ignore", DeprecationWarning)
-            try:
-                images: list[torch.Tensor | None] = list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:  # one bad file fails the whole call
-                images = [None] * len(records)
-            for index, image in enumerate(images):
-                if image is None:
-                    with contextlib.suppress(RuntimeError):  # Pillow says why, below
-                        images[index] = decode_jpeg(data[index], mode=ImageReadMode.RGB, device=device)
+        jpegs = [DeviceJpeg(r.encoded, r.height, r.width) for r in records]  # type: ignore[arg-type]
+        images = decode_on_device(jpegs, self.segmenter.device)
         share = (time.perf_counter() - start) / len(records)
         for record, image in zip(records, images, strict=True):
-            if image is None or tuple(image.shape) != (3, record.height, record.width):
-                try:
-                    # the header was checked: a baseline JPEG within max_pixels, whose decode
-                    # time its pixel count bounds
-                    pixels = decode_image(record.encoded, max_pixels=record.height * record.width)  # type: ignore[arg-type]
-                    image = to_chw_uint8(pixels).to(device)
-                except ImageDecodeError as err:
-                    record.fail(err.reason, str(err))
-                    continue
+            if isinstance(image, ImageDecodeError):
+                record.fail(image.reason, str(image))
+                continue
             record.image, record.encoded = image, None
             record.seconds["decode"] = record.seconds.get("decode", 0.0) + share
 

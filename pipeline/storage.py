@@ -1,5 +1,6 @@
-"""Object storage through fsspec: locations, the streamed listing of a source, shards, and
-atomic writes.
+"""Object storage through fsspec: every byte the pipeline reads or writes (images, masks,
+tables, markers, run records, checkpoints, reports) goes through here: locations, the streamed
+listing of a source, shards, retried reads and atomic writes.
 
 Any fsspec URL works (`s3://bucket/prefix`, `gs://...`, a local folder). S3-compatible
 endpoints are reached through the standard `AWS_ENDPOINT_URL` / `AWS_*` variables (botocore
@@ -7,6 +8,13 @@ reads them) or through `storage_options={"endpoint_url": ...}`.
 
 The listing is streamed one directory at a time, and on S3 one page (1000 keys) at a time, so
 the memory it takes does not grow with the archive.
+
+Retries, one layer per kind of failure:
+- a transient I/O error (timeout, dropped connection, a 5xx) is retried here, with backoff,
+  around each single read, write or listing page (`retry_io`), so a hiccup costs one request;
+- a step that still fails is retried whole by Prefect, only for idempotent I/O steps and only
+  on transient errors (`flows/_retries.py`, `IO_TASK`);
+- a batch lost with a dead Ray replica is sent again by the driver (`pipeline/runtime/driver.py`).
 """
 
 from __future__ import annotations
@@ -76,6 +84,16 @@ def open_location(url: str, storage_options: dict[str, Any] | None = None) -> Lo
     return Location(fs=fs, root=root, url=url)
 
 
+def open_file(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Location, str]:
+    """A whole-file URL (a checkpoint) as the location of its folder and the file's key there,
+    so a single file is read and written the way every object is: `read_bytes`, `write_atomic`."""
+    location = open_location(url, storage_options)
+    parent, slash, name = location.root.rpartition("/")
+    if not slash or not name:
+        raise ValueError(f"{url!r} names no file (a bucket or a root?); give the URL of a file, e.g. s3://bucket/model.pt")
+    return Location(fs=location.fs, root=parent, url=location.url.rpartition("/")[0]), name
+
+
 @dataclass(frozen=True)
 class SourceFile:
     """One object of the source: its key relative to the source root, size and version
@@ -114,9 +132,13 @@ def _s3_entries(fs: AbstractFileSystem, path: str) -> Iterator[dict[str, Any]]:
         request["ContinuationToken"] = page["NextContinuationToken"]
 
 
+def _is_s3(fs: AbstractFileSystem) -> bool:
+    return hasattr(fs, "_call_s3") and hasattr(fs, "split_path")
+
+
 def _entries(fs: AbstractFileSystem, path: str) -> Iterator[dict[str, Any]]:
     """The entries (files and sub-directories) of one directory level, files in name order."""
-    if hasattr(fs, "_call_s3") and hasattr(fs, "split_path"):  # s3fs: streamed page by page
+    if _is_s3(fs):  # streamed page by page
         yield from _s3_entries(fs, path)
         return
     entries = retry_io(f"listing {path}", fs.ls, path, detail=True)
@@ -252,9 +274,13 @@ def write_atomic(location: Location, key: str, data: bytes) -> None:
 
 
 def read_bytes(location: Location, key: str) -> bytes | None:
-    """The object's bytes, or None when it does not exist."""
+    """The object's bytes, or None when it does not exist: one version whole, even while a
+    writer replaces it."""
+    # s3fs reads objects over its block size (50 MiB) in parallel ranged GETs, unpinned: an
+    # object replaced meanwhile comes back as a mix of both versions. One GET is one version.
+    options = {"max_concurrency": 1} if _is_s3(location.fs) else {}
     try:
-        return retry_io(location.uri(key), location.fs.cat_file, location.path(key))
+        return retry_io(location.uri(key), location.fs.cat_file, location.path(key), **options)
     except FileNotFoundError:
         return None
 

@@ -1,20 +1,19 @@
 """Fine-tuning: labelled images in, a segpipe checkpoint out, which `segpipe segment --weights`
 runs with no other flag.
 
-Plain functions and one settings class, run inside Ray Train's workers by
-`pipeline.runtime.training` and callable without Ray: pairing images with label masks (by key, as the
-evaluation pairs masks), random scale, crop and flip, the loss (cross-entropy with the ignore
-index, plus `aux_weight` times the auxiliary head's where the model has one), SGD or AdamW
-with polynomial decay, and validation mIoU with `pipeline.metrics`, as MMSegmentation's
-schedules do.
+Plain functions run inside Ray Train's workers by `pipeline.runtime.training` and callable
+without Ray: pairing images with label masks (by key, with the evaluation's pairing rule),
+random scale, crop and flip, the loss (cross-entropy with the ignore index, plus `aux_weight`
+times the auxiliary head's where the model has one), SGD or AdamW with polynomial decay, as
+MMSegmentation's schedules do, and validation mIoU with `pipeline.metrics` on the labels a
+`Segmenter` gives, the path `segpipe segment` runs.
 """
 
 from __future__ import annotations
 
 import inspect
-import posixpath
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,13 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
-from .evaluation import pairing_key
-from .images import decode_image
+from .decode import decode_image
+from .evaluation import index_by_key, is_mask_key
+from .inference import Segmenter
 from .masks import decode_mask, default_palette
-from .metrics import confusion_matrix, scores
+from .metrics import check_label_range, confusion_matrix, scores
 from .models import ModelMeta, Preprocessing, build_model
 from .models._registry import get_spec
-from .storage import Location, is_image_key, iter_files, read_bytes
+from .preprocess import Normalizer, to_chw_uint8
+from .storage import Location, is_image_key, read_bytes
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,23 @@ class Sample:
     label: np.ndarray  # (H, W) int64 class ids, ignore_index where unlabelled
 
 
+def _index_training(location: Location, suffix: str, accepts: Callable[[str], bool]) -> dict[str, str]:
+    """Files by pairing key; other files (notes, thumbnails) are not training data. Two files
+    under one key (a.jpg and a.png) are refused: which one to train on is the user's call."""
+    groups, _ = index_by_key(location, suffix, accepts)
+    clashes = [keys for keys in groups.values() if len(keys) > 1]
+    if clashes:
+        raise ValueError(f"{' and '.join(location.uri(key) for key in clashes[0])} pair under the same key "
+                         f"({len(clashes)} such keys under {location.url}); rename or move all but one")
+    return {key: keys[0] for key, keys in groups.items()}
+
+
 def pair_training_data(images: Location, labels: Location, *, label_suffix: str = "") -> list[TrainingPair]:
     """Images and PNG label masks with the same key relative to their roots (extension and
-    `label_suffix` removed), sorted by key. Refuses an empty pairing, naming both roots."""
-    image_keys = {pairing_key(f.key, ""): f.key for _, f in iter_files(images) if is_image_key(f.key)}
-    label_keys = {
-        pairing_key(f.key, label_suffix): f.key for _, f in iter_files(labels) if posixpath.splitext(f.key)[1].lower() == ".png"
-    }
+    `label_suffix` removed; `pipeline.evaluation.index_by_key`), sorted by key. Refuses an
+    empty pairing, naming both roots, and two files under one key."""
+    image_keys = _index_training(images, "", is_image_key)
+    label_keys = _index_training(labels, label_suffix, is_mask_key)
     pairs = [TrainingPair(k, image_keys[k], label_keys[k]) for k in sorted(image_keys.keys() & label_keys.keys())]
     if not pairs:
         raise ValueError(
@@ -77,27 +88,16 @@ def load_samples(images: Location, labels: Location, pairs: Sequence[TrainingPai
         if label.shape != image.shape[:2]:
             raise ValueError(f"{labels.uri(pair.label)} is {label.shape[1]}x{label.shape[0]} but its image "
                              f"{images.uri(pair.image)} is {image.shape[1]}x{image.shape[0]}")
-        check_label_range(label, labels.uri(pair.label), num_classes, ignore_index)
+        check_label_range(label, num_classes, ignore_index, source=labels.uri(pair.label))
         samples.append(Sample(pair.key, image if image.flags.writeable else image.copy(), label))
     return samples
-
-
-def check_label_range(label: np.ndarray, uri: str, num_classes: int, ignore_index: int) -> None:
-    """Refuse a mask holding a label outside [0, num_classes) that is not ignore_index."""
-    values = np.unique(label)
-    bad = values[((values < 0) | (values >= num_classes)) & (values != ignore_index)]
-    if bad.size:
-        raise ValueError(
-            f"{uri} holds label {int(bad[0])}, outside [0, {num_classes}) and not "
-            f"ignore_index={ignore_index}; check --num-classes and --ignore-index"
-        )
 
 
 def augment(sample: Sample, *, crop: tuple[int, int], scale: tuple[float, float], ignore_index: int,
             rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random scale, then a random crop (padded with ignore_index where the image is smaller),
     then a random horizontal flip: (3, h, w) uint8 pixels and (h, w) int64 labels."""
-    image = torch.from_numpy(sample.image).permute(2, 0, 1)
+    image = to_chw_uint8(sample.image)
     label = torch.from_numpy(sample.label)
     factor = rng.uniform(*scale)
     height, width = label.shape
@@ -176,20 +176,6 @@ def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int) -> t
     return optimizer, schedule
 
 
-class Normalizer:
-    """uint8 batches on the host -> normalised float batches on the device."""
-
-    def __init__(self, preprocessing: Preprocessing, device: torch.device) -> None:
-        self.device = device
-        self.mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(preprocessing.std, device=device).view(1, 3, 1, 1) * 255
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
-            pixels = pixels.pin_memory()
-        return (pixels.to(self.device, non_blocking=True).float() - self.mean) / self.std
-
-
 @dataclass
 class EpochResult:
     loss: float
@@ -249,18 +235,25 @@ def precise_batch_norm(model: nn.Module, samples: Sequence[Sample], config: Trai
         norm.momentum = momentum
 
 
-@torch.no_grad()
-def validate(model: nn.Module, samples: Sequence[Sample], config: TrainConfig, normalize: Normalizer) -> torch.Tensor:
-    """Confusion matrix of whole images (no augmentation) at their own size."""
-    model.eval()
-    device = normalize.device
+def validate(model: nn.Module, samples: Sequence[Sample], config: TrainConfig, device: torch.device) -> torch.Tensor:
+    """Confusion matrix, on `device`, of whole images (no augmentation) labelled as `segpipe
+    segment --no-crf` labels them: a `Segmenter` as a replica builds it (the weights'
+    preprocessing and resize policy, its precision and layout), argmax of its probabilities.
+
+    The Segmenter runs its own eval-mode copy (batch norms folded): `model`, its training mode
+    and its weights are left as they were, so training goes on after.
+    """
     confusion = torch.zeros(config.num_classes, config.num_classes, dtype=torch.int64, device=device)
-    for sample in samples:
-        x = normalize(torch.from_numpy(sample.image).permute(2, 0, 1)[None])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(x)["out"]
-        target = torch.from_numpy(sample.label).to(device)
-        confusion += confusion_matrix(logits.argmax(1)[0], target, config.num_classes, config.ignore_index)
+    if not samples:  # a rank with no share of the validation set still takes part in the all-reduce
+        return confusion
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    segmenter = Segmenter(model, device=device)
+    for start in range(0, len(samples), segmenter.batch_size):
+        chunk = samples[start : start + segmenter.batch_size]
+        for sample, probs in zip(chunk, segmenter.predict([s.image for s in chunk]), strict=True):
+            target = torch.from_numpy(sample.label).to(segmenter.device)
+            confusion += confusion_matrix(probs.argmax(0), target, config.num_classes, config.ignore_index)
     return confusion
 
 

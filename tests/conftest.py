@@ -97,3 +97,100 @@ def ray_cpu(_ray_session):
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     return ray
+
+
+class FlakyS3Proxy:
+    """An HTTP proxy in front of moto's S3 server that answers 503 to the next N requests
+    when told to: a storage service failing, then recovering (or not)."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        self.failures_left = 0
+        self.failed = 0
+        # LIST requests (ListObjectsV2 pages) seen, and a delay added to each, to stand in for
+        # a slow listing of a huge archive
+        self.list_requests: list[str] = []
+        self.list_delay_s = 0.0
+        self._lock = threading.Lock()
+        target = urlparse(upstream)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # botocore's PUTs wait for "100 Continue"
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                chunks = []
+                while size := int(self.rfile.readline().split(b";")[0], 16):
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+                self.rfile.readline()
+                return b"".join(chunks)
+
+            def _handle(self) -> None:
+                body = self._body()
+                if self.command == "GET" and "list-type=2" in self.path:
+                    with proxy._lock:
+                        proxy.list_requests.append(self.path)
+                    time.sleep(proxy.list_delay_s)
+                with proxy._lock:
+                    fail = proxy.failures_left > 0
+                    if fail:
+                        proxy.failures_left -= 1
+                        proxy.failed += 1
+                if fail:
+                    payload = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                upstream_connection = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                skip = {"connection", "expect", "transfer-encoding", "content-length"}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                headers["Content-Length"] = str(len(body))
+                upstream_connection.request(self.command, self.path, body=body, headers=headers)
+                response = upstream_connection.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in {"transfer-encoding", "connection", "content-length"}:
+                        self.send_header(key, value)
+                # a HEAD answer has no body but tells the object's length
+                self.send_header("Content-Length", response.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream_connection.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def fail_next(self, count: int) -> None:
+        with self._lock:
+            self.failures_left = count
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def flaky_s3(s3_bucket):
+    bucket, options = s3_bucket
+    proxy = FlakyS3Proxy(options["endpoint_url"])
+    # one attempt in botocore (s3fs leaves 5xx answers to it), so what is tested is segpipe's own retries
+    through_proxy = options | {"endpoint_url": proxy.endpoint,
+                               "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+    yield bucket, options, through_proxy, proxy
+    proxy.close()

@@ -1,19 +1,26 @@
 """Deployments and infrastructure: infra/prefect.yaml through Prefect's own loader, `segpipe
-serve` against a real (test) Prefect server, and the Docker and KubeRay manifests."""
+serve` against a real (test) Prefect server and against `prefect server start` read back with
+Prefect's own CLI, and the Docker and KubeRay manifests."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
 import yaml
+from conftest import _free_port
 from prefect.cli.deploy._config import _load_deploy_configs_and_actions
 from prefect.flows import load_flow_from_entrypoint
 from prefect.utilities.templating import apply_values
@@ -67,7 +74,6 @@ def test_segpipe_serve_registers_both_deployments(tmp_path):
     """`segpipe serve` against a real Prefect server (the test harness's), stopped after it
     has registered its deployments."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.sorting import DeploymentSort
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
@@ -76,7 +82,7 @@ def test_segpipe_serve_registers_both_deployments(tmp_path):
         process = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "serve", "--source", f"{tmp_path}/{{date}}",
              "--output", f"{tmp_path}/out/date={{date}}", "--cron", "30 3 * * *"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
         try:
             deadline = time.monotonic() + 120
@@ -84,17 +90,104 @@ def test_segpipe_serve_registers_both_deployments(tmp_path):
             while time.monotonic() < deadline and len(found) < 2:
                 time.sleep(1)
                 with get_client(sync_client=True) as client:
-                    # limit and sort given: Prefect 3.8.8's client sends nulls its server rejects
-                    found = {d.name: d for d in client.read_deployments(limit=10, sort=DeploymentSort.NAME_ASC)}
+                    found = {d.name: d for d in client.read_deployments()}
             assert set(found) == {"nightly", "on-demand"}, process.poll()
             assert found["nightly"].schedules[0].schedule.cron == "30 3 * * *"
             assert found["nightly"].parameters["source"] == f"{tmp_path}/{{date}}"
         finally:
-            process.send_signal(signal.SIGINT)
+            _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Ctrl-C to a process started with start_new_session=True and its children; SIGKILL to
+    whatever of that group is left once it has exited, or after 30 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _post(api: str, path: str, body: dict[str, Any]) -> Any:
+    request = urllib.request.Request(f"{api}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+@pytest.fixture
+def prefect_server(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """`prefect server start` in a subprocess on a free port, with its own PREFECT_HOME (so its
+    own SQLite database); yields the environment that points Prefect's CLI and `segpipe` at it."""
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "COLUMNS": "200"}  # COLUMNS: rich wraps no names
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+             "--no-ui", "--analytics-off"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
             try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+                urllib.request.urlopen(f"{api}/health", timeout=2).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"prefect server start did not answer at {api}/health:\n"
+                                       f"{log.read_text()[-3000:]}") from None
+                time.sleep(0.5)
+        yield {**env, "PREFECT_API_URL": api}
+    finally:
+        _stop(server)
+
+
+@pytest.mark.slow
+def test_prefect_cli_lists_what_segpipe_serve_registered_on_prefect_server_start(prefect_server, tmp_path):
+    """`prefect deployment ls`, `flow-run ls` and `artifact ls` succeed against `prefect server
+    start` once `segpipe serve` has registered both deployments. Prefect 3.8.8's CLI sends JSON
+    nulls for the filters it leaves at their defaults, which its server answers with 422 under
+    fastapi>=0.151 (hence fastapi<0.151 in pyproject.toml)."""
+    env, api = prefect_server, prefect_server["PREFECT_API_URL"]
+
+    def prefect(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "prefect", *args], env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, f"prefect {' '.join(args)} exited {result.returncode}:\n{result.stdout}{result.stderr}"
+        return result.stdout
+
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "serve", "--source", f"{tmp_path}/{{date}}",
+             "--output", f"{tmp_path}/out/date={{date}}"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        # polled with every filter left out of the body, which any fastapi takes: a 422 shows in the CLI below
+        while len(deployments := _post(api, "/deployments/filter", {})) < 2:
+            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        for deployment in deployments:  # a run each, far in the future so serve never starts it
+            _post(api, f"/deployments/{deployment['id']}/create_flow_run", {
+                "enforce_parameter_schema": False,
+                "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": "2099-01-01T00:00:00Z"}},
+            })
+
+        listed = prefect("deployment", "ls")
+        assert "segment-archive/nightly" in listed and "evaluate-predictions/on-demand" in listed, listed
+        runs = prefect("flow-run", "ls")
+        assert "segment-archive" in runs and "evaluate-predictions" in runs and "SCHEDULED" in runs, runs
+        prefect("artifact", "ls")
+    finally:
+        _stop(serve)
 
 
 def test_dockerfile_cuda_runtime_installs_the_package_and_drops_root():

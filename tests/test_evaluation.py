@@ -99,3 +99,25 @@ def test_camvid_ground_truth_against_itself_and_a_degraded_copy(shared_data, tmp
     exact = open_location(str(tmp_path / "exact"))
     perfect = score_pairs(exact, truth, pair_masks(exact, truth).pairs, settings)
     assert len(perfect.image_ids) == 6 and scores(perfect.confusion)["miou"] == 1.0
+
+
+def test_second_mask_under_a_key_and_labels_out_of_range_are_reported_by_name(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "g").mkdir()
+    mask = np.array([[0, 1], [1, 0]], np.uint8)
+    (tmp_path / "p" / "a.png").write_bytes(encode_mask(mask))
+    (tmp_path / "p" / "b.png").write_bytes(encode_mask(np.array([[0, 1], [5, 0]], np.uint8)))
+    (tmp_path / "g" / "a.png").write_bytes(encode_mask(np.array([[0, 9], [255, 0]], np.uint8)))
+    (tmp_path / "g" / "a_gt.png").write_bytes(encode_mask(mask))
+    (tmp_path / "g" / "b_gt.png").write_bytes(encode_mask(mask))
+    p, g = open_location(str(tmp_path / "p")), open_location(str(tmp_path / "g"))
+    pairing = pair_masks(p, g, ground_truth_suffix="_gt")
+    assert [(x.prediction, x.ground_truth) for x in pairing.pairs] == [("a.png", "a.png"), ("b.png", "b_gt.png")]
+    assert pairing.rejected == [{"key": "a_gt.png", "side": "ground_truth", "reason": "pairs under the same key as a.png"}]
+    total = score_pairs(p, g, pairing.pairs, ScoreSettings(num_classes=2))
+    assert total.excluded == [
+        {"image_id": "a", "reason": "ground truth a.png holds labels [9] outside [0, 2) that are not ignore_index=255; "
+                                    "pass the right num_classes and ignore_index, or map the labels to class ids"},
+        {"image_id": "b", "reason": "prediction b.png holds labels [5] outside [0, 2); pass the right num_classes "
+                                    "and ignore_index, or map the labels to class ids"},
+    ]

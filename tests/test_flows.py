@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 from PIL import Image
+from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.evaluate import NothingToScoreError, evaluate_predictions
@@ -25,26 +26,6 @@ from pipeline.samples import synthetic_scene
 def prefect_harness():
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-def _artifact(key: str):
-    """The latest artifact with this key, read back from the Prefect API. Every filter field is
-    given explicitly: Prefect 3.8.8's own `Artifact.get` sends nulls its server rejects (422)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterKey,
-        FlowRunFilter,
-        TaskRunFilter,
-    )
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    with get_client(sync_client=True) as client:
-        [artifact] = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), flow_run_filter=FlowRunFilter(),
-            task_run_filter=TaskRunFilter(), sort=ArtifactSort.UPDATED_DESC, limit=1, offset=0,
-        )
-    return artifact
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -89,9 +70,9 @@ def test_segment_flow_nightly_partitions_on_s3(prefect_harness, ray_cpu, s3_buck
                        from read_parquet('{bucket}/segpipe/*/images/**/*.parquet', hive_partitioning = true)
                        group by date order by date""").fetchall()
     assert [(str(d), n, e) for d, n, e in rows] == [("2026-11-19", 2, 0), ("2026-11-20", 4, 1)]
-    table = _artifact("segpipe-run-summary")
+    table = Artifact.get("segpipe-run-summary")
     assert table.type == "table" and "errors: not_an_image" in str(table.data)
-    markdown = _artifact("segpipe-run-outputs")
+    markdown = Artifact.get("segpipe-run-outputs")
     assert f"{bucket}/segpipe/date=2026-11-20/images/" in markdown.data
 
 
@@ -144,7 +125,7 @@ def test_evaluate_flow_scores_dataset_wide_and_reports_what_it_left_out(prefect_
     assert per_image[1]["iou_car"] is None and per_image[1]["pixel_accuracy"] == pytest.approx(2 / 3)
     for plot in ["confusion_matrix.png", "per_class_iou.png"]:
         assert Image.open(tmp_path / "eval" / plot).size[0] > 200
-    artifact = _artifact("segpipe-evaluation")
+    artifact = Artifact.get("segpipe-evaluation")
     assert "| 1 | sidewalk | 0.6000 |" in artifact.data
 
 
@@ -224,7 +205,7 @@ def test_credentials_never_reach_outputs_artifacts_or_logs(prefect_harness, ray_
     for path in fs.find(f"{bucket[5:]}/out"):  # tables, masks, markers, the run record
         assert secret.encode() not in fs.cat_file(path), path
     for key in ["segpipe-run-summary", "segpipe-run-outputs"]:
-        assert secret not in str(_artifact(key).data)
+        assert secret not in str(Artifact.get(key).data)
     captured = capfd.readouterr()
     assert secret not in captured.out + captured.err + caplog.text
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import SegmentConfig
-from pipeline.images import decode_image, plain_jpeg_shape
+from pipeline.decode import DeviceJpeg, decode, decode_image, plain_jpeg_shape
 from pipeline.inference import Segmenter
 from pipeline.masks import decode_mask
 from pipeline.models import build_model
@@ -146,6 +146,10 @@ def test_only_plain_jpegs_are_left_for_the_device():
     assert plain_jpeg_shape(_exif_rotated()) is None
     assert plain_jpeg_shape(PNG) is None
     assert plain_jpeg_shape(b"\xff\xd8\xff" + b"\0" * 64) is None  # a JPEG marker and no header
+    # the one decision: a plain JPEG stays encoded only when the model's device decodes JPEGs
+    assert decode(JPEG, jpeg_on_device=True) == DeviceJpeg(JPEG, 20, 30)
+    assert np.array_equal(decode(JPEG), decode_image(JPEG))
+    assert isinstance(decode(PNG, jpeg_on_device=True), np.ndarray)
 
 
 def test_jpegs_decoded_on_the_device_have_pillows_pixels(shared_data, stage):
@@ -246,9 +250,9 @@ def test_a_decode_deaf_to_the_limit_ends_its_process(tmp_path):
     (tmp_path / "a.png").write_bytes(_encode(Image.fromarray(RGB), "PNG"))
     script = f"""
 import time
-import pipeline.images, pipeline.stages
-pipeline.images.signal.setitimer = lambda *args: (0.0, 0.0)
-pipeline.stages.decode_image = lambda data, max_pixels: time.sleep(120)
+import pipeline.decode, pipeline.stages
+pipeline.decode.signal.setitimer = lambda *args: (0.0, 0.0)
+pipeline.decode.decode_image = lambda data, max_pixels: time.sleep(120)
 from pipeline.storage import SourceFile, open_location
 records = pipeline.stages.read_and_decode(open_location({str(tmp_path)!r}), [SourceFile("a.png", 1, "")],
                                           time_limit_s=0.1, hard_stop=True)

@@ -1,4 +1,5 @@
-"""Segmenter: preprocessing from metadata, batching by size, sliding windows, TTA, precision."""
+"""Segmenter: preprocessing from metadata, batching by size, sliding windows, precision, and
+the model given left as it is."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from PIL import Image
 from torch import nn
 
 from pipeline.inference import (
-    TTA,
     Segmenter,
     SlidingWindow,
     blend_weights,
+    fold_batch_norms,
     softmax_classes,
     window_starts,
 )
@@ -32,15 +33,6 @@ class Pointwise(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.inputs.append(x.detach().clone())
         return {"out": self.conv(x) * 3}
-
-
-class ColumnRamp(Pointwise):
-    """Adds a left-to-right ramp to class 0: not mirror-symmetric, to test flip TTA."""
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = super().forward(x)["out"].clone()
-        out[:, 0] += torch.linspace(-2, 2, x.shape[-1])
-        return {"out": out}
 
 
 def _meta(num_classes: int = 4, **pre) -> ModelMeta:
@@ -131,29 +123,6 @@ def test_sliding_window_blends_a_real_model_without_seams(shared_data) -> None:
     assert (slid.argmax(0) == whole.argmax(0)).float().mean() > 0.9
 
 
-def test_flip_and_multiscale_tta_average_probabilities() -> None:
-    model = ColumnRamp()
-    image = _image(24, 32)
-    tta = TTA(flip=True, scales=(1.0, 0.5))
-    got = Segmenter(model, _meta(), device="cpu", tta=tta).predict([image])[0]
-
-    def view(scale: float, flip: bool) -> torch.Tensor:
-        size = (round(24 * scale), round(32 * scale))
-        x = image[None].float()
-        if size != (24, 32):
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-        x = (x / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-        with torch.no_grad():
-            logits = model(x.flip(-1) if flip else x)["out"]
-        logits = logits.flip(-1) if flip else logits
-        return F.interpolate(logits, size=(24, 32), mode="bilinear", align_corners=False).softmax(1)[0]
-
-    expected = sum(view(s, f) for s in (1.0, 0.5) for f in (False, True)) / 4
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-    plain = Segmenter(model, _meta(), device="cpu").predict([image])[0]
-    assert not torch.allclose(plain, got, atol=1e-3)  # TTA changed something
-
-
 def test_bf16_channels_last_path_runs_on_cpu_and_matches_fp32() -> None:
     """The CUDA settings (bf16 autocast, channels_last) forced on CPU, so CI covers them."""
     model = build_model("fcn_resnet50", num_classes=3)
@@ -190,14 +159,28 @@ def test_batch_norms_folded_into_convolutions_change_no_result(name) -> None:
             if isinstance(module, nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
-    folded = Segmenter(model, device="cpu")
-    plain = Segmenter(model, device="cpu", fold_bn=False)
-    left = [m for m in folded.model.modules() if isinstance(m, nn.BatchNorm2d)]
-    before = [m for m in plain.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    model.eval()
+    folded = fold_batch_norms(model)
+    left = [m for m in folded.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert before and len(left) <= len(before) // 10, (len(left), len(before))
-    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the model given is untouched
-    images = [_image(40, 56)]
-    torch.testing.assert_close(folded.predict(images)[0], plain.predict(images)[0], atol=1e-4, rtol=1e-3)
+    x = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x)["out"], model(x)["out"], atol=1e-4, rtol=1e-3)
+
+
+def test_segmenter_leaves_the_model_given_as_it_is() -> None:
+    """Training validates through a Segmenter, then trains on: the model it was given keeps its
+    mode, its batch norms, its layout and its weights."""
+    model = build_model("lraspp_mobilenet_v3_large", num_classes=3).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    segmenter = Segmenter(model, device="cpu")  # channels_last, batch norms folded
+    segmenter.predict([_image(40, 56)])
+    assert model.training and all(m.training for m in model.modules())
+    assert not {id(m) for m in segmenter.model.modules()} & {id(m) for m in model.modules()}  # its own copy
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.is_contiguous() for p in model.parameters())  # not converted to channels_last
 
 
 @pytest.mark.slow
@@ -209,11 +192,12 @@ def test_torch_compile_gives_the_same_probabilities() -> None:
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
-def test_segmenter_from_name_uses_defaults_and_validates() -> None:
-    seg = Segmenter.from_name("lraspp_mobilenet_v3_large", num_classes=2, device="cpu", batch_size=4)
+def test_segmenter_defaults_and_validation() -> None:
+    model = build_model("lraspp_mobilenet_v3_large", num_classes=2)
+    seg = Segmenter(model, device="cpu", batch_size=4)
     assert seg.num_classes == 2 and seg.batch_size == 4 and seg.autocast_dtype is None
     with pytest.raises(ValueError, match="precision"):
-        Segmenter.from_name("lraspp_mobilenet_v3_large", num_classes=2, device="cpu", precision="fp16")
+        Segmenter(model, device="cpu", precision="fp16")
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
         seg.predict([np.zeros((4, 4), dtype=np.uint8)])
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics import confusion_matrix, scores
+from pipeline.metrics import check_label_range, confusion_matrix, scores
 
 # A 4x4 example, done on paper:
 TARGET = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 255, 255], [2, 2, 2, 2]])
@@ -64,14 +64,27 @@ def test_summed_matrices_score_like_all_data_at_once() -> None:
 
 
 def test_labels_out_of_range_are_errors() -> None:
-    with pytest.raises(ValueError, match="ground truth holds label 7"):
+    with pytest.raises(ValueError, match=r"ground truth holds labels \[7\] outside \[0, 3\) that are not ignore_index=255"):
         confusion_matrix(np.array([0, 1]), np.array([0, 7]), 3)
-    with pytest.raises(ValueError, match="prediction holds label 3"):
+    with pytest.raises(ValueError, match=r"prediction holds labels \[3\] outside \[0, 3\);"):
         confusion_matrix(torch.tensor([0, 3]), torch.tensor([0, 1]), 3)
-    with pytest.raises(ValueError, match="ground truth holds label -1"):
+    with pytest.raises(ValueError, match=r"ground truth holds labels \[-1\] outside \[0, 3\);"):
         confusion_matrix(np.array([0, 1]), np.array([0, -1]), 3, ignore_index=None)
     with pytest.raises(ValueError, match="shape"):
         confusion_matrix(np.zeros((2, 2)), np.zeros((2, 3)), 3)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_label_range_check_names_the_source_and_the_values_found(as_tensor: bool) -> None:
+    labels = np.array([[0, 1, 255], [9, 4, 4], [-2, 7, 8], [5, 6, 2]])
+    labels = torch.from_numpy(labels) if as_tensor else labels
+    check_label_range(labels[:1], 3, 255, source="a.png")  # 0, 1 and the ignore index: fine
+    with pytest.raises(ValueError) as caught:
+        check_label_range(labels, 3, 255, source="day1/a_L.png")
+    assert str(caught.value).startswith(
+        "day1/a_L.png holds labels [-2, 4, 5, 6, 7] and 2 more outside [0, 3) that are not ignore_index=255;")
+    with pytest.raises(ValueError, match=r"holds labels \[255\] outside \[0, 3\); pass"):
+        check_label_range(labels[:1], 3, None, source="prediction")
 
 
 def test_empty_matrix_scores_nan() -> None:

@@ -430,3 +430,55 @@ def test_replicas_compile_their_model_only_when_asked() -> None:
     assert isinstance(build_stage(spec, torch.device("cpu")).segmenter.model, OptimizedModule)
     plain = build_stage(dataclasses.replace(spec, compile=False), torch.device("cpu"))
     assert not isinstance(plain.segmenter.model, OptimizedModule)
+
+
+class PidWorker(SegmentWorker):
+    """A replica that says which process it runs in, so that a test can kill it with its node."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@pytest.mark.slow
+def test_a_run_whose_worker_nodes_are_all_lost_stops_with_a_clear_error(tmp_path, _ray_session):
+    """Every worker node lost and none added (a fixed cluster): the replica's restart waits for
+    a node that never comes, so the run stops once no_replica_timeout_s passes instead of
+    hanging; the shards committed before stay, and the next run, on a new node, resumes."""
+    import signal
+    import time
+
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # this test's own cluster, not the module's shared Ray
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})  # decodes and writes; too small for the replica
+    try:
+        worker = cluster.add_node(num_cpus=2)
+        ray.init(address=cluster.address, logging_level="WARNING")
+        source, output = _local_source(tmp_path, 8, per_dir=2)
+        config = SegmentConfig(source=source, output=output, batch_size=1, crf=False, cpus_per_actor=2, threads_per_actor=1,
+                               batches_in_flight_per_actor=1, no_replica_timeout_s=3, **MODEL)
+        lost_at, last = [], []
+
+        def lose_the_worker(progress):
+            last[:] = [progress.shards_committed]
+            if progress.shards_committed == 1 and not lost_at:
+                replica = ray.get_actor(f"segpipe-{progress.run_id}-0")
+                pid = ray.get(replica.pid.remote())
+                cluster.remove_node(worker, allow_graceful=False)
+                os.kill(pid, signal.SIGKILL)  # its processes go with it (they outlive a killed raylet for a while)
+                lost_at.append(time.monotonic())
+
+        with pytest.raises(RunError, match=r"no model replica has been alive for 3 s \(no_replica_timeout_s;.*run again to resume"):
+            run_segmentation(config, on_progress=lose_the_worker, worker_class=PidWorker)
+        assert time.monotonic() - lost_at[0] < 30
+        committed = last[0]
+        assert committed >= 1 and len(list(Path(output, "_commits").iterdir())) == committed
+
+        cluster.add_node(num_cpus=2)  # a node comes back: the next run does only what is left
+        summary = run_segmentation(config)
+        assert (summary.shards_skipped, summary.shards_committed, summary.images) == (committed, 4 - committed, 8 - 2 * committed)
+        rows = _duckdb().sql(f"select image_id from read_parquet('{output}/images/**/*.parquet')").fetchall()
+        assert sorted(r[0] for r in rows) == [f"d{i // 2}/{i:03d}.jpg" for i in range(8)]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

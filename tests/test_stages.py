@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageDecodeError, decode_image
+from pipeline.decode import ImageDecodeError, decode_image
 from pipeline.inference import Segmenter
 from pipeline.masks import decode_mask
 from pipeline.models import build_model

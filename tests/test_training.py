@@ -75,7 +75,7 @@ def test_a_wrong_label_range_is_one_clear_error_before_training(tmp_path):
     from pipeline.runtime.training import run_training
 
     config = _config(tmp_path, num_classes=3, class_names=None)  # the scenes hold labels 0-3
-    with pytest.raises(ValueError, match=r"day1/\d\d_L.png holds label 3, outside \[0, 3\) and not ignore_index=255"):
+    with pytest.raises(ValueError, match=r"day1/\d\d_L.png holds labels \[3\] outside \[0, 3\) that are not ignore_index=255"):
         run_training(config)
     assert not os.path.exists(config.output)  # refused before any training
 
@@ -163,9 +163,9 @@ def test_camvid_frames_train_with_the_last_20_held_out(ray_cpu, tmp_path, shared
 
 def _epochs_in_process(device: torch.device, tmp_path, epochs: int) -> list[float]:
     """Training mIoU per epoch without Ray: the same functions the Ray Train workers call."""
+    from pipeline.preprocess import Normalizer
     from pipeline.storage import open_location
     from pipeline.training import (
-        Normalizer,
         load_samples,
         make_optimizer,
         miou,
@@ -195,3 +195,70 @@ def test_training_functions_learn_without_ray(tmp_path):
 def test_training_learns_on_cuda_with_bf16_autocast(tmp_path):
     scores = _epochs_in_process(torch.device("cuda"), tmp_path, 12)
     assert max(scores[-3:]) > scores[0] + 0.1, scores
+
+
+def test_two_files_under_one_key_are_refused_naming_both(tmp_path):
+    from pipeline.storage import open_location
+    from pipeline.training import pair_training_data
+
+    images, labels = _scenes(tmp_path / "data", 2)
+    Image.fromarray(synthetic_scene(64, 80, 0)[0]).save(Path(images) / "day1" / "00.png")
+    with pytest.raises(ValueError, match=r"day1/00.jpg and .*day1/00.png pair under the same key"):
+        pair_training_data(open_location(images), open_location(labels), label_suffix="_L")
+
+
+def test_validation_miou_is_what_segment_and_evaluate_measure(tmp_path):
+    """The validation mIoU a training run reports is measured on the path `segpipe segment
+    --no-crf` runs (a replica's Segmenter and stages, masks written as PNG, read from the
+    checkpoint) and scored as `segpipe evaluate` scores those masks. Without Ray: the functions
+    a Ray Train worker calls, in its order."""
+    from pipeline.evaluation import ScoreSettings, pair_masks, score_pairs
+    from pipeline.inference import Segmenter
+    from pipeline.metrics import scores
+    from pipeline.preprocess import Normalizer
+    from pipeline.stages import SegmentStage, read_and_decode, write_masks
+    from pipeline.storage import iter_files, open_location
+    from pipeline.training import (
+        load_samples,
+        make_optimizer,
+        miou,
+        pair_training_data,
+        precise_batch_norm,
+        train_epoch,
+        validate,
+    )
+
+    config = _config(tmp_path, epochs=1, batch_size=3, val_last=4)
+    images, labels = open_location(config.images), open_location(config.labels)
+    pairs = pair_training_data(images, labels, label_suffix="_L")
+    train, val = pairs[:-4], pairs[-4:]
+    load = dict(num_classes=4, ignore_index=255)
+    train_samples, val_samples = load_samples(images, labels, train, **load), load_samples(images, labels, val, **load)
+    device = torch.device("cpu")
+    model, meta, _ = build_training_model(config)
+    optimizer, schedule = make_optimizer(model, config, total_steps=config.epochs * 2)
+    normalize, rng = Normalizer(meta.preprocessing, device), np.random.default_rng(0)
+    for _ in range(config.epochs):
+        train_epoch(model, train_samples, config, optimizer, schedule, normalize, rng)
+        precise_batch_norm(model, train_samples, config, normalize, rng)
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        confusion = validate(model, val_samples, config, device)
+        assert model.training  # validation leaves the model training, its weights as they were
+        assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    reported = miou(confusion)
+    assert reported is not None
+    save_checkpoint(model, config.output, meta)
+
+    segmenter = Segmenter(build_model(None, weights=config.output), device="cpu")  # as a replica builds it
+    stage = SegmentStage(segmenter, crf=False)
+    output = open_location(str(tmp_path / "out"))
+    val_files = [f for _, f in iter_files(images) if f.key in {p.image for p in val}]
+    records = write_masks(output, stage(read_and_decode(images, val_files)), meta.palette)
+    assert [r.ok for r in records] == [True] * 4
+    masks = open_location(str(tmp_path / "out" / "masks"))
+    pairing = pair_masks(masks, labels, ground_truth_suffix="_L")
+    total = score_pairs(masks, labels, pairing.pairs, ScoreSettings(num_classes=4))
+    assert len(total.image_ids) == 4 and not total.excluded
+    assert abs(scores(total.confusion)["miou"] - reported) < 1e-3
+    # the same pixels, labelled the same way
+    np.testing.assert_array_equal(total.confusion, confusion.numpy())

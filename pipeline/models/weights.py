@@ -7,6 +7,10 @@ Three sources of weights, one entry point (`build_model`):
 - a segpipe checkpoint at any fsspec URL (local path, s3://, gs://), loaded with
   `torch.load(weights_only=True)`. It holds `ModelMeta` (architecture, classes, palette,
   preprocessing), so a checkpoint alone says how to run it.
+
+Checkpoints are read and written through `pipeline.storage` like every other object: retried
+on transient errors, and replaced atomically, so a job loading a checkpoint while training
+rewrites it gets the old one or the new one whole.
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ import pickle
 import urllib.error
 from typing import Any, Literal
 
-import fsspec
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from ..masks import default_palette
+from ..storage import open_file, read_bytes, write_atomic
 from ._registry import get_spec
 
 CHECKPOINT_FORMAT = "segpipe-checkpoint/1"
@@ -123,22 +127,25 @@ def save_checkpoint(
         payload["training_state"] = training_state
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    with fsspec.open(url, "wb", **(storage_options or {})) as f:
-        f.write(buffer.getvalue())
+    location, key = open_file(url, storage_options)
+    write_atomic(location, key, buffer.getvalue())
 
 
-def load_checkpoint(
-    url: str, *, storage_options: dict[str, Any] | None = None
-) -> tuple[ModelMeta, dict[str, torch.Tensor]]:
-    """Read a segpipe checkpoint. Only tensors and plain data are unpickled (weights_only)."""
+def _read_payload(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The unpickled contents of a segpipe checkpoint; only tensors and plain data are
+    unpickled (weights_only)."""
     try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            data = f.read()
+        location, key = open_file(url, storage_options)
+        data = read_bytes(location, key)
     except Exception as err:  # fsspec surfaces each backend's own error types
         raise WeightsUnavailableError(
             f"cannot read checkpoint {url}: {type(err).__name__}: {err}. Check the URL and its "
             "credentials (--storage-options or AWS_* variables), or pass weights=none for an untrained model"
         ) from err
+    if data is None:
+        raise WeightsUnavailableError(
+            f"cannot read checkpoint {url}: no such file. Check the URL, or pass weights=none for an untrained model"
+        )
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -153,6 +160,14 @@ def load_checkpoint(
             f"{url} is not a segpipe checkpoint (no format={CHECKPOINT_FORMAT!r} entry); "
             "write it with pipeline.models.save_checkpoint so it carries classes and preprocessing"
         )
+    return payload
+
+
+def load_checkpoint(
+    url: str, *, storage_options: dict[str, Any] | None = None
+) -> tuple[ModelMeta, dict[str, torch.Tensor]]:
+    """Read a segpipe checkpoint's metadata and weights."""
+    payload = _read_payload(url, storage_options)
     try:
         meta = ModelMeta.model_validate(payload["meta"])
     except ValidationError as err:
@@ -161,10 +176,8 @@ def load_checkpoint(
 
 
 def load_training_state(url: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The `training_state` saved with a checkpoint (None if it has none), weights_only too."""
-    with fsspec.open(url, "rb", **(storage_options or {})) as f:
-        payload = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-    return payload.get("training_state") if isinstance(payload, dict) else None
+    """The `training_state` saved with a checkpoint (None if it has none)."""
+    return _read_payload(url, storage_options).get("training_state")
 
 
 def _torchvision_weights(tv_name: str | None, weights: str) -> Any | None:

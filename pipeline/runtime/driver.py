@@ -18,7 +18,7 @@ import datetime as dt
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ray
@@ -27,7 +27,17 @@ from ray.exceptions import RayActorError, RayError
 from ..config import RunError, SegmentConfig
 from ..outputs import OpenShard, OutputStore, RunInfo, prepare_locations
 from ..records import ImageRecord
-from ..run import Progress, RunSummary, batched, fingerprint, new_run_id
+from ..run import (
+    DONE,
+    NOT_YET,
+    Prefetched,
+    Progress,
+    RunSummary,
+    batched,
+    fingerprint,
+    list_source,
+    new_run_id,
+)
 from ..stages import plan_shard
 from ..storage import (
     ListingCounts,
@@ -35,7 +45,6 @@ from ..storage import (
     Shard,
     SourceFile,
     StorageUnavailableError,
-    iter_shards,
 )
 from .cluster import connect_ray, short_error
 from .replicas import SegmentWorker, _ReplicaPool, decode, write
@@ -70,8 +79,8 @@ class _Run:
         self.pixels_by_class: Counter[str] = Counter()
         self.retried = 0
 
-    def process(self, shards: Iterable[Shard]) -> None:
-        for shard in shards:  # pulled from the listing only as capacity frees up
+    def process(self, listing: Prefetched[Shard], counts: ListingCounts) -> None:
+        while (shard := self._next_shard(listing, counts)) is not None:
             if self.store.is_current(shard, self.run, redo_errors=self.config.redo_errors):
                 self.progress.shards_skipped += 1
                 self.on_progress(self.progress)
@@ -89,9 +98,24 @@ class _Run:
             open_shard.queueing = False
             if open_shard.complete():
                 self._commit(open_shard)
+        self.progress.listed, self.progress.listing_done = counts.images, True
+        self.on_progress(self.progress)
         while self.queue or self.pending:
             self._wait_one()
             self._submit_queued()
+        self.progress.finished = True
+        self.on_progress(self.progress)
+
+    def _next_shard(self, listing: Prefetched[Shard], counts: ListingCounts) -> Shard | None:
+        """The next shard of the listing, pulled only as capacity frees up. While its page is
+        on its way, finished batches come back and complete shards are committed."""
+        while (shard := listing.get(timeout=0.2)) is NOT_YET:
+            self.progress.listed = counts.images
+            if self.pending or self.queue:
+                self._wait_one()
+                self._submit_queued()
+        self.progress.listed = counts.images
+        return None if shard is DONE else shard  # type: ignore[return-value]
 
     def _submit_queued(self) -> None:
         while self.queue and len(self.pending) < self.limit:
@@ -109,6 +133,10 @@ class _Run:
 
     def _wait_one(self) -> None:
         self.pool.ping_due()
+        if self.pool.down_for() > self.config.no_replica_timeout_s:  # e.g. every worker node lost, none added
+            raise RunError(f"no model replica has been alive for {self.config.no_replica_timeout_s:g} s "
+                           "(no_replica_timeout_s; were their worker nodes lost?); committed shards are kept, "
+                           "run again to resume once the cluster has workers")
         refs = [*self.pending, *self.pool.checks]
         if not refs:
             if self.pool.all_dead():
@@ -189,7 +217,8 @@ def run_segmentation(
     for the layout. Shards already committed with the same inputs and settings are skipped."""
     started = time.monotonic()
     source, store = prepare_locations(config)
-    output = store.location
+    counts = ListingCounts()
+    shards = list_source(source, shard_by=config.shard_by, shard_size=config.shard_size, counts=counts)
     run_id = new_run_id()
     stop_ray, ray_cluster = connect_ray(config.ray_address)
     pool = None
@@ -201,22 +230,25 @@ def run_segmentation(
             num_classes=meta["num_classes"], class_names=tuple(meta["class_names"]), crf=config.crf,
             source_url=source.url, fingerprint=fingerprint(meta, config.crf, (config.tile, config.tile_stride)),
         )
-        counts = ListingCounts()
         setup_seconds = time.monotonic() - started
         loop = _Run(config, source, store, pool, run, meta["palette"], on_progress)
         try:
-            loop.process(iter_shards(source, shard_by=config.shard_by, shard_size=config.shard_size, counts=counts))
+            loop.process(shards, counts)
         except (StorageUnavailableError, OSError) as err:  # listing, or reading commit markers
             raise RunError(f"storage unavailable: {type(err).__name__}: {err}; committed shards are kept, "
                            "run again to resume") from err
+        progress = loop.progress
         return RunSummary(
-            run_id=run_id, source=source.url, output=output.url, model=run.model, weights=run.weights,
-            shards_committed=loop.progress.shards_committed, shards_skipped=loop.progress.shards_skipped,
-            images=loop.progress.images, errors=loop.progress.errors, errors_by_type=dict(loop.errors_by_type),
-            non_image_keys=counts.skipped, pixels_by_class=dict(loop.pixels_by_class), retried_batches=loop.retried, setup_seconds=setup_seconds, ray_cluster=ray_cluster,
-            replicas=[{"device": p["device"], "gpu_ids": p["gpu_ids"], "threads": p["threads"]} for p in pool.placements], seconds=time.monotonic() - started,
+            run_id=run_id, source=source.url, output=store.location.url, model=run.model, weights=run.weights,
+            shards_committed=progress.shards_committed, shards_skipped=progress.shards_skipped,
+            images=progress.images, errors=progress.errors, errors_by_type=dict(loop.errors_by_type),
+            non_image_keys=counts.skipped, pixels_by_class=dict(loop.pixels_by_class), retried_batches=loop.retried,
+            setup_seconds=setup_seconds, ray_cluster=ray_cluster,
+            replicas=[{"device": p["device"], "gpu_ids": p["gpu_ids"], "threads": p["threads"]} for p in pool.placements],
+            seconds=time.monotonic() - started,
         )
     finally:
+        shards.close()
         if pool is not None:
             pool.shutdown()
         if stop_ray:

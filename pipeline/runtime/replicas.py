@@ -134,7 +134,10 @@ class _ReplicaPool:
     Ray restarts a dead actor (up to max_restarts) and rebuilds its model. Calls made while it
     restarts fail at once, so a replica whose call failed is set aside and pinged until it
     answers again (or until Ray declares it dead for good); meanwhile batches go elsewhere or
-    wait, instead of burning their attempts on a replica that cannot take them.
+    wait, instead of burning their attempts on a replica that cannot take them. A replica not
+    set aside counts as alive (it may be busy with a long batch); when every one is set aside,
+    `down_for` says for how long, since with its node gone a restart waits for a new node and
+    its pings may never answer.
     """
 
     def __init__(self, config: SegmentConfig, worker_class: type, run_id: str) -> None:
@@ -169,6 +172,7 @@ class _ReplicaPool:
         self.checks: dict[ray.ObjectRef, int] = {}  # pings in flight to replicas set aside
         self.recheck_at: dict[int, float] = {}
         self.alone: set[int] = set()  # replicas running a batch that must run by itself
+        self.down_since: float | None = None  # when the last replica that could take work was set aside
         # while the replicas load their model, the CPUs left over start the processes that
         # will decode and write, so the first batches do not wait for Python to import torch
         spare = cpus - count * config.cpus_per_actor
@@ -216,6 +220,8 @@ class _ReplicaPool:
     def suspect(self, replica: int) -> None:
         if replica not in self._set_aside():
             self.checks[self.actors[replica].ready.remote()] = replica
+            if len(self._set_aside()) == len(self.actors):
+                self.down_since = time.monotonic()
 
     def ping_due(self) -> None:
         now = time.monotonic()
@@ -238,9 +244,15 @@ class _ReplicaPool:
         if "error" in answer:
             self.dead.add(replica)
             log.warning("model replica %d could not reload its model: %s", replica, answer["error"])
+        else:
+            self.down_since = None  # back: it takes work again
 
     def all_dead(self) -> bool:
         return len(self.dead) == len(self.actors)
+
+    def down_for(self) -> float:
+        """Seconds since no replica could take work (each restarting, unanswered or dead); 0 while one can."""
+        return 0.0 if self.down_since is None else time.monotonic() - self.down_since
 
     def shutdown(self) -> None:
         for actor in self.actors:

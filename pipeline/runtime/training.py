@@ -19,7 +19,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import ray
 import ray.train
@@ -29,15 +28,16 @@ import torch.distributed as dist
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from ..config import TrainingError
 from ..masks import decode_mask
+from ..metrics import check_label_range
 from ..models import is_checkpoint_uri, load_checkpoint, load_training_state, save_checkpoint
-from ..storage import open_location, read_bytes
+from ..preprocess import Normalizer
+from ..storage import open_file, open_location, read_bytes, write_atomic
 from ..training import (
-    Normalizer,
     TrainConfig,
     TrainingPair,
     build_training_model,
-    check_label_range,
     load_samples,
     make_optimizer,
     miou,
@@ -89,7 +89,7 @@ def check_labels(url: str, pairs: list[TrainingPair], config: TrainConfig) -> No
     labels = open_location(url, config.storage_options)
     for pair in pairs:
         label = decode_mask(read_bytes(labels, pair.label) or b"")
-        check_label_range(label, labels.uri(pair.label), config.num_classes, config.ignore_index)
+        check_label_range(label, config.num_classes, config.ignore_index, source=labels.uri(pair.label))
 
 
 def _all_reduce(*tensors: torch.Tensor) -> None:
@@ -154,7 +154,7 @@ def _train_worker(loop: dict[str, Any]) -> list[dict[str, Any]] | None:
         result = train_epoch(model, samples, config, optimizer, schedule, normalize, rng)
         precise_batch_norm(plain, samples, config, normalize, rng)
         _average_batch_norm(plain, world)
-        val_confusion = validate(plain, val_samples, config, normalize)
+        val_confusion = validate(plain, val_samples, config, device)
         totals = torch.tensor([result.loss * len(samples), len(samples), result.images], dtype=torch.float64, device=device)
         _all_reduce(result.confusion, val_confusion, totals)
         metrics = {
@@ -177,10 +177,6 @@ def _train_worker(loop: dict[str, Any]) -> list[dict[str, Any]] | None:
                                     "schedule": schedule.state_dict(), "history": history, "best": best},
                 )
     return history if rank == 0 else None
-
-
-class TrainingError(RuntimeError):
-    """Training started but a worker failed; the message is the worker's error."""
 
 
 def _absolute(config: TrainConfig) -> TrainConfig:
@@ -211,10 +207,11 @@ def run_training(config: TrainConfig) -> TrainSummary:
         if start_epoch >= config.epochs:
             raise ValueError(f"{config.resume} already trained {start_epoch} epochs; ask for more than that with --epochs")
         if config.resume != config.output:  # the best so far, until an epoch of this run beats it
-            with fsspec.open(config.resume, "rb", **config.storage_options) as source:
-                data = source.read()
-            with fsspec.open(config.output, "wb", **config.storage_options) as target:
-                target.write(data)
+            source, source_key = open_file(config.resume, config.storage_options)
+            data = read_bytes(source, source_key)
+            if data is None:
+                raise FileNotFoundError(f"{config.resume} disappeared while resuming from it; run again")
+            write_atomic(*open_file(config.output, config.storage_options), data)
 
     stop_ray, _ = connect_ray(config.ray_address)
     storage = tempfile.mkdtemp(prefix="segpipe-train-")  # Ray Train's run state; checkpoints go to config.output

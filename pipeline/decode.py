@@ -1,4 +1,10 @@
-"""Image files to RGB arrays: the decode stage.
+"""Image files to RGB images: the one way from a file's bytes to pixels.
+
+`decode` is the entry point, and the one place that decides how a file is decoded. Most files
+are decoded there, on the CPU, where they were read. With `jpeg_on_device`, a plain JPEG
+(`plain_jpeg_shape`) is instead returned undecoded as a `DeviceJpeg`, for `decode_on_device`
+to decode next to the model (nvjpeg through `torchvision.io.decode_jpeg` on a GPU) with the
+same result: only compressed bytes then cross to the GPU.
 
 An image is segmented as a viewer displays it: EXIF orientation is applied, and every mode
 (greyscale, palette, RGBA, CMYK) becomes 8-bit RGB. Samples deeper than 8 bits (16-bit PNG,
@@ -8,34 +14,33 @@ division by 65535 would leave it black. Of more than three bands the first three
 Multi-frame files give their first frame. A file whose header claims more pixels than
 `max_pixels` is refused before its pixels are decoded.
 
-Pillow decodes everything it can; TIFFs it cannot (separate band planes, many bands, float
-samples) go to tifffile.
+On the CPU (`decode_image`), Pillow decodes everything it can; TIFFs it cannot (separate band
+planes, many bands, float samples) go to tifffile.
 
-`plain_jpeg_shape` picks out the JPEGs that can instead be decoded on the model's device
-(nvjpeg through `torchvision.io.decode_jpeg`) with the same result.
-
-`time_limit` bounds the wall time of a decode: a file can be small, within the pixel limit
+`time_limit` bounds the wall time of a CPU decode: a file can be small, within the pixel limit
 and still take minutes (a highly compressed plane of zeros, a JPEG with thousands of scans).
 """
-
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import tifffile
+import torch
 from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_jpeg
 
-# Pillow's own decompression-bomb threshold (2 x Image.MAX_IMAGE_PIXELS): Pillow refuses
-# anything bigger while opening, before we could check it
-DEFAULT_MAX_PIXELS = 2 * 89_478_485
+from .config import DEFAULT_MAX_PIXELS
+
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
@@ -97,6 +102,82 @@ def _stop_process(after: float) -> None:
     os._exit(70)
 
 
+@dataclass(frozen=True)
+class DeviceJpeg:
+    """A plain JPEG left undecoded for the model's device; its size read from the header."""
+
+    data: bytes
+    height: int
+    width: int
+
+
+def decode(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    time_limit_s: float | None = None,
+    hard_stop: bool = False,
+    jpeg_on_device: bool = False,
+) -> np.ndarray | DeviceJpeg:
+    """(H, W, 3) uint8 RGB from the bytes of an image file or, with `jpeg_on_device`, a plain
+    JPEG left for `decode_on_device`.
+
+    The one place that decides which path a file takes: to the device only a JPEG whose header
+    promises that the device decoder gives what `decode_image` gives; every other file, broken
+    ones included, is decoded here, by `decode_image`, which knows why a file fails.
+
+    `time_limit_s` bounds the CPU decode (see `time_limit`); with `hard_stop` a decode stuck
+    past twice the limit (at least the limit plus 5 s) ends the process, for Ray to replace.
+    Raises ImageDecodeError, with reason "timeout" for a decode stopped at the limit.
+    """
+    shape = plain_jpeg_shape(data, max_pixels=max_pixels) if jpeg_on_device else None
+    if shape is not None:
+        return DeviceJpeg(data, *shape)
+    hard_stop_after = time_limit_s + max(time_limit_s, 5.0) if hard_stop and time_limit_s else None
+    try:
+        with time_limit(time_limit_s, hard_stop_after=hard_stop_after):
+            return decode_image(data, max_pixels=max_pixels)
+    except DecodeTimeout as err:
+        raise ImageDecodeError("timeout", str(err)) from err
+
+
+def decode_on_device(jpegs: Sequence[DeviceJpeg], device: torch.device) -> list[torch.Tensor | ImageDecodeError]:
+    """(3, H, W) uint8 RGB tensors on `device`, or why each JPEG cannot be decoded.
+
+    All in one call (nvjpeg's batched decode on CUDA). A file the device decoder refuses is
+    decoded again alone, then by `decode_image` on the CPU, which names what is wrong.
+    """
+    if not jpegs:
+        return []
+    data = [torch.frombuffer(bytearray(jpeg.data), dtype=torch.uint8) for jpeg in jpegs]
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of TorchCodec; still the one
+        # batched nvjpeg decoder in the stack we pin
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            images: list[torch.Tensor | None] = list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:  # one bad file fails the whole call
+            images = [None] * len(jpegs)
+        for index, image in enumerate(images):
+            if image is None:
+                with contextlib.suppress(RuntimeError):  # decode_image says why, below
+                    images[index] = decode_jpeg(data[index], mode=ImageReadMode.RGB, device=device)
+    results: list[torch.Tensor | ImageDecodeError] = []
+    for jpeg, image in zip(jpegs, images, strict=True):
+        if image is None or tuple(image.shape) != (3, jpeg.height, jpeg.width):
+            try:
+                # the header was checked: a baseline JPEG within max_pixels, whose decode
+                # time its pixel count bounds
+                pixels = decode_image(jpeg.data, max_pixels=jpeg.height * jpeg.width)
+            except ImageDecodeError as err:
+                results.append(err)
+                continue
+            # torch.tensor copies: Pillow's arrays are read-only
+            image = torch.tensor(pixels).permute(2, 0, 1).to(device)
+        results.append(image)
+    return results
+
+
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """(H, W, 3) uint8 RGB from the bytes of an image file, as displayed."""
     if not data:
@@ -132,7 +213,7 @@ _EXIF_ORIENTATION = 0x0112
 
 def plain_jpeg_shape(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
     """(height, width) of a JPEG that a device decoder turns into the same RGB image as
-    `decode_image`, read from its header alone; None for every other file.
+    `decode_image`, read from its header alone; None for every other file. `decode` asks it.
 
     Plain means: baseline (a progressive file can hold thousands of scans, a decode-time bomb
     that only the time-limited CPU decode may meet), 8-bit greyscale or YCbCr (not CMYK), no

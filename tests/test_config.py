@@ -1,0 +1,138 @@
+"""One configuration per job: every field of each config can be set from the command line and
+reaches its flow (called in-process, or through the JSON Prefect stores for a deployment)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from flows.cli import build_parser, config_from_arguments, option_name
+from flows.deployments import build_deployments
+from flows.evaluate import evaluate_predictions
+from flows.segment import segment_archive
+from flows.train import train_model
+from pipeline.config import EvaluateConfig, SegmentConfig, StorageOptions, TrainConfig
+
+# a valid value other than the default for every field; a field added without one fails below
+SAMPLES: dict[type, dict[str, Any]] = {
+    SegmentConfig: {
+        "source": "s3://cams/{date}", "output": "s3://out/date={date}", "model": "pspnet_resnet50",
+        "weights": "COCO_WITH_VOC_LABELS_V1", "num_classes": 21, "crf": False, "compile": True, "tile": 512,
+        "tile_stride": 384, "redo_errors": True, "batch_size": 4, "shard_by": "count", "shard_size": 50,
+        "ray_address": "auto", "storage_options": {"endpoint_url": "http://127.0.0.1:9000"}, "device": "cpu",
+        "actors": 2, "gpus_per_actor": 0.5, "cpus_per_actor": 2.0, "threads_per_actor": 3, "max_pixels": 1000,
+        "jpeg_decode": "cpu", "image_timeout_s": 30.0, "startup_timeout_s": 60.0, "batch_attempts": 5,
+        "max_restarts": 1, "no_replica_timeout_s": 120.0, "batches_in_flight_per_actor": 4, "date": "2026-11-20",
+    },
+    EvaluateConfig: {
+        "predictions": "s3://out/masks", "ground_truth": "s3://gt", "output": "report", "num_classes": 3,
+        "ignore_index": 11, "class_names": ("road", "car", "sky"), "label_map": {7: 0, 8: 1},
+        "reduce_zero_label": True, "prediction_suffix": "_pred", "ground_truth_suffix": "_L",
+        "storage_options": {"region_name": "eu-west-1"}, "ray_address": "auto", "date": "2026-11-20",
+    },
+    TrainConfig: {
+        "images": "s3://train/images", "labels": "s3://train/labels", "output": "s3://ckpt/model.pt",
+        "model": "pspnet_resnet50", "num_classes": 3, "class_names": ("road", "car", "sky"),
+        "palette": ((1, 2, 3), (4, 5, 6), (7, 8, 9)), "epochs": 3, "batch_size": 4, "crop": (64, 96),
+        "scale": (0.75, 1.5), "ignore_index": 11, "init": "imagenet", "optimizer": "adamw", "lr": 0.001,
+        "weight_decay": 0.05, "aux_weight": 0.2, "label_suffix": "_L", "val_images": "s3://val/images",
+        "val_labels": "s3://val/labels", "val_last": 2, "workers": 2, "device": "cpu", "cpus_per_worker": 2.0,
+        "resume": "s3://ckpt/old.pt", "seed": 7, "storage_options": {"anon": True}, "ray_address": "auto",
+    },
+}
+COMMANDS = {SegmentConfig: "segment", EvaluateConfig: "evaluate", TrainConfig: "train"}
+FLOWS = {SegmentConfig: segment_archive, EvaluateConfig: evaluate_predictions, TrainConfig: train_model}
+# fields that are only valid together with others
+NEEDS = {(SegmentConfig, "tile_stride"): ("tile",), (TrainConfig, "val_images"): ("val_labels",),
+         (TrainConfig, "val_labels"): ("val_images",)}
+
+
+def _words(name: str, value: Any) -> list[str]:
+    """The command-line words that set one field, as a user types them."""
+    if isinstance(value, bool):
+        return [option_name(name) if value else "--no-" + name.replace("_", "-")]
+    if isinstance(value, dict) or (isinstance(value, tuple) and value and isinstance(value[0], tuple)):
+        return [option_name(name), json.dumps(value)]
+    if isinstance(value, tuple):
+        return [option_name(name), *map(str, value)]
+    return [option_name(name), str(value)]
+
+
+def _required(config: type) -> dict[str, Any]:
+    return {n: SAMPLES[config][n] for n, f in config.model_fields.items() if f.is_required()}
+
+
+def _argv(config: type, name: str, value: Any) -> list[str]:
+    required = _required(config)
+    argv = [COMMANDS[config], *(str(required[n]) for n in config.positional)]
+    for other, other_value in required.items():
+        if other not in config.positional and other != name:
+            argv += _words(other, other_value)
+    for other in NEEDS.get((config, name), ()):
+        argv += _words(other, SAMPLES[config][other])
+    return argv + ([] if name in config.positional else _words(name, value))
+
+
+CASES = [(config, name) for config in SAMPLES for name in config.model_fields]
+
+
+@pytest.mark.parametrize("config", list(SAMPLES), ids=lambda c: c.__name__)
+def test_every_field_has_a_sample(config: type) -> None:
+    assert set(SAMPLES[config]) == set(config.model_fields)
+
+
+@pytest.mark.parametrize(("config", "name"), CASES, ids=[f"{c.__name__}.{n}" for c, n in CASES])
+def test_the_cli_accepts_every_field_and_the_flow_receives_it(config: type, name: str) -> None:
+    value = SAMPLES[config][name]
+    assert value != config.model_fields[name].get_default(call_default_factory=True) or config.model_fields[name].is_required()
+    args = build_parser().parse_args(_argv(config, name, value))
+    parsed = config_from_arguments(config, args)
+    assert getattr(parsed, name) == value
+    # a deployment's run: Prefect validates the JSON it stored into the flow's config parameter
+    stored = json.loads(json.dumps({"config": parsed.model_dump(mode="json")}))
+    received = FLOWS[config].validate_parameters(stored)["config"]
+    assert isinstance(received, config) and getattr(received, name) == value
+    # an in-process call (the command line's) hands the object itself to the flow
+    assert FLOWS[config].validate_parameters({"config": parsed})["config"] is parsed
+
+
+@pytest.mark.parametrize("name", [n for n in SegmentConfig.model_fields if n != "date"])
+def test_serve_passes_every_segment_field_to_the_nightly_deployment(name: str) -> None:
+    value = SAMPLES[SegmentConfig][name]
+    argv = ["serve", "--source", "s3://cams/{date}", "--output", "s3://out/date={date}"]
+    for other in (*NEEDS.get((SegmentConfig, name), ()), name):
+        if other not in SegmentConfig.positional:
+            argv += _words(other, SAMPLES[SegmentConfig][other])
+    args = build_parser().parse_args(argv)
+    nightly, _ = build_deployments(config_from_arguments(SegmentConfig, args))
+    received = segment_archive.validate_parameters(json.loads(json.dumps(nightly.parameters)))["config"]
+    expected = value if name not in SegmentConfig.positional else SAMPLES[SegmentConfig][name]
+    assert getattr(received, name) == expected
+
+
+def test_credentials_are_hidden_from_reprs_and_stored_parameters_but_reach_the_code() -> None:
+    config = SegmentConfig(source="s3://a", output="s3://b", storage_options={"key": "AKIA-X", "secret": "s3cr3t",
+                                                                               "endpoint_url": "http://e"})
+    stored = json.dumps(config.model_dump(mode="json"))
+    for text in (repr(config), str(config), stored):
+        assert "s3cr3t" not in text and "AKIA-X" not in text
+    assert "http://e" in stored  # an endpoint is no secret, and a deployment needs it
+    assert config.storage_options["secret"] == "s3cr3t" and isinstance(config.storage_options, StorageOptions)
+
+
+def test_serve_refuses_credentials_prefect_would_store() -> None:
+    config = SegmentConfig(source="s3://a", output="s3://b", storage_options={"secret": "s3cr3t"})
+    with pytest.raises(ValueError, match="--storage-secret") as caught:
+        build_deployments(config)
+    assert "s3cr3t" not in str(caught.value)
+
+
+def test_a_dated_source_needs_a_dated_output_and_a_real_date() -> None:
+    config = SegmentConfig(source="s3://cams/{date}/", output="s3://out/date={date}", date="2026-11-20").dated()
+    assert (config.source, config.output) == ("s3://cams/2026-11-20/", "s3://out/date=2026-11-20")
+    with pytest.raises(ValueError, match="put \\{date\\} in the output too"):
+        SegmentConfig(source="s3://cams/{date}/", output="s3://out/")
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        SegmentConfig(source="s3://cams/{date}", output="s3://o/{date}", date="20/11/2026")
