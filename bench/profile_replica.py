@@ -31,9 +31,10 @@ from run import NUM_CLASSES, source_images  # noqa: E402
 
 from pipeline.crf import dense_crf  # noqa: E402
 from pipeline.decode import decode_image, plain_jpeg_shape  # noqa: E402
-from pipeline.inference import Segmenter, to_chw_uint8  # noqa: E402
+from pipeline.inference import Segmenter  # noqa: E402
 from pipeline.masks import encode_mask  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
+from pipeline.preprocess import to_chw_uint8  # noqa: E402
 from pipeline.records import ImageRecord  # noqa: E402
 from pipeline.stages import SegmentStage  # noqa: E402
 from pipeline.stats import class_statistics, labels_and_confidence  # noqa: E402
@@ -49,6 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(os.cpu_count() or 1)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as a replica sets it
     segmenter = Segmenter(build_model(args.model, num_classes=NUM_CLASSES, weights=None), device=device, batch_size=args.batch_size)
     stage = SegmentStage(segmenter)
     palette = segmenter.meta.palette

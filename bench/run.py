@@ -107,6 +107,7 @@ def _bare_forward_rate(model: torch.nn.Module, device: torch.device, batch: torc
     and folded batch norms a segpipe replica uses on `device` (its Segmenter's model)."""
     from pipeline.inference import Segmenter
 
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as a replica sets it
     segmenter = Segmenter(model, device=device, batch_size=len(batch))
     if segmenter.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)

@@ -220,8 +220,15 @@ def _models(_: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one line (the usage itself is one `--help` away)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segpipe", description="Batch semantic segmentation of image archives.")
+    parser = _Parser(prog="segpipe", description="Batch semantic segmentation of image archives.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     segment = commands.add_parser(

@@ -22,7 +22,7 @@ from PIL import Image
 
 from flows.evaluate import evaluate_predictions
 from flows.segment import segment_archive
-from pipeline.config import yesterday_utc
+from pipeline.config import EvaluateConfig, SegmentConfig, yesterday_utc
 from pipeline.masks import encode_mask
 from pipeline.models import ModelMeta, WeightsUnavailableError, build_model, save_checkpoint
 from pipeline.samples import SAMPLE_CLASSES, synthetic_scene
@@ -93,14 +93,14 @@ def run_demo(workdir: str | Path, *, model: str = "deeplabv3_mobilenet_v3_large"
         if started_ray:
             ray.init(include_dashboard=False, logging_level="WARNING")  # one local Ray for both flows
 
-        segmentation = segment_archive(
+        segmentation = segment_archive(SegmentConfig(
             source=f"s3://{BUCKET}/cameras/{{date}}", output=f"{workdir}/segmentation/date={{date}}", date=date,
             model=model, weights=weights, storage_options=options, batch_size=4,
-        )
-        report = evaluate_predictions(
+        ))
+        report = evaluate_predictions(EvaluateConfig(
             predictions=f"{segmentation['output']}/masks", ground_truth=f"s3://{BUCKET}/labels/{date}",
             output=f"{workdir}/evaluation", storage_options=options, **evaluation,
-        )
+        ))
         share = duckdb.sql(f"""
             select class_name, sum(pixel_count) as pixels,
                    round(sum(pixel_count) / sum(sum(pixel_count)) over (), 3) as share

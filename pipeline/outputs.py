@@ -275,14 +275,12 @@ class OutputStore:
         return pa.table(columns, schema=CLASS_STATS_SCHEMA)
 
 
-def prepare_locations(config: SegmentConfig) -> tuple[Location, OutputStore]:
-    """Open SOURCE and OUTPUT, and record or check OUTPUT's layout. SOURCE is checked by the
-    run's one listing (`pipeline.run.list_source`), not by a listing of its own."""
-    source = open_location(config.source, config.storage_options)
+def prepare_output(config: SegmentConfig, source: Location) -> OutputStore:
+    """Open OUTPUT, and record or check its layout (SOURCE and sharding)."""
     output = open_location(config.output, config.storage_options)
     store = OutputStore(output)
     try:
         store.check_layout(source.url, config.shard_by, config.shard_size)
     except OSError as err:
         raise RunError(f"cannot write to output {output.url}: {type(err).__name__}: {err}") from err
-    return source, store
+    return store

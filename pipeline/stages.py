@@ -22,8 +22,9 @@ import torch
 
 from .crf import dense_crf
 from .decode import DEFAULT_MAX_PIXELS, DeviceJpeg, ImageDecodeError, decode, decode_on_device
-from .inference import Segmenter, to_chw_uint8
+from .inference import Segmenter
 from .masks import encode_mask
+from .preprocess import to_chw_uint8
 from .records import ImageRecord, mask_key
 from .stats import class_statistics, labels_and_confidence
 from .storage import Location, SourceFile, StorageUnavailableError, retry_io, write_atomic

@@ -17,7 +17,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.evaluate import NothingToScoreError, evaluate_predictions
 from flows.segment import segment_archive
-from pipeline.config import SegmentConfig, fill_date, substitute_date, yesterday_utc
+from pipeline.config import EvaluateConfig, SegmentConfig
 from pipeline.masks import encode_mask
 from pipeline.samples import synthetic_scene
 
@@ -34,15 +34,6 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def test_dates_fill_source_and_output():
-    assert fill_date("s3://cams/{date}/", "s3://out/date={date}", "2026-11-20") == ("s3://cams/2026-11-20/", "s3://out/date=2026-11-20")
-    assert substitute_date("gs://x/{date}", None) == f"gs://x/{yesterday_utc()}"
-    with pytest.raises(ValueError, match="put \\{date\\} in the output too"):
-        fill_date("s3://cams/{date}/", "s3://out/", None)
-    with pytest.raises(ValueError, match="YYYY-MM-DD"):
-        substitute_date("s3://cams/{date}", "20/11/2026")
-
-
 def test_ray_client_addresses_are_refused():
     with pytest.raises(ValueError, match="Ray Client address"):
         SegmentConfig(source="a", output="b", ray_address="ray://head:10001")
@@ -57,8 +48,8 @@ def test_segment_flow_nightly_partitions_on_s3(prefect_harness, ray_cpu, s3_buck
     fs.pipe_file(f"{bucket[5:]}/cams/2026-11-20/cam1/broken.png", b"not a png")
     common = dict(source=f"{bucket}/cams/{{date}}", output=f"{bucket}/segpipe/date={{date}}", model="lraspp_mobilenet_v3_large",
                   weights="none", num_classes=4, crf=False, storage_options=options)
-    first = segment_archive(**common, date="2026-11-19")
-    second = segment_archive(**common, date="2026-11-20")
+    first = segment_archive(SegmentConfig(**common, date="2026-11-19"))
+    second = segment_archive(SegmentConfig(**common, date="2026-11-20"))
     assert (first["images"], first["errors"]) == (2, 0)
     assert (second["images"], second["errors"], second["errors_by_type"]) == (4, 1, {"not_an_image": 1})
     assert abs(sum(second["pixel_share"].values()) - 1) < 1e-9
@@ -98,11 +89,11 @@ def test_evaluate_flow_scores_dataset_wide_and_reports_what_it_left_out(prefect_
     _write_masks(fs, f"{root}/gt", {"city/a_gt.png": gt_a, "city/b_gt.png": gt_b, "city/c_gt.png": gt_b,
                                    "city/d_gt.png": np.full((2, 2), 40, np.uint8), "city/f_gt.png": gt_b})
     fs.pipe_file(f"{root}/gt/city/notes.txt", b"x")
-    report = evaluate_predictions(
+    report = evaluate_predictions(EvaluateConfig(
         predictions=f"{bucket}/pred", ground_truth=f"{bucket}/gt", output=str(tmp_path / "eval"), num_classes=3,
         class_names=["road", "sidewalk", "car"], label_map={7: 0, 8: 1, 26: 2},
         prediction_suffix="_pred", ground_truth_suffix="_gt", storage_options=options,
-    )
+    ))
     # by hand, rows ground truth: a gives [[4,1,0],[0,3,0],[0,0,7]], b gives [[2,0,0],[1,0,0],[0,0,0]]
     expected_cm = [[6, 1, 0], [1, 3, 0], [0, 0, 7]]
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -135,8 +126,8 @@ def test_evaluate_flow_fails_only_when_nothing_pairs(prefect_harness, ray_cpu, t
     (tmp_path / "pred" / "a.png").write_bytes(encode_mask(np.zeros((2, 2), np.uint8)))
     (tmp_path / "gt" / "b.png").write_bytes(encode_mask(np.zeros((2, 2), np.uint8)))
     with pytest.raises(NothingToScoreError, match="1 predictions, 1 ground-truth masks"):
-        evaluate_predictions(predictions=str(tmp_path / "pred"), ground_truth=str(tmp_path / "gt"),
-                             output=str(tmp_path / "eval"), num_classes=2)
+        evaluate_predictions(EvaluateConfig(predictions=str(tmp_path / "pred"), ground_truth=str(tmp_path / "gt"),
+                                            output=str(tmp_path / "eval"), num_classes=2))
     assert not (tmp_path / "eval").exists()
 
 
@@ -155,7 +146,7 @@ def test_io_tasks_retry_only_io_errors(prefect_harness):
             try:
                 raise ConnectionResetError("peer reset")
             except ConnectionResetError as err:
-                raise RunError("cannot reach source") from err  # wrapped, as prepare_locations does
+                raise RunError("cannot reach source") from err  # wrapped, as prepare_output does
         return "done"
 
     @task(**(IO_TASK | {"retry_delay_seconds": 0}))
@@ -191,17 +182,21 @@ def test_missing_or_forbidden_paths_are_not_worth_a_retry():
 
 
 def test_credentials_never_reach_outputs_artifacts_or_logs(prefect_harness, ray_cpu, s3_bucket, capfd, caplog):
+    from prefect.client.orchestration import get_client
+
     bucket, options = s3_bucket
     secret = "s3cr3t-DO-NOT-LEAK"
     fs = s3fs.S3FileSystem(**options)
     fs.pipe_file(f"{bucket[5:]}/in/a.png", _png(synthetic_scene(24, 32, 0)[0]))
     fs.pipe_file(f"{bucket[5:]}/in/broken.png", b"garbage")
     leaky = options | {"secret": secret}  # moto accepts any secret
-    state = segment_archive(source=f"{bucket}/in", output=f"{bucket}/out", model="lraspp_mobilenet_v3_large",
-                            weights="none", num_classes=4, crf=False, storage_options=leaky, return_state=True)
+    state = segment_archive(SegmentConfig(source=f"{bucket}/in", output=f"{bucket}/out", model="lraspp_mobilenet_v3_large",
+                                          weights="none", num_classes=4, crf=False, storage_options=leaky),
+                            return_state=True)
     assert state.is_completed()
-    # (the flow run's stored parameters do hold storage_options: credentials belong in a Secret
-    # block or the environment, tested below)
+    with get_client(sync_client=True) as client:  # the run's parameters, as Prefect stored them
+        stored = json.dumps(client.read_flow_run(state.state_details.flow_run_id).parameters, default=str)
+    assert secret not in stored and options["endpoint_url"] in stored
     for path in fs.find(f"{bucket[5:]}/out"):  # tables, masks, markers, the run record
         assert secret.encode() not in fs.cat_file(path), path
     for key in ["segpipe-run-summary", "segpipe-run-outputs"]:
@@ -219,9 +214,9 @@ def test_credentials_from_a_secret_block_are_not_stored_with_the_run(prefect_har
     marker = "s3cr3t-IN-A-BLOCK"
     Secret(value=options | {"secret": marker}).save("segpipe-test-storage", overwrite=True)
     s3fs.S3FileSystem(**options).pipe_file(f"{bucket[5:]}/in/a.png", _png(synthetic_scene(24, 32, 0)[0]))
-    state = segment_archive(source=f"{bucket}/in", output=f"{bucket}/out", model="lraspp_mobilenet_v3_large",
-                            weights="none", num_classes=4, crf=False, storage_secret="segpipe-test-storage",
-                            return_state=True)
+    state = segment_archive(SegmentConfig(source=f"{bucket}/in", output=f"{bucket}/out", model="lraspp_mobilenet_v3_large",
+                                          weights="none", num_classes=4, crf=False),
+                            storage_secret="segpipe-test-storage", return_state=True)
     assert state.is_completed() and state.result()["images"] == 1  # so the block's endpoint was used
     with get_client(sync_client=True) as client:
         stored = json.dumps(client.read_flow_run(state.state_details.flow_run_id).parameters, default=str)

@@ -25,7 +25,7 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from ..config import RunError, SegmentConfig
-from ..outputs import OpenShard, OutputStore, RunInfo, prepare_locations
+from ..outputs import OpenShard, OutputStore, RunInfo, prepare_output
 from ..records import ImageRecord
 from ..run import (
     DONE,
@@ -45,6 +45,7 @@ from ..storage import (
     Shard,
     SourceFile,
     StorageUnavailableError,
+    open_location,
 )
 from .cluster import connect_ray, short_error
 from .replicas import SegmentWorker, _ReplicaPool, decode, write
@@ -216,9 +217,15 @@ def run_segmentation(
     """Segment every image under config.source into config.output; see `pipeline.outputs`
     for the layout. Shards already committed with the same inputs and settings are skipped."""
     started = time.monotonic()
-    source, store = prepare_locations(config)
+    source = open_location(config.source, config.storage_options)
     counts = ListingCounts()
+    # SOURCE is checked by its first page before anything is written to OUTPUT
     shards = list_source(source, shard_by=config.shard_by, shard_size=config.shard_size, counts=counts)
+    try:
+        store = prepare_output(config, source)
+    except BaseException:
+        shards.close()
+        raise
     run_id = new_run_id()
     stop_ray, ray_cluster = connect_ray(config.ray_address)
     pool = None

@@ -83,6 +83,8 @@ class SegmentWorker:
             if not self.gpu_ids:
                 torch.set_num_threads(spec.threads or replica_threads(node_cpus(), spec.replicas_per_node, spec.cpus_per_actor))
             self.device = worker_device(self.gpu_ids, self._cuda_available())
+            if self.device.type == "cuda":  # this process runs one model on fixed shapes: let cuDNN pick its kernels
+                torch.backends.cudnn.benchmark = True
             self.stage = self._build_stage(spec, self.device)
         except Exception as err:  # reported by ready(), so the driver can say what went wrong
             self.setup_error = f"{type(err).__name__}: {err}"
