@@ -231,33 +231,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="segpipe", description="Batch semantic segmentation of image archives.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    segment = commands.add_parser(
-        "segment", help="segment every image under SOURCE on Ray; write masks and Parquet tables to OUTPUT",
-        description="Segment every image under SOURCE (any fsspec URL) into OUTPUT. Re-running skips "
-        "shards already committed with the same inputs and settings.",
-    )
-    add_config_arguments(segment, SegmentConfig)
-    segment.add_argument("--storage-secret", help=_SECRET_HELP)
-    segment.set_defaults(run=_segment)
-
-    evaluate = commands.add_parser(
-        "evaluate", help="dataset-wide IoU of predicted masks against ground truth",
-        description="Pair masks by key relative to each root (extension and suffixes removed), score them on "
-        "Ray, and write metrics.json, per_image.parquet and plots to OUTPUT.",
-    )
-    add_config_arguments(evaluate, EvaluateConfig)
-    evaluate.add_argument("--storage-secret", help=_SECRET_HELP)
-    evaluate.set_defaults(run=_evaluate)
-
-    train = commands.add_parser(
-        "train", help="fine-tune a model on labelled images (Ray Train); write a checkpoint segment can run",
-        description="Train MODEL on the images under IMAGES and the label masks under LABELS (PNG of class ids, "
-        "paired by key as in evaluate) and write the best checkpoint, with its classes and palette, to "
-        "OUTPUT. `segpipe segment --weights OUTPUT` runs it with no other flag.",
-    )
-    add_config_arguments(train, TrainConfig)
-    train.add_argument("--storage-secret", help=_SECRET_HELP)
-    train.set_defaults(run=_train)
+    jobs = [
+        ("segment", SegmentConfig, _segment,
+         "segment every image under SOURCE on Ray; write masks and Parquet tables to OUTPUT",
+         "Segment every image under SOURCE (any fsspec URL) into OUTPUT. Re-running skips shards already "
+         "committed with the same inputs and settings."),
+        ("evaluate", EvaluateConfig, _evaluate, "dataset-wide IoU of predicted masks against ground truth",
+         "Pair masks by key relative to each root (extension and suffixes removed), score them on Ray, and "
+         "write metrics.json, per_image.parquet and plots to OUTPUT."),
+        ("train", TrainConfig, _train,
+         "fine-tune a model on labelled images (Ray Train); write a checkpoint segment can run",
+         "Train MODEL on the images under IMAGES and the label masks under LABELS (PNG of class ids, paired by "
+         "key as in evaluate) and write the best checkpoint, with its classes and palette, to OUTPUT. "
+         "`segpipe segment --weights OUTPUT` runs it with no other flag."),
+    ]
+    for name, config, run, summary, description in jobs:
+        job = commands.add_parser(name, help=summary, description=description)
+        add_config_arguments(job, config)
+        job.add_argument("--storage-secret", help=_SECRET_HELP)
+        job.set_defaults(run=run)
 
     serve = commands.add_parser(
         "serve", help="serve the nightly segmentation and the evaluation deployments from this process",

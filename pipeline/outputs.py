@@ -251,8 +251,8 @@ class OutputStore:
                 "width": r.width, "height": r.height, "bytes": r.size, "source_version": r.version,
                 "model": run.model, "weights": run.weights, "num_classes": run.num_classes, "crf": run.crf,
                 "mask_uri": self.location.uri(r.mask_key) if r.mask_key else None,
-                "decode_seconds": seconds.get("decode"), "inference_seconds": seconds.get("inference"),
-                "encode_seconds": seconds.get("encode"), "seconds": sum(seconds.values()),
+                "decode_seconds": seconds.decode, "inference_seconds": seconds.inference,
+                "encode_seconds": seconds.encode, "seconds": seconds.total,
             })
         return pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA)
 

@@ -8,11 +8,36 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 
 from .stats import ClassStats
+
+
+# the `error_type` of an error row: what went wrong, in a word that can be counted
+ErrorType = Literal[
+    "empty", "not_an_image", "corrupt", "too_large", "timeout",  # decoding (pipeline.decode)
+    "missing", "read_error",  # reading the source
+    "unsafe_key", "mask_collision",  # the key cannot become a mask path
+    "inference",  # the model or the CRF failed on this image
+    "worker_failed",  # its batch kept losing its replica
+]
+
+
+@dataclass
+class StageSeconds:
+    """Where one image's time went, as the images table reports it; None for a stage the
+    image never reached."""
+
+    decode: float | None = None
+    inference: float | None = None
+    encode: float | None = None
+
+    @property
+    def total(self) -> float:
+        return sum(s for s in (self.decode, self.inference, self.encode) if s is not None)
 
 
 @dataclass
@@ -33,14 +58,14 @@ class ImageRecord:
     height: int | None = None
     mask_key: str | None = None
     error: str | None = None
-    error_type: str | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
+    error_type: ErrorType | None = None
+    seconds: StageSeconds = field(default_factory=StageSeconds)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
-    def fail(self, error_type: str, message: str) -> None:
+    def fail(self, error_type: ErrorType, message: str) -> None:
         self.error, self.error_type = message, error_type
         self.image = self.encoded = self.labels = self.stats = None
 

@@ -64,7 +64,7 @@ def read_and_decode(
             record.fail("missing", "the file disappeared after it was listed")
         except OSError as err:  # permanent (forbidden...): transient ones were retried, then raised
             record.fail("read_error", f"cannot read: {type(err).__name__}: {err}")
-        record.seconds["decode"] = time.perf_counter() - start
+        record.seconds.decode = time.perf_counter() - start
         records.append(record)
     return records
 
@@ -100,7 +100,7 @@ class SegmentStage:
             self._refine(chunk)
             each = (time.perf_counter() - started) / len(chunk)
             for record, _ in chunk:
-                record.seconds["inference"] = share + each
+                record.seconds.inference = share + each
                 record.image = None  # the decoded pixels need not travel further
         return records
 
@@ -139,7 +139,7 @@ class SegmentStage:
                 record.fail(image.reason, str(image))
                 continue
             record.image, record.encoded = image, None
-            record.seconds["decode"] = record.seconds.get("decode", 0.0) + share
+            record.seconds.decode = (record.seconds.decode or 0.0) + share
 
     def _predict_one(self, record: ImageRecord) -> torch.Tensor | None:
         try:
@@ -178,7 +178,7 @@ def write_masks(output: Location, records: list[ImageRecord], palette: Sequence[
             # stop the run rather than commit error rows for images that are fine
             raise StorageUnavailableError(f"cannot write {output.uri(mask_key(record.key))}: {type(err).__name__}: {err}") from err
         record.labels = None
-        record.seconds["encode"] = time.perf_counter() - start
+        record.seconds.encode = time.perf_counter() - start
     return records
 
 

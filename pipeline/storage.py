@@ -15,6 +15,7 @@ Retries, one layer per kind of failure:
 - a step that still fails is retried whole by Prefect, only for idempotent I/O steps and only
   on transient errors (`flows/_retries.py`, `IO_TASK`);
 - a batch lost with a dead Ray replica is sent again by the driver (`pipeline/runtime/driver.py`).
+Below all three, the S3 client (botocore, s3fs) retries throttling within a request.
 """
 
 from __future__ import annotations
@@ -287,6 +288,9 @@ def read_bytes(location: Location, key: str) -> bytes | None:
 
 # I/O errors that another attempt will meet again
 _PERMANENT = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+# botocore's network errors (endpoint unreachable, connection reset or closed) are not
+# OSErrors, and s3fs passes them on as they are; named, so botocore stays optional
+_BOTOCORE_NETWORK_ERRORS = frozenset({"ConnectionError", "HTTPClientError"})
 
 
 class StorageUnavailableError(RuntimeError):
@@ -302,6 +306,9 @@ def is_transient(error: BaseException | None) -> bool:
         if isinstance(error, _PERMANENT):
             return False
         if isinstance(error, OSError | TimeoutError):
+            return True
+        if any(cls.__module__ == "botocore.exceptions" and cls.__name__ in _BOTOCORE_NETWORK_ERRORS
+               for cls in type(error).__mro__):
             return True
         error = error.__cause__
     return False

@@ -27,6 +27,7 @@ from prefect.utilities.templating import apply_values
 from rich.console import Console
 
 from flows.deployments import NIGHTLY_CRON, build_deployments
+from pipeline.config import SegmentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -50,21 +51,28 @@ def test_prefect_yaml_loads_with_prefects_loader_and_runs_nightly_at_two_utc(mon
     monkeypatch.setenv("SEGPIPE_SOURCE", "s3://cams/{date}/")
     monkeypatch.setenv("SEGPIPE_OUTPUT", "s3://out/date={date}/")
     templated = apply_values(nightly, os.environ, remove_notset=False)  # as `prefect deploy` does
-    assert templated["parameters"]["source"] == "s3://cams/{date}/"
-    assert templated["parameters"]["ray_address"] == "auto"
-    for deployment, flow_name in [(templated, "segment-archive"), (by_name["on-demand"], "evaluate-predictions")]:
+    assert templated["parameters"]["config"]["source"] == "s3://cams/{date}/"
+    evaluation = {"config": {"predictions": "p", "ground_truth": "g", "output": "o", "num_classes": 2}}
+    for deployment, parameters, flow_name in [(templated, templated["parameters"], "segment-archive"),
+                                              (by_name["on-demand"], evaluation, "evaluate-predictions")]:
         flow = load_flow_from_entrypoint(deployment["entrypoint"])
         assert flow.name == flow_name
-        flow.validate_parameters(deployment["parameters"] | ({} if flow_name == "segment-archive" else {
-            "predictions": "p", "ground_truth": "g", "output": "o", "num_classes": 2}))
+        # the fields infra/prefect.yaml passes are those of the flow's config (extra="forbid")
+        config = flow.validate_parameters(parameters)["config"]
+        assert config.ray_address == "auto" or flow_name == "evaluate-predictions"
         assert deployment["work_pool"]["name"] == "segpipe"
+    nightly = load_flow_from_entrypoint(templated["entrypoint"]).validate_parameters(templated["parameters"])["config"]
+    assert (nightly.source, nightly.ray_address, nightly.crf) == ("s3://cams/{date}/", "auto", True)
 
 
 def test_serve_deployments_have_the_schedule_and_parameters():
-    nightly, on_demand = build_deployments({"source": "s3://cams/{date}", "output": "s3://out/date={date}"})
+    config = SegmentConfig(source="s3://cams/{date}", output="s3://out/date={date}", model="pspnet_resnet50")
+    nightly, on_demand = build_deployments(config, storage_secret="survey-s3")
     [schedule] = nightly.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 * * *", "UTC")
-    assert nightly.parameters == {"source": "s3://cams/{date}", "output": "s3://out/date={date}"}
+    # only what was set is stored: the other fields keep the code's defaults when the run starts
+    assert nightly.parameters == {"config": {"source": "s3://cams/{date}", "output": "s3://out/date={date}",
+                                             "model": "pspnet_resnet50"}, "storage_secret": "survey-s3"}
     assert nightly.entrypoint.endswith("flows/segment.py:segment_archive")
     assert on_demand.schedules == [] and on_demand.entrypoint.endswith("flows/evaluate.py:evaluate_predictions")
 
@@ -93,7 +101,7 @@ def test_segpipe_serve_registers_both_deployments(tmp_path):
                     found = {d.name: d for d in client.read_deployments()}
             assert set(found) == {"nightly", "on-demand"}, process.poll()
             assert found["nightly"].schedules[0].schedule.cron == "30 3 * * *"
-            assert found["nightly"].parameters["source"] == f"{tmp_path}/{{date}}"
+            assert found["nightly"].parameters["config"]["source"] == f"{tmp_path}/{{date}}"
         finally:
             _stop(process)
 

@@ -398,24 +398,6 @@ def test_a_mask_that_cannot_be_written_stops_the_run(ray_cpu, tmp_path):
     assert run_segmentation(config).images == 2
 
 
-def test_batches_in_flight_follow_the_spare_cpus() -> None:
-    from pipeline.run import batches_in_flight
-
-    assert batches_in_flight(None, 1, 1) == 3  # a 2-CPU machine: the three stages still overlap
-    assert batches_in_flight(None, 15, 1) == 8  # a 16-CPU GPU node: more, but bounded
-    assert batches_in_flight(None, 12, 2) == 6
-    assert batches_in_flight(2, 15, 1) == 2  # as configured
-
-
-def test_replica_threads_share_the_node() -> None:
-    from pipeline.run import replica_threads
-
-    assert replica_threads(2, 1, 1.0) == 2  # one replica: every core, though it reserves one
-    assert replica_threads(16, 4, 1.0) == 4
-    assert replica_threads(2, 3, 0.5) == 1  # never fewer than one
-    assert replica_threads(8, 2, 6.0) == 6  # never fewer than it reserved
-
-
 def test_replicas_compile_their_model_only_when_asked() -> None:
     """--compile reaches the replica's Segmenter (compilation itself is lazy: nothing runs here;
     tests/test_inference.py checks a compiled model's output)."""

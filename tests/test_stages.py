@@ -163,7 +163,7 @@ def test_stages_account_for_every_image(tmp_path, stage):
             c: int(n) for c, n in enumerate(counts) if n
         }
         assert record.image is None and record.labels is None  # nothing heavy travels back
-        assert set(record.seconds) == {"decode", "inference", "encode"}
+        assert None not in (record.seconds.decode, record.seconds.inference, record.seconds.encode)
 
 
 def test_one_failing_image_does_not_fail_its_batch(stage):

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import socket
+from types import SimpleNamespace
 
 import pytest
 import s3fs
 
 from pipeline.storage import (
     ListingCounts,
+    StorageUnavailableError,
     is_image_key,
     iter_files,
     iter_shards,
+    open_file,
     open_location,
     read_bytes,
     write_atomic,
@@ -133,3 +137,29 @@ def test_write_atomic_replaces_whole_objects(where, tmp_path, s3_bucket):
     assert read_bytes(location, "t/missing") is None
     if where == "local":
         assert sorted(p.name for p in (tmp_path / "out" / "t").iterdir()) == ["x.parquet"]  # no temporaries left
+
+
+def test_a_file_url_opens_as_its_folder_and_key(tmp_path, s3_bucket):
+    bucket, options = s3_bucket
+    location, key = open_file(f"{bucket}/models/best.pt", options)
+    assert (location.url, key, location.uri(key)) == (f"{bucket}/models", "best.pt", f"{bucket}/models/best.pt")
+    write_atomic(location, key, b"weights")
+    assert read_bytes(*open_file(f"{bucket}/models/best.pt", options)) == b"weights"
+    location, key = open_file(str(tmp_path / "best.pt"))
+    assert location.is_local and location.path(key) == str(tmp_path / "best.pt")
+    with pytest.raises(ValueError, match="names no file"):
+        open_file(bucket, options)
+
+
+def test_an_unreachable_endpoint_is_retried_then_reported(monkeypatch):
+    with socket.socket() as probe:  # a port nothing listens on: connection refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    delays: list[float] = []
+    monkeypatch.setattr("pipeline.storage.time", SimpleNamespace(sleep=delays.append))  # storage's clock only
+    # botocore raises EndpointConnectionError, which is no OSError; one attempt in botocore
+    location = open_location("s3://bucket/prefix", {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s",
+                                                    "config_kwargs": {"retries": {"total_max_attempts": 1}}})
+    with pytest.raises(StorageUnavailableError, match=r"still failing after 5 attempts .*EndpointConnectionError"):
+        read_bytes(location, "a.jpg")
+    assert delays == [0.5, 1, 2, 4]

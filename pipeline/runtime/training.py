@@ -110,6 +110,17 @@ def _average_batch_norm(model: torch.nn.Module, world: int) -> None:
                 buffer /= world
 
 
+def _worker_samples(config: TrainConfig, loop: dict[str, Any], rank: int, world: int) -> tuple[list, list]:
+    """This worker's share of the training and validation pairs, decoded and checked."""
+    options = config.storage_options
+    train = load_samples(open_location(config.images, options), open_location(config.labels, options),
+                         loop["train"][rank::world], num_classes=config.num_classes, ignore_index=config.ignore_index)
+    val = load_samples(open_location(config.val_images or config.images, options),
+                       open_location(config.val_labels or config.labels, options), loop["val"][rank::world],
+                       num_classes=config.num_classes, ignore_index=config.ignore_index)
+    return train, val
+
+
 def _train_worker(loop: dict[str, Any]) -> list[dict[str, Any]] | None:
     """One Ray Train worker. Rank 0 returns the metrics of every epoch; it also writes the
     checkpoint, so nothing goes through ray.train.report."""
@@ -119,22 +130,14 @@ def _train_worker(loop: dict[str, Any]) -> list[dict[str, Any]] | None:
     torch.manual_seed(config.seed)
     torch.set_num_threads(max(1, int(config.cpus_per_worker)))
     rng = np.random.default_rng([config.seed, rank, loop["start_epoch"]])
-    options = config.storage_options
-    samples = load_samples(open_location(config.images, options), open_location(config.labels, options),
-                           loop["train"][rank::world], num_classes=config.num_classes, ignore_index=config.ignore_index)
-    val_images = open_location(config.val_images or config.images, options)
-    val_labels = open_location(config.val_labels or config.labels, options)
-    val_samples = load_samples(val_images, val_labels, loop["val"][rank::world], num_classes=config.num_classes,
-                               ignore_index=config.ignore_index)
+    samples, val_samples = _worker_samples(config, loop, rank, world)
 
     model, meta, skipped = build_training_model(config)
     if skipped and rank == 0:
         print(f"segpipe train: {len(skipped)} tensors start random (not in --init or other shapes): {', '.join(skipped[:4])}...")
-    training_state = None
     if config.resume:
-        _, state = load_checkpoint(config.resume, storage_options=options)
+        _, state = load_checkpoint(config.resume, storage_options=config.storage_options)
         model.load_state_dict(state)
-        training_state = load_training_state(config.resume, storage_options=options)
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
     plain = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -143,7 +146,7 @@ def _train_worker(loop: dict[str, Any]) -> list[dict[str, Any]] | None:
     optimizer, schedule = make_optimizer(model, config, steps)
     history: list[dict[str, Any]] = []
     best = None
-    if training_state is not None:
+    if config.resume and (training_state := load_training_state(config.resume, storage_options=config.storage_options)):
         optimizer.load_state_dict(training_state["optimizer"])
         schedule.load_state_dict(training_state["schedule"])
         history, best = list(training_state["history"]), training_state["best"]
@@ -169,14 +172,21 @@ def _train_worker(loop: dict[str, Any]) -> list[dict[str, Any]] | None:
                   f"train mIoU {metrics['train_miou']} val mIoU {metrics['val_miou']} {metrics['images_per_second']} img/s")
             if best is None or (score is not None and score > best):
                 best = score
-                extra = {"training": config.model_dump(mode="json", exclude={"storage_options"}), "epoch": epoch + 1,
-                         "val_miou": metrics["val_miou"], "train_miou": metrics["train_miou"], "history": history}
-                save_checkpoint(
-                    plain, config.output, meta.model_copy(update={"extra": extra}), storage_options=options,
-                    training_state={"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-                                    "schedule": schedule.state_dict(), "history": history, "best": best},
-                )
+                _save_best(plain, meta, config, optimizer, schedule, history, best)
     return history if rank == 0 else None
+
+
+def _save_best(model: torch.nn.Module, meta: Any, config: TrainConfig, optimizer: Any, schedule: Any,
+               history: list[dict[str, Any]], best: float | None) -> None:
+    """The checkpoint `segment` runs, with what a resumed run needs to go on from it."""
+    last = history[-1]
+    extra = {"training": config.model_dump(mode="json", exclude={"storage_options"}), "epoch": last["epoch"],
+             "val_miou": last["val_miou"], "train_miou": last["train_miou"], "history": history}
+    save_checkpoint(
+        model, config.output, meta.model_copy(update={"extra": extra}), storage_options=config.storage_options,
+        training_state={"epoch": last["epoch"], "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                        "history": history, "best": best},
+    )
 
 
 def _absolute(config: TrainConfig) -> TrainConfig:

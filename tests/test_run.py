@@ -1,0 +1,63 @@
+"""What a run is, apart from Ray: its identity, sizing rules and progress. No Ray here: these
+rules are plain functions, tested as such."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from pipeline.run import (
+    Progress,
+    batched,
+    batches_in_flight,
+    fingerprint,
+    new_run_id,
+    replica_threads,
+)
+
+META = {"architecture": "deeplabv3_resnet101", "weights": "DEFAULT", "num_classes": 21, "class_names": ["a"] * 21,
+        "preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3}, "model_kwargs": {}}
+
+
+def test_batches_in_flight_follow_the_spare_cpus() -> None:
+    assert batches_in_flight(None, 1, 1) == 3  # a 2-CPU machine: the three stages still overlap
+    assert batches_in_flight(None, 15, 1) == 8  # a 16-CPU GPU node: more, but bounded
+    assert batches_in_flight(None, 12, 2) == 6
+    assert batches_in_flight(2, 15, 1) == 2  # as configured
+
+
+def test_replica_threads_share_the_node() -> None:
+    assert replica_threads(2, 1, 1.0) == 2  # one replica: every core, though it reserves one
+    assert replica_threads(16, 4, 1.0) == 4
+    assert replica_threads(2, 3, 0.5) == 1  # never fewer than one
+    assert replica_threads(8, 2, 6.0) == 6  # never fewer than it reserved
+
+
+def test_run_ids_sort_by_start_time_and_do_not_collide() -> None:
+    early = new_run_id(dt.datetime(2026, 11, 20, 2, 0, tzinfo=dt.UTC))
+    late = new_run_id(dt.datetime(2026, 11, 21, 2, 0, tzinfo=dt.UTC))
+    assert early.startswith("20261120T020000Z-") and early < late
+    assert len({new_run_id() for _ in range(100)}) == 100
+
+
+def test_the_fingerprint_changes_with_every_setting_that_shapes_results() -> None:
+    base = fingerprint(META, crf=True, tile=(None, None))
+    assert base == fingerprint(dict(META), crf=True, tile=(None, None))  # a function of the settings only
+    changed = [
+        fingerprint(META | {"weights": "COCO_WITH_VOC_LABELS_V1"}, crf=True, tile=(None, None)),
+        fingerprint(META | {"num_classes": 19}, crf=True, tile=(None, None)),
+        fingerprint(META | {"preprocessing": {"mean": [0.4] * 3, "std": [0.5] * 3}}, crf=True, tile=(None, None)),
+        fingerprint(META, crf=False, tile=(None, None)),
+        fingerprint(META, crf=True, tile=(512, 384)),
+    ]
+    assert base not in changed and len(set(changed)) == len(changed)
+
+
+def test_batched_keeps_order_and_the_remainder() -> None:
+    assert list(batched(list(range(7)), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_progress_says_found_so_far_until_the_listing_ends() -> None:
+    progress = Progress(listed=10, images=4)
+    assert "4 images of 10+ found so far" in progress.describe()
+    progress.listing_done = True
+    assert "4 images of 10," in progress.describe()
