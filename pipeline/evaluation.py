@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from .masks import decode_mask
 from .metrics import check_label_range, confusion_matrix, scores
-from .storage import Location, iter_files, write_atomic
+from .storage import Location, iter_files, read_bytes, write_atomic
 
 MASK_EXTENSIONS = frozenset({".png"})
 
@@ -178,10 +178,13 @@ def score_pairs(predictions: Location, ground_truth: Location, pairs: Sequence[P
     batch = BatchScore(confusion=np.zeros((n, n), dtype=np.int64))
     for pair in pairs:
         try:
-            pred = predictions.fs.cat_file(predictions.path(pair.prediction))
-            truth = ground_truth.fs.cat_file(ground_truth.path(pair.ground_truth))
-        except OSError as err:
+            pred = read_bytes(predictions, pair.prediction)
+            truth = read_bytes(ground_truth, pair.ground_truth)
+        except OSError as err:  # permanent (forbidden...): transient errors were retried
             batch.excluded.append({"image_id": pair.image_id, "reason": f"cannot read: {type(err).__name__}: {err}"})
+            continue
+        if pred is None or truth is None:
+            batch.excluded.append({"image_id": pair.image_id, "reason": "cannot read: the file disappeared after it was listed"})
             continue
         result = score_pair(pair, pred, truth, settings)
         if result.confusion is None:

@@ -36,6 +36,7 @@ from .storage import (
     is_case_insensitive,
     open_location,
     read_bytes,
+    retry_io,
     write_atomic,
 )
 
@@ -232,7 +233,7 @@ class OutputStore:
                 continue
             if candidate not in written:
                 with contextlib.suppress(FileNotFoundError):
-                    self.location.fs.rm_file(self.location.path(candidate))
+                    retry_io(self.location.uri(candidate), self.location.fs.rm_file, self.location.path(candidate))
 
     def _manifest_table(self, shard: Shard) -> pa.Table:
         return pa.Table.from_pylist(

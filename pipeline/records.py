@@ -15,7 +15,6 @@ import torch
 
 from .stats import ClassStats
 
-
 # the `error_type` of an error row: what went wrong, in a word that can be counted
 ErrorType = Literal[
     "empty", "not_an_image", "corrupt", "too_large", "timeout",  # decoding (pipeline.decode)

@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 
 from .config import RunError
 from .outputs import LAYOUT_FORMAT
-from .storage import ListingCounts, Location, Shard, ShardBy, iter_shards
+from .storage import ListingCounts, Location, Shard, ShardBy, iter_shards, retry_io
 
 T = TypeVar("T")
 
@@ -51,7 +51,7 @@ def list_source(source: Location, *, shard_by: ShardBy, shard_size: int, counts:
     try:
         first = next(shards, None)
         # an empty listing: the prefix may not exist at all (asked only then, once)
-        missing = first is None and counts.skipped == 0 and not source.fs.exists(source.root)
+        missing = first is None and counts.skipped == 0 and not retry_io(source.url, source.fs.exists, source.root)
     except FileNotFoundError:
         missing = True
     except OSError as err:

@@ -27,7 +27,7 @@ from .masks import encode_mask
 from .preprocess import to_chw_uint8
 from .records import ImageRecord, mask_key
 from .stats import class_statistics, labels_and_confidence
-from .storage import Location, SourceFile, StorageUnavailableError, retry_io, write_atomic
+from .storage import Location, SourceFile, StorageUnavailableError, read_bytes, write_atomic
 
 
 def read_and_decode(
@@ -50,7 +50,9 @@ def read_and_decode(
         record = ImageRecord(key=file.key, size=file.size, version=file.version)
         start = time.perf_counter()
         try:
-            data = retry_io(source.uri(file.key), source.fs.cat_file, source.path(file.key))
+            data = read_bytes(source, file.key)
+            if data is None:
+                raise FileNotFoundError(source.uri(file.key))
             decoded = decode(data, max_pixels=max_pixels, time_limit_s=time_limit_s, hard_stop=hard_stop,
                              jpeg_on_device=jpeg_on_device)
             if isinstance(decoded, DeviceJpeg):

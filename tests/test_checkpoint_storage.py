@@ -98,8 +98,7 @@ def flaky_checkpoint(flaky_s3, monkeypatch):
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
     delays: list[float] = []
     monkeypatch.setattr("pipeline.storage.time", SimpleNamespace(sleep=delays.append))  # storage's clock only
-    options = through_proxy | {"config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}}}
-    return f"{bucket}/models/best.pt", options, proxy, delays
+    return f"{bucket}/models/best.pt", through_proxy, proxy, delays
 
 
 def test_checkpoint_writes_and_reads_are_retried_through_a_storage_hiccup(flaky_checkpoint) -> None:
