@@ -71,8 +71,8 @@ def _argument(name: str, field: Any, positional: bool) -> tuple[list[str], dict[
         keywords |= {"choices": list(args), "type": type(args[0])}
     elif origin is tuple and args and args[-1] is not Ellipsis:  # (H, W), (LOW, HIGH)
         keywords |= {"nargs": len(args), "type": args[0]}
-    elif origin is tuple and args[0] is str:  # names, one per class
-        keywords |= {"nargs": "+"}
+    elif origin is tuple and args[0] in (str, int, float):  # names, one per class; band numbers
+        keywords |= {"nargs": "+", "type": args[0]}
     elif annotation is StorageOptions or origin is dict:
         keywords["type"] = _json_object
     elif origin is tuple:  # nested, e.g. a palette: JSON

@@ -175,6 +175,20 @@ class SegmentConfig(JobConfig):
     tile: int | None = Field(default=None, ge=32, description=(
         "segment images larger than TILE x TILE in sliding windows of that side (aerial tiles); default: whole"))
     tile_stride: int | None = Field(default=None, ge=16, description="window stride (default: 3/4 of --tile)")
+    bands: tuple[int, ...] | None = Field(default=None, description=(
+        "georeferenced rasters: the 1-based bands to segment, as R G B (default: the raster's RGB by colour "
+        "interpretation, else its first three)"))
+    block: int = Field(default=2048, ge=256, description=(
+        "georeferenced rasters are segmented in blocks of about this side, so memory stays flat whatever "
+        "their size (windows of --tile, default 512, slide within and across blocks)"))
+    confidence: bool = Field(default=False, description=(
+        "also write a uint8 confidence mask (the label's probability x 255) beside each mask"))
+    polygons: bool = Field(default=False, description=(
+        "georeferenced rasters: vectorise class regions into OUTPUT/polygons/ (GeoParquet)"))
+    min_polygon_area: float = Field(default=0.0, ge=0, description=(
+        "drop polygons smaller than this (m² in a projected CRS, else pixels)"))
+    simplify: float = Field(default=0.0, ge=0, description=(
+        "simplify polygons with this tolerance, in map units (0: exact pixel edges)"))
     redo_errors: bool = Field(default=False, description="also re-process committed shards that hold error rows")
     batch_size: int = Field(default=8, ge=1, description="images per batch sent to a replica")
     shard_by: Literal["directory", "count"] = Field(default="directory", description=(

@@ -165,6 +165,17 @@ class Segmenter:
     def num_classes(self) -> int:
         return self.meta.num_classes
 
+    def at_native_resolution(self, sliding_window: SlidingWindow) -> Segmenter:
+        """This segmenter (the same model, not a copy) sliding `sliding_window` over images
+        at their own resolution, whatever resize the weights ask for: a georeferenced raster
+        keeps its ground sampling distance, and a block's windows fall exactly where the whole
+        raster's would."""
+        other = copy.copy(self)
+        other.sliding_window = sliding_window
+        native = self.meta.preprocessing.model_copy(update={"resize": "none"})
+        other.meta = self.meta.model_copy(update={"preprocessing": native})
+        return other
+
     @torch.inference_mode()
     def predict(self, images: Sequence[ImageLike]) -> list[torch.Tensor]:
         """Class probabilities, one float32 (C, H, W) tensor per image at its original size,

@@ -2,8 +2,11 @@
 
     OUTPUT/_segpipe.json                          layout: source, sharding (fixed per OUTPUT)
     OUTPUT/masks/<image key, extension .png>      palette PNG of class ids, the image's size
+    OUTPUT/masks/<raster key, extension .tif>     a georeferenced raster's mask: a COG in its CRS
+    OUTPUT/confidence/<key, .png or .tif>         with --confidence: the label's probability x 255
     OUTPUT/images/shard=<id>/part-0.parquet       one row per input image (ok or error)
     OUTPUT/class_stats/shard=<id>/part-0.parquet  one row per image and class present
+    OUTPUT/polygons/shard=<id>/part-<n>.parquet   with --polygons: class regions, GeoParquet, one file per CRS
     OUTPUT/manifest/shard=<id>/part-0.parquet     every input of the shard: key, size, version
     OUTPUT/_commits/<id>.json                     the shard's commit marker
 
@@ -28,7 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import RunError, SegmentConfig
-from .records import ImageRecord, mask_key
+from .geo import concat_polygons_tables, polygons_table
+from .records import ImageRecord, confidence_key_for, mask_key
 from .storage import (
     Location,
     Shard,
@@ -40,7 +44,9 @@ from .storage import (
     write_atomic,
 )
 
-LAYOUT_FORMAT = "segpipe-output/1"
+# 2: masks of georeferenced rasters are COGs, class_stats has `area`, images has
+# `confidence_uri`, polygons/ is new
+LAYOUT_FORMAT = "segpipe-output/2"
 # a shard is at most a few thousand images; one row group per file keeps scans simple while
 # staying far below the sizes (~128 MiB) where readers would want to split it
 ROW_GROUP_ROWS = 1 << 20
@@ -63,6 +69,7 @@ IMAGES_SCHEMA = pa.schema([
     pa.field("num_classes", pa.int32(), nullable=False),
     pa.field("crf", pa.bool_(), nullable=False),
     pa.field("mask_uri", pa.string()),
+    pa.field("confidence_uri", pa.string()),
     pa.field("decode_seconds", pa.float32()),
     pa.field("inference_seconds", pa.float32()),
     pa.field("encode_seconds", pa.float32()),
@@ -80,6 +87,9 @@ CLASS_STATS_SCHEMA = pa.schema([
     pa.field("fraction", pa.float64(), nullable=False),
     pa.field("mean_confidence", pa.float32(), nullable=False),
     pa.field("components", pa.int32(), nullable=False),
+    # pixel_count x the pixel's area, in the raster's map units (m² in a projected CRS);
+    # null for images without georeferencing
+    pa.field("area", pa.float64()),
 ])
 
 MANIFEST_SCHEMA = pa.schema([
@@ -200,6 +210,7 @@ class OutputStore:
         }
         for name, table in tables.items():
             write_atomic(self.location, table_key(name, shard.shard_id), _parquet_bytes(table))
+        self._write_polygons(shard.shard_id, ordered, run, reprocessed=bool(previous_keys))
         ok = sum(r.ok for r in ordered)
         marker = {
             "shard_id": shard.shard_id,
@@ -215,6 +226,35 @@ class OutputStore:
         if previous_keys:
             self._remove_stale_masks(previous_keys | {r.key for r in ordered}, ordered)
 
+    def _write_polygons(self, shard_id: str, records: Sequence[ImageRecord], run: RunInfo, *, reprocessed: bool) -> None:
+        """OUTPUT/polygons/shard=<id>/part-<n>.parquet: one GeoParquet file per CRS among the
+        shard's rasters (a GeoParquet file has one CRS); parts a previous attempt left beyond
+        them are removed, so the shard's rows are exactly this attempt's."""
+        by_crs: dict[str, list[pa.Table]] = {}
+        for r in records:
+            if r.polygons is not None:
+                table = polygons_table(r.polygons.regions, run_id=run.run_id, image_id=r.key,
+                                       class_names=run.class_names, crs=r.polygons.crs)
+                by_crs.setdefault(r.polygons.crs.to_wkt() if r.polygons.crs else "", []).append(table)
+        written = set()
+        for index, tables in enumerate(by_crs.values()):
+            key = f"polygons/shard={shard_id}/part-{index}.parquet"
+            write_atomic(self.location, key, _parquet_bytes(concat_polygons_tables(tables)))
+            written.add(key)
+        if not reprocessed:
+            return
+        folder = f"polygons/shard={shard_id}"
+        self.location.fs.invalidate_cache(self.location.path(folder))
+        try:
+            previous = retry_io(self.location.uri(folder), self.location.fs.ls, self.location.path(folder), detail=False)
+        except FileNotFoundError:
+            return
+        for path in previous:
+            key = path[len(self.location.root) + 1:]
+            if key not in written:
+                with contextlib.suppress(FileNotFoundError):
+                    retry_io(self.location.uri(key), self.location.fs.rm_file, path)
+
     def _manifest_keys(self, shard_id: str) -> set[str]:
         """Inputs of the shard's last (possibly uncommitted) attempt, from its manifest."""
         data = read_bytes(self.location, table_key("manifest", shard_id))
@@ -223,17 +263,19 @@ class OutputStore:
         return set(pq.read_table(io.BytesIO(data), columns=["image_id"]).column("image_id").to_pylist())
 
     def _remove_stale_masks(self, keys: set[str], records: Sequence[ImageRecord]) -> None:
-        """Delete the masks of images that left the shard (deleted at the source) or fail now,
-        so no mask outlives its row."""
-        written = {r.mask_key for r in records if r.mask_key}
+        """Delete the masks (and confidence masks) of images that left the shard (deleted at the
+        source), fail now, or changed kind (a TIFF that gained a CRS has a .tif mask now), so no
+        mask outlives its row."""
+        written = {k for r in records for k in (r.mask_key, r.confidence_key) if k}
         for key in keys:
             try:
-                candidate = mask_key(key)
+                candidates = [make(key, extension) for make in (mask_key, confidence_key_for) for extension in (".png", ".tif")]
             except ValueError:
                 continue
-            if candidate not in written:
-                with contextlib.suppress(FileNotFoundError):
-                    retry_io(self.location.uri(candidate), self.location.fs.rm_file, self.location.path(candidate))
+            for candidate in candidates:
+                if candidate not in written:
+                    with contextlib.suppress(FileNotFoundError):
+                        retry_io(self.location.uri(candidate), self.location.fs.rm_file, self.location.path(candidate))
 
     def _manifest_table(self, shard: Shard) -> pa.Table:
         return pa.Table.from_pylist(
@@ -252,6 +294,7 @@ class OutputStore:
                 "width": r.width, "height": r.height, "bytes": r.size, "source_version": r.version,
                 "model": run.model, "weights": run.weights, "num_classes": run.num_classes, "crf": run.crf,
                 "mask_uri": self.location.uri(r.mask_key) if r.mask_key else None,
+                "confidence_uri": self.location.uri(r.confidence_key) if r.confidence_key else None,
                 "decode_seconds": seconds.decode, "inference_seconds": seconds.inference,
                 "encode_seconds": seconds.encode, "seconds": seconds.total,
             })
@@ -273,6 +316,7 @@ class OutputStore:
             columns["fraction"] += r.stats.fraction.tolist()
             columns["mean_confidence"] += r.stats.mean_confidence.tolist()
             columns["components"] += r.stats.components.tolist()
+            columns["area"] += r.stats.area.tolist() if r.stats.area is not None else [None] * n
         return pa.table(columns, schema=CLASS_STATS_SCHEMA)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -40,6 +40,18 @@ class StageSeconds:
 
 
 @dataclass
+class Polygons:
+    """The class regions of one georeferenced raster (`geo.ClassPolygon`s, in its CRS), for
+    OUTPUT/polygons/."""
+
+    crs: Any  # rasterio's CRS
+    regions: list[Any] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+
+@dataclass
 class ImageRecord:
     """One image on its way through the stages; ends as a row of the images table."""
 
@@ -52,10 +64,17 @@ class ImageRecord:
     # a plain JPEG's bytes, left for the model's device to decode (see SegmentStage)
     encoded: bytes | None = None
     labels: np.ndarray | None = None  # (H, W) class ids, dropped once written
+    # (H, W) uint8, the label's probability x 255, when asked for; dropped once written
+    confidence: np.ndarray | None = None
+    # a georeferenced raster: no pixels travel; the replica reads it block by block and
+    # writes its mask itself (see stages.RasterStage)
+    georeferenced: bool = False
     stats: ClassStats | None = None
+    polygons: Polygons | None = None
     width: int | None = None
     height: int | None = None
     mask_key: str | None = None
+    confidence_key: str | None = None
     error: str | None = None
     error_type: ErrorType | None = None
     seconds: StageSeconds = field(default_factory=StageSeconds)
@@ -66,11 +85,12 @@ class ImageRecord:
 
     def fail(self, error_type: ErrorType, message: str) -> None:
         self.error, self.error_type = message, error_type
-        self.image = self.encoded = self.labels = self.stats = None
+        self.image = self.encoded = self.labels = self.confidence = self.stats = self.polygons = None
 
 
-def mask_key(image_key: str) -> str:
-    """OUTPUT key of an image's mask: masks/<key with its extension replaced by .png>.
+def mask_key(image_key: str, extension: str = ".png") -> str:
+    """OUTPUT key of an image's mask: masks/<key with its extension replaced by .png> (by
+    .tif for a georeferenced raster, whose mask is a GeoTIFF).
 
     Keys come from listings we do not control; one that could climb out of OUTPUT is refused.
     """
@@ -79,4 +99,10 @@ def mask_key(image_key: str) -> str:
         ord(char) < 32 or ord(char) == 127 for char in image_key
     ):
         raise ValueError(f"unsafe key {image_key!r}: empty, '.' or '..' segments, or control characters")
-    return "masks/" + posixpath.splitext(image_key)[0] + ".png"
+    return "masks/" + posixpath.splitext(image_key)[0] + extension
+
+
+def confidence_key_for(image_key: str, extension: str = ".png") -> str:
+    """OUTPUT key of an image's confidence mask (uint8, the label's probability x 255), in a
+    folder of its own so that OUTPUT/masks/ holds only what evaluation pairs."""
+    return "confidence/" + mask_key(image_key, extension).removeprefix("masks/")

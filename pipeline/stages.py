@@ -8,25 +8,48 @@ test without Ray:
    the device.
 3. `write_masks` (CPU): palette PNGs written to OUTPUT/masks/.
 
+A georeferenced raster (`rasters.is_raster_key` and a CRS) takes another road: the decode
+stage only opens it (a few range requests for its header), and `RasterStage`, beside the
+model, segments it block by block and writes its COG mask and polygons itself, so its pixels
+never travel between processes and memory stays flat whatever its size.
+
 Every image travels as one `ImageRecord`. A failure in any stage turns that image into an
 error record that names the stage's reason; the other images of the batch go on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from .config import SegmentConfig
 from .crf import dense_crf
 from .decode import DEFAULT_MAX_PIXELS, DeviceJpeg, ImageDecodeError, decode, decode_on_device
-from .inference import Segmenter
-from .masks import encode_mask
+from .geo import ClassPolygon, MaskWriter, PolygonCollector, put_file_atomic
+from .inference import Segmenter, SlidingWindow
+from .masks import confidence_levels, encode_confidence, encode_mask
 from .preprocess import to_chw_uint8
-from .records import ImageRecord, mask_key
-from .stats import class_statistics, labels_and_confidence
+from .rasters import (
+    Block,
+    band_limits,
+    choose_bands,
+    is_georeferenced,
+    is_raster_key,
+    open_raster,
+    plan_blocks,
+    read_rgb,
+)
+from .records import ImageRecord, Polygons, confidence_key_for, mask_key
+from .stats import ClassStats, class_statistics, labels_and_confidence
 from .storage import Location, SourceFile, StorageUnavailableError, read_bytes, write_atomic
 
 
@@ -50,6 +73,10 @@ def read_and_decode(
         record = ImageRecord(key=file.key, size=file.size, version=file.version)
         start = time.perf_counter()
         try:
+            if is_raster_key(file.key) and _georeferenced_size(source, file.key, record):
+                records.append(record)  # its blocks are read beside the model (RasterStage)
+                record.seconds.decode = time.perf_counter() - start
+                continue
             data = read_bytes(source, file.key)
             if data is None:
                 raise FileNotFoundError(source.uri(file.key))
@@ -71,12 +98,27 @@ def read_and_decode(
     return records
 
 
+def _georeferenced_size(source: Location, key: str, record: ImageRecord) -> bool:
+    """Whether the raster under `key` is georeferenced (its header only, by range requests);
+    if so the record says so and gets its size. A TIFF without a CRS is an image like another."""
+    try:
+        with open_raster(source, key) as dataset:
+            if not is_georeferenced(dataset):
+                return False
+            record.georeferenced, record.height, record.width = True, dataset.height, dataset.width
+            return True
+    except ImageDecodeError:
+        return False  # not something GDAL reads: the image decoder names what is wrong
+
+
 class SegmentStage:
     """Segmenter + optional dense CRF + statistics, for one batch of decoded records."""
 
-    def __init__(self, segmenter: Segmenter, *, crf: bool = True, refine_together: bool | None = None) -> None:
+    def __init__(self, segmenter: Segmenter, *, crf: bool = True, confidence: bool = False,
+                 refine_together: bool | None = None) -> None:
         self.segmenter = segmenter
         self.crf = crf
+        self.confidence = confidence  # also keep each label's probability, for a confidence mask
         # whether images of one size go through the CRF together (None: on CUDA only; see _chunks)
         self.refine_together = segmenter.device.type == "cuda" if refine_together is None else refine_together
         self.num_classes = segmenter.num_classes
@@ -86,7 +128,7 @@ class SegmentStage:
 
     def __call__(self, records: list[ImageRecord]) -> list[ImageRecord]:
         self._decode_jpegs([r for r in records if r.ok and r.encoded is not None])
-        todo = [r for r in records if r.ok]
+        todo = [r for r in records if r.ok and not r.georeferenced]
         if not todo:
             return records
         start = time.perf_counter()
@@ -162,16 +204,21 @@ class SegmentStage:
         for index, (record, _) in enumerate(chunk):
             record.stats = class_statistics(labels[index], confidence[index], self.num_classes, host_labels=host[index])
             record.labels = host[index]
+            if self.confidence:
+                record.confidence = confidence_levels(confidence[index]).cpu().numpy()
 
 
 def write_masks(output: Location, records: list[ImageRecord], palette: Sequence[Sequence[int]]) -> list[ImageRecord]:
     for record in records:
-        if not record.ok:
+        if not record.ok or record.mask_key is not None:  # a raster's mask is written beside the model
             continue
         start = time.perf_counter()
         try:
             key = mask_key(record.key)
             write_atomic(output, key, encode_mask(record.labels, palette))
+            if record.confidence is not None:
+                record.confidence_key = confidence_key_for(record.key)
+                write_atomic(output, record.confidence_key, encode_confidence(record.confidence))
             record.mask_key = key
         except ValueError as err:
             record.fail("unsafe_key", str(err))
@@ -179,7 +226,7 @@ def write_masks(output: Location, records: list[ImageRecord], palette: Sequence[
             # a write fails for the output's sake (disk full, no permission), not the image's:
             # stop the run rather than commit error rows for images that are fine
             raise StorageUnavailableError(f"cannot write {output.uri(mask_key(record.key))}: {type(err).__name__}: {err}") from err
-        record.labels = None
+        record.labels = record.confidence = None
         record.seconds.encode = time.perf_counter() - start
     return records
 
@@ -208,3 +255,138 @@ def plan_shard(files: Sequence[SourceFile], *, fold_case: bool = False) -> tuple
         owners[owner_key] = file.key
         todo.append(file)
     return todo, refused
+
+
+@dataclass(frozen=True)
+class RasterSettings:
+    """How georeferenced rasters are segmented and what is written for them (SegmentConfig's
+    raster fields)."""
+
+    tile: int = 512
+    tile_stride: int | None = None
+    bands: tuple[int, ...] | None = None
+    block: int = 2048
+    # the dense CRF of a block runs over its extent widened by this much, so a block edge
+    # leaves no seam in the labels
+    crf_margin: int = 64
+    confidence: bool = False
+    polygons: bool = False
+    min_polygon_area: float = 0.0
+    simplify: float = 0.0
+
+    @property
+    def stride(self) -> int:
+        return self.tile_stride or self.tile * 3 // 4
+
+    @classmethod
+    def of(cls, config: SegmentConfig) -> RasterSettings:
+        return cls(tile=config.tile or cls.tile, tile_stride=config.tile_stride, bands=config.bands, block=config.block,
+                   confidence=config.confidence, polygons=config.polygons, min_polygon_area=config.min_polygon_area,
+                   simplify=config.simplify)
+
+
+class RasterStage:
+    """One georeferenced raster, block by block (`rasters.plan_blocks`): each block's extent
+    is read (only it), segmented with the replica's model in sliding windows of the whole
+    raster's grid, refined by the dense CRF, and its core's labels go into the COG mask,
+    the statistics and the polygons. Memory holds one block's extent, whatever the raster's
+    size; the extents overlap by the windows and the CRF margin, so no block edge shows."""
+
+    def __init__(self, stage: SegmentStage, settings: RasterSettings, *, source: Location, output: Location,
+                 palette: Sequence[Sequence[int]], class_names: Sequence[str]) -> None:
+        self.settings = settings
+        self.crf = stage.crf
+        self.num_classes = stage.num_classes
+        window = SlidingWindow(crop=(settings.tile, settings.tile), stride=(settings.stride, settings.stride),
+                               batch_size=stage.segmenter.batch_size)
+        self.segmenter = stage.segmenter.at_native_resolution(window)
+        self.source, self.output = source, output
+        self.palette, self.class_names = palette, class_names
+
+    def __call__(self, record: ImageRecord) -> ImageRecord:
+        start = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory(prefix="segpipe-raster-") as scratch, \
+                    open_raster(self.source, record.key) as dataset:
+                self._segment(record, dataset, scratch)
+        except ImageDecodeError as err:
+            record.fail(err.reason, str(err))
+        except (RuntimeError, ValueError) as err:
+            record.fail("inference", f"{type(err).__name__}: {err}")
+        record.seconds.inference = time.perf_counter() - start
+        return record
+
+    def _segment(self, record: ImageRecord, dataset: Any, scratch: str) -> None:
+        s = self.settings
+        bands = choose_bands(dataset, s.bands)
+        limits = band_limits(dataset, bands)
+        if self.num_classes > 255:
+            raise ValueError(f"a raster mask is uint8 with a nodata value: at most 255 classes, not {self.num_classes}")
+        nodata = 255  # a label no class uses
+        mask_path, confidence_path = os.path.join(scratch, "mask.tif"), os.path.join(scratch, "confidence.tif")
+        profile = {"width": dataset.width, "height": dataset.height, "crs": dataset.crs, "transform": dataset.transform}
+        totals = _ClassTotals(self.num_classes)
+        polygons = PolygonCollector(dataset.transform, dataset.crs, width=dataset.width, height=dataset.height,
+                                    min_area=s.min_polygon_area, simplify=s.simplify)
+        regions: list[ClassPolygon] = []
+        with MaskWriter(mask_path, **profile, nodata=nodata, palette=self.palette) as mask, \
+                MaskWriter(confidence_path, **profile, nodata=0) if s.confidence else _NoWriter() as confidence:
+            for block in plan_blocks(dataset.height, dataset.width, crop=s.tile, stride=s.stride, block=s.block,
+                                     margin=s.crf_margin if self.crf else 0):
+                labels, score, valid = self._block(dataset, block, bands, limits)
+                totals.add(labels, score, valid)
+                regions += polygons.add(block.core, labels, valid)
+                mask.write(block.core, np.where(valid, labels, nodata).astype(np.uint8))
+                levels = confidence_levels(torch.from_numpy(score)).numpy()
+                confidence.write(block.core, np.where(valid, np.maximum(levels, 1), 0).astype(np.uint8))  # 0: nodata
+            regions += polygons.finish()
+        record.mask_key = mask_key(record.key, ".tif")
+        put_file_atomic(self.output, record.mask_key, mask_path)
+        if s.confidence:
+            record.confidence_key = confidence_key_for(record.key, ".tif")
+            put_file_atomic(self.output, record.confidence_key, confidence_path)
+        # components: regions of each class over the whole raster (merged across blocks)
+        record.stats = totals.stats(pixel_area=abs(dataset.transform.determinant),
+                                    components=Counter(region.class_id for region in regions))
+        if s.polygons:
+            record.polygons = Polygons(crs=dataset.crs, regions=regions)
+        record.height, record.width = dataset.height, dataset.width
+
+    def _block(self, dataset: Any, block: Block, bands: tuple[int, ...], limits: np.ndarray):
+        """Labels, confidence and validity of the block's core."""
+        rgb, valid = read_rgb(dataset, block.extent, bands, limits)
+        probs = self.segmenter.predict([rgb])[0]
+        if self.crf:
+            probs = dense_crf(probs[None], to_chw_uint8(rgb).to(probs.device)[None])[0]
+        labels, score = labels_and_confidence(probs)
+        rows = slice(block.core.row_off - block.extent.row_off, block.core.row_off - block.extent.row_off + block.core.height)
+        cols = slice(block.core.col_off - block.extent.col_off, block.core.col_off - block.extent.col_off + block.core.width)
+        return (labels[rows, cols].cpu().numpy(), score[rows, cols].float().cpu().numpy(), valid[rows, cols])
+
+
+class _NoWriter(contextlib.nullcontext):
+    def write(self, *_: Any) -> None:
+        pass
+
+
+class _ClassTotals:
+    """Per-class pixel counts and confidence sums over a raster's valid pixels, block by block."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.counts = np.zeros(num_classes, dtype=np.int64)
+        self.confidence = np.zeros(num_classes, dtype=np.float64)
+
+    def add(self, labels: np.ndarray, score: np.ndarray, valid: np.ndarray) -> None:
+        n = len(self.counts)
+        self.counts += np.bincount(labels[valid].ravel(), minlength=n)[:n]
+        self.confidence += np.bincount(labels[valid].ravel(), weights=score[valid].ravel(), minlength=n)[:n]
+
+    def stats(self, *, pixel_area: float, components: Counter[int]) -> ClassStats:
+        present = np.nonzero(self.counts)[0]
+        counts = self.counts[present]
+        return ClassStats(
+            class_id=present.astype(np.int64), pixel_count=counts, fraction=counts / max(int(self.counts.sum()), 1),
+            mean_confidence=self.confidence[present] / counts,
+            components=np.array([components.get(int(c), 0) for c in present], dtype=np.int64),
+            area=counts * pixel_area,
+        )

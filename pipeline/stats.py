@@ -21,6 +21,8 @@ class ClassStats:
     fraction: np.ndarray  # float64, pixel_count / (H * W)
     mean_confidence: np.ndarray  # float64, mean probability of the pixels assigned to the class
     components: np.ndarray  # int64, connected regions (8-connectivity)
+    # float64, pixel_count x the pixel's area in map units (georeferenced rasters only)
+    area: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.class_id)

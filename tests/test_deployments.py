@@ -226,3 +226,35 @@ def test_raycluster_has_a_cpu_head_and_autoscaled_one_gpu_workers():
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert worker["resources"]["requests"]["nvidia.com/gpu"] == "1"
     assert worker["image"] == head_container["image"]
+
+
+@pytest.mark.slow
+def test_prefect_server_start_schedules_nightly_runs_for_what_segpipe_serve_registered(prefect_server, tmp_path):
+    """The server's scheduler turns the nightly cron into SCHEDULED flow runs at 02:00 UTC.
+    Prefect 3.8.8's scheduler bulk-inserts flow runs with a `state` key, which SQLAlchemy 2.1
+    rejects (InvalidRequestError: "please supply a bulk_dml decorated function"), so under it
+    no nightly run is ever created (hence sqlalchemy<2.1 in pyproject.toml). Its recent
+    deployments pass runs every 5 s, so this takes seconds once serve has registered."""
+    env, api = prefect_server, prefect_server["PREFECT_API_URL"]
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:  # the default cron: its runs are hours away, so serve never starts one
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "serve", "--source", f"{tmp_path}/{{date}}",
+             "--output", f"{tmp_path}/out/date={{date}}"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 45
+        while not (nightly := [d for d in _post(api, "/deployments/filter", {}) if d["name"] == "nightly"]):
+            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        by_nightly = {"deployments": {"id": {"any_": [nightly[0]["id"]]}}}
+        deadline = time.monotonic() + 30
+        while not (runs := _post(api, "/flow_runs/filter", by_nightly)) and time.monotonic() < deadline:
+            time.sleep(1)
+        server_log = (tmp_path / "server.log").read_text()  # the fixture's
+        assert runs, f"no flow run scheduled for the nightly deployment in 30 s; server log:\n{server_log[-3000:]}"
+        assert {run["state"]["type"] for run in runs} == {"SCHEDULED"}
+        assert {run["expected_start_time"][11:19] for run in runs} == {"02:00:00"}  # NIGHTLY_CRON, UTC
+    finally:
+        _stop(serve)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.masks import decode_mask, default_palette, encode_confidence, encode_mask
+from pipeline.masks import confidence_levels, decode_mask, default_palette, encode_confidence, encode_mask
 from pipeline.stats import class_statistics, labels_and_confidence
 
 
@@ -69,7 +69,7 @@ def test_default_palette_is_pascal_voc() -> None:
 
 
 def test_confidence_map_png() -> None:
-    confidence = np.array([[0.0, 0.5], [1.0, 0.25]])
-    with Image.open(io.BytesIO(encode_confidence(confidence))) as image:
+    confidence = torch.tensor([[0.0, 0.5], [1.0, 0.25]])
+    with Image.open(io.BytesIO(encode_confidence(confidence_levels(confidence).numpy()))) as image:
         assert image.mode == "L"
         np.testing.assert_array_equal(np.array(image), [[0, 128], [255, 64]])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -22,8 +22,8 @@ from ..inference import Segmenter, SlidingWindow
 from ..models import build_model
 from ..records import ImageRecord
 from ..run import batches_in_flight, replica_threads
-from ..stages import SegmentStage, read_and_decode, write_masks
-from ..storage import Location, SourceFile
+from ..stages import RasterSettings, RasterStage, SegmentStage, read_and_decode, write_masks
+from ..storage import Location, SourceFile, open_location
 from .cluster import node_cpus, nodes_with_cpus, short_error
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,12 @@ class WorkerSpec:
     compile: bool = False
     # CPU replicas expected on one node: the run's CPU replicas over the nodes with CPUs
     replicas_per_node: int = 1
+    confidence: bool = False
+    # georeferenced rasters: how they are segmented, where from and where to (a replica
+    # reads their blocks and writes their masks itself)
+    raster: RasterSettings = field(default_factory=RasterSettings)
+    source_url: str = ""
+    output_url: str = ""
 
     def sliding_window(self) -> SlidingWindow | None:
         if self.tile is None:
@@ -70,7 +76,7 @@ def build_stage(spec: WorkerSpec, device: torch.device) -> SegmentStage:
     model = build_model(spec.model, num_classes=spec.num_classes, weights=spec.weights, storage_options=spec.storage_options)
     segmenter = Segmenter(model, device=device, batch_size=spec.batch_size, sliding_window=spec.sliding_window(),
                           compile=spec.compile)
-    return SegmentStage(segmenter, crf=spec.crf)
+    return SegmentStage(segmenter, crf=spec.crf, confidence=spec.confidence)
 
 
 class SegmentWorker:
@@ -78,6 +84,8 @@ class SegmentWorker:
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.gpu_ids = [str(i) for i in ray.get_gpu_ids()]
+        self.spec = spec
+        self.raster_stage: RasterStage | None = None
         self.setup_error: str | None = None
         try:
             if not self.gpu_ids:
@@ -108,7 +116,22 @@ class SegmentWorker:
         }
 
     def segment(self, records: list[ImageRecord]) -> list[ImageRecord]:
-        return self.stage(records)
+        records = self.stage(records)
+        for record in records:
+            if record.ok and record.georeferenced:
+                self._rasters()(record)
+        return records
+
+    def _rasters(self) -> RasterStage:
+        """Built at the first georeferenced raster: most runs have none."""
+        if self.raster_stage is None:
+            options = self.spec.storage_options
+            meta = self.stage.segmenter.meta
+            self.raster_stage = RasterStage(
+                self.stage, self.spec.raster, source=open_location(self.spec.source_url, options),
+                output=open_location(self.spec.output_url, options), palette=meta.palette, class_names=meta.class_names,
+            )
+        return self.raster_stage
 
 
 # no Ray-level retries: a decode that crashed or hung its worker is the driver's to retry,
@@ -160,6 +183,8 @@ class _ReplicaPool:
             batch_size=config.batch_size, storage_options=config.storage_options,
             threads=config.threads_per_actor, tile=config.tile, tile_stride=config.tile_stride,
             cpus_per_actor=config.cpus_per_actor, compile=config.compile, replicas_per_node=-(-count // nodes_with_cpus()),
+            confidence=config.confidence, raster=RasterSettings.of(config), source_url=config.source,
+            output_url=config.output,
         )
         actor_class = ray.remote(worker_class)
         self.actors = [

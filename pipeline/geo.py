@@ -1,0 +1,407 @@
+"""Outputs of a georeferenced raster, produced block by block so memory stays flat whatever
+the raster's size: the label mask (and the confidence map) as a Cloud-Optimized GeoTIFF, and
+the class regions as polygons in a GeoParquet 1.1 table.
+
+    MaskWriter          windows of uint8 -> local tiled GeoTIFF -> local COG (overviews, palette)
+    put_file_atomic     the finished local file -> its key in a storage Location
+    PolygonCollector    windows of labels -> polygons, regions cut by block edges merged again
+    polygons_table      polygons -> one Arrow table with GeoParquet 1.1 metadata
+
+A table's `geo` metadata names one CRS, and that CRS holds for every row of the file: rasters
+of an archive may lie in different CRSs, so each raster's polygons are a table of their own and
+`concat_polygons_tables` refuses to mix CRSs in one file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import NamedTuple, Self
+
+import numpy as np
+import pyarrow as pa
+import rasterio
+import rasterio.features
+import rasterio.shutil
+import shapely
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.windows import Window
+
+from .storage import Location, retry_io
+
+# side of the tiles of the GeoTIFFs written here: GDAL's COG default, and what rio-cogeo's
+# validator expects of a raster with overviews
+BLOCK_SIZE = 512
+_GEO_METADATA_VERSION = "1.1.0"
+# dtypes rasterio.features.shapes accepts for the values it polygonises
+_SHAPES_DTYPES = frozenset({np.dtype(t) for t in ("uint8", "int16", "uint16", "int32", "float32")})
+
+POLYGONS_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("class_id", pa.int32(), nullable=False),
+    pa.field("class_name", pa.string(), nullable=False),
+    # m² in a CRS with linear units, else pixels: see polygon_area
+    pa.field("area", pa.float64(), nullable=False),
+    pa.field("geometry", pa.binary(), nullable=False),  # WKB, in the raster's CRS
+])
+
+
+def _integer_window(window: Window, width: int, height: int) -> tuple[int, int, int, int]:
+    """(col_off, row_off, width, height) of a window of whole pixels inside the raster."""
+    values = (window.col_off, window.row_off, window.width, window.height)
+    if any(v != int(v) for v in values):
+        raise ValueError(f"window {window} has fractional offsets or size; use whole pixels")
+    col, row, w, h = (int(v) for v in values)
+    if w < 1 or h < 1 or col < 0 or row < 0 or col + w > width or row + h > height:
+        raise ValueError(
+            f"window {window} is empty or outside the {width}x{height} raster; "
+            f"windows must lie within cols [0, {width}) and rows [0, {height})"
+        )
+    return col, row, w, h
+
+
+class MaskWriter:
+    """A single-band uint8 COG on local disk, written one window at a time.
+
+    Use as a context manager:
+
+        with MaskWriter(tmp / "mask.tif", width=w, height=h, crs=crs, transform=t,
+                        nodata=255, palette=palette) as writer:
+            for window, labels in blocks:
+                writer.write(window, labels)
+        put_file_atomic(output, key, writer.path)
+
+    Windows go into a tiled, deflate-compressed GeoTIFF beside `path` (windows aligned on the
+    512-pixel tiles are cheapest: a tile written twice is compressed twice). On leaving the
+    block without error, GDAL's COG driver copies it to `path`, building the overviews by
+    `overview_resampling` (mode by default: a class id, never a blend of two); both steps
+    stream tile by tile through GDAL's block cache, so memory does not grow with the raster.
+    On an error both files are removed. Pixels no window covered read as `nodata` (0 when
+    `nodata` is None). The same writer serves the confidence map (no palette).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        width: int,
+        height: int,
+        crs: CRS | None,
+        transform: Affine,
+        nodata: int | None,
+        palette: Sequence[Sequence[int]] | None = None,
+        overview_resampling: Resampling = Resampling.mode,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise ValueError(f"{self.path.parent} is not a local folder; MaskWriter writes to local disk first")
+        if width < 1 or height < 1:
+            raise ValueError(f"width and height must be >= 1, got {width}x{height}")
+        if nodata is not None and not 0 <= nodata <= 255:
+            raise ValueError(f"nodata={nodata} does not fit uint8; use a value in [0, 255] or None")
+        if palette is not None and (len(palette) > 256 or any(
+            len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in palette
+        )):
+            raise ValueError("palette must be at most 256 (r, g, b) colours with values in [0, 255]")
+        if overview_resampling not in (Resampling.mode, Resampling.nearest):
+            raise ValueError(
+                f"overview_resampling={overview_resampling.name}: class ids must not be blended; use mode or nearest"
+            )
+        self.width, self.height = width, height
+        self.crs, self.transform, self.nodata = crs, transform, nodata
+        self.palette = palette
+        self.overview_resampling = overview_resampling
+        # hidden, so that a folder listing or a glob for *.tif never picks up a partial file
+        self._staging = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.staging.tif")
+        self._dataset: rasterio.io.DatasetWriter | None = None
+
+    def __enter__(self) -> Self:
+        self._dataset = rasterio.open(
+            self._staging, "w", driver="GTiff", width=self.width, height=self.height, count=1,
+            dtype="uint8", crs=self.crs, transform=self.transform, nodata=self.nodata,
+            tiled=True, blockxsize=BLOCK_SIZE, blockysize=BLOCK_SIZE, compress="deflate",
+            # a 50,000 px square mask is 2.5 GB raw: past 4 GB (with overviews) TIFF needs BigTIFF
+            BIGTIFF="IF_SAFER",
+        )
+        if self.palette is not None:
+            self._dataset.write_colormap(1, {i: (*colour, 255) for i, colour in enumerate(self.palette)})
+        return self
+
+    def write(self, window: Window, array: np.ndarray) -> None:
+        """Write one window: an (height, width) array of integers in [0, 255] (labels, with
+        the nodata value where invalid, or confidence levels)."""
+        if self._dataset is None:
+            raise RuntimeError("MaskWriter.write called outside its `with` block")
+        col, row, w, h = _integer_window(window, self.width, self.height)
+        array = np.asarray(array)
+        if array.shape != (h, w):
+            raise ValueError(f"array of shape {array.shape} for a window of {h} rows x {w} cols")
+        if array.dtype != np.uint8:
+            if not np.issubdtype(array.dtype, np.integer):
+                raise ValueError(f"array must hold integers (uint8), got {array.dtype}")
+            if array.size and (array.min() < 0 or array.max() > 255):
+                raise ValueError(f"values must lie in [0, 255] for a uint8 raster, got [{array.min()}, {array.max()}]")
+            array = array.astype(np.uint8)
+        self._dataset.write(array, 1, window=Window(col, row, w, h))
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        dataset, self._dataset = self._dataset, None
+        try:
+            if dataset is not None:
+                dataset.close()
+            if exc_type is None:
+                rasterio.shutil.copy(
+                    self._staging, self.path, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=BLOCK_SIZE,
+                    OVERVIEW_RESAMPLING=self.overview_resampling.name.upper(), BIGTIFF="IF_SAFER",
+                )
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
+        finally:
+            self._staging.unlink(missing_ok=True)
+        if exc_type is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def put_file_atomic(location: Location, key: str, local_path: str | os.PathLike[str]) -> None:
+    """Copy a finished local file to `key` so that a reader sees the old object or the new
+    one, never part: `storage.write_atomic` for a file too big to hold in memory.
+
+    Object stores make an upload visible only once complete (a multipart upload at its last
+    request); it is retried whole on transient errors. On a local disk the file is copied to
+    a hidden temporary file beside the target and renamed over it.
+    """
+    path = location.path(key)
+    if not location.is_local:
+        retry_io(location.uri(key), location.fs.put_file, os.fspath(local_path), path)
+        return
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(local_path, "rb") as source, open(temporary, "wb") as handle:
+            shutil.copyfileobj(source, handle, length=1 << 20)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def polygon_area(geometry: shapely.Geometry | np.ndarray, crs: CRS | None, transform: Affine) -> float | np.ndarray:
+    """Planar area of polygons in the raster's CRS (one geometry, or an array of them).
+
+    In m² when the CRS is projected (any linear unit, e.g. US feet, is converted to metres);
+    otherwise (a geographic CRS, whose units are degrees, or no CRS) in pixels: the area in
+    map units divided by the area of one pixel under `transform`.
+    """
+    area = shapely.area(geometry)
+    if crs is not None and crs.is_projected:
+        _, metres_per_unit = crs.linear_units_factor
+        return area * metres_per_unit**2
+    return area / abs(transform.determinant)
+
+
+class ClassPolygon(NamedTuple):
+    """One connected region of one class: a Polygon in the raster's CRS, and its area as
+    `polygon_area` gives it."""
+
+    class_id: int
+    geometry: shapely.Polygon
+    area: float
+
+
+class PolygonCollector:
+    """Vectorises a label raster block by block into one polygon per connected region (pixels
+    joined by their sides, as rasterio's 4-connectivity), whatever the blocks.
+
+    `add` returns the block's regions that lie wholly inside it (final) and holds back those
+    touching an edge shared with another block; `finish` unions the held pieces per class and
+    returns the merged regions. Memory is bounded by the regions along block edges, and the
+    caller can stream the final rows out as they come.
+
+    Pieces are polygonised and merged in the raster's pixel coordinates: there the vertices
+    two neighbouring blocks share are the same integers, so the union closes every seam
+    exactly (map coordinates computed from two window transforms may differ in the last bit
+    and leave slivers). Geometries go to map coordinates only when final, then are simplified
+    (`simplify`, map units, topology-preserving per polygon, so neighbouring polygons may gain
+    gaps or overlaps up to that tolerance) and dropped when their area is under `min_area`
+    (units of `polygon_area`).
+    """
+
+    def __init__(
+        self,
+        transform: Affine,
+        crs: CRS | None,
+        *,
+        width: int,
+        height: int,
+        min_area: float = 0.0,
+        simplify: float = 0.0,
+    ) -> None:
+        if width < 1 or height < 1:
+            raise ValueError(f"width and height must be >= 1, got {width}x{height}")
+        if min_area < 0 or simplify < 0:
+            raise ValueError(f"min_area and simplify must be >= 0, got {min_area} and {simplify}")
+        self.transform, self.crs = transform, crs
+        self.width, self.height = width, height
+        self.min_area, self.simplify = min_area, simplify
+        self._held: dict[int, list[shapely.Polygon]] = defaultdict(list)
+        self._finished = False
+
+    @property
+    def held(self) -> int:
+        """How many pieces wait for `finish` (the memory this collector holds)."""
+        return sum(len(pieces) for pieces in self._held.values())
+
+    def add(self, core_window: Window, labels: np.ndarray, valid: np.ndarray | None = None) -> list[ClassPolygon]:
+        """Vectorise one block: `labels` (core_window's height x width class ids) where `valid`
+        (same shape, bool; None: everywhere). Returns the block's final polygons."""
+        if self._finished:
+            raise RuntimeError("PolygonCollector.add called after finish")
+        col, row, w, h = _integer_window(core_window, self.width, self.height)
+        labels = np.asarray(labels)
+        if labels.shape != (h, w):
+            raise ValueError(f"labels of shape {labels.shape} for a window of {h} rows x {w} cols")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be integer class ids, got {labels.dtype}")
+        if labels.dtype not in _SHAPES_DTYPES:
+            labels = labels.astype(np.int32)
+        if valid is not None:
+            valid = np.asarray(valid, dtype=bool)
+            if valid.shape != (h, w):
+                raise ValueError(f"valid of shape {valid.shape} for labels of shape {(h, w)}")
+        # which block edges a region may continue across: not the raster's own border
+        seams = (col > 0, row > 0, col + w < self.width, row + h < self.height)
+        final_ids: list[int] = []
+        final: list[shapely.Polygon] = []
+        for geojson, value in rasterio.features.shapes(
+            labels, mask=valid, connectivity=4, transform=Affine.translation(col, row)
+        ):
+            polygon = shapely.geometry.shape(geojson)
+            minx, miny, maxx, maxy = polygon.bounds
+            touches = (minx == col, miny == row, maxx == col + w, maxy == row + h)
+            if any(t and s for t, s in zip(touches, seams, strict=True)):
+                self._held[int(value)].append(polygon)
+            else:
+                final_ids.append(int(value))
+                final.append(polygon)
+        return self._finalise(final_ids, final)
+
+    def finish(self) -> list[ClassPolygon]:
+        """The regions held at block edges, merged per class: one polygon per region."""
+        if self._finished:
+            raise RuntimeError("PolygonCollector.finish called twice")
+        self._finished = True
+        class_ids: list[int] = []
+        merged: list[shapely.Polygon] = []
+        for class_id in sorted(self._held):
+            parts = shapely.get_parts(shapely.union_all(self._held[class_id]))
+            class_ids += [class_id] * len(parts)
+            merged += list(parts)
+        self._held.clear()
+        return self._finalise(class_ids, merged)
+
+    def _finalise(self, class_ids: list[int], pixel_polygons: list[shapely.Polygon]) -> list[ClassPolygon]:
+        """Pixel-space polygons -> map coordinates, simplified, filtered by area."""
+        if not pixel_polygons:
+            return []
+        a, b, c, d, e, f = self.transform[:6]
+
+        def to_map(xy: np.ndarray) -> np.ndarray:
+            return np.column_stack((a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f))
+
+        geometries = shapely.transform(np.asarray(pixel_polygons, dtype=object), to_map)
+        if self.simplify > 0:
+            geometries = shapely.simplify(geometries, self.simplify, preserve_topology=True)
+        areas = polygon_area(geometries, self.crs, self.transform)
+        return [
+            ClassPolygon(class_id, geometry, float(area))
+            for class_id, geometry, area in zip(class_ids, geometries, areas, strict=True)
+            if area >= self.min_area and not geometry.is_empty
+        ]
+
+
+def crs_projjson(crs: CRS | None) -> dict | None:
+    """The CRS as PROJJSON, as GeoParquet wants it; None (JSON null: "unknown") without one."""
+    return None if crs is None else crs.to_dict(projjson=True)
+
+
+def _geo_metadata(projjson: dict | None, bbox: Sequence[float] | None) -> dict:
+    column: dict = {
+        "encoding": "WKB",
+        "geometry_types": ["Polygon"],
+        # written even when None: GeoParquet reads a missing "crs" as OGC:CRS84 (lon/lat), and
+        # null as "unknown", which is what a raster without a CRS has
+        "crs": projjson,
+    }
+    if bbox is not None:  # optional; an empty table has none
+        column["bbox"] = [float(v) for v in bbox]
+    return {"version": _GEO_METADATA_VERSION, "primary_column": "geometry", "columns": {"geometry": column}}
+
+
+def polygons_table(
+    rows: Iterable[ClassPolygon],
+    *,
+    run_id: str,
+    image_id: str,
+    class_names: Sequence[str],
+    crs: CRS | None,
+) -> pa.Table:
+    """One raster's polygons as a table of POLYGONS_SCHEMA, with GeoParquet 1.1 metadata
+    (key b"geo": WKB encoding, the raster's CRS as PROJJSON, the bounding box)."""
+    rows = list(rows)
+    for r in rows:
+        if not 0 <= r.class_id < len(class_names):
+            raise ValueError(f"class_id {r.class_id} has no name: class_names has {len(class_names)} entries")
+    geometries = np.asarray([r.geometry for r in rows], dtype=object)
+    table = pa.table(
+        {
+            "run_id": [run_id] * len(rows),
+            "image_id": [image_id] * len(rows),
+            "class_id": [r.class_id for r in rows],
+            "class_name": [class_names[r.class_id] for r in rows],
+            "area": [r.area for r in rows],
+            "geometry": shapely.to_wkb(geometries) if rows else [],
+        },
+        schema=POLYGONS_SCHEMA,
+    )
+    bbox = shapely.total_bounds(geometries).tolist() if rows else None
+    return table.replace_schema_metadata({b"geo": json.dumps(_geo_metadata(crs_projjson(crs), bbox)).encode()})
+
+
+def concat_polygons_tables(tables: Sequence[pa.Table]) -> pa.Table:
+    """Several rasters' polygon tables as one (e.g. one file per shard), when they share a CRS:
+    a GeoParquet file has one CRS for all its rows. The bounding box covers them all."""
+    if not tables:
+        raise ValueError("no tables to concatenate")
+    metadata = [json.loads(t.schema.metadata[b"geo"]) for t in tables]
+    columns = [m["columns"]["geometry"] for m in metadata]
+    crs = columns[0]["crs"]
+    for table, column in zip(tables, columns, strict=True):
+        if column["crs"] != crs:
+            images = sorted(set(tables[0].column("image_id").to_pylist()) | set(table.column("image_id").to_pylist()))
+            raise ValueError(
+                f"polygons of {images[:4]} lie in different CRSs; a GeoParquet file has one CRS, "
+                "so write each CRS's polygons to a file of their own"
+            )
+    boxes = [c["bbox"] for c in columns if "bbox" in c]
+    bbox = None
+    if boxes:
+        bbox = [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
+    geo = _geo_metadata(crs, bbox)
+    combined = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+    return combined.replace_schema_metadata({b"geo": json.dumps(geo).encode()})

@@ -1,0 +1,381 @@
+"""Georeferenced rasters (GeoTIFF, COG) read by window, so memory stays flat whatever the
+raster's size: 900 pixels a side or 50,000.
+
+`open_raster` opens an object through its location's fsspec filesystem (local disk and S3
+alike, with the same storage options): GDAL reads the header and then only the tiles or strips
+of the windows asked for, as ranged reads of fsspec's file object; the object is never
+downloaded whole. `read_rgb` reads one window as 8-bit RGB with its valid-pixel mask.
+
+Deep samples (uint16, float) are stretched between ONE set of per-band limits for the whole
+raster (`band_limits`: the 2nd and 98th percentiles, as `pipeline.decode` does for a whole
+image), never per window: limits that change from window to window draw seams in the output.
+
+`plan_blocks` splits a raster into output blocks, each with the extent to read so that its
+sliding-window logits are exactly those of the whole raster.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import posixpath
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.enums import ColorInterp, Resampling
+from rasterio.errors import RasterioError
+from rasterio.io import DatasetReader
+from rasterio.windows import Window
+
+from .decode import ImageDecodeError
+from .inference import window_starts
+from .storage import Location, retry_io
+
+log = logging.getLogger(__name__)
+
+RASTER_EXTENSIONS = frozenset({".tif", ".tiff"})
+
+# fsspec's file reads this much past each read and keeps only that one block: a window's tiles
+# lie one after another in the file, row by row, so a window row is usually one request, and
+# memory holds one block whatever the object's size (s3fs's default block is 50 MiB, which
+# would fetch most rasters whole on their first read)
+_READ_BLOCK = 1 << 20
+# percentiles of the stretch, as `pipeline.decode` stretches whole images
+_PERCENTILES = (2.0, 98.0)
+# the sample `band_limits` takes when no small overview exists: up to a 4x4 grid of windows
+_SAMPLE_GRID = 4
+_SAMPLE_WINDOW = 256
+# an overview bigger than this is not read whole for the limits; windows are sampled instead
+_MAX_OVERVIEW_PIXELS = 1024 * 1024
+
+
+def is_raster_key(key: str) -> bool:
+    """Whether the key names a file that is read as a georeferenced raster (GeoTIFF, COG):
+    by extension, `RASTER_EXTENSIONS`. Plain JPEG and PNG files keep the image path
+    (`pipeline.decode`); a TIFF without georeferencing is told apart after opening, by
+    `is_georeferenced`."""
+    return posixpath.splitext(key)[1].lower() in RASTER_EXTENSIONS
+
+
+class _Opener:
+    """The file opener handed to rasterio (`rasterio.open(path, opener=...)`): fsspec file
+    objects for the raster's own object, with every read retried (`retry_io`).
+
+    GDAL calls it from C and sees a failed read only as a failed read: the Python error is
+    lost there. The last storage error is therefore kept in `failure`, for `open_raster` and
+    the readers to raise in place of GDAL's message (a storage outage is not a corrupt file).
+
+    Only the raster's own path is served. rasterio probes a new opener with a dummy path and
+    GDAL looks for sidecar files (.aux.xml, .msk, .ovr) next to the raster: on object storage
+    each would be one more request per raster. COGs hold their overviews and masks inside.
+    """
+
+    def __init__(self, location: Location, key: str) -> None:
+        self.fs = location.fs
+        self.path = location.path(key)
+        self.uri = location.uri(key)
+        self.failure: BaseException | None = None
+
+    def __call__(self, path: str, mode: str = "rb", **kwargs: Any) -> _RetriedFile:
+        if path != self.path:
+            raise FileNotFoundError(path)
+        try:
+            file = retry_io(self.uri, self.fs.open, path, mode, block_size=_READ_BLOCK, cache_type="readahead")
+        except Exception as err:
+            self.failure = err
+            raise
+        return _RetriedFile(file, self)
+
+
+class _RetriedFile:
+    """An fsspec file object whose reads are retried on transient errors, one read at a time
+    (a failed read leaves fsspec's position where it was)."""
+
+    def __init__(self, file: Any, opener: _Opener) -> None:
+        self._file = file
+        self._opener = opener
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return retry_io(self._opener.uri, self._file.read, size)
+        except Exception as err:
+            self._opener.failure = err
+            raise
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> _RetriedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# the opener of each open dataset, for the readers to find a storage error GDAL swallowed
+_OPENERS: weakref.WeakKeyDictionary[DatasetReader, _Opener] = weakref.WeakKeyDictionary()
+
+
+def _storage_failure(opener: _Opener | None, err: Exception) -> None:
+    """Raise the storage error behind a failed GDAL call, if there was one."""
+    failure = opener.failure if opener is not None else None
+    if isinstance(failure, FileNotFoundError):
+        raise FileNotFoundError(f"{opener.uri}: no such object") from failure
+    if failure is not None:
+        raise failure from err
+
+
+@contextmanager
+def open_raster(location: Location, key: str) -> Iterator[DatasetReader]:
+    """The raster at `key` as an open rasterio dataset, read through `location.fs` by ranged
+    reads: opening reads the header only, and each `read(window=...)` the tiles it needs.
+
+    Raises ImageDecodeError ("not_an_image" for a file GDAL does not recognise, "corrupt" for
+    one it cannot parse), FileNotFoundError for a missing object, and the storage error
+    itself (StorageUnavailableError after the retries) when storage fails.
+    """
+    opener = _Opener(location, key)
+    try:
+        dataset = rasterio.open(opener.path, opener=opener)
+    except RasterioError as err:
+        _storage_failure(opener, err)
+        if "not recognized as being in a supported file format" in str(err):
+            raise ImageDecodeError("not_an_image", f"{opener.uri}: not a raster GDAL can read") from err
+        raise ImageDecodeError("corrupt", f"{opener.uri}: cannot open the raster: {err}") from err
+    _OPENERS[dataset] = opener
+    try:
+        yield dataset
+    finally:
+        dataset.close()
+
+
+def _read(dataset: DatasetReader, what: str, read: Any, *args: Any, **kwargs: Any) -> np.ndarray:
+    """`read(*args, **kwargs)` (a dataset's `read` or `read_masks`), with GDAL's failures
+    named: the storage error behind one, else ImageDecodeError("corrupt")."""
+    try:
+        return read(*args, **kwargs)
+    except RasterioError as err:
+        _storage_failure(_OPENERS.get(dataset), err)
+        raise ImageDecodeError("corrupt", f"{_name(dataset)}: cannot read {what}: {err}") from err
+
+
+def _name(dataset: DatasetReader) -> str:
+    """The raster's URI for messages (GDAL's name for it is an internal /vsi path)."""
+    opener = _OPENERS.get(dataset)
+    return opener.uri if opener is not None else dataset.name
+
+
+def is_georeferenced(dataset: DatasetReader) -> bool:
+    """Whether the raster is placed on the earth: a CRS and a transform other than the
+    identity (which GDAL reports for rasters without one)."""
+    return dataset.crs is not None and dataset.transform != Affine.identity()
+
+
+def choose_bands(dataset: DatasetReader, bands: Sequence[int] | None) -> tuple[int, ...]:
+    """The three 1-based band indexes shown as red, green and blue.
+
+    `bands` as given (one index is shown as grey, three as RGB), checked against the raster;
+    without them the bands whose colour interpretation is red, green and blue, else the first
+    three, else (one or two bands: grey, grey and alpha) the first band three times.
+    """
+    count = dataset.count
+    if bands is not None:
+        chosen = tuple(bands)
+        if len(chosen) not in (1, 3):
+            raise ValueError(f"--bands takes 1 or 3 band indexes, got {list(chosen)}")
+        outside = [b for b in chosen if not 1 <= b <= count]
+        if outside:
+            raise ValueError(
+                f"--bands {list(chosen)}: band(s) {outside} not in the raster, which has {count} band(s) "
+                f"(indexes 1 to {count})"
+            )
+        return chosen * 3 if len(chosen) == 1 else chosen
+    interpretation = list(dataset.colorinterp)
+    if all(colour in interpretation for colour in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)):
+        return tuple(interpretation.index(colour) + 1 for colour in (ColorInterp.red, ColorInterp.green, ColorInterp.blue))
+    if count >= 3:
+        return (1, 2, 3)
+    return (1, 1, 1)
+
+
+def _unique(bands: Sequence[int]) -> list[int]:
+    return list(dict.fromkeys(bands))
+
+
+def _valid(values: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """(h, w) valid pixels from (n, h, w) band values and GDAL masks (0 = nodata) of the same
+    bands: nodata only where every band is (GDAL's rule for a dataset mask, so a legitimate 0
+    in one band of an RGB raster with nodata=0 stays valid), and nowhere a value is not finite
+    (a float NaN or infinity cannot be scaled)."""
+    valid = (masks != 0).any(axis=0)
+    if values.dtype.kind == "f":
+        valid &= np.isfinite(values).all(axis=0)
+    return valid
+
+
+def _sample_windows(height: int, width: int) -> list[Window]:
+    """Up to `_SAMPLE_GRID` x `_SAMPLE_GRID` windows of `_SAMPLE_WINDOW` pixels, spread evenly
+    from edge to edge, in row-major order."""
+
+    def starts(length: int) -> list[int]:
+        size = min(_SAMPLE_WINDOW, length)
+        return sorted({round(s) for s in np.linspace(0, length - size, _SAMPLE_GRID)})
+
+    h, w = min(_SAMPLE_WINDOW, height), min(_SAMPLE_WINDOW, width)
+    return [Window(col, row, w, h) for row in starts(height) for col in starts(width)]
+
+
+def band_limits(dataset: DatasetReader, bands: Sequence[int]) -> np.ndarray:
+    """(len(bands), 2) float64 low and high limits per band, one set for the whole raster,
+    that `read_rgb` maps to 0 and 255.
+
+    uint8 rasters: (0, 255), shown as they are. Deeper samples: the 2nd and 98th percentiles
+    of the valid pixels, taken from the smallest overview when the raster has one of at most
+    1024x1024 pixels, else from up to 16 windows of 256x256 spread over the raster; so a
+    50,000-pixel raster costs a few reads, not a pass over it. A band whose percentiles meet
+    falls back to its min and max; a constant band gets (v, v + 1), shown black.
+    """
+    bands = list(bands)
+    if all(dataset.dtypes[band - 1] == "uint8" for band in bands):
+        return np.tile(np.array([0.0, 255.0]), (len(bands), 1))
+    unique = _unique(bands)
+    samples = []
+    overviews = dataset.overviews(unique[0])
+    factor = max(overviews) if overviews else 0
+    shape = (math.ceil(dataset.height / factor), math.ceil(dataset.width / factor)) if factor else None
+    if shape is not None and shape[0] * shape[1] <= _MAX_OVERVIEW_PIXELS:
+        # a read at the overview's size is served by GDAL from the overview itself
+        out_shape = (len(unique), *shape)
+        values = _read(dataset, "the overview", dataset.read, unique, out_shape=out_shape, resampling=Resampling.nearest)
+        masks = _read(dataset, "the overview mask", dataset.read_masks, unique, out_shape=out_shape,
+                      resampling=Resampling.nearest)
+        samples.append(values[:, _valid(values, masks)])
+    else:
+        for window in _sample_windows(dataset.height, dataset.width):
+            values = _read(dataset, f"window {window}", dataset.read, unique, window=window)
+            masks = _read(dataset, f"mask of window {window}", dataset.read_masks, unique, window=window)
+            samples.append(values[:, _valid(values, masks)])
+    pixels = np.concatenate(samples, axis=1).astype(np.float64)
+    if pixels.shape[1] == 0:
+        log.warning("%s: no valid pixel in the sample taken for the stretch; using limits (0, 1)", _name(dataset))
+        by_band = {band: (0.0, 1.0) for band in unique}
+    else:
+        by_band = {band: _limits(pixels[i]) for i, band in enumerate(unique)}
+    return np.array([by_band[band] for band in bands], dtype=np.float64)
+
+
+def _limits(values: np.ndarray) -> tuple[float, float]:
+    low, high = (float(v) for v in np.percentile(values, _PERCENTILES))
+    if high <= low:
+        low, high = float(values.min()), float(values.max())
+    if high <= low:
+        high = low + 1.0
+    return low, high
+
+
+def read_rgb(
+    dataset: DatasetReader, window: Window, bands: Sequence[int], limits: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The window as (h, w, 3) uint8 RGB and its (h, w) bool `valid` mask; only that window
+    is read.
+
+    `bands` (three, from `choose_bands`) are scaled linearly from their `limits` (from
+    `band_limits`) to 0..255 and clipped. `valid` is False where GDAL's masks (the nodata
+    value, an internal mask or an alpha band) say nodata in every band, and where a float
+    value is not finite; those pixels are black.
+    """
+    col, row, width, height = window.flatten()
+    if (any(v != int(v) for v in (col, row, width, height)) or col < 0 or row < 0 or width < 1 or height < 1
+            or col + width > dataset.width or row + height > dataset.height):
+        raise ValueError(f"{window} is not a whole-pixel window inside the {dataset.width}x{dataset.height} raster")
+    bands = list(bands)
+    limits = np.asarray(limits, dtype=np.float64)
+    if limits.shape != (len(bands), 2):
+        raise ValueError(f"limits have shape {limits.shape}; expected ({len(bands)}, 2), one (low, high) per band")
+    unique = _unique(bands)
+    values = _read(dataset, f"window {window}", dataset.read, unique, window=window)
+    masks = _read(dataset, f"mask of window {window}", dataset.read_masks, unique, window=window)
+    valid = _valid(values, masks)
+    planes = values[[unique.index(band) for band in bands]]
+    if values.dtype == np.uint8 and (limits == (0.0, 255.0)).all():
+        rgb = planes
+    else:
+        low = limits[:, :1, None].astype(np.float32)
+        scale = (255.0 / (limits[:, 1:, None] - limits[:, :1, None])).astype(np.float32)
+        scaled = (np.nan_to_num(planes.astype(np.float32)) - low) * scale + 0.5
+        rgb = np.clip(scaled, 0, 255).astype(np.uint8)
+    rgb = np.where(valid, rgb, np.uint8(0))
+    return np.ascontiguousarray(np.moveaxis(rgb, 0, -1)), valid
+
+
+@dataclass(frozen=True)
+class Block:
+    """One output block of a raster: `core`, the pixels it writes, and `extent`, the pixels
+    it reads to compute them (the core plus the context its windows and the CRF need)."""
+
+    core: Window
+    extent: Window
+
+
+def _axis_blocks(length: int, *, crop: int, stride: int, block: int, margin: int) -> list[tuple[int, int, int, int]]:
+    """(core start, core end, extent start, extent end) of the blocks along one axis."""
+    # Core boundaries fall on multiples of a multiple of the stride, which are starts of the
+    # global window grid; the last block takes the remainder, merged into the one before when
+    # it would be shorter than half a block.
+    step = max(stride, round(block / stride) * stride)
+    count = max(1, round(length / step))
+    bounds = [i * step for i in range(count)] + [length]
+    size = min(crop, length)
+    starts = window_starts(length, size, stride)
+    blocks = []
+    for core_start, core_end in itertools.pairwise(bounds):
+        low, high = max(0, core_start - margin), min(length, core_end + margin)
+        covering = [s for s in starts if s < high and s + size > low]
+        blocks.append((core_start, core_end, covering[0], covering[-1] + size))
+    return blocks
+
+
+def plan_blocks(height: int, width: int, *, crop: int, stride: int, block: int, margin: int) -> list[Block]:
+    """The raster split into output blocks of about `block` x `block` pixels, in row-major
+    order, whose cores cover the raster exactly once.
+
+    A block's extent is the union of the windows of the raster's GLOBAL sliding-window grid
+    (`window_starts(length, crop, stride)` along each axis, as the Segmenter tiles a whole
+    image) that intersect its core widened by `margin` pixels (context for the dense CRF);
+    so the extent covers the widened core, clipped to the raster. Why the grid's windows, and
+    not the widened core alone: the extent starts at a grid start, its grid starts are
+    `stride` apart and its end is a grid window's end, so `window_starts(extent length, crop,
+    stride)` inside it gives back exactly the grid windows that lie in it (the last one snapped
+    inward at the raster's edge included). Every grid window that touches the core is among
+    them, with the same blend weights, so the core's blended logits are those of the whole
+    raster (up to the order of floating-point sums), and blocks join without seams.
+    """
+    if min(height, width) < 1:
+        raise ValueError(f"the raster must have pixels, got {height}x{width}")
+    if crop < 1 or not 1 <= stride <= crop:
+        raise ValueError(f"need crop >= 1 and 1 <= stride <= crop, got crop={crop}, stride={stride}")
+    if block < 1 or margin < 0:
+        raise ValueError(f"need block >= 1 and margin >= 0, got block={block}, margin={margin}")
+    rows = _axis_blocks(height, crop=crop, stride=stride, block=block, margin=margin)
+    cols = _axis_blocks(width, crop=crop, stride=stride, block=block, margin=margin)
+    return [
+        Block(
+            core=Window(c0, r0, c1 - c0, r1 - r0),
+            extent=Window(e_c0, e_r0, e_c1 - e_c0, e_r1 - e_r0),
+        )
+        for r0, r1, e_r0, e_r1 in rows
+        for c0, c1, e_c0, e_c1 in cols
+    ]

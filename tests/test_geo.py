@@ -1,0 +1,320 @@
+"""pipeline.geo: COG masks written window by window, polygons merged across block edges, and
+GeoParquet tables read back by geopandas and DuckDB."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+import shapely
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+from rio_cogeo.cogeo import cog_validate
+
+from pipeline.geo import (
+    ClassPolygon,
+    MaskWriter,
+    PolygonCollector,
+    concat_polygons_tables,
+    polygon_area,
+    polygons_table,
+    put_file_atomic,
+)
+from pipeline.masks import default_palette
+from pipeline.storage import open_location
+
+UTM16N = CRS.from_epsg(32616)
+TRANSFORM = from_origin(733601.0, 3725139.0, 0.5, 0.5)
+NODATA = 255
+
+
+def blocks(width: int, height: int, size: int) -> list[Window]:
+    return [Window(c, r, min(size, width - c), min(size, height - r))
+            for r in range(0, height, size) for c in range(0, width, size)]
+
+
+def synthetic_labels(width: int = 1300, height: int = 1100) -> np.ndarray:
+    """Background 0; class 1 a rectangle across the 512-px tile edges; class 2 a disc; class
+    3 a stripe through every row of tiles; a nodata corner."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    labels = np.zeros((height, width), np.uint8)
+    labels[400:700, 450:900] = 1
+    labels[(rows - 200) ** 2 + (cols - 1100) ** 2 < 150**2] = 2
+    labels[:, 100:140] = 3
+    labels[900:, :300] = NODATA
+    return labels
+
+
+# --- MaskWriter -------------------------------------------------------------------------
+
+
+def test_mask_cog_round_trip(tmp_path: Path) -> None:
+    labels = synthetic_labels()
+    height, width = labels.shape
+    palette = default_palette(4)
+    path = tmp_path / "mask.tif"
+    with MaskWriter(path, width=width, height=height, crs=UTM16N, transform=TRANSFORM,
+                    nodata=NODATA, palette=palette) as writer:
+        for window in blocks(width, height, 512):
+            r, c = int(window.row_off), int(window.col_off)
+            # int64, as np.argmax gives: accepted when the values fit uint8
+            writer.write(window, labels[r:r + window.height, c:c + window.width].astype(np.int64))
+
+    assert cog_validate(str(path)) == (True, [], [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.tif"]  # the staging file is gone
+    with rasterio.open(path) as src:
+        assert (src.width, src.height, src.count, src.dtypes) == (width, height, 1, ("uint8",))
+        assert src.crs == UTM16N and src.transform == TRANSFORM and src.nodata == NODATA
+        assert src.profile["tiled"] and src.block_shapes == [(512, 512)]
+        assert src.compression.name == "deflate"
+        assert src.overviews(1) == [2, 4]  # until an overview fits one 512 tile
+        colormap = src.colormap(1)
+        assert [colormap[i][:3] for i in range(4)] == [tuple(c) for c in palette]
+        np.testing.assert_array_equal(src.read(1), labels)
+        # overviews by mode: class ids only, never a blend of two
+        overview = src.read(1, out_shape=(height // 4, width // 4))
+        assert set(np.unique(overview)) <= {0, 1, 2, 3, NODATA}
+        assert (overview[240:, :70] == NODATA).all()
+
+
+def test_confidence_cog_without_palette_or_nodata(tmp_path: Path) -> None:
+    confidence = np.random.default_rng(0).integers(0, 256, (600, 700), dtype=np.uint8)
+    path = tmp_path / "confidence.tif"
+    with MaskWriter(path, width=700, height=600, crs=UTM16N, transform=TRANSFORM, nodata=None) as writer:
+        for window in reversed(blocks(700, 600, 256)):  # any order, windows off the tiles
+            r, c = int(window.row_off), int(window.col_off)
+            writer.write(window, confidence[r:r + window.height, c:c + window.width])
+    assert cog_validate(str(path))[0]
+    with rasterio.open(path) as src:
+        assert src.nodata is None
+        with pytest.raises(ValueError):
+            src.colormap(1)
+        np.testing.assert_array_equal(src.read(1), confidence)
+
+
+def test_mask_writer_refuses_bad_blocks_and_cleans_up(tmp_path: Path) -> None:
+    path = tmp_path / "mask.tif"
+    pixels = from_origin(0, 64, 1, 1)  # no CRS: a plain pixel grid
+    with (pytest.raises(ValueError, match="outside"),
+          MaskWriter(path, width=64, height=64, crs=None, transform=pixels, nodata=0) as writer):
+        writer.write(Window(0, 0, 32, 32), np.zeros((32, 32), np.uint8))
+        writer.write(Window(48, 48, 32, 32), np.zeros((32, 32), np.uint8))
+    assert list(tmp_path.iterdir()) == []  # neither the staging file nor a COG is left
+    with MaskWriter(path, width=64, height=64, crs=None, transform=pixels, nodata=0) as writer:
+        with pytest.raises(ValueError, match="shape"):
+            writer.write(Window(0, 0, 32, 32), np.zeros((16, 32), np.uint8))
+        with pytest.raises(ValueError, match=r"\[0, 255\]"):
+            writer.write(Window(0, 0, 32, 32), np.full((32, 32), 300))
+        with pytest.raises(ValueError, match="integers"):
+            writer.write(Window(0, 0, 32, 32), np.zeros((32, 32), np.float32))
+    with pytest.raises(ValueError, match="nodata"):
+        MaskWriter(path, width=64, height=64, crs=None, transform=pixels, nodata=256)
+
+
+def test_put_file_atomic_local_and_remote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "mask.tif"
+    source.write_bytes(b"new mask")
+    local = open_location(str(tmp_path / "out"))
+    (tmp_path / "out" / "masks" / "a").mkdir(parents=True)
+    (tmp_path / "out" / "masks" / "a" / "b.tif").write_bytes(b"old mask")
+    put_file_atomic(local, "masks/a/b.tif", source)
+    assert (tmp_path / "out" / "masks" / "a" / "b.tif").read_bytes() == b"new mask"
+    assert [p.name for p in (tmp_path / "out" / "masks" / "a").iterdir()] == ["b.tif"]  # no temporary left
+
+    remote = open_location(f"memory://geo-test-{tmp_path.name}")
+    calls = []
+    put_file = remote.fs.put_file
+
+    def flaky(*args, **kwargs):  # one dropped connection, then the upload goes through
+        calls.append(args)
+        if len(calls) == 1:
+            raise ConnectionResetError("reset by peer")
+        return put_file(*args, **kwargs)
+
+    monkeypatch.setattr(remote.fs, "put_file", flaky)
+    put_file_atomic(remote, "masks/a/b.tif", source)
+    assert len(calls) == 2 and remote.fs.cat_file(remote.path("masks/a/b.tif")) == b"new mask"
+
+
+# --- polygons ---------------------------------------------------------------------------
+
+
+def collect(labels: np.ndarray, valid: np.ndarray | None, size: int, **kwargs) -> list[ClassPolygon]:
+    height, width = labels.shape
+    collector = PolygonCollector(kwargs.pop("transform", TRANSFORM), kwargs.pop("crs", UTM16N),
+                                 width=width, height=height, **kwargs)
+    rows = []
+    for window in blocks(width, height, size):
+        r, c = int(window.row_off), int(window.col_off)
+        part = np.s_[r:r + window.height, c:c + window.width]
+        rows += collector.add(window, labels[part], None if valid is None else valid[part])
+    rows += collector.finish()
+    assert collector.held == 0
+    return rows
+
+
+def test_region_cut_by_block_edges_is_one_polygon() -> None:
+    # 6x6 pixels of 1 m, blocks of 3: class 1 is a plus sign over all four blocks, class 2 a
+    # pixel inside one block, and the nodata pixel (valid False) is in no polygon
+    labels = np.zeros((6, 6), np.uint8)
+    labels[1:5, 2:4] = 1
+    labels[2:4, 1:5] = 1
+    labels[0, 0] = 2
+    valid = np.ones((6, 6), bool)
+    valid[5, 5] = False
+    rows = collect(labels, valid, 3, transform=from_origin(100, 10, 1, 1), crs=None)
+    by_class = {k: [r for r in rows if r.class_id == k] for k in (0, 1, 2)}
+    assert len(by_class[1]) == 1 and by_class[1][0].area == 12  # pixels: no CRS
+    assert by_class[1][0].geometry.equals(shapely.union_all([shapely.box(102, 5, 104, 9), shapely.box(101, 6, 105, 8)]))
+    assert [r.area for r in by_class[2]] == [1]
+    assert len(by_class[0]) == 1 and by_class[0][0].area == 36 - 12 - 1 - 1
+
+
+def test_polygon_area_units() -> None:
+    square = shapely.box(0, 0, 10, 10)  # 100 square map units
+    assert polygon_area(square, UTM16N, TRANSFORM) == 100  # m²
+    us_feet = CRS.from_epsg(2263)  # NY Long Island, US survey feet
+    assert polygon_area(square, us_feet, TRANSFORM) == pytest.approx(100 * 0.3048006096**2)
+    degrees = from_origin(10, 50, 0.001, 0.001)
+    assert polygon_area(square, CRS.from_epsg(4326), degrees) == pytest.approx(100 / 1e-6)  # pixels
+    assert polygon_area(square, None, Affine.identity()) == 100  # pixels
+
+
+@pytest.fixture
+def footprints(shared_data: Path) -> tuple[np.ndarray, CRS, Affine]:
+    """SpaceNet building footprints (0/255) as class ids 0/1. The mask file carries no
+    georeferencing: it shares the grid of the image it was drawn on."""
+    folder = shared_data / "aerial" / "geotiff"
+    if not (folder / "sample_fp_mask.tif").is_file() or not (folder / "sample_geotiff.tif").is_file():
+        pytest.skip(f"SpaceNet sample not found in {folder}")
+    with rasterio.open(folder / "sample_geotiff.tif") as image:
+        crs, transform = image.crs, image.transform
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(folder / "sample_fp_mask.tif") as mask:
+            labels = (mask.read(1) == 255).astype(np.uint8)
+    return labels, crs, transform
+
+
+def test_footprints_in_blocks_match_whole_raster(footprints) -> None:
+    labels, crs, transform = footprints
+    height, width = labels.shape
+    valid = np.ones_like(labels, bool)
+    valid[600:700, 200:560] = False  # a nodata band across block edges
+    pixel_area = abs(transform.determinant)
+
+    whole = collect(labels, valid, max(width, height), transform=transform, crs=crs)
+    blocked = collect(labels, valid, 256, transform=transform, crs=crs)
+
+    assert len(blocked) == len(whole)
+    key = lambda r: (r.class_id, r.geometry.bounds)  # noqa: E731
+    for a, b in zip(sorted(blocked, key=key), sorted(whole, key=key), strict=True):
+        assert a.class_id == b.class_id and a.geometry.equals(b.geometry) and a.area == b.area
+    assert all(r.geometry.geom_type == "Polygon" and r.geometry.is_valid for r in blocked)
+    left, top = transform @ (0, 0)
+    right, bottom = transform @ (width, height)
+    bounds = shapely.box(left, bottom, right, top)
+    assert all(bounds.covers(r.geometry) for r in blocked)
+    for class_id in (0, 1):
+        pixels = int(((labels == class_id) & valid).sum())
+        assert sum(r.area for r in blocked if r.class_id == class_id) == pixels * pixel_area
+    # buildings really were cut by block edges (every 256 px) and joined again
+    inverse = ~transform
+
+    def spans_an_edge(polygon: shapely.Polygon) -> bool:
+        col0, row0 = inverse @ polygon.bounds[:2]
+        col1, row1 = inverse @ polygon.bounds[2:]
+        return any(min(a, b) < edge < max(a, b) for edge in (256, 512, 768) for a, b in ((col0, col1), (row0, row1)))
+
+    assert sum(spans_an_edge(r.geometry) for r in blocked if r.class_id == 1) >= 5
+
+
+def test_footprints_simplified_and_filtered(footprints) -> None:
+    labels, crs, transform = footprints
+    exact = collect(labels, None, 256, transform=transform, crs=crs)
+    tolerance = 1.0  # metres, two pixels
+    simplified = collect(labels, None, 256, transform=transform, crs=crs, simplify=tolerance, min_area=20.0)
+    buildings = [r for r in exact if r.class_id == 1]
+    kept = [r for r in simplified if r.class_id == 1]
+    assert 0 < len(kept) < len(buildings)  # the small ones are gone
+    assert min(r.area for r in simplified) >= 20.0
+    big = [r for r in buildings if r.area >= 25.0]  # so far above 20 m² that simplifying keeps them
+    assert len(kept) >= len(big)
+    # each polygon moves by at most `tolerance`: its area by at most perimeter x tolerance
+    exact_area = sum(r.area for r in big)
+    bound = tolerance * sum(r.geometry.length for r in big)
+    kept_big = [r for r in kept if any(r.geometry.intersects(b.geometry) for b in big)]
+    assert abs(sum(r.area for r in kept_big) - exact_area) <= bound
+    assert sum(len(r.geometry.exterior.coords) for r in kept) < sum(len(r.geometry.exterior.coords) for r in big)
+
+
+# --- GeoParquet -------------------------------------------------------------------------
+
+
+def test_polygons_geoparquet_read_by_geopandas_and_duckdb(footprints, tmp_path: Path) -> None:
+    gpd = pytest.importorskip("geopandas")
+    duckdb = pytest.importorskip("duckdb")
+    labels, crs, transform = footprints
+    rows = collect(labels, None, 256, transform=transform, crs=crs)
+    table = polygons_table(rows, run_id="run-1", image_id="tiles/a.tif",
+                           class_names=("background", "building"), crs=crs)
+    path = tmp_path / "polygons.parquet"
+    pq.write_table(table, path)
+
+    geo = json.loads(pq.read_schema(path).metadata[b"geo"])
+    column = geo["columns"]["geometry"]
+    assert geo["version"] == "1.1.0" and geo["primary_column"] == "geometry"
+    assert column["encoding"] == "WKB" and column["geometry_types"] == ["Polygon"]
+    assert CRS.from_user_input(json.dumps(column["crs"])) == crs
+    assert column["bbox"] == list(shapely.total_bounds([r.geometry for r in rows]))
+
+    frame = gpd.read_parquet(path)
+    assert frame.crs.to_epsg() == 32616
+    assert len(frame) == len(rows)
+    assert all(g.equals(r.geometry) for g, r in zip(frame.geometry, rows, strict=True))
+    assert frame["class_name"].tolist() == [("background", "building")[r.class_id] for r in rows]
+
+    counts = duckdb.sql(
+        f"select class_name, count(*), sum(area) from read_parquet('{path}') group by 1 order by 1"
+    ).fetchall()
+    buildings = [r for r in rows if r.class_id == 1]
+    assert counts[1][:2] == ("building", len(buildings))
+    assert counts[1][2] == pytest.approx(int(labels.sum()) * abs(transform.determinant))
+    geometry_type = duckdb.sql(f"select geometry from read_parquet('{path}') limit 0").types[0]
+    if str(geometry_type).startswith("GEOMETRY"):  # DuckDB reads GeoParquet as GEOMETRY
+        # a bounding-box predicate, built into DuckDB without the spatial extension
+        probe = shapely.box(733700, 3724900, 733750, 3724950)
+        hits = duckdb.sql(
+            f"select count(*) from read_parquet('{path}') where geometry && '{probe.wkt}'::GEOMETRY"
+        ).fetchall()[0][0]
+        assert hits == sum(shapely.intersects(shapely.box(*r.geometry.bounds), probe) for r in rows)
+
+
+def test_geo_metadata_without_crs_and_when_combining_tables() -> None:
+    names = ("background", "building")
+    square = ClassPolygon(1, shapely.box(0, 0, 2, 2), 4.0)
+    unknown = polygons_table([square], run_id="r", image_id="a.png", class_names=names, crs=None)
+    assert json.loads(unknown.schema.metadata[b"geo"])["columns"]["geometry"]["crs"] is None  # null: unknown
+    empty = polygons_table([], run_id="r", image_id="b.tif", class_names=names, crs=UTM16N)
+    assert empty.num_rows == 0 and "bbox" not in json.loads(empty.schema.metadata[b"geo"])["columns"]["geometry"]
+    with pytest.raises(ValueError, match="class_id 2"):
+        polygons_table([ClassPolygon(2, shapely.box(0, 0, 1, 1), 1.0)], run_id="r", image_id="a",
+                       class_names=names, crs=None)
+
+    far = ClassPolygon(1, shapely.box(10, 10, 12, 13), 6.0)
+    a = polygons_table([square], run_id="r", image_id="a.tif", class_names=names, crs=UTM16N)
+    b = polygons_table([far], run_id="r", image_id="b.tif", class_names=names, crs=UTM16N)
+    combined = concat_polygons_tables([a, empty, b])
+    assert combined.num_rows == 2
+    assert json.loads(combined.schema.metadata[b"geo"])["columns"]["geometry"]["bbox"] == [0, 0, 12, 13]
+    other = polygons_table([far], run_id="r", image_id="c.tif", class_names=names, crs=CRS.from_epsg(32617))
+    with pytest.raises(ValueError, match="different CRSs"):
+        concat_polygons_tables([a, other])
