@@ -28,8 +28,6 @@ images with 21 classes, the argmax agrees with pydensecrf's on about 96.5% of pi
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -77,16 +75,22 @@ def dense_crf(
     probs = probs.float()
     if iterations == 0:
         return probs.clone()
-    grid = (math.ceil(height / downsample), math.ceil(width / downsample))
-    coarse = grid != (height, width)
+    coarse = downsample > 1
     # Mean-field runs on the coarse grid: Q and its unary are the probabilities averaged over
     # each cell. Only the last update is made at full resolution, from the full-resolution
     # probabilities, so the model's own boundaries survive while the messages (smooth at the
     # scale of the kernels) are upsampled. Full-resolution passes over C classes dominated the
     # cost when every iteration made them (about 80% of the time on CPU).
-    q = F.adaptive_avg_pool2d(probs, grid) if coarse else probs
+    # Cells are `downsample` pixels from the image's top-left corner, the last row and column
+    # of cells padded by repeating the edge: a tile of a larger image that starts on a cell
+    # boundary then has the larger image's cells, so tiles refined apart join without seams.
+    pad = (0, -width % downsample, 0, -height % downsample)
+    padded = F.pad(probs, pad, mode="replicate") if any(pad) else probs
+    grid = (padded.shape[-2] // downsample, padded.shape[-1] // downsample)
+    q = F.avg_pool2d(padded, downsample) if coarse else probs
     unary = q.clamp_min(eps).log()
-    image = F.adaptive_avg_pool2d(images.float(), grid) if coarse else images.float()
+    pixels = images.float()
+    image = F.avg_pool2d(F.pad(pixels, pad, mode="replicate") if any(pad) else pixels, downsample) if coarse else pixels
     radius_y = grid[0] - 1 if window is None else min(window // 2, grid[0] - 1)
     radius_x = grid[1] - 1 if window is None else min(window // 2, grid[1] - 1)
 
@@ -101,8 +105,8 @@ def dense_crf(
     factor = (message - message.amax(dim=1, keepdim=True)).exp_()
     if coarse:
         # channels_last: PyTorch's vectorised bilinear kernel on CPU, about 3x the NCHW one
-        factor = F.interpolate(factor.contiguous(memory_format=torch.channels_last), size=(height, width),
-                               mode="bilinear", align_corners=False)
+        factor = F.interpolate(factor.contiguous(memory_format=torch.channels_last), size=tuple(padded.shape[-2:]),
+                               mode="bilinear", align_corners=False)[..., :height, :width]
     q = factor.mul_(probs)
     # all-zero probabilities stay zero rather than becoming NaN
     return q.div_(q.sum(dim=1, keepdim=True).clamp_min_(1e-30))

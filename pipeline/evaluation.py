@@ -21,12 +21,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from rasterio.windows import Window
 
 from .masks import decode_mask
 from .metrics import check_label_range, confusion_matrix, scores
+from .rasters import open_raster
 from .storage import Location, iter_files, read_bytes, write_atomic
 
-MASK_EXTENSIONS = frozenset({".png"})
+# PNG masks, and the GeoTIFF masks of georeferenced rasters (read window by window)
+MASK_EXTENSIONS = frozenset({".png", ".tif", ".tiff"})
+# side of the windows a GeoTIFF pair is scored in: memory stays flat whatever its size
+SCORE_WINDOW = 2048
 
 
 @dataclass(frozen=True)
@@ -88,10 +93,10 @@ def index_by_key(location: Location, suffix: str, accepts: Callable[[str], bool]
 
 
 def _index(location: Location, suffix: str, side: str, rejected: list[dict[str, str]]) -> dict[str, str]:
-    """PNG masks by pairing key; other files, and every file after the first under a key, go
+    """Masks by pairing key; other files, and every file after the first under a key, go
     to `rejected` with the reason."""
     groups, refused = index_by_key(location, suffix, is_mask_key)
-    rejected += [{"key": key, "side": side, "reason": "not a PNG mask"} for key in refused]
+    rejected += [{"key": key, "side": side, "reason": "not a mask (PNG or GeoTIFF)"} for key in refused]
     rejected += [{"key": key, "side": side, "reason": f"pairs under the same key as {keys[0]}"}
                  for keys in groups.values() for key in keys[1:]]
     return {key: keys[0] for key, keys in groups.items()}
@@ -130,6 +135,41 @@ def remap_ground_truth(labels: np.ndarray, settings: ScoreSettings) -> np.ndarra
     return out
 
 
+def _labels_confusion(pair: Pair, pred: np.ndarray, truth: np.ndarray, settings: ScoreSettings) -> np.ndarray:
+    """One pair's (or one window's) confusion; ValueError naming the file for a label out of range."""
+    n = settings.num_classes
+    check_label_range(pred, n, None, source=f"prediction {pair.prediction}")
+    check_label_range(truth, n, settings.ignore_index, source=f"ground truth {pair.ground_truth}")
+    return confusion_matrix(pred, truth, n, ignore_index=settings.ignore_index)
+
+
+def score_raster_pair(pair: Pair, predictions: Location, ground_truth: Location, settings: ScoreSettings) -> PairScore:
+    """A pair of which one side is a GeoTIFF, read window by window (PNG masks open through
+    GDAL as well): the prediction's nodata pixels (outside the raster's valid data) are not
+    scored."""
+    try:
+        with open_raster(predictions, pair.prediction) as pred_file, open_raster(ground_truth, pair.ground_truth) as truth_file:
+            if (pred_file.width, pred_file.height) != (truth_file.width, truth_file.height):
+                return PairScore(pair.image_id, error=(
+                    f"size mismatch: prediction {pair.prediction} is {pred_file.width}x{pred_file.height}, "
+                    f"ground truth {pair.ground_truth} is {truth_file.width}x{truth_file.height}"))
+            confusion = np.zeros((settings.num_classes,) * 2, dtype=np.int64)
+            for row in range(0, pred_file.height, SCORE_WINDOW):
+                for col in range(0, pred_file.width, SCORE_WINDOW):
+                    window = Window(col, row, min(SCORE_WINDOW, pred_file.width - col), min(SCORE_WINDOW, pred_file.height - row))
+                    pred = pred_file.read(1, window=window).astype(np.int64)
+                    truth = remap_ground_truth(truth_file.read(1, window=window), settings)
+                    if pred_file.nodata is not None:
+                        truth[pred == pred_file.nodata] = settings.ignore_index
+                        pred[pred == pred_file.nodata] = 0
+                    confusion += _labels_confusion(pair, pred, truth, settings)
+    except ValueError as err:
+        return PairScore(pair.image_id, error=str(err))
+    except Exception as err:  # rasterio's and GDAL's errors on an unreadable file: the pair is left out, named
+        return PairScore(pair.image_id, error=f"unreadable mask ({type(err).__name__}: {err})")
+    return PairScore(pair.image_id, confusion=confusion)
+
+
 def score_pair(pair: Pair, prediction: bytes, ground_truth: bytes, settings: ScoreSettings) -> PairScore:
     try:
         pred = decode_mask(prediction).astype(np.int64)
@@ -143,13 +183,10 @@ def score_pair(pair: Pair, prediction: bytes, ground_truth: bytes, settings: Sco
         return PairScore(pair.image_id, error=(
             f"size mismatch: prediction {pair.prediction} is {pred.shape[1]}x{pred.shape[0]}, "
             f"ground truth {pair.ground_truth} is {truth.shape[1]}x{truth.shape[0]}"))
-    n = settings.num_classes
     try:
-        check_label_range(pred, n, None, source=f"prediction {pair.prediction}")
-        check_label_range(truth, n, settings.ignore_index, source=f"ground truth {pair.ground_truth}")
+        return PairScore(pair.image_id, confusion=_labels_confusion(pair, pred, truth, settings))
     except ValueError as err:
         return PairScore(pair.image_id, error=str(err))
-    return PairScore(pair.image_id, confusion=confusion_matrix(pred, truth, n, ignore_index=settings.ignore_index))
 
 
 @dataclass
@@ -177,6 +214,9 @@ def score_pairs(predictions: Location, ground_truth: Location, pairs: Sequence[P
     n = settings.num_classes
     batch = BatchScore(confusion=np.zeros((n, n), dtype=np.int64))
     for pair in pairs:
+        if _is_tiff(pair.prediction) or _is_tiff(pair.ground_truth):
+            _add(batch, pair, score_raster_pair(pair, predictions, ground_truth, settings))
+            continue
         try:
             pred = read_bytes(predictions, pair.prediction)
             truth = read_bytes(ground_truth, pair.ground_truth)
@@ -186,16 +226,23 @@ def score_pairs(predictions: Location, ground_truth: Location, pairs: Sequence[P
         if pred is None or truth is None:
             batch.excluded.append({"image_id": pair.image_id, "reason": "cannot read: the file disappeared after it was listed"})
             continue
-        result = score_pair(pair, pred, truth, settings)
-        if result.confusion is None:
-            batch.excluded.append({"image_id": pair.image_id, "reason": result.error or ""})
-            continue
-        own = scores(result.confusion)
-        batch.confusion += result.confusion
-        batch.image_ids.append(pair.image_id)
-        batch.pixel_accuracy.append(own["pixel_accuracy"])
-        batch.iou.append(own["iou"])
+        _add(batch, pair, score_pair(pair, pred, truth, settings))
     return batch
+
+
+def _is_tiff(key: str) -> bool:
+    return posixpath.splitext(key)[1].lower() in {".tif", ".tiff"}
+
+
+def _add(batch: BatchScore, pair: Pair, result: PairScore) -> None:
+    if result.confusion is None:
+        batch.excluded.append({"image_id": pair.image_id, "reason": result.error or ""})
+        return
+    own = scores(result.confusion)
+    batch.confusion += result.confusion
+    batch.image_ids.append(pair.image_id)
+    batch.pixel_accuracy.append(own["pixel_accuracy"])
+    batch.iou.append(own["iou"])
 
 
 def _json_number(value: float) -> float | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -35,11 +34,15 @@ from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
-from .storage import Location, retry_io
-
 # side of the tiles of the GeoTIFFs written here: GDAL's COG default, and what rio-cogeo's
 # validator expects of a raster with overviews
 BLOCK_SIZE = 512
+# GDAL's block cache, process-wide, defaults to 5% of RAM (6 GB on a 128 GB node) and holds
+# written tiles until it is full: the memory a mask takes would grow with the raster up to
+# that. 128 MiB holds three rows of 512-px tiles of a 50,000-px-wide raster (25 MiB a row), so
+# windows written row by row, up to 1024 px high, fill each tile before it is flushed (a tile
+# flushed half-written is read back, and its compressed copy written twice)
+GDAL_CACHE_BYTES = 128 << 20
 _GEO_METADATA_VERSION = "1.1.0"
 # dtypes rasterio.features.shapes accepts for the values it polygonises
 _SHAPES_DTYPES = frozenset({np.dtype(t) for t in ("uint8", "int16", "uint16", "int32", "float32")})
@@ -49,10 +52,15 @@ POLYGONS_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
     pa.field("class_id", pa.int32(), nullable=False),
     pa.field("class_name", pa.string(), nullable=False),
-    # m² in a CRS with linear units, else pixels: see polygon_area
+    # m² in a projected CRS, else pixels: see polygon_area
     pa.field("area", pa.float64(), nullable=False),
     pa.field("geometry", pa.binary(), nullable=False),  # WKB, in the raster's CRS
 ])
+
+
+def _gdal_env() -> rasterio.Env:
+    """The GDAL settings every call on a mask file runs under (see GDAL_CACHE_BYTES)."""
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES)
 
 
 def _integer_window(window: Window, width: int, height: int) -> tuple[int, int, int, int]:
@@ -125,15 +133,16 @@ class MaskWriter:
         self._dataset: rasterio.io.DatasetWriter | None = None
 
     def __enter__(self) -> Self:
-        self._dataset = rasterio.open(
-            self._staging, "w", driver="GTiff", width=self.width, height=self.height, count=1,
-            dtype="uint8", crs=self.crs, transform=self.transform, nodata=self.nodata,
-            tiled=True, blockxsize=BLOCK_SIZE, blockysize=BLOCK_SIZE, compress="deflate",
-            # a 50,000 px square mask is 2.5 GB raw: past 4 GB (with overviews) TIFF needs BigTIFF
-            BIGTIFF="IF_SAFER",
-        )
-        if self.palette is not None:
-            self._dataset.write_colormap(1, {i: (*colour, 255) for i, colour in enumerate(self.palette)})
+        with _gdal_env():
+            self._dataset = rasterio.open(
+                self._staging, "w", driver="GTiff", width=self.width, height=self.height, count=1,
+                dtype="uint8", crs=self.crs, transform=self.transform, nodata=self.nodata,
+                tiled=True, blockxsize=BLOCK_SIZE, blockysize=BLOCK_SIZE, compress="deflate",
+                # a 50,000 px square mask is 2.5 GB raw: past 4 GB (with overviews) TIFF needs BigTIFF
+                BIGTIFF="IF_SAFER",
+            )
+            if self.palette is not None:
+                self._dataset.write_colormap(1, {i: (*colour, 255) for i, colour in enumerate(self.palette)})
         return self
 
     def write(self, window: Window, array: np.ndarray) -> None:
@@ -151,20 +160,22 @@ class MaskWriter:
             if array.size and (array.min() < 0 or array.max() > 255):
                 raise ValueError(f"values must lie in [0, 255] for a uint8 raster, got [{array.min()}, {array.max()}]")
             array = array.astype(np.uint8)
-        self._dataset.write(array, 1, window=Window(col, row, w, h))
+        with _gdal_env():
+            self._dataset.write(array, 1, window=Window(col, row, w, h))
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         dataset, self._dataset = self._dataset, None
         try:
-            if dataset is not None:
-                dataset.close()
-            if exc_type is None:
-                rasterio.shutil.copy(
-                    self._staging, self.path, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=BLOCK_SIZE,
-                    OVERVIEW_RESAMPLING=self.overview_resampling.name.upper(), BIGTIFF="IF_SAFER",
-                )
+            with _gdal_env():
+                if dataset is not None:
+                    dataset.close()
+                if exc_type is None:
+                    rasterio.shutil.copy(
+                        self._staging, self.path, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=BLOCK_SIZE,
+                        OVERVIEW_RESAMPLING=self.overview_resampling.name.upper(), BIGTIFF="IF_SAFER",
+                    )
         except BaseException:
             self.path.unlink(missing_ok=True)
             raise
@@ -172,33 +183,6 @@ class MaskWriter:
             self._staging.unlink(missing_ok=True)
         if exc_type is not None:
             self.path.unlink(missing_ok=True)
-
-
-def put_file_atomic(location: Location, key: str, local_path: str | os.PathLike[str]) -> None:
-    """Copy a finished local file to `key` so that a reader sees the old object or the new
-    one, never part: `storage.write_atomic` for a file too big to hold in memory.
-
-    Object stores make an upload visible only once complete (a multipart upload at its last
-    request); it is retried whole on transient errors. On a local disk the file is copied to
-    a hidden temporary file beside the target and renamed over it.
-    """
-    path = location.path(key)
-    if not location.is_local:
-        retry_io(location.uri(key), location.fs.put_file, os.fspath(local_path), path)
-        return
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(local_path, "rb") as source, open(temporary, "wb") as handle:
-            shutil.copyfileobj(source, handle, length=1 << 20)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 def polygon_area(geometry: shapely.Geometry | np.ndarray, crs: CRS | None, transform: Affine) -> float | np.ndarray:

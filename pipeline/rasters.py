@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 import rasterio
-from affine import Affine
 from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import RasterioError
 from rasterio.io import DatasetReader
+from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from .decode import ImageDecodeError
@@ -68,9 +68,9 @@ class _Opener:
     """The file opener handed to rasterio (`rasterio.open(path, opener=...)`): fsspec file
     objects for the raster's own object, with every read retried (`retry_io`).
 
-    GDAL calls it from C and sees a failed read only as a failed read: the Python error is
-    lost there. The last storage error is therefore kept in `failure`, for `open_raster` and
-    the readers to raise in place of GDAL's message (a storage outage is not a corrupt file).
+    GDAL calls it from C, where a Python error is lost (GDAL sees only a failed call); so the
+    first error is kept in `failure`, and `open_raster` and the readers raise it in place of
+    GDAL's message: a storage outage is not a corrupt file.
 
     Only the raster's own path is served. rasterio probes a new opener with a dummy path and
     GDAL looks for sidecar files (.aux.xml, .msk, .ovr) next to the raster: on object storage
@@ -88,15 +88,28 @@ class _Opener:
             raise FileNotFoundError(path)
         try:
             file = retry_io(self.uri, self.fs.open, path, mode, block_size=_READ_BLOCK, cache_type="readahead")
-        except Exception as err:
-            self.failure = err
+        except BaseException as err:
+            self.failure = self.failure or err
             raise
         return _RetriedFile(file, self)
+
+    def raise_failure(self, cause: BaseException | None = None) -> None:
+        """Raise the error met under GDAL, if any (a missing object as FileNotFoundError)."""
+        if isinstance(self.failure, FileNotFoundError):
+            raise FileNotFoundError(f"{self.uri}: no such object") from self.failure
+        if self.failure is not None:
+            raise self.failure from cause
 
 
 class _RetriedFile:
     """An fsspec file object whose reads are retried on transient errors, one read at a time
-    (a failed read leaves fsspec's position where it was)."""
+    (a failed read leaves fsspec's position where it was).
+
+    A read never raises into GDAL: rasterio 1.4 hands GDAL a Python exception in `read` as a
+    read of (size_t)-1 bytes, which aborts the whole process (std::length_error) when it
+    happens while the header is read. A failed read returns no bytes instead, a short read
+    that GDAL reports as an error, and the error is kept for the opener to raise.
+    """
 
     def __init__(self, file: Any, opener: _Opener) -> None:
         self._file = file
@@ -105,9 +118,9 @@ class _RetriedFile:
     def read(self, size: int = -1) -> bytes:
         try:
             return retry_io(self._opener.uri, self._file.read, size)
-        except Exception as err:
-            self._opener.failure = err
-            raise
+        except BaseException as err:  # a DecodeTimeout or KeyboardInterrupt too: raised later
+            self._opener.failure = self._opener.failure or err
+            return b""
 
     def seek(self, offset: int, whence: int = 0) -> int:
         return self._file.seek(offset, whence)
@@ -125,17 +138,8 @@ class _RetriedFile:
         self.close()
 
 
-# the opener of each open dataset, for the readers to find a storage error GDAL swallowed
+# the opener of each open dataset, for the readers to find the errors met under GDAL
 _OPENERS: weakref.WeakKeyDictionary[DatasetReader, _Opener] = weakref.WeakKeyDictionary()
-
-
-def _storage_failure(opener: _Opener | None, err: Exception) -> None:
-    """Raise the storage error behind a failed GDAL call, if there was one."""
-    failure = opener.failure if opener is not None else None
-    if isinstance(failure, FileNotFoundError):
-        raise FileNotFoundError(f"{opener.uri}: no such object") from failure
-    if failure is not None:
-        raise failure from err
 
 
 @contextmanager
@@ -151,12 +155,13 @@ def open_raster(location: Location, key: str) -> Iterator[DatasetReader]:
     try:
         dataset = rasterio.open(opener.path, opener=opener)
     except RasterioError as err:
-        _storage_failure(opener, err)
+        opener.raise_failure(err)
         if "not recognized as being in a supported file format" in str(err):
             raise ImageDecodeError("not_an_image", f"{opener.uri}: not a raster GDAL can read") from err
         raise ImageDecodeError("corrupt", f"{opener.uri}: cannot open the raster: {err}") from err
-    _OPENERS[dataset] = opener
     try:
+        opener.raise_failure()  # a short read GDAL got past
+        _OPENERS[dataset] = opener
         yield dataset
     finally:
         dataset.close()
@@ -164,12 +169,17 @@ def open_raster(location: Location, key: str) -> Iterator[DatasetReader]:
 
 def _read(dataset: DatasetReader, what: str, read: Any, *args: Any, **kwargs: Any) -> np.ndarray:
     """`read(*args, **kwargs)` (a dataset's `read` or `read_masks`), with GDAL's failures
-    named: the storage error behind one, else ImageDecodeError("corrupt")."""
+    named: the error met under GDAL, else ImageDecodeError("corrupt")."""
+    opener = _OPENERS.get(dataset)
     try:
-        return read(*args, **kwargs)
+        result = read(*args, **kwargs)
     except RasterioError as err:
-        _storage_failure(_OPENERS.get(dataset), err)
+        if opener is not None:
+            opener.raise_failure(err)
         raise ImageDecodeError("corrupt", f"{_name(dataset)}: cannot read {what}: {err}") from err
+    if opener is not None:
+        opener.raise_failure()  # a short read GDAL got past: the pixels may be wrong
+    return result
 
 
 def _name(dataset: DatasetReader) -> str:
@@ -243,7 +253,7 @@ def band_limits(dataset: DatasetReader, bands: Sequence[int]) -> np.ndarray:
     that `read_rgb` maps to 0 and 255.
 
     uint8 rasters: (0, 255), shown as they are. Deeper samples: the 2nd and 98th percentiles
-    of the valid pixels, taken from the smallest overview when the raster has one of at most
+    of each band's valid pixels, taken from the smallest overview when the raster has one of at most
     1024x1024 pixels, else from up to 16 windows of 256x256 spread over the raster; so a
     50,000-pixel raster costs a few reads, not a pass over it. A band whose percentiles meet
     falls back to its min and max; a constant band gets (v, v + 1), shown black.
@@ -252,28 +262,29 @@ def band_limits(dataset: DatasetReader, bands: Sequence[int]) -> np.ndarray:
     if all(dataset.dtypes[band - 1] == "uint8" for band in bands):
         return np.tile(np.array([0.0, 255.0]), (len(bands), 1))
     unique = _unique(bands)
-    samples = []
+    reads: list[tuple[np.ndarray, np.ndarray]] = []
     overviews = dataset.overviews(unique[0])
     factor = max(overviews) if overviews else 0
     shape = (math.ceil(dataset.height / factor), math.ceil(dataset.width / factor)) if factor else None
     if shape is not None and shape[0] * shape[1] <= _MAX_OVERVIEW_PIXELS:
         # a read at the overview's size is served by GDAL from the overview itself
-        out_shape = (len(unique), *shape)
-        values = _read(dataset, "the overview", dataset.read, unique, out_shape=out_shape, resampling=Resampling.nearest)
-        masks = _read(dataset, "the overview mask", dataset.read_masks, unique, out_shape=out_shape,
-                      resampling=Resampling.nearest)
-        samples.append(values[:, _valid(values, masks)])
+        out = {"out_shape": (len(unique), *shape), "resampling": Resampling.nearest}
+        reads.append((_read(dataset, "the overview", dataset.read, unique, **out),
+                      _read(dataset, "the overview's mask", dataset.read_masks, unique, **out)))
     else:
         for window in _sample_windows(dataset.height, dataset.width):
-            values = _read(dataset, f"window {window}", dataset.read, unique, window=window)
-            masks = _read(dataset, f"mask of window {window}", dataset.read_masks, unique, window=window)
-            samples.append(values[:, _valid(values, masks)])
-    pixels = np.concatenate(samples, axis=1).astype(np.float64)
-    if pixels.shape[1] == 0:
-        log.warning("%s: no valid pixel in the sample taken for the stretch; using limits (0, 1)", _name(dataset))
-        by_band = {band: (0.0, 1.0) for band in unique}
-    else:
-        by_band = {band: _limits(pixels[i]) for i, band in enumerate(unique)}
+            reads.append((_read(dataset, f"window {window}", dataset.read, unique, window=window),
+                          _read(dataset, f"the mask of window {window}", dataset.read_masks, unique, window=window)))
+    by_band = {}
+    for i, band in enumerate(unique):
+        # each band's own valid values: its mask, and finite
+        pixels = np.concatenate([values[i][(masks[i] != 0) & np.isfinite(values[i])] for values, masks in reads])
+        if pixels.size == 0:
+            log.warning("%s: band %d has no valid pixel in the sample taken for the stretch; limits (0, 1)",
+                        _name(dataset), band)
+            by_band[band] = (0.0, 1.0)
+        else:
+            by_band[band] = _limits(pixels.astype(np.float64))
     return np.array([by_band[band] for band in bands], dtype=np.float64)
 
 

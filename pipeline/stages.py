@@ -19,7 +19,6 @@ error record that names the stage's reason; the other images of the batch go on.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 import time
@@ -32,9 +31,9 @@ import numpy as np
 import torch
 
 from .config import SegmentConfig
-from .crf import dense_crf
+from .crf import DEFAULT_DOWNSAMPLE, dense_crf
 from .decode import DEFAULT_MAX_PIXELS, DeviceJpeg, ImageDecodeError, decode, decode_on_device
-from .geo import ClassPolygon, MaskWriter, PolygonCollector, put_file_atomic
+from .geo import ClassPolygon, MaskWriter, PolygonCollector
 from .inference import Segmenter, SlidingWindow
 from .masks import confidence_levels, encode_confidence, encode_mask
 from .preprocess import to_chw_uint8
@@ -50,7 +49,14 @@ from .rasters import (
 )
 from .records import ImageRecord, Polygons, confidence_key_for, mask_key
 from .stats import ClassStats, class_statistics, labels_and_confidence
-from .storage import Location, SourceFile, StorageUnavailableError, read_bytes, write_atomic
+from .storage import (
+    Location,
+    SourceFile,
+    StorageUnavailableError,
+    put_file_atomic,
+    read_bytes,
+    write_atomic,
+)
 
 
 def read_and_decode(
@@ -326,8 +332,9 @@ class RasterStage:
         mask_path, confidence_path = os.path.join(scratch, "mask.tif"), os.path.join(scratch, "confidence.tif")
         profile = {"width": dataset.width, "height": dataset.height, "crs": dataset.crs, "transform": dataset.transform}
         totals = _ClassTotals(self.num_classes)
+        # every region, for the components count; --min-polygon-area filters what is written
         polygons = PolygonCollector(dataset.transform, dataset.crs, width=dataset.width, height=dataset.height,
-                                    min_area=s.min_polygon_area, simplify=s.simplify)
+                                    simplify=s.simplify)
         regions: list[ClassPolygon] = []
         with MaskWriter(mask_path, **profile, nodata=nodata, palette=self.palette) as mask, \
                 MaskWriter(confidence_path, **profile, nodata=0) if s.confidence else _NoWriter() as confidence:
@@ -349,22 +356,38 @@ class RasterStage:
         record.stats = totals.stats(pixel_area=abs(dataset.transform.determinant),
                                     components=Counter(region.class_id for region in regions))
         if s.polygons:
-            record.polygons = Polygons(crs=dataset.crs, regions=regions)
+            record.polygons = Polygons(crs=dataset.crs, regions=[r for r in regions if r.area >= s.min_polygon_area])
         record.height, record.width = dataset.height, dataset.width
 
     def _block(self, dataset: Any, block: Block, bands: tuple[int, ...], limits: np.ndarray):
         """Labels, confidence and validity of the block's core."""
         rgb, valid = read_rgb(dataset, block.extent, bands, limits)
         probs = self.segmenter.predict([rgb])[0]
+        top, left = int(block.extent.row_off), int(block.extent.col_off)
         if self.crf:
-            probs = dense_crf(probs[None], to_chw_uint8(rgb).to(probs.device)[None])[0]
+            # the CRF's cells start on multiples of its downsampling in raster coordinates, so
+            # neighbouring blocks refine on the same cells as the whole raster would
+            dy, dx = -top % DEFAULT_DOWNSAMPLE, -left % DEFAULT_DOWNSAMPLE
+            pixels = to_chw_uint8(rgb[dy:, dx:]).to(probs.device)
+            probs = dense_crf(probs[None, :, dy:, dx:], pixels[None])[0]
+            top, left = top + dy, left + dx
         labels, score = labels_and_confidence(probs)
-        rows = slice(block.core.row_off - block.extent.row_off, block.core.row_off - block.extent.row_off + block.core.height)
-        cols = slice(block.core.col_off - block.extent.col_off, block.core.col_off - block.extent.col_off + block.core.width)
-        return (labels[rows, cols].cpu().numpy(), score[rows, cols].float().cpu().numpy(), valid[rows, cols])
+        rows = slice(int(block.core.row_off) - top, int(block.core.row_off) - top + int(block.core.height))
+        cols = slice(int(block.core.col_off) - left, int(block.core.col_off) - left + int(block.core.width))
+        inner = (slice(rows.start + top - int(block.extent.row_off), rows.stop + top - int(block.extent.row_off)),
+                 slice(cols.start + left - int(block.extent.col_off), cols.stop + left - int(block.extent.col_off)))
+        return labels[rows, cols].cpu().numpy(), score[rows, cols].float().cpu().numpy(), valid[inner]
 
 
-class _NoWriter(contextlib.nullcontext):
+class _NoWriter:
+    """Stands in for the confidence MaskWriter when no confidence mask is asked for."""
+
+    def __enter__(self) -> _NoWriter:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
     def write(self, *_: Any) -> None:
         pass
 

@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import shutil
 import time
 import uuid
 from collections import Counter
@@ -265,6 +266,33 @@ def write_atomic(location: Location, key: str, data: bytes) -> None:
     try:
         with open(temporary, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def put_file_atomic(location: Location, key: str, local_path: str | os.PathLike[str]) -> None:
+    """Copy a finished local file to `key` so that a reader sees the old object or the new
+    one, never part: `write_atomic` for a file too big to hold in memory.
+
+    Object stores make an upload visible only once complete (a multipart upload at its last
+    request); it is retried whole on transient errors. On a local disk the file is copied to
+    a hidden temporary file beside the target and renamed over it.
+    """
+    path = location.path(key)
+    if not location.is_local:
+        retry_io(location.uri(key), location.fs.put_file, os.fspath(local_path), path)
+        return
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(local_path, "rb") as source, open(temporary, "wb") as handle:
+            shutil.copyfileobj(source, handle, length=1 << 20)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)

@@ -40,7 +40,7 @@ def test_pairing_by_relative_key_with_suffixes_and_any_extension_case(tmp_path):
         ("a/x", "a/x_pred.png", "a/x_gt.png"), ("a/y", "a/y_pred.PNG", "a/y_gt.png")]
     assert pairing.unpaired_predictions == ["b/z_pred.png"]
     assert pairing.unpaired_ground_truth == ["c/z_gt.png"]
-    assert pairing.rejected == [{"key": "a/w_gt.jpg", "side": "ground_truth", "reason": "not a PNG mask"}]
+    assert pairing.rejected == [{"key": "a/w_gt.jpg", "side": "ground_truth", "reason": "not a mask (PNG or GeoTIFF)"}]
 
 
 def test_dataset_wide_iou_is_not_the_mean_of_per_image_iou(tmp_path):

@@ -110,7 +110,7 @@ def test_evaluate_flow_scores_dataset_wide_and_reports_what_it_left_out(prefect_
     reasons = {e["image_id"]: e["reason"] for e in saved["excluded"]}
     assert "size mismatch" in reasons["city/c"] and "city/c_pred.png is 3x3" in reasons["city/c"]
     assert "labels [40] outside [0, 3)" in reasons["city/d"]
-    assert reasons["city/notes.txt"] == "ground_truth: not a PNG mask"
+    assert reasons["city/notes.txt"] == "ground_truth: not a mask (PNG or GeoTIFF)"
     per_image = pq.read_table(tmp_path / "eval" / "per_image.parquet").to_pylist()
     assert [r["image_id"] for r in per_image] == ["city/a", "city/b"]
     assert per_image[1]["iou_car"] is None and per_image[1]["pixel_accuracy"] == pytest.approx(2 / 3)

@@ -26,10 +26,8 @@ from pipeline.geo import (
     concat_polygons_tables,
     polygon_area,
     polygons_table,
-    put_file_atomic,
 )
 from pipeline.masks import default_palette
-from pipeline.storage import open_location
 
 UTM16N = CRS.from_epsg(32616)
 TRANSFORM = from_origin(733601.0, 3725139.0, 0.5, 0.5)
@@ -117,34 +115,6 @@ def test_mask_writer_refuses_bad_blocks_and_cleans_up(tmp_path: Path) -> None:
             writer.write(Window(0, 0, 32, 32), np.zeros((32, 32), np.float32))
     with pytest.raises(ValueError, match="nodata"):
         MaskWriter(path, width=64, height=64, crs=None, transform=pixels, nodata=256)
-
-
-def test_put_file_atomic_local_and_remote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    source = tmp_path / "mask.tif"
-    source.write_bytes(b"new mask")
-    local = open_location(str(tmp_path / "out"))
-    (tmp_path / "out" / "masks" / "a").mkdir(parents=True)
-    (tmp_path / "out" / "masks" / "a" / "b.tif").write_bytes(b"old mask")
-    put_file_atomic(local, "masks/a/b.tif", source)
-    assert (tmp_path / "out" / "masks" / "a" / "b.tif").read_bytes() == b"new mask"
-    assert [p.name for p in (tmp_path / "out" / "masks" / "a").iterdir()] == ["b.tif"]  # no temporary left
-
-    remote = open_location(f"memory://geo-test-{tmp_path.name}")
-    calls = []
-    put_file = remote.fs.put_file
-
-    def flaky(*args, **kwargs):  # one dropped connection, then the upload goes through
-        calls.append(args)
-        if len(calls) == 1:
-            raise ConnectionResetError("reset by peer")
-        return put_file(*args, **kwargs)
-
-    monkeypatch.setattr(remote.fs, "put_file", flaky)
-    put_file_atomic(remote, "masks/a/b.tif", source)
-    assert len(calls) == 2 and remote.fs.cat_file(remote.path("masks/a/b.tif")) == b"new mask"
-
-
-# --- polygons ---------------------------------------------------------------------------
 
 
 def collect(labels: np.ndarray, valid: np.ndarray | None, size: int, **kwargs) -> list[ClassPolygon]:

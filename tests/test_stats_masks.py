@@ -9,7 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.masks import confidence_levels, decode_mask, default_palette, encode_confidence, encode_mask
+from pipeline.masks import (
+    confidence_levels,
+    decode_mask,
+    default_palette,
+    encode_confidence,
+    encode_mask,
+)
 from pipeline.stats import class_statistics, labels_and_confidence
 
 

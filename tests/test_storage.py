@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +18,7 @@ from pipeline.storage import (
     iter_shards,
     open_file,
     open_location,
+    put_file_atomic,
     read_bytes,
     write_atomic,
 )
@@ -163,3 +165,31 @@ def test_an_unreachable_endpoint_is_retried_then_reported(monkeypatch):
     with pytest.raises(StorageUnavailableError, match=r"still failing after 5 attempts .*EndpointConnectionError"):
         read_bytes(location, "a.jpg")
     assert delays == [0.5, 1, 2, 4]
+
+
+def test_put_file_atomic_local_and_remote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "mask.tif"
+    source.write_bytes(b"new mask")
+    local = open_location(str(tmp_path / "out"))
+    (tmp_path / "out" / "masks" / "a").mkdir(parents=True)
+    (tmp_path / "out" / "masks" / "a" / "b.tif").write_bytes(b"old mask")
+    put_file_atomic(local, "masks/a/b.tif", source)
+    assert (tmp_path / "out" / "masks" / "a" / "b.tif").read_bytes() == b"new mask"
+    assert [p.name for p in (tmp_path / "out" / "masks" / "a").iterdir()] == ["b.tif"]  # no temporary left
+
+    remote = open_location(f"memory://geo-test-{tmp_path.name}")
+    calls = []
+    put_file = remote.fs.put_file
+
+    def flaky(*args, **kwargs):  # one dropped connection, then the upload goes through
+        calls.append(args)
+        if len(calls) == 1:
+            raise ConnectionResetError("reset by peer")
+        return put_file(*args, **kwargs)
+
+    monkeypatch.setattr(remote.fs, "put_file", flaky)
+    put_file_atomic(remote, "masks/a/b.tif", source)
+    assert len(calls) == 2 and remote.fs.cat_file(remote.path("masks/a/b.tif")) == b"new mask"
+
+
+# --- polygons ---------------------------------------------------------------------------

@@ -1,0 +1,221 @@
+"""Georeferenced rasters end to end: block by block beside the model, a COG mask in the
+source's CRS, polygons in GeoParquet, statistics with areas; read back by rasterio,
+rio-cogeo's validator, geopandas and DuckDB. Real aerial tiles from ../shared/data, mosaicked
+into rasters larger than a block."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import s3fs
+import shapely
+import torch
+from PIL import Image
+from rasterio.transform import from_origin
+from rio_cogeo.cogeo import cog_validate
+
+from pipeline.config import SegmentConfig
+from pipeline.evaluation import Pair, ScoreSettings, score_pairs
+from pipeline.inference import Segmenter
+from pipeline.masks import encode_mask
+from pipeline.models import ModelMeta, build_model, save_checkpoint
+from pipeline.rasters import band_limits, choose_bands, open_raster, read_rgb
+from pipeline.records import ImageRecord
+from pipeline.stages import RasterSettings, RasterStage, SegmentStage
+from pipeline.storage import open_location
+
+MODEL = "lraspp_mobilenet_v3_large"
+CLASSES = 4
+NODATA_BOX = (slice(40, 140), slice(60, 220))  # rows, columns of the mosaic left without data
+
+
+def _pixel_driven_model() -> torch.nn.Module:
+    """An untrained model whose labels vary with the pixels: random weights give one class
+    everywhere, so the classifier's weights are scaled up (a trained model is not needed to
+    check where labels go, only labels that differ)."""
+    torch.manual_seed(0)
+    model = build_model(MODEL, num_classes=CLASSES, weights=None)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.startswith("classifier") and isinstance(module, torch.nn.Conv2d) and module.out_channels == CLASSES:
+                module.weight.mul_(200)
+                if module.bias is not None:
+                    module.bias.zero_()
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("model") / "pixel-driven.pt"
+    save_checkpoint(_pixel_driven_model(), str(path), ModelMeta.default(MODEL, CLASSES))
+    return str(path)
+
+
+def _mosaic(shared_data: Path, path: Path, *, height: int = 700, width: int = 900) -> Path:
+    """LoveDA tiles mosaicked into one UTM GeoTIFF (0.3 m), with nodata 0 and a box without data."""
+    tiles = [np.array(Image.open(p).convert("RGB")) for p in sorted((shared_data / "aerial/loveda/images").iterdir())]
+    rows = [np.concatenate([tiles[(r + c) % len(tiles)][:350, :450] for c in range(2)], axis=1) for r in range(2)]
+    pixels = np.concatenate(rows, axis=0)[:height, :width].copy()
+    pixels[pixels.sum(axis=-1) == 0] = 1  # black pixels of the tiles are data, not nodata
+    pixels[NODATA_BOX] = 0
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 5000000, 0.3, 0.3), nodata=0,
+                       tiled=True, blockxsize=256, blockysize=256) as dst:
+        dst.write(np.moveaxis(pixels, -1, 0))
+    return path
+
+
+def _raster_stage(folder: Path, output: Path, **settings) -> RasterStage:
+    meta = ModelMeta.default(MODEL, CLASSES)
+    segmenter = Segmenter(_pixel_driven_model(), meta, device="cpu", batch_size=4)
+    stage = SegmentStage(segmenter, crf=settings.pop("crf", False))
+    return RasterStage(stage, RasterSettings(**settings), source=open_location(str(folder)),
+                       output=open_location(str(output)), palette=meta.palette, class_names=meta.class_names)
+
+
+def _mask(path: Path) -> np.ndarray:
+    with rasterio.open(path) as mask:
+        return mask.read(1)
+
+
+def test_blocks_give_exactly_the_labels_of_the_whole_raster(shared_data, tmp_path):
+    """Without the CRF, a block's labels over its core are those of the whole raster slid
+    with the same windows: the windows of the raster's grid fall where they would."""
+    (tmp_path / "src").mkdir()
+    _mosaic(shared_data, tmp_path / "src" / "scene.tif", height=520, width=650)
+    stage = _raster_stage(tmp_path / "src", tmp_path / "out", tile=128, block=256)
+    record = stage(ImageRecord(key="scene.tif", georeferenced=True))
+    assert record.ok, record.error
+    with open_raster(open_location(str(tmp_path / "src")), "scene.tif") as dataset:
+        bands = choose_bands(dataset, None)
+        rgb, valid = read_rgb(dataset, rasterio.windows.Window(0, 0, dataset.width, dataset.height), bands,
+                              band_limits(dataset, bands))
+    whole = stage.segmenter.predict([rgb])[0].argmax(0).numpy()
+    blocked = _mask(tmp_path / "out" / "masks" / "scene.tif")
+    assert len(np.unique(whole[valid])) > 1  # labels that differ: a real check
+    np.testing.assert_array_equal(blocked[valid], whole[valid])
+    assert (blocked[~valid] == 255).all()  # nodata stays nodata
+
+
+def test_the_crf_across_block_edges_matches_one_block(shared_data, tmp_path):
+    (tmp_path / "src").mkdir()
+    _mosaic(shared_data, tmp_path / "src" / "scene.tif", height=520, width=650)
+    small = _raster_stage(tmp_path / "src", tmp_path / "small", tile=128, block=256, crf=True)
+    large = _raster_stage(tmp_path / "src", tmp_path / "large", tile=128, block=1024, crf=True)
+    assert small(ImageRecord(key="scene.tif", georeferenced=True)).ok
+    assert large(ImageRecord(key="scene.tif", georeferenced=True)).ok
+    blocked, whole = _mask(tmp_path / "small/masks/scene.tif"), _mask(tmp_path / "large/masks/scene.tif")
+    # the pixels near block edges (rows and columns 256 and 512) are where seams would show
+    edges = np.zeros_like(blocked, dtype=bool)
+    for edge in (256, 512):
+        edges[max(0, edge - 16) : edge + 16, :] = True
+        edges[:, max(0, edge - 16) : edge + 16] = True
+    assert (blocked[edges] == whole[edges]).mean() >= 0.99
+    assert (blocked == whole).mean() >= 0.99
+
+
+@pytest.mark.slow
+def test_a_geotiff_on_s3_becomes_a_cog_mask_polygons_and_areas(ray_cpu, s3_bucket, shared_data, tmp_path, checkpoint):
+    from pipeline.runtime.driver import run_segmentation
+
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    local = _mosaic(shared_data, tmp_path / "mosaic.tif")
+    fs.put_file(str(local), f"{bucket[5:]}/in/survey/mosaic.tif")
+    fs.put_file(str(shared_data / "aerial/geotiff/sample_geotiff.tif"), f"{bucket[5:]}/in/survey/spacenet.tif")
+    fs.put_file(str(shared_data / "aerial/potsdam/images" / next(iter(sorted(
+        p.name for p in (shared_data / "aerial/potsdam/images").iterdir())))), f"{bucket[5:]}/in/plain/potsdam.png")
+    config = SegmentConfig(source=f"{bucket}/in", output=f"{bucket}/out", weights=checkpoint, tile=256, block=512,
+                           polygons=True, confidence=True, storage_options=options)
+    summary = run_segmentation(config)
+    assert (summary.images, summary.errors) == (3, 0), summary.errors_by_type
+
+    con = duckdb.connect()
+    con.register_filesystem(fs)
+    images = {r[0]: r[1:] for r in con.sql(f"""select image_id, mask_uri, confidence_uri, width, height
+        from read_parquet('{bucket}/out/images/**/*.parquet', hive_partitioning = true)""").fetchall()}
+    # a plain PNG keeps today's PNG mask; the georeferenced rasters get GeoTIFFs
+    assert images["plain/potsdam.png"][0].endswith("masks/plain/potsdam.png")
+    assert images["plain/potsdam.png"][1].endswith("confidence/plain/potsdam.png")
+    for key in ("survey/mosaic.tif", "survey/spacenet.tif"):
+        mask_uri, confidence_uri, width, height = images[key]
+        assert mask_uri == f"{bucket}/out/masks/{key}" and confidence_uri == f"{bucket}/out/confidence/{key}"
+        local_mask = tmp_path / key.replace("/", "_")
+        fs.get_file(mask_uri, str(local_mask))
+        assert cog_validate(str(local_mask))[0], cog_validate(str(local_mask))
+        with rasterio.open(local_mask) as mask, rasterio.open(local if "mosaic" in key else
+                                                              shared_data / "aerial/geotiff/sample_geotiff.tif") as src:
+            # the mask lies exactly on the source: same CRS, transform and size
+            assert (mask.crs, mask.transform, mask.width, mask.height) == (src.crs, src.transform, src.width, src.height)
+            assert (mask.width, mask.height) == (width, height)
+            assert mask.overviews(1) and mask.colormap(1)[1][:3] == tuple(ModelMeta.default(MODEL, CLASSES).palette[1])
+            labels = mask.read(1)
+            pixel_area = abs(mask.transform.determinant)
+            bounds = shapely.box(*mask.bounds)
+        stats = dict(con.sql(f"""select class_id, pixel_count from read_parquet('{bucket}/out/class_stats/**/*.parquet')
+                                 where image_id = '{key}'""").fetchall())
+        counts = np.bincount(labels[labels != 255].ravel(), minlength=CLASSES)
+        assert stats == {c: int(n) for c, n in enumerate(counts) if n}  # nodata is not counted
+        areas = dict(con.sql(f"""select class_id, area from read_parquet('{bucket}/out/class_stats/**/*.parquet')
+                                 where image_id = '{key}'""").fetchall())
+        assert areas == pytest.approx({c: int(n) * pixel_area for c, n in enumerate(counts) if n})
+        assert all(bounds.contains(g) or bounds.buffer(1e-6).contains(g) for g in _polygons(fs, bucket, tmp_path, key))
+    # polygons: one GeoParquet file per CRS (the mosaic is in UTM 33N, SpaceNet in 16N), read
+    # by geopandas with its CRS; per class, their areas add up to the class's area
+    files = _polygon_files(fs, bucket, tmp_path)
+    assert sorted(gpd.read_parquet(f).crs.to_epsg() for f in files) == [32616, 32633]
+    for file in files:
+        polygons = gpd.read_parquet(file)
+        for image_id, rows in polygons.groupby("image_id"):
+            class_area = dict(con.sql(f"""select class_id, area from read_parquet('{bucket}/out/class_stats/**/*.parquet')
+                                          where image_id = '{image_id}'""").fetchall())
+            assert rows.groupby("class_id").area.sum().to_dict() == pytest.approx(class_area)
+            assert rows.geometry.area.sum() == pytest.approx(sum(class_area.values()))
+    # the spatial question of the README: large regions per raster, straight from the Parquet files
+    rows = con.sql(f"""select image_id, class_name, count(*) as regions, round(sum(area)) as m2
+        from read_parquet('{bucket}/out/polygons/**/*.parquet', hive_partitioning = true)
+        where area > 200 group by all order by image_id, class_name""").fetchall()
+    assert rows and {r[0] for r in rows} <= {"survey/mosaic.tif", "survey/spacenet.tif"}
+
+
+def _polygon_files(fs: s3fs.S3FileSystem, bucket: str, tmp_path: Path) -> list[Path]:
+    local = tmp_path / "polygons"
+    if not local.exists():
+        fs.get(f"{bucket}/out/polygons/", str(local), recursive=True)
+    return sorted(local.rglob("*.parquet"))
+
+
+def _polygons(fs: s3fs.S3FileSystem, bucket: str, tmp_path: Path, image_id: str) -> list[shapely.Geometry]:
+    frames = [gpd.read_parquet(f) for f in _polygon_files(fs, bucket, tmp_path)]
+    return [g for frame in frames for g in frame[frame.image_id == image_id].geometry]
+
+
+def test_evaluation_reads_geotiff_masks_by_window_against_png_or_geotiff_ground_truth(shared_data, tmp_path):
+    """The SpaceNet footprints scored against themselves, as a GeoTIFF and as a PNG, and
+    against a prediction that gets one building wrong."""
+    footprints = shared_data / "aerial/geotiff/sample_fp_mask.tif"
+    with rasterio.open(footprints) as gt:
+        truth, profile = gt.read(1), gt.profile
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "gt_png").mkdir()
+    (tmp_path / "gt_tif").mkdir()
+    prediction = (truth > 0).astype(np.uint8)
+    prediction[:100, :100] = 0  # buildings missed there
+    profile.update(dtype="uint8", nodata=255, count=1)
+    with rasterio.open(tmp_path / "pred" / "tile.tif", "w", **profile) as dst:
+        dst.write(prediction, 1)
+    (tmp_path / "gt_png" / "tile.png").write_bytes(encode_mask(truth))
+    with rasterio.open(tmp_path / "gt_tif" / "tile.tif", "w", **(profile | {"nodata": None})) as dst:
+        dst.write(truth, 1)
+    settings = ScoreSettings(num_classes=2, label_map={255: 1})
+    expected = np.bincount(2 * (truth > 0).astype(int).ravel() + prediction.ravel(), minlength=4).reshape(2, 2)
+    for folder, key in [("gt_png", "tile.png"), ("gt_tif", "tile.tif")]:
+        batch = score_pairs(open_location(str(tmp_path / "pred")), open_location(str(tmp_path / folder)),
+                            [Pair("tile", "tile.tif", key)], settings)
+        assert batch.excluded == [] and batch.image_ids == ["tile"]
+        np.testing.assert_array_equal(batch.confusion, expected)
