@@ -251,6 +251,13 @@ class SegmentConfig(JobConfig):
     _ray_address = field_validator("ray_address")(_no_ray_client)
     _date = field_validator("date")(_iso_date)
 
+    @field_validator("bands")
+    @classmethod
+    def _three_bands(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and (len(value) not in (1, 3) or min(value) < 1):
+            raise ValueError(f"give one band (grey) or three (R G B), numbered from 1; got {' '.join(map(str, value))}")
+        return value
+
     @field_validator("weights")
     @classmethod
     def _none_weights(cls, value: str | None) -> str | None:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from .masks import decode_mask
@@ -163,9 +164,9 @@ def score_raster_pair(pair: Pair, predictions: Location, ground_truth: Location,
                         truth[pred == pred_file.nodata] = settings.ignore_index
                         pred[pred == pred_file.nodata] = 0
                     confusion += _labels_confusion(pair, pred, truth, settings)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:  # ImageDecodeError is a ValueError: named, left out
         return PairScore(pair.image_id, error=str(err))
-    except Exception as err:  # rasterio's and GDAL's errors on an unreadable file: the pair is left out, named
+    except RasterioError as err:  # a file GDAL opened but cannot read through
         return PairScore(pair.image_id, error=f"unreadable mask ({type(err).__name__}: {err})")
     return PairScore(pair.image_id, confusion=confusion)
 

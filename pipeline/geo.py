@@ -34,15 +34,11 @@ from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
+from .rasters import gdal_env
+
 # side of the tiles of the GeoTIFFs written here: GDAL's COG default, and what rio-cogeo's
 # validator expects of a raster with overviews
 BLOCK_SIZE = 512
-# GDAL's block cache, process-wide, defaults to 5% of RAM (6 GB on a 128 GB node) and holds
-# written tiles until it is full: the memory a mask takes would grow with the raster up to
-# that. 128 MiB holds three rows of 512-px tiles of a 50,000-px-wide raster (25 MiB a row), so
-# windows written row by row, up to 1024 px high, fill each tile before it is flushed (a tile
-# flushed half-written is read back, and its compressed copy written twice)
-GDAL_CACHE_BYTES = 128 << 20
 _GEO_METADATA_VERSION = "1.1.0"
 # dtypes rasterio.features.shapes accepts for the values it polygonises
 _SHAPES_DTYPES = frozenset({np.dtype(t) for t in ("uint8", "int16", "uint16", "int32", "float32")})
@@ -56,11 +52,6 @@ POLYGONS_SCHEMA = pa.schema([
     pa.field("area", pa.float64(), nullable=False),
     pa.field("geometry", pa.binary(), nullable=False),  # WKB, in the raster's CRS
 ])
-
-
-def _gdal_env() -> rasterio.Env:
-    """The GDAL settings every call on a mask file runs under (see GDAL_CACHE_BYTES)."""
-    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES)
 
 
 def _integer_window(window: Window, width: int, height: int) -> tuple[int, int, int, int]:
@@ -133,7 +124,7 @@ class MaskWriter:
         self._dataset: rasterio.io.DatasetWriter | None = None
 
     def __enter__(self) -> Self:
-        with _gdal_env():
+        with gdal_env():
             self._dataset = rasterio.open(
                 self._staging, "w", driver="GTiff", width=self.width, height=self.height, count=1,
                 dtype="uint8", crs=self.crs, transform=self.transform, nodata=self.nodata,
@@ -160,7 +151,7 @@ class MaskWriter:
             if array.size and (array.min() < 0 or array.max() > 255):
                 raise ValueError(f"values must lie in [0, 255] for a uint8 raster, got [{array.min()}, {array.max()}]")
             array = array.astype(np.uint8)
-        with _gdal_env():
+        with gdal_env():
             self._dataset.write(array, 1, window=Window(col, row, w, h))
 
     def __exit__(
@@ -168,7 +159,7 @@ class MaskWriter:
     ) -> None:
         dataset, self._dataset = self._dataset, None
         try:
-            with _gdal_env():
+            with gdal_env():
                 if dataset is not None:
                     dataset.close()
                 if exc_type is None:
@@ -183,6 +174,14 @@ class MaskWriter:
             self._staging.unlink(missing_ok=True)
         if exc_type is not None:
             self.path.unlink(missing_ok=True)
+
+
+def pixel_area(crs: CRS | None, transform: Affine) -> float:
+    """The area of one pixel in `polygon_area`'s units: m² in a projected CRS, else 1 (pixels),
+    so that class areas and polygon areas add up in the same units."""
+    if crs is not None and crs.is_projected:
+        return abs(transform.determinant) * crs.linear_units_factor[1] ** 2
+    return 1.0
 
 
 def polygon_area(geometry: shapely.Geometry | np.ndarray, crs: CRS | None, transform: Affine) -> float | np.ndarray:

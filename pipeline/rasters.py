@@ -142,6 +142,19 @@ class _RetriedFile:
 _OPENERS: weakref.WeakKeyDictionary[DatasetReader, _Opener] = weakref.WeakKeyDictionary()
 
 
+# GDAL's block cache, process-wide, defaults to 5% of RAM (6 GB on a 128 GB node) and holds
+# tiles read and written until it is full: the memory a mask takes would grow with the raster up to
+# that. 128 MiB holds three rows of 512-px tiles of a 50,000-px-wide raster (25 MiB a row), so
+# windows written row by row, up to 1024 px high, fill each tile before it is flushed (a tile
+# flushed half-written is read back, and its compressed copy written twice)
+GDAL_CACHE_BYTES = 128 << 20
+
+
+def gdal_env() -> rasterio.Env:
+    """The GDAL settings every raster read and mask write runs under (GDAL_CACHE_BYTES)."""
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES)
+
+
 @contextmanager
 def open_raster(location: Location, key: str) -> Iterator[DatasetReader]:
     """The raster at `key` as an open rasterio dataset, read through `location.fs` by ranged
@@ -151,6 +164,11 @@ def open_raster(location: Location, key: str) -> Iterator[DatasetReader]:
     one it cannot parse), FileNotFoundError for a missing object, and the storage error
     itself (StorageUnavailableError after the retries) when storage fails.
     """
+    with gdal_env():
+        yield from _open(location, key)
+
+
+def _open(location: Location, key: str) -> Iterator[DatasetReader]:
     opener = _Opener(location, key)
     try:
         dataset = rasterio.open(opener.path, opener=opener)

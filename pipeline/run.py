@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .config import RunError
+from .config import RunError, SegmentConfig
 from .outputs import LAYOUT_FORMAT
 from .storage import ListingCounts, Location, Shard, ShardBy, iter_shards, retry_io
 
@@ -31,13 +31,19 @@ def new_run_id(now: dt.datetime | None = None) -> str:
     return now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def fingerprint(meta: dict[str, Any], crf: bool, tile: tuple[int | None, int | None]) -> str:
-    """Changes whenever results would differ (model, weights, classes, preprocessing, CRF,
-    tiling): shards committed under another fingerprint are processed again."""
+# the settings that change what a run writes; the others (batch sizes, replicas, --block, which
+# gives the same labels in other blocks) only change how fast it is written
+RESULT_SETTINGS = ("crf", "tile", "tile_stride", "bands", "confidence", "polygons", "min_polygon_area", "simplify")
+
+
+def fingerprint(meta: dict[str, Any], config: SegmentConfig) -> str:
+    """Changes whenever results would differ (model, weights, classes, preprocessing, and the
+    RESULT_SETTINGS): shards committed under another fingerprint are processed again."""
     settings = {
         "format": LAYOUT_FORMAT, "architecture": meta["architecture"], "weights": meta["weights"],
         "num_classes": meta["num_classes"], "class_names": meta["class_names"],
-        "preprocessing": meta["preprocessing"], "model_kwargs": meta["model_kwargs"], "crf": crf, "tile": tile,
+        "preprocessing": meta["preprocessing"], "model_kwargs": meta["model_kwargs"],
+        **{name: getattr(config, name) for name in RESULT_SETTINGS},
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -120,8 +126,10 @@ class Prefetched(Generic[T]):
         return value
 
     def close(self) -> None:
-        """Stop the producer (a run that ends early leaves no listing running behind it)."""
+        """Stop the producer (a run that ends early leaves no listing running behind it): it
+        stops at its next item, or when the page it waits for arrives."""
         self._closed.set()
+        self._thread.join(timeout=1.0)
 
     def __iter__(self) -> Iterator[T]:
         while (item := self.get()) is not DONE:

@@ -29,11 +29,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .config import SegmentConfig
 from .crf import DEFAULT_DOWNSAMPLE, dense_crf
 from .decode import DEFAULT_MAX_PIXELS, DeviceJpeg, ImageDecodeError, decode, decode_on_device
-from .geo import ClassPolygon, MaskWriter, PolygonCollector
+from .geo import ClassPolygon, MaskWriter, PolygonCollector, pixel_area
 from .inference import Segmenter, SlidingWindow
 from .masks import confidence_levels, encode_confidence, encode_mask
 from .preprocess import to_chw_uint8
@@ -291,6 +292,11 @@ class RasterSettings:
                    simplify=config.simplify)
 
 
+# the mask's value where the raster has no data: a label no class takes (masks are uint8, so
+# rasters take models of at most 255 classes)
+RASTER_NODATA = 255
+
+
 class RasterStage:
     """One georeferenced raster, block by block (`rasters.plan_blocks`): each block's extent
     is read (only it), segmented with the replica's model in sliding windows of the whole
@@ -317,6 +323,12 @@ class RasterStage:
                 self._segment(record, dataset, scratch)
         except ImageDecodeError as err:
             record.fail(err.reason, str(err))
+        except FileNotFoundError:
+            record.fail("missing", "the file disappeared after it was listed")
+        except StorageUnavailableError:
+            raise  # storage down: the run stops and resumes, as for every other write
+        except OSError as err:  # a write that fails for the output's sake, as write_masks does
+            raise StorageUnavailableError(f"cannot write the mask of {record.key}: {type(err).__name__}: {err}") from err
         except (RuntimeError, ValueError) as err:
             record.fail("inference", f"{type(err).__name__}: {err}")
         record.seconds.inference = time.perf_counter() - start
@@ -324,59 +336,62 @@ class RasterStage:
 
     def _segment(self, record: ImageRecord, dataset: Any, scratch: str) -> None:
         s = self.settings
-        bands = choose_bands(dataset, s.bands)
-        limits = band_limits(dataset, bands)
         if self.num_classes > 255:
             raise ValueError(f"a raster mask is uint8 with a nodata value: at most 255 classes, not {self.num_classes}")
-        nodata = 255  # a label no class uses
+        bands = choose_bands(dataset, s.bands)
+        limits = band_limits(dataset, bands)
         mask_path, confidence_path = os.path.join(scratch, "mask.tif"), os.path.join(scratch, "confidence.tif")
         profile = {"width": dataset.width, "height": dataset.height, "crs": dataset.crs, "transform": dataset.transform}
         totals = _ClassTotals(self.num_classes)
-        # every region, for the components count; --min-polygon-area filters what is written
-        polygons = PolygonCollector(dataset.transform, dataset.crs, width=dataset.width, height=dataset.height,
-                                    simplify=s.simplify)
-        regions: list[ClassPolygon] = []
-        with MaskWriter(mask_path, **profile, nodata=nodata, palette=self.palette) as mask, \
+        # every region, counted for `components`; kept only when polygons are written, and
+        # filtered by --min-polygon-area then
+        collector = PolygonCollector(dataset.transform, dataset.crs, width=dataset.width, height=dataset.height,
+                                     simplify=s.simplify)
+        kept: list[ClassPolygon] = []
+
+        def take(regions: list[ClassPolygon]) -> None:
+            totals.components.update(region.class_id for region in regions)
+            if s.polygons:
+                kept.extend(r for r in regions if r.area >= s.min_polygon_area)
+
+        with MaskWriter(mask_path, **profile, nodata=RASTER_NODATA, palette=self.palette) as mask, \
                 MaskWriter(confidence_path, **profile, nodata=0) if s.confidence else _NoWriter() as confidence:
             for block in plan_blocks(dataset.height, dataset.width, crop=s.tile, stride=s.stride, block=s.block,
                                      margin=s.crf_margin if self.crf else 0):
                 labels, score, valid = self._block(dataset, block, bands, limits)
                 totals.add(labels, score, valid)
-                regions += polygons.add(block.core, labels, valid)
-                mask.write(block.core, np.where(valid, labels, nodata).astype(np.uint8))
-                levels = confidence_levels(torch.from_numpy(score)).numpy()
-                confidence.write(block.core, np.where(valid, np.maximum(levels, 1), 0).astype(np.uint8))  # 0: nodata
-            regions += polygons.finish()
+                take(collector.add(block.core, labels, valid))
+                mask.write(block.core, np.where(valid, labels, RASTER_NODATA).astype(np.uint8))
+                if s.confidence:  # 0: nodata, so valid pixels take at least 1
+                    levels = confidence_levels(torch.from_numpy(score)).numpy()
+                    confidence.write(block.core, np.where(valid, np.maximum(levels, 1), 0).astype(np.uint8))
+            take(collector.finish())
         record.mask_key = mask_key(record.key, ".tif")
         put_file_atomic(self.output, record.mask_key, mask_path)
         if s.confidence:
             record.confidence_key = confidence_key_for(record.key, ".tif")
             put_file_atomic(self.output, record.confidence_key, confidence_path)
-        # components: regions of each class over the whole raster (merged across blocks)
-        record.stats = totals.stats(pixel_area=abs(dataset.transform.determinant),
-                                    components=Counter(region.class_id for region in regions))
+        record.stats = totals.stats(pixel_area=pixel_area(dataset.crs, dataset.transform))
         if s.polygons:
-            record.polygons = Polygons(crs=dataset.crs, regions=[r for r in regions if r.area >= s.min_polygon_area])
+            record.polygons = Polygons(crs=dataset.crs, regions=kept)
         record.height, record.width = dataset.height, dataset.width
 
     def _block(self, dataset: Any, block: Block, bands: tuple[int, ...], limits: np.ndarray):
         """Labels, confidence and validity of the block's core."""
         rgb, valid = read_rgb(dataset, block.extent, bands, limits)
         probs = self.segmenter.predict([rgb])[0]
-        top, left = int(block.extent.row_off), int(block.extent.col_off)
+        # where the core starts in `probs`; the extent reaches at least `margin` beyond it
+        top, left = int(block.core.row_off - block.extent.row_off), int(block.core.col_off - block.extent.col_off)
+        inside = (slice(top, top + int(block.core.height)), slice(left, left + int(block.core.width)))
         if self.crf:
             # the CRF's cells start on multiples of its downsampling in raster coordinates, so
             # neighbouring blocks refine on the same cells as the whole raster would
-            dy, dx = -top % DEFAULT_DOWNSAMPLE, -left % DEFAULT_DOWNSAMPLE
-            pixels = to_chw_uint8(rgb[dy:, dx:]).to(probs.device)
-            probs = dense_crf(probs[None, :, dy:, dx:], pixels[None])[0]
-            top, left = top + dy, left + dx
-        labels, score = labels_and_confidence(probs)
-        rows = slice(int(block.core.row_off) - top, int(block.core.row_off) - top + int(block.core.height))
-        cols = slice(int(block.core.col_off) - left, int(block.core.col_off) - left + int(block.core.width))
-        inner = (slice(rows.start + top - int(block.extent.row_off), rows.stop + top - int(block.extent.row_off)),
-                 slice(cols.start + left - int(block.extent.col_off), cols.stop + left - int(block.extent.col_off)))
-        return labels[rows, cols].cpu().numpy(), score[rows, cols].float().cpu().numpy(), valid[inner]
+            dy, dx = -int(block.extent.row_off) % DEFAULT_DOWNSAMPLE, -int(block.extent.col_off) % DEFAULT_DOWNSAMPLE
+            assert dy <= top and dx <= left, "the CRF margin is narrower than its cells"
+            refined = dense_crf(probs[None, :, dy:, dx:], to_chw_uint8(rgb[dy:, dx:]).to(probs.device)[None])[0]
+            probs = F.pad(refined, (dx, 0, dy, 0))  # back on the extent's grid; the padding lies outside the core
+        labels, score = labels_and_confidence(probs[:, inside[0], inside[1]])
+        return labels.cpu().numpy(), score.float().cpu().numpy(), valid[inside]
 
 
 class _NoWriter:
@@ -393,23 +408,26 @@ class _NoWriter:
 
 
 class _ClassTotals:
-    """Per-class pixel counts and confidence sums over a raster's valid pixels, block by block."""
+    """Per-class pixel counts, confidence sums and regions over a raster's valid pixels,
+    block by block."""
 
     def __init__(self, num_classes: int) -> None:
         self.counts = np.zeros(num_classes, dtype=np.int64)
         self.confidence = np.zeros(num_classes, dtype=np.float64)
+        self.components: Counter[int] = Counter()
 
     def add(self, labels: np.ndarray, score: np.ndarray, valid: np.ndarray) -> None:
         n = len(self.counts)
         self.counts += np.bincount(labels[valid].ravel(), minlength=n)[:n]
         self.confidence += np.bincount(labels[valid].ravel(), weights=score[valid].ravel(), minlength=n)[:n]
 
-    def stats(self, *, pixel_area: float, components: Counter[int]) -> ClassStats:
+    def stats(self, *, pixel_area: float) -> ClassStats:
+        """`fraction` is of the raster's valid pixels; `area` in `pixel_area`'s units."""
         present = np.nonzero(self.counts)[0]
         counts = self.counts[present]
         return ClassStats(
             class_id=present.astype(np.int64), pixel_count=counts, fraction=counts / max(int(self.counts.sum()), 1),
             mean_confidence=self.confidence[present] / counts,
-            components=np.array([components.get(int(c), 0) for c in present], dtype=np.int64),
+            components=np.array([self.components.get(int(c), 0) for c in present], dtype=np.int64),
             area=counts * pixel_area,
         )

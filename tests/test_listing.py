@@ -88,3 +88,16 @@ def test_prefetched_hands_the_producers_error_to_the_reader_and_waits_without_bl
     release.set()
     with pytest.raises(OSError, match="listing page failed"):
         listing.get(timeout=5)
+
+
+def test_a_closed_listing_leaves_no_thread_behind():
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    listing = Prefetched(endless(), depth=2)
+    assert listing.get() == 0
+    listing.close()  # a run that stops early
+    assert not listing._thread.is_alive()

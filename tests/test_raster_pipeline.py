@@ -5,6 +5,7 @@ into rasters larger than a block."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import duckdb
@@ -70,6 +71,15 @@ def _mosaic(shared_data: Path, path: Path, *, height: int = 700, width: int = 90
     return path
 
 
+def _as_geotiff(image: Path, path: Path) -> Path:
+    """An ISPRS tile as the GeoTIFF a survey would deliver (UTM 32N, 5 cm)."""
+    pixels = np.moveaxis(np.array(Image.open(image).convert("RGB")), -1, 0)
+    with rasterio.open(path, "w", driver="GTiff", width=pixels.shape[2], height=pixels.shape[1], count=3, dtype="uint8",
+                       crs="EPSG:32632", transform=from_origin(368000, 5808000, 0.05, 0.05)) as dst:
+        dst.write(pixels)
+    return path
+
+
 def _raster_stage(folder: Path, output: Path, **settings) -> RasterStage:
     meta = ModelMeta.default(MODEL, CLASSES)
     segmenter = Segmenter(_pixel_driven_model(), meta, device="cpu", batch_size=4)
@@ -128,12 +138,14 @@ def test_a_geotiff_on_s3_becomes_a_cog_mask_polygons_and_areas(ray_cpu, s3_bucke
     local = _mosaic(shared_data, tmp_path / "mosaic.tif")
     fs.put_file(str(local), f"{bucket[5:]}/in/survey/mosaic.tif")
     fs.put_file(str(shared_data / "aerial/geotiff/sample_geotiff.tif"), f"{bucket[5:]}/in/survey/spacenet.tif")
+    vaihingen = _as_geotiff(next((shared_data / "aerial/vaihingen/images").iterdir()), tmp_path / "vaihingen.tif")
+    fs.put_file(str(vaihingen), f"{bucket[5:]}/in/survey/vaihingen.tif")
     fs.put_file(str(shared_data / "aerial/potsdam/images" / next(iter(sorted(
         p.name for p in (shared_data / "aerial/potsdam/images").iterdir())))), f"{bucket[5:]}/in/plain/potsdam.png")
     config = SegmentConfig(source=f"{bucket}/in", output=f"{bucket}/out", weights=checkpoint, tile=256, block=512,
                            polygons=True, confidence=True, storage_options=options)
     summary = run_segmentation(config)
-    assert (summary.images, summary.errors) == (3, 0), summary.errors_by_type
+    assert (summary.images, summary.errors) == (4, 0), summary.errors_by_type
 
     con = duckdb.connect()
     con.register_filesystem(fs)
@@ -142,18 +154,21 @@ def test_a_geotiff_on_s3_becomes_a_cog_mask_polygons_and_areas(ray_cpu, s3_bucke
     # a plain PNG keeps today's PNG mask; the georeferenced rasters get GeoTIFFs
     assert images["plain/potsdam.png"][0].endswith("masks/plain/potsdam.png")
     assert images["plain/potsdam.png"][1].endswith("confidence/plain/potsdam.png")
-    for key in ("survey/mosaic.tif", "survey/spacenet.tif"):
+    sources = {"survey/mosaic.tif": local, "survey/spacenet.tif": shared_data / "aerial/geotiff/sample_geotiff.tif",
+               "survey/vaihingen.tif": vaihingen}
+    for key, source in sources.items():
         mask_uri, confidence_uri, width, height = images[key]
         assert mask_uri == f"{bucket}/out/masks/{key}" and confidence_uri == f"{bucket}/out/confidence/{key}"
         local_mask = tmp_path / key.replace("/", "_")
         fs.get_file(mask_uri, str(local_mask))
         assert cog_validate(str(local_mask))[0], cog_validate(str(local_mask))
-        with rasterio.open(local_mask) as mask, rasterio.open(local if "mosaic" in key else
-                                                              shared_data / "aerial/geotiff/sample_geotiff.tif") as src:
+        with rasterio.open(local_mask) as mask, rasterio.open(source) as src:
             # the mask lies exactly on the source: same CRS, transform and size
             assert (mask.crs, mask.transform, mask.width, mask.height) == (src.crs, src.transform, src.width, src.height)
             assert (mask.width, mask.height) == (width, height)
-            assert mask.overviews(1) and mask.colormap(1)[1][:3] == tuple(ModelMeta.default(MODEL, CLASSES).palette[1])
+            # overviews down to one 512-pixel tile (a raster of one tile needs none)
+            assert bool(mask.overviews(1)) == (max(mask.width, mask.height) > 512)
+            assert mask.colormap(1)[1][:3] == tuple(ModelMeta.default(MODEL, CLASSES).palette[1])
             labels = mask.read(1)
             pixel_area = abs(mask.transform.determinant)
             bounds = shapely.box(*mask.bounds)
@@ -165,10 +180,11 @@ def test_a_geotiff_on_s3_becomes_a_cog_mask_polygons_and_areas(ray_cpu, s3_bucke
                                  where image_id = '{key}'""").fetchall())
         assert areas == pytest.approx({c: int(n) * pixel_area for c, n in enumerate(counts) if n})
         assert all(bounds.contains(g) or bounds.buffer(1e-6).contains(g) for g in _polygons(fs, bucket, tmp_path, key))
-    # polygons: one GeoParquet file per CRS (the mosaic is in UTM 33N, SpaceNet in 16N), read
-    # by geopandas with its CRS; per class, their areas add up to the class's area
+    # polygons: one GeoParquet file per CRS (the mosaic is in UTM 33N, SpaceNet in 16N,
+    # Vaihingen in 32N), read by geopandas with its CRS; per class, their areas add up to the
+    # class's area
     files = _polygon_files(fs, bucket, tmp_path)
-    assert sorted(gpd.read_parquet(f).crs.to_epsg() for f in files) == [32616, 32633]
+    assert sorted(gpd.read_parquet(f).crs.to_epsg() for f in files) == [32616, 32632, 32633]
     for file in files:
         polygons = gpd.read_parquet(file)
         for image_id, rows in polygons.groupby("image_id"):
@@ -176,11 +192,16 @@ def test_a_geotiff_on_s3_becomes_a_cog_mask_polygons_and_areas(ray_cpu, s3_bucke
                                           where image_id = '{image_id}'""").fetchall())
             assert rows.groupby("class_id").area.sum().to_dict() == pytest.approx(class_area)
             assert rows.geometry.area.sum() == pytest.approx(sum(class_area.values()))
-    # the spatial question of the README: large regions per raster, straight from the Parquet files
-    rows = con.sql(f"""select image_id, class_name, count(*) as regions, round(sum(area)) as m2
-        from read_parquet('{bucket}/out/polygons/**/*.parquet', hive_partitioning = true)
-        where area > 200 group by all order by image_id, class_name""").fetchall()
-    assert rows and {r[0] for r in rows} <= {"survey/mosaic.tif", "survey/spacenet.tif"}
+    # the README's spatial query, as written (its 'building' is class 1 of this model)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [query] = [q for q in re.findall(r"```sql\n(.*?)```", readme, re.S) if "OUTPUT/polygons" in q]
+    query = query.replace("OUTPUT", f"{bucket}/out").replace("'building'", "'class_1'")
+    expected = {}
+    for file in files:
+        frame = gpd.read_parquet(file)
+        for image_id, rows in frame[(frame.class_name == "class_1") & (frame.area > 200)].groupby("image_id"):
+            expected[image_id] = (len(rows), round(rows.area.sum()))
+    assert {r[0]: (r[1], r[2]) for r in con.sql(query).fetchall()} == expected
 
 
 def _polygon_files(fs: s3fs.S3FileSystem, bucket: str, tmp_path: Path) -> list[Path]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 
+from pipeline.config import SegmentConfig
 from pipeline.run import (
+    RESULT_SETTINGS,
     Progress,
     batched,
     batches_in_flight,
@@ -40,16 +42,22 @@ def test_run_ids_sort_by_start_time_and_do_not_collide() -> None:
 
 
 def test_the_fingerprint_changes_with_every_setting_that_shapes_results() -> None:
-    base = fingerprint(META, crf=True, tile=(None, None))
-    assert base == fingerprint(dict(META), crf=True, tile=(None, None))  # a function of the settings only
+    base_config = SegmentConfig(source="s3://a", output="s3://b")
+    base = fingerprint(META, base_config)
+    assert base == fingerprint(dict(META), base_config.model_copy())  # a function of the settings only
     changed = [
-        fingerprint(META | {"weights": "COCO_WITH_VOC_LABELS_V1"}, crf=True, tile=(None, None)),
-        fingerprint(META | {"num_classes": 19}, crf=True, tile=(None, None)),
-        fingerprint(META | {"preprocessing": {"mean": [0.4] * 3, "std": [0.5] * 3}}, crf=True, tile=(None, None)),
-        fingerprint(META, crf=False, tile=(None, None)),
-        fingerprint(META, crf=True, tile=(512, 384)),
+        fingerprint(META | {"weights": "COCO_WITH_VOC_LABELS_V1"}, base_config),
+        fingerprint(META | {"num_classes": 19}, base_config),
+        fingerprint(META | {"preprocessing": {"mean": [0.4] * 3, "std": [0.5] * 3}}, base_config),
     ]
+    changes = {"crf": False, "tile": 512, "tile_stride": 256, "bands": (4, 3, 2), "confidence": True, "polygons": True,
+               "min_polygon_area": 20.0, "simplify": 0.5}
+    assert set(changes) == set(RESULT_SETTINGS)
+    changed += [fingerprint(META, base_config.model_copy(update={name: value})) for name, value in changes.items()]
     assert base not in changed and len(set(changed)) == len(changed)
+    # how fast results are made does not change them: those shards stay committed
+    for name, value in {"batch_size": 2, "block": 1024, "actors": 3, "shard_size": 10}.items():
+        assert fingerprint(META, base_config.model_copy(update={name: value})) == base
 
 
 def test_batched_keeps_order_and_the_remainder() -> None:

@@ -221,21 +221,17 @@ def run_segmentation(
     counts = ListingCounts()
     # SOURCE is checked by its first page before anything is written to OUTPUT
     shards = list_source(source, shard_by=config.shard_by, shard_size=config.shard_size, counts=counts)
+    run_id = new_run_id()
+    stop_ray, pool = False, None
     try:
         store = prepare_output(config, source)
-    except BaseException:
-        shards.close()
-        raise
-    run_id = new_run_id()
-    stop_ray, ray_cluster = connect_ray(config.ray_address)
-    pool = None
-    try:
+        stop_ray, ray_cluster = connect_ray(config.ray_address)
         pool = _ReplicaPool(config, worker_class, run_id)
         meta = pool.meta
         run = RunInfo(
             run_id=run_id, run_date=dt.datetime.now(dt.UTC).date(), model=meta["architecture"], weights=meta["weights"],
             num_classes=meta["num_classes"], class_names=tuple(meta["class_names"]), crf=config.crf,
-            source_url=source.url, fingerprint=fingerprint(meta, config.crf, (config.tile, config.tile_stride)),
+            source_url=source.url, fingerprint=fingerprint(meta, config),
         )
         setup_seconds = time.monotonic() - started
         loop = _Run(config, source, store, pool, run, meta["palette"], on_progress)

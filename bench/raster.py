@@ -1,0 +1,123 @@
+"""Georeferenced rasters at scale: peak memory against the raster's size, and end-to-end speed
+against the bare sliding-window forward on the same windows.
+
+    python bench/raster.py                          # 8192 and 16384 pixels a side
+    python bench/raster.py --sizes 8192 16384 32768
+
+Each size is a GeoTIFF mosaic of the LoveDA tiles in ../shared/data (tiled, deflate, UTM),
+written block by block. `segpipe segment --tile 512 --crf --polygons` runs it in a process of
+its own; the peak resident memory of that process tree (the driver, Ray's workers and the
+model replica, sampled every 0.2 s) is its memory. Prints one JSON line per size and a summary:
+
+- raster_memory_growth: peak memory at the second size / at the first (goal: 1.25 or less);
+- raster_pipeline_efficiency: megapixels/s end to end (model loading excluded) / the bare
+  forward's megapixels/s over the same windows (goal: 0.8 or more).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import rasterio
+import torch
+from PIL import Image
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.inference import Segmenter, window_starts
+from pipeline.models import build_model
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "aerial" / "loveda" / "images"
+MODEL, CLASSES, TILE = "lraspp_mobilenet_v3_large", 7, 512
+
+
+def write_mosaic(path: Path, side: int) -> None:
+    """A side x side RGB GeoTIFF of LoveDA tiles, written 1024 rows at a time (flat memory)."""
+    tiles = [np.array(Image.open(p).convert("RGB")) for p in sorted(SHARED.iterdir())]
+    size = tiles[0].shape[0]
+    with rasterio.open(path, "w", driver="GTiff", width=side, height=side, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 5000000, 0.3, 0.3), tiled=True,
+                       blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="YES") as dst:
+        for row in range(0, side, size):
+            strip = np.concatenate([tiles[(row // size + c) % len(tiles)] for c in range(-(-side // size))], axis=1)
+            height = min(size, side - row)
+            dst.write(np.moveaxis(strip[:height, :side], -1, 0), window=Window(0, row, side, height))
+
+
+def run(source: Path, output: Path) -> dict:
+    command = [sys.executable, "-m", "flows.cli", "segment", str(source), str(output), "--model", MODEL,
+               "--weights", "none", "--num-classes", str(CLASSES), "--tile", str(TILE), "--crf", "--polygons"]
+    started = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    parent, peak = psutil.Process(process.pid), 0
+    while process.poll() is None:
+        try:
+            tree = [parent, *parent.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    out = process.stdout.read()
+    if process.returncode != 0:
+        raise SystemExit(f"segment failed:\n{out[-3000:]}")
+    summary = json.loads(next((output / "_runs").iterdir()).read_text())
+    return {"peak_rss_gb": peak / 2**30, "seconds": time.monotonic() - started,
+            "busy_seconds": summary["seconds"] - summary["setup_seconds"]}
+
+
+def bare_forward_seconds(side: int) -> float:
+    """Seconds the bare forward takes over every window of a side x side raster (segpipe's
+    window grid), timed on a batch of real windows and scaled to their count."""
+    torch.set_num_threads(psutil.cpu_count(logical=True) or 1)
+    segmenter = Segmenter(build_model(MODEL, num_classes=CLASSES, weights=None), device="cpu", batch_size=4)
+    stride = TILE * 3 // 4
+    windows = len(window_starts(side, TILE, stride)) ** 2
+    batch = torch.randint(0, 255, (4, 3, TILE, TILE), dtype=torch.uint8)
+    with torch.inference_mode():
+        segmenter._forward(batch)  # warm-up: oneDNN primitives
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            segmenter._forward(batch)
+            best = min(best, time.perf_counter() - start)
+    return best / 4 * windows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384])
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="segpipe-bench-raster-") as work:
+        for side in args.sizes:
+            source = Path(work) / f"src-{side}"
+            source.mkdir()
+            write_mosaic(source / "mosaic.tif", side)
+            figures = run(source, Path(work) / f"out-{side}")
+            megapixels = side * side / 1e6
+            figures["megapixels_per_second"] = megapixels / figures["busy_seconds"]
+            figures["bare_forward_megapixels_per_second"] = megapixels / bare_forward_seconds(side)
+            figures["raster_pipeline_efficiency"] = figures["megapixels_per_second"] / figures["bare_forward_megapixels_per_second"]
+            results[side] = figures
+            print(json.dumps({"side": side, **{k: round(v, 3) for k, v in figures.items()}}), flush=True)
+            for path in (source / "mosaic.tif",):
+                path.unlink()
+    first, second = args.sizes[0], args.sizes[1] if len(args.sizes) > 1 else args.sizes[0]
+    print(json.dumps({
+        "raster_memory_growth": round(results[second]["peak_rss_gb"] / results[first]["peak_rss_gb"], 3),
+        "raster_pipeline_efficiency": round(results[args.sizes[-1]]["raster_pipeline_efficiency"], 3),
+        "sizes": args.sizes,
+    }))
+
+
+if __name__ == "__main__":
+    main()
