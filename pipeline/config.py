@@ -27,6 +27,9 @@ DEFAULT_MODEL = "deeplabv3_resnet101"
 # Pillow's own decompression-bomb threshold (2 x Image.MAX_IMAGE_PIXELS): Pillow refuses
 # anything bigger while opening, before segpipe could check it
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
+# georeferenced rasters are read block by block, so their size costs time, not memory: a
+# bound against a header that claims a raster no survey has (2^34: 131,072 pixels a side)
+DEFAULT_MAX_RASTER_PIXELS = 1 << 34
 
 
 class RunError(RuntimeError):
@@ -204,7 +207,10 @@ class SegmentConfig(JobConfig):
     cpus_per_actor: float = Field(default=1.0, gt=0, description="CPUs Ray reserves for each replica")
     threads_per_actor: int | None = Field(default=None, ge=1, description=(
         "torch threads of a CPU replica (default: its node's CPUs shared among the replicas there)"))
-    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1, description="refuse images with more pixels than this")
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1, description=(
+        "refuse images with more pixels than this (georeferenced rasters: --max-raster-pixels)"))
+    max_raster_pixels: int = Field(default=DEFAULT_MAX_RASTER_PIXELS, ge=1, description=(
+        "refuse georeferenced rasters with more pixels than this (they are read block by block)"))
     jpeg_decode: Literal["auto", "device", "cpu"] = Field(default="auto", description=(
         "where plain JPEGs are decoded: auto = on the replica's GPU when it has one, device = always on the "
         "replica's device, cpu = in the decode tasks"))

@@ -252,13 +252,22 @@ def _decode_tiff(data: bytes, max_pixels: int, pillow_error: BaseException) -> n
     return _bands_to_rgb(array)
 
 
-def _stretch(band: np.ndarray) -> np.ndarray:
-    values = np.nan_to_num(band.astype(np.float64))
-    low, high = np.percentile(values, (2, 98))
+def stretch_limits(values: np.ndarray) -> tuple[float, float]:
+    """Low and high of the linear stretch of deep samples to 0..255: the 2nd and 98th
+    percentiles, as GIS viewers show them (satellite data often uses 11 or 12 of its 16 bits);
+    min and max where those meet; (v, v + 1) for a constant. The one rule, for images decoded
+    whole and for georeferenced rasters (`rasters.band_limits`, over the whole raster)."""
+    low, high = (float(v) for v in np.percentile(values, (2, 98)))
     if high <= low:
         low, high = float(values.min()), float(values.max())
     if high <= low:
-        return np.zeros(band.shape, np.uint8)
+        high = low + 1.0
+    return low, high
+
+
+def _stretch(band: np.ndarray) -> np.ndarray:
+    values = np.nan_to_num(band.astype(np.float64))
+    low, high = stretch_limits(values)
     return np.clip((values - low) / (high - low) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 

@@ -34,7 +34,7 @@ from rasterio.io import DatasetReader
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-from .decode import ImageDecodeError
+from .decode import ImageDecodeError, stretch_limits
 from .inference import window_starts
 from .storage import Location, retry_io
 
@@ -47,8 +47,6 @@ RASTER_EXTENSIONS = frozenset({".tif", ".tiff"})
 # memory holds one block whatever the object's size (s3fs's default block is 50 MiB, which
 # would fetch most rasters whole on their first read)
 _READ_BLOCK = 1 << 20
-# percentiles of the stretch, as `pipeline.decode` stretches whole images
-_PERCENTILES = (2.0, 98.0)
 # the sample `band_limits` takes when no small overview exists: up to a 4x4 grid of windows
 _SAMPLE_GRID = 4
 _SAMPLE_WINDOW = 256
@@ -302,17 +300,8 @@ def band_limits(dataset: DatasetReader, bands: Sequence[int]) -> np.ndarray:
                         _name(dataset), band)
             by_band[band] = (0.0, 1.0)
         else:
-            by_band[band] = _limits(pixels.astype(np.float64))
+            by_band[band] = stretch_limits(pixels.astype(np.float64))
     return np.array([by_band[band] for band in bands], dtype=np.float64)
-
-
-def _limits(values: np.ndarray) -> tuple[float, float]:
-    low, high = (float(v) for v in np.percentile(values, _PERCENTILES))
-    if high <= low:
-        low, high = float(values.min()), float(values.max())
-    if high <= low:
-        high = low + 1.0
-    return low, high
 
 
 def read_rgb(

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import SegmentConfig
+from .config import DEFAULT_MAX_RASTER_PIXELS, SegmentConfig
 from .crf import DEFAULT_DOWNSAMPLE, dense_crf
 from .decode import DEFAULT_MAX_PIXELS, DeviceJpeg, ImageDecodeError, decode, decode_on_device
 from .geo import ClassPolygon, MaskWriter, PolygonCollector, pixel_area
@@ -65,6 +65,7 @@ def read_and_decode(
     files: Sequence[SourceFile],
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_raster_pixels: int = DEFAULT_MAX_RASTER_PIXELS,
     time_limit_s: float | None = None,
     hard_stop: bool = False,
     jpeg_on_device: bool = False,
@@ -80,7 +81,7 @@ def read_and_decode(
         record = ImageRecord(key=file.key, size=file.size, version=file.version)
         start = time.perf_counter()
         try:
-            if is_raster_key(file.key) and _georeferenced_size(source, file.key, record):
+            if is_raster_key(file.key) and _georeferenced_size(source, file.key, record, max_raster_pixels):
                 records.append(record)  # its blocks are read beside the model (RasterStage)
                 record.seconds.decode = time.perf_counter() - start
                 continue
@@ -105,14 +106,17 @@ def read_and_decode(
     return records
 
 
-def _georeferenced_size(source: Location, key: str, record: ImageRecord) -> bool:
+def _georeferenced_size(source: Location, key: str, record: ImageRecord, max_pixels: int) -> bool:
     """Whether the raster under `key` is georeferenced (its header only, by range requests);
-    if so the record says so and gets its size. A TIFF without a CRS is an image like another."""
+    if so the record says so and gets its size. A TIFF without a CRS is an image like another.
+    A raster whose header claims more than `max_pixels` is refused before any block is read."""
     try:
         with open_raster(source, key) as dataset:
             if not is_georeferenced(dataset):
                 return False
             record.georeferenced, record.height, record.width = True, dataset.height, dataset.width
+            if dataset.width * dataset.height > max_pixels:
+                record.fail("too_large", f"{dataset.width}x{dataset.height} pixels, more than --max-raster-pixels {max_pixels}")
             return True
     except ImageDecodeError:
         return False  # not something GDAL reads: the image decoder names what is wrong

@@ -240,3 +240,19 @@ def test_evaluation_reads_geotiff_masks_by_window_against_png_or_geotiff_ground_
                             [Pair("tile", "tile.tif", key)], settings)
         assert batch.excluded == [] and batch.image_ids == ["tile"]
         np.testing.assert_array_equal(batch.confusion, expected)
+
+
+def test_a_raster_whose_header_claims_too_many_pixels_is_an_error_row_before_any_block(tmp_path):
+    from pipeline.stages import read_and_decode
+    from pipeline.storage import SourceFile
+
+    (tmp_path / "src").mkdir()
+    with rasterio.open(tmp_path / "src" / "huge.tif", "w", driver="GTiff", width=4000, height=3000, count=1,
+                       dtype="uint8", crs="EPSG:32633", transform=from_origin(0, 0, 1, 1), tiled=True,
+                       sparse_ok=True) as dst:
+        dst.write(np.zeros((1, 256, 256), np.uint8), window=rasterio.windows.Window(0, 0, 256, 256))
+    [record] = read_and_decode(open_location(str(tmp_path / "src")), [SourceFile("huge.tif", 1, "v")],
+                               max_raster_pixels=4000 * 3000 - 1)
+    assert (record.ok, record.error_type) == (False, "too_large") and "--max-raster-pixels" in record.error
+    [record] = read_and_decode(open_location(str(tmp_path / "src")), [SourceFile("huge.tif", 1, "v")])
+    assert record.ok and record.georeferenced and (record.width, record.height) == (4000, 3000)

@@ -125,8 +125,8 @@ class _Run:
                 return
             batch = self.queue.popleft()
             batch.replica = replica
-            decoded = decode.remote(self.source, batch.files, self.config.max_pixels, self.config.image_timeout_s,
-                                     self.pool.decodes_jpeg(replica, self.config.jpeg_decode))
+            decoded = decode.remote(self.source, batch.files, self.config.max_pixels, self.config.max_raster_pixels,
+                                    self.config.image_timeout_s, self.pool.decodes_jpeg(replica, self.config.jpeg_decode))
             segmented = self.pool.actors[replica].segment.remote(decoded)
             written = write.remote(self.store.location, segmented, self.palette)
             self.pool.load[replica] += 1

@@ -137,10 +137,10 @@ class SegmentWorker:
 # no Ray-level retries: a decode that crashed or hung its worker is the driver's to retry,
 # image by image (see _Run._finish), not Ray's to repeat whole
 @ray.remote(max_retries=0)
-def decode(source: Location, files: list[SourceFile], max_pixels: int, time_limit_s: float,
-            jpeg_on_device: bool) -> list[ImageRecord]:
-    return read_and_decode(source, files, max_pixels=max_pixels, time_limit_s=time_limit_s, hard_stop=True,
-                           jpeg_on_device=jpeg_on_device)
+def decode(source: Location, files: list[SourceFile], max_pixels: int, max_raster_pixels: int, time_limit_s: float,
+           jpeg_on_device: bool) -> list[ImageRecord]:
+    return read_and_decode(source, files, max_pixels=max_pixels, max_raster_pixels=max_raster_pixels,
+                           time_limit_s=time_limit_s, hard_stop=True, jpeg_on_device=jpeg_on_device)
 
 
 @ray.remote
