@@ -111,12 +111,16 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
 def softmax_classes(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over dim 1 of (B, C, H, W) logits, in the layout they come in.
 
-    For channels_last logits it is taken over the last dimension of the (B, H, W, C) view,
-    which is the same arithmetic on the same memory: PyTorch's softmax over dim 1 of a
-    channels_last tensor is 2 to 3 times slower on CPU.
+    For channels_last logits, PyTorch's softmax over dim 1 is 2 to 3 times slower on CPU than
+    the same arithmetic over the last dimension of the (B, H, W, C) view; that one in turn is
+    fast only for 16 classes or more (its vector lanes): below, the max / exp / sum over the
+    class dimension is 3x faster (7 classes, 2048x2048: 80 against 254 ms on 2 cores).
     """
     if logits.dim() == 4 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
-        return torch.softmax(logits.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)
+        if logits.shape[1] >= 16:
+            return torch.softmax(logits.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)
+        exp = (logits - logits.amax(dim=1, keepdim=True)).exp_()
+        return exp.div_(exp.sum(dim=1, keepdim=True))
     return torch.softmax(logits, dim=1)
 
 

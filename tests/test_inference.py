@@ -145,10 +145,11 @@ def test_channels_last_is_the_default_layout_and_changes_no_result() -> None:
     nchw = Segmenter(model, device="cpu", channels_last=False)
     for got, expected in zip(default.predict(images), nchw.predict(images), strict=True):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-    logits = torch.randn(2, 7, 9, 11)
-    cl = softmax_classes(logits.contiguous(memory_format=torch.channels_last))
-    torch.testing.assert_close(cl, torch.softmax(logits, dim=1))
-    assert cl.is_contiguous(memory_format=torch.channels_last)
+    for classes in (7, 21):  # both ways softmax_classes takes, below and from 16 classes
+        logits = torch.randn(2, classes, 9, 11)
+        cl = softmax_classes(logits.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(cl, torch.softmax(logits, dim=1))
+        assert cl.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("name", ["deeplabv3_mobilenet_v3_large", "pspnet_resnet50", "lraspp_mobilenet_v3_large"])
