@@ -33,6 +33,8 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from memory import peak_tree_rss  # bench/memory.py: the script's folder is on the path
+
 from pipeline.inference import Segmenter, window_starts
 from pipeline.models import build_model
 
@@ -58,14 +60,7 @@ def run(source: Path, output: Path) -> dict:
                "--weights", "none", "--num-classes", str(CLASSES), "--tile", str(TILE), "--crf", "--polygons"]
     started = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    parent, peak = psutil.Process(process.pid), 0
-    while process.poll() is None:
-        try:
-            tree = [parent, *parent.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.2)
+    peak = peak_tree_rss(process)
     out = process.stdout.read()
     if process.returncode != 0:
         raise SystemExit(f"segment failed:\n{out[-3000:]}")

@@ -343,19 +343,11 @@ print(s.images)
 
 def peak_rss(source: Path, output: Path, model_name: str, batch_size: int, device: str) -> int:
     """Peak of the summed RSS of a run's process tree (the driver, Ray's daemons, its workers)."""
-    import psutil
+    from memory import peak_tree_rss
 
     process = subprocess.Popen([sys.executable, "-c", PEAK_RUN, str(source), str(output), model_name, str(batch_size), device],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
-    peak = 0
-    parent = psutil.Process(process.pid)
-    while process.poll() is None:
-        try:
-            tree = [parent, *parent.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.2)
+    peak = peak_tree_rss(process)
     if process.returncode:
         raise RuntimeError(f"the memory run failed ({process.returncode})")
     return peak

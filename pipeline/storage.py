@@ -28,9 +28,9 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import fsspec
 import fsspec.asyn
@@ -260,19 +260,7 @@ def write_atomic(location: Location, key: str, data: bytes) -> None:
     if not location.is_local:
         retry_io(location.uri(key), location.fs.pipe_file, path, data)
         return
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    _replace_local_file(path, lambda handle: handle.write(data))
 
 
 def put_file_atomic(location: Location, key: str, local_path: str | os.PathLike[str]) -> None:
@@ -287,12 +275,23 @@ def put_file_atomic(location: Location, key: str, local_path: str | os.PathLike[
     if not location.is_local:
         retry_io(location.uri(key), location.fs.put_file, os.fspath(local_path), path)
         return
+
+    def copy(handle: BinaryIO) -> None:
+        with open(local_path, "rb") as source:
+            shutil.copyfileobj(source, handle, length=1 << 20)
+
+    _replace_local_file(path, copy)
+
+
+def _replace_local_file(path: str, fill: Callable[[BinaryIO], object]) -> None:
+    """`fill` a hidden temporary file beside `path`, flushed to disk, then rename it over
+    `path`: a reader sees the old file or the new one. Nothing is left behind on failure."""
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(local_path, "rb") as source, open(temporary, "wb") as handle:
-            shutil.copyfileobj(source, handle, length=1 << 20)
+        with open(temporary, "wb") as handle:
+            fill(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
