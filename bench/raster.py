@@ -60,13 +60,16 @@ def run(source: Path, output: Path) -> dict:
                "--weights", "none", "--num-classes", str(CLASSES), "--tile", str(TILE), "--crf", "--polygons"]
     started = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = peak_tree_rss(process)
+    by_process: dict[str, int] = {}
+    peak = peak_tree_rss(process, by_process)
     out = process.stdout.read()
     if process.returncode != 0:
         raise SystemExit(f"segment failed:\n{out[-3000:]}")
     summary = json.loads(next((output / "_runs").iterdir()).read_text())
+    largest = sorted(by_process.items(), key=lambda kv: -kv[1])[:4]
     return {"peak_rss_gb": peak / 2**30, "seconds": time.monotonic() - started,
-            "busy_seconds": summary["seconds"] - summary["setup_seconds"]}
+            "busy_seconds": summary["seconds"] - summary["setup_seconds"],
+            "largest_processes_gb": {name: round(rss / 2**30, 2) for name, rss in largest}}
 
 
 def bare_forward_seconds(side: int) -> float:
@@ -103,7 +106,8 @@ def main() -> None:
             figures["bare_forward_megapixels_per_second"] = megapixels / bare_forward_seconds(side)
             figures["raster_pipeline_efficiency"] = figures["megapixels_per_second"] / figures["bare_forward_megapixels_per_second"]
             results[side] = figures
-            print(json.dumps({"side": side, **{k: round(v, 3) for k, v in figures.items()}}), flush=True)
+            print(json.dumps({"side": side, **{k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}}),
+                  flush=True)
             for path in (source / "mosaic.tif",):
                 path.unlink()
     first, second = args.sizes[0], args.sizes[1] if len(args.sizes) > 1 else args.sizes[0]
