@@ -170,13 +170,7 @@ def test_prefect_cli_lists_what_segpipe_serve_registered_on_prefect_server_start
         assert result.returncode == 0, f"prefect {' '.join(args)} exited {result.returncode}:\n{result.stdout}{result.stderr}"
         return result.stdout
 
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        serve = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "serve", "--source", f"{tmp_path}/{{date}}",
-             "--output", f"{tmp_path}/out/date={{date}}"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    serve, log = _start_serve(tmp_path, env)
     try:
         deadline = time.monotonic() + 120
         # polled with every filter left out of the body, which any fastapi takes: a 422 shows in the CLI below
@@ -196,6 +190,18 @@ def test_prefect_cli_lists_what_segpipe_serve_registered_on_prefect_server_start
         prefect("artifact", "ls")
     finally:
         _stop(serve)
+
+
+def _start_serve(tmp_path, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+    """`segpipe serve` of a nightly deployment over tmp_path, its output in serve.log."""
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "serve", "--source", f"{tmp_path}/{{date}}",
+             "--output", f"{tmp_path}/out/date={{date}}"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    return serve, log
 
 
 def test_dockerfile_cuda_runtime_installs_the_package_and_drops_root():
@@ -236,13 +242,7 @@ def test_prefect_server_start_schedules_nightly_runs_for_what_segpipe_serve_regi
     no nightly run is ever created (hence sqlalchemy<2.1 in pyproject.toml). Its recent
     deployments pass runs every 5 s, so this takes seconds once serve has registered."""
     env, api = prefect_server, prefect_server["PREFECT_API_URL"]
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:  # the default cron: its runs are hours away, so serve never starts one
-        serve = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "serve", "--source", f"{tmp_path}/{{date}}",
-             "--output", f"{tmp_path}/out/date={{date}}"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    serve, log = _start_serve(tmp_path, env)  # the default cron: its runs are hours away, so serve never starts one
     try:
         deadline = time.monotonic() + 45
         while not (nightly := [d for d in _post(api, "/deployments/filter", {}) if d["name"] == "nightly"]):
