@@ -376,15 +376,17 @@ def test_an_image_that_decodes_too_slowly_becomes_a_timeout_row(ray_cpu, tmp_pat
     where the alarm can interrupt them)."""
     source, output = _local_source(tmp_path, 3)
     buffer = io.BytesIO()
-    Image.new("L", (8000, 8000)).save(buffer, format="PNG")  # 62 KB, about 2 s to decode
+    # 140 KB that take about 1 s to decode here: ten times the limit, which the small JPEGs
+    # beside it stay far inside even on a machine twice as fast or twice as slow.
+    Image.new("L", (12000, 12000)).save(buffer, format="PNG")
     Path(source, "d0", "slow.png").write_bytes(buffer.getvalue())
     config = SegmentConfig(source=source, output=output, batch_size=4, crf=False, max_pixels=10**9,
-                           image_timeout_s=0.5, **MODEL)
+                           image_timeout_s=0.1, **MODEL)
     summary = run_segmentation(config)
     assert (summary.images, summary.errors, summary.errors_by_type) == (4, 1, {"timeout": 1})
     rows = _duckdb().sql(f"select image_id, status, error from read_parquet('{output}/images/**/*.parquet')").fetchall()
     assert [r[0] for r in rows if r[1] == "error"] == ["d0/slow.png"]
-    assert "0.5 s limit" in next(r[2] for r in rows if r[1] == "error")
+    assert "0.1 s limit" in next(r[2] for r in rows if r[1] == "error")
 
 
 def test_a_mask_that_cannot_be_written_stops_the_run(ray_cpu, tmp_path):
