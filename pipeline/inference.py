@@ -20,7 +20,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -58,15 +58,25 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
     return [min(i * stride, length - crop) for i in range(count)]
 
 
-def blend_weights(height: int, width: int, device: torch.device) -> torch.Tensor:
-    """(H, W) window weights: a sine ramp that is largest in the centre and fades toward the
-    edges without reaching zero, so every pixel keeps a positive total weight."""
+class WindowStore(Protocol):
+    """Window logits shared between the regions of one larger image that `predict_region`
+    segments one at a time, keyed by each window's (row, col) origin in that image, so a window
+    that reaches into several regions goes through the model once."""
 
-    def ramp(n: int) -> torch.Tensor:
-        t = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n
-        return torch.sin(math.pi * t).clamp_min(1e-3)
+    def take(self, origin: tuple[int, int]) -> torch.Tensor | None:
+        """The window's (C, h, w) logits if they were kept, else None; either way this
+        region's use of the window is counted."""
 
-    return ramp(height)[:, None] * ramp(width)[None, :]
+    def keep(self, origin: tuple[int, int], logits: torch.Tensor) -> None:
+        """Offer a window's logits, just computed, for the regions still to come."""
+
+
+def blend_ramp(length: int, device: torch.device) -> torch.Tensor:
+    """(length,) weights along one side of a window: a sine ramp that is largest in the centre
+    and fades toward the edges without reaching zero, so every pixel keeps a positive total
+    weight. A window's (H, W) weights are the outer product of its two sides' ramps."""
+    t = (torch.arange(length, device=device, dtype=torch.float32) + 0.5) / length
+    return torch.sin(math.pi * t).clamp_min(1e-3)
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
@@ -198,6 +208,26 @@ class Segmenter:
                     results[i] = probs
         return results  # type: ignore[return-value]
 
+    @torch.inference_mode()
+    def region_logits(self, image: ImageLike, *, origin: tuple[int, int], windows: WindowStore) -> torch.Tensor:
+        """Blended (C, H, W) float32 logits of one region of a larger image, the region's
+        pixels at `origin` (row, col) in it, with windows shared with the other regions
+        through `windows`.
+
+        The region must be cut along the larger image's sliding-window grid (see
+        `rasters.plan_blocks`), so its windows are that grid's; and the segmenter must work at
+        native resolution (`at_native_resolution`). Logits, not probabilities: the caller
+        takes the class softmax of the part it keeps.
+        """
+        if self.sliding_window is None or self.meta.preprocessing.resize != "none":
+            raise ValueError("region_logits needs a sliding window at native resolution (at_native_resolution)")
+        pixels = self.normalize.to_device(to_chw_uint8(image)[None])
+        logits = torch.zeros(1, self.num_classes, *pixels.shape[-2:], device=pixels.device)
+        if self.channels_last:
+            logits = logits.contiguous(memory_format=torch.channels_last)
+        self._slide(pixels[0], logits[0], origin=origin, windows=windows)
+        return logits[0]
+
     def _probabilities(self, batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(B, C, H, W) probabilities for a uint8 batch of one size, at that size."""
         pixels = self._resize_pixels(batch, self.meta.preprocessing.input_size(*size))
@@ -236,28 +266,41 @@ class Segmenter:
             out = self.model(x)["out"]
         return out.float()
 
-    def _slide(self, image: torch.Tensor, logits_sum: torch.Tensor) -> None:
+    def _slide(self, image: torch.Tensor, logits_sum: torch.Tensor, *, origin: tuple[int, int] = (0, 0),
+               windows: WindowStore | None = None) -> None:
         """Logits for one (3, H, W) image from overlapping windows, blended, into the zeroed
         (C, H, W) `logits_sum`.
 
-        Only `batch_size` windows are normalised and run at a time; the full-size buffers are
-        the logits sum and the weight sum.
+        Only `batch_size` windows are normalised and run at a time; the full-size buffer is
+        the logits sum. With `windows`, a window whose logits another
+        region kept is not run again; the windows are still blended in the same order, so
+        the sums are the same.
         """
         window = self.sliding_window
         assert window is not None
         height, width = image.shape[-2:]
         crop_h, crop_w = min(window.crop[0], height), min(window.crop[1], width)
-        boxes = [
-            (y, x)
-            for y in window_starts(height, crop_h, window.stride[0])
-            for x in window_starts(width, crop_w, window.stride[1])
-        ]
-        weight = blend_weights(crop_h, crop_w, image.device)
-        weight_sum = torch.zeros(1, height, width, device=image.device)
+        rows, cols = window_starts(height, crop_h, window.stride[0]), window_starts(width, crop_w, window.stride[1])
+        boxes = [(y, x) for y in rows for x in cols]
+        ramp_h, ramp_w = blend_ramp(crop_h, image.device), blend_ramp(crop_w, image.device)
+        weight = ramp_h[:, None] * ramp_w[None, :]
+        # the windows form a grid, so the weights' sum is the outer product of the sums of the
+        # ramps along each axis: one pass over the logits fewer per window
+        sum_h, sum_w = torch.zeros(height, device=image.device), torch.zeros(width, device=image.device)
+        for y in rows:
+            sum_h[y : y + crop_h] += ramp_h
+        for x in cols:
+            sum_w[x : x + crop_w] += ramp_w
         for start in range(0, len(boxes), window.batch_size):
             chunk = boxes[start : start + window.batch_size]
-            crops = torch.stack([image[:, y : y + crop_h, x : x + crop_w] for y, x in chunk])
-            for (y, x), logits in zip(chunk, self._forward(crops), strict=True):
-                logits_sum[:, y : y + crop_h, x : x + crop_w].add_(logits * weight)
-                weight_sum[:, y : y + crop_h, x : x + crop_w].add_(weight)
-        logits_sum.div_(weight_sum)
+            kept = {box: windows.take((origin[0] + box[0], origin[1] + box[1])) for box in chunk} if windows is not None else {}
+            todo = [box for box in chunk if kept.get(box) is None]
+            if todo:
+                crops = torch.stack([image[:, y : y + crop_h, x : x + crop_w] for y, x in todo])
+                for (y, x), logits in zip(todo, self._forward(crops), strict=True):
+                    kept[(y, x)] = logits
+                    if windows is not None:
+                        windows.keep((origin[0] + y, origin[1] + x), logits)
+            for y, x in chunk:
+                logits_sum[:, y : y + crop_h, x : x + crop_w].addcmul_(kept[(y, x)].to(logits_sum.device), weight)
+        logits_sum.div_(sum_h[:, None] * sum_w[None, :])

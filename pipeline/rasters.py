@@ -397,3 +397,12 @@ def plan_blocks(height: int, width: int, *, crop: int, stride: int, block: int, 
         for r0, r1, e_r0, e_r1 in rows
         for c0, c1, e_c0, e_c1 in cols
     ]
+
+
+def block_windows(block: Block, *, crop: int, stride: int) -> list[tuple[int, int]]:
+    """(row, col) origins, in the raster, of the global grid's windows that a block's extent
+    holds: those its sliding window runs over (see `plan_blocks`)."""
+    extent = block.extent
+    rows = window_starts(int(extent.height), min(crop, int(extent.height)), stride)
+    cols = window_starts(int(extent.width), min(crop, int(extent.width)), stride)
+    return [(int(extent.row_off) + r, int(extent.col_off) + c) for r in rows for c in cols]

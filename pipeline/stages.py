@@ -29,18 +29,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import DEFAULT_MAX_RASTER_PIXELS, SegmentConfig
 from .crf import DEFAULT_DOWNSAMPLE, dense_crf
 from .decode import DEFAULT_MAX_PIXELS, DeviceJpeg, ImageDecodeError, decode, decode_on_device
 from .geo import ClassPolygon, MaskWriter, PolygonCollector, pixel_area
-from .inference import Segmenter, SlidingWindow
+from .inference import Segmenter, SlidingWindow, softmax_classes
 from .masks import confidence_levels, encode_confidence, encode_mask
 from .preprocess import to_chw_uint8
 from .rasters import (
     Block,
     band_limits,
+    block_windows,
     choose_bands,
     is_georeferenced,
     is_raster_key,
@@ -277,9 +277,11 @@ class RasterSettings:
     tile_stride: int | None = None
     bands: tuple[int, ...] | None = None
     block: int = 2048
-    # the dense CRF of a block runs over its extent widened by this much, so a block edge
-    # leaves no seam in the labels
-    crf_margin: int = 64
+    # the dense CRF of a block runs over its core widened by this much, so a block edge leaves
+    # no seam in the labels: its mean field reaches 3 cells of 8 pixels per iteration, 5
+    # iterations, 120 pixels. Up to crop - stride (128 for 512-pixel windows) the margin costs
+    # no windows: they reach that far beyond the core anyway.
+    crf_margin: int = 128
     confidence: bool = False
     polygons: bool = False
     min_polygon_area: float = 0.0
@@ -360,9 +362,11 @@ class RasterStage:
 
         with MaskWriter(mask_path, **profile, nodata=RASTER_NODATA, palette=self.palette) as mask, \
                 MaskWriter(confidence_path, **profile, nodata=0) if s.confidence else _NoWriter() as confidence:
-            for block in plan_blocks(dataset.height, dataset.width, crop=s.tile, stride=s.stride, block=s.block,
-                                     margin=s.crf_margin if self.crf else 0):
-                labels, score, valid = self._block(dataset, block, bands, limits)
+            blocks = plan_blocks(dataset.height, dataset.width, crop=s.tile, stride=s.stride, block=s.block,
+                                 margin=s.crf_margin if self.crf else 0)
+            windows = WindowFiles(os.path.join(scratch, "windows"), blocks, crop=s.tile, stride=s.stride)
+            for block in blocks:
+                labels, score, valid = self._block(dataset, block, bands, limits, windows)
                 totals.add(labels, score, valid)
                 take(collector.add(block.core, labels, valid))
                 mask.write(block.core, np.where(valid, labels, RASTER_NODATA).astype(np.uint8))
@@ -380,22 +384,85 @@ class RasterStage:
             record.polygons = Polygons(crs=dataset.crs, regions=kept)
         record.height, record.width = dataset.height, dataset.width
 
-    def _block(self, dataset: Any, block: Block, bands: tuple[int, ...], limits: np.ndarray):
+    def _block(self, dataset: Any, block: Block, bands: tuple[int, ...], limits: np.ndarray, windows: WindowFiles):
         """Labels, confidence and validity of the block's core."""
         rgb, valid = read_rgb(dataset, block.extent, bands, limits)
-        probs = self.segmenter.predict([rgb])[0]
-        # where the core starts in `probs`; the extent reaches at least `margin` beyond it
-        top, left = int(block.core.row_off - block.extent.row_off), int(block.core.col_off - block.extent.col_off)
-        inside = (slice(top, top + int(block.core.height)), slice(left, left + int(block.core.width)))
+        extent = block.extent
+        logits = self.segmenter.region_logits(rgb, origin=(int(extent.row_off), int(extent.col_off)), windows=windows)
+        # the part that is refined (the core and the CRF's margin) or else just the core, in
+        # the extent's pixels; the class softmax is taken of it only
+        core_rows = _span(block.core.row_off, block.core.height, extent.row_off)
+        core_cols = _span(block.core.col_off, block.core.width, extent.col_off)
+        rows, cols = core_rows, core_cols
         if self.crf:
-            # the CRF's cells start on multiples of its downsampling in raster coordinates, so
-            # neighbouring blocks refine on the same cells as the whole raster would
-            dy, dx = -int(block.extent.row_off) % DEFAULT_DOWNSAMPLE, -int(block.extent.col_off) % DEFAULT_DOWNSAMPLE
-            assert dy <= top and dx <= left, "the CRF margin is narrower than its cells"
-            refined = dense_crf(probs[None, :, dy:, dx:], to_chw_uint8(rgb[dy:, dx:]).to(probs.device)[None])[0]
-            probs = F.pad(refined, (dx, 0, dy, 0))  # back on the extent's grid; the padding lies outside the core
-        labels, score = labels_and_confidence(probs[:, inside[0], inside[1]])
-        return labels.cpu().numpy(), score.float().cpu().numpy(), valid[inside]
+            rows = _crf_span(core_rows, int(extent.row_off), int(extent.height), self.settings.crf_margin)
+            cols = _crf_span(core_cols, int(extent.col_off), int(extent.width), self.settings.crf_margin)
+        part = logits[None, :, rows[0]:rows[1], cols[0]:cols[1]].contiguous(memory_format=torch.channels_last)
+        probs = softmax_classes(part)
+        if self.crf:
+            pixels = to_chw_uint8(rgb[rows[0]:rows[1], cols[0]:cols[1]]).to(probs.device)[None]
+            probs = dense_crf(probs, pixels)
+        inside = (slice(core_rows[0] - rows[0], core_rows[1] - rows[0]), slice(core_cols[0] - cols[0], core_cols[1] - cols[0]))
+        labels, score = labels_and_confidence(probs[0, :, inside[0], inside[1]])
+        return labels.cpu().numpy(), score.float().cpu().numpy(), valid[core_rows[0]:core_rows[1], core_cols[0]:core_cols[1]]
+
+
+def _span(offset: float, length: float, extent_offset: float) -> tuple[int, int]:
+    """[start, end) of a window's pixels along one axis, counted from its extent's start."""
+    start = int(offset - extent_offset)
+    return start, start + int(length)
+
+
+def _crf_span(core: tuple[int, int], extent_offset: int, extent_length: int, margin: int) -> tuple[int, int]:
+    """The core widened by the CRF's margin along one axis, within the extent (extent
+    coordinates), its ends on the CRF's cells: multiples of its downsampling in raster
+    coordinates, so neighbouring blocks refine on the cells the whole raster would."""
+    cell = DEFAULT_DOWNSAMPLE
+    start = extent_offset + max(0, core[0] - margin)
+    start -= start % cell
+    if start < extent_offset:
+        start += cell
+    end = extent_offset + min(extent_length, core[1] + margin)
+    end = min(extent_offset + extent_length, end + -end % cell)
+    assert start <= extent_offset + core[0], "the CRF margin is narrower than its cells"
+    return start - extent_offset, end - extent_offset
+
+
+class WindowFiles:
+    """Window logits kept between the blocks of one raster (`inference.WindowStore`), so each
+    window of the raster's grid goes through the model once.
+
+    A window on the edge between blocks belongs to two to four blocks' extents: the first
+    runs it and writes its logits to `folder`; the others read them back; the last deletes
+    them. The windows along a row of blocks' lower edge wait there for the next row: on local
+    disk, not in memory, because there are two rows of them the raster's width long (about
+    1.2 GB for a 32768-pixel-wide raster, 512-pixel windows, 7 classes).
+    """
+
+    def __init__(self, folder: str, blocks: Sequence[Block], *, crop: int, stride: int) -> None:
+        os.makedirs(folder, exist_ok=True)
+        self.folder = folder
+        self.uses = Counter(origin for block in blocks for origin in block_windows(block, crop=crop, stride=stride))
+        self.computed = self.reused = 0
+
+    def _path(self, origin: tuple[int, int]) -> str:
+        return os.path.join(self.folder, f"{origin[0]}-{origin[1]}.npy")
+
+    def take(self, origin: tuple[int, int]) -> torch.Tensor | None:
+        self.uses[origin] -= 1
+        path = self._path(origin)
+        if not os.path.exists(path):
+            self.computed += 1
+            return None
+        self.reused += 1
+        logits = torch.from_numpy(np.load(path)).permute(2, 0, 1)  # stored (h, w, C): the model's layout
+        if self.uses[origin] <= 0:
+            os.remove(path)
+        return logits
+
+    def keep(self, origin: tuple[int, int], logits: torch.Tensor) -> None:
+        if self.uses[origin] > 0:
+            np.save(self._path(origin), logits.permute(1, 2, 0).cpu().numpy())
 
 
 class _NoWriter:

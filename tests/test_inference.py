@@ -13,7 +13,7 @@ from torch import nn
 from pipeline.inference import (
     Segmenter,
     SlidingWindow,
-    blend_weights,
+    blend_ramp,
     fold_batch_norms,
     softmax_classes,
     window_starts,
@@ -81,7 +81,7 @@ def test_window_starts_snap_the_last_window_inward() -> None:
 
 
 def test_blend_weights_fade_toward_edges_but_stay_positive() -> None:
-    w = blend_weights(9, 13, torch.device("cpu"))
+    w = blend_ramp(9, torch.device("cpu"))[:, None] * blend_ramp(13, torch.device("cpu"))[None, :]
     assert (w > 0).all()
     assert w.argmax() == 4 * 13 + 6  # the centre
     assert w[0, 0] < w[2, 2] < w[4, 6]

@@ -22,10 +22,10 @@ from rio_cogeo.cogeo import cog_validate
 
 from pipeline.config import SegmentConfig
 from pipeline.evaluation import Pair, ScoreSettings, score_pairs
-from pipeline.inference import Segmenter
+from pipeline.inference import Segmenter, window_starts
 from pipeline.masks import encode_mask
 from pipeline.models import ModelMeta, build_model, save_checkpoint
-from pipeline.rasters import band_limits, choose_bands, open_raster, read_rgb
+from pipeline.rasters import band_limits, choose_bands, open_raster, plan_blocks, read_rgb
 from pipeline.records import ImageRecord
 from pipeline.stages import RasterSettings, RasterStage, SegmentStage
 from pipeline.storage import open_location
@@ -95,12 +95,18 @@ def _mask(path: Path) -> np.ndarray:
 
 def test_blocks_give_exactly_the_labels_of_the_whole_raster(shared_data, tmp_path):
     """Without the CRF, a block's labels over its core are those of the whole raster slid
-    with the same windows: the windows of the raster's grid fall where they would."""
+    with the same windows: the windows of the raster's grid fall where they would. Each
+    window goes through the model once, though it reaches into up to four blocks."""
     (tmp_path / "src").mkdir()
     _mosaic(shared_data, tmp_path / "src" / "scene.tif", height=520, width=650)
     stage = _raster_stage(tmp_path / "src", tmp_path / "out", tile=128, block=256)
+    windows_run = []
+    hook = stage.segmenter.model.register_forward_hook(lambda _m, inputs, _o: windows_run.append(len(inputs[0])))
     record = stage(ImageRecord(key="scene.tif", georeferenced=True))
+    hook.remove()
     assert record.ok, record.error
+    assert len(plan_blocks(520, 650, crop=128, stride=96, block=256, margin=0)) == 4
+    assert sum(windows_run) == len(window_starts(520, 128, 96)) * len(window_starts(650, 128, 96))
     with open_raster(open_location(str(tmp_path / "src")), "scene.tif") as dataset:
         bands = choose_bands(dataset, None)
         rgb, valid = read_rgb(dataset, rasterio.windows.Window(0, 0, dataset.width, dataset.height), bands,
