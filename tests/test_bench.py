@@ -33,3 +33,15 @@ def test_the_raster_benchmark_runs_and_reports_its_ratios(shared_data):
     assert [line["side"] for line in lines[:-1]] == [512, 1024]
     assert all(line["peak_rss_gb"] > 0 and line["raster_pipeline_efficiency"] > 0 for line in lines[:-1])
     assert lines[-1]["raster_memory_growth"] > 0 and lines[-1]["sizes"] == [512, 1024]
+
+
+def test_the_raster_profile_accounts_for_the_stage(shared_data):
+    """Its steps, timed apart, are parts of the stage's time: none is missing or counted twice."""
+    done = subprocess.run([sys.executable, "bench/profile_raster.py", "--side", "1024"], capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.splitlines()[-1])
+    steps = figures["seconds"]
+    assert {"read_blocks", "forward", "blending", "crf", "statistics", "polygons"} <= set(steps)
+    assert all(value >= 0 for value in steps.values()) and steps["forward"] > 0
+    assert sum(steps.values()) <= figures["stage_seconds"] and figures["bare_forward_seconds"] > 0

@@ -1,0 +1,103 @@
+"""Where a georeferenced raster's time goes inside the replica: `RasterStage` on one mosaic,
+each of its steps timed apart, against the bare forward over the same windows.
+
+    python bench/profile_raster.py [--side 4096] [--no-crf]
+
+The mosaic is bench/raster.py's (LoveDA tiles, 512-pixel windows, default blocks), the model
+its LR-ASPP with 7 classes. Prints one JSON line: seconds per step (reading the blocks, the
+model's forward, the rest of the sliding window's blending, the class softmax, the CRF,
+labels, statistics and polygons), the stage's total, the bare forward's, and their ratio:
+the in-process bound on bench/raster.py's `raster_pipeline_efficiency`. The steps are timed
+by wrapping the functions `RasterStage` calls, in one process with the replica's threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from raster import CLASSES, MODEL, TILE, write_mosaic  # noqa: E402
+
+from pipeline import stages  # noqa: E402
+from pipeline.inference import Segmenter, window_starts  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
+from pipeline.records import ImageRecord  # noqa: E402
+from pipeline.storage import open_location  # noqa: E402
+
+# the functions RasterStage calls, by the name each step is reported under
+STEPS = {
+    "read_blocks": (stages, "read_rgb"),
+    "class_softmax": (stages, "softmax_classes"),
+    "crf": (stages, "dense_crf"),
+    "labels_and_confidence": (stages, "labels_and_confidence"),
+    "statistics": (stages._ClassTotals, "add"),
+    "polygons": (stages.PolygonCollector, "add"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--side", type=int, default=4096)
+    parser.add_argument("--no-crf", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    seconds: dict[str, float] = defaultdict(float)
+
+    def timed(name: str, work: Callable) -> Callable:
+        def run(*a, **k):
+            start = time.perf_counter()
+            try:
+                return work(*a, **k)
+            finally:
+                seconds[name] += time.perf_counter() - start
+        return run
+
+    segmenter = Segmenter(build_model(MODEL, num_classes=CLASSES, weights=None), device="cpu", batch_size=4)
+    with tempfile.TemporaryDirectory(prefix="segpipe-profile-raster-") as work:
+        (Path(work) / "src").mkdir()
+        write_mosaic(Path(work) / "src" / "mosaic.tif", args.side)
+        stage = stages.RasterStage(stages.SegmentStage(segmenter, crf=not args.no_crf), stages.RasterSettings(tile=TILE),
+                                   source=open_location(f"{work}/src"), output=open_location(f"{work}/out"),
+                                   palette=segmenter.meta.palette, class_names=segmenter.meta.class_names)
+        stage(ImageRecord(key="mosaic.tif", georeferenced=True))  # warm-up: oneDNN primitives, GDAL
+        for name, (owner, attribute) in STEPS.items():
+            setattr(owner, attribute, timed(name, getattr(owner, attribute)))
+        stage.segmenter._forward = timed("forward", stage.segmenter._forward)
+        stage.segmenter.region_logits = timed("sliding_window", stage.segmenter.region_logits)
+        start = time.perf_counter()
+        record = stage(ImageRecord(key="mosaic.tif", georeferenced=True))
+        total = time.perf_counter() - start
+        assert record.ok, record.error
+
+    windows = len(window_starts(args.side, TILE, TILE * 3 // 4)) ** 2
+    batch = torch.randint(0, 255, (4, 3, TILE, TILE), dtype=torch.uint8)
+    with torch.inference_mode():
+        segmenter._forward(batch)
+        start = time.perf_counter()
+        for _ in range(-(-windows // 4)):
+            segmenter._forward(batch)
+        bare = time.perf_counter() - start
+    seconds["blending"] = seconds.pop("sliding_window") - seconds["forward"]
+    print(json.dumps({
+        "side": args.side, "crf": not args.no_crf, "windows": windows,
+        "seconds": {name: round(value, 3) for name, value in seconds.items()},
+        "stage_seconds": round(total, 3), "bare_forward_seconds": round(bare, 3),
+        "in_process_efficiency": round(bare / total, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()
