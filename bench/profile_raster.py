@@ -71,7 +71,8 @@ def main() -> None:
         write_mosaic(Path(work) / "src" / "mosaic.tif", args.side)
         stage = stages.RasterStage(stages.SegmentStage(segmenter, crf=not args.no_crf), stages.RasterSettings(tile=TILE),
                                    source=open_location(f"{work}/src"), output=open_location(f"{work}/out"),
-                                   palette=segmenter.meta.palette, class_names=segmenter.meta.class_names)
+                                   palette=segmenter.meta.palette, class_names=segmenter.meta.class_names,
+                                   run_id="profile")
         stage(ImageRecord(key="mosaic.tif", georeferenced=True))  # warm-up: oneDNN primitives, GDAL
         for name, (owner, attribute) in STEPS.items():
             setattr(owner, attribute, timed(name, getattr(owner, attribute)))

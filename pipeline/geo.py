@@ -6,10 +6,10 @@ the class regions as polygons in a GeoParquet 1.1 table.
     put_file_atomic     the finished local file -> its key in a storage Location
     PolygonCollector    windows of labels -> polygons, regions cut by block edges merged again
     polygons_table      polygons -> one Arrow table with GeoParquet 1.1 metadata
+    PolygonsWriter      batches of polygons -> one local GeoParquet file, a row group at a time
 
-A table's `geo` metadata names one CRS, and that CRS holds for every row of the file: rasters
-of an archive may lie in different CRSs, so each raster's polygons are a table of their own and
-`concat_polygons_tables` refuses to mix CRSs in one file.
+A file's `geo` metadata names one CRS, and that CRS holds for every row of the file: rasters
+of an archive may lie in different CRSs, so each raster's polygons are a file of their own.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import NamedTuple, Self
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import rasterio
 import rasterio.features
 import rasterio.shutil
@@ -366,25 +367,62 @@ def polygons_table(
     return table.replace_schema_metadata({b"geo": json.dumps(_geo_metadata(crs_projjson(crs), bbox)).encode()})
 
 
-def concat_polygons_tables(tables: Sequence[pa.Table]) -> pa.Table:
-    """Several rasters' polygon tables as one (e.g. one file per shard), when they share a CRS:
-    a GeoParquet file has one CRS for all its rows. The bounding box covers them all."""
-    if not tables:
-        raise ValueError("no tables to concatenate")
-    metadata = [json.loads(t.schema.metadata[b"geo"]) for t in tables]
-    columns = [m["columns"]["geometry"] for m in metadata]
-    crs = columns[0]["crs"]
-    for table, column in zip(tables, columns, strict=True):
-        if column["crs"] != crs:
-            images = sorted(set(tables[0].column("image_id").to_pylist()) | set(table.column("image_id").to_pylist()))
-            raise ValueError(
-                f"polygons of {images[:4]} lie in different CRSs; a GeoParquet file has one CRS, "
-                "so write each CRS's polygons to a file of their own"
-            )
-    boxes = [c["bbox"] for c in columns if "bbox" in c]
-    bbox = None
-    if boxes:
-        bbox = [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
-    geo = _geo_metadata(crs, bbox)
-    combined = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
-    return combined.replace_schema_metadata({b"geo": json.dumps(geo).encode()})
+class PolygonsWriter:
+    """One raster's polygons written to a local GeoParquet file as they are found, so memory
+    holds a row group of them, whatever the raster's number of regions.
+
+    Rows gather into row groups of `row_group_rows` in a scratch Parquet file beside `path`;
+    `close` copies those, one at a time, into `path` under the GeoParquet metadata, whose
+    bounding box is known only once every row is (a Parquet file's metadata is written once,
+    in its footer, and GeoParquet readers take `geo` from the schema written at its start).
+    """
+
+    def __init__(self, path: str, *, run_id: str, image_id: str, class_names: Sequence[str], crs: CRS | None,
+                 row_group_rows: int = 1 << 16) -> None:
+        self.path, self._rows_path = path, f"{path}.rows"
+        self._table_fields = {"run_id": run_id, "image_id": image_id, "class_names": class_names, "crs": crs}
+        self._crs, self._row_group_rows = crs, row_group_rows
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._bounds: list[float] | None = None
+        self.rows = 0
+
+    def write(self, rows: Sequence[ClassPolygon]) -> None:
+        if not rows:
+            return
+        table = polygons_table(rows, **self._table_fields)
+        box = json.loads(table.schema.metadata[b"geo"])["columns"]["geometry"]["bbox"]
+        self._bounds = box if self._bounds is None else [
+            min(self._bounds[0], box[0]), min(self._bounds[1], box[1]),
+            max(self._bounds[2], box[2]), max(self._bounds[3], box[3]),
+        ]
+        self._pending.append(table.replace_schema_metadata(None))
+        self._pending_rows += table.num_rows
+        self.rows += table.num_rows
+        if self._pending_rows >= self._row_group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._rows_path, POLYGONS_SCHEMA)
+        self._writer.write_table(pa.concat_tables(self._pending), row_group_size=self._pending_rows)
+        self._pending, self._pending_rows = [], 0
+
+    def close(self) -> int:
+        """Finish `path` and return its number of rows; with none, no file is written."""
+        if self.rows == 0:
+            return 0
+        self._flush()
+        assert self._writer is not None
+        self._writer.close()
+        geo = _geo_metadata(crs_projjson(self._crs), self._bounds)
+        schema = POLYGONS_SCHEMA.with_metadata({b"geo": json.dumps(geo).encode()})
+        gathered = pq.ParquetFile(self._rows_path)
+        with pq.ParquetWriter(self.path, schema) as out:
+            for index in range(gathered.num_row_groups):
+                out.write_table(gathered.read_row_group(index))
+        os.remove(self._rows_path)
+        return self.rows

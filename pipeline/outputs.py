@@ -6,7 +6,7 @@
     OUTPUT/confidence/<key, .png or .tif>         with --confidence: the label's probability x 255
     OUTPUT/images/shard=<id>/part-0.parquet       one row per input image (ok or error)
     OUTPUT/class_stats/shard=<id>/part-0.parquet  one row per image and class present
-    OUTPUT/polygons/shard=<id>/part-<n>.parquet   with --polygons: class regions, GeoParquet, one file per CRS
+    OUTPUT/polygons/shard=<id>/part-<n>.parquet   with --polygons: class regions, GeoParquet, one file per raster
     OUTPUT/manifest/shard=<id>/part-0.parquet     every input of the shard: key, size, version
     OUTPUT/_commits/<id>.json                     the shard's commit marker
 
@@ -31,13 +31,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import RunError, SegmentConfig
-from .geo import concat_polygons_tables, polygons_table
 from .records import ImageRecord, confidence_key_for, mask_key
 from .storage import (
     Location,
     Shard,
     ShardBy,
     is_case_insensitive,
+    move_atomic,
     open_location,
     read_bytes,
     retry_io,
@@ -210,7 +210,7 @@ class OutputStore:
         }
         for name, table in tables.items():
             write_atomic(self.location, table_key(name, shard.shard_id), _parquet_bytes(table))
-        self._write_polygons(shard.shard_id, ordered, run, reprocessed=bool(previous_keys))
+        self._write_polygons(shard.shard_id, ordered, reprocessed=bool(previous_keys))
         ok = sum(r.ok for r in ordered)
         marker = {
             "shard_id": shard.shard_id,
@@ -226,21 +226,16 @@ class OutputStore:
         if previous_keys:
             self._remove_stale_masks(previous_keys | {r.key for r in ordered}, ordered)
 
-    def _write_polygons(self, shard_id: str, records: Sequence[ImageRecord], run: RunInfo, *, reprocessed: bool) -> None:
-        """OUTPUT/polygons/shard=<id>/part-<n>.parquet: one GeoParquet file per CRS among the
-        shard's rasters (a GeoParquet file has one CRS); parts a previous attempt left beyond
-        them are removed, so the shard's rows are exactly this attempt's."""
-        by_crs: dict[str, list[pa.Table]] = {}
-        for r in records:
-            if r.polygons is not None:
-                table = polygons_table(r.polygons.regions, run_id=run.run_id, image_id=r.key,
-                                       class_names=run.class_names, crs=r.polygons.crs)
-                by_crs.setdefault(r.polygons.crs.to_wkt() if r.polygons.crs else "", []).append(table)
+    def _write_polygons(self, shard_id: str, records: Sequence[ImageRecord], *, reprocessed: bool) -> None:
+        """OUTPUT/polygons/shard=<id>/part-<n>.parquet: each raster's GeoParquet file (a file
+        has one CRS, and the rasters of a shard may lie in several), moved from where its
+        replica staged it; parts a previous attempt left beyond them are removed, so the
+        shard's rows are exactly this attempt's."""
         written = set()
-        for index, tables in enumerate(by_crs.values()):
-            key = f"polygons/shard={shard_id}/part-{index}.parquet"
-            write_atomic(self.location, key, _parquet_bytes(concat_polygons_tables(tables)))
-            written.add(key)
+        for index, key in enumerate(r.polygons_key for r in records if r.polygons_key):
+            part = f"polygons/shard={shard_id}/part-{index}.parquet"
+            move_atomic(self.location, key, part)
+            written.add(part)
         if not reprocessed:
             return
         folder = f"polygons/shard={shard_id}"

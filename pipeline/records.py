@@ -6,9 +6,10 @@ Plain data (numpy arrays, torch tensors, strings), no I/O, so the Parquet writer
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -40,18 +41,6 @@ class StageSeconds:
 
 
 @dataclass
-class Polygons:
-    """The class regions of one georeferenced raster (`geo.ClassPolygon`s, in its CRS), for
-    OUTPUT/polygons/."""
-
-    crs: Any  # rasterio's CRS
-    regions: list[Any] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.regions)
-
-
-@dataclass
 class ImageRecord:
     """One image on its way through the stages; ends as a row of the images table."""
 
@@ -70,7 +59,9 @@ class ImageRecord:
     # writes its mask itself (see stages.RasterStage)
     georeferenced: bool = False
     stats: ClassStats | None = None
-    polygons: Polygons | None = None
+    # with --polygons, a georeferenced raster's polygons: a GeoParquet file staged in OUTPUT
+    # by the replica (see stages.RasterStage), moved under polygons/ when its shard commits
+    polygons_key: str | None = None
     width: int | None = None
     height: int | None = None
     mask_key: str | None = None
@@ -85,7 +76,7 @@ class ImageRecord:
 
     def fail(self, error_type: ErrorType, message: str) -> None:
         self.error, self.error_type = message, error_type
-        self.image = self.encoded = self.labels = self.confidence = self.stats = self.polygons = None
+        self.image = self.encoded = self.labels = self.confidence = self.stats = self.polygons_key = None
 
 
 def mask_key(image_key: str, extension: str = ".png") -> str:
@@ -106,3 +97,10 @@ def confidence_key_for(image_key: str, extension: str = ".png") -> str:
     """OUTPUT key of an image's confidence mask (uint8, the label's probability x 255), in a
     folder of its own so that OUTPUT/masks/ holds only what evaluation pairs."""
     return "confidence/" + mask_key(image_key, extension).removeprefix("masks/")
+
+
+def staged_polygons_key(run_id: str, image_key: str) -> str:
+    """OUTPUT key where a replica leaves a raster's polygons until its shard commits. Named by
+    a digest of the image key: any key, however long or odd, gives one flat, safe name."""
+    digest = hashlib.sha256(image_key.encode()).hexdigest()[:32]
+    return f"_staging/{run_id}/polygons/{digest}.parquet"

@@ -33,7 +33,7 @@ import torch
 from .config import DEFAULT_MAX_RASTER_PIXELS, SegmentConfig
 from .crf import DEFAULT_DOWNSAMPLE, dense_crf
 from .decode import DEFAULT_MAX_PIXELS, DeviceJpeg, ImageDecodeError, decode, decode_on_device
-from .geo import ClassPolygon, MaskWriter, PolygonCollector, pixel_area
+from .geo import ClassPolygon, MaskWriter, PolygonCollector, PolygonsWriter, pixel_area
 from .inference import Segmenter, SlidingWindow, softmax_classes
 from .masks import confidence_levels, encode_confidence, encode_mask
 from .preprocess import to_chw_uint8
@@ -48,7 +48,7 @@ from .rasters import (
     plan_blocks,
     read_rgb,
 )
-from .records import ImageRecord, Polygons, confidence_key_for, mask_key
+from .records import ImageRecord, confidence_key_for, mask_key, staged_polygons_key
 from .stats import ClassStats, class_statistics, labels_and_confidence
 from .storage import (
     Location,
@@ -311,8 +311,9 @@ class RasterStage:
     size; the extents overlap by the windows and the CRF margin, so no block edge shows."""
 
     def __init__(self, stage: SegmentStage, settings: RasterSettings, *, source: Location, output: Location,
-                 palette: Sequence[Sequence[int]], class_names: Sequence[str]) -> None:
+                 palette: Sequence[Sequence[int]], class_names: Sequence[str], run_id: str) -> None:
         self.settings = settings
+        self.run_id = run_id  # the polygons' rows carry it
         self.crf = stage.crf
         self.num_classes = stage.num_classes
         window = SlidingWindow(crop=(settings.tile, settings.tile), stride=(settings.stride, settings.stride),
@@ -349,16 +350,18 @@ class RasterStage:
         mask_path, confidence_path = os.path.join(scratch, "mask.tif"), os.path.join(scratch, "confidence.tif")
         profile = {"width": dataset.width, "height": dataset.height, "crs": dataset.crs, "transform": dataset.transform}
         totals = _ClassTotals(self.num_classes)
-        # every region, counted for `components`; kept only when polygons are written, and
+        # every region, counted for `components`; written, as found, only with --polygons, and
         # filtered by --min-polygon-area then
         collector = PolygonCollector(dataset.transform, dataset.crs, width=dataset.width, height=dataset.height,
                                      simplify=s.simplify)
-        kept: list[ClassPolygon] = []
+        polygons_path = os.path.join(scratch, "polygons.parquet")
+        polygons = PolygonsWriter(polygons_path, run_id=self.run_id, image_id=record.key,
+                                  class_names=self.class_names, crs=dataset.crs)
 
         def take(regions: list[ClassPolygon]) -> None:
             totals.components.update(region.class_id for region in regions)
             if s.polygons:
-                kept.extend(r for r in regions if r.area >= s.min_polygon_area)
+                polygons.write([r for r in regions if r.area >= s.min_polygon_area])
 
         with MaskWriter(mask_path, **profile, nodata=RASTER_NODATA, palette=self.palette) as mask, \
                 MaskWriter(confidence_path, **profile, nodata=0) if s.confidence else _NoWriter() as confidence:
@@ -380,8 +383,9 @@ class RasterStage:
             record.confidence_key = confidence_key_for(record.key, ".tif")
             put_file_atomic(self.output, record.confidence_key, confidence_path)
         record.stats = totals.stats(pixel_area=pixel_area(dataset.crs, dataset.transform))
-        if s.polygons:
-            record.polygons = Polygons(crs=dataset.crs, regions=kept)
+        if polygons.close():
+            record.polygons_key = staged_polygons_key(self.run_id, record.key)
+            put_file_atomic(self.output, record.polygons_key, polygons_path)
         record.height, record.width = dataset.height, dataset.width
 
     def _block(self, dataset: Any, block: Block, bands: tuple[int, ...], limits: np.ndarray, windows: WindowFiles):

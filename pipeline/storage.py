@@ -20,6 +20,7 @@ Below all three, the S3 client (botocore, s3fs) retries throttling within a requ
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -281,6 +282,20 @@ def put_file_atomic(location: Location, key: str, local_path: str | os.PathLike[
             shutil.copyfileobj(source, handle, length=1 << 20)
 
     _replace_local_file(path, copy)
+
+
+def move_atomic(location: Location, source_key: str, key: str) -> None:
+    """Move an object to `key` so that a reader of `key` sees the old object or the new one,
+    never part: a rename on a local disk; on object stores a server-side copy (no bytes pass
+    through this process), then the source is deleted."""
+    source, path = location.path(source_key), location.path(key)
+    if location.is_local:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.replace(source, path)
+        return
+    retry_io(location.uri(key), location.fs.copy, source, path)
+    with contextlib.suppress(FileNotFoundError):
+        retry_io(location.uri(source_key), location.fs.rm_file, source)
 
 
 def _replace_local_file(path: str, fill: Callable[[BinaryIO], object]) -> None:

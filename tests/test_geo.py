@@ -23,7 +23,7 @@ from pipeline.geo import (
     ClassPolygon,
     MaskWriter,
     PolygonCollector,
-    concat_polygons_tables,
+    PolygonsWriter,
     polygon_area,
     polygons_table,
 )
@@ -234,10 +234,15 @@ def test_polygons_geoparquet_read_by_geopandas_and_duckdb(footprints, tmp_path: 
     duckdb = pytest.importorskip("duckdb")
     labels, crs, transform = footprints
     rows = collect(labels, None, 256, transform=transform, crs=crs)
-    table = polygons_table(rows, run_id="run-1", image_id="tiles/a.tif",
-                           class_names=("background", "building"), crs=crs)
     path = tmp_path / "polygons.parquet"
-    pq.write_table(table, path)
+    # written as a raster's blocks find them: in batches, gathered into row groups of 16
+    writer = PolygonsWriter(str(path), run_id="run-1", image_id="tiles/a.tif",
+                            class_names=("background", "building"), crs=crs, row_group_rows=16)
+    for start in range(0, len(rows), 5):
+        writer.write(rows[start : start + 5])
+    assert writer.close() == len(rows) > 32
+    assert pq.ParquetFile(path).num_row_groups == -(-len(rows) // 20)  # 4 batches of 5 per group
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["polygons.parquet"]  # no scratch left
 
     geo = json.loads(pq.read_schema(path).metadata[b"geo"])
     column = geo["columns"]["geometry"]
@@ -268,7 +273,7 @@ def test_polygons_geoparquet_read_by_geopandas_and_duckdb(footprints, tmp_path: 
         assert hits == sum(shapely.intersects(shapely.box(*r.geometry.bounds), probe) for r in rows)
 
 
-def test_geo_metadata_without_crs_and_when_combining_tables() -> None:
+def test_geo_metadata_without_crs_and_the_bounding_box_of_all_batches(tmp_path: Path) -> None:
     names = ("background", "building")
     square = ClassPolygon(1, shapely.box(0, 0, 2, 2), 4.0)
     unknown = polygons_table([square], run_id="r", image_id="a.png", class_names=names, crs=None)
@@ -280,11 +285,13 @@ def test_geo_metadata_without_crs_and_when_combining_tables() -> None:
                        class_names=names, crs=None)
 
     far = ClassPolygon(1, shapely.box(10, 10, 12, 13), 6.0)
-    a = polygons_table([square], run_id="r", image_id="a.tif", class_names=names, crs=UTM16N)
-    b = polygons_table([far], run_id="r", image_id="b.tif", class_names=names, crs=UTM16N)
-    combined = concat_polygons_tables([a, empty, b])
-    assert combined.num_rows == 2
-    assert json.loads(combined.schema.metadata[b"geo"])["columns"]["geometry"]["bbox"] == [0, 0, 12, 13]
-    other = polygons_table([far], run_id="r", image_id="c.tif", class_names=names, crs=CRS.from_epsg(32617))
-    with pytest.raises(ValueError, match="different CRSs"):
-        concat_polygons_tables([a, other])
+    writer = PolygonsWriter(str(tmp_path / "two.parquet"), run_id="r", image_id="a.tif", class_names=names, crs=UTM16N)
+    writer.write([square])
+    writer.write([])
+    writer.write([far])
+    assert writer.close() == 2
+    written = pq.read_table(tmp_path / "two.parquet")
+    assert json.loads(written.schema.metadata[b"geo"])["columns"]["geometry"]["bbox"] == [0, 0, 12, 13]
+    nothing = PolygonsWriter(str(tmp_path / "none.parquet"), run_id="r", image_id="b.tif", class_names=names, crs=UTM16N)
+    nothing.write([])
+    assert nothing.close() == 0 and not (tmp_path / "none.parquet").exists()

@@ -5,6 +5,7 @@ into rasters larger than a block."""
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from pathlib import Path
 
@@ -25,10 +26,11 @@ from pipeline.evaluation import Pair, ScoreSettings, score_pairs
 from pipeline.inference import Segmenter, window_starts
 from pipeline.masks import encode_mask
 from pipeline.models import ModelMeta, build_model, save_checkpoint
+from pipeline.outputs import OutputStore, RunInfo
 from pipeline.rasters import band_limits, choose_bands, open_raster, plan_blocks, read_rgb
 from pipeline.records import ImageRecord
 from pipeline.stages import RasterSettings, RasterStage, SegmentStage
-from pipeline.storage import open_location
+from pipeline.storage import iter_shards, open_location
 
 MODEL = "lraspp_mobilenet_v3_large"
 CLASSES = 4
@@ -85,7 +87,7 @@ def _raster_stage(folder: Path, output: Path, **settings) -> RasterStage:
     segmenter = Segmenter(_pixel_driven_model(), meta, device="cpu", batch_size=4)
     stage = SegmentStage(segmenter, crf=settings.pop("crf", False))
     return RasterStage(stage, RasterSettings(**settings), source=open_location(str(folder)),
-                       output=open_location(str(output)), palette=meta.palette, class_names=meta.class_names)
+                       output=open_location(str(output)), palette=meta.palette, class_names=meta.class_names, run_id="run-1")
 
 
 def _mask(path: Path) -> np.ndarray:
@@ -186,11 +188,13 @@ def test_a_geotiff_on_s3_becomes_a_cog_mask_polygons_and_areas(ray_cpu, s3_bucke
                                  where image_id = '{key}'""").fetchall())
         assert areas == pytest.approx({c: int(n) * pixel_area for c, n in enumerate(counts) if n})
         assert all(bounds.contains(g) or bounds.buffer(1e-6).contains(g) for g in _polygons(fs, bucket, tmp_path, key))
-    # polygons: one GeoParquet file per CRS (the mosaic is in UTM 33N, SpaceNet in 16N,
+    # polygons: one GeoParquet file per raster (the mosaic is in UTM 33N, SpaceNet in 16N,
     # Vaihingen in 32N), read by geopandas with its CRS; per class, their areas add up to the
-    # class's area
+    # class's area. The replicas staged them; the commit moved them, leaving nothing staged.
     files = _polygon_files(fs, bucket, tmp_path)
     assert sorted(gpd.read_parquet(f).crs.to_epsg() for f in files) == [32616, 32632, 32633]
+    assert sorted(gpd.read_parquet(f).image_id.unique().tolist()[0] for f in files) == sorted(sources)
+    assert not fs.find(f"{bucket[5:]}/out/_staging")
     for file in files:
         polygons = gpd.read_parquet(file)
         for image_id, rows in polygons.groupby("image_id"):
@@ -208,6 +212,33 @@ def test_a_geotiff_on_s3_becomes_a_cog_mask_polygons_and_areas(ray_cpu, s3_bucke
         for image_id, rows in frame[(frame.class_name == "class_1") & (frame.area > 200)].groupby("image_id"):
             expected[image_id] = (len(rows), round(rows.area.sum()))
     assert {r[0]: (r[1], r[2]) for r in con.sql(query).fetchall()} == expected
+
+
+def test_polygons_are_staged_by_the_replica_and_moved_by_the_commit(shared_data, tmp_path):
+    """A raster's polygons leave the replica as a staged file, not in its record; the commit
+    moves each to a part of its shard, and a recommit without one of the rasters leaves
+    exactly the parts of the rasters it has."""
+    (tmp_path / "src").mkdir()
+    for name in ("a.tif", "b.tif"):
+        _mosaic(shared_data, tmp_path / "src" / name, height=300, width=400)
+    source, out = open_location(str(tmp_path / "src")), tmp_path / "out"
+    stage = _raster_stage(tmp_path / "src", out, tile=128, block=256, polygons=True)
+    store = OutputStore(open_location(str(out)))
+    run = RunInfo(run_id="run-1", run_date=dt.date(2026, 11, 22), model=MODEL, weights="none", num_classes=CLASSES,
+                  class_names=stage.class_names, crf=False, source_url=str(tmp_path / "src"), fingerprint="f")
+
+    def commit() -> list[str]:
+        [shard] = list(iter_shards(source))
+        records = [stage(ImageRecord(key=f.key, georeferenced=True)) for f in shard.files]
+        assert all(r.ok and r.polygons_key and (out / r.polygons_key).exists() for r in records)
+        store.commit_shard(shard, records, run)
+        assert not list((out / "_staging").rglob("*.parquet"))
+        parts = sorted((out / "polygons").rglob("*.parquet"))
+        return [gpd.read_parquet(p).image_id.unique().tolist() for p in parts]
+
+    assert commit() == [["a.tif"], ["b.tif"]]
+    (tmp_path / "src" / "b.tif").unlink()
+    assert commit() == [["a.tif"]]
 
 
 def _polygon_files(fs: s3fs.S3FileSystem, bucket: str, tmp_path: Path) -> list[Path]:
