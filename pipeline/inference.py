@@ -209,23 +209,26 @@ class Segmenter:
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def region_logits(self, image: ImageLike, *, origin: tuple[int, int], windows: WindowStore) -> torch.Tensor:
-        """Blended (C, H, W) float32 logits of one region of a larger image, the region's
+    def region_logits(self, image: ImageLike, *, origin: tuple[int, int], windows: WindowStore,
+                      part: tuple[tuple[int, int], tuple[int, int]] | None = None) -> torch.Tensor:
+        """Blended (C, h, w) float32 logits of one region of a larger image, the region's
         pixels at `origin` (row, col) in it, with windows shared with the other regions
-        through `windows`.
+        through `windows`; only of the rectangle `part` ((top, bottom), (left, right) in the
+        region's pixels; default: all of it), which is all the caller keeps.
 
         The region must be cut along the larger image's sliding-window grid (see
         `rasters.plan_blocks`), so its windows are that grid's; and the segmenter must work at
         native resolution (`at_native_resolution`). Logits, not probabilities: the caller
-        takes the class softmax of the part it keeps.
+        takes the class softmax (it may refine them first).
         """
         if self.sliding_window is None or self.meta.preprocessing.resize != "none":
             raise ValueError("region_logits needs a sliding window at native resolution (at_native_resolution)")
         pixels = self.normalize.to_device(to_chw_uint8(image)[None])
-        logits = torch.zeros(1, self.num_classes, *pixels.shape[-2:], device=pixels.device)
+        (top, bottom), (left, right) = part or ((0, pixels.shape[-2]), (0, pixels.shape[-1]))
+        logits = torch.zeros(1, self.num_classes, bottom - top, right - left, device=pixels.device)
         if self.channels_last:
             logits = logits.contiguous(memory_format=torch.channels_last)
-        self._slide(pixels[0], logits[0], origin=origin, windows=windows)
+        self._slide(pixels[0], logits[0], origin=origin, windows=windows, offset=(top, left))
         return logits[0]
 
     def _probabilities(self, batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -267,18 +270,20 @@ class Segmenter:
         return out.float()
 
     def _slide(self, image: torch.Tensor, logits_sum: torch.Tensor, *, origin: tuple[int, int] = (0, 0),
-               windows: WindowStore | None = None) -> None:
+               windows: WindowStore | None = None, offset: tuple[int, int] = (0, 0)) -> None:
         """Logits for one (3, H, W) image from overlapping windows, blended, into the zeroed
-        (C, H, W) `logits_sum`.
+        `logits_sum`: (C, H, W), or a smaller rectangle of the image at `offset`, which then
+        gets only the windows' parts that fall in it.
 
         Only `batch_size` windows are normalised and run at a time; the full-size buffer is
-        the logits sum. With `windows`, a window whose logits another
-        region kept is not run again; the windows are still blended in the same order, so
-        the sums are the same.
+        the logits sum. With `windows`, a window whose logits another region kept is not run
+        again; the windows are still blended in the same order, so the sums are the same.
         """
         window = self.sliding_window
         assert window is not None
         height, width = image.shape[-2:]
+        top, left = offset
+        bottom, right = top + logits_sum.shape[-2], left + logits_sum.shape[-1]
         crop_h, crop_w = min(window.crop[0], height), min(window.crop[1], width)
         rows, cols = window_starts(height, crop_h, window.stride[0]), window_starts(width, crop_w, window.stride[1])
         boxes = [(y, x) for y in rows for x in cols]
@@ -302,5 +307,11 @@ class Segmenter:
                     if windows is not None:
                         windows.keep((origin[0] + y, origin[1] + x), logits)
             for y, x in chunk:
-                logits_sum[:, y : y + crop_h, x : x + crop_w].addcmul_(kept[(y, x)].to(logits_sum.device), weight)
-        logits_sum.div_(sum_h[:, None] * sum_w[None, :])
+                # the window's overlap with the rectangle, in the window's and the rectangle's pixels
+                y0, y1, x0, x1 = max(y, top), min(y + crop_h, bottom), max(x, left), min(x + crop_w, right)
+                if y0 < y1 and x0 < x1:
+                    logits_sum[:, y0 - top : y1 - top, x0 - left : x1 - left].addcmul_(
+                        kept[(y, x)][:, y0 - y : y1 - y, x0 - x : x1 - x].to(logits_sum.device),
+                        weight[y0 - y : y1 - y, x0 - x : x1 - x],
+                    )
+        logits_sum.div_(sum_h[top:bottom, None] * sum_w[None, left:right])

@@ -392,17 +392,17 @@ class RasterStage:
         """Labels, confidence and validity of the block's core."""
         rgb, valid = read_rgb(dataset, block.extent, bands, limits)
         extent = block.extent
-        logits = self.segmenter.region_logits(rgb, origin=(int(extent.row_off), int(extent.col_off)), windows=windows)
         # the part that is refined (the core and the CRF's margin) or else just the core, in
-        # the extent's pixels; the class softmax is taken of it only
+        # the extent's pixels: only its logits are blended and its class softmax taken
         core_rows = _span(block.core.row_off, block.core.height, extent.row_off)
         core_cols = _span(block.core.col_off, block.core.width, extent.col_off)
         rows, cols = core_rows, core_cols
         if self.crf:
             rows = _crf_span(core_rows, int(extent.row_off), int(extent.height), self.settings.crf_margin)
             cols = _crf_span(core_cols, int(extent.col_off), int(extent.width), self.settings.crf_margin)
-        part = logits[None, :, rows[0]:rows[1], cols[0]:cols[1]].contiguous(memory_format=torch.channels_last)
-        probs = softmax_classes(part)
+        logits = self.segmenter.region_logits(rgb, origin=(int(extent.row_off), int(extent.col_off)), windows=windows,
+                                              part=(rows, cols))
+        probs = softmax_classes(logits[None])
         if self.crf:
             pixels = to_chw_uint8(rgb[rows[0]:rows[1], cols[0]:cols[1]]).to(probs.device)[None]
             probs = dense_crf(probs, pixels)

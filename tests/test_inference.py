@@ -87,6 +87,35 @@ def test_blend_weights_fade_toward_edges_but_stay_positive() -> None:
     assert w[0, 0] < w[2, 2] < w[4, 6]
 
 
+class _Kept:
+    """A WindowStore that keeps every window in memory, counting what it is asked for."""
+
+    def __init__(self) -> None:
+        self.logits: dict[tuple[int, int], torch.Tensor] = {}
+        self.reused = 0
+
+    def take(self, origin):
+        found = self.logits.get(origin)
+        self.reused += found is not None
+        return found
+
+    def keep(self, origin, logits):
+        self.logits[origin] = logits
+
+
+def test_region_logits_of_a_part_and_from_kept_windows_are_those_of_the_whole_region() -> None:
+    image = _image(100, 130)
+    segmenter = Segmenter(Pointwise(), _meta(), device="cpu",
+                          sliding_window=SlidingWindow(crop=(32, 32), stride=(24, 24), batch_size=3))
+    store = _Kept()
+    whole = segmenter.region_logits(image, origin=(48, 72), windows=store)
+    runs = len(segmenter.model.inputs)
+    part = segmenter.region_logits(image, origin=(48, 72), windows=store, part=((10, 70), (33, 101)))
+    assert torch.equal(part, whole[:, 10:70, 33:101])
+    assert len(segmenter.model.inputs) == runs and store.reused == len(store.logits) > 1  # no window ran twice
+    assert set(store.logits) == {(48 + y, 72 + x) for y in window_starts(100, 32, 24) for x in window_starts(130, 32, 24)}
+
+
 def test_sliding_window_equals_whole_image_for_a_pointwise_model() -> None:
     model = Pointwise()
     image = _image(100, 77)
