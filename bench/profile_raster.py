@@ -5,8 +5,8 @@ each of its steps timed apart, against the bare forward over the same windows.
 
 The mosaic is bench/raster.py's (LoveDA tiles, 512-pixel windows, default blocks), the model
 its LR-ASPP with 7 classes. Prints one JSON line: seconds per step (reading the blocks, the
-model's forward, the rest of the sliding window's blending, the class softmax, the CRF,
-labels, statistics and polygons), the stage's total, the bare forward's, and their ratio:
+model's forward, keeping and taking back the windows blocks share, the rest of the sliding
+window's blending, the class softmax, the CRF, labels, statistics and polygons), the stage's total, the bare forward's, and their ratio:
 the in-process bound on bench/raster.py's `raster_pipeline_efficiency`. The steps are timed
 by wrapping the functions `RasterStage` calls, in one process with the replica's threads.
 """
@@ -40,6 +40,8 @@ from pipeline.storage import open_location  # noqa: E402
 # the functions RasterStage calls, by the name each step is reported under
 STEPS = {
     "read_blocks": (stages, "read_rgb"),
+    "windows_kept": (stages.WindowFiles, "keep"),
+    "windows_taken": (stages.WindowFiles, "take"),
     "class_softmax": (stages, "softmax_classes"),
     "crf": (stages, "dense_crf"),
     "labels_and_confidence": (stages, "labels_and_confidence"),
@@ -91,7 +93,7 @@ def main() -> None:
         for _ in range(-(-windows // 4)):
             segmenter._forward(batch)
         bare = time.perf_counter() - start
-    seconds["blending"] = seconds.pop("sliding_window") - seconds["forward"]
+    seconds["blending"] = seconds.pop("sliding_window") - seconds["forward"] - seconds["windows_kept"] - seconds["windows_taken"]
     print(json.dumps({
         "side": args.side, "crf": not args.no_crf, "windows": windows,
         "seconds": {name: round(value, 3) for name, value in seconds.items()},
