@@ -3,7 +3,9 @@
 The options of `segment`, `evaluate` and `train` are generated from the fields of their
 config (`pipeline.config`): name, type, default and help come from one place, so the command
 line, the flows and `infra/prefect.yaml` cannot drift apart. A config is validated once, here,
-before Prefect or Ray start, and handed to its flow whole.
+and checked against what it names (`pipeline.preflight`: weights, inputs, OUTPUT, credentials)
+before Prefect, Ray or torch are imported, then handed to its flow whole. Each mistake is one
+line naming the option as typed, and exit code 2.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import sys
 import types
 import typing
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
 from pipeline.config import (
+    MODEL_NAMES,
     EvaluateConfig,
     JobConfig,
     RunError,
@@ -27,15 +31,13 @@ from pipeline.config import (
     StorageOptions,
     TrainConfig,
     TrainingError,
+    option_name,
     parse_json_object,
 )
 
 # options a command takes besides its config's fields
-_SECRET_HELP = "name of a Prefect Secret block holding storage options (credentials) as a JSON object"
-
-
-def option_name(field: str) -> str:
-    return "--" + field.replace("_", "-")
+_SECRET_HELP = ("name of a Prefect Secret block holding storage options (credentials) as a JSON object "
+                "(default: none)")
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -58,13 +60,7 @@ def _argument(name: str, field: Any, positional: bool) -> tuple[list[str], dict[
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    help_text = field.description or ""
-    if not positional and not field.is_required():
-        default = field.get_default(call_default_factory=True)
-        if default not in (None, {}, "") and not isinstance(default, StorageOptions):
-            shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-            help_text += f" (default: {shown})"
-    keywords: dict[str, Any] = {"help": help_text}
+    keywords: dict[str, Any] = {"help": _help(field) if not positional else field.description or ""}
     if annotation is bool:
         keywords["action"] = argparse.BooleanOptionalAction
     elif origin is Literal:
@@ -80,10 +76,26 @@ def _argument(name: str, field: Any, positional: bool) -> tuple[list[str], dict[
     else:
         keywords["type"] = annotation
     if positional:
-        return [name], keywords
+        return [name], keywords | {"metavar": name.upper()}
     # None: not given, so the config's own default applies (and is validated the same way)
     keywords |= {"dest": name, "default": None, "required": field.is_required()}
     return [option_name(name)], keywords
+
+
+def _help(field: Any) -> str:
+    """The field's description with its default, unless the description says it ("default:
+    ...", a default that depends on other settings) or the option is required."""
+    text = field.description or ""
+    if field.is_required() or "default:" in text:
+        return text
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, bool):
+        shown = "on" if default else "off"
+    elif isinstance(default, tuple):
+        shown = " ".join(map(str, default))
+    else:
+        shown = "none" if default in (None, {}, "") else default
+    return f"{text} (default: {shown})"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config: type[JobConfig]) -> None:
@@ -105,13 +117,13 @@ class UsageError(ValueError):
     """A setting the user gave is wrong: one line, exit 2."""
 
 
-def _validation_lines(err: ValidationError) -> list[str]:
+def _validation_lines(err: ValidationError, config: type[JobConfig]) -> list[str]:
     # pydantic's own text echoes input values, which may be credentials: name the option only
     lines = []
     for problem in err.errors():
         where = [str(part) for part in problem["loc"] if not isinstance(part, int)]
         message = problem["msg"].removeprefix("Value error, ")
-        lines.append(f"{option_name(where[0])}: {message}" if where else message)
+        lines.append(f"{config.argument_name(where[0])}: {message}" if where else message)
     return lines
 
 
@@ -125,10 +137,35 @@ def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def _preflight(check: Callable[..., None], config: JobConfig, storage_secret: str | None) -> None:
+    """The job's checks (`pipeline.preflight`), before Prefect or Ray are imported and before
+    anything is written: with the storage options the flow will merge, except those of a
+    Secret block, which only Prefect can load (the flow checks remote URLs with them)."""
+    from flows._storage import resolve_storage_options
+
+    if storage_secret:
+        check(config, remote=False)
+    else:
+        check(config.with_storage_options(resolve_storage_options(config.storage_options, None)))
+
+
+def _plain_output_when_piped() -> None:
+    """No colour codes in output that goes to a file or a pipe. Ray colours the prefix of the
+    log lines it forwards from its workers whether or not it writes to a terminal; Prefect's
+    console log lines (PREFECT_LOGGING_LEVEL=INFO) are coloured by rich, which asks the
+    stream, unless told otherwise (FORCE_COLOR). Set before either is imported."""
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        os.environ.setdefault("PREFECT_LOGGING_COLORS", "false")
+
+
 def _segment(args: argparse.Namespace) -> int:
     """Run the segmentation flow with a progress bar and print a summary; errors of single
     images do not change the exit code, only a run that could not happen does."""
+    from pipeline.preflight import check_segment
+
     config = config_from_arguments(SegmentConfig, args).dated()
+    _preflight(check_segment, config, args.storage_secret)
     _quiet_prefect()
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -166,7 +203,10 @@ def _print_summary(s: dict) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from pipeline.preflight import check_evaluate
+
     config = config_from_arguments(EvaluateConfig, args).dated()
+    _preflight(check_evaluate, config, args.storage_secret)
     _quiet_prefect()
     from flows.evaluate import evaluate_predictions
     from pipeline.evaluation import markdown_table
@@ -188,7 +228,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     """Run the training flow and print its epochs and where the checkpoint is."""
+    from pipeline.preflight import check_train
+
     config = config_from_arguments(TrainConfig, args)
+    _preflight(check_train, config, args.storage_secret)
     _quiet_prefect()
     from flows.train import train_model
 
@@ -214,10 +257,17 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _models(_: argparse.Namespace) -> int:
-    from pipeline.models import list_models
-
-    print("\n".join(list_models()))
+    print("\n".join(MODEL_NAMES))  # the registry's names, without importing torch
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("segpipe")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -229,6 +279,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="segpipe", description="Batch semantic segmentation of image archives.")
+    parser.add_argument("--version", action="version", version=f"segpipe {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     jobs = [
@@ -249,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         job = commands.add_parser(name, help=summary, description=description)
         add_config_arguments(job, config)
         job.add_argument("--storage-secret", help=_SECRET_HELP)
-        job.set_defaults(run=run)
+        job.set_defaults(run=run, job_config=config)
 
     serve = commands.add_parser(
         "serve", help="serve the nightly segmentation and the evaluation deployments from this process",
@@ -264,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
             serve.add_argument(*flags, **keywords | {"required": name in SegmentConfig.positional})
     serve.add_argument("--storage-secret", help=_SECRET_HELP)
     serve.add_argument("--cron", default="0 2 * * *", help="schedule, UTC (default: %(default)s)")
-    serve.set_defaults(run=_serve)
+    serve.set_defaults(run=_serve, job_config=JobConfig)  # every field an --option here, SOURCE too
 
     demo = commands.add_parser(
         "demo", help="run both flows on generated images through a local S3 endpoint, no cluster or cloud needed",
@@ -281,10 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _plain_output_when_piped()
     try:
         return args.run(args)
     except ValidationError as err:
-        for line in _validation_lines(err):
+        for line in _validation_lines(err, getattr(args, "job_config", JobConfig)):
             print(f"segpipe: error: {line}", file=sys.stderr)
         return 2
     except (UsageError, RunError, ValueError) as err:

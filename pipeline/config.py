@@ -10,7 +10,11 @@ of reprs, logs and the parameters Prefect stores.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import json
+import os
+import sys
+from collections.abc import Iterable
 from typing import Any, ClassVar, Literal, Self
 
 from pydantic import (
@@ -24,6 +28,14 @@ from pydantic import (
 from pydantic_core import core_schema
 
 DEFAULT_MODEL = "deeplabv3_resnet101"
+# the names `pipeline.models` registers, listed here so that a config is validated, and
+# `segpipe models` answers, without importing torch (2 to 5 s); tests/test_config.py checks
+# that the two lists agree
+MODEL_NAMES = (
+    "deeplabv3_mobilenet_v3_large", "deeplabv3_resnet101", "deeplabv3_resnet50", "deeplabv3plus_resnet101",
+    "deeplabv3plus_resnet50", "fcn_resnet50", "lraspp_mobilenet_v3_large", "pspnet_resnet101", "pspnet_resnet50",
+    "unet_resnet34",
+)
 # Pillow's own decompression-bomb threshold (2 x Image.MAX_IMAGE_PIXELS): Pillow refuses
 # anything bigger while opening, before segpipe could check it
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
@@ -91,6 +103,36 @@ class StorageOptions(dict[str, Any]):
         )
 
 
+def option_name(field: str) -> str:
+    """A config field's command-line option, as a user types it: num_classes -> --num-classes."""
+    return "--" + field.replace("_", "-")
+
+
+def model_names() -> list[str]:
+    """The model names a config accepts, sorted: the built-in ones, and those a program
+    registered itself (`pipeline.models.register_model`), which it has imported to do so."""
+    registry = sys.modules.get("pipeline.models._registry")
+    return sorted({*MODEL_NAMES, *(registry.list_models() if registry is not None else ())})
+
+
+def unknown_model_message(name: str, choices: Iterable[str]) -> str:
+    choices = list(choices)
+    close = difflib.get_close_matches(name, choices, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown model {name!r}{hint}; choose one of: {', '.join(choices)}"
+
+
+def is_checkpoint_uri(weights: str) -> bool:
+    """Whether `weights` names a checkpoint file rather than a torchvision weights name."""
+    return "://" in weights or os.sep in weights or weights.endswith((".pt", ".pth", ".ckpt")) or os.path.exists(weights)
+
+
+def _known_model(value: str | None) -> str | None:
+    if value is not None and value not in (names := model_names()):
+        raise ValueError(unknown_model_message(value, names))
+    return value
+
+
 def yesterday_utc() -> str:
     return (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)).isoformat()
 
@@ -117,11 +159,17 @@ class JobConfig(BaseModel):
         urls = {name: getattr(self, name) for name in self.dated_urls}
         first, last = self.dated_urls[0], self.dated_urls[-1]
         if "{date}" in urls[first] and "{date}" not in urls[last]:
+            first_name, last_name = self.argument_name(first), self.argument_name(last)
             raise ValueError(
-                f"{first} {urls[first]!r} contains {{date}} but {last} {urls[last]!r} does not; put {{date}} in "
-                f"the {last} too (e.g. s3://bucket/segpipe/date={{date}}/) so each night has its own results"
+                f"{first_name} {urls[first]!r} contains {{date}} but {last_name} {urls[last]!r} does not; put {{date}} "
+                f"in {last_name} too (e.g. s3://bucket/segpipe/date={{date}}/) so each night has its own results"
             )
         return self
+
+    @classmethod
+    def argument_name(cls, field: str) -> str:
+        """How the command line names a field: SOURCE for a positional one, --num-classes for an option."""
+        return field.upper() if field in cls.positional else option_name(field)
 
     def dated(self, date: str | None = None) -> Self:
         """A copy with `{date}` in its URLs replaced by `date`, else its `date` field, else
@@ -151,8 +199,9 @@ def _no_ray_client(value: str | None) -> str | None:
     return value
 
 
-_STORAGE_OPTIONS = "JSON object of fsspec options for remote URLs, e.g. '{\"endpoint_url\": \"http://...\"}'"
-_RAY_ADDRESS = "join this Ray cluster ('auto', or host:6379) instead of RAY_ADDRESS or a local Ray"
+_STORAGE_OPTIONS = ("JSON object of fsspec options for remote URLs, e.g. '{\"endpoint_url\": \"http://...\"}' "
+                    "(default: none; credentials from the environment, e.g. AWS_ACCESS_KEY_ID)")
+_RAY_ADDRESS = "join this Ray cluster ('auto', or host:6379) (default: RAY_ADDRESS, else a local Ray started for the run)"
 _DATE = "YYYY-MM-DD that replaces {date} in the URLs (default: yesterday, UTC)"
 
 
@@ -170,11 +219,18 @@ class SegmentConfig(JobConfig):
     weights: str | None = Field(default="DEFAULT", description=(
         "torchvision weights name (DEFAULT, COCO_WITH_VOC_LABELS_V1), a checkpoint path or URL, or none for an "
         "untrained model (then --num-classes is required)"))
-    num_classes: int | None = Field(default=None, gt=0, description="classes; required with --weights none")
+    num_classes: int | None = Field(default=None, gt=0, description=(
+        "classes; required with --weights none (default: the weights' own)"))
+    class_names: tuple[str, ...] | None = Field(default=None, description=(
+        "one name per class, in id order, for weights without names: an untrained model, a checkpoint whose "
+        "classes are class_0, class_1, ... (default: the weights' own)"))
     crf: bool = Field(default=True, description="refine the labels with the dense CRF")
-    compile: bool = Field(default=False, description=(
-        "torch.compile the model in each replica: pays on GPUs over long runs of one image size; the first "
-        "batch of each new size waits for a compilation"))
+    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description=(
+        "the model's arithmetic: auto is bf16 where the device has it natively (CUDA; CPUs with AVX512_BF16 or "
+        "AMX), else fp32"))
+    compile: bool | None = Field(default=None, description=(
+        "torch.compile the model in each replica (on CPU with inductor's freezing: weights prepacked once); the "
+        "first batch of each new image size waits for a compilation (default: where it pays, bf16 on CPU)"))
     tile: int | None = Field(default=None, ge=32, description=(
         "segment images larger than TILE x TILE in sliding windows of that side (aerial tiles); default: whole"))
     tile_stride: int | None = Field(default=None, ge=16, description="window stride (default: 3/4 of --tile)")
@@ -232,8 +288,6 @@ class SegmentConfig(JobConfig):
     @classmethod
     def _default_model(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("model") is None:
-            from .models import is_checkpoint_uri
-
             weights = data.get("weights", "DEFAULT")
             if not (isinstance(weights, str) and weights.strip().lower() not in {"", "none"} and is_checkpoint_uri(weights)):
                 data = {**data, "model": DEFAULT_MODEL}
@@ -243,17 +297,11 @@ class SegmentConfig(JobConfig):
     def _stride_within_tile(self) -> SegmentConfig:
         if self.tile_stride is not None and (self.tile is None or self.tile_stride > self.tile):
             raise ValueError(f"--tile-stride {self.tile_stride} needs a --tile at least as large (--tile {self.tile})")
+        if self.class_names is not None and self.num_classes is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} --class-names for --num-classes {self.num_classes}")
         return self
 
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str | None) -> str | None:
-        from .models import list_models
-
-        if value is not None and value not in list_models():
-            raise ValueError(f"unknown model {value!r}; choose one of: {', '.join(list_models())}")
-        return value
-
+    _model = field_validator("model")(_known_model)
     _ray_address = field_validator("ray_address")(_no_ray_client)
     _date = field_validator("date")(_iso_date)
 
@@ -281,7 +329,8 @@ class EvaluateConfig(JobConfig):
     output: str = Field(min_length=1, description="fsspec URL for the report")
     num_classes: int = Field(gt=0, description="classes the predictions use")
     ignore_index: int = Field(default=255, description="ground-truth label of pixels that are not scored")
-    class_names: tuple[str, ...] | None = Field(default=None, description="one name per class, in id order")
+    class_names: tuple[str, ...] | None = Field(default=None, description=(
+        "one name per class, in id order (default: class_0, class_1, ...)"))
     label_map: dict[int, int] | None = Field(default=None, description=(
         "JSON object remapping ground-truth values before scoring, e.g. '{\"7\": 0, \"8\": 1}' (others kept)"))
     reduce_zero_label: bool = Field(default=False, description=(
@@ -312,7 +361,8 @@ class TrainConfig(JobConfig):
     output: str = Field(min_length=1, description="fsspec URL of the checkpoint to write (.pt)")
     model: str = Field(description="model name (see `segpipe models`)")
     num_classes: int = Field(gt=0, description="classes to train")
-    class_names: tuple[str, ...] | None = Field(default=None, description="one name per class, in id order")
+    class_names: tuple[str, ...] | None = Field(default=None, description=(
+        "one name per class, in id order (default: class_0, class_1, ...)"))
     palette: tuple[tuple[int, int, int], ...] | None = Field(default=None, description=(
         "JSON list of [r, g, b], one per class (default: a fixed palette)"))
     epochs: int = Field(default=20, ge=1, description="epochs to train")
@@ -325,8 +375,8 @@ class TrainConfig(JobConfig):
         "none (random), imagenet (the backbone's ImageNet weights), a torchvision weights name of the model, or "
         "a checkpoint URL; tensors whose shapes differ (the classifier, for other classes) start random"))
     optimizer: Literal["sgd", "adamw"] = Field(default="sgd", description="sgd (momentum 0.9) or adamw, polynomial decay")
-    lr: float | None = Field(default=None, gt=0, description="learning rate (default 0.01 for sgd, 1e-4 for adamw)")
-    weight_decay: float | None = Field(default=None, ge=0, description="default 1e-4 for sgd, 0.01 for adamw")
+    lr: float | None = Field(default=None, gt=0, description="learning rate (default: 0.01 for sgd, 1e-4 for adamw)")
+    weight_decay: float | None = Field(default=None, ge=0, description="weight decay (default: 1e-4 for sgd, 0.01 for adamw)")
     aux_weight: float = Field(default=0.4, ge=0, description="weight of the auxiliary head's loss, where there is one")
     label_suffix: str = Field(default="", description="suffix of label names, e.g. _L for x_L.png")
     val_images: str | None = Field(default=None, description="fsspec URL of validation images")
@@ -344,11 +394,10 @@ class TrainConfig(JobConfig):
 
     _ray_address = field_validator("ray_address")(_no_ray_client)
 
+    _model = field_validator("model")(_known_model)
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        from .models._registry import get_spec
-
-        get_spec(self.model)  # unknown model: ValueError naming the choices
         if (self.val_images is None) != (self.val_labels is None):
             raise ValueError("give both --val-images and --val-labels, or neither")
         if self.val_images is not None and self.val_last:

@@ -61,11 +61,27 @@ class ScoreSettings:
     reduce_zero_label: bool = False
 
 
+@dataclass(frozen=True)
+class StrayLabels:
+    """Labels outside the classes (and not the ignore index), found in one mask of a pair."""
+
+    image_id: str
+    side: str  # "prediction" or "ground truth"
+    values: tuple[int, ...]
+
+
+class StrayLabelsError(ValueError):
+    def __init__(self, message: str, stray: StrayLabels) -> None:
+        super().__init__(message)
+        self.stray = stray
+
+
 @dataclass
 class PairScore:
     image_id: str
     confusion: np.ndarray | None = None  # (C, C) int64, rows ground truth
     error: str | None = None
+    stray: StrayLabels | None = None  # why it was left out, when labels were out of range
 
 
 def pairing_key(key: str, suffix: str) -> str:
@@ -137,10 +153,18 @@ def remap_ground_truth(labels: np.ndarray, settings: ScoreSettings) -> np.ndarra
 
 
 def _labels_confusion(pair: Pair, pred: np.ndarray, truth: np.ndarray, settings: ScoreSettings) -> np.ndarray:
-    """One pair's (or one window's) confusion; ValueError naming the file for a label out of range."""
+    """One pair's (or one window's) confusion; StrayLabelsError naming the file for a label out of range."""
     n = settings.num_classes
-    check_label_range(pred, n, None, source=f"prediction {pair.prediction}")
-    check_label_range(truth, n, settings.ignore_index, source=f"ground truth {pair.ground_truth}")
+    for side, labels, key, ignore in (("prediction", pred, pair.prediction, None),
+                                      ("ground truth", truth, pair.ground_truth, settings.ignore_index)):
+        try:
+            check_label_range(labels, n, ignore, source=f"{side} {key}")
+        except ValueError as err:  # the values found, for the advice of `exclusion_summary`
+            outside = (labels < 0) | (labels >= n)
+            if ignore is not None:
+                outside &= labels != ignore
+            values = tuple(int(v) for v in np.unique(labels[outside]))
+            raise StrayLabelsError(str(err), StrayLabels(pair.image_id, side, values)) from None
     return confusion_matrix(pred, truth, n, ignore_index=settings.ignore_index)
 
 
@@ -165,7 +189,7 @@ def score_raster_pair(pair: Pair, predictions: Location, ground_truth: Location,
                         pred[pred == pred_file.nodata] = 0
                     confusion += _labels_confusion(pair, pred, truth, settings)
     except (ValueError, FileNotFoundError) as err:  # ImageDecodeError is a ValueError: named, left out
-        return PairScore(pair.image_id, error=str(err))
+        return PairScore(pair.image_id, error=str(err), stray=getattr(err, "stray", None))
     except RasterioError as err:  # a file GDAL opened but cannot read through
         return PairScore(pair.image_id, error=f"unreadable mask ({type(err).__name__}: {err})")
     return PairScore(pair.image_id, confusion=confusion)
@@ -186,8 +210,8 @@ def score_pair(pair: Pair, prediction: bytes, ground_truth: bytes, settings: Sco
             f"ground truth {pair.ground_truth} is {truth.shape[1]}x{truth.shape[0]}"))
     try:
         return PairScore(pair.image_id, confusion=_labels_confusion(pair, pred, truth, settings))
-    except ValueError as err:
-        return PairScore(pair.image_id, error=str(err))
+    except StrayLabelsError as err:
+        return PairScore(pair.image_id, error=str(err), stray=err.stray)
 
 
 @dataclass
@@ -200,6 +224,8 @@ class BatchScore:
     pixel_accuracy: list[float] = field(default_factory=list)
     iou: list[np.ndarray] = field(default_factory=list)
     excluded: list[dict[str, str]] = field(default_factory=list)
+    # the excluded pairs whose labels were out of range, and which labels
+    stray: list[StrayLabels] = field(default_factory=list)
 
     def add(self, other: BatchScore) -> None:
         self.confusion += other.confusion
@@ -207,6 +233,7 @@ class BatchScore:
         self.pixel_accuracy += other.pixel_accuracy
         self.iou += other.iou
         self.excluded += other.excluded
+        self.stray += other.stray
 
 
 def score_pairs(predictions: Location, ground_truth: Location, pairs: Sequence[Pair],
@@ -238,12 +265,52 @@ def _is_tiff(key: str) -> bool:
 def _add(batch: BatchScore, pair: Pair, result: PairScore) -> None:
     if result.confusion is None:
         batch.excluded.append({"image_id": pair.image_id, "reason": result.error or ""})
+        if result.stray is not None:
+            batch.stray.append(result.stray)
         return
     own = scores(result.confusion)
     batch.confusion += result.confusion
     batch.image_ids.append(pair.image_id)
     batch.pixel_accuracy.append(own["pixel_accuracy"])
     batch.iou.append(own["iou"])
+
+
+def exclusion_summary(total: BatchScore, settings: ScoreSettings) -> str | None:
+    """The pairs left out, in one line for the whole dataset (metrics.json lists each): labels
+    out of range counted by file, with what to pass; then the other reasons, the first named."""
+    parts = [_stray_advice(side, strays, settings) for side in ("ground truth", "prediction")
+             if (strays := [s for s in total.stray if s.side == side])]
+    stray_ids = {s.image_id for s in total.stray}
+    others = [e for e in total.excluded if e["image_id"] not in stray_ids]
+    if others:
+        parts.append(f"{_count(len(others), 'pair')} left out for other reasons, e.g. {others[0]['image_id']}: "
+                     f"{others[0]['reason']}")
+    return "; ".join(parts) or None
+
+
+def _stray_advice(side: str, strays: Sequence[StrayLabels], settings: ScoreSettings) -> str:
+    """What to pass for labels out of range. A single ground-truth value just above the
+    classes (11 of 11 classes) or 255 is a dataset's "unlabelled" value (CamVid's Void,
+    Cityscapes' 255) far more often than a class: the ignore index comes first."""
+    n = settings.num_classes
+    values = sorted({v for s in strays for v in s.values})
+    listed = ", ".join(map(str, values[:5])) + (f" and {len(values) - 5} more" if len(values) > 5 else "")
+    hold = "holds" if len(strays) == 1 else "hold"
+    if side == "prediction":
+        return (f"{_count(len(strays), 'prediction')} {hold} labels {listed}, not below --num-classes {n}: pass the "
+                "number of classes the model predicts")
+    masks = _count(len(strays), "ground-truth mask")
+    if len(values) == 1 and values[0] in (n, 255):
+        value = values[0]
+        as_class = f", --num-classes {n + 1} if it is a class" if value == n else ""
+        return (f"{masks} {hold} the label {value}, outside the {n} classes: pass --ignore-index {value} if it marks "
+                f"pixels not to score (unlabelled, void){as_class}, or --label-map to map it to a class")
+    return (f"{masks} {hold} labels {listed}, outside [0, {n}) and not --ignore-index {settings.ignore_index}: map "
+            "them to class ids with --label-map, or pass the right --num-classes and --ignore-index")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _json_number(value: float) -> float | None:
@@ -277,6 +344,7 @@ def build_report(total: BatchScore, pairing: Pairing, settings: ScoreSettings,
         "unpaired_ground_truth": pairing.unpaired_ground_truth,
         "excluded": total.excluded
         + [{"image_id": r["key"], "reason": f"{r['side']}: {r['reason']}"} for r in pairing.rejected],
+        "excluded_summary": exclusion_summary(total, settings),
     }
 
 
@@ -376,4 +444,6 @@ def markdown_table(report: dict[str, Any]) -> str:
     if left_out:
         lines += ["", f"{len(report['unpaired_predictions'])} predictions and {len(report['unpaired_ground_truth'])} "
                   f"ground-truth masks had no partner; {len(report['excluded'])} were excluded (see metrics.json)."]
+    if report.get("excluded_summary"):
+        lines += ["", f"Excluded: {report['excluded_summary']}."]
     return "\n".join(lines)

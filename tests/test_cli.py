@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
 import io
 import json
 import os
 import subprocess
 import sys
+import time
 
 import duckdb
 import numpy as np
@@ -14,7 +17,8 @@ import pytest
 import s3fs
 from PIL import Image
 
-from flows.cli import main
+from flows.cli import _plain_output_when_piped, build_parser, main
+from pipeline.config import EvaluateConfig, SegmentConfig, TrainConfig
 from pipeline.masks import decode_mask, encode_mask
 from pipeline.samples import synthetic_scene
 
@@ -46,19 +50,20 @@ def test_evaluate_command(tmp_path) -> None:
     for root, labels in [("pred", np.array([[0, 1], [1, 1]], np.uint8)), ("gt", np.array([[0, 1], [0, 1]], np.uint8))]:
         (tmp_path / root).mkdir()
         (tmp_path / root / "x.png").write_bytes(encode_mask(labels))
+    # a ground truth with the dataset's "unlabelled" value, 2 for 2 classes: left out, and said why once
+    (tmp_path / "pred" / "y.png").write_bytes(encode_mask(np.zeros((2, 2), np.uint8)))
+    (tmp_path / "gt" / "y.png").write_bytes(encode_mask(np.array([[0, 2], [2, 0]], np.uint8)))
     done = _segpipe("evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "report"),
                     "--num-classes", "2", "--class-names", "background", "road")
     assert done.returncode == 0, done.stderr
     assert "| 1 | road | 0.6667 |" in done.stdout  # IoU of road: 2 / 3
+    assert ("Excluded: 1 ground-truth mask holds the label 2, outside the 2 classes: pass --ignore-index 2"
+            in done.stdout)
+    assert "\x1b[" not in done.stdout + done.stderr  # piped: no colour codes
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["miou"] == pytest.approx((1 / 2 + 2 / 3) / 2)
     bad = _segpipe("evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "r2"), "--num-classes", "2",
                    "--label-map", "[1, 2]")
     assert bad.returncode == 2 and "--label-map: must be a JSON object" in bad.stderr
-
-
-def test_models_command_lists_the_registry(capsys) -> None:
-    assert main(["models"]) == 0
-    assert "pspnet_resnet101" in capsys.readouterr().out.split()
 
 
 def _segpipe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -66,6 +71,9 @@ def _segpipe(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
         [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=600,
         env={**os.environ, **(env or {})},
     )
+
+
+NAMES = ("sky", "building", "road", "car")
 
 
 def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_endpoint, tmp_path) -> None:
@@ -79,10 +87,11 @@ def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_end
     # the endpoint comes from AWS_ENDPOINT_URL, as a user of an S3-compatible store would set it
     done = _segpipe(
         "segment", f"{bucket}/in", f"{bucket}/out", "--model", "lraspp_mobilenet_v3_large", "--weights", "none",
-        "--num-classes", "4", "--no-crf", "--batch-size", "2",
+        "--num-classes", "4", "--no-crf", "--batch-size", "2", "--class-names", *NAMES,
         env={"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
     )
     assert done.returncode == 0, done.stderr
+    assert "\x1b[" not in done.stdout + done.stderr  # piped: no colour codes
     assert "4 images segmented (3 ok, 1 errors)" in done.stdout
     assert "errors by reason: corrupt 1" in done.stdout
     assert "4 images of 4," in done.stderr and "errors, 1 shards committed" in done.stderr  # the progress line
@@ -90,12 +99,16 @@ def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_end
     con.register_filesystem(s3fs.S3FileSystem(**options))
     rows = con.sql(f"select status, count(*) from read_parquet('{bucket}/out/images/**/*.parquet', hive_partitioning=true) group by 1 order by 1").fetchall()
     assert rows == [("error", 1), ("ok", 3)]
+    # an untrained model's classes, named on the command line, are named in the class statistics
+    stats = con.sql(f"select distinct class_name from read_parquet('{bucket}/out/class_stats/**/*.parquet')").fetchall()
+    assert stats and {name for (name,) in stats} <= set(NAMES)
     # a second run finds everything committed; its --storage-options (credentials) reach the
     # run but not Prefect's database, where flow-run parameters are kept
     marker = "s3cr3t-ON-THE-COMMAND-LINE"
     prefect_home = tmp_path / "prefect-home"
     again = _segpipe("segment", f"{bucket}/in", f"{bucket}/out", "--model", "lraspp_mobilenet_v3_large", "--weights",
-                     "none", "--num-classes", "4", "--no-crf", "--batch-size", "2", "--storage-options",
+                     "none", "--num-classes", "4", "--no-crf", "--batch-size", "2", "--class-names", *NAMES,
+                     "--storage-options",
                      f'{{"endpoint_url": "{s3_endpoint}", "key": "testing", "secret": "{marker}"}}',
                      env={"PREFECT_HOME": str(prefect_home)})
     assert again.returncode == 0, again.stderr
@@ -118,22 +131,17 @@ def test_segment_refuses_bad_settings_in_one_line(tmp_path, args, message) -> No
     assert "hunter2" not in done.stderr + done.stdout
 
 
-def test_segment_refuses_a_missing_source(tmp_path) -> None:
-    done = _segpipe("segment", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--weights", "none", "--num-classes", "2")
-    assert done.returncode == 2
-    assert f"source {tmp_path / 'nowhere'} is not a folder or prefix that exists" in done.stderr
-    assert not (tmp_path / "out").exists()
+def test_settings_are_named_as_typed(capsys) -> None:
+    assert main(["segment", "", "out", "--tile-stride", "8"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "segpipe: error: SOURCE: String should have at least 1 character",
+        "segpipe: error: --tile-stride: Input should be greater than or equal to 16"]
+    assert main(["serve", "--source", "", "--output", "o"]) == 2
+    assert capsys.readouterr().err == "segpipe: error: --source: String should have at least 1 character\n"
 
 
-def test_segment_refuses_an_unwritable_output(tmp_path) -> None:
-    (tmp_path / "src").mkdir()
-    (tmp_path / "a-file").write_text("not a folder")
-    done = _segpipe("segment", str(tmp_path / "src"), str(tmp_path / "a-file" / "out"), "--weights", "none", "--num-classes", "2")
-    assert done.returncode == 2
-    assert f"segpipe: error: cannot write to output {tmp_path / 'a-file' / 'out'}: NotADirectoryError" in done.stderr
-
-
-def test_weights_that_disagree_with_num_classes_are_one_line(tmp_path) -> None:
+def test_published_weights_that_disagree_with_num_classes_are_one_line(tmp_path) -> None:
+    """The other mistakes caught before anything starts are in tests/test_preflight.py."""
     (tmp_path / "src").mkdir()
     buffer = io.BytesIO()
     Image.fromarray(synthetic_scene(20, 20, 0)[0]).save(buffer, format="PNG")
@@ -141,8 +149,80 @@ def test_weights_that_disagree_with_num_classes_are_one_line(tmp_path) -> None:
     done = _segpipe("segment", str(tmp_path / "src"), str(tmp_path / "out"), "--model", "lraspp_mobilenet_v3_large",
                     "--weights", "DEFAULT", "--num-classes", "5")
     assert done.returncode == 2
-    errors = [line for line in done.stderr.splitlines() if "error" in line.lower() and "Token authentication" not in line]
-    assert errors == ["segpipe: error: cannot load 'lraspp_mobilenet_v3_large': ValueError: num_classes=5 but weights "
-                      "LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1 have 21 classes; pass num_classes=21 (or omit it)"]
-    assert "Traceback" not in done.stderr
-    assert not list((tmp_path / "out").glob("images/*"))  # nothing written
+    assert done.stderr.splitlines() == ["segpipe: error: --num-classes 5 but --weights DEFAULT has 21 classes; pass "
+                                        "--num-classes 21, or leave it out"]
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"segpipe {importlib.metadata.version('segpipe')}"
+
+
+CONFIGS = {"segment": SegmentConfig, "serve": SegmentConfig, "evaluate": EvaluateConfig, "train": TrainConfig}
+
+
+@pytest.mark.parametrize("command", ["segment", "evaluate", "train", "serve", "demo"])
+def test_every_option_says_its_default(command: str) -> None:
+    [commands] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    parser = commands.choices[command]
+    assert "(default: " in parser.format_help()  # renders: no stray % in a description
+    fields = CONFIGS[command].model_fields if command in CONFIGS else {}
+    for action in parser._actions:
+        if not action.option_strings or action.required or isinstance(action, argparse._HelpAction):
+            continue
+        option = action.option_strings[0]
+        shown = action.help % {"default": action.default}
+        assert "default: " in shown, f"segpipe {command} {option}: {shown!r} does not say its default"
+        field = fields.get(action.dest)
+        if field is None or "default:" in (field.description or ""):
+            continue  # the description says it in words (it depends on other settings)
+        default = field.get_default(call_default_factory=True)
+        if isinstance(action, argparse.BooleanOptionalAction):
+            assert shown.endswith(f"(default: {'on' if default else 'off'})"), option
+        elif isinstance(default, int | float) or (isinstance(default, str) and default):
+            assert shown.endswith(f"(default: {default})"), option
+        elif isinstance(default, tuple):
+            assert shown.endswith(f"(default: {' '.join(map(str, default))})"), option
+        else:  # None, "", {}: nothing given
+            assert shown.endswith("(default: none)"), option
+
+
+def test_models_command_lists_the_registry_without_importing_torch() -> None:
+    from pipeline.models import list_models
+
+    code = ("import sys; from flows.cli import main; main(['models']); "
+            "print([m for m in ('torch', 'ray', 'prefect') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    *names, imported = done.stdout.splitlines()
+    assert names == list_models() and imported == "[]"
+
+
+def test_ray_worker_lines_carry_no_colour_codes_when_piped(ray_cpu, capfd, monkeypatch) -> None:
+    """Ray colours the prefix of the lines it forwards from its workers even into a pipe;
+    the command line turns that off when its output is not a terminal."""
+
+    @ray_cpu.remote
+    def say(word: str) -> None:
+        print(word)
+
+    def forwarded(word: str) -> str:
+        ray_cpu.get(say.remote(word))
+        for _ in range(100):  # the driver prints forwarded lines from its own thread
+            text = capfd.readouterr().out
+            if word in text:
+                return text
+            time.sleep(0.1)
+        raise AssertionError(f"{word!r} was not forwarded")
+
+    for name in ("RAY_COLOR_PREFIX", "PREFECT_LOGGING_COLORS"):
+        monkeypatch.delenv(name, raising=False)  # and removed again after the test
+    assert "\x1b[" in forwarded("coloured")  # what Ray does by itself
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "stdout", io.StringIO())  # not a terminal
+        _plain_output_when_piped()
+    assert os.environ["RAY_COLOR_PREFIX"] == "0" and os.environ["PREFECT_LOGGING_COLORS"] == "false"
+    line = forwarded("plain")
+    assert "plain" in line and "\x1b[" not in line

@@ -13,13 +13,14 @@ from flows.deployments import build_deployments
 from flows.evaluate import evaluate_predictions
 from flows.segment import segment_archive
 from flows.train import train_model
-from pipeline.config import EvaluateConfig, SegmentConfig, StorageOptions, TrainConfig
+from pipeline.config import MODEL_NAMES, EvaluateConfig, SegmentConfig, StorageOptions, TrainConfig
+from pipeline.models import list_models, register_model
 
 # a valid value other than the default for every field; a field added without one fails below
 SAMPLES: dict[type, dict[str, Any]] = {
     SegmentConfig: {
         "source": "s3://cams/{date}", "output": "s3://out/date={date}", "model": "pspnet_resnet50",
-        "weights": "COCO_WITH_VOC_LABELS_V1", "num_classes": 21, "crf": False, "compile": True, "tile": 512,
+        "weights": "COCO_WITH_VOC_LABELS_V1", "num_classes": 21, "class_names": ("road", "car", "sky"), "crf": False, "precision": "fp32", "compile": True, "tile": 512,
         "tile_stride": 384, "bands": (4, 3, 2), "block": 1024, "confidence": True, "polygons": True,
         "min_polygon_area": 200.0, "simplify": 0.5, "redo_errors": True, "batch_size": 4, "shard_by": "count", "shard_size": 50,
         "ray_address": "auto", "storage_options": {"endpoint_url": "http://127.0.0.1:9000"}, "device": "cpu",
@@ -133,7 +134,23 @@ def test_serve_refuses_credentials_prefect_would_store() -> None:
 def test_a_dated_source_needs_a_dated_output_and_a_real_date() -> None:
     config = SegmentConfig(source="s3://cams/{date}/", output="s3://out/date={date}", date="2026-11-20").dated()
     assert (config.source, config.output) == ("s3://cams/2026-11-20/", "s3://out/date=2026-11-20")
-    with pytest.raises(ValueError, match="put \\{date\\} in the output too"):
+    with pytest.raises(ValueError, match="put \\{date\\} in OUTPUT too"):
         SegmentConfig(source="s3://cams/{date}/", output="s3://out/")
     with pytest.raises(ValueError, match="YYYY-MM-DD"):
         SegmentConfig(source="s3://cams/{date}", output="s3://o/{date}", date="20/11/2026")
+
+
+def test_the_model_names_configs_accept_are_the_registry_s() -> None:
+    """Configs check model names against a list kept beside them (importing the registry
+    imports torch): it must be the registry's own."""
+    assert list(MODEL_NAMES) == list_models()
+
+
+def test_a_model_a_program_registers_is_accepted_and_a_misspelled_one_is_named(monkeypatch) -> None:
+    from pipeline.models import _registry
+
+    monkeypatch.setattr(_registry, "_REGISTRY", dict(_registry._REGISTRY))  # registered for this test only
+    register_model("my_segmenter")(lambda *, num_classes: None)
+    assert SegmentConfig(source="s", output="o", model="my_segmenter").model == "my_segmenter"
+    with pytest.raises(ValueError, match=r"unknown model 'deeplabv3_resnet10' \(did you mean deeplabv3_resnet101\?\)"):
+        TrainConfig(images="i", labels="l", output="m.pt", model="deeplabv3_resnet10", num_classes=2)

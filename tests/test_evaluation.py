@@ -9,6 +9,8 @@ import pytest
 from pipeline.evaluation import (
     ScoreSettings,
     build_report,
+    exclusion_summary,
+    markdown_table,
     pair_masks,
     per_image_table,
     remap_ground_truth,
@@ -121,3 +123,66 @@ def test_second_mask_under_a_key_and_labels_out_of_range_are_reported_by_name(tm
         {"image_id": "b", "reason": "prediction b.png holds labels [5] outside [0, 2); pass the right num_classes "
                                     "and ignore_index, or map the labels to class ids"},
     ]
+
+
+def test_camvid_scored_without_its_ignore_index_is_told_to_pass_it_once(shared_data, tmp_path):
+    """CamVid's 11 ("Unlabelled") with 11 classes: the advice is --ignore-index 11, for the
+    whole dataset in one line with a count of files, not a label map once per file."""
+    labels = sorted((shared_data / "camvid" / "val" / "labels").glob("*.png"))[:6]
+    from pipeline.masks import decode_mask
+
+    (tmp_path / "pred").mkdir()
+    with_void = 0
+    for path in labels:
+        gt = decode_mask(path.read_bytes())
+        with_void += bool((gt == 11).any())
+        (tmp_path / "pred" / path.name).write_bytes(encode_mask(np.where(gt == 11, 0, gt)))
+    assert with_void >= 2
+    pred, truth = open_location(str(tmp_path / "pred")), open_location(str(labels[0].parent))
+    pairing = pair_masks(pred, truth)
+    settings = ScoreSettings(num_classes=11)  # --ignore-index left at its default, 255: the mistake
+    total = score_pairs(pred, truth, pairing.pairs, settings)
+    assert len(total.excluded) == with_void
+    summary = exclusion_summary(total, settings)
+    assert summary.startswith(f"{with_void} ground-truth masks hold the label 11, outside the 11 classes: "
+                              "pass --ignore-index 11 if it marks pixels not to score")
+    assert summary.count("--ignore-index") == 1 and "0016E5" not in summary  # once, not per file
+    table = markdown_table(build_report(total, pairing, settings, None))
+    assert table.count("--ignore-index 11") == 1
+    fixed = score_pairs(pred, truth, pairing.pairs, ScoreSettings(num_classes=11, ignore_index=11))
+    assert not fixed.excluded and exclusion_summary(fixed, settings) is None
+
+
+def test_the_advice_follows_what_the_stray_labels_are(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "g").mkdir()
+    ok = np.array([[0, 1], [2, 0]], np.uint8)
+    masks = {  # name: (prediction, ground truth)
+        "void": (ok, np.array([[0, 255], [2, 0]], np.uint8)),
+        "void2": (ok, np.array([[255, 1], [2, 0]], np.uint8)),
+        "wide": (ok, np.array([[0, 5], [7, 0]], np.uint8)),
+        "pred": (np.array([[0, 4], [2, 0]], np.uint8), ok),
+        "size": (ok, np.zeros((3, 3), np.uint8)),
+    }
+    for name, (p, g) in masks.items():
+        (tmp_path / "p" / f"{name}.png").write_bytes(encode_mask(p))
+        (tmp_path / "g" / f"{name}.png").write_bytes(encode_mask(g))
+    p, g = open_location(str(tmp_path / "p")), open_location(str(tmp_path / "g"))
+
+    def summary(names: list[str], settings: ScoreSettings) -> str | None:
+        pairs = [x for x in pair_masks(p, g).pairs if x.image_id in names]
+        return exclusion_summary(score_pairs(p, g, pairs, settings), settings)
+
+    # 255 with another ignore index: --ignore-index 255, never --num-classes 256
+    assert summary(["void", "void2"], ScoreSettings(num_classes=3, ignore_index=11)) == (
+        "2 ground-truth masks hold the label 255, outside the 3 classes: pass --ignore-index 255 if it marks pixels "
+        "not to score (unlabelled, void), or --label-map to map it to a class")
+    # several values: a label map first
+    assert summary(["wide"], ScoreSettings(num_classes=3)) == (
+        "1 ground-truth mask holds labels 5, 7, outside [0, 3) and not --ignore-index 255: map them to class ids "
+        "with --label-map, or pass the right --num-classes and --ignore-index")
+    # predictions beyond the classes, and other reasons, each counted once
+    assert summary(["pred", "size"], ScoreSettings(num_classes=3)) == (
+        "1 prediction holds labels 4, not below --num-classes 3: pass the number of classes the model predicts; "
+        "1 pair left out for other reasons, e.g. size: size mismatch: prediction size.png is 2x2, ground truth "
+        "size.png is 3x3")

@@ -2,6 +2,8 @@
 
 A builder is a keyword-only function `(*, num_classes, **kwargs) -> nn.Module` that returns a
 randomly initialised model; loading weights is done once, centrally, by `build_model`.
+The built-in names are also listed in `pipeline.config.MODEL_NAMES`, which validates configs
+without importing torch.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
+
+from ..config import unknown_model_message
 
 Builder = Callable[..., nn.Module]
 
@@ -44,6 +48,4 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"unknown model {name!r}; choose one of: {', '.join(list_models())}"
-        ) from None
+        raise ValueError(unknown_model_message(name, list_models())) from None

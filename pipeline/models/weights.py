@@ -19,17 +19,19 @@ import io
 import os
 import pickle
 import urllib.error
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
+from ..config import is_checkpoint_uri
 from ..masks import default_palette
+from ..preflight import CHECKPOINT_FORMAT  # read there too, without torch, before a job starts
 from ..storage import open_file, read_bytes, write_atomic
 from ._registry import get_spec
 
-CHECKPOINT_FORMAT = "segpipe-checkpoint/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -191,17 +193,21 @@ def _torchvision_weights(tv_name: str | None, weights: str) -> Any | None:
     return enum_cls[member] if member in enum_cls.__members__ else None
 
 
-def is_checkpoint_uri(weights: str) -> bool:
-    """Whether `weights` names a checkpoint file rather than a torchvision weights name."""
-    return "://" in weights or os.sep in weights or weights.endswith((".pt", ".pth", ".ckpt")) or os.path.exists(weights)
-
-
 def _check_num_classes(num_classes: int | None, source: str, expected: int) -> None:
     if num_classes is not None and num_classes != expected:
         raise ValueError(
             f"num_classes={num_classes} but weights {source} have {expected} classes; "
             f"pass num_classes={expected} (or omit it)"
         )
+
+
+def _named(meta: ModelMeta, class_names: Sequence[str] | None, source: str) -> ModelMeta:
+    """`meta` with the class names given, for weights whose classes have none of their own."""
+    if class_names is None:
+        return meta
+    if len(class_names) != meta.num_classes:
+        raise ValueError(f"{len(class_names)} class_names for the {meta.num_classes} classes of weights {source}")
+    return meta.model_copy(update={"class_names": tuple(class_names)})
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -217,6 +223,7 @@ def build_model(
     num_classes: int | None = None,
     weights: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model, optionally with weights; its `ModelMeta` is at `model.meta`.
@@ -224,6 +231,8 @@ def build_model(
     `num_classes` is required without weights and otherwise checked against them. Auxiliary
     heads in published weights or checkpoints are dropped unless `aux_loss=True` is passed.
     `name` may be None when `weights` is a segpipe checkpoint: it names its architecture.
+    `class_names`, one per class, name the classes of weights that have no names of their own
+    (class_0, class_1, ...: no weights, or a checkpoint trained without names).
     """
     checkpoint = None
     if name is None:
@@ -238,7 +247,7 @@ def build_model(
         if num_classes is None:
             raise ValueError(f"num_classes is required to build {name!r} without weights")
         model = spec.builder(num_classes=num_classes, **kwargs)
-        model.meta = ModelMeta.default(name, num_classes, model_kwargs=kwargs)
+        model.meta = _named(ModelMeta.default(name, num_classes, model_kwargs=kwargs), class_names, "none")
         return model
 
     enum = _torchvision_weights(spec.torchvision_name, weights)
@@ -290,5 +299,5 @@ def build_model(
 
     if getattr(model, "aux_classifier", None) is not None and not want_aux:
         model.aux_classifier = None  # inference does not need deep supervision
-    model.meta = meta
+    model.meta = _named(meta, class_names, weights)
     return model

@@ -1,0 +1,421 @@
+"""What can be checked of a job before anything starts: no cluster, no model, no Prefect.
+
+`check_segment`, `check_evaluate` and `check_train` take a job's config (dated, with its
+storage options resolved) and raise `PreflightError`, one line naming the option as the
+command line spells it, for the first mistake they find:
+
+- the model, its weights and `num_classes` (and `class_names`) agree. A checkpoint's metadata
+  is read from its pickle alone, without torch and without its tensors; torchvision's
+  published weights are known from `PUBLISHED_WEIGHTS`, and must be in torch.hub's cache or
+  reachable for download;
+- each input folder (SOURCE, GROUND_TRUTH, ...) exists and can be read, which on object
+  storage also proves the credentials;
+- OUTPUT is a folder that can be written and, when it records a layout (`_segpipe.json`),
+  the run's layout is the same.
+
+They only read. The command line calls them before it imports Prefect or Ray, so a mistake
+costs a second rather than the start of a cluster and a model, and nothing reaches OUTPUT;
+the flows call them at their start, for deployment runs. Importing this module imports
+neither torch (2 to 5 s), Ray nor Prefect.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import pickle
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .config import EvaluateConfig, SegmentConfig, TrainConfig, is_checkpoint_uri
+from .storage import (
+    Location,
+    StorageUnavailableError,
+    iter_files,
+    open_file,
+    open_location,
+    read_bytes,
+    retry_io,
+)
+
+T = TypeVar("T")
+
+CHECKPOINT_FORMAT = "segpipe-checkpoint/1"
+# pipeline.outputs' layout record and its format, named here because importing pipeline.outputs
+# imports torch; tests/test_preflight.py checks that the two agree
+LAYOUT_KEY = "_segpipe.json"
+LAYOUT_FORMAT = "segpipe-output/2"
+# seconds a download URL may take to answer before the weights count as unreachable
+DOWNLOAD_CHECK_TIMEOUT_S = 3.0
+
+CREDENTIALS_HINT = (
+    "give them in the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE), with "
+    "--storage-options '{\"key\": \"...\", \"secret\": \"...\"}', or in a Prefect Secret block named by "
+    "--storage-secret; for a public bucket pass --storage-options '{\"anon\": true}'"
+)
+
+
+class PreflightError(ValueError):
+    """A job that cannot run as given: one line saying what is wrong and what to pass instead."""
+
+
+@dataclass(frozen=True)
+class PublishedWeights:
+    """torchvision's published weights for one registered model."""
+
+    enum: str  # torchvision's weights enum, e.g. DeepLabV3_ResNet101_Weights
+    members: tuple[str, ...]  # the names that select them; DEFAULT is an alias
+    url: str
+    num_classes: int
+
+
+_COCO_VOC = ("COCO_WITH_VOC_LABELS_V1", "DEFAULT")
+# what torchvision publishes for the registry's models, so that a weights name is checked
+# without importing torchvision (4 s); tests/test_preflight.py checks it against torchvision
+PUBLISHED_WEIGHTS: dict[str, PublishedWeights] = {
+    "deeplabv3_mobilenet_v3_large": PublishedWeights(
+        "DeepLabV3_MobileNet_V3_Large_Weights", _COCO_VOC,
+        "https://download.pytorch.org/models/deeplabv3_mobilenet_v3_large-fc3c493d.pth", 21),
+    "deeplabv3_resnet101": PublishedWeights(
+        "DeepLabV3_ResNet101_Weights", _COCO_VOC, "https://download.pytorch.org/models/deeplabv3_resnet101_coco-586e9e4e.pth", 21),
+    "deeplabv3_resnet50": PublishedWeights(
+        "DeepLabV3_ResNet50_Weights", _COCO_VOC, "https://download.pytorch.org/models/deeplabv3_resnet50_coco-cd0a2569.pth", 21),
+    "fcn_resnet50": PublishedWeights(
+        "FCN_ResNet50_Weights", _COCO_VOC, "https://download.pytorch.org/models/fcn_resnet50_coco-1167a1af.pth", 21),
+    "lraspp_mobilenet_v3_large": PublishedWeights(
+        "LRASPP_MobileNet_V3_Large_Weights", _COCO_VOC,
+        "https://download.pytorch.org/models/lraspp_mobilenet_v3_large-d234d4ea.pth", 21),
+}
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """What a segpipe checkpoint says it holds."""
+
+    architecture: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    # epochs a checkpoint written by `segpipe train` has trained; None: no training state
+    trained_epochs: int | None
+
+
+# ---------------------------------------------------------------------------------- the jobs
+
+
+def check_segment(config: SegmentConfig, *, remote: bool = True) -> None:
+    """Everything `segment` can be refused for before it starts. `remote=False` leaves remote
+    URLs unchecked: their credentials are in a Prefect Secret block, which the flow loads and
+    checks them with at its start."""
+    options, weights, published = config.storage_options, config.weights, None
+    if weights is None and config.num_classes is None:
+        raise PreflightError("--weights none needs --num-classes: an untrained model has no classes of its own")
+    if weights is not None and not is_checkpoint_uri(weights):
+        published = _published(config.model, weights, "--weights")
+        _same_classes(config.num_classes, published.num_classes, f"--weights {weights}")
+
+    source = _readable_folder(config.source, options, "SOURCE", remote)
+    _writable_folder(config.output, options, "OUTPUT", remote,
+                     layout={"source": source.url if source else None, "shard_by": config.shard_by,
+                             "shard_size": config.shard_size})
+
+    classes, of = config.num_classes, "--num-classes"
+    if published is not None:
+        _downloadable(published, config.model or "", str(weights), "--weights")
+        classes, of = published.num_classes, f"--weights {weights}"
+    elif weights is not None:
+        checkpoint = read_checkpoint(weights, options, "--weights", remote)
+        if checkpoint is not None:
+            if config.model is not None and checkpoint.architecture != config.model:
+                raise PreflightError(f"--weights {weights} holds a {checkpoint.architecture} model, not --model "
+                                     f"{config.model}; pass --model {checkpoint.architecture}, or leave --model out")
+            _same_classes(config.num_classes, checkpoint.num_classes, f"--weights {weights}")
+            classes, of = checkpoint.num_classes, f"--weights {weights}"
+    if config.class_names is not None and classes is not None and len(config.class_names) != classes:
+        raise PreflightError(f"{len(config.class_names)} --class-names for the {classes} classes of {of}")
+
+
+def check_evaluate(config: EvaluateConfig, *, remote: bool = True) -> None:
+    """Everything `evaluate` can be refused for before it starts (`remote`: as for `check_segment`)."""
+    options = config.storage_options
+    _readable_folder(config.predictions, options, "PREDICTIONS", remote)
+    _readable_folder(config.ground_truth, options, "GROUND_TRUTH", remote)
+    _writable_folder(config.output, options, "OUTPUT", remote)
+
+
+def check_train(config: TrainConfig, *, remote: bool = True) -> None:
+    """Everything `train` can be refused for before it starts (`remote`: as for `check_segment`)."""
+    options = config.storage_options
+    for name in ("images", "labels", "val_images", "val_labels"):
+        if getattr(config, name) is not None:
+            _readable_folder(getattr(config, name), options, config.argument_name(name), remote)
+    _writable_file(config.output, options, "OUTPUT", remote)
+    if config.init.lower() not in {"none", "imagenet"}:
+        if is_checkpoint_uri(config.init):
+            start = read_checkpoint(config.init, options, "--init", remote)
+            if start is not None and start.architecture != config.model:
+                raise PreflightError(f"--init {config.init} holds a {start.architecture} model, not --model {config.model}; "
+                                     f"start from a checkpoint of {config.model}, or train --model {start.architecture}")
+        else:
+            _downloadable(_published(config.model, config.init, "--init"), config.model, config.init, "--init")
+    if config.resume is not None:
+        resumed = read_checkpoint(config.resume, options, "--resume", remote)
+        if resumed is None:
+            return
+        if resumed.trained_epochs is None:
+            raise PreflightError(f"--resume {config.resume} holds no training state; resume from a checkpoint written by "
+                                 "segpipe train")
+        if (resumed.architecture, resumed.num_classes) != (config.model, config.num_classes):
+            raise PreflightError(f"--resume {config.resume} trains a {resumed.architecture} model of {resumed.num_classes} "
+                                 f"classes; pass --model {resumed.architecture} --num-classes {resumed.num_classes}")
+        if resumed.trained_epochs >= config.epochs:
+            raise PreflightError(f"--resume {config.resume} already trained {resumed.trained_epochs} epochs; ask for "
+                                 "more than that with --epochs")
+
+
+# ---------------------------------------------------------------------------- model weights
+
+
+def _published(model: str | None, weights: str, option: str) -> PublishedWeights:
+    """The published weights that `weights` names for `model`."""
+    published = PUBLISHED_WEIGHTS.get(model or "")
+    if published is None:
+        raise PreflightError(f"--model {model} has no published weights to load as {option} {weights}; pass {option} a "
+                             f"checkpoint path or URL, or {_UNTRAINED[option]}")
+    if weights.removeprefix(published.enum + ".") not in published.members:
+        raise PreflightError(f"unknown {option} {weights} for --model {model}: torchvision publishes "
+                             f"{' and '.join(published.members)} (the same weights) for it; or pass a checkpoint path "
+                             "or URL, or none")
+    return published
+
+
+# what to pass instead of weights that cannot be had
+_UNTRAINED = {"--weights": "--weights none with --num-classes for an untrained model",
+              "--init": "--init none (random) or imagenet"}
+
+
+def _same_classes(given: int | None, held: int, what: str) -> None:
+    if given is not None and given != held:
+        raise PreflightError(f"--num-classes {given} but {what} has {held} classes; pass --num-classes {held}, "
+                             "or leave it out")
+
+
+def hub_cache_path(url: str) -> str:
+    """Where torch.hub keeps the file downloaded from `url` (torch.hub.get_dir(), without torch)."""
+    torch_home = os.getenv("TORCH_HOME") or os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch")
+    return os.path.join(os.path.expanduser(torch_home), "hub", "checkpoints", os.path.basename(url))
+
+
+def _downloadable(published: PublishedWeights, model: str, weights: str, option: str) -> None:
+    """The published weights are in torch.hub's cache, or their URL answers: offline, a run
+    would otherwise start everything and then fail in each replica."""
+    cache = hub_cache_path(published.url)
+    if os.path.exists(cache):
+        return
+    try:
+        with urllib.request.urlopen(urllib.request.Request(published.url, method="HEAD"),
+                                    timeout=DOWNLOAD_CHECK_TIMEOUT_S):
+            return
+    except urllib.error.HTTPError:
+        return  # the server answered: the network is there, and the download says what it answers
+    except (OSError, ValueError) as err:  # no route, no name, refused, timed out
+        reason = getattr(err, "reason", err)
+        raise PreflightError(
+            f"cannot download the weights of {model} ({option} {weights}) from {published.url} "
+            f"({type(err).__name__}: {reason}); offline, copy that file to {cache}, pass {option} a checkpoint path "
+            f"or URL, or {_UNTRAINED[option]}"
+        ) from err
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads a checkpoint's pickle without torch: each torch global (tensor and storage
+    rebuilders, dtypes) becomes a stub that builds nothing, each tensor's data (a persistent id)
+    None. Any other global is refused, as torch.load(weights_only=True) refuses it, so no code
+    can run."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" or module.startswith("torch."):
+            return _stub
+        raise pickle.UnpicklingError(f"{module}.{name} is not a tensor or plain data")
+
+    def persistent_load(self, pid: Any) -> None:
+        return None
+
+
+class _Opaque:
+    """What a stub returns: takes any state pickle gives it, and holds nothing."""
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _stub(*args: Any, **kwargs: Any) -> _Opaque:
+    return _Opaque()
+
+
+def read_checkpoint(url: str, storage_options: dict[str, Any], option: str, remote: bool = True) -> CheckpointSummary | None:
+    """What the checkpoint at `url` holds, from its metadata alone: torch.save writes a zip
+    whose tensors are separate members, so only its pickle (kilobytes) is read, whatever the
+    size of the weights. None when `url` is remote and `remote` is False."""
+    location, key = _open(lambda: open_file(url, storage_options), option)
+    if not (remote or location.is_local):
+        return None
+    what = f"{option} {url}"
+
+    def pickled() -> bytes | None:
+        try:
+            handle = location.fs.open(location.path(key), "rb", block_size=1 << 20)
+        except FileNotFoundError:
+            return None
+        with handle, zipfile.ZipFile(handle) as archive:
+            names = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+            return archive.read(names[0]) if names else b""
+
+    try:
+        data = _ask(what, lambda: retry_io(location.uri(key), pickled), local=location.is_local)
+    except zipfile.BadZipFile:
+        data = b""
+    if data is None:
+        raise PreflightError(f"{what}: no such file; check the path, or pass --weights none for an untrained model"
+                             if option == "--weights" else f"{what}: no such file")
+    try:
+        payload = _MetadataUnpickler(io.BytesIO(data)).load() if data else None
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as err:
+        raise PreflightError(f"{what} is not a plain tensor checkpoint ({err}); only load checkpoints you trust, "
+                             "saved with segpipe's save_checkpoint") from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise PreflightError(f"{what} is not a segpipe checkpoint (no format={CHECKPOINT_FORMAT!r} entry); write it with "
+                             "segpipe train or pipeline.models.save_checkpoint, so it carries its classes")
+    meta, state = payload.get("meta"), payload.get("training_state")
+    try:
+        summary = CheckpointSummary(
+            architecture=str(meta["architecture"]), num_classes=int(meta["num_classes"]),
+            class_names=tuple(meta["class_names"]),
+            trained_epochs=int(state["epoch"]) if isinstance(state, dict) else None,
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise PreflightError(f"{what} has invalid metadata ({type(err).__name__}: {err})") from err
+    return summary
+
+
+# -------------------------------------------------------------------------------- storage
+
+
+def _no_credentials(err: BaseException | None) -> bool:
+    """botocore's error for a request it could not sign (named, so botocore stays optional),
+    itself or as the cause of one of ours."""
+    while err is not None:
+        if type(err).__name__ in {"NoCredentialsError", "PartialCredentialsError"}:
+            return True
+        err = err.__cause__
+    return False
+
+
+def _ask(what: str, call: Callable[[], T], *, local: bool = False) -> T:
+    """`call()`, a storage request about `what`; its failure becomes one line saying what to do."""
+    try:
+        return call()
+    except Exception as err:
+        if _no_credentials(err):
+            raise PreflightError(f"no credentials for {what}: {CREDENTIALS_HINT}") from err
+        if isinstance(err, PermissionError):
+            fix = "check its permissions" if local else "check the credentials it is read with"
+            raise PreflightError(f"access denied to {what} ({err}); {fix}") from err
+        if isinstance(err, OSError | StorageUnavailableError):
+            raise PreflightError(f"cannot reach {what}: {type(err).__name__}: {err}") from err
+        raise
+
+
+def _open(call: Callable[[], T], label: str) -> T:
+    try:
+        return call()
+    except ValueError as err:  # an unknown protocol, a URL without a file
+        raise PreflightError(f"{label}: {err}") from err
+
+
+def _readable_folder(url: str, options: dict[str, Any], label: str, remote: bool) -> Location | None:
+    """The folder or prefix at `url`, once it is known to exist and to be readable (None when
+    it is remote and `remote` is False). Lists until its first file: one page on S3."""
+    location = _open(lambda: open_location(url, options), label)
+    if not (remote or location.is_local):
+        return None
+    if location.is_local and os.path.isfile(location.root):
+        raise PreflightError(f"{label} {location.url} is a file; give the folder that holds them")
+    what = f"{label} {location.url}"
+
+    def exists() -> bool:
+        try:
+            return next(iter_files(location), None) is not None or bool(
+                retry_io(location.url, location.fs.exists, location.root))
+        except FileNotFoundError:
+            return False
+
+    if not _ask(what, exists, local=location.is_local):
+        raise PreflightError(f"{what} is not a folder or prefix that exists")
+    return location
+
+
+def _writable_folder(url: str, options: dict[str, Any], label: str, remote: bool,
+                     layout: dict[str, Any] | None = None) -> None:
+    """OUTPUT can be written (locally: it, or the folder it will be made in, is a writable
+    folder; on object storage: its bucket exists and can be read) and, with `layout`, what it
+    records of earlier runs (`_segpipe.json`) is this run's."""
+    location = _open(lambda: open_location(url, options), label)
+    if not (remote or location.is_local):
+        return
+    _writable(location, label)
+    if layout is None:
+        return
+    data = _ask(f"{label} {location.url}", lambda: read_bytes(location, LAYOUT_KEY))
+    if data is None:
+        return
+    try:
+        found = json.loads(data)
+    except ValueError as err:
+        raise PreflightError(f"{location.uri(LAYOUT_KEY)} is not JSON ({err}); use a new {label}, or remove it "
+                             "if the folder holds nothing else") from err
+    if found.get("format") != LAYOUT_FORMAT:
+        raise PreflightError(f"{label} {location.url} was written by another version of segpipe (layout "
+                             f"{found.get('format')!r}, this one writes {LAYOUT_FORMAT!r}); use a new {label}")
+    if layout["source"] is not None and found.get("source") != layout["source"]:
+        raise PreflightError(f"{label} {location.url} holds the results of SOURCE {found.get('source')}, not of "
+                             f"{layout['source']}; use a new {label} for another source")
+    for name in ("shard_by", "shard_size"):
+        if found.get(name) != layout[name]:
+            option = "--" + name.replace("_", "-")
+            raise PreflightError(f"{label} {location.url} was sharded with {option} {found.get(name)}, not "
+                                 f"{layout[name]}; pass {option} {found.get(name)} or use a new {label} (other shard "
+                                 "boundaries would leave the old shards' rows behind)")
+
+
+def _writable_file(url: str, options: dict[str, Any], label: str, remote: bool) -> None:
+    """A file can be written at `url` (a checkpoint): its folder as `_writable_folder` checks it."""
+    location, key = _open(lambda: open_file(url, options), label)
+    if not (remote or location.is_local):
+        return
+    if location.is_local and os.path.isdir(location.path(key)):
+        raise PreflightError(f"{label} {url} is a folder; give the path of the checkpoint file to write, e.g. model.pt")
+    _writable(location, label, shown=url)
+
+
+def _writable(location: Location, label: str, shown: str | None = None) -> None:
+    shown = shown or location.url
+    if location.is_local:
+        nearest = location.root
+        while not os.path.exists(nearest) and os.path.dirname(nearest) != nearest:
+            nearest = os.path.dirname(nearest)
+        if not os.path.isdir(nearest):
+            raise PreflightError(f"cannot write to {label} {shown}: {nearest} is a file, not a folder")
+        if not os.access(nearest, os.W_OK | os.X_OK):
+            raise PreflightError(f"cannot write to {label} {shown}: {nearest} is not writable")
+        return
+    bucket = location.root.split("/", 1)[0]
+    if not _ask(f"{label} {shown}", lambda: retry_io(location.url, location.fs.exists, bucket)):
+        raise PreflightError(f"cannot write to {label} {shown}: its bucket {bucket} does not exist")

@@ -1,0 +1,266 @@
+"""Mistakes caught before anything starts: each refused in one line naming the option as it
+is typed, exit code 2, before Prefect, Ray or torch are imported, and nothing written."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import EvaluateConfig, SegmentConfig, TrainConfig
+from pipeline.models import ModelMeta, build_model, save_checkpoint
+from pipeline.preflight import (
+    CHECKPOINT_FORMAT,
+    LAYOUT_FORMAT,
+    LAYOUT_KEY,
+    PUBLISHED_WEIGHTS,
+    PreflightError,
+    check_evaluate,
+    check_segment,
+    check_train,
+    hub_cache_path,
+    read_checkpoint,
+)
+from pipeline.samples import synthetic_scene
+
+ROOT = Path(__file__).resolve().parents[1]
+# the command line in a fresh interpreter, which then says which of the heavy packages it imported
+_RUN = ("import sys; from flows.cli import main; code = main(sys.argv[1:]); "
+        "print('imported:', [m for m in ('torch', 'ray', 'prefect') if m in sys.modules]); sys.exit(code)")
+
+
+def _segpipe(*args: str, env: dict[str, str] | None = None) -> tuple[int, list[str], str]:
+    """Exit code, stderr lines, and the heavy packages the command imported."""
+    done = subprocess.run([sys.executable, "-c", _RUN, *args], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env=env if env is not None else os.environ.copy())
+    imported = next(line for line in done.stdout.splitlines() if line.startswith("imported:"))
+    return done.returncode, done.stderr.splitlines(), imported
+
+
+def _refused(args: list[str], *expected: str, env: dict[str, str] | None = None) -> str:
+    """Run a command that must be refused before anything starts; its one line."""
+    code, lines, imported = _segpipe(*args, env=env)
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("segpipe: error: "), lines
+    for text in expected:
+        assert text in lines[0], lines[0]
+    assert imported == "imported: []", f"{imported} before the error"
+    assert "Value error" not in lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    folder = tmp_path / "src"
+    folder.mkdir()
+    Image.fromarray(synthetic_scene(20, 24, 0)[0]).save(folder / "a.png")
+    return folder
+
+
+def _checkpoint(path: Path, num_classes: int = 3, *, epoch: int | None = None) -> str:
+    """A small real checkpoint, written the way segpipe train writes one."""
+    model = build_model("lraspp_mobilenet_v3_large", num_classes=num_classes)
+    state = {"epoch": epoch, "optimizer": {"state": {}, "param_groups": [{"lr": 0.01}]}, "history": []} if epoch else None
+    save_checkpoint(model, str(path), ModelMeta.default("lraspp_mobilenet_v3_large", num_classes), training_state=state)
+    return str(path)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_weights_none_without_num_classes(source, tmp_path) -> None:
+    line = _refused(["segment", str(source), str(tmp_path / "out"), "--weights", "none"],
+                    "--weights none needs --num-classes")
+    assert "num_classes" not in line and "weights=none" not in line  # the options as typed, not the fields
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_whose_classes_disagree_with_num_classes_writes_nothing(source, tmp_path) -> None:
+    weights = _checkpoint(tmp_path / "m.pt", 3)
+    out = tmp_path / "out"
+    line = _refused(["segment", str(source), str(out), "--weights", weights, "--num-classes", "5"],
+                    f"--num-classes 5 but --weights {weights} has 3 classes; pass --num-classes 3")
+    assert "leave it out" in line
+    assert not (out / LAYOUT_KEY).exists() and not out.exists()
+    # a model other than the checkpoint's, and names for other classes, are refused the same way
+    _refused(["segment", str(source), str(out), "--weights", weights, "--model", "fcn_resnet50"],
+             "holds a lraspp_mobilenet_v3_large model, not --model fcn_resnet50; pass --model lraspp_mobilenet_v3_large")
+    _refused(["segment", str(source), str(out), "--weights", weights, "--class-names", "road", "car"],
+             f"2 --class-names for the 3 classes of --weights {weights}")
+    assert not out.exists()
+
+
+def test_the_default_model_offline_fails_at_once_and_says_what_to_do(source, tmp_path, monkeypatch) -> None:
+    # an empty torch.hub cache, and a proxy that refuses every connection: offline, wherever the test runs
+    env = {k: v for k, v in os.environ.items() if k.lower() not in {"no_proxy", "https_proxy", "http_proxy"}}
+    env |= {"TORCH_HOME": str(tmp_path / "torch"), "HTTPS_PROXY": f"http://127.0.0.1:{_closed_port()}"}
+    cache = tmp_path / "torch" / "hub" / "checkpoints" / "deeplabv3_resnet101_coco-586e9e4e.pth"
+    line = _refused(["segment", str(source), str(tmp_path / "out")],
+                    "cannot download the weights of deeplabv3_resnet101 (--weights DEFAULT)",
+                    f"copy that file to {cache}", "--weights none with --num-classes", env=env)
+    assert PUBLISHED_WEIGHTS["deeplabv3_resnet101"].url in line
+    assert not (tmp_path / "out").exists()
+    # once the file is in the cache, the weights pass (and nothing is downloaded)
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    check_segment(SegmentConfig(source=str(source), output=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_s3_without_credentials_says_how_to_give_them(s3_bucket, s3_endpoint, tmp_path) -> None:
+    bucket, options = s3_bucket
+    import s3fs
+
+    s3fs.S3FileSystem(**options).pipe_file(f"{bucket[5:]}/in/a.png", b"not read")
+    # no credentials anywhere: not in the environment, no ~/.aws, no instance metadata
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "SEGPIPE_STORAGE_OPTIONS"}
+    env |= {"HOME": str(tmp_path), "AWS_ENDPOINT_URL": s3_endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
+    line = _refused(["segment", f"{bucket}/in", f"{bucket}/out", "--weights", "none", "--num-classes", "2"],
+                    f"no credentials for SOURCE {bucket}/in", "AWS_ACCESS_KEY_ID", "--storage-options",
+                    "--storage-secret", '{"anon": true}', env=env)
+    assert "Traceback" not in line
+    # with credentials in the environment the same command passes its checks
+    check_segment(SegmentConfig(source=f"{bucket}/in", output=f"{bucket}/out", weights="none", num_classes=2,
+                                storage_options=options))
+    assert not s3fs.S3FileSystem(**options).exists(f"{bucket[5:]}/out/{LAYOUT_KEY}")
+
+
+def test_remote_urls_are_left_to_the_flow_when_credentials_are_in_a_secret_block(tmp_path) -> None:
+    """--storage-secret: only Prefect can read the block, so the command line leaves remote
+    URLs to the flow's own check; local ones are still checked."""
+    config = SegmentConfig(source="s3://nobody-has-this-bucket/in", output=str(tmp_path / "out"), weights="none",
+                           num_classes=2)
+    check_segment(config, remote=False)
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(PreflightError, match="cannot write to OUTPUT"):
+        check_segment(config.model_copy(update={"output": str(tmp_path / "a-file" / "out")}), remote=False)
+
+
+def test_a_misspelled_model_names_the_closest(source, tmp_path) -> None:
+    _refused(["segment", str(source), str(tmp_path / "out"), "--model", "deeplabv3_resnet10"],
+             "--model: unknown model 'deeplabv3_resnet10' (did you mean deeplabv3_resnet101?)")
+    _refused(["train", str(source), str(source), str(tmp_path / "m.pt"), "--model", "unet_resnet", "--num-classes", "2"],
+             "--model: unknown model 'unet_resnet' (did you mean unet_resnet34?)")
+
+
+def test_source_output_and_layout(source, tmp_path) -> None:
+    _refused(["segment", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--weights", "none", "--num-classes", "2"],
+             f"SOURCE {tmp_path / 'nowhere'} is not a folder or prefix that exists")
+    (tmp_path / "a-file").write_text("not a folder")
+    _refused(["segment", str(source), str(tmp_path / "a-file" / "out"), "--weights", "none", "--num-classes", "2"],
+             f"cannot write to OUTPUT {tmp_path / 'a-file' / 'out'}: {tmp_path / 'a-file'} is a file, not a folder")
+    # an OUTPUT written from this SOURCE with other shards: refused, and its record left as it was
+    out = tmp_path / "out"
+    out.mkdir()
+    record = {"format": LAYOUT_FORMAT, "source": str(source), "shard_by": "directory", "shard_size": 1000}
+    (out / LAYOUT_KEY).write_text(json.dumps(record))
+    _refused(["segment", str(source), str(out), "--weights", "none", "--num-classes", "2", "--shard-size", "50"],
+             "was sharded with --shard-size 1000, not 50; pass --shard-size 1000 or use a new OUTPUT")
+    assert json.loads((out / LAYOUT_KEY).read_text()) == record
+    other = tmp_path / "other"
+    other.mkdir()
+    _refused(["segment", str(other), str(out), "--weights", "none", "--num-classes", "2"],
+             f"holds the results of SOURCE {source}, not of {other}")
+    check_segment(SegmentConfig(source=str(source), output=str(out), weights="none", num_classes=2))  # the same: fine
+
+
+def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> None:
+    _refused(["evaluate", str(source), str(tmp_path / "gt"), str(tmp_path / "report"), "--num-classes", "2"],
+             f"GROUND_TRUTH {tmp_path / 'gt'} is not a folder or prefix that exists")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(PreflightError, match="cannot write to OUTPUT"):
+        check_evaluate(EvaluateConfig(predictions=str(source), ground_truth=str(source),
+                                      output=str(tmp_path / "a-file" / "report"), num_classes=2))
+    train = ["train", str(source), str(source), str(tmp_path / "m.pt"), "--model", "lraspp_mobilenet_v3_large"]
+    _refused([*train[:2], str(tmp_path / "labels"), *train[3:], "--num-classes", "2"],
+             f"LABELS {tmp_path / 'labels'} is not a folder or prefix that exists")
+    resumed = _checkpoint(tmp_path / "resume.pt", 3, epoch=4)
+    _refused([*train, "--num-classes", "5", "--resume", resumed],
+             f"--resume {resumed} trains a lraspp_mobilenet_v3_large model of 3 classes; pass --model "
+             "lraspp_mobilenet_v3_large --num-classes 3")
+    _refused([*train, "--num-classes", "3", "--resume", resumed, "--epochs", "4"], "already trained 4 epochs")
+    _refused([*train, "--num-classes", "3", "--init", "fcn_resnet50.pt"], "--init fcn_resnet50.pt: no such file")
+    _refused([*train[:-1], "pspnet_resnet50", "--num-classes", "3", "--init", "COCO_WITH_VOC_LABELS_V1"],
+             "--model pspnet_resnet50 has no published weights to load as --init COCO_WITH_VOC_LABELS_V1")
+    check_train(TrainConfig(images=str(source), labels=str(source), output=str(tmp_path / "m.pt"),
+                            model="lraspp_mobilenet_v3_large", num_classes=3, resume=resumed, epochs=6))
+
+
+def test_checkpoint_metadata_is_read_without_its_tensors_or_running_code(tmp_path) -> None:
+    weights = _checkpoint(tmp_path / "m.pt", 3, epoch=2)
+    summary = read_checkpoint(weights, {}, "--weights")
+    assert (summary.architecture, summary.num_classes, summary.trained_epochs) == ("lraspp_mobilenet_v3_large", 3, 2)
+    assert summary.class_names == ("class_0", "class_1", "class_2")
+    # a pickle that would run a command is refused, and the command never runs
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with zipfile.ZipFile(evil, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"format": CHECKPOINT_FORMAT, "meta": Payload()}))
+    with pytest.raises(PreflightError, match="is not a plain tensor checkpoint"):
+        read_checkpoint(str(evil), {}, "--weights")
+    assert not marker.exists()
+    (tmp_path / "plain.pt").write_bytes(pickle.dumps({"format": CHECKPOINT_FORMAT}))
+    with pytest.raises(PreflightError, match="is not a segpipe checkpoint"):
+        read_checkpoint(str(tmp_path / "plain.pt"), {}, "--weights")
+
+
+def test_a_checkpoint_on_s3_is_read_by_its_metadata(s3_bucket) -> None:
+    bucket, options = s3_bucket
+    url = f"{bucket}/models/m.pt"
+    save_checkpoint(build_model("lraspp_mobilenet_v3_large", num_classes=2), url,
+                    ModelMeta.default("lraspp_mobilenet_v3_large", 2, class_names=("sea", "land")), storage_options=options)
+    summary = read_checkpoint(url, options, "--weights")
+    assert (summary.architecture, summary.class_names, summary.trained_epochs) == ("lraspp_mobilenet_v3_large",
+                                                                                   ("sea", "land"), None)
+    with pytest.raises(PreflightError, match=f"--weights {bucket}/models/other.pt: no such file"):
+        read_checkpoint(f"{bucket}/models/other.pt", options, "--weights")
+
+
+def test_class_names_name_the_classes_of_weights_without_names(tmp_path) -> None:
+    weights = _checkpoint(tmp_path / "m.pt", 3)
+    model = build_model(None, weights=weights, class_names=("road", "car", "tree"))
+    assert model.meta.class_names == ("road", "car", "tree")
+    assert build_model("unet_resnet34", num_classes=2, class_names=["sea", "land"]).meta.class_names == ("sea", "land")
+    with pytest.raises(ValueError, match="2 class_names for the 3 classes"):
+        build_model(None, weights=weights, class_names=("road", "car"))
+
+
+def test_the_tables_kept_beside_the_checks_agree_with_their_sources(tmp_path, monkeypatch) -> None:
+    """Published weights, torch.hub's cache, the checkpoint and layout formats: read here without torch."""
+    from torchvision.models import get_model_weights
+
+    from pipeline.models import _registry, weights
+    from pipeline.outputs import LAYOUT_FORMAT as WRITTEN
+
+    published = {n: s.torchvision_name for n, s in _registry._REGISTRY.items() if s.torchvision_name}
+    assert set(PUBLISHED_WEIGHTS) == set(published)
+    for name, tv_name in published.items():
+        enum = get_model_weights(tv_name)
+        entry = PUBLISHED_WEIGHTS[name]
+        assert (entry.enum, set(entry.members)) == (enum.__name__, set(enum.__members__))
+        assert {(m.url, len(m.meta["categories"])) for m in enum} == {(entry.url, entry.num_classes)}
+    assert LAYOUT_FORMAT == WRITTEN and weights.CHECKPOINT_FORMAT == CHECKPOINT_FORMAT
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert hub_cache_path("https://x/y/w.pth") == os.path.join(torch.hub.get_dir(), "checkpoints", "w.pth")
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT}, buffer)
+    assert zipfile.is_zipfile(buffer)  # what read_checkpoint relies on
