@@ -6,10 +6,13 @@ metadata and is `pipeline.preprocess`'s, the one training uses too. Images of on
 batched together; images larger than a configured crop can be segmented with sliding windows
 whose overlaps are blended with weights that fade toward the window edges.
 
-On CUDA: bf16 autocast, channels_last and optional torch.compile. On CPU: float32, and
-channels_last too (oneDNN's convolutions and PyTorch's bilinear upsampling are faster in it:
-1.3 to 1.5x for the whole forward of DeepLabV3 and LR-ASPP, measured on 2 cores). The precision
-and layout can be forced either way, so the CUDA code path is exercised on CPU too.
+Precision: bf16 autocast wherever the device computes bf16 natively (CUDA; a CPU with
+AVX512_BF16 or AMX, through oneDNN), float32 elsewhere. On CPU, bf16 needs the model compiled
+with inductor's freezing: eager bf16 reorders every convolution's weights at every call
+(visible with ONEDNN_VERBOSE=1) and runs slower than float32, while a frozen graph prepacks them
+once. channels_last on every device (oneDNN's convolutions and PyTorch's bilinear upsampling
+are faster in it: 1.3 to 1.5x for the whole forward of DeepLabV3 and LR-ASPP on 2 cores). The
+precision, layout and compilation can be forced either way, so each path runs in tests on CPU.
 """
 
 from __future__ import annotations
@@ -56,6 +59,15 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
         return [0]
     count = math.ceil((length - crop) / stride) + 1
     return [min(i * stride, length - crop) for i in range(count)]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: a CUDA GPU that supports it, or a CPU whose
+    oneDNN kernels have bf16 instructions (AVX512_BF16, AMX). Elsewhere bf16 is emulated, and
+    slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class WindowStore(Protocol):
@@ -141,10 +153,13 @@ class Segmenter:
     convolutions before them (`fold_batch_norms`): the model given is left as it is, so
     training can validate through a Segmenter and go on training.
 
-    `precision`: "auto" is bf16 autocast on CUDA and float32 elsewhere. `channels_last`:
-    None means yes, on every device. `compile`: wrap the model in `torch.compile` (pays off on long
-    runs of same-sized batches on a GPU). Process-wide settings (`torch.backends.cudnn.benchmark`,
-    thread counts) are the caller's: the process that serves the model sets them.
+    `precision`: "auto" is bf16 autocast where the device has native bf16 (`native_bf16`),
+    float32 elsewhere. `channels_last`: None means yes, on every device. `compile`: wrap the
+    model in `torch.compile`, on CPU with inductor's freezing (weights prepacked once); None
+    compiles where it pays: bf16 on CPU. A compiled model pays its compilation at the first batch
+    of each input shape (seconds; inductor's caches on local disk make later processes' faster).
+    Process-wide settings (`torch.backends.cudnn.benchmark`, thread counts) are the caller's: the
+    process that serves the model sets them.
     """
 
     def __init__(
@@ -157,7 +172,7 @@ class Segmenter:
         sliding_window: SlidingWindow | None = None,
         precision: Literal["auto", "fp32", "bf16"] = "auto",
         channels_last: bool | None = None,
-        compile: bool = False,
+        compile: bool | None = None,
     ) -> None:
         self.meta: ModelMeta = meta if meta is not None else model.meta
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -167,12 +182,16 @@ class Segmenter:
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
         self.batch_size = batch_size
         self.sliding_window = sliding_window
-        self.autocast_dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and self.device.type == "cuda") else None
+        bf16 = precision == "bf16" or (precision == "auto" and native_bf16(self.device))
+        self.autocast_dtype = torch.bfloat16 if bf16 else None
         self.channels_last = True if channels_last is None else channels_last
         model = fold_batch_norms(model).to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.model = torch.compile(model) if compile else model
+        self.compiled = compile if compile is not None else bf16 and self.device.type == "cpu"
+        if self.compiled:
+            model = torch.compile(model, options={"freezing": True} if self.device.type == "cpu" else None)
+        self.model = model
         self.normalize = Normalizer(self.meta.preprocessing, self.device)
 
     @property

@@ -248,7 +248,10 @@ def validate(model: nn.Module, samples: Sequence[Sample], config: TrainConfig, d
         return confusion
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
-    segmenter = Segmenter(model, device=device)
+    # on CPU, bf16 pays only once compiled, and compiling weights that change every epoch would
+    # cost more than the validation: fp32 there (bf16's labels agree with fp32's, see
+    # tests/test_precision.py)
+    segmenter = Segmenter(model, device=device, precision="fp32" if device.type == "cpu" else "auto")
     for start in range(0, len(samples), segmenter.batch_size):
         chunk = samples[start : start + segmenter.batch_size]
         for sample, probs in zip(chunk, segmenter.predict([s.image for s in chunk]), strict=True):

@@ -92,7 +92,7 @@ CASES = {
 @pytest.fixture(scope="module")
 def stage() -> SegmentStage:
     model = build_model("lraspp_mobilenet_v3_large", num_classes=4, weights=None)
-    return SegmentStage(Segmenter(model, device="cpu"), crf=True)
+    return SegmentStage(Segmenter(model, device="cpu", precision="fp32"), crf=True)
 
 
 @pytest.mark.parametrize("name", list(CASES))

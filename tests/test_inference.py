@@ -15,6 +15,7 @@ from pipeline.inference import (
     SlidingWindow,
     blend_ramp,
     fold_batch_norms,
+    native_bf16,
     softmax_classes,
     window_starts,
 )
@@ -45,7 +46,7 @@ def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:
 
 def test_probabilities_at_each_original_size_in_input_order() -> None:
     model = Pointwise()
-    seg = Segmenter(model, _meta(), device="cpu", batch_size=2)
+    seg = Segmenter(model, _meta(), device="cpu", batch_size=2, precision="fp32")
     images = [_image(20, 30, 0), _image(17, 11, 1), _image(20, 30, 2), _image(20, 30, 3)]
     probs = seg.predict(images)
     assert [tuple(p.shape) for p in probs] == [(4, 20, 30), (4, 17, 11), (4, 20, 30), (4, 20, 30)]
@@ -64,7 +65,7 @@ def test_normalisation_and_resize_policy_come_from_the_metadata() -> None:
     model = Pointwise()
     meta = _meta(mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0), resize="short_side", size=(10,))
     image = _image(20, 30)
-    segmenter = Segmenter(model, meta, device="cpu")
+    segmenter = Segmenter(model, meta, device="cpu", precision="fp32")
     probs = segmenter.predict([image])[0]
     seen = segmenter.model.inputs[0]
     assert seen.shape == (1, 3, 10, 15)  # short side 20 -> 10, aspect kept
@@ -106,7 +107,7 @@ class _Kept:
 def test_region_logits_of_a_part_and_from_kept_windows_are_those_of_the_whole_region() -> None:
     image = _image(100, 130)
     segmenter = Segmenter(Pointwise(), _meta(), device="cpu",
-                          sliding_window=SlidingWindow(crop=(32, 32), stride=(24, 24), batch_size=3))
+                          sliding_window=SlidingWindow(crop=(32, 32), stride=(24, 24), batch_size=3), precision="fp32")
     store = _Kept()
     whole = segmenter.region_logits(image, origin=(48, 72), windows=store)
     runs = len(segmenter.model.inputs)
@@ -119,9 +120,9 @@ def test_region_logits_of_a_part_and_from_kept_windows_are_those_of_the_whole_re
 def test_sliding_window_equals_whole_image_for_a_pointwise_model() -> None:
     model = Pointwise()
     image = _image(100, 77)
-    whole = Segmenter(model, _meta(), device="cpu").predict([image])[0]
+    whole = Segmenter(model, _meta(), device="cpu", precision="fp32").predict([image])[0]
     window = SlidingWindow(crop=(32, 32), stride=(20, 24), batch_size=3)
-    sliding = Segmenter(model, _meta(), device="cpu", sliding_window=window)
+    sliding = Segmenter(model, _meta(), device="cpu", sliding_window=window, precision="fp32")
     slid = sliding.predict([image])[0]
     torch.testing.assert_close(slid, whole, atol=1e-5, rtol=1e-5)
     # memory is bounded by the window batch: never more than 3 crops of 32x32 at once
@@ -133,8 +134,8 @@ def test_sliding_window_equals_whole_image_for_a_pointwise_model() -> None:
 def test_one_window_covering_the_image_agrees_with_whole_image_inference() -> None:
     model = build_model("deeplabv3_mobilenet_v3_large", num_classes=5)
     images = [_image(48, 40, 0), _image(33, 47, 1)]
-    whole = Segmenter(model, device="cpu").predict(images)
-    slid = Segmenter(model, device="cpu", sliding_window=SlidingWindow(crop=(48, 48), stride=(32, 32))).predict(images)
+    whole = Segmenter(model, device="cpu", precision="fp32").predict(images)
+    slid = Segmenter(model, device="cpu", sliding_window=SlidingWindow(crop=(48, 48), stride=(32, 32)), precision="fp32").predict(images)
     for a, b in zip(whole, slid, strict=True):
         torch.testing.assert_close(a, b)
 
@@ -145,8 +146,8 @@ def test_sliding_window_blends_a_real_model_without_seams(shared_data) -> None:
     path = next((shared_data / "aerial" / "loveda" / "images").iterdir())
     image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[:, :512, :400].contiguous()
     model = build_model("lraspp_mobilenet_v3_large", num_classes=3)
-    whole = Segmenter(model, device="cpu").predict([image])[0]
-    slid = Segmenter(model, device="cpu", sliding_window=SlidingWindow((256, 256), (192, 192), 2)).predict([image])[0]
+    whole = Segmenter(model, device="cpu", precision="fp32").predict([image])[0]
+    slid = Segmenter(model, device="cpu", sliding_window=SlidingWindow((256, 256), (192, 192), 2), precision="fp32").predict([image])[0]
     assert slid.shape == (3, 512, 400)
     torch.testing.assert_close(slid.sum(0), torch.ones(512, 400))
     assert (slid.argmax(0) == whole.argmax(0)).float().mean() > 0.9
@@ -156,8 +157,8 @@ def test_bf16_channels_last_path_runs_on_cpu_and_matches_fp32() -> None:
     """The CUDA settings (bf16 autocast, channels_last) forced on CPU, so CI covers them."""
     model = build_model("fcn_resnet50", num_classes=3)
     images = [_image(40, 56)]
-    fp32 = Segmenter(model, device="cpu").predict(images)[0]
-    fast = Segmenter(model, device="cpu", precision="bf16", channels_last=True)
+    fp32 = Segmenter(model, device="cpu", precision="fp32").predict(images)[0]
+    fast = Segmenter(model, device="cpu", precision="bf16", channels_last=True, compile=False)
     assert fast.autocast_dtype == torch.bfloat16
     probs = fast.predict(images)[0]
     assert probs.dtype == torch.float32
@@ -169,9 +170,9 @@ def test_channels_last_is_the_default_layout_and_changes_no_result() -> None:
     those of the NCHW model, and the class softmax of channels_last logits that of NCHW ones."""
     model = build_model("deeplabv3_mobilenet_v3_large", num_classes=5)
     images = [_image(40, 56), _image(33, 47)]
-    default = Segmenter(model, device="cpu")
+    default = Segmenter(model, device="cpu", precision="fp32")
     assert default.channels_last
-    nchw = Segmenter(model, device="cpu", channels_last=False)
+    nchw = Segmenter(model, device="cpu", channels_last=False, precision="fp32")
     for got, expected in zip(default.predict(images), nchw.predict(images), strict=True):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     for classes in (7, 21):  # both ways softmax_classes takes, below and from 16 classes
@@ -204,7 +205,7 @@ def test_segmenter_leaves_the_model_given_as_it_is() -> None:
     mode, its batch norms, its layout and its weights."""
     model = build_model("lraspp_mobilenet_v3_large", num_classes=3).train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    segmenter = Segmenter(model, device="cpu")  # channels_last, batch norms folded
+    segmenter = Segmenter(model, device="cpu", precision="fp32")  # channels_last, batch norms folded
     segmenter.predict([_image(40, 56)])
     assert model.training and all(m.training for m in model.modules())
     assert not {id(m) for m in segmenter.model.modules()} & {id(m) for m in model.modules()}  # its own copy
@@ -217,15 +218,18 @@ def test_segmenter_leaves_the_model_given_as_it_is() -> None:
 def test_torch_compile_gives_the_same_probabilities() -> None:
     model = Pointwise()
     image = _image(16, 16)
-    eager = Segmenter(model, _meta(), device="cpu").predict([image])[0]
-    compiled = Segmenter(model, _meta(), device="cpu", compile=True).predict([image])[0]
+    eager = Segmenter(model, _meta(), device="cpu", precision="fp32").predict([image])[0]
+    compiled = Segmenter(model, _meta(), device="cpu", compile=True, precision="fp32").predict([image])[0]
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
 def test_segmenter_defaults_and_validation() -> None:
     model = build_model("lraspp_mobilenet_v3_large", num_classes=2)
-    seg = Segmenter(model, device="cpu", batch_size=4)
-    assert seg.num_classes == 2 and seg.batch_size == 4 and seg.autocast_dtype is None
+    seg = Segmenter(model, device="cpu", batch_size=4, precision="fp32")
+    assert seg.num_classes == 2 and seg.batch_size == 4 and seg.autocast_dtype is None and not seg.compiled
+    # auto: bf16 where the CPU has it natively, and then compiled (eager bf16 is slower than fp32)
+    auto = Segmenter(model, device="cpu")
+    assert (auto.autocast_dtype == torch.bfloat16) == auto.compiled == native_bf16(torch.device("cpu"))
     with pytest.raises(ValueError, match="precision"):
         Segmenter(model, device="cpu", precision="fp16")
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
@@ -237,7 +241,7 @@ def test_segmenter_defaults_and_validation() -> None:
 def test_cuda_matches_cpu() -> None:
     model = build_model("deeplabv3_mobilenet_v3_large", num_classes=4)
     images = [_image(64, 80)]
-    cpu = Segmenter(model, device="cpu").predict(images)[0]
+    cpu = Segmenter(model, device="cpu", precision="fp32").predict(images)[0]
     gpu = Segmenter(model, device="cuda").predict(images)[0]
     assert gpu.device.type == "cuda"
     assert (gpu.cpu().argmax(0) == cpu.argmax(0)).float().mean() > 0.95

@@ -84,7 +84,7 @@ def _as_geotiff(image: Path, path: Path) -> Path:
 
 def _raster_stage(folder: Path, output: Path, **settings) -> RasterStage:
     meta = ModelMeta.default(MODEL, CLASSES)
-    segmenter = Segmenter(_pixel_driven_model(), meta, device="cpu", batch_size=4)
+    segmenter = Segmenter(_pixel_driven_model(), meta, device="cpu", batch_size=4, precision="fp32")
     stage = SegmentStage(segmenter, crf=settings.pop("crf", False))
     return RasterStage(stage, RasterSettings(**settings), source=open_location(str(folder)),
                        output=open_location(str(output)), palette=meta.palette, class_names=meta.class_names, run_id="run-1")

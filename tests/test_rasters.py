@@ -339,7 +339,7 @@ def test_block_logits_over_the_core_equal_the_whole_raster() -> None:
     height, width, crop, stride = 150, 131, 32, 20
     image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     meta = ModelMeta.default("test", 4, preprocessing=Preprocessing())
-    segmenter = Segmenter(Padded(), meta, device="cpu", sliding_window=SlidingWindow((crop, crop), (stride, stride), 16))
+    segmenter = Segmenter(Padded(), meta, device="cpu", sliding_window=SlidingWindow((crop, crop), (stride, stride), 16), precision="fp32")
     whole = segmenter.predict([image])[0]
     blocks = plan_blocks(height, width, crop=crop, stride=stride, block=48, margin=6)
     assert len(blocks) == 4 * 3  # cores of 40 (two strides), the last ones longer

@@ -136,7 +136,7 @@ def test_keys_differing_in_case_collide_only_where_the_output_folds_case(tmp_pat
 @pytest.fixture(scope="module")
 def stage() -> SegmentStage:
     model = build_model("lraspp_mobilenet_v3_large", num_classes=4, weights=None)
-    return SegmentStage(Segmenter(model, device="cpu", batch_size=2), crf=True)
+    return SegmentStage(Segmenter(model, device="cpu", batch_size=2, precision="fp32"), crf=True)
 
 
 def _source(tmp_path):

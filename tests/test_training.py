@@ -249,7 +249,7 @@ def test_validation_miou_is_what_segment_and_evaluate_measure(tmp_path):
     assert reported is not None
     save_checkpoint(model, config.output, meta)
 
-    segmenter = Segmenter(build_model(None, weights=config.output), device="cpu")  # as a replica builds it
+    segmenter = Segmenter(build_model(None, weights=config.output), device="cpu", precision="fp32")  # as a replica builds it
     stage = SegmentStage(segmenter, crf=False)
     output = open_location(str(tmp_path / "out"))
     val_files = [f for _, f in iter_files(images) if f.key in {p.image for p in val}]
