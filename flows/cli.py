@@ -161,11 +161,30 @@ def _plain_output_when_piped() -> None:
 
 def _segment(args: argparse.Namespace) -> int:
     """Run the segmentation flow with a progress bar and print a summary; errors of single
-    images do not change the exit code, only a run that could not happen does."""
+    images do not change the exit code, only a run that could not happen does.
+
+    A night with nothing new ends before Prefect, Ray or a model start: the commit markers are
+    read against the listing first (`pipeline.run.up_to_date`). Otherwise Ray and the model
+    replicas start in the background while Prefect starts, and the flow's run takes them over.
+    Both need the storage options here, so not with --storage-secret (a Prefect block): the
+    flow's run then reads the markers itself before it starts Ray."""
     from pipeline.preflight import check_segment
 
     config = config_from_arguments(SegmentConfig, args).dated()
     _preflight(check_segment, config, args.storage_secret)
+    replicas = None
+    if not args.storage_secret:
+        from flows._storage import resolve_storage_options
+        from pipeline.run import up_to_date
+
+        resolved = config.with_storage_options(resolve_storage_options(config.storage_options, None))
+        if (record := up_to_date(resolved)) is not None:
+            _print_summary(record)
+            return 0
+        from pipeline.runtime.replicas import Replicas
+
+        replicas = Replicas(resolved)
+        replicas.start()
     _quiet_prefect()
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -174,18 +193,27 @@ def _segment(args: argparse.Namespace) -> int:
     from pipeline.outputs import LayoutMismatchError
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task("starting Prefect, Ray and the model")
-        try:
-            summary = segment_archive(config, storage_secret=args.storage_secret,
-                                      on_progress=lambda p: bar.update(task, description=p.describe()))
-        except LayoutMismatchError as err:
-            raise UsageError(str(err)) from err
-    _print_summary(summary)
+    try:
+        with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+            task = bar.add_task("starting Prefect, Ray and the model")
+            try:
+                summary = segment_archive(config, storage_secret=args.storage_secret, replicas=replicas,
+                                          on_progress=lambda p: bar.update(task, description=p.describe()))
+            except LayoutMismatchError as err:
+                raise UsageError(str(err)) from err
+        _print_summary(summary)
+    finally:
+        if replicas is not None:
+            replicas.close()  # the run has begun to stop them: Ray shuts down while this prints
     return 0
 
 
 def _print_summary(s: dict) -> None:
+    if s["shards_committed"] == 0:  # no shard needed work: neither Ray nor a model started
+        what = (f"the {s['shards_skipped']} shards of {s['source']} are already up to date in {s['output']}"
+                if s["shards_skipped"] else f"no images under {s['source']}")
+        print(f"nothing to do: {what} (run {s['run_id']}, record {s['record']})")
+        return
     ok = s["images"] - s["errors"]
     print(f"run {s['run_id']}: {s['images']} images segmented ({ok} ok, {s['errors']} errors) "
           f"in {s['seconds']:.1f} s ({s['setup_seconds']:.1f} s to start), {s['images_per_second']:.1f} images/s")

@@ -3,13 +3,16 @@ infra/prefect.yaml (a work pool, for clusters)."""
 
 from __future__ import annotations
 
+import json
+import sys
+
 from prefect import serve
+from prefect.client.orchestration import get_client
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
+from prefect.settings import PREFECT_API_URL
 
-from flows.evaluate import evaluate_predictions
-from flows.segment import segment_archive
-from pipeline.config import SegmentConfig
+from pipeline.config import RunError, SegmentConfig
 
 NIGHTLY_CRON = "0 2 * * *"  # 02:00 UTC, after the day's images have landed
 
@@ -22,11 +25,11 @@ def build_deployments(config: SegmentConfig, *, storage_secret: str | None = Non
 
     Prefect stores a deployment's parameters, so credentials are refused here: they belong in
     the Secret block named `storage_secret`, or in the worker's environment."""
-    if hidden := config.storage_options.hidden_keys():
-        raise ValueError(
-            f"--storage-options holds {', '.join(hidden)}, which Prefect would store with the deployment; put "
-            "credentials in a Secret block (--storage-secret) or in the worker's environment (AWS_*)"
-        )
+    _refuse_credentials(config)
+    # imported here: `segpipe serve` checks the server first, without torch and Ray (seconds)
+    from flows.evaluate import evaluate_predictions
+    from flows.segment import segment_archive
+
     # only what was set: defaults stay the code's, so an upgrade's new defaults apply
     parameters = {"config": config.model_dump(mode="json", exclude_defaults=True), "storage_secret": storage_secret}
     nightly = segment_archive.to_deployment(
@@ -39,5 +42,49 @@ def build_deployments(config: SegmentConfig, *, storage_secret: str | None = Non
     return [nightly, on_demand]
 
 
+def _refuse_credentials(config: SegmentConfig) -> None:
+    if hidden := config.storage_options.hidden_keys():
+        raise ValueError(
+            f"--storage-options holds {', '.join(hidden)}, which Prefect would store with the deployment; put "
+            "credentials in a Secret block (--storage-secret) or in the worker's environment (AWS_*)"
+        )
+
+
+def check_prefect_server() -> str:
+    """The URL of the Prefect server's API, once it answers. A schedule is kept by a server
+    that outlives this process: without PREFECT_API_URL, Prefect would serve against a
+    temporary server of its own, gone with the process (and with it, the nightly runs)."""
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise RunError("segpipe serve needs a Prefect server to keep the schedule: start one (prefect server start) "
+                       "and point PREFECT_API_URL at its API, e.g. export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    with get_client(sync_client=True) as client:
+        failure = client.api_healthcheck()
+    if failure is not None:
+        raise RunError(f"no Prefect server answers at {url} (PREFECT_API_URL: {type(failure).__name__}); start it "
+                       "(prefect server start), or point PREFECT_API_URL at one that runs")
+    return url
+
+
 def serve_deployments(config: SegmentConfig, *, storage_secret: str | None = None, cron: str = NIGHTLY_CRON) -> None:
-    serve(*build_deployments(config, storage_secret=storage_secret, cron=cron))
+    """Serve both deployments from this process until Ctrl-C (or SIGTERM), after checking that
+    the Prefect server answers (RunError, one line, if not). Prints how to trigger each."""
+    _refuse_credentials(config)
+    url = check_prefect_server()
+    try:
+        deployments = build_deployments(config, storage_secret=storage_secret, cron=cron)
+        names = [f"{d.flow_name}/{d.name}" for d in deployments]
+        print(f"serving {' and '.join(names)} on the Prefect server at {url}; the nightly schedule is {cron} (UTC). "
+              "Ctrl-C stops.")
+        evaluation = {"config": {"predictions": "PREDICTIONS", "ground_truth": "GROUND_TRUTH", "output": "OUTPUT",
+                                 "num_classes": 19}}
+        print("to trigger a deployment now:")
+        print(f"  prefect deployment run '{names[0]}'")
+        print(f"  prefect deployment run '{names[1]}' --params '{json.dumps(evaluation)}'")
+        sys.stdout.flush()
+        # Ctrl-C ends serve() itself (it pauses the schedules on the way out); before it runs,
+        # it ends the imports and the registration here
+        serve(*deployments, print_starting_message=False)
+    except KeyboardInterrupt:
+        pass
+    print("stopped serving")

@@ -17,12 +17,14 @@ from pipeline.evaluation import (
     Pairing,
     ScoreSettings,
     build_report,
+    exclusion_summary,
     markdown_table,
     pair_masks,
     per_image_table,
     resolve_class_names,
     write_report,
 )
+from pipeline.preflight import check_evaluate
 from pipeline.runtime.scoring import score_on_ray
 from pipeline.storage import open_location
 
@@ -54,8 +56,7 @@ def score(predictions: str, ground_truth: str, pairing: Pairing, settings: Score
     total = score_on_ray(open_location(predictions, storage_options), open_location(ground_truth, storage_options),
                          pairing.pairs, settings, ray_address=ray_address)
     if not total.image_ids:
-        reasons = "; ".join(e["reason"] for e in total.excluded[:3])
-        raise NothingToScoreError(f"none of the {len(pairing.pairs)} pairs could be scored: {reasons}")
+        raise NothingToScoreError(f"none of the {len(pairing.pairs)} pairs could be scored: {exclusion_summary(total, settings)}")
     return total
 
 
@@ -83,6 +84,7 @@ def evaluate_predictions(config: EvaluateConfig, storage_secret: str | None = No
     becomes config.date (default yesterday, UTC). Credentials: as for segment-archive.
     """
     config = config.dated().with_storage_options(resolve_storage_options(config.storage_options, storage_secret))
+    check_evaluate(config)  # as the command line does; here with the credentials of a Secret block too
     options = config.storage_options
     names = resolve_class_names(config.class_names, config.num_classes)
     settings = ScoreSettings(num_classes=config.num_classes, ignore_index=config.ignore_index,

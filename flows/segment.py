@@ -2,13 +2,12 @@
 
 Wiring only: the work is `pipeline.runtime.driver.run_segmentation`. The Prefect process is the
 Ray driver: it joins the cluster it runs in (`ray_address="auto"`, or RAY_ADDRESS) or starts a
-local Ray; never a `ray://` client connection.
+local Ray; never a `ray://` client connection. A night with nothing new starts neither Ray nor
+a model: the run reads the commit markers first.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,13 +19,16 @@ from prefect.cache_policies import NO_CACHE
 from flows._retries import IO_TASK
 from flows._storage import resolve_storage_options
 from pipeline.config import SegmentConfig
-from pipeline.run import Progress, RunSummary
+from pipeline.preflight import check_segment
+from pipeline.run import Progress, RunSummary, record_run
 from pipeline.runtime.driver import run_segmentation
-from pipeline.storage import open_location, write_atomic
+from pipeline.runtime.replicas import Replicas
+from pipeline.storage import open_location
 
 
 @task(cache_policy=NO_CACHE)
-def run_on_ray(config: SegmentConfig, on_progress: Callable[[Progress], None] | None) -> RunSummary:
+def run_on_ray(config: SegmentConfig, on_progress: Callable[[Progress], None] | None,
+               replicas: Replicas | None = None) -> RunSummary:
     """The whole Ray job in one task: the archive is listed once, as the run goes, and shards
     are committed inside it as they complete, so a retry of the flow resumes from them; the
     task itself is not retried."""
@@ -40,17 +42,13 @@ def run_on_ray(config: SegmentConfig, on_progress: Callable[[Progress], None] | 
             last_log[0] = time.monotonic()
             logger.info("%s", progress.describe())
 
-    return run_segmentation(config, on_progress=report)
+    return run_segmentation(config, on_progress=report, replicas=replicas)
 
 
 @task(**IO_TASK)
 def commit_run(config: SegmentConfig, summary: RunSummary) -> str:
     """Write OUTPUT/_runs/<run_id>.json, the run's record (overwritten whole on retry)."""
-    output = open_location(config.output, config.storage_options)  # already checked by the run
-    record = dataclasses.asdict(summary) | {"images_per_second": summary.images_per_second}
-    key = f"_runs/{summary.run_id}.json"
-    write_atomic(output, key, json.dumps(record, indent=2).encode())
-    return output.uri(key)
+    return record_run(open_location(config.output, config.storage_options), summary)  # OUTPUT checked by the run
 
 
 @task(cache_policy=NO_CACHE)
@@ -73,6 +71,8 @@ def summarise(summary: RunSummary, record_uri: str) -> dict[str, Any]:
     create_markdown_artifact(
         "\n".join([
             f"## segpipe run `{summary.run_id}`",
+            *([f"Nothing to do: the {summary.shards_skipped} shards of `{summary.source}` were already up to date.", ""]
+              if summary.shards_committed == 0 else []),
             f"{summary.images} images from `{summary.source}` ({summary.errors} errors) with "
             f"`{summary.model}` (`{summary.weights}`), {summary.images_per_second:.1f} images/s.",
             "",
@@ -87,9 +87,7 @@ def summarise(summary: RunSummary, record_uri: str) -> dict[str, Any]:
         ]),
         key="segpipe-run-outputs",
     )
-    return dataclasses.asdict(summary) | {
-        "images_per_second": summary.images_per_second, "pixel_share": shares, "record": record_uri,
-    }
+    return summary.as_record() | {"pixel_share": shares, "record": record_uri}
 
 
 @flow(name="segment-archive", log_prints=True)
@@ -97,15 +95,19 @@ def segment_archive(
     config: SegmentConfig,
     storage_secret: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    replicas: Replicas | None = None,
 ) -> dict[str, Any]:
     """Segment every image under config.source into config.output (`segpipe segment`).
 
     `{date}` in SOURCE and OUTPUT becomes config.date (YYYY-MM-DD; default yesterday, UTC).
     Credentials come from SEGPIPE_STORAGE_OPTIONS or the Secret block named `storage_secret`
     (see flows/_storage.py); Prefect stores the config with its credentials hidden.
-    `on_progress` follows the run from the calling process (the command line's progress bar).
+    `on_progress` follows the run from the calling process (the command line's progress bar);
+    `replicas`, Ray and the model replicas that process started for this config while Prefect
+    started (see `pipeline.runtime.replicas.Replicas`), which the run takes over.
     """
     config = config.dated().with_storage_options(resolve_storage_options(config.storage_options, storage_secret))
-    summary = run_on_ray(config, on_progress)
+    check_segment(config)  # as the command line does; here with the credentials of a Secret block too
+    summary = run_on_ray(config, on_progress, replicas)
     record = commit_run(config, summary)
     return summarise(summary, record)

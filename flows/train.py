@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows._storage import resolve_storage_options
 from pipeline.config import TrainConfig
+from pipeline.preflight import check_train
 from pipeline.runtime.training import TrainSummary, run_training
 
 
@@ -38,6 +39,7 @@ def train_model(config: TrainConfig, storage_secret: str | None = None) -> dict[
     to config.output, which `segpipe segment --weights OUTPUT` runs as it is. Credentials: as
     for segment-archive."""
     config = config.with_storage_options(resolve_storage_options(config.storage_options, storage_secret))
+    check_train(config)  # as the command line does; here with the credentials of a Secret block too
     summary = train_on_ray(config)
     publish(summary)
     print(f"{summary.model}: best {summary.score} {summary.best_score} at epoch {summary.best_epoch}; "

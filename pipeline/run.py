@@ -1,11 +1,14 @@
 """What a segmentation run is, apart from where it runs: its identity (id and settings
-fingerprint), the sizing rules of its replicas, its progress and its summary.
+fingerprint), the model it will run (known before the model loads), the sizing rules of its
+replicas, its progress, its summary and record, and the check that finds a run has nothing
+to do.
 
-Nothing here imports Ray; `pipeline.runtime` applies these rules on a cluster.
+Nothing here imports Ray or Prefect; `pipeline.runtime` applies these rules on a cluster.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import itertools
@@ -19,8 +22,19 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from .config import RunError, SegmentConfig
-from .outputs import LAYOUT_FORMAT
-from .storage import ListingCounts, Location, Shard, ShardBy, iter_shards, retry_io
+from .outputs import LAYOUT_FORMAT, OutputStore, RunInfo
+from .storage import (
+    ListingCounts,
+    Location,
+    Shard,
+    ShardBy,
+    StorageUnavailableError,
+    iter_shards,
+    open_location,
+    read_bytes,
+    retry_io,
+    write_atomic,
+)
 
 T = TypeVar("T")
 
@@ -33,7 +47,7 @@ def new_run_id(now: dt.datetime | None = None) -> str:
 
 # the settings that change what a run writes; the others (batch sizes, replicas, --block, which
 # gives the same labels in other blocks) only change how fast it is written
-RESULT_SETTINGS = ("crf", "tile", "tile_stride", "bands", "confidence", "polygons", "min_polygon_area", "simplify")
+RESULT_SETTINGS = ("precision", "crf", "tile", "tile_stride", "bands", "confidence", "polygons", "min_polygon_area", "simplify")
 
 
 def fingerprint(meta: dict[str, Any], config: SegmentConfig) -> str:
@@ -46,6 +60,61 @@ def fingerprint(meta: dict[str, Any], config: SegmentConfig) -> str:
         **{name: getattr(config, name) for name in RESULT_SETTINGS},
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_meta(config: SegmentConfig) -> dict[str, Any]:
+    """The metadata of the model the run's replicas will load (`ModelMeta` as JSON, as a
+    replica reports it), known without building the model or loading its weights: the
+    fingerprint, and so which shards are up to date, is known before Ray or a model start.
+    Published weights are described by torchvision's enum (nothing downloaded), a checkpoint by
+    its own metadata. The driver checks that the replicas' model agrees once it has loaded.
+
+    A wrong model, weights or num_classes raises RunError."""
+    from .models import ModelMeta, is_checkpoint_uri, load_checkpoint
+    from .models._registry import get_spec
+    from .models.weights import Preprocessing, _torchvision_weights
+
+    weights, name = config.weights, config.model
+    try:
+        if weights is None:
+            if config.num_classes is None:
+                raise ValueError(f"num_classes is required to build {name!r} without weights")
+            meta = ModelMeta.default(get_spec(name or "").name, config.num_classes, model_kwargs={})
+        elif is_checkpoint_uri(weights):
+            meta = load_checkpoint(weights, storage_options=config.storage_options)[0]
+            meta = meta.model_copy(update={"weights": weights})
+            if name is not None and meta.architecture != name:
+                raise ValueError(f"checkpoint {weights} holds a {meta.architecture!r} model, not {name!r}; "
+                                 f"pass model={meta.architecture!r}")
+        elif (enum := _torchvision_weights(get_spec(name or "").torchvision_name, weights)) is not None:
+            categories, transforms = enum.meta["categories"], enum.transforms()
+            preprocessing = Preprocessing(mean=tuple(transforms.mean), std=tuple(transforms.std), resize="short_side",
+                                          size=(int(transforms.resize_size[0]),))
+            meta = ModelMeta.default(name or "", len(categories), class_names=tuple(categories),
+                                     preprocessing=preprocessing, weights=str(enum).split(".")[-1], model_kwargs={})
+        else:
+            raise ValueError(f"unknown weights {weights!r} for {name!r}: pass a torchvision weights name, a checkpoint "
+                             "path or URL, or 'none'")
+        if config.num_classes is not None and config.num_classes != meta.num_classes:
+            raise ValueError(f"num_classes={config.num_classes} but weights {weights} have {meta.num_classes} classes; "
+                             f"pass num_classes={meta.num_classes} (or omit it)")
+        if config.class_names is not None:
+            if len(config.class_names) != meta.num_classes:
+                raise ValueError(f"{len(config.class_names)} class_names for the {meta.num_classes} classes of "
+                                 f"weights {weights}")
+            meta = meta.model_copy(update={"class_names": tuple(config.class_names)})
+    except (ValueError, RuntimeError) as err:  # RuntimeError: WeightsUnavailableError
+        raise RunError(f"cannot load {name or weights!r}: {err}") from err
+    return meta.model_dump(mode="json")
+
+
+def run_info(config: SegmentConfig, source_url: str, run_id: str, meta: dict[str, Any]) -> RunInfo:
+    """What every row of the run shares, from its settings and its model's metadata."""
+    return RunInfo(
+        run_id=run_id, run_date=dt.datetime.now(dt.UTC).date(), model=meta["architecture"], weights=meta["weights"],
+        num_classes=meta["num_classes"], class_names=tuple(meta["class_names"]), crf=config.crf,
+        source_url=source_url, fingerprint=fingerprint(meta, config),
+    )
 
 
 def list_source(source: Location, *, shard_by: ShardBy, shard_size: int, counts: ListingCounts) -> Prefetched[Shard]:
@@ -201,9 +270,10 @@ class RunSummary:
     # pixels per class name over the images segmented in this run
     pixels_by_class: dict[str, int]
     retried_batches: int
-    # starting Ray and loading the model, before the first image
+    # from the run's start until its replicas had loaded their model (0 when none was needed);
+    # Ray and the model start with the first shard that needs work, while the listing goes on
     setup_seconds: float
-    # where the run happened: a local Ray, or the cluster it joined
+    # where the run happened: a local Ray, or the cluster it joined (NO_CLUSTER: nothing to do)
     ray_cluster: str
     # one entry per model replica: the device it ran on, the GPUs Ray gave it, its torch CPU threads
     replicas: list[dict[str, Any]]
@@ -214,5 +284,56 @@ class RunSummary:
         """Throughput once the replicas were up (setup excluded)."""
         busy = self.seconds - self.setup_seconds
         return self.images / busy if busy > 0 else 0.0
+
+    def as_record(self) -> dict[str, Any]:
+        """The run record: every field, and the throughput."""
+        return dataclasses.asdict(self) | {"images_per_second": self.images_per_second}
+
+
+NO_CLUSTER = "no cluster: no shard needed the model"
+
+
+def record_run(output: Location, summary: RunSummary) -> str:
+    """Write OUTPUT/_runs/<run_id>.json, the run's record (overwritten whole on retry); its URI."""
+    key = f"_runs/{summary.run_id}.json"
+    write_atomic(output, key, json.dumps(summary.as_record(), indent=2).encode())
+    return output.uri(key)
+
+
+def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
+    """A run with nothing to do, found out before Ray, Prefect or a model start: when every
+    shard of SOURCE is committed in OUTPUT with the same inputs and settings (as the run itself
+    decides, `OutputStore.is_current`), the run is recorded in OUTPUT/_runs/ and its record
+    returned, with `record` its URI, as the segmentation flow returns it. None as soon as one
+    shard needs work: the run itself then starts and does it (a listing that stops at the first
+    such shard, so a night with new images pays one page and one commit marker for it).
+
+    `config` is dated, with its storage options resolved. Reads only, but for the record."""
+    started = time.monotonic()
+    source = open_location(config.source, config.storage_options)
+    counts = ListingCounts()
+    shards = list_source(source, shard_by=config.shard_by, shard_size=config.shard_size, counts=counts)
+    try:
+        store = OutputStore(open_location(config.output, config.storage_options))
+        if read_bytes(store.location, "_segpipe.json") is None:
+            return None  # nothing was ever committed there
+        store.check_layout(source.url, config.shard_by, config.shard_size)  # only reads: the layout is recorded
+        run = run_info(config, source.url, new_run_id(), model_meta(config))
+        skipped = 0
+        for shard in shards:
+            if not store.is_current(shard, run, redo_errors=config.redo_errors):
+                return None
+            skipped += 1
+    except (StorageUnavailableError, OSError) as err:
+        raise RunError(f"storage unavailable: {type(err).__name__}: {err}") from err
+    finally:
+        shards.close()
+    summary = RunSummary(
+        run_id=run.run_id, source=source.url, output=store.location.url, model=run.model, weights=run.weights,
+        shards_committed=0, shards_skipped=skipped, images=0, errors=0, errors_by_type={},
+        non_image_keys=counts.skipped, pixels_by_class={}, retried_batches=0, setup_seconds=0.0,
+        ray_cluster=NO_CLUSTER, replicas=[], seconds=time.monotonic() - started,
+    )
+    return summary.as_record() | {"pixel_share": {}, "record": record_run(store.location, summary)}
 
 

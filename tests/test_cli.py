@@ -87,7 +87,7 @@ def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_end
     # the endpoint comes from AWS_ENDPOINT_URL, as a user of an S3-compatible store would set it
     done = _segpipe(
         "segment", f"{bucket}/in", f"{bucket}/out", "--model", "lraspp_mobilenet_v3_large", "--weights", "none",
-        "--num-classes", "4", "--no-crf", "--batch-size", "2", "--class-names", *NAMES,
+        "--num-classes", "4", "--no-crf", "--batch-size", "2", "--class-names", *NAMES, "--precision", "fp32",
         env={"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
     )
     assert done.returncode == 0, done.stderr
@@ -102,20 +102,26 @@ def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_end
     # an untrained model's classes, named on the command line, are named in the class statistics
     stats = con.sql(f"select distinct class_name from read_parquet('{bucket}/out/class_stats/**/*.parquet')").fetchall()
     assert stats and {name for (name,) in stats} <= set(NAMES)
-    # a second run finds everything committed; its --storage-options (credentials) reach the
-    # run but not Prefect's database, where flow-run parameters are kept
+    # a second run, after a new night's image, does only that night's shard; its
+    # --storage-options (credentials) reach the run but not Prefect's database, where flow-run
+    # parameters are kept
+    fs.pipe_file(f"{bucket[5:]}/in/night2/0.png", fs.cat_file(f"{bucket[5:]}/in/night/0.png"))
     marker = "s3cr3t-ON-THE-COMMAND-LINE"
     prefect_home = tmp_path / "prefect-home"
-    again = _segpipe("segment", f"{bucket}/in", f"{bucket}/out", "--model", "lraspp_mobilenet_v3_large", "--weights",
-                     "none", "--num-classes", "4", "--no-crf", "--batch-size", "2", "--class-names", *NAMES,
-                     "--storage-options",
-                     f'{{"endpoint_url": "{s3_endpoint}", "key": "testing", "secret": "{marker}"}}',
-                     env={"PREFECT_HOME": str(prefect_home)})
+    command = ("segment", f"{bucket}/in", f"{bucket}/out", "--model", "lraspp_mobilenet_v3_large", "--weights", "none",
+               "--num-classes", "4", "--no-crf", "--batch-size", "2", "--class-names", *NAMES, "--precision", "fp32",
+               "--storage-options", f'{{"endpoint_url": "{s3_endpoint}", "key": "testing", "secret": "{marker}"}}')
+    again = _segpipe(*command, env={"PREFECT_HOME": str(prefect_home)})
     assert again.returncode == 0, again.stderr
-    assert "0 images segmented" in again.stdout and "1 already up to date" in again.stdout
+    assert "1 images segmented" in again.stdout and "1 already up to date" in again.stdout
     stored = b"".join(p.read_bytes() for p in prefect_home.rglob("*") if p.is_file())
     assert f"{bucket}/in".encode() in stored  # the run's parameters are in there...
     assert marker.encode() not in stored  # ...its credentials are not (an endpoint is no secret)
+    # a third finds nothing new: it says so, without Prefect, Ray or a model
+    idle = _segpipe(*command, env={"PREFECT_HOME": str(tmp_path / "idle-home")})
+    assert idle.returncode == 0, idle.stderr
+    assert idle.stdout.startswith("nothing to do: the 2 shards of") and "already up to date" in idle.stdout
+    assert not (tmp_path / "idle-home").exists()  # Prefect never started
 
 
 @pytest.mark.parametrize(("args", "message"), [

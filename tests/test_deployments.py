@@ -204,6 +204,44 @@ def _start_serve(tmp_path, env: dict[str, str]) -> tuple[subprocess.Popen, Path]
     return serve, log
 
 
+@pytest.mark.parametrize("server", ["none configured", "not answering"])
+def test_segpipe_serve_without_a_prefect_server_says_so_in_one_line(tmp_path, server):
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # no profile setting PREFECT_API_URL either
+    if server == "not answering":
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{_free_port()}/api"
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "serve", "--source", f"{tmp_path}/{{date}}", "--output",
+         f"{tmp_path}/out/date={{date}}"],
+        env=env, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    [line] = done.stderr.splitlines()
+    expected = "needs a Prefect server" if server == "none configured" else f"no Prefect server answers at {env.get('PREFECT_API_URL')}"
+    assert line.startswith("segpipe: error: ") and expected in line and "PREFECT_API_URL" in line
+
+
+@pytest.mark.slow
+def test_segpipe_serve_says_how_to_trigger_and_stops_on_ctrl_c(prefect_server, tmp_path):
+    env, api = prefect_server, prefect_server["PREFECT_API_URL"]
+    serve, log = _start_serve(tmp_path, env)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_post(api, "/deployments/filter", {})) < 2:  # registered: serve() runs
+            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C, to the process and its children
+        serve.wait(timeout=20)  # a few seconds; 20 keeps a slow machine from failing it
+    finally:
+        _stop(serve)
+    output = log.read_text()
+    assert serve.returncode == 0, output
+    assert "prefect deployment run 'segment-archive/nightly'" in output
+    assert "prefect deployment run 'evaluate-predictions/on-demand' --params" in output
+    assert "Traceback" not in output and "never awaited" not in output, output
+    assert output.rstrip().endswith("stopped serving")
+
+
 def test_dockerfile_cuda_runtime_installs_the_package_and_drops_root():
     lines = [line.strip() for line in (INFRA / "Dockerfile").read_text().splitlines() if line.strip() and not line.startswith("#")]
     base = next(line for line in lines if line.startswith("FROM "))

@@ -37,7 +37,7 @@ DRIVER = textwrap.dedent("""
     from pipeline.config import SegmentConfig
     from pipeline.runtime.driver import run_segmentation
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    summary = run_segmentation(SegmentConfig(source=sys.argv[1], output=sys.argv[2], model="lraspp_mobilenet_v3_large",
+    summary = run_segmentation(SegmentConfig(precision="fp32", source=sys.argv[1], output=sys.argv[2], model="lraspp_mobilenet_v3_large",
                                              weights=None, num_classes=4, batch_size=1))
     print("images", summary.images, "skipped", summary.shards_skipped, "committed", summary.shards_committed)
 """)
@@ -89,7 +89,7 @@ def _upload(bucket: str, options: dict, shards: int, per_shard: int) -> None:
 def _config(bucket: str, options: dict):
     from pipeline.config import SegmentConfig
 
-    return SegmentConfig(source=f"{bucket}/in", output=f"{bucket}/out", model="lraspp_mobilenet_v3_large",
+    return SegmentConfig(precision="fp32", source=f"{bucket}/in", output=f"{bucket}/out", model="lraspp_mobilenet_v3_large",
                          weights=None, num_classes=4, crf=False, batch_size=1, storage_options=options)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -19,6 +20,7 @@ from flows.evaluate import NothingToScoreError, evaluate_predictions
 from flows.segment import segment_archive
 from pipeline.config import EvaluateConfig, SegmentConfig
 from pipeline.masks import encode_mask
+from pipeline.run import NO_CLUSTER
 from pipeline.samples import synthetic_scene
 
 
@@ -47,7 +49,7 @@ def test_segment_flow_nightly_partitions_on_s3(prefect_harness, ray_cpu, s3_buck
             fs.pipe_file(f"{bucket[5:]}/cams/{night}/cam1/{i}.png", _png(synthetic_scene(24, 32, i)[0]))
     fs.pipe_file(f"{bucket[5:]}/cams/2026-11-20/cam1/broken.png", b"not a png")
     common = dict(source=f"{bucket}/cams/{{date}}", output=f"{bucket}/segpipe/date={{date}}", model="lraspp_mobilenet_v3_large",
-                  weights="none", num_classes=4, crf=False, storage_options=options)
+                  weights="none", num_classes=4, crf=False, storage_options=options, precision="fp32")
     first = segment_archive(SegmentConfig(**common, date="2026-11-19"))
     second = segment_archive(SegmentConfig(**common, date="2026-11-20"))
     assert (first["images"], first["errors"]) == (2, 0)
@@ -65,6 +67,22 @@ def test_segment_flow_nightly_partitions_on_s3(prefect_harness, ray_cpu, s3_buck
     assert table.type == "table" and "errors: not_an_image" in str(table.data)
     markdown = Artifact.get("segpipe-run-outputs")
     assert f"{bucket}/segpipe/date=2026-11-20/images/" in markdown.data
+
+
+def test_a_night_with_nothing_new_is_recorded_without_ray(prefect_harness, ray_cpu, tmp_path):
+    """The flow's run reads the commit markers first: with every shard up to date it loads no
+    model, and still records the run and says so in its artifact."""
+    source = tmp_path / "cams"
+    source.mkdir()
+    (source / "0.png").write_bytes(_png(synthetic_scene(24, 32, 0)[0]))
+    config = SegmentConfig(precision="fp32", source=str(source), output=str(tmp_path / "out"), model="lraspp_mobilenet_v3_large",
+                           weights="none", num_classes=4, crf=False)
+    assert segment_archive(config)["images"] == 1
+    again = segment_archive(config)
+    assert (again["images"], again["shards_skipped"], again["shards_committed"], again["replicas"]) == (0, 1, 0, [])
+    assert again["ray_cluster"] == NO_CLUSTER
+    assert json.loads(Path(again["record"]).read_text())["shards_skipped"] == 1
+    assert "Nothing to do: the 1 shards" in Artifact.get("segpipe-run-outputs").data
 
 
 def _write_masks(fs, root: str, masks: dict[str, np.ndarray]) -> None:
@@ -190,7 +208,7 @@ def test_credentials_never_reach_outputs_artifacts_or_logs(prefect_harness, ray_
     fs.pipe_file(f"{bucket[5:]}/in/a.png", _png(synthetic_scene(24, 32, 0)[0]))
     fs.pipe_file(f"{bucket[5:]}/in/broken.png", b"garbage")
     leaky = options | {"secret": secret}  # moto accepts any secret
-    state = segment_archive(SegmentConfig(source=f"{bucket}/in", output=f"{bucket}/out", model="lraspp_mobilenet_v3_large",
+    state = segment_archive(SegmentConfig(precision="fp32", source=f"{bucket}/in", output=f"{bucket}/out", model="lraspp_mobilenet_v3_large",
                                           weights="none", num_classes=4, crf=False, storage_options=leaky),
                             return_state=True)
     assert state.is_completed()
@@ -214,7 +232,7 @@ def test_credentials_from_a_secret_block_are_not_stored_with_the_run(prefect_har
     marker = "s3cr3t-IN-A-BLOCK"
     Secret(value=options | {"secret": marker}).save("segpipe-test-storage", overwrite=True)
     s3fs.S3FileSystem(**options).pipe_file(f"{bucket[5:]}/in/a.png", _png(synthetic_scene(24, 32, 0)[0]))
-    state = segment_archive(SegmentConfig(source=f"{bucket}/in", output=f"{bucket}/out", model="lraspp_mobilenet_v3_large",
+    state = segment_archive(SegmentConfig(precision="fp32", source=f"{bucket}/in", output=f"{bucket}/out", model="lraspp_mobilenet_v3_large",
                                           weights="none", num_classes=4, crf=False),
                             storage_secret="segpipe-test-storage", return_state=True)
     assert state.is_completed() and state.result()["images"] == 1  # so the block's endpoint was used

@@ -199,7 +199,7 @@ def test_a_run_over_hostile_files_and_names_accounts_for_every_input(ray_cpu, s3
            "names/100%.jpg", "names/Case.jpg", "names/case.jpg"]
     names |= {key: JPEG for key in odd}
     fs.pipe({f"{root}/{key}": data for key, data in names.items()})
-    config = SegmentConfig(source=f"{bucket}/in", output=f"{bucket}/out", model="lraspp_mobilenet_v3_large",
+    config = SegmentConfig(precision="fp32", source=f"{bucket}/in", output=f"{bucket}/out", model="lraspp_mobilenet_v3_large",
                            weights=None, num_classes=4, storage_options=options, batch_size=4, jpeg_decode=jpeg_decode)
     summary = run_segmentation(config)
     expected_errors = {f"bad/{n}": e for n, (_, e) in CASES.items() if isinstance(e, str)}

@@ -35,7 +35,7 @@ def test_a_slow_listing_is_read_once_and_the_first_shard_commits_before_it_ends(
     bucket, direct, through_proxy, proxy = flaky_s3
     _upload(bucket, direct)
     proxy.list_delay_s = 2.0  # each LIST page: a huge archive's listing, slowed down
-    config = SegmentConfig(source=f"{bucket}/in", output=f"{bucket}/out", model="lraspp_mobilenet_v3_large",
+    config = SegmentConfig(precision="fp32", source=f"{bucket}/in", output=f"{bucket}/out", model="lraspp_mobilenet_v3_large",
                            weights=None, num_classes=4, crf=False, batch_size=1, storage_options=through_proxy)
     seen: list[tuple[int, int, bool]] = []
     summary = run_segmentation(config, on_progress=lambda p: seen.append((p.shards_committed, p.listed, p.listing_done)))
@@ -52,7 +52,7 @@ def test_a_slow_listing_is_read_once_and_the_first_shard_commits_before_it_ends(
 
 
 def test_a_missing_source_stops_before_ray_starts(tmp_path):
-    config = SegmentConfig(source=str(tmp_path / "nothing"), output=str(tmp_path / "out"),
+    config = SegmentConfig(precision="fp32", source=str(tmp_path / "nothing"), output=str(tmp_path / "out"),
                            model="lraspp_mobilenet_v3_large", weights=None, num_classes=4)
     with pytest.raises(RunError, match="is not a folder or prefix that exists"):
         run_segmentation(config)  # no Ray session is open: it would have started one

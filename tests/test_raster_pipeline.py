@@ -150,7 +150,7 @@ def test_a_geotiff_on_s3_becomes_a_cog_mask_polygons_and_areas(ray_cpu, s3_bucke
     fs.put_file(str(vaihingen), f"{bucket[5:]}/in/survey/vaihingen.tif")
     fs.put_file(str(shared_data / "aerial/potsdam/images" / next(iter(sorted(
         p.name for p in (shared_data / "aerial/potsdam/images").iterdir())))), f"{bucket[5:]}/in/plain/potsdam.png")
-    config = SegmentConfig(source=f"{bucket}/in", output=f"{bucket}/out", weights=checkpoint, tile=256, block=512,
+    config = SegmentConfig(precision="fp32", source=f"{bucket}/in", output=f"{bucket}/out", weights=checkpoint, tile=256, block=512,
                            polygons=True, confidence=True, storage_options=options)
     summary = run_segmentation(config)
     assert (summary.images, summary.errors) == (4, 0), summary.errors_by_type

@@ -1,17 +1,20 @@
-"""What a run is, apart from Ray: its identity, sizing rules and progress. No Ray here: these
-rules are plain functions, tested as such."""
+"""What a run is, apart from Ray: its identity, its model's metadata, sizing rules and
+progress. No Ray here: these rules are plain functions, tested as such."""
 
 from __future__ import annotations
 
 import datetime as dt
 
-from pipeline.config import SegmentConfig
+import pytest
+
+from pipeline.config import RunError, SegmentConfig
 from pipeline.run import (
     RESULT_SETTINGS,
     Progress,
     batched,
     batches_in_flight,
     fingerprint,
+    model_meta,
     new_run_id,
     replica_threads,
 )
@@ -50,7 +53,7 @@ def test_the_fingerprint_changes_with_every_setting_that_shapes_results() -> Non
         fingerprint(META | {"num_classes": 19}, base_config),
         fingerprint(META | {"preprocessing": {"mean": [0.4] * 3, "std": [0.5] * 3}}, base_config),
     ]
-    changes = {"crf": False, "tile": 512, "tile_stride": 256, "bands": (4, 3, 2), "confidence": True, "polygons": True,
+    changes = {"precision": "fp32", "crf": False, "tile": 512, "tile_stride": 256, "bands": (4, 3, 2), "confidence": True, "polygons": True,
                "min_polygon_area": 20.0, "simplify": 0.5}
     assert set(changes) == set(RESULT_SETTINGS)
     changed += [fingerprint(META, base_config.model_copy(update={name: value})) for name, value in changes.items()]
@@ -69,3 +72,38 @@ def test_progress_says_found_so_far_until_the_listing_ends() -> None:
     assert "4 images of 10+ found so far" in progress.describe()
     progress.listing_done = True
     assert "4 images of 10," in progress.describe()
+
+
+def test_model_meta_is_what_the_loaded_model_carries(tmp_path) -> None:
+    """The run knows its model's metadata (and so which shards are up to date) before any model
+    loads: it must be what the replicas' model reports once built."""
+    from pipeline.models import build_model, save_checkpoint
+
+    untrained = SegmentConfig(source="s", output="o", model="lraspp_mobilenet_v3_large", weights="none", num_classes=3)
+    assert model_meta(untrained) == build_model(untrained.model, num_classes=3).meta.model_dump(mode="json")
+    named = untrained.model_copy(update={"class_names": ("sky", "road", "car")})
+    assert model_meta(named)["class_names"] == ["sky", "road", "car"]
+    assert model_meta(named) == build_model(named.model, num_classes=3, class_names=named.class_names).meta.model_dump(mode="json")
+
+    model = build_model("lraspp_mobilenet_v3_large", num_classes=3, class_names=("sky", "road", "car"))
+    save_checkpoint(model, str(tmp_path / "m.pt"), model.meta)
+    checkpoint = SegmentConfig(source="s", output="o", weights=str(tmp_path / "m.pt"))
+    loaded = build_model(None, weights=str(tmp_path / "m.pt")).meta.model_dump(mode="json")
+    assert model_meta(checkpoint) == loaded and loaded["weights"] == str(tmp_path / "m.pt")
+
+    # published weights: described by torchvision's enum, nothing downloaded
+    published = model_meta(SegmentConfig(source="s", output="o", model="lraspp_mobilenet_v3_large", weights="DEFAULT"))
+    assert (published["weights"], published["num_classes"], published["class_names"][15]) == (
+        "COCO_WITH_VOC_LABELS_V1", 21, "person")
+    assert published["preprocessing"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                          "resize": "short_side", "size": [520]}
+
+
+def test_model_meta_refuses_what_the_replicas_would_refuse(tmp_path) -> None:
+    with pytest.raises(RunError, match="num_classes is required"):
+        model_meta(SegmentConfig.model_construct(source="s", output="o", model="lraspp_mobilenet_v3_large", weights=None,
+                                                 num_classes=None, class_names=None, storage_options={}))
+    with pytest.raises(RunError, match="num_classes=5 but weights DEFAULT have 21 classes"):
+        model_meta(SegmentConfig(source="s", output="o", model="lraspp_mobilenet_v3_large", num_classes=5))
+    with pytest.raises(RunError, match="cannot read checkpoint"):
+        model_meta(SegmentConfig(source="s", output="o", weights=str(tmp_path / "missing.pt")))

@@ -27,7 +27,8 @@ from pipeline.samples import synthetic_scene
 # test worker classes below are shipped to Ray workers by value, not imported there by name
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-MODEL = {"model": "lraspp_mobilenet_v3_large", "weights": None, "num_classes": 4}
+# fp32: runs compare with fp32 references, and a bf16 replica would compile its model in every test
+MODEL = {"model": "lraspp_mobilenet_v3_large", "weights": None, "num_classes": 4, "precision": "fp32"}
 
 
 def _jpeg(seed: int, h: int = 40, w: int = 56) -> bytes:
@@ -150,7 +151,7 @@ def test_batches_that_keep_killing_workers_become_error_rows(ray_cpu, tmp_path):
 
 def test_model_that_cannot_load_stops_the_run_with_its_reason(ray_cpu, tmp_path):
     source, output = _local_source(tmp_path, 1)
-    config = SegmentConfig(source=source, output=output, model="lraspp_mobilenet_v3_large", weights="none")
+    config = SegmentConfig(precision="fp32", source=source, output=output, model="lraspp_mobilenet_v3_large", weights="none")
     with pytest.raises(RunError, match="num_classes is required"):
         run_segmentation(config)
     with pytest.raises(RunError, match="not a folder or prefix that exists"):
@@ -199,14 +200,17 @@ def test_one_replica_per_declared_gpu(tmp_path, _ray_session):
         placement = ray.get(actor.ready.remote())
         assert placement["cuda_visible_devices"] == placement["gpu_ids"][0]
         ray.kill(actor)
-        # fractional GPUs: two small replicas share each GPU
-        half = run_segmentation(config.model_copy(update={"gpus_per_actor": 0.5, "cpus_per_actor": 0.25}), worker_class=FakeCudaWorker)
+        # fractional GPUs: two small replicas share each GPU (each run into its own OUTPUT: a
+        # run with every shard up to date starts no replica)
+        half = run_segmentation(config.model_copy(update={"gpus_per_actor": 0.5, "cpus_per_actor": 0.25,
+                                                          "output": f"{output}-half"}), worker_class=FakeCudaWorker)
         assert len(half.replicas) == 4
         # --device cpu keeps the model off the GPUs even where there are some
-        on_cpu = run_segmentation(config.model_copy(update={"device": "cpu"}))
+        on_cpu = run_segmentation(config.model_copy(update={"device": "cpu", "output": f"{output}-cpu"}))
         # one CPU replica on a 2-CPU node runs torch on both, though it reserves one
         assert on_cpu.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 2}]
-        pinned = run_segmentation(config.model_copy(update={"device": "cpu", "threads_per_actor": 1}))
+        pinned = run_segmentation(config.model_copy(update={"device": "cpu", "threads_per_actor": 1,
+                                                            "output": f"{output}-pinned"}))
         assert pinned.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 1}]
     finally:
         ray.shutdown()
@@ -295,7 +299,7 @@ def test_readme_queries_run_on_real_outputs(ray_cpu, tmp_path):
         model.classifier.high_classifier.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))  # mostly "car"
     meta = ModelMeta.default("lraspp_mobilenet_v3_large", 4, class_names=("sky", "building", "road", "car"))
     save_checkpoint(model, str(tmp_path / "model.pt"), meta)
-    run_segmentation(SegmentConfig(source=source, output=output, model="lraspp_mobilenet_v3_large",
+    run_segmentation(SegmentConfig(precision="fp32", source=source, output=output, model="lraspp_mobilenet_v3_large",
                                    weights=str(tmp_path / "model.pt")))
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     # the three analyst queries are the README's SQL blocks written against OUTPUT
@@ -326,13 +330,14 @@ def test_tile_option_segments_large_images_with_sliding_windows(ray_cpu, tmp_pat
     image = synthetic_scene(96, 130, 3)[0]
     (tmp_path / "src").mkdir()
     Image.fromarray(image).save(tmp_path / "src" / "tile.png")
-    config = SegmentConfig(source=str(tmp_path / "src"), output=str(tmp_path / "out"), model="fcn_resnet50",
+    config = SegmentConfig(precision="fp32", source=str(tmp_path / "src"), output=str(tmp_path / "out"), model="fcn_resnet50",
                            weights=str(tmp_path / "m.pt"), crf=False, tile=64, tile_stride=48)
     assert run_segmentation(config).errors == 0
     mask = decode_mask((tmp_path / "out" / "masks" / "tile.png").read_bytes())
     loaded = build_model("fcn_resnet50", weights=str(tmp_path / "m.pt"))
-    windowed = Segmenter(loaded, device="cpu", sliding_window=SlidingWindow((64, 64), (48, 48))).predict([image])[0]
-    whole = Segmenter(loaded, device="cpu").predict([image])[0]
+    windowed = Segmenter(loaded, device="cpu", sliding_window=SlidingWindow((64, 64), (48, 48)),
+                         precision="fp32").predict([image])[0]
+    whole = Segmenter(loaded, device="cpu", precision="fp32").predict([image])[0]
     assert (mask == windowed.argmax(0).numpy()).mean() > 0.999
     assert (mask == whole.argmax(0).numpy()).mean() < 0.97  # the test can tell the two apart
     with pytest.raises(ValueError, match="--tile-stride 80 needs a --tile at least as large"):
@@ -404,20 +409,27 @@ def test_a_mask_that_cannot_be_written_stops_the_run(ray_cpu, tmp_path):
     assert run_segmentation(config).images == 2
 
 
-def test_replicas_compile_their_model_only_when_asked() -> None:
-    """--compile reaches the replica's Segmenter (compilation itself is lazy: nothing runs here;
-    tests/test_inference.py checks a compiled model's output)."""
+def test_replicas_take_the_precision_and_compilation_asked_for() -> None:
+    """--precision and --compile reach the replica's Segmenter (compilation itself is lazy:
+    nothing runs here; tests/test_inference.py and tests/test_precision.py check a compiled
+    model's output)."""
     import dataclasses
 
     from torch._dynamo.eval_frame import OptimizedModule
 
+    from pipeline.inference import native_bf16
     from pipeline.runtime.replicas import build_stage
 
     config = SegmentConfig(source="s", output="o", **MODEL)
-    spec = dataclasses.replace(_worker_spec(config), compile=True)
+    spec = dataclasses.replace(_worker_spec(config), precision="fp32", compile=True)
     assert isinstance(build_stage(spec, torch.device("cpu")).segmenter.model, OptimizedModule)
     plain = build_stage(dataclasses.replace(spec, compile=False), torch.device("cpu"))
-    assert not isinstance(plain.segmenter.model, OptimizedModule)
+    assert not isinstance(plain.segmenter.model, OptimizedModule) and plain.segmenter.autocast_dtype is None
+    # the defaults: bf16 and compiled where this CPU has native bf16, else fp32 and eager
+    auto = build_stage(_worker_spec(SegmentConfig(source="s", output="o", model=MODEL["model"], weights=None,
+                                                  num_classes=4)), torch.device("cpu")).segmenter
+    bf16 = native_bf16(torch.device("cpu"))
+    assert (auto.autocast_dtype == torch.bfloat16) == bf16 and isinstance(auto.model, OptimizedModule) == bf16
 
 
 class PidWorker(SegmentWorker):
@@ -470,3 +482,41 @@ def test_a_run_whose_worker_nodes_are_all_lost_stops_with_a_clear_error(tmp_path
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_replicas_started_ahead_are_taken_over_by_the_run(ray_cpu, tmp_path):
+    """The command line starts Ray and the replicas while Prefect starts; the run uses them
+    (their run id names its rows), and a config other than theirs is refused."""
+    from pipeline.runtime.replicas import Replicas
+
+    source, output = _local_source(tmp_path, 2)
+    config = SegmentConfig(source=source, output=output, crf=False, **MODEL)
+    replicas = Replicas(config)
+    replicas.start()
+    try:
+        with pytest.raises(ValueError, match="another config"):
+            run_segmentation(config.model_copy(update={"batch_size": 1}), replicas=replicas)
+        summary = run_segmentation(config, replicas=replicas)
+    finally:
+        replicas.close()
+    assert (summary.run_id, summary.images, summary.errors) == (replicas.run_id, 2, 0)
+    assert summary.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 2}]
+    assert not [name for name in ray_cpu.util.list_named_actors() if replicas.run_id in name]  # closed
+
+
+class RenamingWorker(SegmentWorker):
+    """A replica whose model carries other class names than the run was planned for, as if
+    the checkpoint had been rewritten while the run started."""
+
+    def ready(self):
+        answer = super().ready()
+        answer["meta"]["class_names"] = [f"renamed_{name}" for name in answer["meta"]["class_names"]]
+        return answer
+
+
+def test_replicas_that_loaded_another_model_stop_the_run(ray_cpu, tmp_path):
+    source, output = _local_source(tmp_path, 1)
+    config = SegmentConfig(source=source, output=output, crf=False, **MODEL)
+    with pytest.raises(RunError, match="not the model the run was planned for"):
+        run_segmentation(config, worker_class=RenamingWorker)
+    assert not Path(output, "_commits").exists()

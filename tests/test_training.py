@@ -135,7 +135,8 @@ def test_train_command_learns_and_segment_runs_its_checkpoint_alone(tmp_path):
     rebuilt = build_model(None, weights=str(checkpoint))  # the checkpoint alone says what it is
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in state.items() if not k.startswith("aux_classifier."))
 
-    segmented = _segpipe("segment", images, str(tmp_path / "out"), "--weights", str(checkpoint), "--no-crf")
+    segmented = _segpipe("segment", images, str(tmp_path / "out"), "--weights", str(checkpoint), "--no-crf",
+                         "--precision", "fp32")
     assert segmented.returncode == 0, segmented.stderr[-3000:]
     assert "14 images segmented (14 ok, 0 errors)" in segmented.stdout
     assert "model deeplabv3_mobilenet_v3_large" in segmented.stdout

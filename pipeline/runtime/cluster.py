@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import ray
+
+# Ray's own setting for how its processes authenticate to each other ("token" or "disabled")
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 
 def connect_ray(address: str | None) -> tuple[bool, str]:
@@ -13,11 +17,47 @@ def connect_ray(address: str | None) -> tuple[bool, str]:
     this call connected (and so should disconnect) and how Ray was found, for the summary."""
     if ray.is_initialized():
         return False, "the Ray session already open in this process"
-    if address or os.environ.get("RAY_ADDRESS"):
+    wanted = address or os.environ.get("RAY_ADDRESS") or None
+    local = wanted in (None, "local")
+    if local:
+        _choose_token_auth()
+    worker_log = logging.getLogger("ray._private.worker")
+    worker_log.addFilter(_sigterm_handler_note)
+    try:
+        if local:
+            ray.init(address=wanted, include_dashboard=False, logging_level=logging.WARNING)
+            return True, "a local Ray started for this run"
         ray.init(address=address, logging_level=logging.WARNING)
         return True, f"the Ray cluster at {ray.get_runtime_context().gcs_address}"
-    ray.init(include_dashboard=False, logging_level=logging.WARNING)
-    return True, "a local Ray started for this run"
+    finally:
+        worker_log.removeFilter(_sigterm_handler_note)
+
+
+def _sigterm_handler_note(record: logging.LogRecord) -> bool:
+    """ray.init outside the main thread (a run starts Ray in the background, see
+    `replicas.Replicas`) warns that it set no SIGTERM handler; that handler only turns SIGTERM
+    into sys.exit, and a local Ray's processes stop with the driver anyway."""
+    return threading.current_thread() is threading.main_thread() or not record.getMessage().startswith(
+        "SIGTERM handler is not set")
+
+
+def _choose_token_auth() -> None:
+    """A local Ray that Ray starts itself turns token authentication on (Ray >= 2.51) and warns
+    that it did, on every command: "Token authentication is enabled for this Ray cluster. Set
+    RAY_AUTH_MODE=disabled to opt out". segpipe makes that choice itself, so there is nothing
+    to warn about and the local cluster is protected as Ray intends (it listens on the node's
+    address, not only on 127.0.0.1); a RAY_AUTH_MODE already set is the user's and is kept.
+
+    Ray reads its settings once, when imported: as Ray does when it enables the mode itself
+    (`authentication_token_setup._enable_token_auth`), they are read again so this process
+    agrees with the processes it is about to start, which inherit the environment. Ray writes
+    the token to ~/.ray/auth_token if there is none."""
+    if os.environ.get(AUTH_MODE_ENV) is not None:
+        return
+    from ray._raylet import Config
+
+    os.environ[AUTH_MODE_ENV] = "token"
+    Config.initialize("")
 
 
 def node_cpus() -> float:

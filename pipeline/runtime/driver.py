@@ -1,6 +1,12 @@
 """The shard driver: the streamed listing in, a bounded number of batches through the
 replicas, shards committed as they complete.
 
+Which shards need work is known before any model loads: the model's metadata, and so the
+run's fingerprint, come from the weights' description (`pipeline.run.model_meta`), and each
+shard's commit marker is read as the listing arrives. Ray and the replicas start in the
+background with the first shard that needs work (`replicas.Replicas`), while the listing and
+the markers are read on; a run with nothing to do never starts them.
+
 Why persistent actors and a driver loop rather than Ray Data `map_batches`: a run is a stream
 of shards that must each be committed atomically once all its inputs are accounted for, and
 skipped when already committed. Here the driver pulls shards from the streamed listing only
@@ -14,7 +20,6 @@ with its actor is sent again, so nothing is lost or written twice (outputs have 
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import time
 from collections import Counter, deque
@@ -29,6 +34,7 @@ from ..outputs import OpenShard, OutputStore, RunInfo, prepare_output
 from ..records import ImageRecord
 from ..run import (
     DONE,
+    NO_CLUSTER,
     NOT_YET,
     Prefetched,
     Progress,
@@ -36,7 +42,8 @@ from ..run import (
     batched,
     fingerprint,
     list_source,
-    new_run_id,
+    model_meta,
+    run_info,
 )
 from ..stages import plan_shard
 from ..storage import (
@@ -47,8 +54,13 @@ from ..storage import (
     StorageUnavailableError,
     open_location,
 )
-from .cluster import connect_ray, short_error
-from .replicas import SegmentWorker, _ReplicaPool, decode, write
+from .cluster import short_error
+from .replicas import Replicas, SegmentWorker, _ReplicaPool, decode, write
+
+# shards that need work taken from the listing while the replicas start: until then the driver
+# reads on (listing pages, the commit markers of shards up to date), and the listing stays its
+# few shards ahead of the driver, so commits follow it closely once the replicas are up
+STARTUP_SHARDS = 2
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +79,16 @@ class _Batch:
 class _Run:
     """The driver loop: shards in, a bounded number of batches through Ray, shards committed."""
 
-    def __init__(self, config: SegmentConfig, source: Location, store: OutputStore, pool: _ReplicaPool,
+    def __init__(self, config: SegmentConfig, source: Location, store: OutputStore, replicas: Replicas,
                  run: RunInfo, palette: list[list[int]], on_progress: Callable[[Progress], None] | None) -> None:
-        self.config, self.source, self.store, self.pool, self.run = config, source, store, pool, run
+        self.config, self.source, self.store, self.replicas, self.run = config, source, store, replicas, run
         self.palette = palette
         self.on_progress = on_progress or (lambda _: None)
+        self.pool: _ReplicaPool | None = None  # once the replicas have loaded their model
         self.pending: dict[ray.ObjectRef, _Batch] = {}
         self.queue: deque[_Batch] = deque()  # batches waiting for a replica
-        self.limit = pool.in_flight * len(pool.actors)
+        self.limit = 0  # batches in flight at most, once the replicas are known
+        self.opened_while_starting = 0
         self.progress = Progress(run_id=run.run_id)
         self.errors_by_type: Counter[str] = Counter()
         self.pixels_by_class: Counter[str] = Counter()
@@ -86,6 +100,9 @@ class _Run:
                 self.progress.shards_skipped += 1
                 self.on_progress(self.progress)
                 continue
+            self.replicas.start()  # with the first shard that needs work; the listing goes on meanwhile
+            if self.pool is None:
+                self.opened_while_starting += 1
             todo, refused = plan_shard(shard.files, fold_case=self.store.case_insensitive)
             open_shard = OpenShard(shard, records=[])
             self._account(open_shard, refused)
@@ -93,7 +110,7 @@ class _Run:
                 open_shard.outstanding += 1
                 self.queue.append(_Batch(open_shard, files))
                 self._submit_queued()
-                while self.queue or len(self.pending) >= self.limit:
+                while self._full():
                     self._wait_one()
                     self._submit_queued()
             open_shard.queueing = False
@@ -107,6 +124,13 @@ class _Run:
         self.progress.finished = True
         self.on_progress(self.progress)
 
+    def _full(self) -> bool:
+        """Whether the next batch must wait: every replica has its batches in flight (or, while
+        the replicas start, STARTUP_SHARDS shards wait for them)."""
+        if self.pool is None:
+            return self.opened_while_starting >= STARTUP_SHARDS
+        return bool(self.queue) or len(self.pending) >= self.limit
+
     def _next_shard(self, listing: Prefetched[Shard], counts: ListingCounts) -> Shard | None:
         """The next shard of the listing, pulled only as capacity frees up. While its page is
         on its way, finished batches come back and complete shards are committed."""
@@ -119,7 +143,7 @@ class _Run:
         return None if shard is DONE else shard  # type: ignore[return-value]
 
     def _submit_queued(self) -> None:
-        while self.queue and len(self.pending) < self.limit:
+        while self.pool is not None and self.queue and len(self.pending) < self.limit:
             replica = self.pool.pick(alone=self.queue[0].alone)
             if replica is None:
                 return
@@ -133,6 +157,9 @@ class _Run:
             self.pending[written] = batch
 
     def _wait_one(self) -> None:
+        if self.pool is None:
+            self._take_replicas(timeout=1.0)
+            return
         self.pool.ping_due()
         if self.pool.down_for() > self.config.no_replica_timeout_s:  # e.g. every worker node lost, none added
             raise RunError(f"no model replica has been alive for {self.config.no_replica_timeout_s:g} s "
@@ -151,6 +178,22 @@ class _Run:
                 self.pool.resolve(ref)
             else:
                 self._finish(ref)
+
+    def _take_replicas(self, timeout: float) -> None:
+        """The replicas, once they have loaded their model; their model must be the one the
+        shards were judged up to date for."""
+        pool = self.replicas.pool(timeout)
+        if pool is None:
+            return
+        loaded = fingerprint(pool.meta, self.config)
+        if loaded != self.run.fingerprint:
+            raise RunError(
+                f"the replicas loaded {pool.meta['architecture']} ({pool.meta['weights']}, {pool.meta['num_classes']} "
+                f"classes), not the model the run was planned for ({self.run.model}, {self.run.weights}, "
+                f"{self.run.num_classes} classes; fingerprint {loaded} != {self.run.fingerprint}): did the weights "
+                "change while the run started? Run again"
+            )
+        self.pool, self.limit = pool, pool.in_flight * len(pool.actors)
 
     def _finish(self, ref: ray.ObjectRef) -> None:
         batch = self.pending.pop(ref)
@@ -213,46 +256,51 @@ def run_segmentation(
     *,
     on_progress: Callable[[Progress], None] | None = None,
     worker_class: type = SegmentWorker,
+    replicas: Replicas | None = None,
 ) -> RunSummary:
     """Segment every image under config.source into config.output; see `pipeline.outputs`
-    for the layout. Shards already committed with the same inputs and settings are skipped."""
+    for the layout. Shards already committed with the same inputs and settings are skipped;
+    when every shard is, neither Ray nor a model start. `replicas`: started for this config by
+    the caller (the command line starts them while Prefect starts), who closes them; the run
+    uses them, and stops them when it is done (while the caller goes on: a local Ray takes a
+    second to shut down)."""
     started = time.monotonic()
+    if replicas is not None and replicas.config != config:
+        raise ValueError("replicas were started for another config than the run's")
+    given = replicas is not None
+    replicas = replicas or Replicas(config, worker_class=worker_class)
     source = open_location(config.source, config.storage_options)
     counts = ListingCounts()
-    # SOURCE is checked by its first page before anything is written to OUTPUT
-    shards = list_source(source, shard_by=config.shard_by, shard_size=config.shard_size, counts=counts)
-    run_id = new_run_id()
-    stop_ray, pool = False, None
+    shards = None
     try:
+        # SOURCE is checked by its first page, and the model by its metadata, before anything
+        # is written to OUTPUT
+        shards = list_source(source, shard_by=config.shard_by, shard_size=config.shard_size, counts=counts)
+        meta = model_meta(config)
         store = prepare_output(config, source)
-        stop_ray, ray_cluster = connect_ray(config.ray_address)
-        pool = _ReplicaPool(config, worker_class, run_id)
-        meta = pool.meta
-        run = RunInfo(
-            run_id=run_id, run_date=dt.datetime.now(dt.UTC).date(), model=meta["architecture"], weights=meta["weights"],
-            num_classes=meta["num_classes"], class_names=tuple(meta["class_names"]), crf=config.crf,
-            source_url=source.url, fingerprint=fingerprint(meta, config),
-        )
-        setup_seconds = time.monotonic() - started
-        loop = _Run(config, source, store, pool, run, meta["palette"], on_progress)
+        run = run_info(config, source.url, replicas.run_id, meta)
+        loop = _Run(config, source, store, replicas, run, meta["palette"], on_progress)
         try:
             loop.process(shards, counts)
         except (StorageUnavailableError, OSError) as err:  # listing, or reading commit markers
             raise RunError(f"storage unavailable: {type(err).__name__}: {err}; committed shards are kept, "
                            "run again to resume") from err
-        progress = loop.progress
+        progress, pool = loop.progress, loop.pool
         return RunSummary(
-            run_id=run_id, source=source.url, output=store.location.url, model=run.model, weights=run.weights,
+            run_id=run.run_id, source=source.url, output=store.location.url, model=run.model, weights=run.weights,
             shards_committed=progress.shards_committed, shards_skipped=progress.shards_skipped,
             images=progress.images, errors=progress.errors, errors_by_type=dict(loop.errors_by_type),
             non_image_keys=counts.skipped, pixels_by_class=dict(loop.pixels_by_class), retried_batches=loop.retried,
-            setup_seconds=setup_seconds, ray_cluster=ray_cluster,
-            replicas=[{"device": p["device"], "gpu_ids": p["gpu_ids"], "threads": p["threads"]} for p in pool.placements],
+            setup_seconds=max(0.0, replicas.ready_at - started) if replicas.ready_at is not None else 0.0,
+            ray_cluster=replicas.ray_cluster if replicas.started else NO_CLUSTER,
+            replicas=[{"device": p["device"], "gpu_ids": p["gpu_ids"], "threads": p["threads"]}
+                      for p in (pool.placements if pool is not None else [])],
             seconds=time.monotonic() - started,
         )
     finally:
-        shards.close()
-        if pool is not None:
-            pool.shutdown()
-        if stop_ray:
-            ray.shutdown()
+        if shards is not None:
+            shards.close()
+        if given:
+            replicas.stop()
+        else:
+            replicas.close()

@@ -1,5 +1,6 @@
 """Model replicas as Ray actors: one model per GPU (or CPU replicas), built once, fed batches;
-and the pool that tracks which replicas are busy, restarting or gone.
+the pool that tracks which replicas are busy, restarting or gone; and `Replicas`, which starts
+Ray and the pool in the background, when a run first needs them.
 
 The decode and write stages run as Ray tasks beside them (`decode`, `write`), so the replica
 only ever runs the model.
@@ -9,22 +10,23 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 import torch
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError
+from ray.exceptions import ActorDiedError, RayActorError, RayError
 
 from ..config import RunError, SegmentConfig
 from ..inference import Segmenter, SlidingWindow
 from ..models import build_model
 from ..records import ImageRecord
-from ..run import batches_in_flight, replica_threads
+from ..run import batches_in_flight, new_run_id, replica_threads
 from ..stages import RasterSettings, RasterStage, SegmentStage, read_and_decode, write_masks
 from ..storage import Location, SourceFile, open_location
-from .cluster import node_cpus, nodes_with_cpus, short_error
+from .cluster import connect_ray, node_cpus, nodes_with_cpus, short_error
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ class WorkerSpec:
     tile: int | None = None
     tile_stride: int | None = None
     cpus_per_actor: float = 1.0
-    compile: bool = False
+    precision: str = "auto"  # Segmenter's: auto, fp32 or bf16
+    compile: bool | None = None  # None: where it pays (bf16 on CPU)
     # CPU replicas expected on one node: the run's CPU replicas over the nodes with CPUs
     replicas_per_node: int = 1
     confidence: bool = False
@@ -63,6 +66,10 @@ class WorkerSpec:
     raster: RasterSettings = field(default_factory=RasterSettings)
     source_url: str = ""
     output_url: str = ""
+    # names for weights whose classes have none of their own (None: the weights' names)
+    class_names: tuple[str, ...] | None = None
+    # the run's id, which the rows a replica writes itself (a raster's polygons) carry
+    run_id: str = ""
 
     def sliding_window(self) -> SlidingWindow | None:
         if self.tile is None:
@@ -73,9 +80,10 @@ class WorkerSpec:
 
 def build_stage(spec: WorkerSpec, device: torch.device) -> SegmentStage:
     """A replica's model and stage, as its actor builds them."""
-    model = build_model(spec.model, num_classes=spec.num_classes, weights=spec.weights, storage_options=spec.storage_options)
+    model = build_model(spec.model, num_classes=spec.num_classes, weights=spec.weights, storage_options=spec.storage_options,
+                        class_names=spec.class_names)
     segmenter = Segmenter(model, device=device, batch_size=spec.batch_size, sliding_window=spec.sliding_window(),
-                          compile=spec.compile)
+                          precision=spec.precision, compile=spec.compile)
     return SegmentStage(segmenter, crf=spec.crf, confidence=spec.confidence)
 
 
@@ -130,6 +138,7 @@ class SegmentWorker:
             self.raster_stage = RasterStage(
                 self.stage, self.spec.raster, source=open_location(self.spec.source_url, options),
                 output=open_location(self.spec.output_url, options), palette=meta.palette, class_names=meta.class_names,
+                run_id=self.spec.run_id,
             )
         return self.raster_stage
 
@@ -144,8 +153,12 @@ def decode(source: Location, files: list[SourceFile], max_pixels: int, max_raste
 
 
 @ray.remote
-def warm_up() -> None:
-    """Nothing: running it imports this module (torch, Pillow, pyarrow) in a task worker."""
+def warm_up() -> str:
+    """Imports what the decode and write tasks run (torch, Pillow, pyarrow: seconds) in a task
+    worker, while the replicas load their model. Ray ships a remote function by value, with the
+    globals its body refers to, which are imported where it lands (an empty body imported
+    nothing, and the first batch waited 2.5 s for it): hence the two stages below."""
+    return f"{read_and_decode.__module__} {write_masks.__module__}"
 
 
 @ray.remote
@@ -182,9 +195,9 @@ class _ReplicaPool:
             model=config.model, weights=config.weights, num_classes=config.num_classes, crf=config.crf,
             batch_size=config.batch_size, storage_options=config.storage_options,
             threads=config.threads_per_actor, tile=config.tile, tile_stride=config.tile_stride,
-            cpus_per_actor=config.cpus_per_actor, compile=config.compile, replicas_per_node=-(-count // nodes_with_cpus()),
+            cpus_per_actor=config.cpus_per_actor, precision=config.precision, compile=config.compile, replicas_per_node=-(-count // nodes_with_cpus()),
             confidence=config.confidence, raster=RasterSettings.of(config), source_url=config.source,
-            output_url=config.output,
+            output_url=config.output, class_names=config.class_names, run_id=run_id,
         )
         actor_class = ray.remote(worker_class)
         self.actors = [
@@ -206,18 +219,34 @@ class _ReplicaPool:
         self.in_flight = batches_in_flight(config.batches_in_flight_per_actor, spare, count)
         for _ in range(min(max(int(spare), 1), 2 * self.in_flight * count)):
             warm_up.remote()
+        self.description = f"{count} model replicas ({num_gpus:g} GPU, {config.cpus_per_actor:g} CPU each)"
+        self.resources = f"the cluster has {gpus:g} GPUs and {cpus:g} CPUs"
+        self.placements: list[dict[str, Any]] = []
+        self.meta: dict[str, Any] = {}
+        self.stopped = False
+
+    def wait_ready(self, config: SegmentConfig, stop: threading.Event) -> None:
+        """Wait until every replica has loaded its model (or `stop` is set: RunError), then
+        know where each runs and the model's metadata. A replica that failed to load, or
+        replicas not placed within config.startup_timeout_s, stop the run with the reason."""
+        refs = [actor.ready.remote() for actor in self.actors]
+        deadline = time.monotonic() + config.startup_timeout_s
         try:
-            self.placements = ray.get([actor.ready.remote() for actor in self.actors], timeout=config.startup_timeout_s)
-        except GetTimeoutError as err:
-            self.shutdown()
-            raise RunError(
-                f"{count} model replicas ({num_gpus:g} GPU, {config.cpus_per_actor:g} CPU each) were not placed and "
-                f"loaded within {config.startup_timeout_s:g} s; the cluster has {gpus:g} GPUs and {cpus:g} CPUs "
-                "(lower actors, or check that the autoscaler can add workers)"
-            ) from err
+            while len(ray.wait(refs, num_returns=len(refs), timeout=0.5)[0]) < len(refs):
+                if stop.is_set():
+                    raise RunError("the run stopped while its model replicas were starting")
+                if time.monotonic() > deadline:
+                    raise RunError(
+                        f"{self.description} were not placed and loaded within {config.startup_timeout_s:g} s; "
+                        f"{self.resources} (lower actors, or check that the autoscaler can add workers)"
+                    )
+            self.placements = ray.get(refs)
         except RayError as err:
             self.shutdown()
             raise RunError(f"model replicas failed to start: {short_error(err)}") from err
+        except RunError:
+            self.shutdown()
+            raise
         failed = [p["error"] for p in self.placements if "error" in p]
         if failed:
             self.shutdown()
@@ -282,5 +311,82 @@ class _ReplicaPool:
         return 0.0 if self.down_since is None else time.monotonic() - self.down_since
 
     def shutdown(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
+        if not self.stopped:
+            self.stopped = True
+            for actor in self.actors:
+                ray.kill(actor)
+
+
+class Replicas:
+    """A run's Ray session and model replicas, started in a background thread on `start()`:
+    a run starts them with its first shard that needs work, and goes on listing and reading
+    commit markers while Ray starts and the model loads; a run with nothing to do never starts
+    them. The command line starts them before Prefect's flow starts (seconds of its own), and
+    the flow's run takes them over (`run_segmentation(..., replicas=)`). The run's id names
+    the replica actors (segpipe-<run id>-<n>).
+
+    The thread lives until `close()`, and ends the session it started itself: Ray (2.60) ties
+    a session to the thread that called ray.init, and calls from any other thread hang once
+    that thread has ended. Whoever made the replicas closes them: the start stops if it is
+    still going on, the replicas are removed and a Ray this started is shut down; `stop()`
+    begins that in the background (a run done with replicas it was given), `close()` waits
+    for it."""
+
+    def __init__(self, config: SegmentConfig, *, worker_class: type = SegmentWorker, run_id: str | None = None) -> None:
+        self.config, self.worker_class = config, worker_class
+        self.run_id = run_id or new_run_id()
+        self.ray_cluster = ""  # how Ray was found, once it was
+        self.ready_at: float | None = None  # time.monotonic() when the replicas had loaded their model
+        self._pool: _ReplicaPool | None = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()  # the replicas are up, or could not start
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        """Start Ray and the replicas in the background (once; later calls do nothing)."""
+        if self._thread is None:
+            # a daemon: a process that ends without closing them does not wait for the thread
+            self._thread = threading.Thread(target=self._run, name="segpipe-replicas", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        stop_ray = False
+        try:
+            stop_ray, self.ray_cluster = connect_ray(self.config.ray_address)
+            if not self._closing.is_set():
+                self._pool = _ReplicaPool(self.config, self.worker_class, self.run_id)
+                self._pool.wait_ready(self.config, self._closing)
+                self.ready_at = time.monotonic()
+        except BaseException as err:  # handed to the run, which raises it where it waits
+            self._error = err
+        self._ready.set()
+        self._closing.wait()
+        try:
+            if self._pool is not None:
+                self._pool.shutdown()
+        finally:
+            if stop_ray:
+                ray.shutdown()
+
+    def pool(self, timeout: float) -> _ReplicaPool | None:
+        """The replicas once they have loaded their model; None if they are still starting
+        after `timeout` seconds. Raises what kept them from starting."""
+        self.start()
+        if not self._ready.wait(timeout):
+            return None
+        if self._error is not None:
+            raise self._error
+        return self._pool
+
+    def stop(self) -> None:
+        self._closing.set()
+
+    def close(self) -> None:
+        self.stop()
+        if self._thread is not None:
+            self._thread.join()  # a replica start notices within a second; Ray's own start ends first

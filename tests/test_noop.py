@@ -1,0 +1,162 @@
+"""A night with nothing new: every shard committed and current, so neither Ray nor a model
+starts, and a new image costs its shard only. Real local Ray (2 CPUs), a local folder and
+moto's S3 server; the command line in a fresh process."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import ray
+import s3fs
+from PIL import Image
+
+from pipeline.config import SegmentConfig
+from pipeline.run import NO_CLUSTER, up_to_date
+from pipeline.runtime.driver import run_segmentation
+from pipeline.runtime.replicas import SegmentWorker
+from pipeline.samples import synthetic_scene
+
+# the worker class below is shipped to Ray workers by value, not imported there by name
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+MODEL = {"model": "lraspp_mobilenet_v3_large", "weights": None, "num_classes": 4, "crf": False, "precision": "fp32"}
+
+
+def _jpeg(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(synthetic_scene(24, 32, seed)[0]).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _counting_worker(folder: Path) -> type:
+    """A replica that leaves a file in `folder` when it starts: a run that loads a model at
+    all leaves one there."""
+
+    class CountingWorker(SegmentWorker):
+        def __init__(self, spec):
+            Path(folder, f"replica-{os.getpid()}").touch()
+            super().__init__(spec)
+
+    return CountingWorker
+
+
+class _Local:
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path
+        self.source, self.output, self.options = str(tmp_path / "src"), str(tmp_path / "out"), {}
+
+    def put(self, key: str, data: bytes) -> None:
+        path = Path(self.source, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    def read(self, uri: str) -> bytes:
+        return Path(uri).read_bytes()
+
+
+class _S3:
+    def __init__(self, bucket: str, options: dict) -> None:
+        self.fs = s3fs.S3FileSystem(**options)
+        self.source, self.output, self.options = f"{bucket}/src", f"{bucket}/out", options
+
+    def put(self, key: str, data: bytes) -> None:
+        self.fs.pipe_file(f"{self.source[5:]}/{key}", data)
+        s3fs.S3FileSystem.clear_instance_cache()  # a new night: a fresh listing
+
+    def read(self, uri: str) -> bytes:
+        return self.fs.cat_file(uri)
+
+
+@pytest.fixture(params=["local", "s3"])
+def archive(request, tmp_path):
+    if request.param == "local":
+        return _Local(tmp_path)
+    bucket, options = request.getfixturevalue("s3_bucket")
+    return _S3(bucket, options)
+
+
+def test_a_night_with_nothing_new_loads_no_model_and_a_new_image_costs_its_shard(ray_cpu, archive, tmp_path):
+    for night in ("2026-11-19", "2026-11-20"):
+        for i in range(2):
+            archive.put(f"{night}/{i}.jpg", _jpeg(i))
+    config = SegmentConfig(source=archive.source, output=archive.output, storage_options=archive.options, **MODEL)
+    first = run_segmentation(config)
+    assert (first.shards_committed, first.images) == (2, 4)
+
+    replicas = tmp_path / "replicas"
+    replicas.mkdir()
+    again = run_segmentation(config, worker_class=_counting_worker(replicas))
+    assert not list(replicas.iterdir()), "a run with nothing to do started a model replica"
+    assert (again.shards_committed, again.shards_skipped, again.images, again.errors) == (0, 2, 0, 0)
+    assert (again.ray_cluster, again.replicas, again.setup_seconds) == (NO_CLUSTER, [], 0.0)
+
+    # the command line's check, before Prefect and Ray: the same answer, and the run recorded
+    record = up_to_date(config)
+    assert record is not None and (record["shards_skipped"], record["images"], record["shards_committed"]) == (2, 0, 0)
+    assert json.loads(archive.read(record["record"]))["run_id"] == record["run_id"]
+
+    archive.put("2026-11-20/2.jpg", _jpeg(7))  # one new image: its shard (now 3 images), and only it, is done again
+    assert up_to_date(config) is None
+    incremental = run_segmentation(config, worker_class=_counting_worker(replicas))
+    assert (incremental.shards_committed, incremental.shards_skipped, incremental.images) == (1, 1, 3)
+    assert len(list(replicas.iterdir())) == 1  # the counting worker does count a replica that starts
+
+
+def test_other_settings_are_work_to_do(ray_cpu, tmp_path):
+    """A shard committed under other settings is not up to date: the check reads the
+    settings' fingerprint without loading the model, as the run does."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "0.jpg").write_bytes(_jpeg(0))
+    config = SegmentConfig(source=str(source), output=str(tmp_path / "out"), **MODEL)
+    run_segmentation(config)
+    assert up_to_date(config) is not None
+    assert up_to_date(config.model_copy(update={"crf": True})) is None
+    assert up_to_date(config.model_copy(update={"class_names": ("sky", "building", "road", "car")})) is None
+    assert up_to_date(SegmentConfig(source=str(source), output=str(tmp_path / "elsewhere"), **MODEL)) is None
+
+
+def _segment(source: str, output: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "segment", source, output, "--model", "lraspp_mobilenet_v3_large",
+         "--weights", "none", "--num-classes", "4", "--no-crf", "--precision", "fp32"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+def test_the_command_line_says_nothing_to_do_without_starting_ray(tmp_path):
+    """Two `segpipe segment` in fresh processes. Ray keeps each local session it starts under
+    RAY_TMPDIR: the first run makes one there, the rerun none. Neither prints Ray's warning
+    about token authentication (segpipe chooses it for the local Ray it starts)."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "0.jpg").write_bytes(_jpeg(0))
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {name: value for name, value in os.environ.items() if name not in {"RAY_AUTH_MODE", "PREFECT_API_URL"}}
+    env |= {"RAY_ADDRESS": "local", "RAY_TMPDIR": ray_tmp, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+
+    def sessions() -> list[Path]:
+        return list(Path(ray_tmp, "ray").glob("session_2*"))
+
+    try:
+        first = _segment(str(source), str(tmp_path / "out"), env)
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert "1 images segmented" in first.stdout
+        assert len(sessions()) == 1  # Ray does leave its session there: the check below would see one
+        assert "Token authentication" not in first.stdout + first.stderr
+
+        again = _segment(str(source), str(tmp_path / "out"), env)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "up to date" in again.stdout
+        assert len(sessions()) == 1, "the rerun started a Ray"
+        assert "Token authentication" not in again.stdout + again.stderr
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
