@@ -181,6 +181,10 @@ def _segment(args: argparse.Namespace) -> int:
         if (record := up_to_date(resolved)) is not None:
             _print_summary(record)
             return 0
+        # Ray imports pydantic.v1 while it connects, in the replicas' thread, as Prefect's @flow
+        # does here: imported first, so the two threads never race on its import locks
+        import pydantic.v1.fields  # noqa: F401
+
         from pipeline.runtime.replicas import Replicas
 
         replicas = Replicas(resolved)
