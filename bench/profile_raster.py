@@ -5,9 +5,12 @@ each of its steps timed apart, against the bare forward over the same windows.
 
 The mosaic is bench/raster.py's (LoveDA tiles, 512-pixel windows, default blocks), the model
 its LR-ASPP with 7 classes. Prints one JSON line: seconds per step (reading the blocks, the
-model's forward, keeping and taking back the windows blocks share, the rest of the sliding
-window's blending, the class softmax, the CRF, labels, statistics and polygons), the stage's total, the bare forward's, and their ratio:
-the in-process bound on bench/raster.py's `raster_pipeline_efficiency`. The steps are timed
+model's forward on its output grid, keeping and taking back the windows blocks share, the
+rest of the sliding window's blending, the CRF on the grid, the resize of the cores' logits
+to pixels, labels, statistics and polygons), the stage's total, the bare forward's (the model
+as given, `bare.AsGiven`) and the grid forward's (without its final resize), and the bare
+forward's over the stage's: the in-process bound on bench/raster.py's
+`raster_pipeline_efficiency`. The steps are timed
 by wrapping the functions `RasterStage` calls, in one process with the replica's threads.
 """
 
@@ -29,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from bare import AsGiven  # noqa: E402
 from raster import CLASSES, MODEL, TILE, write_mosaic  # noqa: E402
 
 from pipeline import stages  # noqa: E402
@@ -42,9 +46,9 @@ STEPS = {
     "read_blocks": (stages, "read_rgb"),
     "windows_kept": (stages.WindowFiles, "keep"),
     "windows_taken": (stages.WindowFiles, "take"),
-    "class_softmax": (stages, "softmax_classes"),
-    "crf": (stages, "dense_crf"),
-    "labels_and_confidence": (stages, "labels_and_confidence"),
+    "crf": (stages, "crf_logits"),
+    "resize_to_pixels": (stages.GridLogits, "resize"),
+    "labels_and_confidence": (stages, "labels_and_confidence_of_logits"),
     "statistics": (stages._ClassTotals, "add"),
     "polygons": (stages.PolygonCollector, "add"),
 }
@@ -67,7 +71,8 @@ def main() -> None:
                 seconds[name] += time.perf_counter() - start
         return run
 
-    segmenter = Segmenter(build_model(MODEL, num_classes=CLASSES, weights=None), device="cpu", batch_size=4)
+    model = build_model(MODEL, num_classes=CLASSES, weights=None)
+    segmenter = Segmenter(model, device="cpu", batch_size=4)
     with tempfile.TemporaryDirectory(prefix="segpipe-profile-raster-") as work:
         (Path(work) / "src").mkdir()
         write_mosaic(Path(work) / "src" / "mosaic.tif", args.side)
@@ -87,17 +92,23 @@ def main() -> None:
 
     windows = len(window_starts(args.side, TILE, TILE * 3 // 4)) ** 2
     batch = torch.randint(0, 255, (4, 3, TILE, TILE), dtype=torch.uint8)
-    with torch.inference_mode():
-        segmenter._forward(batch)
-        start = time.perf_counter()
-        for _ in range(-(-windows // 4)):
-            segmenter._forward(batch)
-        bare = time.perf_counter() - start
+
+    def forward_seconds(of: Segmenter) -> float:
+        with torch.inference_mode():
+            of._forward(batch)  # warm-up (and compilation)
+            start = time.perf_counter()
+            for _ in range(-(-windows // 4)):
+                of._forward(batch)
+            return time.perf_counter() - start
+
+    bare = forward_seconds(Segmenter(AsGiven(model), model.meta, device="cpu", batch_size=4))
+    grid = forward_seconds(segmenter)
     seconds["blending"] = seconds.pop("sliding_window") - seconds["forward"] - seconds["windows_kept"] - seconds["windows_taken"]
     print(json.dumps({
         "side": args.side, "crf": not args.no_crf, "windows": windows,
         "seconds": {name: round(value, 3) for name, value in seconds.items()},
         "stage_seconds": round(total, 3), "bare_forward_seconds": round(bare, 3),
+        "grid_forward_seconds": round(grid, 3),
         "in_process_efficiency": round(bare / total, 3),
     }))
 

@@ -4,8 +4,9 @@ the same frames, model and device as bench/run.py, and optionally torch's profil
     python bench/profile_replica.py [--device cpu|cuda] [--model M] [--batch-size 4] [--torch-profiler]
 
 Prints one JSON line: milliseconds per image for decode (Pillow, in the decode tasks), the
-forward with preprocessing and softmax (`Segmenter.predict`), the dense CRF, labels and
-confidence, class statistics, and mask encoding (in the write tasks); with --device cuda,
+forward with preprocessing (`Segmenter.predict_logits`: logits on the model's output grid),
+the dense CRF on that grid (`stages.refine`), the resize of the logits to the image's pixels,
+labels and confidence, class statistics, and mask encoding (in the write tasks); with --device cuda,
 also the JPEG decode on the GPU. The device is synchronised between steps, so the figures
 add up to the replica's work per image, not to its throughput.
 """
@@ -29,15 +30,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from run import NUM_CLASSES, source_images  # noqa: E402
 
-from pipeline.crf import dense_crf  # noqa: E402
 from pipeline.decode import decode_image, plain_jpeg_shape  # noqa: E402
 from pipeline.inference import Segmenter  # noqa: E402
 from pipeline.masks import encode_mask  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.preprocess import to_chw_uint8  # noqa: E402
 from pipeline.records import ImageRecord  # noqa: E402
-from pipeline.stages import SegmentStage  # noqa: E402
-from pipeline.stats import class_statistics, labels_and_confidence  # noqa: E402
+from pipeline.stages import SegmentStage, refine  # noqa: E402
+from pipeline.stats import class_statistics, labels_and_confidence_of_logits  # noqa: E402
 
 
 def main() -> None:
@@ -74,10 +74,13 @@ def main() -> None:
             for record in records:
                 record.height, record.width = plain_jpeg_shape(record.encoded)
             timed("decode_on_device", lambda: stage._decode_jpegs(records))
-        probs = timed("forward_and_softmax", lambda: segmenter.predict(images))
-        for image, p in zip(images, probs, strict=True):
-            refined = timed("crf", lambda p=p, image=image: dense_crf(p[None], to_chw_uint8(image).to(device)[None])[0])
-            labels, confidence = timed("labels_and_confidence", lambda refined=refined: labels_and_confidence(refined))
+        grids = timed("forward", lambda: segmenter.predict_logits(images))
+        for image, grid in zip(images, grids, strict=True):
+            pixels = to_chw_uint8(image).to(device)[None]
+            size = grid.size
+            refined = timed("crf", lambda grid=grid, pixels=pixels, size=size: refine([grid], pixels, (0, size[0]), (0, size[1]))[0])
+            logits = timed("resize_to_pixels", lambda refined=refined: refined.on_pixels())
+            labels, confidence = timed("labels_and_confidence", lambda logits=logits: labels_and_confidence_of_logits(logits))
             timed("statistics", lambda labels=labels, confidence=confidence: class_statistics(labels, confidence, NUM_CLASSES))
             mask = labels.to(torch.int32).cpu().numpy().astype(np.uint8)
             timed("encode_mask", lambda mask=mask: encode_mask(mask, palette))

@@ -33,7 +33,8 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from memory import peak_tree_rss  # bench/memory.py: the script's folder is on the path
+from bare import AsGiven  # bench/: the script's folder is on the path
+from memory import peak_tree_rss
 
 from pipeline.inference import Segmenter, window_starts
 from pipeline.models import build_model
@@ -73,10 +74,11 @@ def run(source: Path, output: Path) -> dict:
 
 
 def bare_forward_seconds(side: int) -> float:
-    """Seconds the bare forward takes over every window of a side x side raster (segpipe's
-    window grid), timed on a batch of real windows and scaled to their count."""
+    """Seconds the bare forward (`AsGiven`) takes over every window of a side x side raster
+    (segpipe's window grid), timed on a batch of real windows and scaled to their count."""
     torch.set_num_threads(psutil.cpu_count(logical=True) or 1)
-    segmenter = Segmenter(build_model(MODEL, num_classes=CLASSES, weights=None), device="cpu", batch_size=4)
+    model = build_model(MODEL, num_classes=CLASSES, weights=None)
+    segmenter = Segmenter(AsGiven(model), model.meta, device="cpu", batch_size=4)
     stride = TILE * 3 // 4
     windows = len(window_starts(side, TILE, stride)) ** 2
     batch = torch.randint(0, 255, (4, 3, TILE, TILE), dtype=torch.uint8)

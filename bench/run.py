@@ -64,6 +64,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bare import AsGiven  # noqa: E402
 
 from pipeline.crf import dense_crf  # noqa: E402
 from pipeline.inference import Segmenter, native_bf16  # noqa: E402
@@ -140,14 +143,14 @@ def bare_forward_rate(model: torch.nn.Module, device: torch.device, batch: torch
     items/s (`_best_rate`), the precision it resolved to, whether it is compiled, and the first
     call's extra seconds over a steady call (a compiled model's compilation)."""
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as a replica sets it
-    segmenter = Segmenter(model, device=device, batch_size=len(batch), precision=precision)
+    segmenter = Segmenter(AsGiven(model), model.meta, device=device, batch_size=len(batch), precision=precision)
     if segmenter.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
     dtype = segmenter.autocast_dtype
 
     def forward() -> None:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            segmenter.model(batch)["out"]
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None), segmenter._freezing():
+            segmenter.model(batch)
 
     rate, first_call = _best_rate(forward, len(batch), count, device, min_seconds=min_seconds)
     return {"items_per_second": rate, "precision": "bf16" if dtype == torch.bfloat16 else "fp32",

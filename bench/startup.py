@@ -1,14 +1,16 @@
 """Start-up: what a person at a terminal waits for, compared with the plainest script that does
 the same work. One JSON object per measurement, then one summary line.
 
-    python bench/startup.py [--repeats 2] [--command '.venv/bin/segpipe'] [--no-breakdown]
+    python bench/startup.py [--repeats 2] [--command '.venv/bin/segpipe'] [--precision fp32] [--no-breakdown]
 
 - seed_loop_one_image_seconds: a plain script in a fresh process: import torch and
   torchvision, build the run's model (lraspp_mobilenet_v3_large, weights=None, 21 classes),
   segment one image (PIL open, normalise, forward, argmax, PNG save).
 - one_image_run_seconds: the whole command `segpipe segment SOURCE OUTPUT --model
-  lraspp_mobilenet_v3_large --weights none --num-classes 21 --no-crf` over a folder holding
-  that one image, into an empty OUTPUT (the CRF is left out: the script has none).
+  lraspp_mobilenet_v3_large --weights none --num-classes 21 --no-crf --precision fp32` over a
+  folder holding that one image, into an empty OUTPUT: the same work as the script (no CRF,
+  float32 without compilation). `--precision auto` measures the default instead, which on a CPU
+  with native bf16 compiles the model in the replica at its first batch (seconds).
 - noop_rerun_seconds: the same command again: every shard is up to date, nothing to do.
 - noop_rerun_vs_seed_loop (goal: 1 or less) and one_image_run_vs_seed_loop (goal: 3 or less).
 - startup_breakdown: where a run's start-up goes, each step timed in one fresh process in
@@ -87,7 +89,8 @@ from pipeline.runtime.replicas import SegmentWorker, _ReplicaPool
 import threading
 connect_ray(None)
 mark("ray_local_start")
-config = SegmentConfig(source="s", output="o", model="{MODEL}", weights=None, num_classes={NUM_CLASSES}, crf=False)
+config = SegmentConfig(source="s", output="o", model="{MODEL}", weights=None, num_classes={NUM_CLASSES}, crf=False,
+                       precision="fp32")
 pool = _ReplicaPool(config, SegmentWorker, "bench")
 pool.wait_ready(config, threading.Event())
 mark("model_replica_placed_and_loaded")
@@ -126,6 +129,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of this many of each (default: %(default)s)")
     parser.add_argument("--command", default=str(ROOT / ".venv" / "bin" / "segpipe"),
                         help="how to run segpipe (default: %(default)s)")
+    parser.add_argument("--precision", default="fp32", help="the runs' --precision (default: %(default)s, as the "
+                        "script; '' leaves the option out, for versions without it)")
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the start-up breakdown")
     args = parser.parse_args()
     segpipe = shlex.split(args.command)
@@ -139,7 +144,8 @@ def main() -> None:
         results["seed_loop_one_image_seconds"] = round(seed, 2)
         print(json.dumps({"benchmark": "seed_loop", "model": MODEL, "seconds": round(seed, 2)}), flush=True)
 
-        options = ["--model", MODEL, "--weights", "none", "--num-classes", str(NUM_CLASSES), "--no-crf"]
+        options = ["--model", MODEL, "--weights", "none", "--num-classes", str(NUM_CLASSES), "--no-crf",
+                   *(["--precision", args.precision] if args.precision else [])]
         runs, noops = [], []
         for i in range(args.repeats):
             output = work / f"out-{i}"
@@ -160,7 +166,8 @@ def main() -> None:
         interpreter = min(timed([sys.executable, "-c", "pass"], env, ROOT) for _ in range(3))
         steps = {"python_interpreter": round(interpreter, 2), **json.loads(done.stdout.strip().splitlines()[-1])}
         print(json.dumps({"benchmark": "startup_breakdown", "seconds": steps}), flush=True)
-    print(json.dumps({"summary": results, "repeats": args.repeats, "command": shlex.join(segpipe)}))
+    print(json.dumps({"summary": results, "repeats": args.repeats, "command": shlex.join(segpipe),
+                      "precision": args.precision}))
 
 
 if __name__ == "__main__":

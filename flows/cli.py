@@ -164,8 +164,9 @@ def _segment(args: argparse.Namespace) -> int:
     images do not change the exit code, only a run that could not happen does.
 
     A night with nothing new ends before Prefect, Ray or a model start: the commit markers are
-    read against the listing first (`pipeline.run.up_to_date`). Otherwise Ray and the model
-    replicas start in the background while Prefect starts, and the flow's run takes them over.
+    read against the listing first (`pipeline.run.up_to_date`). Otherwise Ray starts here,
+    before Prefect is imported, and the model replicas load in the background while Prefect
+    starts; the flow's run takes them over.
     Both need the storage options here, so not with --storage-secret (a Prefect block): the
     flow's run then reads the markers itself before it starts Ray."""
     from pipeline.preflight import check_segment
@@ -181,10 +182,6 @@ def _segment(args: argparse.Namespace) -> int:
         if (record := up_to_date(resolved)) is not None:
             _print_summary(record)
             return 0
-        # Ray imports pydantic.v1 while it connects, in the replicas' thread, as Prefect's @flow
-        # does here: imported first, so the two threads never race on its import locks
-        import pydantic.v1.fields  # noqa: F401
-
         from pipeline.runtime.replicas import Replicas
 
         replicas = Replicas(resolved)
@@ -208,7 +205,7 @@ def _segment(args: argparse.Namespace) -> int:
         _print_summary(summary)
     finally:
         if replicas is not None:
-            replicas.close()  # the run has begun to stop them: Ray shuts down while this prints
+            replicas.close()  # removes the replicas, and shuts down the Ray it started
     return 0
 
 
@@ -229,6 +226,10 @@ def _print_summary(s: dict) -> None:
     devices = Counter(r["device"] + (f" ({r['threads']} threads)" if r["device"] == "cpu" else "") for r in s["replicas"])
     print(f"model {s['model']} ({s['weights']}) on {len(s['replicas'])} replicas in {s['ray_cluster']}: "
           + ", ".join(f"{n} on {device}" for device, n in devices.items()))
+    compiled = [r["compile_seconds"] for r in s["replicas"] if r.get("compile_seconds")]
+    if compiled:  # paid inside the run, at each input shape's first batch, once per replica
+        print(f"compiling the model took {max(compiled):.1f} s of the run (the first batch of each input shape; "
+              "inductor's cache on local disk makes the next run's shorter)")
     if s["retried_batches"]:
         print(f"{s['retried_batches']} batches were sent again after a worker failed")
     print(f"outputs: {s['output']}/images/, {s['output']}/class_stats/, {s['output']}/masks/ (run record {s['record']})")

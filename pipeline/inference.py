@@ -21,6 +21,7 @@ import contextlib
 import copy
 import itertools
 import math
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import ModelMeta
+from .models._base import GridHead
 from .preprocess import ImageLike, Normalizer, to_chw_uint8
 
 
@@ -90,6 +92,58 @@ def blend_ramp(length: int, device: torch.device) -> torch.Tensor:
     weight. A window's (H, W) weights are the outer product of its two sides' ramps."""
     t = (torch.arange(length, device=device, dtype=torch.float32) + 0.5) / length
     return torch.sin(math.pi * t).clamp_min(1e-3)
+
+
+def ceil_to(length: int, cell: int) -> int:
+    """`length` rounded up to a multiple of `cell`."""
+    return -(-length // cell) * cell
+
+
+@dataclass(frozen=True)
+class GridLogits:
+    """Class logits of an image on the model's output grid, before the final resize to pixels.
+
+    `values` (C, h, w) float32 are those of cells `cell` x `cell` pixels, the first one's
+    top-left corner at pixel `origin` (row, col) of the image; `grid` (rows, cols) is the
+    number of cells of the whole image of `size` (height, width) pixels, padded at its end to
+    whole cells. `values` may hold only some of them. Cells of 1 pixel are the image's pixels.
+    """
+
+    values: torch.Tensor
+    cell: int
+    origin: tuple[int, int]
+    grid: tuple[int, int]
+    size: tuple[int, int]
+
+    def cells(self, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+        """(C, h, w) values of the cells [rows) x [cols), counted in the whole grid."""
+        top, left = self.origin[0] // self.cell, self.origin[1] // self.cell
+        if rows[0] < top or cols[0] < left or rows[1] > top + self.values.shape[-2] or cols[1] > left + self.values.shape[-1]:
+            raise ValueError(f"cells {rows} x {cols} are not all among those held: {top}.. x {left}..")
+        return self.values[:, rows[0] - top : rows[1] - top, cols[0] - left : cols[1] - left]
+
+    def with_values(self, values: torch.Tensor, origin: tuple[int, int]) -> GridLogits:
+        return GridLogits(values, self.cell, origin, self.grid, self.size)
+
+    def on_pixels(self) -> torch.Tensor:
+        """(C, H, W) logits of the whole image (all its cells must be held)."""
+        return self.resize((0, self.size[0]), (0, self.size[1]))
+
+    def resize(self, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+        """(C, h, w) logits of the pixels [rows) x [cols) of the image: the model's own bilinear
+        resize (align_corners=False), of only the cells those pixels need. Exactly the pixels
+        of the whole grid resized, because each pixel takes its two nearest cells along each
+        axis, and a cell beyond the pixels' own is taken wherever the grid has one."""
+        c = self.cell
+        if c == 1:
+            return self.cells(rows, cols)
+        y0, y1 = max(0, rows[0] // c - 1), min(self.grid[0], -(-rows[1] // c) + 1)
+        x0, x1 = max(0, cols[0] // c - 1), min(self.grid[1], -(-cols[1] // c) + 1)
+        values = self.cells((y0, y1), (x0, x1))[None]
+        # channels_last: PyTorch's vectorised bilinear kernel on CPU, about 3x the NCHW one
+        resized = F.interpolate(values.contiguous(memory_format=torch.channels_last), size=((y1 - y0) * c, (x1 - x0) * c),
+                                mode="bilinear", align_corners=False)[0]
+        return resized[:, rows[0] - y0 * c : rows[1] - y0 * c, cols[0] - x0 * c : cols[1] - x0 * c]
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
@@ -157,7 +211,9 @@ class Segmenter:
     `precision`: "auto" is bf16 autocast where the device has native bf16 (`native_bf16`),
     float32 elsewhere. `channels_last`: None means yes, on every device. `compile`: wrap the
     model in `torch.compile`, on CPU with inductor's freezing (weights prepacked once); None
-    compiles where it pays: bf16 on CPU. A compiled model pays its compilation at the first batch
+    compiles where it pays: bf16 on CPU. The model runs without its final resize to the input's
+    pixels (`models.GridHead`); its output stride (`output_stride`) is measured once, here, by
+    one forward of the uncompiled model on a 128 x 128 input. A compiled model pays its compilation at the first batch
     of each input shape (seconds; inductor's caches on local disk make later processes' faster).
     Process-wide settings (`torch.backends.cudnn.benchmark`, thread counts) are the caller's: the
     process that serves the model sets them.
@@ -186,16 +242,27 @@ class Segmenter:
         bf16 = precision == "bf16" or (precision == "auto" and native_bf16(self.device))
         self.autocast_dtype = torch.bfloat16 if bf16 else None
         self.channels_last = True if channels_last is None else channels_last
-        model = fold_batch_norms(model).to(self.device)
+        head = GridHead(fold_batch_norms(model)).to(self.device)
         if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            head = head.to(memory_format=torch.channels_last)
         self.compiled = compile if compile is not None else bf16 and self.device.type == "cpu"
-        self.model = torch.compile(model) if self.compiled else model
+        # the logits on the model's output grid (`GridHead`): resized to pixels by the caller
+        self.model = torch.compile(head) if self.compiled else head
         self.normalize = Normalizer(self.meta.preprocessing, self.device)
+        self.output_stride = self._output_stride(head)
+        # a compiled model's first call of each input shape compiles it: seconds by shape,
+        # shared with the copies `at_native_resolution` makes (see `compile_seconds`)
+        self._first_calls: dict[tuple[int, ...], float] = {}
 
     @property
     def num_classes(self) -> int:
         return self.meta.num_classes
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds the first call of each input shape took, for a compiled model: its
+        compilation for that shape (and one forward), paid once per process and shape."""
+        return sum(self._first_calls.values())
 
     def at_native_resolution(self, sliding_window: SlidingWindow) -> Segmenter:
         """This segmenter (the same model, not a copy) sliding `sliding_window` over images
@@ -212,50 +279,98 @@ class Segmenter:
     def predict(self, images: Sequence[ImageLike]) -> list[torch.Tensor]:
         """Class probabilities, one float32 (C, H, W) tensor per image at its original size,
         on the segmenter's device, in the order given."""
+        return [softmax_classes(grid.on_pixels()[None])[0] for grid in self.predict_logits(images)]
+
+    @torch.inference_mode()
+    def predict_logits(self, images: Sequence[ImageLike]) -> list[GridLogits]:
+        """Class logits of each image on the model's output grid, in the order given, on the
+        segmenter's device: `GridLogits.on_pixels` gives them at the image's own size.
+
+        At native resolution the image is padded at its end to whole cells of that grid
+        (edge pixels repeated), as MMSegmentation's data preprocessor pads to a size divisor,
+        so the grid lies on the image's pixels exactly; an image resized for the model
+        (`Preprocessing.resize`) gets its logits resized back to its pixels (cells of 1)."""
         tensors = [to_chw_uint8(image) for image in images]
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index, image in enumerate(tensors):
             groups[tuple(image.shape[-2:])].append(index)
-        results: list[torch.Tensor | None] = [None] * len(tensors)
+        results: list[GridLogits | None] = [None] * len(tensors)
         for size, indices in groups.items():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 # to the device as uint8 (a quarter of float32's bytes); resized and normalised there
                 batch = self.normalize.to_device(torch.stack([tensors[i] for i in chunk]))
-                for i, probs in zip(chunk, self._probabilities(batch, size), strict=True):
-                    results[i] = probs
+                for i, grid in zip(chunk, self._grids(batch, size), strict=True):
+                    results[i] = grid
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def region_logits(self, image: ImageLike, *, origin: tuple[int, int], windows: WindowStore,
-                      part: tuple[tuple[int, int], tuple[int, int]] | None = None) -> torch.Tensor:
-        """Blended (C, h, w) float32 logits of one region of a larger image, the region's
-        pixels at `origin` (row, col) in it, with windows shared with the other regions
-        through `windows`; only of the rectangle `part` ((top, bottom), (left, right) in the
-        region's pixels; default: all of it), which is all the caller keeps.
+    def region_logits(self, image: ImageLike, *, origin: tuple[int, int], cell: int, windows: WindowStore,
+                      part: tuple[tuple[int, int], tuple[int, int]] | None = None) -> GridLogits:
+        """Blended logits of one region of a larger image on the model's output grid, the
+        region's pixels at `origin` (row, col) in the larger image, with windows shared with
+        the other regions through `windows`; only the cells the rectangle `part` needs
+        ((top, bottom), (left, right) in the region's pixels; default: all of it), which is
+        all the caller keeps, and one more around it wherever the region has one, so that
+        `GridLogits.resize` gives the rectangle's pixels exactly.
 
         The region must be cut along the larger image's sliding-window grid (see
-        `rasters.plan_blocks`), so its windows are that grid's; and the segmenter must work at
-        native resolution (`at_native_resolution`). Logits, not probabilities: the caller
-        takes the class softmax (it may refine them first).
+        `rasters.plan_blocks`) with the same `cell` (`grid_cell`), so its windows are that
+        grid's; and the segmenter must work at native resolution
+        (`at_native_resolution`). Logits, not probabilities: the caller takes the class
+        softmax (it may refine them first).
         """
         if self.sliding_window is None or self.meta.preprocessing.resize != "none":
             raise ValueError("region_logits needs a sliding window at native resolution (at_native_resolution)")
         pixels = self.normalize.to_device(to_chw_uint8(image)[None])
-        (top, bottom), (left, right) = part or ((0, pixels.shape[-2]), (0, pixels.shape[-1]))
-        logits = torch.zeros(1, self.num_classes, bottom - top, right - left, device=pixels.device)
-        if self.channels_last:
-            logits = logits.contiguous(memory_format=torch.channels_last)
-        self._slide(pixels[0], logits[0], origin=origin, windows=windows, offset=(top, left))
-        return logits[0]
+        return self._slide(pixels[0], cell, origin=origin, windows=windows, part=part)
 
-    def _probabilities(self, batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """(B, C, H, W) probabilities for a uint8 batch of one size, at that size."""
-        pixels = self._resize_pixels(batch, self.meta.preprocessing.input_size(*size))
-        logits = self._logits(pixels)
-        if logits.shape[-2:] != size:
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        return softmax_classes(logits)
+    def grid_cell(self) -> int:
+        """The side, in pixels, of the cells on which the sliding window blends: the model's
+        output stride where the window's crop and stride are whole numbers of cells, else 1
+        (each window's logits resized to pixels first)."""
+        window = self.sliding_window
+        if window is None:
+            raise ValueError("grid_cell is that of a sliding window")
+        cell = self.output_stride
+        return 1 if any(n % cell for n in (*window.crop, *window.stride)) else cell
+
+    def _output_stride(self, head: nn.Module) -> int:
+        """Input pixels per output cell of the model, measured on a small input with the
+        uncompiled model (1 if the output is not a whole fraction of the input)."""
+        probe = 128
+        with torch.inference_mode():
+            out = head(torch.zeros(1, 3, probe, probe, device=self.device))
+        height, width = out.shape[-2:]
+        return probe // height if height == width and probe % height == 0 else 1
+
+    def _grids(self, batch: torch.Tensor, size: tuple[int, int]) -> list[GridLogits]:
+        """Logits on the model's grid for a uint8 batch of one size (see `predict_logits`)."""
+        height, width = self.meta.preprocessing.input_size(*size)
+        pixels = self._resize_pixels(batch, (height, width))
+        window = self.sliding_window
+        if window is not None and (height > window.crop[0] or width > window.crop[1]):
+            cell = self.grid_cell()
+            grids = [self._slide(image, cell) for image in pixels]
+        else:
+            grids = self._whole(pixels)
+        if (height, width) == size:
+            return grids
+        # resized for the model: back to the image's own pixels, as the model resizes its own
+        return [GridLogits(F.interpolate(grid.on_pixels()[None], size=size, mode="bilinear", align_corners=False)[0],
+                           1, (0, 0), size, size) for grid in grids]
+
+    def _whole(self, pixels: torch.Tensor) -> list[GridLogits]:
+        """Logits of each image of a batch in one forward, the images padded to whole cells."""
+        cell = self.output_stride
+        height, width = pixels.shape[-2:]
+        padded = _pad_to_cells(pixels, cell)
+        grid = (padded.shape[-2] // cell, padded.shape[-1] // cell)
+        out = self._forward(padded, batch_size=self.batch_size)
+        if tuple(out.shape[-2:]) != grid:  # not a whole fraction of this input: its pixels, as the model resizes
+            out = F.interpolate(out, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+            cell, grid = 1, tuple(padded.shape[-2:])
+        return [GridLogits(values, cell, (0, 0), grid, (height, width)) for values in out]
 
     @staticmethod
     def _resize_pixels(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -264,29 +379,26 @@ class Segmenter:
             return batch
         return F.interpolate(batch.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
 
-    def _logits(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Float32 logits at the pixels' size, by whole image or sliding window."""
-        window = self.sliding_window
-        if window is not None and (pixels.shape[-2] > window.crop[0] or pixels.shape[-1] > window.crop[1]):
-            batch, _, height, width = pixels.shape
-            logits = torch.zeros(batch, self.num_classes, height, width, device=pixels.device)
-            if self.channels_last:
-                # the model's own layout: window logits then add in without a transposing copy,
-                # which otherwise cost more than the windows' forward on CPU (measured)
-                logits = logits.contiguous(memory_format=torch.channels_last)
-            for image, out in zip(pixels, logits, strict=True):
-                self._slide(image, out)
-            return logits
-        return self._forward(pixels)
-
-    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _forward(self, pixels: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
+        """Float32 logits on the model's output grid (`GridHead`). A compiled model's batch is
+        padded to `batch_size`: a last, smaller batch would otherwise make dynamo recompile the
+        model with a dynamic batch dimension, whose kernels ran 14% slower than the static
+        ones for every batch after it (LR-ASPP, bf16, 512-pixel windows; measured), while a
+        padded batch costs its few padding items once."""
+        count = len(pixels)
+        if self.compiled and batch_size is not None and count < batch_size:
+            pixels = torch.cat([pixels, pixels[-1:].expand(batch_size - count, *pixels.shape[1:])])
         x = self.normalize(pixels)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        first = self.compiled and tuple(x.shape) not in self._first_calls
+        started = time.perf_counter()
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None), \
                 self._freezing():
-            out = self.model(x)["out"]
-        return out.float()
+            out = self.model(x)
+        if first:
+            self._first_calls[tuple(x.shape)] = time.perf_counter() - started
+        return out[:count].float()
 
     def _freezing(self) -> contextlib.AbstractContextManager:
         """On CPU, a compiled model is compiled with inductor's freezing: its weights become
@@ -300,49 +412,81 @@ class Segmenter:
 
         return torch._inductor.config.patch(freezing=True)
 
-    def _slide(self, image: torch.Tensor, logits_sum: torch.Tensor, *, origin: tuple[int, int] = (0, 0),
-               windows: WindowStore | None = None, offset: tuple[int, int] = (0, 0)) -> None:
-        """Logits for one (3, H, W) image from overlapping windows, blended, into the zeroed
-        `logits_sum`: (C, H, W), or a smaller rectangle of the image at `offset`, which then
-        gets only the windows' parts that fall in it.
+    def _slide(self, image: torch.Tensor, cell: int, *, origin: tuple[int, int] = (0, 0),
+               windows: WindowStore | None = None, part: tuple[tuple[int, int], tuple[int, int]] | None = None) -> GridLogits:
+        """Logits of one (3, H, W) image from overlapping windows, blended on cells of `cell`
+        pixels (`grid_cell`): of the cells the rectangle `part` of the image needs (see
+        `region_logits`), or of all of them.
 
-        Only `batch_size` windows are normalised and run at a time; the full-size buffer is
-        the logits sum. With `windows`, a window whose logits another region kept is not run
-        again; the windows are still blended in the same order, so the sums are the same.
+        The image is taken as padded at its end to whole cells with its edge's pixels, so that
+        every window, the last one of a row or column snapped to the padded end included,
+        starts on the grid. Only `batch_size` windows are normalised and run at a time. With
+        `windows`, a window whose logits another region kept is not run again; the windows are
+        still blended in the same order, so the sums are the same.
         """
         window = self.sliding_window
         assert window is not None
         height, width = image.shape[-2:]
-        top, left = offset
-        bottom, right = top + logits_sum.shape[-2], left + logits_sum.shape[-1]
-        crop_h, crop_w = min(window.crop[0], height), min(window.crop[1], width)
-        rows, cols = window_starts(height, crop_h, window.stride[0]), window_starts(width, crop_w, window.stride[1])
+        image = _pad_to_cells(image, cell)
+        padded_h, padded_w = image.shape[-2:]
+        grid = (padded_h // cell, padded_w // cell)
+        (top, bottom), (left, right) = part or ((0, height), (0, width))
+        # the cells the part needs, and one more on each side for the resize to pixels
+        top, bottom = max(0, top // cell - 1), min(grid[0], -(-bottom // cell) + 1)
+        left, right = max(0, left // cell - 1), min(grid[1], -(-right // cell) + 1)
+        crop_h, crop_w = min(window.crop[0], padded_h), min(window.crop[1], padded_w)
+        cells_h, cells_w = crop_h // cell, crop_w // cell
+        rows, cols = window_starts(padded_h, crop_h, window.stride[0]), window_starts(padded_w, crop_w, window.stride[1])
         boxes = [(y, x) for y in rows for x in cols]
-        ramp_h, ramp_w = blend_ramp(crop_h, image.device), blend_ramp(crop_w, image.device)
+        ramp_h, ramp_w = blend_ramp(cells_h, image.device), blend_ramp(cells_w, image.device)
         weight = ramp_h[:, None] * ramp_w[None, :]
         # the windows form a grid, so the weights' sum is the outer product of the sums of the
         # ramps along each axis: one pass over the logits fewer per window
-        sum_h, sum_w = torch.zeros(height, device=image.device), torch.zeros(width, device=image.device)
+        sum_h, sum_w = torch.zeros(grid[0], device=image.device), torch.zeros(grid[1], device=image.device)
         for y in rows:
-            sum_h[y : y + crop_h] += ramp_h
+            sum_h[y // cell : y // cell + cells_h] += ramp_h
         for x in cols:
-            sum_w[x : x + crop_w] += ramp_w
+            sum_w[x // cell : x // cell + cells_w] += ramp_w
+        logits_sum = torch.zeros(1, self.num_classes, bottom - top, right - left, device=image.device)
+        if self.channels_last:
+            # the model's own layout: window logits then add in without a transposing copy
+            logits_sum = logits_sum.contiguous(memory_format=torch.channels_last)
+        total = logits_sum[0]
+        kept = {box: windows.take((origin[0] + box[0], origin[1] + box[1])) for box in boxes} if windows is not None else {}
+        # the windows to run, in full batches: a compiled model's batches then keep one shape
+        todo = [box for box in boxes if kept.get(box) is None]
+        for start in range(0, len(todo), window.batch_size):
+            chunk = todo[start : start + window.batch_size]
+            crops = torch.stack([image[:, y : y + crop_h, x : x + crop_w] for y, x in chunk])
+            out = self._forward(crops, batch_size=window.batch_size)
+            if tuple(out.shape[-2:]) != (cells_h, cells_w):  # cells of 1 pixel: the model's own resize
+                out = F.interpolate(out, size=(cells_h, cells_w), mode="bilinear", align_corners=False)
+            for (y, x), logits in zip(chunk, out, strict=True):
+                kept[(y, x)] = logits
+                if windows is not None:
+                    windows.keep((origin[0] + y, origin[1] + x), logits)
         for start in range(0, len(boxes), window.batch_size):
             chunk = boxes[start : start + window.batch_size]
-            kept = {box: windows.take((origin[0] + box[0], origin[1] + box[1])) for box in chunk} if windows is not None else {}
-            todo = [box for box in chunk if kept.get(box) is None]
-            if todo:
-                crops = torch.stack([image[:, y : y + crop_h, x : x + crop_w] for y, x in todo])
-                for (y, x), logits in zip(todo, self._forward(crops), strict=True):
-                    kept[(y, x)] = logits
-                    if windows is not None:
-                        windows.keep((origin[0] + y, origin[1] + x), logits)
             for y, x in chunk:
-                # the window's overlap with the rectangle, in the window's and the rectangle's pixels
-                y0, y1, x0, x1 = max(y, top), min(y + crop_h, bottom), max(x, left), min(x + crop_w, right)
+                # the window's overlap with the cells kept, in the window's and the kept cells' indices
+                wy, wx = y // cell, x // cell
+                y0, y1, x0, x1 = max(wy, top), min(wy + cells_h, bottom), max(wx, left), min(wx + cells_w, right)
                 if y0 < y1 and x0 < x1:
-                    logits_sum[:, y0 - top : y1 - top, x0 - left : x1 - left].addcmul_(
-                        kept[(y, x)][:, y0 - y : y1 - y, x0 - x : x1 - x].to(logits_sum.device),
-                        weight[y0 - y : y1 - y, x0 - x : x1 - x],
+                    total[:, y0 - top : y1 - top, x0 - left : x1 - left].addcmul_(
+                        kept[(y, x)][:, y0 - wy : y1 - wy, x0 - wx : x1 - wx].to(total.device),
+                        weight[y0 - wy : y1 - wy, x0 - wx : x1 - wx],
                     )
-        logits_sum.div_(sum_h[top:bottom, None] * sum_w[None, left:right])
+        total.div_(sum_h[top:bottom, None] * sum_w[None, left:right])
+        return GridLogits(total, cell, (top * cell, left * cell), grid, (height, width))
+
+
+def _pad_to_cells(pixels: torch.Tensor, cell: int) -> torch.Tensor:
+    """(..., H, W) pixels padded at their end to whole cells of `cell` pixels by repeating the
+    last row and column (by indexing, which works for uint8 too)."""
+    height, width = pixels.shape[-2:]
+    padded_h, padded_w = ceil_to(height, cell), ceil_to(width, cell)
+    if (padded_h, padded_w) == (height, width):
+        return pixels
+    rows = torch.arange(padded_h, device=pixels.device).clamp_max_(height - 1)
+    cols = torch.arange(padded_w, device=pixels.device).clamp_max_(width - 1)
+    return pixels.index_select(-2, rows).index_select(-1, cols)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # annotations only: the palette is needed where torch is not imported
+    import torch
 
 
 def default_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
@@ -64,7 +67,7 @@ def decode_mask(data: bytes) -> np.ndarray:
 def confidence_levels(confidence: torch.Tensor) -> torch.Tensor:
     """Per-pixel confidence in [0, 1] as uint8 levels (255 = certain): a quarter of float32's
     bytes, on the confidence's device, for confidence masks."""
-    return torch.round(confidence.float() * 255.0).clamp_(0, 255).to(torch.uint8)
+    return (confidence.float() * 255.0).round_().clamp_(0, 255).byte()
 
 
 def encode_confidence(levels: np.ndarray) -> bytes:

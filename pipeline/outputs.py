@@ -9,12 +9,17 @@
     OUTPUT/polygons/shard=<id>/part-<n>.parquet   with --polygons: class regions, GeoParquet, one file per raster
     OUTPUT/manifest/shard=<id>/part-0.parquet     every input of the shard: key, size, version
     OUTPUT/_commits/<id>.json                     the shard's commit marker
+    OUTPUT/_staging/<run_id>/polygons/            a raster's polygons from its replica until its shard commits
 
 Each table file belongs to exactly one shard and lives at a path fixed by the shard id, so
 re-processing a shard replaces its rows by overwriting one object (atomic on object stores,
 rename on local disks): a reader sees the old rows or the new ones, never both, never half.
 The commit marker is written last, once every input of the shard is accounted for; a shard
 without a current marker is processed again on the next run.
+
+What a run stages is removed with its folder, `_staging/<run_id>/`: by the run, once every
+shard is committed (`OutputStore.remove_staging`), and else by the next run to open OUTPUT
+once the run cannot still be running (`prepare_output`, `OutputStore.remove_abandoned_staging`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import contextlib
 import datetime as dt
 import io
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,18 +37,31 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import RunError, SegmentConfig
-from .records import ImageRecord, confidence_key_for, mask_key
+from .records import (
+    STAGING,
+    ImageRecord,
+    confidence_key_for,
+    mask_key,
+    run_record_key,
+    staging_folder,
+)
 from .storage import (
     Location,
     Shard,
     ShardBy,
+    StorageUnavailableError,
     is_case_insensitive,
+    last_modified,
+    list_folders,
     move_atomic,
     open_location,
     read_bytes,
+    remove_folder,
     retry_io,
     write_atomic,
 )
+
+log = logging.getLogger(__name__)
 
 # 2: masks of georeferenced rasters are COGs, class_stats has `area`, images has
 # `confidence_uri`, polygons/ is new
@@ -50,6 +69,12 @@ LAYOUT_FORMAT = "segpipe-output/2"
 # a shard is at most a few thousand images; one row group per file keeps scans simple while
 # staying far below the sizes (~128 MiB) where readers would want to split it
 ROW_GROUP_ROWS = 1 << 20
+# Runs on one OUTPUT take no lock and leave no trace while they run: only a run that ends well
+# writes its record. A run without one is taken for dead, and its staged files removed, once
+# neither its start (in its id) nor any file it staged is younger than this. A live run's
+# staged file waits only for the rest of its shard, so this is far longer than a shard takes,
+# and short enough that a nightly run killed tonight costs storage for three nights at most.
+STAGING_ABANDONED_AFTER = dt.timedelta(days=3)
 
 IMAGES_SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
@@ -250,6 +275,71 @@ class OutputStore:
                 with contextlib.suppress(FileNotFoundError):
                     retry_io(self.location.uri(key), self.location.fs.rm_file, path)
 
+    def remove_staging(self, run_id: str) -> None:
+        """Delete OUTPUT/_staging/<run_id>/, for a run that has committed every shard and has
+        no batch in flight: what is left there belongs to no shard (the polygons of a raster
+        whose batch failed for good after staging them, and became an error row; on local
+        disks, the folders the commits emptied)."""
+        self._remove_staging_folder(run_id, "its shards are committed")
+
+    def remove_abandoned_staging(self, *, abandoned_after: dt.timedelta = STAGING_ABANDONED_AFTER,
+                                 now: dt.datetime | None = None) -> list[str]:
+        """Delete the staging folder of every run that cannot still be running; the ids of
+        those runs.
+
+        Runs on one OUTPUT do not coordinate (no lock, no lease), so a run is taken for
+        finished only on evidence:
+        - it has a record (OUTPUT/_runs/<run_id>.json): written once the run has committed
+          every shard, so none of its staged files will be moved again; or
+        - it left no record, and nothing of it is younger than `abandoned_after`: neither its
+          start, in its id, nor the newest file it staged. A killed run leaves no record; a
+          live one keeps staging a file with each raster, and a file waits only for the rest
+          of its shard to commit.
+        A folder whose name is not a run id was not made by segpipe, and is left alone.
+
+        Housekeeping never stops a run: a folder that cannot be listed or removed is logged,
+        and tried again by the next run."""
+        now = now or dt.datetime.now(dt.UTC)
+        removed = []
+        try:
+            run_ids = list_folders(self.location, STAGING)
+        except (OSError, StorageUnavailableError) as err:
+            log.warning("cannot list %s to remove abandoned staged files (%s: %s); the next run tries again",
+                        self.location.uri(STAGING), type(err).__name__, err)
+            return removed
+        for run_id in run_ids:
+            started = _run_started(run_id)
+            if started is None:
+                log.warning("%s is not named by a run id; left alone", self.location.uri(staging_folder(run_id)))
+                continue
+            try:
+                if read_bytes(self.location, run_record_key(run_id)) is not None:
+                    why = "the run has finished (it has a record)"
+                else:
+                    staged = last_modified(self.location, staging_folder(run_id))
+                    last_sign_of_life = max(started, staged or started)
+                    if now - last_sign_of_life < abandoned_after:
+                        continue  # may still be running
+                    why = f"the run left no record and nothing since {last_sign_of_life:%Y-%m-%d %H:%M} UTC"
+            except (OSError, StorageUnavailableError) as err:
+                log.warning("cannot tell whether run %s has finished (%s: %s); its staged files stay",
+                            run_id, type(err).__name__, err)
+                continue
+            if self._remove_staging_folder(run_id, why):
+                removed.append(run_id)
+        return removed
+
+    def _remove_staging_folder(self, run_id: str, why: str) -> bool:
+        folder = staging_folder(run_id)
+        try:
+            remove_folder(self.location, folder)
+        except (OSError, StorageUnavailableError) as err:
+            log.warning("cannot remove %s (%s: %s); the next run tries again",
+                        self.location.uri(folder), type(err).__name__, err)
+            return False
+        log.info("removed %s: %s", self.location.uri(folder), why)
+        return True
+
     def _manifest_keys(self, shard_id: str) -> set[str]:
         """Inputs of the shard's last (possibly uncommitted) attempt, from its manifest."""
         data = read_bytes(self.location, table_key("manifest", shard_id))
@@ -315,12 +405,28 @@ class OutputStore:
         return pa.table(columns, schema=CLASS_STATS_SCHEMA)
 
 
+def _run_started(run_id: str) -> dt.datetime | None:
+    """When a run started, from its id (`pipeline.run.new_run_id`: 20261122T040000Z-1a2b3c);
+    None for a name that is not a run id."""
+    stamp, dash, suffix = run_id.partition("-")
+    if not dash or not suffix:
+        return None
+    try:
+        return dt.datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
+
+
 def prepare_output(config: SegmentConfig, source: Location) -> OutputStore:
-    """Open OUTPUT, and record or check its layout (SOURCE and sharding)."""
+    """Open OUTPUT, record or check its layout (SOURCE and sharding), and remove what runs
+    that were killed before their shards committed left staged there."""
     output = open_location(config.output, config.storage_options)
     store = OutputStore(output)
     try:
         store.check_layout(source.url, config.shard_by, config.shard_size)
     except OSError as err:
         raise RunError(f"cannot write to output {output.url}: {type(err).__name__}: {err}") from err
+    # once the OUTPUT is known to be this SOURCE's, and before this run stages anything: a
+    # killed run never comes back for its staged files, so the next run to open OUTPUT does
+    store.remove_abandoned_staging()
     return store

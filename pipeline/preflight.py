@@ -7,7 +7,8 @@ command line spells it, for the first mistake they find:
 - the model, its weights and `num_classes` (and `class_names`) agree. A checkpoint's metadata
   is read from its pickle alone, without torch and without its tensors; torchvision's
   published weights are known from `PUBLISHED_WEIGHTS`, and must be in torch.hub's cache or
-  reachable for download;
+  reachable for download (both also tell `pipeline.run.model_identity` what a run's model is,
+  without torch);
 - each input folder (SOURCE, GROUND_TRUTH, ...) exists and can be read, which on object
   storage also proves the credentials;
 - OUTPUT is a folder that can be written and, when it records a layout (`_segpipe.json`),
@@ -30,7 +31,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .config import EvaluateConfig, SegmentConfig, TrainConfig, is_checkpoint_uri
@@ -67,31 +68,58 @@ class PreflightError(ValueError):
 
 @dataclass(frozen=True)
 class PublishedWeights:
-    """torchvision's published weights for one registered model."""
+    """torchvision's published weights for one registered model, and what they mean: what
+    `pipeline.models` reads of torchvision's weights enum (class names, transforms)."""
 
     enum: str  # torchvision's weights enum, e.g. DeepLabV3_ResNet101_Weights
     members: tuple[str, ...]  # the names that select them; DEFAULT is an alias
     url: str
-    num_classes: int
+    name: str  # the member all those names select: what a run records as its weights
+    categories: tuple[str, ...]  # the class names, in id order
+    resize_size: int  # the transforms resize the short side to this
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
 
 
 _COCO_VOC = ("COCO_WITH_VOC_LABELS_V1", "DEFAULT")
-# what torchvision publishes for the registry's models, so that a weights name is checked
-# without importing torchvision (4 s); tests/test_preflight.py checks it against torchvision
+# Pascal VOC's classes, which torchvision's segmentation weights (trained on COCO) predict
+_VOC_CATEGORIES = (
+    "__background__", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+
+
+def _coco_voc(enum: str, url: str) -> PublishedWeights:
+    return PublishedWeights(enum, _COCO_VOC, url, "COCO_WITH_VOC_LABELS_V1", _VOC_CATEGORIES, 520)
+
+
+# what torchvision publishes for the registry's models, so that a weights name is checked, and
+# a run's model known, without importing torchvision (4 s); tests/test_preflight.py checks it
+# against torchvision
 PUBLISHED_WEIGHTS: dict[str, PublishedWeights] = {
-    "deeplabv3_mobilenet_v3_large": PublishedWeights(
-        "DeepLabV3_MobileNet_V3_Large_Weights", _COCO_VOC,
-        "https://download.pytorch.org/models/deeplabv3_mobilenet_v3_large-fc3c493d.pth", 21),
-    "deeplabv3_resnet101": PublishedWeights(
-        "DeepLabV3_ResNet101_Weights", _COCO_VOC, "https://download.pytorch.org/models/deeplabv3_resnet101_coco-586e9e4e.pth", 21),
-    "deeplabv3_resnet50": PublishedWeights(
-        "DeepLabV3_ResNet50_Weights", _COCO_VOC, "https://download.pytorch.org/models/deeplabv3_resnet50_coco-cd0a2569.pth", 21),
-    "fcn_resnet50": PublishedWeights(
-        "FCN_ResNet50_Weights", _COCO_VOC, "https://download.pytorch.org/models/fcn_resnet50_coco-1167a1af.pth", 21),
-    "lraspp_mobilenet_v3_large": PublishedWeights(
-        "LRASPP_MobileNet_V3_Large_Weights", _COCO_VOC,
-        "https://download.pytorch.org/models/lraspp_mobilenet_v3_large-d234d4ea.pth", 21),
+    "deeplabv3_mobilenet_v3_large": _coco_voc(
+        "DeepLabV3_MobileNet_V3_Large_Weights", "https://download.pytorch.org/models/deeplabv3_mobilenet_v3_large-fc3c493d.pth"),
+    "deeplabv3_resnet101": _coco_voc(
+        "DeepLabV3_ResNet101_Weights", "https://download.pytorch.org/models/deeplabv3_resnet101_coco-586e9e4e.pth"),
+    "deeplabv3_resnet50": _coco_voc(
+        "DeepLabV3_ResNet50_Weights", "https://download.pytorch.org/models/deeplabv3_resnet50_coco-cd0a2569.pth"),
+    "fcn_resnet50": _coco_voc("FCN_ResNet50_Weights", "https://download.pytorch.org/models/fcn_resnet50_coco-1167a1af.pth"),
+    "lraspp_mobilenet_v3_large": _coco_voc(
+        "LRASPP_MobileNet_V3_Large_Weights", "https://download.pytorch.org/models/lraspp_mobilenet_v3_large-d234d4ea.pth"),
 }
+
+
+def published_weights(model: str | None, weights: str) -> PublishedWeights | None:
+    """The published weights that `weights` (a member's name, or the enum's and the member's)
+    names for `model`; None when it names none of them."""
+    published = PUBLISHED_WEIGHTS.get(model or "")
+    if published is None or weights.removeprefix(published.enum + ".") not in published.members:
+        return None
+    return published
 
 
 @dataclass(frozen=True)
@@ -103,6 +131,8 @@ class CheckpointSummary:
     class_names: tuple[str, ...]
     # epochs a checkpoint written by `segpipe train` has trained; None: no training state
     trained_epochs: int | None
+    # its whole metadata as saved (`ModelMeta` as JSON when save_checkpoint wrote it), unvalidated
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 # ---------------------------------------------------------------------------------- the jobs
@@ -183,15 +213,15 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
 
 def _published(model: str | None, weights: str, option: str) -> PublishedWeights:
     """The published weights that `weights` names for `model`."""
+    if (found := published_weights(model, weights)) is not None:
+        return found
     published = PUBLISHED_WEIGHTS.get(model or "")
     if published is None:
         raise PreflightError(f"--model {model} has no published weights to load as {option} {weights}; pass {option} a "
                              f"checkpoint path or URL, or {_UNTRAINED[option]}")
-    if weights.removeprefix(published.enum + ".") not in published.members:
-        raise PreflightError(f"unknown {option} {weights} for --model {model}: torchvision publishes "
-                             f"{' and '.join(published.members)} (the same weights) for it; or pass a checkpoint path "
-                             "or URL, or none")
-    return published
+    raise PreflightError(f"unknown {option} {weights} for --model {model}: torchvision publishes "
+                         f"{' and '.join(published.members)} (the same weights) for it; or pass a checkpoint path "
+                         "or URL, or none")
 
 
 # what to pass instead of weights that cannot be had
@@ -298,7 +328,7 @@ def read_checkpoint(url: str, storage_options: dict[str, Any], option: str, remo
         summary = CheckpointSummary(
             architecture=str(meta["architecture"]), num_classes=int(meta["num_classes"]),
             class_names=tuple(meta["class_names"]),
-            trained_epochs=int(state["epoch"]) if isinstance(state, dict) else None,
+            trained_epochs=int(state["epoch"]) if isinstance(state, dict) else None, meta=dict(meta),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise PreflightError(f"{what} has invalid metadata ({type(err).__name__}: {err})") from err

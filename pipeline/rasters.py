@@ -35,7 +35,7 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from .decode import ImageDecodeError, stretch_limits
-from .inference import window_starts
+from .inference import ceil_to, window_starts
 from .storage import Location, retry_io
 
 log = logging.getLogger(__name__)
@@ -348,7 +348,7 @@ class Block:
     extent: Window
 
 
-def _axis_blocks(length: int, *, crop: int, stride: int, block: int, margin: int) -> list[tuple[int, int, int, int]]:
+def _axis_blocks(length: int, *, crop: int, stride: int, block: int, margin: int, cell: int) -> list[tuple[int, int, int, int]]:
     """(core start, core end, extent start, extent end) of the blocks along one axis."""
     # Core boundaries fall on multiples of a multiple of the stride, which are starts of the
     # global window grid; the last block takes the remainder, merged into the one before when
@@ -356,30 +356,36 @@ def _axis_blocks(length: int, *, crop: int, stride: int, block: int, margin: int
     step = max(stride, round(block / stride) * stride)
     count = max(1, round(length / step))
     bounds = [i * step for i in range(count)] + [length]
-    size = min(crop, length)
-    starts = window_starts(length, size, stride)
+    padded = ceil_to(length, cell)
+    size = min(crop, padded)
+    starts = window_starts(padded, size, stride)
     blocks = []
     for core_start, core_end in itertools.pairwise(bounds):
-        low, high = max(0, core_start - margin), min(length, core_end + margin)
+        # the resize of the core's edge pixels from the model's grid takes the next cell too
+        reach = margin + (cell if cell > 1 else 0)
+        low, high = max(0, core_start - reach), min(length, core_end + reach)
         covering = [s for s in starts if s < high and s + size > low]
-        blocks.append((core_start, core_end, covering[0], covering[-1] + size))
+        blocks.append((core_start, core_end, covering[0], min(length, covering[-1] + size)))
     return blocks
 
 
-def plan_blocks(height: int, width: int, *, crop: int, stride: int, block: int, margin: int) -> list[Block]:
+def plan_blocks(height: int, width: int, *, crop: int, stride: int, block: int, margin: int, cell: int = 1) -> list[Block]:
     """The raster split into output blocks of about `block` x `block` pixels, in row-major
     order, whose cores cover the raster exactly once.
 
     A block's extent is the union of the windows of the raster's GLOBAL sliding-window grid
-    (`window_starts(length, crop, stride)` along each axis, as the Segmenter tiles a whole
-    image) that intersect its core widened by `margin` pixels (context for the dense CRF);
-    so the extent covers the widened core, clipped to the raster. Why the grid's windows, and
-    not the widened core alone: the extent starts at a grid start, its grid starts are
-    `stride` apart and its end is a grid window's end, so `window_starts(extent length, crop,
-    stride)` inside it gives back exactly the grid windows that lie in it (the last one snapped
-    inward at the raster's edge included). Every grid window that touches the core is among
-    them, with the same blend weights, so the core's blended logits are those of the whole
-    raster (up to the order of floating-point sums), and blocks join without seams.
+    that intersect its core widened by `margin` pixels (context for the dense CRF) and one
+    cell of the model's grid (the bilinear resize of the core's edge pixels takes the next
+    cell), clipped to the raster; so the extent covers the widened core. The grid is the Segmenter's for a
+    whole image: the raster taken as padded at its end to whole cells of the model's output
+    grid (`cell`, `Segmenter.grid_cell`), then `window_starts(padded length, crop, stride)`
+    along each axis. Why the grid's windows, and not the widened core alone: the extent starts
+    at a grid start, its grid starts are `stride` apart and its end is a grid window's end (or
+    the raster's), so the Segmenter's windows inside it are exactly the grid windows that lie
+    in it (the last one, snapped inward to the padded edge, included). Every grid window that
+    touches the core is among them, with the same blend weights, so the core's blended logits
+    are those of the whole raster (up to the order of floating-point sums), and blocks join
+    without seams.
     """
     if min(height, width) < 1:
         raise ValueError(f"the raster must have pixels, got {height}x{width}")
@@ -387,8 +393,10 @@ def plan_blocks(height: int, width: int, *, crop: int, stride: int, block: int, 
         raise ValueError(f"need crop >= 1 and 1 <= stride <= crop, got crop={crop}, stride={stride}")
     if block < 1 or margin < 0:
         raise ValueError(f"need block >= 1 and margin >= 0, got block={block}, margin={margin}")
-    rows = _axis_blocks(height, crop=crop, stride=stride, block=block, margin=margin)
-    cols = _axis_blocks(width, crop=crop, stride=stride, block=block, margin=margin)
+    if cell < 1 or crop % cell or stride % cell:
+        raise ValueError(f"crop {crop} and stride {stride} must be whole numbers of cells of {cell}")
+    rows = _axis_blocks(height, crop=crop, stride=stride, block=block, margin=margin, cell=cell)
+    cols = _axis_blocks(width, crop=crop, stride=stride, block=block, margin=margin, cell=cell)
     return [
         Block(
             core=Window(c0, r0, c1 - c0, r1 - r0),
@@ -399,10 +407,11 @@ def plan_blocks(height: int, width: int, *, crop: int, stride: int, block: int, 
     ]
 
 
-def block_windows(block: Block, *, crop: int, stride: int) -> list[tuple[int, int]]:
+def block_windows(block: Block, *, crop: int, stride: int, cell: int = 1) -> list[tuple[int, int]]:
     """(row, col) origins, in the raster, of the global grid's windows that a block's extent
     holds: those its sliding window runs over (see `plan_blocks`)."""
     extent = block.extent
-    rows = window_starts(int(extent.height), min(crop, int(extent.height)), stride)
-    cols = window_starts(int(extent.width), min(crop, int(extent.width)), stride)
+    height, width = ceil_to(int(extent.height), cell), ceil_to(int(extent.width), cell)
+    rows = window_starts(height, min(crop, height), stride)
+    cols = window_starts(width, min(crop, width), stride)
     return [(int(extent.row_off) + r, int(extent.col_off) + c) for r in rows for c in cols]

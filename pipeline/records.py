@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 
-from .stats import ClassStats
+if TYPE_CHECKING:  # annotations only: torch takes over a second to import, and a no-op night needs none
+    import torch
+
+    from .stats import ClassStats
 
 # the `error_type` of an error row: what went wrong, in a word that can be counted
 ErrorType = Literal[
@@ -99,8 +101,23 @@ def confidence_key_for(image_key: str, extension: str = ".png") -> str:
     return "confidence/" + mask_key(image_key, extension).removeprefix("masks/")
 
 
+# OUTPUT/_staging/<run_id>/: what a run's replicas leave in OUTPUT for its shard commits to
+# move into place; one folder per run, so a run's leftovers can be removed whole
+STAGING = "_staging"
+
+
+def staging_folder(run_id: str) -> str:
+    """OUTPUT key of the folder holding everything run `run_id` staged."""
+    return f"{STAGING}/{run_id}"
+
+
 def staged_polygons_key(run_id: str, image_key: str) -> str:
     """OUTPUT key where a replica leaves a raster's polygons until its shard commits. Named by
     a digest of the image key: any key, however long or odd, gives one flat, safe name."""
     digest = hashlib.sha256(image_key.encode()).hexdigest()[:32]
-    return f"_staging/{run_id}/polygons/{digest}.parquet"
+    return f"{staging_folder(run_id)}/polygons/{digest}.parquet"
+
+
+def run_record_key(run_id: str) -> str:
+    """OUTPUT key of a run's record, written once the run has committed every shard."""
+    return f"_runs/{run_id}.json"

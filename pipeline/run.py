@@ -21,7 +21,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .config import RunError, SegmentConfig
+from .config import RunError, SegmentConfig, is_checkpoint_uri
+from .model_meta import ModelMeta, Preprocessing
 from .outputs import LAYOUT_FORMAT, OutputStore, RunInfo
 from .storage import (
     ListingCounts,
@@ -70,9 +71,9 @@ def model_meta(config: SegmentConfig) -> dict[str, Any]:
     its own metadata. The driver checks that the replicas' model agrees once it has loaded.
 
     A wrong model, weights or num_classes raises RunError."""
-    from .models import ModelMeta, is_checkpoint_uri, load_checkpoint
+    from .models import load_checkpoint
     from .models._registry import get_spec
-    from .models.weights import Preprocessing, _torchvision_weights
+    from .models.weights import _torchvision_weights
 
     weights, name = config.weights, config.model
     try:
@@ -83,9 +84,7 @@ def model_meta(config: SegmentConfig) -> dict[str, Any]:
         elif is_checkpoint_uri(weights):
             meta = load_checkpoint(weights, storage_options=config.storage_options)[0]
             meta = meta.model_copy(update={"weights": weights})
-            if name is not None and meta.architecture != name:
-                raise ValueError(f"checkpoint {weights} holds a {meta.architecture!r} model, not {name!r}; "
-                                 f"pass model={meta.architecture!r}")
+            _same_architecture(config, meta.architecture)
         elif (enum := _torchvision_weights(get_spec(name or "").torchvision_name, weights)) is not None:
             categories, transforms = enum.meta["categories"], enum.transforms()
             preprocessing = Preprocessing(mean=tuple(transforms.mean), std=tuple(transforms.std), resize="short_side",
@@ -95,17 +94,87 @@ def model_meta(config: SegmentConfig) -> dict[str, Any]:
         else:
             raise ValueError(f"unknown weights {weights!r} for {name!r}: pass a torchvision weights name, a checkpoint "
                              "path or URL, or 'none'")
-        if config.num_classes is not None and config.num_classes != meta.num_classes:
-            raise ValueError(f"num_classes={config.num_classes} but weights {weights} have {meta.num_classes} classes; "
-                             f"pass num_classes={meta.num_classes} (or omit it)")
-        if config.class_names is not None:
-            if len(config.class_names) != meta.num_classes:
-                raise ValueError(f"{len(config.class_names)} class_names for the {meta.num_classes} classes of "
-                                 f"weights {weights}")
-            meta = meta.model_copy(update={"class_names": tuple(config.class_names)})
+        if (class_names := _given_class_names(config, meta.num_classes)) is not None:
+            meta = meta.model_copy(update={"class_names": class_names})
     except (ValueError, RuntimeError) as err:  # RuntimeError: WeightsUnavailableError
         raise RunError(f"cannot load {name or weights!r}: {err}") from err
     return meta.model_dump(mode="json")
+
+
+def _same_architecture(config: SegmentConfig, architecture: str) -> None:
+    """A checkpoint holds the model the config names, if it names one (ValueError if not)."""
+    if config.model is not None and architecture != config.model:
+        raise ValueError(f"checkpoint {config.weights} holds a {architecture!r} model, not {config.model!r}; "
+                         f"pass model={architecture!r}")
+
+
+def _given_class_names(config: SegmentConfig, num_classes: int) -> tuple[str, ...] | None:
+    """The class names the config gives the `num_classes` classes of its weights (None: the
+    weights' own); ValueError when its num_classes or class_names disagree with the weights."""
+    weights = config.weights or "none"
+    if config.num_classes is not None and config.num_classes != num_classes:
+        raise ValueError(f"num_classes={config.num_classes} but weights {weights} have {num_classes} classes; "
+                         f"pass num_classes={num_classes} (or omit it)")
+    if config.class_names is None:
+        return None
+    if len(config.class_names) != num_classes:
+        raise ValueError(f"{len(config.class_names)} class_names for the {num_classes} classes of weights {weights}")
+    return tuple(config.class_names)
+
+
+# what a run takes from its model's metadata: the fingerprint's inputs and what its rows say
+IDENTITY_FIELDS = ("architecture", "weights", "num_classes", "class_names", "preprocessing", "model_kwargs")
+
+
+def model_identity(config: SegmentConfig) -> dict[str, Any]:
+    """The IDENTITY_FIELDS of `model_meta(config)`: all that the fingerprint and `run_info`
+    read, known without importing torch (2 to 5 s) so that a rerun with nothing to do costs no
+    more than its listing: an untrained model's from the config, published weights' from
+    `pipeline.preflight.PUBLISHED_WEIGHTS`, a checkpoint's from its pickled metadata (read
+    without its tensors, as preflight reads it), each through `ModelMeta` as `model_meta` makes
+    it. Anything else (a checkpoint that cannot be read that way or whose metadata `ModelMeta`
+    refuses, unknown weights) is left to `model_meta`, which says what is wrong. Raises
+    RunError as `model_meta` does."""
+    try:
+        meta = _meta_without_torch(config)
+        if meta is not None:
+            if (class_names := _given_class_names(config, meta.num_classes)) is not None:
+                meta = meta.model_copy(update={"class_names": class_names})
+            identity = meta.model_dump(mode="json")
+            return {name: identity[name] for name in IDENTITY_FIELDS}
+    except ValueError as err:
+        raise RunError(f"cannot load {config.model or config.weights!r}: {err}") from err
+    identity = model_meta(config)
+    return {name: identity[name] for name in IDENTITY_FIELDS}
+
+
+def _meta_without_torch(config: SegmentConfig) -> ModelMeta | None:
+    """`model_identity`'s `ModelMeta`, before the config's num_classes and class_names are
+    checked against it; None where only `model_meta` can tell."""
+    from pydantic import ValidationError
+
+    from .preflight import PreflightError, published_weights, read_checkpoint
+
+    name, weights = config.model, config.weights
+    if weights is None:
+        if config.num_classes is None:
+            raise ValueError(f"num_classes is required to build {name!r} without weights")
+        return ModelMeta.default(name or "", config.num_classes, model_kwargs={})
+    if is_checkpoint_uri(weights):
+        try:
+            checkpoint = read_checkpoint(weights, config.storage_options, "--weights")
+            meta = ModelMeta.model_validate(checkpoint.meta) if checkpoint is not None else None
+        except (PreflightError, ValidationError):
+            return None  # not readable without torch, or not valid: model_meta says why
+        if meta is not None:
+            _same_architecture(config, meta.architecture)
+            meta = meta.model_copy(update={"weights": weights})
+        return meta
+    if (published := published_weights(name, weights)) is None:
+        return None
+    preprocessing = Preprocessing(mean=published.mean, std=published.std, resize="short_side", size=(published.resize_size,))
+    return ModelMeta.default(name or "", published.num_classes, class_names=tuple(published.categories),
+                             preprocessing=preprocessing, weights=published.name, model_kwargs={})
 
 
 def run_info(config: SegmentConfig, source_url: str, run_id: str, meta: dict[str, Any]) -> RunInfo:
@@ -318,7 +387,7 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
         if read_bytes(store.location, "_segpipe.json") is None:
             return None  # nothing was ever committed there
         store.check_layout(source.url, config.shard_by, config.shard_size)  # only reads: the layout is recorded
-        run = run_info(config, source.url, new_run_id(), model_meta(config))
+        run = run_info(config, source.url, new_run_id(), model_identity(config))
         skipped = 0
         for shard in shards:
             if not store.is_current(shard, run, redo_errors=config.redo_errors):

@@ -29,12 +29,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .config import DEFAULT_MAX_RASTER_PIXELS, SegmentConfig
-from .crf import DEFAULT_DOWNSAMPLE, dense_crf
+from .crf import DEFAULT_DOWNSAMPLE, crf_logits, dense_crf
 from .decode import DEFAULT_MAX_PIXELS, DeviceJpeg, ImageDecodeError, decode, decode_on_device
 from .geo import ClassPolygon, MaskWriter, PolygonCollector, PolygonsWriter, pixel_area
-from .inference import Segmenter, SlidingWindow, softmax_classes
+from .inference import GridLogits, Segmenter, SlidingWindow, softmax_classes
 from .masks import confidence_levels, encode_confidence, encode_mask
 from .preprocess import to_chw_uint8
 from .rasters import (
@@ -49,7 +50,7 @@ from .rasters import (
     read_rgb,
 )
 from .records import ImageRecord, confidence_key_for, mask_key, staged_polygons_key
-from .stats import ClassStats, class_statistics, labels_and_confidence
+from .stats import ClassStats, class_statistics, labels_and_confidence_of_logits
 from .storage import (
     Location,
     SourceFile,
@@ -144,12 +145,12 @@ class SegmentStage:
             return records
         start = time.perf_counter()
         try:
-            probs = self.segmenter.predict([r.image for r in todo])
+            grids = self.segmenter.predict_logits([r.image for r in todo])
         except (RuntimeError, ValueError):
             # one bad image (or out of memory) must not cost its neighbours: retry one by one
-            probs = [self._predict_one(r) for r in todo]
+            grids = [self._predict_one(r) for r in todo]
         share = (time.perf_counter() - start) / len(todo)
-        ready = [(record, p) for record, p in zip(todo, probs, strict=True) if p is not None]
+        ready = [(record, grid) for record, grid in zip(todo, grids, strict=True) if grid is not None]
         for chunk in self._chunks(ready):
             started = time.perf_counter()
             self._refine(chunk)
@@ -159,7 +160,7 @@ class SegmentStage:
                 record.image = None  # the decoded pixels need not travel further
         return records
 
-    def _refine(self, chunk: list[tuple[ImageRecord, torch.Tensor]]) -> None:
+    def _refine(self, chunk: list[tuple[ImageRecord, GridLogits]]) -> None:
         try:
             self._finish(chunk)
         except (RuntimeError, ValueError) as err:
@@ -169,15 +170,15 @@ class SegmentStage:
             for pair in chunk:  # one by one, so that only the image at fault fails
                 self._refine([pair])
 
-    def _chunks(self, ready: list[tuple[ImageRecord, torch.Tensor]]) -> list[list[tuple[ImageRecord, torch.Tensor]]]:
+    def _chunks(self, ready: list[tuple[ImageRecord, GridLogits]]) -> list[list[tuple[ImageRecord, GridLogits]]]:
         """Images refined together. On a GPU, all those of one size: a small image's CRF is
         bound by kernel launches, not arithmetic. On a CPU, one at a time: a batch's buffers
         outgrow the caches (about 30% slower per image in batches of 4, measured)."""
         if not self.refine_together:
             return [[pair] for pair in ready]
-        groups: dict[tuple[int, ...], list[tuple[ImageRecord, torch.Tensor]]] = {}
-        for record, p in ready:
-            groups.setdefault(tuple(p.shape[-2:]), []).append((record, p))
+        groups: dict[tuple, list[tuple[ImageRecord, GridLogits]]] = {}
+        for record, grid in ready:
+            groups.setdefault((grid.size, grid.cell, tuple(grid.values.shape)), []).append((record, grid))
         return list(groups.values())
 
     def _decode_jpegs(self, records: list[ImageRecord]) -> None:
@@ -196,27 +197,56 @@ class SegmentStage:
             record.image, record.encoded = image, None
             record.seconds.decode = (record.seconds.decode or 0.0) + share
 
-    def _predict_one(self, record: ImageRecord) -> torch.Tensor | None:
+    def _predict_one(self, record: ImageRecord) -> GridLogits | None:
         try:
-            return self.segmenter.predict([record.image])[0]
+            return self.segmenter.predict_logits([record.image])[0]
         except (RuntimeError, ValueError) as err:
             record.fail("inference", f"{type(err).__name__}: {err}")
             return None
 
-    def _finish(self, chunk: list[tuple[ImageRecord, torch.Tensor]]) -> None:
-        """CRF, labels and statistics for images of one size, on the model's device; only the
+    def _finish(self, chunk: list[tuple[ImageRecord, GridLogits]]) -> None:
+        """CRF, labels and statistics for images of one size, on the model's device: on the
+        model's output grid, then its logits resized to the images' pixels once; only the
         label maps (a byte per pixel up to 256 classes) and the statistics reach the host."""
-        probs = torch.stack([p for _, p in chunk]) if len(chunk) > 1 else chunk[0][1][None]
+        grids = [grid for _, grid in chunk]
         if self.crf:
-            pixels = torch.stack([to_chw_uint8(r.image).to(probs.device, non_blocking=True) for r, _ in chunk])
-            probs = dense_crf(probs, pixels)
-        labels, confidence = labels_and_confidence(probs)
+            height, width = grids[0].size
+            pixels = torch.stack([to_chw_uint8(r.image).to(grids[0].values.device, non_blocking=True) for r, _ in chunk])
+            grids = refine(grids, pixels, (0, height), (0, width))
+        logits = torch.stack([grid.on_pixels() for grid in grids])
+        labels, confidence = labels_and_confidence_of_logits(logits)
         host = labels.to(self._label_device_dtype).cpu().numpy().astype(self._label_dtype, copy=False)
         for index, (record, _) in enumerate(chunk):
             record.stats = class_statistics(labels[index], confidence[index], self.num_classes, host_labels=host[index])
             record.labels = host[index]
             if self.confidence:
                 record.confidence = confidence_levels(confidence[index]).cpu().numpy()
+
+
+def refine(grids: Sequence[GridLogits], pixels: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> list[GridLogits]:
+    """The dense CRF over the pixels [rows) x [cols) of images of one geometry, whose logits
+    `grids` hold; `pixels` are those of the rectangle, uint8 (B, 3, h, w). On the grid itself
+    where its cells are the CRF's (8 pixels: `crf_logits`) or are made so (a coarser grid
+    resized to it, 16 pixels for DeepLabV3-MobileNetV3); a finer grid, or an image resized for
+    the model, has its pixels refined (`dense_crf`)."""
+    cell = DEFAULT_DOWNSAMPLE
+    first = grids[0]
+    if first.cell > cell and first.cell % cell == 0:
+        factor = first.cell // cell
+        values = F.interpolate(torch.stack([grid.values for grid in grids]), scale_factor=factor, mode="bilinear",
+                               align_corners=False)
+        grids = [GridLogits(v, cell, first.origin, (first.grid[0] * factor, first.grid[1] * factor), first.size)
+                 for v in values]
+    if grids[0].cell == cell:
+        # at the image's end, all the grid's cells: the resize to pixels takes the last one too
+        grid = grids[0].grid
+        cells_r = (rows[0] // cell, grid[0] if rows[1] >= first.size[0] else -(-rows[1] // cell))
+        cells_c = (cols[0] // cell, grid[1] if cols[1] >= first.size[1] else -(-cols[1] // cell))
+        refined = crf_logits(torch.stack([grid.cells(cells_r, cells_c) for grid in grids]), pixels)
+        return [grid.with_values(v, (cells_r[0] * cell, cells_c[0] * cell)) for grid, v in zip(grids, refined, strict=True)]
+    probs = dense_crf(softmax_classes(torch.stack([grid.resize(rows, cols) for grid in grids])), pixels)
+    padded = (first.grid[0] * first.cell, first.grid[1] * first.cell)
+    return [GridLogits(v, 1, (rows[0], cols[0]), padded, first.size) for v in probs.clamp_min_(1e-30).log_()]
 
 
 def write_masks(output: Location, records: list[ImageRecord], palette: Sequence[Sequence[int]]) -> list[ImageRecord]:
@@ -365,11 +395,12 @@ class RasterStage:
 
         with MaskWriter(mask_path, **profile, nodata=RASTER_NODATA, palette=self.palette) as mask, \
                 MaskWriter(confidence_path, **profile, nodata=0) if s.confidence else _NoWriter() as confidence:
+            cell = self.segmenter.grid_cell()
             blocks = plan_blocks(dataset.height, dataset.width, crop=s.tile, stride=s.stride, block=s.block,
-                                 margin=s.crf_margin if self.crf else 0)
-            windows = WindowFiles(os.path.join(scratch, "windows"), blocks, crop=s.tile, stride=s.stride)
+                                 margin=s.crf_margin if self.crf else 0, cell=cell)
+            windows = WindowFiles(os.path.join(scratch, "windows"), blocks, crop=s.tile, stride=s.stride, cell=cell)
             for block in blocks:
-                labels, score, valid = self._block(dataset, block, bands, limits, windows)
+                labels, score, valid = self._block(dataset, block, bands, limits, windows, cell)
                 totals.add(labels, score, valid)
                 take(collector.add(block.core, labels, valid))
                 mask.write(block.core, np.where(valid, labels, RASTER_NODATA).astype(np.uint8))
@@ -388,7 +419,8 @@ class RasterStage:
             put_file_atomic(self.output, record.polygons_key, polygons_path)
         record.height, record.width = dataset.height, dataset.width
 
-    def _block(self, dataset: Any, block: Block, bands: tuple[int, ...], limits: np.ndarray, windows: WindowFiles):
+    def _block(self, dataset: Any, block: Block, bands: tuple[int, ...], limits: np.ndarray, windows: WindowFiles,
+               cell: int):
         """Labels, confidence and validity of the block's core."""
         rgb, valid = read_rgb(dataset, block.extent, bands, limits)
         extent = block.extent
@@ -400,15 +432,13 @@ class RasterStage:
         if self.crf:
             rows = _crf_span(core_rows, int(extent.row_off), int(extent.height), self.settings.crf_margin)
             cols = _crf_span(core_cols, int(extent.col_off), int(extent.width), self.settings.crf_margin)
-        logits = self.segmenter.region_logits(rgb, origin=(int(extent.row_off), int(extent.col_off)), windows=windows,
-                                              part=(rows, cols))
-        probs = softmax_classes(logits[None])
+        grid = self.segmenter.region_logits(rgb, origin=(int(extent.row_off), int(extent.col_off)), cell=cell,
+                                            windows=windows, part=(rows, cols))
         if self.crf:
-            pixels = to_chw_uint8(rgb[rows[0]:rows[1], cols[0]:cols[1]]).to(probs.device)[None]
-            probs = dense_crf(probs, pixels)
-        inside = (slice(core_rows[0] - rows[0], core_rows[1] - rows[0]), slice(core_cols[0] - cols[0], core_cols[1] - cols[0]))
-        labels, score = labels_and_confidence(probs[0, :, inside[0], inside[1]])
-        return labels.cpu().numpy(), score.float().cpu().numpy(), valid[core_rows[0]:core_rows[1], core_cols[0]:core_cols[1]]
+            pixels = to_chw_uint8(rgb[rows[0]:rows[1], cols[0]:cols[1]]).to(grid.values.device)[None]
+            grid = refine([grid], pixels, rows, cols)[0]
+        labels, score = labels_and_confidence_of_logits(grid.resize(core_rows, core_cols))
+        return labels.cpu().numpy(), score.cpu().numpy(), valid[core_rows[0]:core_rows[1], core_cols[0]:core_cols[1]]
 
 
 def _span(offset: float, length: float, extent_offset: float) -> tuple[int, int]:
@@ -440,13 +470,15 @@ class WindowFiles:
     runs it and writes its logits to `folder`; the others read them back; the last deletes
     them. The windows along a row of blocks' lower edge wait there for the next row: on local
     disk, not in memory, because there are two rows of them the raster's width long (about
-    1.2 GB for a 32768-pixel-wide raster, 512-pixel windows, 7 classes).
+    19 MB for a 32768-pixel-wide raster, 512-pixel windows, 7 classes, logits at 1/8: 1.2 GB
+    for a model whose logits are at full resolution).
     """
 
-    def __init__(self, folder: str, blocks: Sequence[Block], *, crop: int, stride: int) -> None:
+    def __init__(self, folder: str, blocks: Sequence[Block], *, crop: int, stride: int, cell: int = 1) -> None:
         os.makedirs(folder, exist_ok=True)
         self.folder = folder
-        self.uses = Counter(origin for block in blocks for origin in block_windows(block, crop=crop, stride=stride))
+        self.uses = Counter(origin for block in blocks
+                            for origin in block_windows(block, crop=crop, stride=stride, cell=cell))
         self.computed = self.reused = 0
 
     def _path(self, origin: tuple[int, int]) -> str:
@@ -493,8 +525,11 @@ class _ClassTotals:
 
     def add(self, labels: np.ndarray, score: np.ndarray, valid: np.ndarray) -> None:
         n = len(self.counts)
-        self.counts += np.bincount(labels[valid].ravel(), minlength=n)[:n]
-        self.confidence += np.bincount(labels[valid].ravel(), weights=score[valid].ravel(), minlength=n)[:n]
+        if not valid.all():  # most blocks have data everywhere: no copies of their pixels then
+            labels, score = labels[valid], score[valid]
+        labels = labels.ravel()
+        self.counts += np.bincount(labels, minlength=n)[:n]
+        self.confidence += np.bincount(labels, weights=score.ravel(), minlength=n)[:n]
 
     def stats(self, *, pixel_area: float) -> ClassStats:
         """`fraction` is of the raster's valid pixels; `area` in `pixel_area`'s units."""

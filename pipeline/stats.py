@@ -35,6 +35,14 @@ def labels_and_confidence(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return labels, confidence
 
 
+def labels_and_confidence_of_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`labels_and_confidence` of the class softmax of (C, H, W) or (B, C, H, W) logits,
+    without the softmax: the largest probability is 1 / sum(exp(logits - their max))."""
+    top, labels = logits.max(dim=-3)
+    confidence = (logits - top.unsqueeze(-3)).exp_().sum(dim=-3).reciprocal_()
+    return labels, confidence
+
+
 def class_statistics(
     labels: torch.Tensor | np.ndarray,
     confidence: torch.Tensor | np.ndarray,

@@ -1,6 +1,6 @@
 """Object storage through fsspec: every byte the pipeline reads or writes (images, masks,
 tables, markers, run records, checkpoints, reports) goes through here: locations, the streamed
-listing of a source, shards, retried reads and atomic writes.
+listing of a source, shards, retried reads and atomic writes, and removing folders.
 
 Any fsspec URL works (`s3://bucket/prefix`, `gs://...`, a local folder). S3-compatible
 endpoints are reached through the standard `AWS_ENDPOINT_URL` / `AWS_*` variables (botocore
@@ -21,6 +21,7 @@ Below all three, the S3 client (botocore, s3fs) retries throttling within a requ
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import logging
 import os
@@ -296,6 +297,46 @@ def move_atomic(location: Location, source_key: str, key: str) -> None:
     retry_io(location.uri(key), location.fs.copy, source, path)
     with contextlib.suppress(FileNotFoundError):
         retry_io(location.uri(source_key), location.fs.rm_file, source)
+
+
+def list_folders(location: Location, key: str) -> list[str]:
+    """Names of the folders directly under `key`, sorted; none when `key` does not exist.
+    Streamed like the source's listing (one page of 1000 keys at a time on S3)."""
+    path = location.path(key)
+    try:
+        entries = list(_entries(location.fs, path))
+    except FileNotFoundError:
+        return []
+    names = (entry["name"].rstrip("/") for entry in entries if entry.get("type") == "directory")
+    return sorted(posixpath.basename(name) for name in names if name != path)
+
+
+def last_modified(location: Location, key: str) -> dt.datetime | None:
+    """When the newest object under the folder `key` was last written (UTC); None when it
+    holds no object (an empty or missing folder)."""
+    path = location.path(key)
+    location.fs.invalidate_cache(path)  # a cached listing would miss what was written since
+    found = retry_io(location.uri(key), location.fs.find, path, detail=True)
+    return max((_modified_at(location.fs, info) for info in found.values()), default=None)
+
+
+def _modified_at(fs: AbstractFileSystem, info: dict[str, Any]) -> dt.datetime:
+    """An fsspec info dict's modification time: `LastModified` on S3, `mtime` on local disks,
+    else whatever the filesystem answers for the path."""
+    value = info.get("LastModified", info.get("mtime"))
+    if isinstance(value, int | float):
+        return dt.datetime.fromtimestamp(value, dt.UTC)
+    if not isinstance(value, dt.datetime):
+        value = retry_io(info["name"], fs.modified, info["name"])
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def remove_folder(location: Location, key: str) -> None:
+    """Delete the folder `key` and everything under it; nothing to do when it does not exist."""
+    path = location.path(key)
+    with contextlib.suppress(FileNotFoundError):
+        retry_io(location.uri(key), location.fs.rm, path, recursive=True)
+    location.fs.invalidate_cache(path)
 
 
 def _replace_local_file(path: str, fill: Callable[[BinaryIO], object]) -> None:

@@ -24,7 +24,8 @@ from pipeline.models import ModelMeta, Preprocessing, build_model
 
 class Pointwise(nn.Module):
     """A 1x1 convolution: each pixel's logits depend on that pixel alone, so sliding windows
-    must reproduce the whole-image result exactly. Records every batch it sees."""
+    must reproduce the whole-image result exactly. Records every batch it sees (after the
+    128 x 128 probe a Segmenter measures its output stride with, which `_segmenter` drops)."""
 
     def __init__(self, num_classes: int = 4) -> None:
         super().__init__()
@@ -34,6 +35,14 @@ class Pointwise(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.inputs.append(x.detach().clone())
         return {"out": self.conv(x) * 3}
+
+
+def _segmenter(model: nn.Module, *args, **kwargs) -> Segmenter:
+    """A Segmenter whose copy of a Pointwise model has recorded nothing yet."""
+    segmenter = Segmenter(model, *args, **kwargs)
+    assert [tuple(x.shape) for x in segmenter.model.model.inputs] == [(1, 3, 128, 128)]
+    segmenter.model.model.inputs.clear()
+    return segmenter
 
 
 def _meta(num_classes: int = 4, **pre) -> ModelMeta:
@@ -46,7 +55,7 @@ def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:
 
 def test_probabilities_at_each_original_size_in_input_order() -> None:
     model = Pointwise()
-    seg = Segmenter(model, _meta(), device="cpu", batch_size=2, precision="fp32")
+    seg = _segmenter(model, _meta(), device="cpu", batch_size=2, precision="fp32")
     images = [_image(20, 30, 0), _image(17, 11, 1), _image(20, 30, 2), _image(20, 30, 3)]
     probs = seg.predict(images)
     assert [tuple(p.shape) for p in probs] == [(4, 20, 30), (4, 17, 11), (4, 20, 30), (4, 20, 30)]
@@ -54,7 +63,7 @@ def test_probabilities_at_each_original_size_in_input_order() -> None:
         torch.testing.assert_close(p.sum(0), torch.ones(p.shape[1:]))
     # batched by size (2 + 1 windows of 20x30, one of 17x11), never mixing sizes in a batch
     # (the segmenter runs its own copy of the model, with batch norms folded)
-    assert sorted(tuple(x.shape) for x in seg.model.inputs) == [(1, 3, 17, 11), (1, 3, 20, 30), (2, 3, 20, 30)]
+    assert sorted(tuple(x.shape) for x in seg.model.model.inputs) == [(1, 3, 17, 11), (1, 3, 20, 30), (2, 3, 20, 30)]
     alone = seg.predict([images[2]])[0]
     torch.testing.assert_close(alone, probs[2])
     numpy_input = seg.predict([images[1].permute(1, 2, 0).numpy()])[0]
@@ -65,9 +74,9 @@ def test_normalisation_and_resize_policy_come_from_the_metadata() -> None:
     model = Pointwise()
     meta = _meta(mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0), resize="short_side", size=(10,))
     image = _image(20, 30)
-    segmenter = Segmenter(model, meta, device="cpu", precision="fp32")
+    segmenter = _segmenter(model, meta, device="cpu", precision="fp32")
     probs = segmenter.predict([image])[0]
-    seen = segmenter.model.inputs[0]
+    seen = segmenter.model.model.inputs[0]
     assert seen.shape == (1, 3, 10, 15)  # short side 20 -> 10, aspect kept
     resized = F.interpolate(image[None].float(), size=(10, 15), mode="bilinear", align_corners=False, antialias=True)
     expected = (resized / 255 - torch.tensor([0.5, 0.25, 0.0]).view(1, 3, 1, 1)) / torch.tensor([0.5, 0.25, 1.0]).view(1, 3, 1, 1)
@@ -106,15 +115,37 @@ class _Kept:
 
 def test_region_logits_of_a_part_and_from_kept_windows_are_those_of_the_whole_region() -> None:
     image = _image(100, 130)
-    segmenter = Segmenter(Pointwise(), _meta(), device="cpu",
-                          sliding_window=SlidingWindow(crop=(32, 32), stride=(24, 24), batch_size=3), precision="fp32")
+    segmenter = _segmenter(Pointwise(), _meta(), device="cpu",
+                           sliding_window=SlidingWindow(crop=(32, 32), stride=(24, 24), batch_size=3), precision="fp32")
     store = _Kept()
-    whole = segmenter.region_logits(image, origin=(48, 72), windows=store)
-    runs = len(segmenter.model.inputs)
-    part = segmenter.region_logits(image, origin=(48, 72), windows=store, part=((10, 70), (33, 101)))
-    assert torch.equal(part, whole[:, 10:70, 33:101])
-    assert len(segmenter.model.inputs) == runs and store.reused == len(store.logits) > 1  # no window ran twice
+    whole = segmenter.region_logits(image, origin=(48, 72), cell=1, windows=store)
+    runs = len(segmenter.model.model.inputs)
+    part = segmenter.region_logits(image, origin=(48, 72), cell=1, windows=store, part=((10, 70), (33, 101)))
+    assert torch.equal(part.resize((10, 70), (33, 101)), whole.resize((10, 70), (33, 101)))
+    assert part.values.shape[-2:] == (62, 70)  # the part's cells and one more on each side
+    assert len(segmenter.model.model.inputs) == runs and store.reused == len(store.logits) > 1  # no window ran twice
     assert set(store.logits) == {(48 + y, 72 + x) for y in window_starts(100, 32, 24) for x in window_starts(130, 32, 24)}
+
+
+def test_logits_blended_on_the_model_grid_give_any_part_exactly() -> None:
+    """LR-ASPP's logits are at 1/8 of the input: windows are blended on that grid, padded at
+    the image's end to whole cells, and a part of the image resized from only the cells it
+    needs is exactly that part of the whole grid resized, at the grid's own edges too."""
+    model = build_model("lraspp_mobilenet_v3_large", num_classes=3)
+    segmenter = Segmenter(model, device="cpu", sliding_window=SlidingWindow(crop=(64, 64), stride=(48, 48), batch_size=4),
+                          precision="fp32").at_native_resolution(SlidingWindow(crop=(64, 64), stride=(48, 48), batch_size=4))
+    image = _image(150, 203)
+    assert segmenter.grid_cell() == 8
+    whole = segmenter.region_logits(image, origin=(0, 0), cell=8, windows=_Kept())
+    assert whole.values.shape[-2:] == (19, 26) and whole.grid == (19, 26)  # 152 x 208 pixels padded
+    for rows, cols in (((0, 150), (0, 203)), ((17, 90), (41, 203)), ((141, 150), (0, 9))):
+        part = segmenter.region_logits(image, origin=(0, 0), cell=8, windows=_Kept(), part=(rows, cols))
+        torch.testing.assert_close(part.resize(rows, cols), whole.resize(rows, cols), atol=1e-5, rtol=0)
+    full = whole.resize((0, 150), (0, 203))
+    expected = F.interpolate(whole.values[None], size=(152, 208), mode="bilinear", align_corners=False)[0, :, :150, :203]
+    torch.testing.assert_close(full, expected)
+    # windows that are not whole cells are resized to pixels before they are blended
+    assert segmenter.at_native_resolution(SlidingWindow(crop=(60, 60), stride=(48, 48))).grid_cell() == 1
 
 
 def test_sliding_window_equals_whole_image_for_a_pointwise_model() -> None:
@@ -122,11 +153,12 @@ def test_sliding_window_equals_whole_image_for_a_pointwise_model() -> None:
     image = _image(100, 77)
     whole = Segmenter(model, _meta(), device="cpu", precision="fp32").predict([image])[0]
     window = SlidingWindow(crop=(32, 32), stride=(20, 24), batch_size=3)
-    sliding = Segmenter(model, _meta(), device="cpu", sliding_window=window, precision="fp32")
+    sliding = _segmenter(model, _meta(), device="cpu", sliding_window=window, precision="fp32")
+    assert sliding.grid_cell() == 1
     slid = sliding.predict([image])[0]
     torch.testing.assert_close(slid, whole, atol=1e-5, rtol=1e-5)
     # memory is bounded by the window batch: never more than 3 crops of 32x32 at once
-    seen = sliding.model.inputs
+    seen = sliding.model.model.inputs
     assert all(x.shape[0] <= 3 and x.shape[-2:] == (32, 32) for x in seen)
     assert sum(x.shape[0] for x in seen) == 5 * 3  # starts y 0,20,40,60,68; x 0,24,45
 
@@ -218,9 +250,18 @@ def test_segmenter_leaves_the_model_given_as_it_is() -> None:
 def test_torch_compile_gives_the_same_probabilities() -> None:
     model = Pointwise()
     image = _image(16, 16)
-    eager = Segmenter(model, _meta(), device="cpu", precision="fp32").predict([image])[0]
-    compiled = Segmenter(model, _meta(), device="cpu", compile=True, precision="fp32").predict([image])[0]
+    plain = Segmenter(model, _meta(), device="cpu", precision="fp32")
+    eager = plain.predict([image])[0]
+    segmenter = Segmenter(model, _meta(), device="cpu", compile=True, precision="fp32")
+    compiled = segmenter.predict([image])[0]
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    # the compilation is paid at each input shape's first call, and reported (the run summary's)
+    assert plain.compile_seconds == 0.0 and segmenter.compile_seconds > 0
+    first = segmenter.compile_seconds
+    segmenter.predict([image])
+    assert segmenter.compile_seconds == first
+    segmenter.at_native_resolution(SlidingWindow((8, 8), (8, 8), 1)).predict([_image(16, 16, 1)])  # 8 x 8 windows
+    assert segmenter.compile_seconds > first
 
 
 def test_segmenter_defaults_and_validation() -> None:
@@ -245,3 +286,28 @@ def test_cuda_matches_cpu() -> None:
     gpu = Segmenter(model, device="cuda").predict(images)[0]
     assert gpu.device.type == "cuda"
     assert (gpu.cpu().argmax(0) == cpu.argmax(0)).float().mean() > 0.95
+
+
+def test_a_compiled_model_only_ever_sees_full_batches() -> None:
+    """A last, smaller batch would make dynamo recompile with a dynamic batch dimension (slower
+    kernels for every batch after it), so a compiled model's batches are padded to the batch
+    size, and the windows a region runs are gathered into full batches. Compilation itself is
+    left out here: the segmenter is marked compiled, and its model records the shapes it gets."""
+    segmenter = _segmenter(Pointwise(), _meta(), device="cpu", batch_size=4, precision="fp32",
+                           sliding_window=SlidingWindow(crop=(32, 32), stride=(24, 24), batch_size=3))
+    plain = Segmenter(Pointwise(), _meta(), device="cpu", batch_size=4, precision="fp32",
+                      sliding_window=SlidingWindow(crop=(32, 32), stride=(24, 24), batch_size=3))
+    plain.model.model.conv.load_state_dict(segmenter.model.model.conv.state_dict())
+    segmenter.compiled = True
+    images = [_image(20, 30, seed) for seed in range(5)]  # 4 + 1
+    for got, expected in zip(segmenter.predict(images), plain.predict(images), strict=True):
+        torch.testing.assert_close(got, expected)
+    assert [x.shape[0] for x in segmenter.model.model.inputs] == [4, 4]
+    segmenter.model.model.inputs.clear()
+    store = _Kept()
+    segmenter.region_logits(_image(100, 130), origin=(0, 0), cell=1, windows=store)  # 4 x 6 windows
+    segmenter.region_logits(_image(100, 130), origin=(0, 0), cell=1, windows=store, part=((0, 10), (0, 10)))
+    assert [x.shape[0] for x in segmenter.model.model.inputs] == [3] * 8  # 24 windows, each run once
+    segmenter.model.model.inputs.clear()
+    segmenter.region_logits(_image(100, 100), origin=(500, 0), cell=1, windows=_Kept())  # 4 x 4 windows
+    assert [x.shape[0] for x in segmenter.model.model.inputs] == [3] * 6  # the last 1 padded to 3

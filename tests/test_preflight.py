@@ -205,6 +205,7 @@ def test_checkpoint_metadata_is_read_without_its_tensors_or_running_code(tmp_pat
     summary = read_checkpoint(weights, {}, "--weights")
     assert (summary.architecture, summary.num_classes, summary.trained_epochs) == ("lraspp_mobilenet_v3_large", 3, 2)
     assert summary.class_names == ("class_0", "class_1", "class_2")
+    assert summary.meta == ModelMeta.default("lraspp_mobilenet_v3_large", 3).model_dump(mode="json")
     # a pickle that would run a command is refused, and the command never runs
     marker = tmp_path / "ran"
     evil = tmp_path / "evil.pt"
@@ -221,6 +222,18 @@ def test_checkpoint_metadata_is_read_without_its_tensors_or_running_code(tmp_pat
     (tmp_path / "plain.pt").write_bytes(pickle.dumps({"format": CHECKPOINT_FORMAT}))
     with pytest.raises(PreflightError, match="is not a segpipe checkpoint"):
         read_checkpoint(str(tmp_path / "plain.pt"), {}, "--weights")
+
+
+def test_a_checkpoint_is_read_by_its_metadata_alone(tmp_path, monkeypatch) -> None:
+    """Kilobytes of a checkpoint's megabytes: on object storage a range read, not its weights."""
+    from fsspec.implementations.local import LocalFileOpener
+
+    weights = _checkpoint(tmp_path / "m.pt", 3)
+    read = []
+    original = LocalFileOpener.read
+    monkeypatch.setattr(LocalFileOpener, "read", lambda self, *a, **k: read.append(original(self, *a, **k)) or read[-1])
+    assert read_checkpoint(weights, {}, "--weights").num_classes == 3
+    assert 0 < sum(map(len, read)) < os.path.getsize(weights) / 10
 
 
 def test_a_checkpoint_on_s3_is_read_by_its_metadata(s3_bucket) -> None:
@@ -258,6 +271,13 @@ def test_the_tables_kept_beside_the_checks_agree_with_their_sources(tmp_path, mo
         entry = PUBLISHED_WEIGHTS[name]
         assert (entry.enum, set(entry.members)) == (enum.__name__, set(enum.__members__))
         assert {(m.url, len(m.meta["categories"])) for m in enum} == {(entry.url, entry.num_classes)}
+        # what a run's model is (pipeline.run.model_identity): the member every name selects, and its meaning
+        for member in entry.members:
+            weights_ = enum[member]
+            transforms = weights_.transforms()
+            assert (weights_.name, tuple(weights_.meta["categories"])) == (entry.name, entry.categories)
+            assert (list(transforms.resize_size), tuple(transforms.mean), tuple(transforms.std)) == (
+                [entry.resize_size], entry.mean, entry.std)
     assert LAYOUT_FORMAT == WRITTEN and weights.CHECKPOINT_FORMAT == CHECKPOINT_FORMAT
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     assert hub_cache_path("https://x/y/w.pth") == os.path.join(torch.hub.get_dir(), "checkpoints", "w.pth")

@@ -102,13 +102,15 @@ def test_blocks_give_exactly_the_labels_of_the_whole_raster(shared_data, tmp_pat
     (tmp_path / "src").mkdir()
     _mosaic(shared_data, tmp_path / "src" / "scene.tif", height=520, width=650)
     stage = _raster_stage(tmp_path / "src", tmp_path / "out", tile=128, block=256)
+    cell = stage.segmenter.grid_cell()  # LR-ASPP: logits blended at 1/8, the raster padded to 520 x 656
+    assert cell == 8
     windows_run = []
     hook = stage.segmenter.model.register_forward_hook(lambda _m, inputs, _o: windows_run.append(len(inputs[0])))
     record = stage(ImageRecord(key="scene.tif", georeferenced=True))
     hook.remove()
     assert record.ok, record.error
-    assert len(plan_blocks(520, 650, crop=128, stride=96, block=256, margin=0)) == 4
-    assert sum(windows_run) == len(window_starts(520, 128, 96)) * len(window_starts(650, 128, 96))
+    assert len(plan_blocks(520, 650, crop=128, stride=96, block=256, margin=0, cell=cell)) == 4
+    assert sum(windows_run) == len(window_starts(520, 128, 96)) * len(window_starts(656, 128, 96))
     with open_raster(open_location(str(tmp_path / "src")), "scene.tif") as dataset:
         bands = choose_bands(dataset, None)
         rgb, valid = read_rgb(dataset, rasterio.windows.Window(0, 0, dataset.width, dataset.height), bands,
@@ -210,8 +212,11 @@ def test_a_geotiff_on_s3_becomes_a_cog_mask_polygons_and_areas(ray_cpu, s3_bucke
     for file in files:
         frame = gpd.read_parquet(file)
         for image_id, rows in frame[(frame.class_name == "class_1") & (frame.area > 200)].groupby("image_id"):
-            expected[image_id] = (len(rows), round(rows.area.sum()))
-    assert {r[0]: (r[1], r[2]) for r in con.sql(query).fetchall()} == expected
+            expected[image_id] = (len(rows), rows.area.sum())
+    got = {r[0]: (r[1], r[2]) for r in con.sql(query).fetchall()}
+    assert got.keys() == expected.keys()
+    for image_id, (count, m2) in got.items():  # DuckDB rounds halves away from zero, Python to even
+        assert count == expected[image_id][0] and abs(m2 - expected[image_id][1]) <= 0.5
 
 
 def test_polygons_are_staged_by_the_replica_and_moved_by_the_commit(shared_data, tmp_path):

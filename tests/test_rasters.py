@@ -19,11 +19,12 @@ from rasterio.windows import Window
 from torch import nn
 
 from pipeline.decode import ImageDecodeError
-from pipeline.inference import Segmenter, SlidingWindow, window_starts
+from pipeline.inference import Segmenter, SlidingWindow, ceil_to, window_starts
 from pipeline.models import ModelMeta, Preprocessing
 from pipeline.rasters import (
     Block,
     band_limits,
+    block_windows,
     choose_bands,
     is_georeferenced,
     is_raster_key,
@@ -265,26 +266,33 @@ def test_raster_on_s3_is_read_by_ranges(shared_data: Path, tmp_path: Path, s3_bu
 
 
 SIZES = [
-    # height, width, crop, stride, block, margin
-    (1000, 777, 512, 384, 1024, 0),
-    (1000, 777, 512, 384, 1024, 64),
-    (300, 200, 512, 384, 1024, 16),  # smaller than one crop
-    (2600, 2049, 512, 384, 1000, 200),
-    (1537, 1000, 256, 256, 700, 0),  # stride == crop: windows do not overlap
-    (1001, 999, 300, 97, 250, 500),  # margin wider than a block
+    # height, width, crop, stride, block, margin, cell
+    (1000, 777, 512, 384, 1024, 0, 1),
+    (1000, 777, 512, 384, 1024, 64, 1),
+    (300, 200, 512, 384, 1024, 16, 1),  # smaller than one crop
+    (2600, 2049, 512, 384, 1000, 200, 1),
+    (1537, 1000, 256, 256, 700, 0, 1),  # stride == crop: windows do not overlap
+    (1001, 999, 300, 97, 250, 500, 1),  # margin wider than a block
+    (1001, 777, 512, 384, 1024, 0, 8),  # logits at 1/8: the raster padded to whole cells
+    (2600, 2049, 512, 384, 1000, 128, 8),
+    (1537, 1001, 256, 128, 700, 0, 16),
 ]
 
 
-@pytest.mark.parametrize(("height", "width", "crop", "stride", "block", "margin"), SIZES)
-def test_blocks_tile_the_raster_and_read_whole_grid_windows(height, width, crop, stride, block, margin) -> None:
-    blocks = plan_blocks(height, width, crop=crop, stride=stride, block=block, margin=margin)
+@pytest.mark.parametrize(("height", "width", "crop", "stride", "block", "margin", "cell"), SIZES)
+def test_blocks_tile_the_raster_and_read_whole_grid_windows(height, width, crop, stride, block, margin, cell) -> None:
+    blocks = plan_blocks(height, width, crop=crop, stride=stride, block=block, margin=margin, cell=cell)
     covered = np.zeros((height, width), np.int8)
     for b in blocks:
         covered[b.core.toslices()] += 1
     assert (covered == 1).all()
     assert blocks == sorted(blocks, key=lambda b: (b.core.row_off, b.core.col_off))
-    size_h, size_w = min(crop, height), min(crop, width)
-    grid = list(itertools.product(window_starts(height, size_h, stride), window_starts(width, size_w, stride)))
+    # the Segmenter's grid of the whole raster, padded at its end to whole cells
+    padded_h, padded_w = ceil_to(height, cell), ceil_to(width, cell)
+    size_h, size_w = min(crop, padded_h), min(crop, padded_w)
+    grid = list(itertools.product(window_starts(padded_h, size_h, stride), window_starts(padded_w, size_w, stride)))
+    assert all(y % cell == 0 and x % cell == 0 for y, x in grid)
+    reach = margin + (cell if cell > 1 else 0)  # the core's resize from the grid takes the next cell
     for b in blocks:
         core, extent = b.core, b.extent
         assert extent.row_off >= 0 and extent.row_off + extent.height <= height
@@ -296,22 +304,17 @@ def test_blocks_tile_the_raster_and_read_whole_grid_windows(height, width, crop,
         assert extent.col_off + extent.width >= min(width, core.col_off + core.width + margin)
         inside = {
             (y, x) for y, x in grid
-            if y >= extent.row_off and y + size_h <= extent.row_off + extent.height
-            and x >= extent.col_off and x + size_w <= extent.col_off + extent.width
+            if y >= extent.row_off and y + size_h <= ceil_to(extent.row_off + extent.height, cell)
+            and x >= extent.col_off and x + size_w <= ceil_to(extent.col_off + extent.width, cell)
         }
         touching = {
             (y, x) for y, x in grid
-            if y < core.row_off + core.height and y + size_h > core.row_off
-            and x < core.col_off + core.width and x + size_w > core.col_off
+            if y < core.row_off + core.height + reach and y + size_h > core.row_off - reach
+            and x < core.col_off + core.width + reach and x + size_w > core.col_off - reach
         }
         assert touching <= inside
         # the sliding windows run inside the extent alone are the grid windows that lie in it
-        local = {
-            (extent.row_off + y, extent.col_off + x)
-            for y in window_starts(extent.height, min(crop, extent.height), stride)
-            for x in window_starts(extent.width, min(crop, extent.width), stride)
-        }
-        assert local == inside
+        assert set(block_windows(b, crop=crop, stride=stride, cell=cell)) == inside
 
 
 def test_plan_blocks_checks_its_arguments() -> None:
@@ -320,6 +323,8 @@ def test_plan_blocks_checks_its_arguments() -> None:
         plan_blocks(100, 100, crop=8, stride=9, block=10, margin=0)
     with pytest.raises(ValueError, match="margin >= 0"):
         plan_blocks(100, 100, crop=8, stride=8, block=10, margin=-1)
+    with pytest.raises(ValueError, match="whole numbers of cells"):
+        plan_blocks(100, 100, crop=12, stride=8, block=10, margin=0, cell=8)
 
 
 class Padded(nn.Module):

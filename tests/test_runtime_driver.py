@@ -208,10 +208,10 @@ def test_one_replica_per_declared_gpu(tmp_path, _ray_session):
         # --device cpu keeps the model off the GPUs even where there are some
         on_cpu = run_segmentation(config.model_copy(update={"device": "cpu", "output": f"{output}-cpu"}))
         # one CPU replica on a 2-CPU node runs torch on both, though it reserves one
-        assert on_cpu.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 2}]
+        assert on_cpu.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 2, "compile_seconds": 0.0}]  # fp32: eager
         pinned = run_segmentation(config.model_copy(update={"device": "cpu", "threads_per_actor": 1,
                                                             "output": f"{output}-pinned"}))
-        assert pinned.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 1}]
+        assert pinned.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 1, "compile_seconds": 0.0}]
     finally:
         ray.shutdown()
 

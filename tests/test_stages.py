@@ -194,14 +194,14 @@ def test_images_refined_together_end_as_when_refined_alone(stage, monkeypatch):
         assert np.array_equal(one.stats.pixel_count, other.stats.pixel_count)
         np.testing.assert_allclose(one.stats.mean_confidence, other.stats.mean_confidence, rtol=1e-4)
 
-    real_crf = stages.dense_crf
+    real_crf = stages.crf_logits
 
-    def refusing(probs, images, **kw):
+    def refusing(logits, images, **kw):
         if bool((images == 7).all(dim=(1, 2, 3)).any()):
             raise RuntimeError("CUDA out of memory (stand-in)")
-        return real_crf(probs, images, **kw)
+        return real_crf(logits, images, **kw)
 
-    monkeypatch.setattr(stages, "dense_crf", refusing)
+    monkeypatch.setattr(stages, "crf_logits", refusing)
     records = _records(sizes)
     records[2].image = np.full((40, 56, 3), 7, np.uint8)
     together(records)

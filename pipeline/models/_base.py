@@ -71,3 +71,40 @@ class FCNAuxHead(nn.Sequential):
     def __init__(self, in_channels: int, num_classes: int) -> None:
         mid = in_channels // 4
         super().__init__(conv_bn_relu(in_channels, mid), nn.Dropout(0.1), nn.Conv2d(mid, num_classes, 1))
+
+
+class GridHead(nn.Module):
+    """A segmentation model's "out" logits on its own output grid: before the final bilinear
+    resize to the input's size that every model here ends with (1/8 of the input for
+    DeepLabV3-ResNet, FCN, LR-ASPP and PSPNet; 1/16 for DeepLabV3-MobileNetV3; 1/4 for
+    DeepLabV3+; the input's own for U-Net, whose head is at full resolution).
+
+    Inference blends windows, refines with the CRF and takes the class softmax on that grid,
+    then resizes once, only the pixels it keeps: the same bilinear resize, being linear,
+    commutes with the blending, and the grid has 64 times fewer logits at 1/8.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        from torchvision.models.segmentation._utils import _SimpleSegmentationModel
+        from torchvision.models.segmentation.lraspp import LRASPP
+
+        self.model = model
+        if hasattr(model, "grid_logits"):
+            self.kind = "own"
+        elif isinstance(model, LRASPP):
+            self.kind = "lraspp"
+        elif isinstance(model, _SimpleSegmentationModel):  # torchvision's DeepLabV3 and FCN
+            self.kind = "simple"
+        else:
+            self.kind = "resized"  # only the resized logits are to be had
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        if self.kind == "own":
+            return model.grid_logits(x)
+        if self.kind == "lraspp":
+            return model.classifier(model.backbone(x))
+        if self.kind == "simple":
+            return model.classifier(model.backbone(x)["out"])
+        return model(x)["out"]

@@ -33,11 +33,18 @@ class DeepLabV3Plus(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         size = x.shape[-2:]
         c1, c3, c4 = self.backbone(x)
+        aux = self.aux_classifier(c3) if self.aux_classifier is not None else None
+        return outputs(self._decode(c1, c4), aux, size)
+
+    def grid_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits on the output grid (1/4 of the input), before their resize to the input."""
+        c1, _, c4 = self.backbone(x)
+        return self._decode(c1, c4)
+
+    def _decode(self, c1: torch.Tensor, c4: torch.Tensor) -> torch.Tensor:
         low = self.low_level(c1)
         high = resize_to(self.aspp(c4), low.shape[-2:])
-        out = self.decoder(torch.cat([high, low], dim=1))
-        aux = self.aux_classifier(c3) if self.aux_classifier is not None else None
-        return outputs(out, aux, size)
+        return self.decoder(torch.cat([high, low], dim=1))
 
 
 @register_model("deeplabv3plus_resnet50")

@@ -46,9 +46,15 @@ class PSPNet(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         size = x.shape[-2:]
         _, c3, c4 = self.backbone(x)
-        out = self.classifier(self.ppm(c4))
         aux = self.aux_classifier(c3) if self.aux_classifier is not None else None
-        return outputs(out, aux, size)
+        return outputs(self._head(c4), aux, size)
+
+    def grid_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits on the output grid (1/8 of the input), before their resize to the input."""
+        return self._head(self.backbone(x)[2])
+
+    def _head(self, c4: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.ppm(c4))
 
 
 @register_model("pspnet_resnet50")

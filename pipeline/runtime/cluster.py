@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 
 import ray
 
@@ -18,27 +17,12 @@ def connect_ray(address: str | None) -> tuple[bool, str]:
     if ray.is_initialized():
         return False, "the Ray session already open in this process"
     wanted = address or os.environ.get("RAY_ADDRESS") or None
-    local = wanted in (None, "local")
-    if local:
+    if wanted in (None, "local"):
         _choose_token_auth()
-    worker_log = logging.getLogger("ray._private.worker")
-    worker_log.addFilter(_sigterm_handler_note)
-    try:
-        if local:
-            ray.init(address=wanted, include_dashboard=False, logging_level=logging.WARNING)
-            return True, "a local Ray started for this run"
-        ray.init(address=address, logging_level=logging.WARNING)
-        return True, f"the Ray cluster at {ray.get_runtime_context().gcs_address}"
-    finally:
-        worker_log.removeFilter(_sigterm_handler_note)
-
-
-def _sigterm_handler_note(record: logging.LogRecord) -> bool:
-    """ray.init outside the main thread (a run starts Ray in the background, see
-    `replicas.Replicas`) warns that it set no SIGTERM handler; that handler only turns SIGTERM
-    into sys.exit, and a local Ray's processes stop with the driver anyway."""
-    return threading.current_thread() is threading.main_thread() or not record.getMessage().startswith(
-        "SIGTERM handler is not set")
+        ray.init(address=wanted, include_dashboard=False, logging_level=logging.WARNING)
+        return True, "a local Ray started for this run"
+    ray.init(address=address, logging_level=logging.WARNING)
+    return True, f"the Ray cluster at {ray.get_runtime_context().gcs_address}"
 
 
 def _choose_token_auth() -> None:

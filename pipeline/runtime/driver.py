@@ -3,9 +3,9 @@ replicas, shards committed as they complete.
 
 Which shards need work is known before any model loads: the model's metadata, and so the
 run's fingerprint, come from the weights' description (`pipeline.run.model_meta`), and each
-shard's commit marker is read as the listing arrives. Ray and the replicas start in the
-background with the first shard that needs work (`replicas.Replicas`), while the listing and
-the markers are read on; a run with nothing to do never starts them.
+shard's commit marker is read as the listing arrives. Ray and the replicas start with the
+first shard that needs work (`replicas.Replicas`), and the model loads in the background
+while the listing and the markers are read on; a run with nothing to do never starts them.
 
 Why persistent actors and a driver loop rather than Ray Data `map_batches`: a run is a stream
 of shards that must each be committed atomically once all its inputs are accounted for, and
@@ -25,6 +25,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayError
@@ -261,9 +262,7 @@ def run_segmentation(
     """Segment every image under config.source into config.output; see `pipeline.outputs`
     for the layout. Shards already committed with the same inputs and settings are skipped;
     when every shard is, neither Ray nor a model start. `replicas`: started for this config by
-    the caller (the command line starts them while Prefect starts), who closes them; the run
-    uses them, and stops them when it is done (while the caller goes on: a local Ray takes a
-    second to shut down)."""
+    the caller (the command line starts them before Prefect starts), who closes them."""
     started = time.monotonic()
     if replicas is not None and replicas.config != config:
         raise ValueError("replicas were started for another config than the run's")
@@ -285,6 +284,8 @@ def run_segmentation(
         except (StorageUnavailableError, OSError) as err:  # listing, or reading commit markers
             raise RunError(f"storage unavailable: {type(err).__name__}: {err}; committed shards are kept, "
                            "run again to resume") from err
+        # every shard is committed and no batch is in flight: nothing will move what is left staged
+        store.remove_staging(run.run_id)
         progress, pool = loop.progress, loop.pool
         return RunSummary(
             run_id=run.run_id, source=source.url, output=store.location.url, model=run.model, weights=run.weights,
@@ -293,8 +294,7 @@ def run_segmentation(
             non_image_keys=counts.skipped, pixels_by_class=dict(loop.pixels_by_class), retried_batches=loop.retried,
             setup_seconds=max(0.0, replicas.ready_at - started) if replicas.ready_at is not None else 0.0,
             ray_cluster=replicas.ray_cluster if replicas.started else NO_CLUSTER,
-            replicas=[{"device": p["device"], "gpu_ids": p["gpu_ids"], "threads": p["threads"]}
-                      for p in (pool.placements if pool is not None else [])],
+            replicas=_replica_entries(pool),
             seconds=time.monotonic() - started,
         )
     finally:
@@ -304,3 +304,14 @@ def run_segmentation(
             replicas.stop()
         else:
             replicas.close()
+
+
+def _replica_entries(pool: _ReplicaPool | None) -> list[dict[str, Any]]:
+    """The run summary's replicas: where each ran, and how long its compiled model took to
+    compile (the first call of each input shape; 0 for an eager model, None if unknown)."""
+    if pool is None:
+        return []
+    compiled = pool.compile_seconds()
+    return [{"device": p["device"], "gpu_ids": p["gpu_ids"], "threads": p["threads"],
+             "compile_seconds": None if seconds is None else round(seconds, 2)}
+            for p, seconds in zip(pool.placements, compiled, strict=True)]

@@ -123,6 +123,10 @@ class SegmentWorker:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
+    def compile_seconds(self) -> float:
+        """Seconds this replica's compiled model spent in the first call of each input shape."""
+        return self.stage.segmenter.compile_seconds
+
     def segment(self, records: list[ImageRecord]) -> list[ImageRecord]:
         records = self.stage(records)
         for record in records:
@@ -253,6 +257,19 @@ class _ReplicaPool:
             raise RunError(f"cannot load {config.model or config.weights!r}: {failed[0]}")
         self.meta = self.placements[0]["meta"]
 
+    def compile_seconds(self, timeout_s: float = 10.0) -> list[float | None]:
+        """Each replica's `SegmentWorker.compile_seconds`; None for one that does not answer
+        within `timeout_s` (gone, or busy): the figure is for the summary, never worth a wait."""
+        refs = [actor.compile_seconds.remote() for actor in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        answers = []
+        for ref in refs:
+            try:
+                answers.append(ray.get(ref) if ref in ready else None)
+            except RayError:
+                answers.append(None)
+        return answers
+
     def decodes_jpeg(self, replica: int, policy: str) -> bool:
         """Whether plain JPEGs go to this replica undecoded, for its device to decode."""
         return policy == "device" or (policy == "auto" and self.placements[replica]["device"].startswith("cuda"))
@@ -318,64 +335,67 @@ class _ReplicaPool:
 
 
 class Replicas:
-    """A run's Ray session and model replicas, started in a background thread on `start()`:
-    a run starts them with its first shard that needs work, and goes on listing and reading
-    commit markers while Ray starts and the model loads; a run with nothing to do never starts
-    them. The command line starts them before Prefect's flow starts (seconds of its own), and
-    the flow's run takes them over (`run_segmentation(..., replicas=)`). The run's id names
-    the replica actors (segpipe-<run id>-<n>).
+    """A run's Ray session and model replicas: `start()` connects to Ray (or starts a local
+    one) and creates the replicas, which then load their model in the background. A run starts
+    them with its first shard that needs work and goes on listing and reading commit markers
+    while the model loads; a run with nothing to do never starts them. The command line starts
+    them before Prefect's flow, so that the model loads while Prefect's server starts, and the
+    flow's run takes them over (`run_segmentation(..., replicas=)`). The run's id names the
+    replica actors (segpipe-<run id>-<n>).
 
-    The thread lives until `close()`, and ends the session it started itself: Ray (2.60) ties
-    a session to the thread that called ray.init, and calls from any other thread hang once
-    that thread has ended. Whoever made the replicas closes them: the start stops if it is
-    still going on, the replicas are removed and a Ray this started is shut down; `stop()`
-    begins that in the background (a run done with replicas it was given), `close()` waits
-    for it."""
+    Ray starts in the calling thread, not in the background: ray.init imports modules as it
+    connects (pydantic.v1 for its serializers, aiohttp, ...), and Python's imports in two threads
+    at once can deadlock on a cycle, which it breaks with an ImportError ("partially initialized
+    module"): it did, 1 run in 9, with ray.init in a thread beside Prefect's imports. Ray also
+    ties a session to the thread that called ray.init (calls from other threads hang once it
+    has ended), and the caller outlives the run.
+
+    Whoever made the replicas closes them (`close()`: the replicas are removed, and a Ray this
+    started is shut down); a run given them only `stop()`s waiting for them."""
 
     def __init__(self, config: SegmentConfig, *, worker_class: type = SegmentWorker, run_id: str | None = None) -> None:
         self.config, self.worker_class = config, worker_class
         self.run_id = run_id or new_run_id()
         self.ray_cluster = ""  # how Ray was found, once it was
         self.ready_at: float | None = None  # time.monotonic() when the replicas had loaded their model
+        self.started = False
+        self._stop_ray = False
         self._pool: _ReplicaPool | None = None
         self._error: BaseException | None = None
         self._ready = threading.Event()  # the replicas are up, or could not start
-        self._closing = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def started(self) -> bool:
-        return self._thread is not None
+        self._stopping = threading.Event()
+        self._waiting: threading.Thread | None = None
 
     def start(self) -> None:
-        """Start Ray and the replicas in the background (once; later calls do nothing)."""
-        if self._thread is None:
-            # a daemon: a process that ends without closing them does not wait for the thread
-            self._thread = threading.Thread(target=self._run, name="segpipe-replicas", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        stop_ray = False
+        """Connect to Ray and create the replicas (once; later calls do nothing); they load
+        their model in the background. A failure to connect or to place them raises here."""
+        if self.started:
+            return
+        self.started = True
         try:
-            stop_ray, self.ray_cluster = connect_ray(self.config.ray_address)
-            if not self._closing.is_set():
-                self._pool = _ReplicaPool(self.config, self.worker_class, self.run_id)
-                self._pool.wait_ready(self.config, self._closing)
-                self.ready_at = time.monotonic()
+            self._stop_ray, self.ray_cluster = connect_ray(self.config.ray_address)
+            self._pool = _ReplicaPool(self.config, self.worker_class, self.run_id)
+        except BaseException as err:
+            self._error = err  # and so for whoever asks for the pool later
+            self._ready.set()
+            self.close()
+            raise
+        # a daemon: a process that ends without closing the replicas does not wait for it
+        self._waiting = threading.Thread(target=self._wait_ready, name="segpipe-replicas", daemon=True)
+        self._waiting.start()
+
+    def _wait_ready(self) -> None:
+        try:
+            self._pool.wait_ready(self.config, self._stopping)  # type: ignore[union-attr]
+            self.ready_at = time.monotonic()
         except BaseException as err:  # handed to the run, which raises it where it waits
             self._error = err
-        self._ready.set()
-        self._closing.wait()
-        try:
-            if self._pool is not None:
-                self._pool.shutdown()
         finally:
-            if stop_ray:
-                ray.shutdown()
+            self._ready.set()
 
     def pool(self, timeout: float) -> _ReplicaPool | None:
-        """The replicas once they have loaded their model; None if they are still starting
-        after `timeout` seconds. Raises what kept them from starting."""
+        """The replicas once they have loaded their model; None if they are still loading
+        after `timeout` seconds. Raises what kept them from loading."""
         self.start()
         if not self._ready.wait(timeout):
             return None
@@ -384,9 +404,15 @@ class Replicas:
         return self._pool
 
     def stop(self) -> None:
-        self._closing.set()
+        """Stop waiting for the replicas to load (a run that ends early)."""
+        self._stopping.set()
 
     def close(self) -> None:
         self.stop()
-        if self._thread is not None:
-            self._thread.join()  # a replica start notices within a second; Ray's own start ends first
+        if self._waiting is not None:
+            self._waiting.join()  # notices within a second
+        if self._pool is not None:
+            self._pool.shutdown()
+        if self._stop_ray:
+            ray.shutdown()
+            self._stop_ray = False
