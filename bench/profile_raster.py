@@ -47,7 +47,7 @@ STEPS = {
     "windows_kept": (stages.WindowFiles, "keep"),
     "windows_taken": (stages.WindowFiles, "take"),
     "crf": (stages, "crf_logits"),
-    "resize_to_pixels": (stages.GridLogits, "resize"),
+    "resize_to_pixels": (stages.GridLogits, "pixels"),
     "labels_and_confidence": (stages, "labels_and_confidence_of_logits"),
     "statistics": (stages._ClassTotals, "add"),
     "polygons": (stages.PolygonCollector, "add"),

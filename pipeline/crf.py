@@ -17,7 +17,7 @@ resolution from the full-resolution probabilities and the upsampled messages, so
 own boundaries survive while the messages (smooth at the kernels' scale) cost a coarse
 grid's work. Everything is plain tensor arithmetic that runs wherever the tensors are (CPU or
 CUDA), batched. With `downsample=1` and a window covering the image (`window=None`), this is
-the exact dense CRF.
+the exact dense CRF (up to the positional kernel's taps under 1e-4 of its centre, left out).
 
 `crf_logits` is the same mean field for logits that are already on that grid: the model's
 own output grid (1/8 of the input for most models here; see `models.GridHead`), which the
@@ -182,9 +182,9 @@ class _SeparableGaussian:
     """D^-1/2 K D^-1/2 for a position-only Gaussian truncated to a square window: separable."""
 
     def __init__(self, std: float, radius_y: int, radius_x: int, grid: tuple[int, int], device: torch.device) -> None:
-        def taps(radius: int) -> torch.Tensor:
-            d = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
-            return torch.exp(-(d**2) / (2 * std**2))
+        def taps(radius: int) -> list[float]:
+            # plain numbers: the blur's shifted sums take them as scalars, with no device sync
+            return [math.exp(-(d * d) / (2 * std**2)) for d in range(-radius, radius + 1)]
 
         # taps below 1e-4 of the centre's are left out: at the default 8-pixel cells the
         # kernel's std is 3/8 of a cell, so only the nearest neighbours count (the next tap
@@ -200,8 +200,9 @@ class _SeparableGaussian:
 
     def _blur(self, x: torch.Tensor) -> torch.Tensor:
         # shifted sums rather than a 1-channel convolution: oneDNN ran that at 10 ms a call on
-        # a 288x288 grid of 7 classes, 40% of the whole CRF (profiled); these take about 1 ms
+        # a 288x288 grid of 7 classes, 40% of the whole CRF (profiled); these take a few ms
         return _shifted_sum(_shifted_sum(x, self.kernel_x, self.radius_x, dim=-1), self.kernel_y, self.radius_y, dim=-2)
+
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
         return self.norm * self._blur(self.norm * q)
 
@@ -242,12 +243,12 @@ class _Bilateral:
         return self.norm * total
 
 
-def _shifted_sum(x: torch.Tensor, taps: torch.Tensor, radius: int, *, dim: int) -> torch.Tensor:
+def _shifted_sum(x: torch.Tensor, taps: list[float], radius: int, *, dim: int) -> torch.Tensor:
     """sum_k taps[k] * x shifted by k - radius along `dim`, zero beyond the edges: a 1-D
     correlation, as F.conv2d with zero padding computes it."""
     length = x.shape[dim]
     total = x * taps[radius]
-    for k, tap in enumerate(taps.tolist()):
+    for k, tap in enumerate(taps):
         offset = k - radius
         if offset == 0 or abs(offset) >= length:
             continue

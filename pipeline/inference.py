@@ -64,6 +64,15 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
     return [min(i * stride, length - crop) for i in range(count)]
 
 
+def padded_windows(length: int, crop: int, stride: int, cell: int) -> tuple[int, list[int]]:
+    """The windows along one axis of an image `length` pixels long, taken as padded at its end
+    to whole cells of `cell` pixels: their side (`crop`, or the padded length if shorter) and
+    their starts (`window_starts` over the padded length: the last one ends at its end)."""
+    padded = ceil_to(length, cell)
+    size = min(crop, padded)
+    return size, window_starts(padded, size, stride)
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bf16 natively: a CUDA GPU that supports it, or a CPU whose
     oneDNN kernels have bf16 instructions (AVX512_BF16, AMX). Elsewhere bf16 is emulated, and
@@ -127,9 +136,9 @@ class GridLogits:
 
     def on_pixels(self) -> torch.Tensor:
         """(C, H, W) logits of the whole image (all its cells must be held)."""
-        return self.resize((0, self.size[0]), (0, self.size[1]))
+        return self.pixels((0, self.size[0]), (0, self.size[1]))
 
-    def resize(self, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+    def pixels(self, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
         """(C, h, w) logits of the pixels [rows) x [cols) of the image: the model's own bilinear
         resize (align_corners=False), of only the cells those pixels need. Exactly the pixels
         of the whole grid resized, because each pixel takes its two nearest cells along each
@@ -312,7 +321,7 @@ class Segmenter:
         the other regions through `windows`; only the cells the rectangle `part` needs
         ((top, bottom), (left, right) in the region's pixels; default: all of it), which is
         all the caller keeps, and one more around it wherever the region has one, so that
-        `GridLogits.resize` gives the rectangle's pixels exactly.
+        `GridLogits.pixels` gives the rectangle's pixels exactly.
 
         The region must be cut along the larger image's sliding-window grid (see
         `rasters.plan_blocks`) with the same `cell` (`grid_cell`), so its windows are that
@@ -356,7 +365,7 @@ class Segmenter:
             grids = self._whole(pixels)
         if (height, width) == size:
             return grids
-        # resized for the model: back to the image's own pixels, as the model resizes its own
+        # resized for the model: its logits at the model's input size, then at the image's own
         return [GridLogits(F.interpolate(grid.on_pixels()[None], size=size, mode="bilinear", align_corners=False)[0],
                            1, (0, 0), size, size) for grid in grids]
 
@@ -380,25 +389,30 @@ class Segmenter:
         return F.interpolate(batch.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
 
     def _forward(self, pixels: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
-        """Float32 logits on the model's output grid (`GridHead`). A compiled model's batch is
-        padded to `batch_size`: a last, smaller batch would otherwise make dynamo recompile the
-        model with a dynamic batch dimension, whose kernels ran 14% slower than the static
-        ones for every batch after it (LR-ASPP, bf16, 512-pixel windows; measured), while a
-        padded batch costs its few padding items once."""
-        count = len(pixels)
-        if self.compiled and batch_size is not None and count < batch_size:
-            pixels = torch.cat([pixels, pixels[-1:].expand(batch_size - count, *pixels.shape[1:])])
+        """Float32 logits on the model's output grid (`GridHead`).
+
+        A compiled model sees two batch sizes only: `batch_size`, and 1 for the images of a
+        last, smaller batch, which go through one at a time (on a CPU, about as fast per image:
+        13.7 against 14.3 ms per 512-pixel window for LR-ASPP in bf16). Any other batch size
+        would make dynamo recompile the model with a dynamic batch dimension, whose kernels ran
+        14% slower for every batch after it (measured); the batch dimension is marked static,
+        so each of the two sizes gets its own compiled graph instead."""
+        if self.compiled and batch_size is not None and 1 < len(pixels) < batch_size:
+            return torch.cat([self._forward(one) for one in pixels.split(1)])
         x = self.normalize(pixels)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        first = self.compiled and tuple(x.shape) not in self._first_calls
+        first = False
+        if self.compiled:
+            torch._dynamo.mark_static(x, 0)
+            first = tuple(x.shape) not in self._first_calls
         started = time.perf_counter()
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None), \
                 self._freezing():
             out = self.model(x)
         if first:
             self._first_calls[tuple(x.shape)] = time.perf_counter() - started
-        return out[:count].float()
+        return out.float()
 
     def _freezing(self) -> contextlib.AbstractContextManager:
         """On CPU, a compiled model is compiled with inductor's freezing: its weights become
@@ -434,9 +448,9 @@ class Segmenter:
         # the cells the part needs, and one more on each side for the resize to pixels
         top, bottom = max(0, top // cell - 1), min(grid[0], -(-bottom // cell) + 1)
         left, right = max(0, left // cell - 1), min(grid[1], -(-right // cell) + 1)
-        crop_h, crop_w = min(window.crop[0], padded_h), min(window.crop[1], padded_w)
+        crop_h, rows = padded_windows(height, window.crop[0], window.stride[0], cell)
+        crop_w, cols = padded_windows(width, window.crop[1], window.stride[1], cell)
         cells_h, cells_w = crop_h // cell, crop_w // cell
-        rows, cols = window_starts(padded_h, crop_h, window.stride[0]), window_starts(padded_w, crop_w, window.stride[1])
         boxes = [(y, x) for y in rows for x in cols]
         ramp_h, ramp_w = blend_ramp(cells_h, image.device), blend_ramp(cells_w, image.device)
         weight = ramp_h[:, None] * ramp_w[None, :]
@@ -452,30 +466,49 @@ class Segmenter:
             # the model's own layout: window logits then add in without a transposing copy
             logits_sum = logits_sum.contiguous(memory_format=torch.channels_last)
         total = logits_sum[0]
-        kept = {box: windows.take((origin[0] + box[0], origin[1] + box[1])) for box in boxes} if windows is not None else {}
-        # the windows to run, in full batches: a compiled model's batches then keep one shape
-        todo = [box for box in boxes if kept.get(box) is None]
-        for start in range(0, len(todo), window.batch_size):
-            chunk = todo[start : start + window.batch_size]
-            crops = torch.stack([image[:, y : y + crop_h, x : x + crop_w] for y, x in chunk])
+        ready: dict[tuple[int, int], torch.Tensor] = {}  # windows' logits taken or run, not yet blended
+        asked: set[tuple[int, int]] = set()  # windows whose store was asked already
+
+        def run_ahead(first: int) -> None:
+            """Logits of the windows from `boxes[first]` on: those the store kept, and those it
+            did not, run through the model `batch_size` at a time."""
+            todo = []
+            for box in boxes[first:]:
+                if len(todo) == window.batch_size:
+                    break
+                if box in asked:
+                    continue
+                asked.add(box)
+                kept = windows.take((origin[0] + box[0], origin[1] + box[1])) if windows is not None else None
+                if kept is None:
+                    todo.append(box)
+                else:
+                    ready[box] = kept
+            if not todo:
+                return
+            crops = torch.stack([image[:, y : y + crop_h, x : x + crop_w] for y, x in todo])
             out = self._forward(crops, batch_size=window.batch_size)
             if tuple(out.shape[-2:]) != (cells_h, cells_w):  # cells of 1 pixel: the model's own resize
                 out = F.interpolate(out, size=(cells_h, cells_w), mode="bilinear", align_corners=False)
-            for (y, x), logits in zip(chunk, out, strict=True):
-                kept[(y, x)] = logits
+            for (y, x), logits in zip(todo, out, strict=True):
+                ready[(y, x)] = logits
                 if windows is not None:
                     windows.keep((origin[0] + y, origin[1] + x), logits)
-        for start in range(0, len(boxes), window.batch_size):
-            chunk = boxes[start : start + window.batch_size]
-            for y, x in chunk:
-                # the window's overlap with the cells kept, in the window's and the kept cells' indices
-                wy, wx = y // cell, x // cell
-                y0, y1, x0, x1 = max(wy, top), min(wy + cells_h, bottom), max(wx, left), min(wx + cells_w, right)
-                if y0 < y1 and x0 < x1:
-                    total[:, y0 - top : y1 - top, x0 - left : x1 - left].addcmul_(
-                        kept[(y, x)][:, y0 - wy : y1 - wy, x0 - wx : x1 - wx].to(total.device),
-                        weight[y0 - wy : y1 - wy, x0 - wx : x1 - wx],
-                    )
+
+        # blended in the grid's order, whatever the store kept, so that every region of an
+        # image sums a cell's windows in the same order; at most a batch of windows ahead
+        for index, (y, x) in enumerate(boxes):
+            if (y, x) not in ready:
+                run_ahead(index)
+            logits = ready.pop((y, x))
+            # the window's overlap with the cells kept, in the window's and the kept cells' indices
+            wy, wx = y // cell, x // cell
+            y0, y1, x0, x1 = max(wy, top), min(wy + cells_h, bottom), max(wx, left), min(wx + cells_w, right)
+            if y0 < y1 and x0 < x1:
+                total[:, y0 - top : y1 - top, x0 - left : x1 - left].addcmul_(
+                    logits[:, y0 - wy : y1 - wy, x0 - wx : x1 - wx].to(total.device),
+                    weight[y0 - wy : y1 - wy, x0 - wx : x1 - wx],
+                )
         total.div_(sum_h[top:bottom, None] * sum_w[None, left:right])
         return GridLogits(total, cell, (top * cell, left * cell), grid, (height, width))
 

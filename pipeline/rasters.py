@@ -35,7 +35,7 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from .decode import ImageDecodeError, stretch_limits
-from .inference import ceil_to, window_starts
+from .inference import padded_windows
 from .storage import Location, retry_io
 
 log = logging.getLogger(__name__)
@@ -356,9 +356,7 @@ def _axis_blocks(length: int, *, crop: int, stride: int, block: int, margin: int
     step = max(stride, round(block / stride) * stride)
     count = max(1, round(length / step))
     bounds = [i * step for i in range(count)] + [length]
-    padded = ceil_to(length, cell)
-    size = min(crop, padded)
-    starts = window_starts(padded, size, stride)
+    size, starts = padded_windows(length, crop, stride, cell)
     blocks = []
     for core_start, core_end in itertools.pairwise(bounds):
         # the resize of the core's edge pixels from the model's grid takes the next cell too
@@ -369,7 +367,7 @@ def _axis_blocks(length: int, *, crop: int, stride: int, block: int, margin: int
     return blocks
 
 
-def plan_blocks(height: int, width: int, *, crop: int, stride: int, block: int, margin: int, cell: int = 1) -> list[Block]:
+def plan_blocks(height: int, width: int, *, crop: int, stride: int, block: int, margin: int, cell: int) -> list[Block]:
     """The raster split into output blocks of about `block` x `block` pixels, in row-major
     order, whose cores cover the raster exactly once.
 
@@ -407,11 +405,10 @@ def plan_blocks(height: int, width: int, *, crop: int, stride: int, block: int, 
     ]
 
 
-def block_windows(block: Block, *, crop: int, stride: int, cell: int = 1) -> list[tuple[int, int]]:
+def block_windows(block: Block, *, crop: int, stride: int, cell: int) -> list[tuple[int, int]]:
     """(row, col) origins, in the raster, of the global grid's windows that a block's extent
     holds: those its sliding window runs over (see `plan_blocks`)."""
     extent = block.extent
-    height, width = ceil_to(int(extent.height), cell), ceil_to(int(extent.width), cell)
-    rows = window_starts(height, min(crop, height), stride)
-    cols = window_starts(width, min(crop, width), stride)
+    rows = padded_windows(int(extent.height), crop, stride, cell)[1]
+    cols = padded_windows(int(extent.width), crop, stride, cell)[1]
     return [(int(extent.row_off) + r, int(extent.col_off) + c) for r in rows for c in cols]

@@ -24,6 +24,7 @@ from typing import Any, Generic, TypeVar
 from .config import RunError, SegmentConfig, is_checkpoint_uri
 from .model_meta import ModelMeta, Preprocessing
 from .outputs import LAYOUT_FORMAT, OutputStore, RunInfo
+from .records import run_record_key
 from .storage import (
     ListingCounts,
     Location,
@@ -364,7 +365,7 @@ NO_CLUSTER = "no cluster: no shard needed the model"
 
 def record_run(output: Location, summary: RunSummary) -> str:
     """Write OUTPUT/_runs/<run_id>.json, the run's record (overwritten whole on retry); its URI."""
-    key = f"_runs/{summary.run_id}.json"
+    key = run_record_key(summary.run_id)
     write_atomic(output, key, json.dumps(summary.as_record(), indent=2).encode())
     return output.uri(key)
 

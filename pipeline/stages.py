@@ -212,7 +212,7 @@ class SegmentStage:
         if self.crf:
             height, width = grids[0].size
             pixels = torch.stack([to_chw_uint8(r.image).to(grids[0].values.device, non_blocking=True) for r, _ in chunk])
-            grids = refine(grids, pixels, (0, height), (0, width))
+            grids = crf_refine(grids, pixels, (0, height), (0, width))
         logits = torch.stack([grid.on_pixels() for grid in grids])
         labels, confidence = labels_and_confidence_of_logits(logits)
         host = labels.to(self._label_device_dtype).cpu().numpy().astype(self._label_dtype, copy=False)
@@ -223,7 +223,7 @@ class SegmentStage:
                 record.confidence = confidence_levels(confidence[index]).cpu().numpy()
 
 
-def refine(grids: Sequence[GridLogits], pixels: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> list[GridLogits]:
+def crf_refine(grids: Sequence[GridLogits], pixels: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> list[GridLogits]:
     """The dense CRF over the pixels [rows) x [cols) of images of one geometry, whose logits
     `grids` hold; `pixels` are those of the rectangle, uint8 (B, 3, h, w). On the grid itself
     where its cells are the CRF's (8 pixels: `crf_logits`) or are made so (a coarser grid
@@ -244,7 +244,7 @@ def refine(grids: Sequence[GridLogits], pixels: torch.Tensor, rows: tuple[int, i
         cells_c = (cols[0] // cell, grid[1] if cols[1] >= first.size[1] else -(-cols[1] // cell))
         refined = crf_logits(torch.stack([grid.cells(cells_r, cells_c) for grid in grids]), pixels)
         return [grid.with_values(v, (cells_r[0] * cell, cells_c[0] * cell)) for grid, v in zip(grids, refined, strict=True)]
-    probs = dense_crf(softmax_classes(torch.stack([grid.resize(rows, cols) for grid in grids])), pixels)
+    probs = dense_crf(softmax_classes(torch.stack([grid.pixels(rows, cols) for grid in grids])), pixels)
     padded = (first.grid[0] * first.cell, first.grid[1] * first.cell)
     return [GridLogits(v, 1, (rows[0], cols[0]), padded, first.size) for v in probs.clamp_min_(1e-30).log_()]
 
@@ -436,8 +436,8 @@ class RasterStage:
                                             windows=windows, part=(rows, cols))
         if self.crf:
             pixels = to_chw_uint8(rgb[rows[0]:rows[1], cols[0]:cols[1]]).to(grid.values.device)[None]
-            grid = refine([grid], pixels, rows, cols)[0]
-        labels, score = labels_and_confidence_of_logits(grid.resize(core_rows, core_cols))
+            grid = crf_refine([grid], pixels, rows, cols)[0]
+        labels, score = labels_and_confidence_of_logits(grid.pixels(core_rows, core_cols))
         return labels.cpu().numpy(), score.cpu().numpy(), valid[core_rows[0]:core_rows[1], core_cols[0]:core_cols[1]]
 
 
@@ -474,7 +474,7 @@ class WindowFiles:
     for a model whose logits are at full resolution).
     """
 
-    def __init__(self, folder: str, blocks: Sequence[Block], *, crop: int, stride: int, cell: int = 1) -> None:
+    def __init__(self, folder: str, blocks: Sequence[Block], *, crop: int, stride: int, cell: int) -> None:
         os.makedirs(folder, exist_ok=True)
         self.folder = folder
         self.uses = Counter(origin for block in blocks

@@ -121,7 +121,7 @@ def test_region_logits_of_a_part_and_from_kept_windows_are_those_of_the_whole_re
     whole = segmenter.region_logits(image, origin=(48, 72), cell=1, windows=store)
     runs = len(segmenter.model.model.inputs)
     part = segmenter.region_logits(image, origin=(48, 72), cell=1, windows=store, part=((10, 70), (33, 101)))
-    assert torch.equal(part.resize((10, 70), (33, 101)), whole.resize((10, 70), (33, 101)))
+    assert torch.equal(part.pixels((10, 70), (33, 101)), whole.pixels((10, 70), (33, 101)))
     assert part.values.shape[-2:] == (62, 70)  # the part's cells and one more on each side
     assert len(segmenter.model.model.inputs) == runs and store.reused == len(store.logits) > 1  # no window ran twice
     assert set(store.logits) == {(48 + y, 72 + x) for y in window_starts(100, 32, 24) for x in window_starts(130, 32, 24)}
@@ -140,8 +140,8 @@ def test_logits_blended_on_the_model_grid_give_any_part_exactly() -> None:
     assert whole.values.shape[-2:] == (19, 26) and whole.grid == (19, 26)  # 152 x 208 pixels padded
     for rows, cols in (((0, 150), (0, 203)), ((17, 90), (41, 203)), ((141, 150), (0, 9))):
         part = segmenter.region_logits(image, origin=(0, 0), cell=8, windows=_Kept(), part=(rows, cols))
-        torch.testing.assert_close(part.resize(rows, cols), whole.resize(rows, cols), atol=1e-5, rtol=0)
-    full = whole.resize((0, 150), (0, 203))
+        torch.testing.assert_close(part.pixels(rows, cols), whole.pixels(rows, cols), atol=1e-5, rtol=0)
+    full = whole.pixels((0, 150), (0, 203))
     expected = F.interpolate(whole.values[None], size=(152, 208), mode="bilinear", align_corners=False)[0, :, :150, :203]
     torch.testing.assert_close(full, expected)
     # windows that are not whole cells are resized to pixels before they are blended
@@ -288,21 +288,22 @@ def test_cuda_matches_cpu() -> None:
     assert (gpu.cpu().argmax(0) == cpu.argmax(0)).float().mean() > 0.95
 
 
-def test_a_compiled_model_only_ever_sees_full_batches() -> None:
-    """A last, smaller batch would make dynamo recompile with a dynamic batch dimension (slower
-    kernels for every batch after it), so a compiled model's batches are padded to the batch
-    size, and the windows a region runs are gathered into full batches. Compilation itself is
-    left out here: the segmenter is marked compiled, and its model records the shapes it gets."""
+def test_a_compiled_model_sees_two_batch_sizes() -> None:
+    """Any other batch size would make dynamo recompile with a dynamic batch dimension (slower
+    kernels for every batch after it): a compiled model gets full batches, and the images or
+    windows of a last, smaller one one at a time; a region's windows are gathered into full
+    batches. Compilation itself is left out here: the segmenter is marked compiled, and its
+    model records the shapes it gets."""
     segmenter = _segmenter(Pointwise(), _meta(), device="cpu", batch_size=4, precision="fp32",
                            sliding_window=SlidingWindow(crop=(32, 32), stride=(24, 24), batch_size=3))
     plain = Segmenter(Pointwise(), _meta(), device="cpu", batch_size=4, precision="fp32",
                       sliding_window=SlidingWindow(crop=(32, 32), stride=(24, 24), batch_size=3))
     plain.model.model.conv.load_state_dict(segmenter.model.model.conv.state_dict())
     segmenter.compiled = True
-    images = [_image(20, 30, seed) for seed in range(5)]  # 4 + 1
+    images = [_image(20, 30, seed) for seed in range(7)]  # 4 + 3
     for got, expected in zip(segmenter.predict(images), plain.predict(images), strict=True):
         torch.testing.assert_close(got, expected)
-    assert [x.shape[0] for x in segmenter.model.model.inputs] == [4, 4]
+    assert [x.shape[0] for x in segmenter.model.model.inputs] == [4, 1, 1, 1]
     segmenter.model.model.inputs.clear()
     store = _Kept()
     segmenter.region_logits(_image(100, 130), origin=(0, 0), cell=1, windows=store)  # 4 x 6 windows
@@ -310,4 +311,4 @@ def test_a_compiled_model_only_ever_sees_full_batches() -> None:
     assert [x.shape[0] for x in segmenter.model.model.inputs] == [3] * 8  # 24 windows, each run once
     segmenter.model.model.inputs.clear()
     segmenter.region_logits(_image(100, 100), origin=(500, 0), cell=1, windows=_Kept())  # 4 x 4 windows
-    assert [x.shape[0] for x in segmenter.model.model.inputs] == [3] * 6  # the last 1 padded to 3
+    assert [x.shape[0] for x in segmenter.model.model.inputs] == [3] * 5 + [1]

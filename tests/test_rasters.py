@@ -110,7 +110,7 @@ def test_mosaic_read_by_window_equals_the_whole_array(shared_data: Path, tmp_pat
         assert bands == (1, 2, 3)
         limits = band_limits(ds, bands)
         np.testing.assert_array_equal(limits, [[0, 255]] * 3)
-        blocks = plan_blocks(ds.height, ds.width, crop=384, stride=256, block=512, margin=32)
+        blocks = plan_blocks(ds.height, ds.width, crop=384, stride=256, block=512, margin=32, cell=1)
         assert len(blocks) == 4
         for block in blocks:
             for window in (block.core, block.extent):
@@ -318,11 +318,11 @@ def test_blocks_tile_the_raster_and_read_whole_grid_windows(height, width, crop,
 
 
 def test_plan_blocks_checks_its_arguments() -> None:
-    assert plan_blocks(10, 10, crop=8, stride=8, block=100, margin=0) == [Block(Window(0, 0, 10, 10), Window(0, 0, 10, 10))]
+    assert plan_blocks(10, 10, crop=8, stride=8, block=100, margin=0, cell=1) == [Block(Window(0, 0, 10, 10), Window(0, 0, 10, 10))]
     with pytest.raises(ValueError, match="stride <= crop"):
-        plan_blocks(100, 100, crop=8, stride=9, block=10, margin=0)
+        plan_blocks(100, 100, crop=8, stride=9, block=10, margin=0, cell=1)
     with pytest.raises(ValueError, match="margin >= 0"):
-        plan_blocks(100, 100, crop=8, stride=8, block=10, margin=-1)
+        plan_blocks(100, 100, crop=8, stride=8, block=10, margin=-1, cell=1)
     with pytest.raises(ValueError, match="whole numbers of cells"):
         plan_blocks(100, 100, crop=12, stride=8, block=10, margin=0, cell=8)
 
@@ -346,7 +346,7 @@ def test_block_logits_over_the_core_equal_the_whole_raster() -> None:
     meta = ModelMeta.default("test", 4, preprocessing=Preprocessing())
     segmenter = Segmenter(Padded(), meta, device="cpu", sliding_window=SlidingWindow((crop, crop), (stride, stride), 16), precision="fp32")
     whole = segmenter.predict([image])[0]
-    blocks = plan_blocks(height, width, crop=crop, stride=stride, block=48, margin=6)
+    blocks = plan_blocks(height, width, crop=crop, stride=stride, block=48, margin=6, cell=1)
     assert len(blocks) == 4 * 3  # cores of 40 (two strides), the last ones longer
     for b in blocks:
         (er, ec), (cr, cc) = b.extent.toslices(), b.core.toslices()

@@ -79,9 +79,8 @@ class GridHead(nn.Module):
     DeepLabV3-ResNet, FCN, LR-ASPP and PSPNet; 1/16 for DeepLabV3-MobileNetV3; 1/4 for
     DeepLabV3+; the input's own for U-Net, whose head is at full resolution).
 
-    Inference blends windows, refines with the CRF and takes the class softmax on that grid,
-    then resizes once, only the pixels it keeps: the same bilinear resize, being linear,
-    commutes with the blending, and the grid has 64 times fewer logits at 1/8.
+    Inference blends windows and refines with the CRF on that grid, then resizes once, only
+    the pixels it keeps: the grid has 64 times fewer logits at 1/8.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -89,7 +88,7 @@ class GridHead(nn.Module):
         from torchvision.models.segmentation._utils import _SimpleSegmentationModel
         from torchvision.models.segmentation.lraspp import LRASPP
 
-        self.model = model
+        self.model = model.eval()
         if hasattr(model, "grid_logits"):
             self.kind = "own"
         elif isinstance(model, LRASPP):
