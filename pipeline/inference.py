@@ -271,7 +271,7 @@ class Segmenter:
     def compile_seconds(self) -> float:
         """Seconds the first call of each input shape took, for a compiled model: its
         compilation for that shape (and one forward), paid once per process and shape."""
-        return sum(self._first_calls.values())
+        return float(sum(self._first_calls.values()))
 
     def at_native_resolution(self, sliding_window: SlidingWindow) -> Segmenter:
         """This segmenter (the same model, not a copy) sliding `sliding_window` over images

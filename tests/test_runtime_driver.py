@@ -500,7 +500,7 @@ def test_replicas_started_ahead_are_taken_over_by_the_run(ray_cpu, tmp_path):
     finally:
         replicas.close()
     assert (summary.run_id, summary.images, summary.errors) == (replicas.run_id, 2, 0)
-    assert summary.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 2}]
+    assert summary.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 2, "compile_seconds": 0.0}]
     assert not [name for name in ray_cpu.util.list_named_actors() if replicas.run_id in name]  # closed
 
 
