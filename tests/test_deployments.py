@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,10 +120,18 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def _post(api: str, path: str, body: dict[str, Any]) -> Any:
+    """POST to Prefect's API, retrying 503 as Prefect's own client does: its server answers 503
+    when SQLite is busy, which happens on a loaded machine while `segpipe serve` registers."""
     request = urllib.request.Request(f"{api}{path}", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)
+    for attempt in range(10):
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as error:
+            if error.code != 503 or attempt == 9:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 @pytest.fixture
