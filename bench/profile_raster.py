@@ -36,6 +36,7 @@ from bare import AsGiven  # noqa: E402
 from raster import CLASSES, MODEL, TILE, write_mosaic  # noqa: E402
 
 from pipeline import stages  # noqa: E402
+from pipeline.config import RasterSettings  # noqa: E402
 from pipeline.inference import Segmenter, window_starts  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.records import ImageRecord  # noqa: E402
@@ -76,7 +77,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="segpipe-profile-raster-") as work:
         (Path(work) / "src").mkdir()
         write_mosaic(Path(work) / "src" / "mosaic.tif", args.side)
-        stage = stages.RasterStage(stages.SegmentStage(segmenter, crf=not args.no_crf), stages.RasterSettings(tile=TILE),
+        stage = stages.RasterStage(stages.SegmentStage(segmenter, crf=not args.no_crf), RasterSettings(tile=TILE),
                                    source=open_location(f"{work}/src"), output=open_location(f"{work}/out"),
                                    palette=segmenter.meta.palette, class_names=segmenter.meta.class_names,
                                    run_id="profile")

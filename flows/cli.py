@@ -11,9 +11,11 @@ line naming the option as typed, and exit code 2.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import sys
+import threading
 import types
 import typing
 from collections import Counter
@@ -22,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
+from flows._prefect_server import TemporaryServer
 from pipeline.config import (
     MODEL_NAMES,
     EvaluateConfig,
@@ -130,11 +133,20 @@ def _validation_lines(err: ValidationError, config: type[JobConfig]) -> list[str
 def _quiet_prefect() -> None:
     """The command prints its own progress, summary and one-line errors; Prefect's log lines
     (and its tracebacks of the same errors) would tear through them. PREFECT_LOGGING_LEVEL=INFO
-    brings them back. The ephemeral server this command may start has no one to report usage
-    to (offline, it logs an error for each attempt). Set before Prefect is imported, which
-    reads its settings once."""
+    brings them back. The temporary server a command may start has no one to report usage to
+    (offline, it logs an error for each attempt). Set before Prefect is imported, which reads
+    its settings once."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _start_prefect() -> TemporaryServer:
+    """Prefect's temporary server, when the command needs one (flows/_prefect_server.py): it
+    comes up while the command starts Ray and imports its flow."""
+    _quiet_prefect()
+    server = TemporaryServer()
+    server.start()
+    return server
 
 
 def _preflight(check: Callable[..., None], config: JobConfig, storage_secret: str | None) -> None:
@@ -164,9 +176,9 @@ def _segment(args: argparse.Namespace) -> int:
     images do not change the exit code, only a run that could not happen does.
 
     A night with nothing new ends before Prefect, Ray or a model start: the commit markers are
-    read against the listing first (`pipeline.run.up_to_date`). Otherwise Ray starts here,
-    before Prefect is imported, and the model replicas load in the background while Prefect
-    starts; the flow's run takes them over.
+    read against the listing first (`pipeline.run.up_to_date`). Otherwise Prefect's temporary
+    server is launched, then Ray starts here, and the model replicas load in the background
+    while the server comes up and the flow is imported; the flow's run takes them over.
     Both need the storage options here, so not with --storage-secret (a Prefect block): the
     flow's run then reads the markers itself before it starts Ray."""
     from pipeline.preflight import check_segment
@@ -182,11 +194,12 @@ def _segment(args: argparse.Namespace) -> int:
         if (record := up_to_date(resolved)) is not None:
             _print_summary(record)
             return 0
+    prefect_server = _start_prefect()
+    if not args.storage_secret:
         from pipeline.runtime.replicas import Replicas
 
         replicas = Replicas(resolved)
         replicas.start()
-    _quiet_prefect()
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -198,8 +211,9 @@ def _segment(args: argparse.Namespace) -> int:
         with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
             task = bar.add_task("starting Prefect, Ray and the model")
             try:
-                summary = segment_archive(config, storage_secret=args.storage_secret, replicas=replicas,
-                                          on_progress=lambda p: bar.update(task, description=p.describe()))
+                with prefect_server.api():
+                    summary = segment_archive(config, storage_secret=args.storage_secret, replicas=replicas,
+                                              on_progress=lambda p: bar.update(task, description=p.describe()))
             except LayoutMismatchError as err:
                 raise UsageError(str(err)) from err
         _print_summary(summary)
@@ -240,11 +254,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     config = config_from_arguments(EvaluateConfig, args).dated()
     _preflight(check_evaluate, config, args.storage_secret)
-    _quiet_prefect()
+    prefect_server = _start_prefect()
     from flows.evaluate import evaluate_predictions
     from pipeline.evaluation import markdown_table
 
-    report = evaluate_predictions(config, storage_secret=args.storage_secret)
+    with prefect_server.api():
+        report = evaluate_predictions(config, storage_secret=args.storage_secret)
     print(markdown_table(report))
     print(f"report: {config.output.rstrip('/')}/metrics.json, per_image.parquet, confusion_matrix.png, per_class_iou.png")
     return 0
@@ -265,10 +280,11 @@ def _train(args: argparse.Namespace) -> int:
 
     config = config_from_arguments(TrainConfig, args)
     _preflight(check_train, config, args.storage_secret)
-    _quiet_prefect()
+    prefect_server = _start_prefect()
     from flows.train import train_model
 
-    summary = train_model(config, storage_secret=args.storage_secret)
+    with prefect_server.api():
+        summary = train_model(config, storage_secret=args.storage_secret)
     print(f"{'epoch':>5} {'loss':>8} {'train mIoU':>10} {'val mIoU':>8} {'images/s':>8}")
     for e in summary["epochs"]:
         print(f"{e['epoch']:>5} {e['loss']:>8.4f} {e['train_miou'] or float('nan'):>10.4f} "
@@ -282,10 +298,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     """The whole product on this machine: local S3 endpoint, both flows, a DuckDB query."""
-    _quiet_prefect()
+    prefect_server = _start_prefect()
     from flows.demo import run_demo
 
-    run_demo(args.output, model=args.model, images=args.images)
+    with prefect_server.api():
+        run_demo(args.output, model=args.model, images=args.images)
     return 0
 
 
@@ -380,5 +397,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def run() -> typing.NoReturn:
+    """The `segpipe` command: `main()`, then the exit a Python program makes, without the
+    interpreter's teardown. After a run, that teardown garbage-collects the modules of Prefect,
+    Ray and torch one by one: 2 s on this 2-core machine, after the summary was printed, for
+    memory the process returns anyway. What an exit does before it still happens, in its order:
+    other threads are waited for, exit handlers run (Prefect's temporary server stops, Ray shuts
+    down, Prefect's last logs and events are sent), output is flushed."""
+    code = main()
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

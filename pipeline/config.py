@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Self
 
 from pydantic import (
@@ -316,6 +317,36 @@ class SegmentConfig(JobConfig):
     @classmethod
     def _none_weights(cls, value: str | None) -> str | None:
         return None if value is None or value.strip().lower() in {"", "none"} else value
+
+
+@dataclass(frozen=True)
+class RasterSettings:
+    """How georeferenced rasters are segmented and what is written for them (SegmentConfig's
+    raster fields)."""
+
+    tile: int = 512
+    tile_stride: int | None = None
+    bands: tuple[int, ...] | None = None
+    block: int = 2048
+    # the dense CRF of a block runs over its core widened by this much, so a block edge leaves
+    # no seam in the labels: its mean field reaches 3 cells of 8 pixels per iteration, 5
+    # iterations, 120 pixels. Up to crop - stride (128 for 512-pixel windows) the margin costs
+    # no windows: they reach that far beyond the core anyway.
+    crf_margin: int = 128
+    confidence: bool = False
+    polygons: bool = False
+    min_polygon_area: float = 0.0
+    simplify: float = 0.0
+
+    @property
+    def stride(self) -> int:
+        return self.tile_stride or self.tile * 3 // 4
+
+    @classmethod
+    def of(cls, config: SegmentConfig) -> RasterSettings:
+        return cls(tile=config.tile or cls.tile, tile_stride=config.tile_stride, bands=config.bands, block=config.block,
+                   confidence=config.confidence, polygons=config.polygons, min_polygon_area=config.min_polygon_area,
+                   simplify=config.simplify)
 
 
 class EvaluateConfig(JobConfig):

@@ -16,8 +16,6 @@ import numpy as np
 if TYPE_CHECKING:  # annotations only: torch takes over a second to import, and a no-op night needs none
     import torch
 
-    from .stats import ClassStats
-
 # the `error_type` of an error row: what went wrong, in a word that can be counted
 ErrorType = Literal[
     "empty", "not_an_image", "corrupt", "too_large", "timeout",  # decoding (pipeline.decode)
@@ -40,6 +38,23 @@ class StageSeconds:
     @property
     def total(self) -> float:
         return sum(s for s in (self.decode, self.inference, self.encode) if s is not None)
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    """One image's class statistics (`pipeline.stats.class_statistics`): one entry per class
+    present in the image, sorted by class id."""
+
+    class_id: np.ndarray  # int64
+    pixel_count: np.ndarray  # int64
+    fraction: np.ndarray  # float64, pixel_count / (H * W)
+    mean_confidence: np.ndarray  # float64, mean probability of the pixels assigned to the class
+    components: np.ndarray  # int64, connected regions (8-connectivity)
+    # float64, pixel_count x the pixel's area in map units (georeferenced rasters only)
+    area: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.class_id)
 
 
 @dataclass

@@ -24,12 +24,13 @@ from typing import Any, Generic, TypeVar
 from .config import RunError, SegmentConfig, is_checkpoint_uri
 from .model_meta import ModelMeta, Preprocessing
 from .outputs import LAYOUT_FORMAT, OutputStore, RunInfo
-from .records import run_record_key
+from .records import ImageRecord, mask_key, run_record_key
 from .storage import (
     ListingCounts,
     Location,
     Shard,
     ShardBy,
+    SourceFile,
     StorageUnavailableError,
     iter_shards,
     open_location,
@@ -68,10 +69,30 @@ def model_meta(config: SegmentConfig) -> dict[str, Any]:
     """The metadata of the model the run's replicas will load (`ModelMeta` as JSON, as a
     replica reports it), known without building the model or loading its weights: the
     fingerprint, and so which shards are up to date, is known before Ray or a model start.
-    Published weights are described by torchvision's enum (nothing downloaded), a checkpoint by
-    its own metadata. The driver checks that the replicas' model agrees once it has loaded.
+    The driver checks that the replicas' model agrees once it has loaded.
+
+    Known without importing torch (2 to 5 s, which the driver would spend before its first
+    batch) wherever that can be: an untrained model's from the config, published weights' from
+    `pipeline.preflight.PUBLISHED_WEIGHTS`, a checkpoint's from its pickled metadata (read
+    without its tensors, as preflight reads it), each through `ModelMeta`. Anything else (a
+    checkpoint that cannot be read that way or whose metadata `ModelMeta` refuses, unknown
+    weights) is left to `_meta_with_torch`, which says what is wrong.
 
     A wrong model, weights or num_classes raises RunError."""
+    try:
+        meta = _meta_without_torch(config)
+        if meta is not None:
+            if (class_names := _given_class_names(config, meta.num_classes)) is not None:
+                meta = meta.model_copy(update={"class_names": class_names})
+            return meta.model_dump(mode="json")
+    except ValueError as err:
+        raise RunError(f"cannot load {config.model or config.weights!r}: {err}") from err
+    return _meta_with_torch(config)
+
+
+def _meta_with_torch(config: SegmentConfig) -> dict[str, Any]:
+    """`model_meta` through torch: published weights described by torchvision's enum (nothing
+    downloaded), a checkpoint by its own metadata as `torch.load` reads it."""
     from .models import load_checkpoint
     from .models._registry import get_spec
     from .models.weights import _torchvision_weights
@@ -128,30 +149,14 @@ IDENTITY_FIELDS = ("architecture", "weights", "num_classes", "class_names", "pre
 
 
 def model_identity(config: SegmentConfig) -> dict[str, Any]:
-    """The IDENTITY_FIELDS of `model_meta(config)`: all that the fingerprint and `run_info`
-    read, known without importing torch (2 to 5 s) so that a rerun with nothing to do costs no
-    more than its listing: an untrained model's from the config, published weights' from
-    `pipeline.preflight.PUBLISHED_WEIGHTS`, a checkpoint's from its pickled metadata (read
-    without its tensors, as preflight reads it), each through `ModelMeta` as `model_meta` makes
-    it. Anything else (a checkpoint that cannot be read that way or whose metadata `ModelMeta`
-    refuses, unknown weights) is left to `model_meta`, which says what is wrong. Raises
-    RunError as `model_meta` does."""
-    try:
-        meta = _meta_without_torch(config)
-        if meta is not None:
-            if (class_names := _given_class_names(config, meta.num_classes)) is not None:
-                meta = meta.model_copy(update={"class_names": class_names})
-            identity = meta.model_dump(mode="json")
-            return {name: identity[name] for name in IDENTITY_FIELDS}
-    except ValueError as err:
-        raise RunError(f"cannot load {config.model or config.weights!r}: {err}") from err
-    identity = model_meta(config)
-    return {name: identity[name] for name in IDENTITY_FIELDS}
+    """The IDENTITY_FIELDS of `model_meta(config)`: all that the fingerprint and `run_info` read."""
+    meta = model_meta(config)
+    return {name: meta[name] for name in IDENTITY_FIELDS}
 
 
 def _meta_without_torch(config: SegmentConfig) -> ModelMeta | None:
-    """`model_identity`'s `ModelMeta`, before the config's num_classes and class_names are
-    checked against it; None where only `model_meta` can tell."""
+    """`model_meta`'s `ModelMeta`, before the config's num_classes and class_names are
+    checked against it; None where only `_meta_with_torch` can tell."""
     from pydantic import ValidationError
 
     from .preflight import PreflightError, published_weights, read_checkpoint
@@ -273,6 +278,32 @@ class Prefetched(Generic[T]):
     def __iter__(self) -> Iterator[T]:
         while (item := self.get()) is not DONE:
             yield item  # type: ignore[misc]
+
+
+def plan_shard(files: Sequence[SourceFile], *, fold_case: bool = False) -> tuple[list[SourceFile], list[ImageRecord]]:
+    """Split a shard's inputs into those to segment and those that are errors before any work:
+    keys unsafe as output paths, and keys whose mask path another key already takes (a.jpg
+    and a.png both become masks/a.png; the first in listing order keeps it). With `fold_case`
+    (an OUTPUT where A.png and a.png are one file), keys differing only in case collide too."""
+    todo: list[SourceFile] = []
+    refused: list[ImageRecord] = []
+    owners: dict[str, str] = {}
+    for file in files:
+        record = ImageRecord(key=file.key, size=file.size, version=file.version)
+        try:
+            key = mask_key(file.key)
+        except ValueError as err:
+            record.fail("unsafe_key", str(err))
+            refused.append(record)
+            continue
+        owner_key = key.casefold() if fold_case else key
+        if owner_key in owners:
+            record.fail("mask_collision", f"its mask {key} would overwrite the mask of {owners[owner_key]}; rename one of them")
+            refused.append(record)
+            continue
+        owners[owner_key] = file.key
+        todo.append(file)
+    return todo, refused
 
 
 def batched(items: Sequence[T], size: int) -> Iterator[list[T]]:

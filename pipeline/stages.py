@@ -24,14 +24,13 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DEFAULT_MAX_RASTER_PIXELS, SegmentConfig
+from .config import DEFAULT_MAX_RASTER_PIXELS, RasterSettings
 from .crf import DEFAULT_DOWNSAMPLE, crf_logits, dense_crf
 from .decode import DEFAULT_MAX_PIXELS, DeviceJpeg, ImageDecodeError, decode, decode_on_device
 from .geo import ClassPolygon, MaskWriter, PolygonCollector, PolygonsWriter, pixel_area
@@ -49,8 +48,8 @@ from .rasters import (
     plan_blocks,
     read_rgb,
 )
-from .records import ImageRecord, confidence_key_for, mask_key, staged_polygons_key
-from .stats import ClassStats, class_statistics, labels_and_confidence_of_logits
+from .records import ClassStats, ImageRecord, confidence_key_for, mask_key, staged_polygons_key
+from .stats import class_statistics, labels_and_confidence_of_logits
 from .storage import (
     Location,
     SourceFile,
@@ -270,62 +269,6 @@ def write_masks(output: Location, records: list[ImageRecord], palette: Sequence[
         record.labels = record.confidence = None
         record.seconds.encode = time.perf_counter() - start
     return records
-
-
-def plan_shard(files: Sequence[SourceFile], *, fold_case: bool = False) -> tuple[list[SourceFile], list[ImageRecord]]:
-    """Split a shard's inputs into those to segment and those that are errors before any work:
-    keys unsafe as output paths, and keys whose mask path another key already takes (a.jpg
-    and a.png both become masks/a.png; the first in listing order keeps it). With `fold_case`
-    (an OUTPUT where A.png and a.png are one file), keys differing only in case collide too."""
-    todo: list[SourceFile] = []
-    refused: list[ImageRecord] = []
-    owners: dict[str, str] = {}
-    for file in files:
-        record = ImageRecord(key=file.key, size=file.size, version=file.version)
-        try:
-            key = mask_key(file.key)
-        except ValueError as err:
-            record.fail("unsafe_key", str(err))
-            refused.append(record)
-            continue
-        owner_key = key.casefold() if fold_case else key
-        if owner_key in owners:
-            record.fail("mask_collision", f"its mask {key} would overwrite the mask of {owners[owner_key]}; rename one of them")
-            refused.append(record)
-            continue
-        owners[owner_key] = file.key
-        todo.append(file)
-    return todo, refused
-
-
-@dataclass(frozen=True)
-class RasterSettings:
-    """How georeferenced rasters are segmented and what is written for them (SegmentConfig's
-    raster fields)."""
-
-    tile: int = 512
-    tile_stride: int | None = None
-    bands: tuple[int, ...] | None = None
-    block: int = 2048
-    # the dense CRF of a block runs over its core widened by this much, so a block edge leaves
-    # no seam in the labels: its mean field reaches 3 cells of 8 pixels per iteration, 5
-    # iterations, 120 pixels. Up to crop - stride (128 for 512-pixel windows) the margin costs
-    # no windows: they reach that far beyond the core anyway.
-    crf_margin: int = 128
-    confidence: bool = False
-    polygons: bool = False
-    min_polygon_area: float = 0.0
-    simplify: float = 0.0
-
-    @property
-    def stride(self) -> int:
-        return self.tile_stride or self.tile * 3 // 4
-
-    @classmethod
-    def of(cls, config: SegmentConfig) -> RasterSettings:
-        return cls(tile=config.tile or cls.tile, tile_stride=config.tile_stride, bands=config.bands, block=config.block,
-                   confidence=config.confidence, polygons=config.polygons, min_polygon_area=config.min_polygon_area,
-                   simplify=config.simplify)
 
 
 # the mask's value where the raster has no data: a label no class takes (masks are uint8, so

@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from scipy import ndimage
 
+from .records import ClassStats
+
 # 8-connectivity: diagonal neighbours belong to the same region, as in scikit-image's default
 _CONNECTIVITY = np.ones((3, 3), dtype=bool)
-
-
-@dataclass(frozen=True)
-class ClassStats:
-    """One entry per class present in the image, sorted by class id."""
-
-    class_id: np.ndarray  # int64
-    pixel_count: np.ndarray  # int64
-    fraction: np.ndarray  # float64, pixel_count / (H * W)
-    mean_confidence: np.ndarray  # float64, mean probability of the pixels assigned to the class
-    components: np.ndarray  # int64, connected regions (8-connectivity)
-    # float64, pixel_count x the pixel's area in map units (georeferenced rasters only)
-    area: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.class_id)
 
 
 def labels_and_confidence(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

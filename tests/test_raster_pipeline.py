@@ -21,7 +21,7 @@ from PIL import Image
 from rasterio.transform import from_origin
 from rio_cogeo.cogeo import cog_validate
 
-from pipeline.config import SegmentConfig
+from pipeline.config import RasterSettings, SegmentConfig
 from pipeline.evaluation import Pair, ScoreSettings, score_pairs
 from pipeline.inference import Segmenter, window_starts
 from pipeline.masks import encode_mask
@@ -29,7 +29,7 @@ from pipeline.models import ModelMeta, build_model, save_checkpoint
 from pipeline.outputs import OutputStore, RunInfo
 from pipeline.rasters import band_limits, choose_bands, open_raster, plan_blocks, read_rgb
 from pipeline.records import ImageRecord
-from pipeline.stages import RasterSettings, RasterStage, SegmentStage
+from pipeline.stages import RasterStage, SegmentStage
 from pipeline.storage import iter_shards, open_location
 
 MODEL = "lraspp_mobilenet_v3_large"

@@ -224,7 +224,7 @@ def _worker_spec(config):
 
 
 def test_worker_device_without_cuda_is_a_clear_error():
-    from pipeline.runtime.replicas import worker_device
+    from pipeline.runtime.worker import worker_device
 
     assert str(worker_device([], False)) == "cpu"
     assert str(worker_device(["3"], True)) == "cuda:0"
@@ -418,7 +418,7 @@ def test_replicas_take_the_precision_and_compilation_asked_for() -> None:
     from torch._dynamo.eval_frame import OptimizedModule
 
     from pipeline.inference import native_bf16
-    from pipeline.runtime.replicas import build_stage
+    from pipeline.runtime.worker import build_stage
 
     config = SegmentConfig(source="s", output="o", **MODEL)
     spec = dataclasses.replace(_worker_spec(config), precision="fp32", compile=True)

@@ -25,13 +25,9 @@ from pipeline.outputs import (
     RunInfo,
 )
 from pipeline.records import ImageRecord, mask_key
+from pipeline.run import plan_shard
 from pipeline.samples import synthetic_scene
-from pipeline.stages import (
-    SegmentStage,
-    plan_shard,
-    read_and_decode,
-    write_masks,
-)
+from pipeline.stages import SegmentStage, read_and_decode, write_masks
 from pipeline.storage import Shard, SourceFile, is_case_insensitive, iter_shards, open_location
 
 

@@ -1,7 +1,7 @@
 """A rerun with nothing to do costs its listing and its commit markers, not torch's import:
-what the up-to-date check needs of the model (`pipeline.run.model_identity`) is known without
-torch for an untrained model, published weights and a checkpoint, and must be what the
-replicas' model reports."""
+what the up-to-date check and the run need of the model (`pipeline.run.model_meta`) is known
+without torch for an untrained model, published weights and a checkpoint, and must be what
+torch says (`_meta_with_torch`) and so what the replicas' model reports."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline import run as run_module
 from pipeline.config import RunError, SegmentConfig
 from pipeline.preflight import CHECKPOINT_FORMAT, PUBLISHED_WEIGHTS
-from pipeline.run import IDENTITY_FIELDS, model_identity, model_meta
+from pipeline.run import model_meta
 from pipeline.samples import synthetic_scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def _checkpoint(path: Path, model, **meta) -> str:
 
 def _saved(path: Path, meta: dict) -> str:
     """A checkpoint holding `meta` as it is, not as save_checkpoint writes it (by hand, or by
-    another version); model_meta reads only its metadata, so it needs no weights."""
+    another version); the metadata is all that is read, so it needs no weights."""
     torch.save({"format": CHECKPOINT_FORMAT, "meta": meta, "state_dict": {}}, path)
     return str(path)
 
@@ -54,16 +54,15 @@ def _plain(path: Path, model) -> str:
     return str(path)
 
 
-def _refuse_model_meta(config: SegmentConfig) -> None:
-    raise AssertionError("model_identity asked model_meta, which imports torch")
+def _refuse_torch(config: SegmentConfig) -> None:
+    raise AssertionError("model_meta asked _meta_with_torch, which imports torch")
 
 
-def _identities(config: SegmentConfig) -> tuple[str, str]:
-    """model_identity's and model_meta's identity as the fingerprint's JSON (where 0 and 0.0,
+def _metas(config: SegmentConfig) -> tuple[str, str]:
+    """model_meta's and _meta_with_torch's metadata as the fingerprint's JSON (where 0 and 0.0,
     or a tuple and a list, would differ as they must not)."""
-    meta = model_meta(config)
-    expected = {name: meta[name] for name in IDENTITY_FIELDS}
-    return json.dumps(model_identity(config), sort_keys=True), json.dumps(expected, sort_keys=True)
+    return (json.dumps(model_meta(config), sort_keys=True),
+            json.dumps(run_module._meta_with_torch(config), sort_keys=True))
 
 
 _WEIGHTS = {
@@ -89,25 +88,23 @@ _WEIGHTS = {
 
 
 @pytest.mark.parametrize("settings", _WEIGHTS.values(), ids=_WEIGHTS.keys())
-def test_model_identity_is_what_model_meta_says_without_asking_it(tmp_path, monkeypatch, small_model, settings) -> None:
+def test_model_meta_is_what_torch_says_without_asking_it(tmp_path, monkeypatch, small_model, settings) -> None:
     """Differing in any field, a rerun would judge every shard out of date (or the driver
-    would refuse the replicas' model); asking model_meta would import torch."""
+    would refuse the replicas' model); asking torch would import it."""
     if isinstance(settings.get("weights"), dict):
         settings = settings | {"weights": _checkpoint(tmp_path / "m.pt", small_model, **settings["weights"])}
     config = SegmentConfig(**UNTRAINED | settings)
-    meta = model_meta(config)
-    monkeypatch.setattr(run_module, "model_meta", _refuse_model_meta)
-    identity = model_identity(config)
-    assert json.dumps(identity, sort_keys=True) == json.dumps({name: meta[name] for name in IDENTITY_FIELDS},
-                                                              sort_keys=True)
+    expected = run_module._meta_with_torch(config)
+    monkeypatch.setattr(run_module, "_meta_with_torch", _refuse_torch)
+    assert json.dumps(model_meta(config), sort_keys=True) == json.dumps(expected, sort_keys=True)
 
 
 _VALID = {"architecture": "lraspp_mobilenet_v3_large", "num_classes": 2, "class_names": ["sea", "land"],
           "palette": [[0, 0, 0], [128, 0, 0]], "preprocessing": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize": "none", "size": None},
           "weights": "none",
           "model_kwargs": {}, "extra": {}}
-# metadata that save_checkpoint does not write, but ModelMeta reads: the identity it gives
-# comes from model_meta, which completes (defaults), converts (0 to 0.0, tuples to lists) or refuses it
+# metadata that save_checkpoint does not write, but ModelMeta reads: the metadata it gives
+# comes from ModelMeta, which completes (defaults), converts (0 to 0.0, tuples to lists) or refuses it
 _HAND_WRITTEN = {
     "fields-left-out": {k: v for k, v in _VALID.items() if k not in {"preprocessing", "model_kwargs", "extra"}},
     "ints-for-floats": _VALID | {"preprocessing": {"mean": [0, 0, 0], "std": [1, 1, 1], "resize": "none", "size": None}},
@@ -120,8 +117,8 @@ _HAND_WRITTEN = {
 @pytest.mark.parametrize("meta", _HAND_WRITTEN.values(), ids=_HAND_WRITTEN.keys())
 def test_metadata_not_as_save_checkpoint_writes_it_is_read_as_model_meta_reads_it(tmp_path, meta) -> None:
     config = SegmentConfig(source="s", output="o", weights=_saved(tmp_path / "m.pt", meta))
-    identity, expected = _identities(config)
-    assert identity == expected
+    meta, expected = _metas(config)
+    assert meta == expected
 
 
 _REFUSED = {
@@ -148,12 +145,12 @@ _REFUSED = {
 
 
 @pytest.mark.parametrize("make", _REFUSED.values(), ids=_REFUSED.keys())
-def test_model_identity_refuses_what_model_meta_refuses_in_its_words(tmp_path, small_model, make) -> None:
+def test_model_meta_refuses_what_torch_refuses_in_its_words(tmp_path, small_model, make) -> None:
     config = make(tmp_path, small_model)
     with pytest.raises(RunError) as expected:
-        model_meta(config)
+        run_module._meta_with_torch(config)
     with pytest.raises(RunError) as refused:
-        model_identity(config)
+        model_meta(config)
     assert str(refused.value) == str(expected.value)
 
 

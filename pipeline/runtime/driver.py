@@ -44,9 +44,9 @@ from ..run import (
     fingerprint,
     list_source,
     model_meta,
+    plan_shard,
     run_info,
 )
-from ..stages import plan_shard
 from ..storage import (
     ListingCounts,
     Location,

@@ -13,35 +13,23 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
-import torch
 from ray.exceptions import ActorDiedError, RayActorError, RayError
 
-from ..config import RunError, SegmentConfig
-from ..inference import Segmenter, SlidingWindow
-from ..models import build_model
+from ..config import RasterSettings, RunError, SegmentConfig
 from ..records import ImageRecord
-from ..run import batches_in_flight, new_run_id, replica_threads
-from ..stages import RasterSettings, RasterStage, SegmentStage, read_and_decode, write_masks
-from ..storage import Location, SourceFile, open_location
-from .cluster import connect_ray, node_cpus, nodes_with_cpus, short_error
+from ..run import batches_in_flight, new_run_id
+from ..storage import Location, SourceFile
+from .cluster import connect_ray, nodes_with_cpus, short_error
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..stages import RasterStage, SegmentStage
 
 log = logging.getLogger(__name__)
-
-
-def worker_device(gpu_ids: list[str], cuda_available: bool) -> torch.device:
-    """The torch device for the GPUs Ray assigned to this actor. Ray narrows
-    CUDA_VISIBLE_DEVICES to those GPUs, so the first one is always cuda:0."""
-    if not gpu_ids:
-        return torch.device("cpu")
-    if not cuda_available:
-        raise RuntimeError(
-            f"Ray assigned GPU {','.join(gpu_ids)} to this worker but torch sees no CUDA device "
-            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); install a CUDA build of torch"
-        )
-    return torch.device("cuda", 0)
 
 
 @dataclass(frozen=True)
@@ -71,47 +59,39 @@ class WorkerSpec:
     # the run's id, which the rows a replica writes itself (a raster's polygons) carry
     run_id: str = ""
 
-    def sliding_window(self) -> SlidingWindow | None:
-        if self.tile is None:
-            return None
-        stride = self.tile_stride or self.tile * 3 // 4
-        return SlidingWindow(crop=(self.tile, self.tile), stride=(stride, stride), batch_size=self.batch_size)
-
-
-def build_stage(spec: WorkerSpec, device: torch.device) -> SegmentStage:
-    """A replica's model and stage, as its actor builds them."""
-    model = build_model(spec.model, num_classes=spec.num_classes, weights=spec.weights, storage_options=spec.storage_options,
-                        class_names=spec.class_names)
-    segmenter = Segmenter(model, device=device, batch_size=spec.batch_size, sliding_window=spec.sliding_window(),
-                          precision=spec.precision, compile=spec.compile)
-    return SegmentStage(segmenter, crf=spec.crf, confidence=spec.confidence)
-
 
 class SegmentWorker:
-    """One model replica: built once when the actor starts, then fed batches."""
+    """One model replica: built once when the actor starts, then fed batches.
+
+    Its torch side is `worker.py`, which the actor's process imports as it starts: the driver
+    creates these actors without importing torch (see there)."""
 
     def __init__(self, spec: WorkerSpec) -> None:
+        from .worker import set_up_torch  # in the actor's process only
+
         self.gpu_ids = [str(i) for i in ray.get_gpu_ids()]
         self.spec = spec
         self.raster_stage: RasterStage | None = None
         self.setup_error: str | None = None
         try:
-            if not self.gpu_ids:
-                torch.set_num_threads(spec.threads or replica_threads(node_cpus(), spec.replicas_per_node, spec.cpus_per_actor))
-            self.device = worker_device(self.gpu_ids, self._cuda_available())
-            if self.device.type == "cuda":  # this process runs one model on fixed shapes: let cuDNN pick its kernels
-                torch.backends.cudnn.benchmark = True
+            self.device = set_up_torch(spec, self.gpu_ids, self._cuda_available())
             self.stage = self._build_stage(spec, self.device)
         except Exception as err:  # reported by ready(), so the driver can say what went wrong
             self.setup_error = f"{type(err).__name__}: {err}"
 
     def _cuda_available(self) -> bool:
-        return torch.cuda.is_available()
+        from .worker import cuda_available
+
+        return cuda_available()
 
     def _build_stage(self, spec: WorkerSpec, device: torch.device) -> SegmentStage:
+        from .worker import build_stage
+
         return build_stage(spec, device)
 
     def ready(self) -> dict[str, Any]:
+        from .worker import torch_threads
+
         if self.setup_error is not None:
             return {"error": self.setup_error}
         meta = self.stage.segmenter.meta
@@ -119,7 +99,7 @@ class SegmentWorker:
             "meta": meta.model_dump(mode="json"),
             "device": str(self.device),
             "gpu_ids": self.gpu_ids,
-            "threads": torch.get_num_threads(),
+            "threads": torch_threads(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
@@ -136,37 +116,38 @@ class SegmentWorker:
 
     def _rasters(self) -> RasterStage:
         """Built at the first georeferenced raster: most runs have none."""
+        from .worker import build_raster_stage
+
         if self.raster_stage is None:
-            options = self.spec.storage_options
-            meta = self.stage.segmenter.meta
-            self.raster_stage = RasterStage(
-                self.stage, self.spec.raster, source=open_location(self.spec.source_url, options),
-                output=open_location(self.spec.output_url, options), palette=meta.palette, class_names=meta.class_names,
-                run_id=self.spec.run_id,
-            )
+            self.raster_stage = build_raster_stage(self.stage, self.spec)
         return self.raster_stage
 
+
+# The task bodies import the stages they run (torch, Pillow, pyarrow: seconds) where they
+# land, in Ray's task workers; the driver that submits them never imports them.
 
 # no Ray-level retries: a decode that crashed or hung its worker is the driver's to retry,
 # image by image (see _Run._finish), not Ray's to repeat whole
 @ray.remote(max_retries=0)
 def decode(source: Location, files: list[SourceFile], max_pixels: int, max_raster_pixels: int, time_limit_s: float,
            jpeg_on_device: bool) -> list[ImageRecord]:
+    from ..stages import read_and_decode
+
     return read_and_decode(source, files, max_pixels=max_pixels, max_raster_pixels=max_raster_pixels,
                            time_limit_s=time_limit_s, hard_stop=True, jpeg_on_device=jpeg_on_device)
 
 
 @ray.remote
-def warm_up() -> str:
-    """Imports what the decode and write tasks run (torch, Pillow, pyarrow: seconds) in a task
-    worker, while the replicas load their model. Ray ships a remote function by value, with the
-    globals its body refers to, which are imported where it lands (an empty body imported
-    nothing, and the first batch waited 2.5 s for it): hence the two stages below."""
-    return f"{read_and_decode.__module__} {write_masks.__module__}"
+def warm_up() -> None:
+    """Imports what the decode and write tasks run in a task worker, while the replicas load
+    their model, so that the first batches do not wait for it."""
+    from .. import stages  # noqa: F401
 
 
 @ray.remote
 def write(output: Location, records: list[ImageRecord], palette: list[list[int]]) -> list[ImageRecord]:
+    from ..stages import write_masks
+
     return write_masks(output, records, palette)
 
 
