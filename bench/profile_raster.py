@@ -37,10 +37,11 @@ from raster import CLASSES, MODEL, TILE, write_mosaic  # noqa: E402
 
 from pipeline import stages  # noqa: E402
 from pipeline.config import RasterSettings  # noqa: E402
-from pipeline.inference import Segmenter, window_starts  # noqa: E402
+from pipeline.inference import Segmenter  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.records import ImageRecord  # noqa: E402
 from pipeline.storage import open_location  # noqa: E402
+from pipeline.windows import window_starts  # noqa: E402
 
 # the functions RasterStage calls, by the name each step is reported under
 STEPS = {

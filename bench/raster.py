@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bare import AsGiven  # bench/: the script's folder is on the path
 from memory import peak_tree_rss
 
-from pipeline.inference import Segmenter, window_starts
+from pipeline.inference import Segmenter
 from pipeline.models import build_model
+from pipeline.windows import window_starts
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "aerial" / "loveda" / "images"
 MODEL, CLASSES, TILE = "lraspp_mobilenet_v3_large", 7, 512

@@ -233,7 +233,7 @@ TILE, TILE_STRIDE = 512, 384
 def tile_comparison(model_name: str, device: torch.device, batch_size: int, count: int, work: Path) -> dict:
     """Large tiles in sliding-window mode: end-to-end tiles/s against the bare forward of the
     tiles' windows (preprocessed, in batches of batch_size) expressed in tiles/s."""
-    from pipeline.inference import window_starts
+    from pipeline.windows import window_starts
 
     source = work / "tiles"
     mosaics = tile_sources()

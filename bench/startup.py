@@ -13,10 +13,12 @@ the same work. One JSON object per measurement, then one summary line.
   with native bf16 compiles the model in the replica at its first batch (seconds).
 - noop_rerun_seconds: the same command again: every shard is up to date, nothing to do.
 - noop_rerun_vs_seed_loop (goal: 1 or less) and one_image_run_vs_seed_loop (goal: 3 or less).
-- startup_breakdown: where a run's start-up goes, each step timed in one fresh process in
-  the order a run meets them: the interpreter, importing torch (and torchvision), the rest of
-  segpipe's library, Ray, Prefect; Prefect's ephemeral server with an empty flow; a local Ray;
-  one model replica placed and loaded.
+- startup_breakdown: where a run's start-up goes, each step timed in one fresh process in the
+  order and overlap of a run's driver: the interpreter, the driver's imports (no torch),
+  Prefect's settings and its temporary server launched, a local Ray, the replica created, the
+  flows imported while it loads, the server answering, an empty flow on it, what is left of
+  the replica's loading, Ray's shutdown, the server's; and apart, what a replica's process
+  imports (torch, torchvision, the stages) before it builds its model.
 
 Each figure is the best of --repeats (the machine may be shared). The commands run with
 RAY_ADDRESS=local unless it is set: a fresh local Ray, as a user without a cluster gets.
@@ -56,7 +58,10 @@ with torch.inference_mode():
 Image.fromarray(labels).save(sys.argv[2])
 """
 
-# each step's seconds since the previous one, in a fresh process
+# each step's seconds since the previous one, in a fresh process, in the order and overlap of a
+# run's driver (flows/cli.py): what it imports, Prefect's temporary server launched, Ray
+# started, the replica loading while the flows are imported and the server comes up, a flow on
+# that server, Ray's shutdown; then, apart, what a replica imports in its own process
 BREAKDOWN = f"""
 import json, os, sys, time
 marks = {{}}
@@ -68,36 +73,44 @@ def mark(step):
     last = now
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-import torch, torchvision
-mark("import_torch_torchvision")
-import pipeline.run, pipeline.models
-mark("import_segpipe_library")
-import ray
-mark("import_ray")
-import prefect
-mark("import_prefect")
-import flows.segment
-mark("import_flows")
-@prefect.flow
-def empty():
-    return 1
-empty()
-mark("prefect_ephemeral_server_and_empty_flow")
+import threading
+import pipeline.run, pipeline.runtime.replicas
 from pipeline.config import SegmentConfig
 from pipeline.runtime.cluster import connect_ray
 from pipeline.runtime.replicas import SegmentWorker, _ReplicaPool
-import threading
+mark("import_driver_side")
+from flows._prefect_server import TemporaryServer
+server = TemporaryServer()
+server.start()
+mark("prefect_settings_and_temporary_server_launched")
+import ray
 connect_ray(None)
 mark("ray_local_start")
 config = SegmentConfig(source="s", output="o", model="{MODEL}", weights=None, num_classes={NUM_CLASSES}, crf=False,
                        precision="fp32")
 pool = _ReplicaPool(config, SegmentWorker, "bench")
+mark("replica_created")
+import prefect, flows.segment
+mark("import_prefect_and_flows")
+@prefect.flow
+def empty():
+    return 1
+with server.api():
+    mark("temporary_server_answering")
+    empty()
+mark("empty_flow_on_it")
 pool.wait_ready(config, threading.Event())
-mark("model_replica_placed_and_loaded")
+mark("replica_loaded_after_that")
 pool.shutdown()
 ray.shutdown()
+mark("ray_shutdown")
+server.stop()
+mark("temporary_server_stop")
 print(json.dumps(marks))
 """
+
+# what a replica's process imports before it can build its model
+REPLICA_IMPORTS = "import pipeline.runtime.worker"
 
 
 def timed(command: list[str], env: dict[str, str], cwd: Path) -> float:
@@ -164,7 +177,9 @@ def main() -> None:
         if done.returncode != 0:
             sys.exit(f"the start-up breakdown failed:\n{done.stderr[-3000:]}")
         interpreter = min(timed([sys.executable, "-c", "pass"], env, ROOT) for _ in range(3))
-        steps = {"python_interpreter": round(interpreter, 2), **json.loads(done.stdout.strip().splitlines()[-1])}
+        replica = min(timed([sys.executable, "-c", REPLICA_IMPORTS], env, ROOT) for _ in range(2))
+        steps = {"python_interpreter": round(interpreter, 2), **json.loads(done.stdout.strip().splitlines()[-1]),
+                 "replica_imports_torch_and_stages_alone": round(replica - interpreter, 2)}
         print(json.dumps({"benchmark": "startup_breakdown", "seconds": steps}), flush=True)
     print(json.dumps({"summary": results, "repeats": args.repeats, "command": shlex.join(segpipe),
                       "precision": args.precision}))

@@ -2,8 +2,8 @@
 
 `decode` is the entry point, and the one place that decides how a file is decoded. Most files
 are decoded there, on the CPU, where they were read. With `jpeg_on_device`, a plain JPEG
-(`plain_jpeg_shape`) is instead returned undecoded as a `DeviceJpeg`, for `decode_on_device`
-to decode next to the model (nvjpeg through `torchvision.io.decode_jpeg` on a GPU) with the
+(`plain_jpeg_shape`) is instead returned undecoded as a `DeviceJpeg`, for
+`stages.decode_on_device` to decode next to the model (nvjpeg through `torchvision.io.decode_jpeg` on a GPU) with the
 same result: only compressed bytes then cross to the GPU.
 
 An image is segmented as a viewer displays it: EXIF orientation is applied, and every mode
@@ -22,22 +22,19 @@ and still take minutes (a highly compressed plane of zeros, a JPEG with thousand
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import signal
 import sys
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import tifffile
-import torch
 from PIL import Image, ImageOps
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from .config import DEFAULT_MAX_PIXELS
 
@@ -139,43 +136,6 @@ def decode(
             return decode_image(data, max_pixels=max_pixels)
     except DecodeTimeout as err:
         raise ImageDecodeError("timeout", str(err)) from err
-
-
-def decode_on_device(jpegs: Sequence[DeviceJpeg], device: torch.device) -> list[torch.Tensor | ImageDecodeError]:
-    """(3, H, W) uint8 RGB tensors on `device`, or why each JPEG cannot be decoded.
-
-    All in one call (nvjpeg's batched decode on CUDA). A file the device decoder refuses is
-    decoded again alone, then by `decode_image` on the CPU, which names what is wrong.
-    """
-    if not jpegs:
-        return []
-    data = [torch.frombuffer(bytearray(jpeg.data), dtype=torch.uint8) for jpeg in jpegs]
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its decoders in favour of TorchCodec; still the one
-        # batched nvjpeg decoder in the stack we pin
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            images: list[torch.Tensor | None] = list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError:  # one bad file fails the whole call
-            images = [None] * len(jpegs)
-        for index, image in enumerate(images):
-            if image is None:
-                with contextlib.suppress(RuntimeError):  # decode_image says why, below
-                    images[index] = decode_jpeg(data[index], mode=ImageReadMode.RGB, device=device)
-    results: list[torch.Tensor | ImageDecodeError] = []
-    for jpeg, image in zip(jpegs, images, strict=True):
-        if image is None or tuple(image.shape) != (3, jpeg.height, jpeg.width):
-            try:
-                # the header was checked: a baseline JPEG within max_pixels, whose decode
-                # time its pixel count bounds
-                pixels = decode_image(jpeg.data, max_pixels=jpeg.height * jpeg.width)
-            except ImageDecodeError as err:
-                results.append(err)
-                continue
-            # torch.tensor copies: Pillow's arrays are read-only
-            image = torch.tensor(pixels).permute(2, 0, 1).to(device)
-        results.append(image)
-    return results
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

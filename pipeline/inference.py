@@ -34,6 +34,7 @@ from torch import nn
 from .models import ModelMeta
 from .models._base import GridHead
 from .preprocess import ImageLike, Normalizer, to_chw_uint8
+from .windows import ceil_to, padded_windows
 
 
 @dataclass(frozen=True)
@@ -54,23 +55,6 @@ class SlidingWindow:
             raise ValueError(f"crop, stride and batch_size must be positive: {self}")
         if self.stride[0] > self.crop[0] or self.stride[1] > self.crop[1]:
             raise ValueError(f"stride {self.stride} larger than crop {self.crop} would leave gaps")
-
-
-def window_starts(length: int, crop: int, stride: int) -> list[int]:
-    """Start offsets of windows along one axis, the last one snapped inward to end at `length`."""
-    if length <= crop:
-        return [0]
-    count = math.ceil((length - crop) / stride) + 1
-    return [min(i * stride, length - crop) for i in range(count)]
-
-
-def padded_windows(length: int, crop: int, stride: int, cell: int) -> tuple[int, list[int]]:
-    """The windows along one axis of an image `length` pixels long, taken as padded at its end
-    to whole cells of `cell` pixels: their side (`crop`, or the padded length if shorter) and
-    their starts (`window_starts` over the padded length: the last one ends at its end)."""
-    padded = ceil_to(length, cell)
-    size = min(crop, padded)
-    return size, window_starts(padded, size, stride)
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -101,11 +85,6 @@ def blend_ramp(length: int, device: torch.device) -> torch.Tensor:
     weight. A window's (H, W) weights are the outer product of its two sides' ramps."""
     t = (torch.arange(length, device=device, dtype=torch.float32) + 0.5) / length
     return torch.sin(math.pi * t).clamp_min(1e-3)
-
-
-def ceil_to(length: int, cell: int) -> int:
-    """`length` rounded up to a multiple of `cell`."""
-    return -(-length // cell) * cell
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from .decode import ImageDecodeError, stretch_limits
-from .inference import padded_windows
 from .storage import Location, retry_io
+from .windows import padded_windows
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,15 @@
 """The three stages of a batch, as plain functions and one class, so each can be called in a
 test without Ray:
 
-1. `read_and_decode` (CPU): bytes from the source, decoded to RGB by `decode.decode`, or left
-   encoded for the model's device if it says so.
+1. `io_stages.read_and_decode` (CPU): bytes from the source, decoded to RGB by
+   `decode.decode`, or left encoded for the model's device if it says so.
 2. `SegmentStage` (GPU when there is one): the JPEGs left encoded decoded on the device, then
    probabilities, dense CRF, argmax, statistics. Only the label map and the statistics leave
    the device.
-3. `write_masks` (CPU): palette PNGs written to OUTPUT/masks/.
+3. `io_stages.write_masks` (CPU): palette PNGs written to OUTPUT/masks/.
+
+Stages 1 and 3 run in Ray's task workers and import no torch (`pipeline.io_stages`); this
+module is the replicas'.
 
 A georeferenced raster (`rasters.is_raster_key` and a CRS) takes another road: the decode
 stage only opens it (a few range requests for its header), and `RasterStage`, beside the
@@ -19,9 +22,11 @@ error record that names the stage's reason; the other images of the batch go on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -29,21 +34,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_jpeg
 
-from .config import DEFAULT_MAX_RASTER_PIXELS, RasterSettings
+from .config import RasterSettings
 from .crf import DEFAULT_DOWNSAMPLE, crf_logits, dense_crf
-from .decode import DEFAULT_MAX_PIXELS, DeviceJpeg, ImageDecodeError, decode, decode_on_device
+from .decode import DeviceJpeg, ImageDecodeError, decode_image
 from .geo import ClassPolygon, MaskWriter, PolygonCollector, PolygonsWriter, pixel_area
 from .inference import GridLogits, Segmenter, SlidingWindow, softmax_classes
-from .masks import confidence_levels, encode_confidence, encode_mask
+from .masks import confidence_levels
 from .preprocess import to_chw_uint8
 from .rasters import (
     Block,
     band_limits,
     block_windows,
     choose_bands,
-    is_georeferenced,
-    is_raster_key,
     open_raster,
     plan_blocks,
     read_rgb,
@@ -52,74 +56,46 @@ from .records import ClassStats, ImageRecord, confidence_key_for, mask_key, stag
 from .stats import class_statistics, labels_and_confidence_of_logits
 from .storage import (
     Location,
-    SourceFile,
     StorageUnavailableError,
     put_file_atomic,
-    read_bytes,
-    write_atomic,
 )
 
 
-def read_and_decode(
-    source: Location,
-    files: Sequence[SourceFile],
-    *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_raster_pixels: int = DEFAULT_MAX_RASTER_PIXELS,
-    time_limit_s: float | None = None,
-    hard_stop: bool = False,
-    jpeg_on_device: bool = False,
-) -> list[ImageRecord]:
-    """Records with decoded images, or the reason each file could not be decoded.
+def decode_on_device(jpegs: Sequence[DeviceJpeg], device: torch.device) -> list[torch.Tensor | ImageDecodeError]:
+    """(3, H, W) uint8 RGB tensors on `device`, or why each JPEG cannot be decoded.
 
-    The settings are those of `decode.decode`, which decodes each file. With `jpeg_on_device`,
-    the plain JPEGs it leaves undecoded keep their bytes in `encoded`, for `SegmentStage` to
-    decode on the model's device; their size comes from the header.
+    All in one call (nvjpeg's batched decode on CUDA). A file the device decoder refuses is
+    decoded again alone, then by `decode_image` on the CPU, which names what is wrong.
     """
-    records = []
-    for file in files:
-        record = ImageRecord(key=file.key, size=file.size, version=file.version)
-        start = time.perf_counter()
+    if not jpegs:
+        return []
+    data = [torch.frombuffer(bytearray(jpeg.data), dtype=torch.uint8) for jpeg in jpegs]
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of TorchCodec; still the one
+        # batched nvjpeg decoder in the stack we pin
+        warnings.simplefilter("ignore", DeprecationWarning)
         try:
-            if is_raster_key(file.key) and _georeferenced_size(source, file.key, record, max_raster_pixels):
-                records.append(record)  # its blocks are read beside the model (RasterStage)
-                record.seconds.decode = time.perf_counter() - start
+            images: list[torch.Tensor | None] = list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:  # one bad file fails the whole call
+            images = [None] * len(jpegs)
+        for index, image in enumerate(images):
+            if image is None:
+                with contextlib.suppress(RuntimeError):  # decode_image says why, below
+                    images[index] = decode_jpeg(data[index], mode=ImageReadMode.RGB, device=device)
+    results: list[torch.Tensor | ImageDecodeError] = []
+    for jpeg, image in zip(jpegs, images, strict=True):
+        if image is None or tuple(image.shape) != (3, jpeg.height, jpeg.width):
+            try:
+                # the header was checked: a baseline JPEG within max_pixels, whose decode
+                # time its pixel count bounds
+                pixels = decode_image(jpeg.data, max_pixels=jpeg.height * jpeg.width)
+            except ImageDecodeError as err:
+                results.append(err)
                 continue
-            data = read_bytes(source, file.key)
-            if data is None:
-                raise FileNotFoundError(source.uri(file.key))
-            decoded = decode(data, max_pixels=max_pixels, time_limit_s=time_limit_s, hard_stop=hard_stop,
-                             jpeg_on_device=jpeg_on_device)
-            if isinstance(decoded, DeviceJpeg):
-                record.encoded, record.height, record.width = decoded.data, decoded.height, decoded.width
-            else:
-                record.image = decoded
-                record.height, record.width = decoded.shape[:2]
-        except ImageDecodeError as err:
-            record.fail(err.reason, str(err))
-        except FileNotFoundError:
-            record.fail("missing", "the file disappeared after it was listed")
-        except OSError as err:  # permanent (forbidden...): transient ones were retried, then raised
-            record.fail("read_error", f"cannot read: {type(err).__name__}: {err}")
-        record.seconds.decode = time.perf_counter() - start
-        records.append(record)
-    return records
-
-
-def _georeferenced_size(source: Location, key: str, record: ImageRecord, max_pixels: int) -> bool:
-    """Whether the raster under `key` is georeferenced (its header only, by range requests);
-    if so the record says so and gets its size. A TIFF without a CRS is an image like another.
-    A raster whose header claims more than `max_pixels` is refused before any block is read."""
-    try:
-        with open_raster(source, key) as dataset:
-            if not is_georeferenced(dataset):
-                return False
-            record.georeferenced, record.height, record.width = True, dataset.height, dataset.width
-            if dataset.width * dataset.height > max_pixels:
-                record.fail("too_large", f"{dataset.width}x{dataset.height} pixels, more than --max-raster-pixels {max_pixels}")
-            return True
-    except ImageDecodeError:
-        return False  # not something GDAL reads: the image decoder names what is wrong
+            # torch.tensor copies: Pillow's arrays are read-only
+            image = torch.tensor(pixels).permute(2, 0, 1).to(device)
+        results.append(image)
+    return results
 
 
 class SegmentStage:
@@ -182,7 +158,7 @@ class SegmentStage:
 
     def _decode_jpegs(self, records: list[ImageRecord]) -> None:
         """Decode the JPEGs `read_and_decode` left for the model's device, all in one call (see
-        `decode.decode_on_device`), so only compressed bytes cross to the GPU."""
+        `decode_on_device`), so only compressed bytes cross to the GPU."""
         if not records:
             return
         start = time.perf_counter()
@@ -246,29 +222,6 @@ def crf_refine(grids: Sequence[GridLogits], pixels: torch.Tensor, rows: tuple[in
     probs = dense_crf(softmax_classes(torch.stack([grid.pixels(rows, cols) for grid in grids])), pixels)
     padded = (first.grid[0] * first.cell, first.grid[1] * first.cell)
     return [GridLogits(v, 1, (rows[0], cols[0]), padded, first.size) for v in probs.clamp_min_(1e-30).log_()]
-
-
-def write_masks(output: Location, records: list[ImageRecord], palette: Sequence[Sequence[int]]) -> list[ImageRecord]:
-    for record in records:
-        if not record.ok or record.mask_key is not None:  # a raster's mask is written beside the model
-            continue
-        start = time.perf_counter()
-        try:
-            key = mask_key(record.key)
-            write_atomic(output, key, encode_mask(record.labels, palette))
-            if record.confidence is not None:
-                record.confidence_key = confidence_key_for(record.key)
-                write_atomic(output, record.confidence_key, encode_confidence(record.confidence))
-            record.mask_key = key
-        except ValueError as err:
-            record.fail("unsafe_key", str(err))
-        except OSError as err:
-            # a write fails for the output's sake (disk full, no permission), not the image's:
-            # stop the run rather than commit error rows for images that are fine
-            raise StorageUnavailableError(f"cannot write {output.uri(mask_key(record.key))}: {type(err).__name__}: {err}") from err
-        record.labels = record.confidence = None
-        record.seconds.encode = time.perf_counter() - start
-    return records
 
 
 # the mask's value where the raster has no data: a label no class takes (masks are uint8, so

@@ -144,7 +144,7 @@ DISK_FULL = textwrap.dedent("""
     import numpy as np
     from pipeline.outputs import OutputStore, RunInfo
     from pipeline.records import ImageRecord
-    from pipeline.stages import write_masks
+    from pipeline.io_stages import write_masks
     from pipeline.stats import class_statistics
     from pipeline.storage import Shard, SourceFile, StorageUnavailableError, open_location
 

@@ -24,11 +24,12 @@ from PIL import Image
 from pipeline.config import SegmentConfig
 from pipeline.decode import DeviceJpeg, decode, decode_image, plain_jpeg_shape
 from pipeline.inference import Segmenter
+from pipeline.io_stages import read_and_decode
 from pipeline.masks import decode_mask
 from pipeline.models import build_model
 from pipeline.records import ImageRecord
 from pipeline.runtime.driver import run_segmentation
-from pipeline.stages import SegmentStage, read_and_decode
+from pipeline.stages import SegmentStage
 from pipeline.storage import SourceFile, open_location
 
 RGB = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
@@ -250,12 +251,12 @@ def test_a_decode_deaf_to_the_limit_ends_its_process(tmp_path):
     (tmp_path / "a.png").write_bytes(_encode(Image.fromarray(RGB), "PNG"))
     script = f"""
 import time
-import pipeline.decode, pipeline.stages
+import pipeline.decode, pipeline.io_stages
 pipeline.decode.signal.setitimer = lambda *args: (0.0, 0.0)
 pipeline.decode.decode_image = lambda data, max_pixels: time.sleep(120)
 from pipeline.storage import SourceFile, open_location
-records = pipeline.stages.read_and_decode(open_location({str(tmp_path)!r}), [SourceFile("a.png", 1, "")],
-                                          time_limit_s=0.1, hard_stop=True)
+records = pipeline.io_stages.read_and_decode(open_location({str(tmp_path)!r}), [SourceFile("a.png", 1, "")],
+                                             time_limit_s=0.1, hard_stop=True)
 print("finished", records[0].error_type)
 """
     started = time.monotonic()

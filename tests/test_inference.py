@@ -17,9 +17,9 @@ from pipeline.inference import (
     fold_batch_norms,
     native_bf16,
     softmax_classes,
-    window_starts,
 )
 from pipeline.models import ModelMeta, Preprocessing, build_model
+from pipeline.windows import window_starts
 
 
 class Pointwise(nn.Module):

@@ -23,7 +23,7 @@ from rio_cogeo.cogeo import cog_validate
 
 from pipeline.config import RasterSettings, SegmentConfig
 from pipeline.evaluation import Pair, ScoreSettings, score_pairs
-from pipeline.inference import Segmenter, window_starts
+from pipeline.inference import Segmenter
 from pipeline.masks import encode_mask
 from pipeline.models import ModelMeta, build_model, save_checkpoint
 from pipeline.outputs import OutputStore, RunInfo
@@ -31,6 +31,7 @@ from pipeline.rasters import band_limits, choose_bands, open_raster, plan_blocks
 from pipeline.records import ImageRecord
 from pipeline.stages import RasterStage, SegmentStage
 from pipeline.storage import iter_shards, open_location
+from pipeline.windows import window_starts
 
 MODEL = "lraspp_mobilenet_v3_large"
 CLASSES = 4
@@ -285,7 +286,7 @@ def test_evaluation_reads_geotiff_masks_by_window_against_png_or_geotiff_ground_
 
 
 def test_a_raster_whose_header_claims_too_many_pixels_is_an_error_row_before_any_block(tmp_path):
-    from pipeline.stages import read_and_decode
+    from pipeline.io_stages import read_and_decode
     from pipeline.storage import SourceFile
 
     (tmp_path / "src").mkdir()

@@ -19,7 +19,7 @@ from rasterio.windows import Window
 from torch import nn
 
 from pipeline.decode import ImageDecodeError
-from pipeline.inference import Segmenter, SlidingWindow, ceil_to, window_starts
+from pipeline.inference import Segmenter, SlidingWindow
 from pipeline.models import ModelMeta, Preprocessing
 from pipeline.rasters import (
     Block,
@@ -33,6 +33,7 @@ from pipeline.rasters import (
     read_rgb,
 )
 from pipeline.storage import Location, StorageUnavailableError, open_location
+from pipeline.windows import ceil_to, window_starts
 
 UTM_16N = "EPSG:32616"
 TRANSFORM = Affine(0.5, 0.0, 733601.0, 0.0, -0.5, 3725139.0)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipeline.decode import ImageDecodeError, decode_image
 from pipeline.inference import Segmenter
+from pipeline.io_stages import read_and_decode, write_masks
 from pipeline.masks import decode_mask
 from pipeline.models import build_model
 from pipeline.outputs import (
@@ -27,7 +28,7 @@ from pipeline.outputs import (
 from pipeline.records import ImageRecord, mask_key
 from pipeline.run import plan_shard
 from pipeline.samples import synthetic_scene
-from pipeline.stages import SegmentStage, read_and_decode, write_masks
+from pipeline.stages import SegmentStage
 from pipeline.storage import Shard, SourceFile, is_case_insensitive, iter_shards, open_location
 
 

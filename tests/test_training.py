@@ -215,9 +215,10 @@ def test_validation_miou_is_what_segment_and_evaluate_measure(tmp_path):
     a Ray Train worker calls, in its order."""
     from pipeline.evaluation import ScoreSettings, pair_masks, score_pairs
     from pipeline.inference import Segmenter
+    from pipeline.io_stages import read_and_decode, write_masks
     from pipeline.metrics import scores
     from pipeline.preprocess import Normalizer
-    from pipeline.stages import SegmentStage, read_and_decode, write_masks
+    from pipeline.stages import SegmentStage
     from pipeline.storage import iter_files, open_location
     from pipeline.training import (
         load_samples,

@@ -123,15 +123,15 @@ class SegmentWorker:
         return self.raster_stage
 
 
-# The task bodies import the stages they run (torch, Pillow, pyarrow: seconds) where they
-# land, in Ray's task workers; the driver that submits them never imports them.
+# The task bodies import the stages they run (Pillow, rasterio, pyarrow) where they land, in
+# Ray's task workers; the driver that submits them does not need them.
 
 # no Ray-level retries: a decode that crashed or hung its worker is the driver's to retry,
 # image by image (see _Run._finish), not Ray's to repeat whole
 @ray.remote(max_retries=0)
 def decode(source: Location, files: list[SourceFile], max_pixels: int, max_raster_pixels: int, time_limit_s: float,
            jpeg_on_device: bool) -> list[ImageRecord]:
-    from ..stages import read_and_decode
+    from ..io_stages import read_and_decode
 
     return read_and_decode(source, files, max_pixels=max_pixels, max_raster_pixels=max_raster_pixels,
                            time_limit_s=time_limit_s, hard_stop=True, jpeg_on_device=jpeg_on_device)
@@ -141,12 +141,12 @@ def decode(source: Location, files: list[SourceFile], max_pixels: int, max_raste
 def warm_up() -> None:
     """Imports what the decode and write tasks run in a task worker, while the replicas load
     their model, so that the first batches do not wait for it."""
-    from .. import stages  # noqa: F401
+    from .. import io_stages  # noqa: F401
 
 
 @ray.remote
 def write(output: Location, records: list[ImageRecord], palette: list[list[int]]) -> list[ImageRecord]:
-    from ..stages import write_masks
+    from ..io_stages import write_masks
 
     return write_masks(output, records, palette)
 
