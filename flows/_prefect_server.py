@@ -10,7 +10,8 @@ Ray, waits for it only where the flow is called, and points the flow at it with
 own temporary server, so `prefect server start` shows them later either way.
 
 A configured `PREFECT_API_URL` (environment or profile), or ephemeral mode switched off,
-leaves everything to Prefect: nothing is started here.
+leaves everything to Prefect: nothing is started here. One process has one such server, as it
+has one of Prefect's (`temporary_server()`), for every flow it runs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import atexit
 import contextlib
 import importlib.util
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -32,12 +34,27 @@ from pipeline.config import RunError
 # uvicorn's exit status when it could not start: its port was taken (since it was chosen here,
 # which SubprocessASGIServer retries too), or the app failed to start (its database)
 _STARTUP_FAILED = 3
+# where SubprocessASGIServer picks its port: below the kernel's ephemeral range, from which Ray,
+# starting meanwhile, takes ports of its own
+_PORTS = range(8000, 9000)
+
+_server: TemporaryServer | None = None
+
+
+def temporary_server() -> TemporaryServer:
+    """This process's temporary server, launched at the first call (see `TemporaryServer.start`)."""
+    global _server
+    if _server is None:
+        _server = TemporaryServer()
+        _server.start()
+    return _server
 
 
 class TemporaryServer:
     """`start()` launches the server (without waiting); `api()` waits until it answers and
-    points Prefect at it for the block it wraps. The server stops when the process exits,
-    after Prefect's own exit handlers have sent their last logs and events to it."""
+    points Prefect at it for the block it wraps. The server stops when the process exits, in
+    an atexit handler: after Prefect's log and event senders have sent it their last, in the
+    exit hooks of `threading`, which run first."""
 
     def __init__(self) -> None:
         self.process: subprocess.Popen[bytes] | None = None
@@ -54,11 +71,10 @@ class TemporaryServer:
         if settings.api.url or not settings.server.ephemeral.enabled:
             return
         self._timeout_s = settings.server.ephemeral.startup_timeout_seconds
-        self._env = {**os.environ, **settings.to_environment_variables(exclude_unset=True),
-                     # as SubprocessASGIServer: no UI, and no background services
-                     "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        # as SubprocessASGIServer: no UI and no background services, then this process's settings
+        self._env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                     "PREFECT__SERVER_FINAL": "1", **settings.to_environment_variables(exclude_unset=True)}
         self._launch()
-        # registered before Prefect's log and event workers register theirs, so it runs after them
         atexit.register(self.stop)
 
     def _launch(self) -> None:
@@ -124,6 +140,8 @@ class TemporaryServer:
 
 
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    for port in random.sample(_PORTS, 50):
+        with socket.socket() as probe, contextlib.suppress(OSError):
+            probe.bind(("127.0.0.1", port))
+            return port
+    raise RunError(f"no free port for Prefect's temporary server in {_PORTS.start} to {_PORTS.stop - 1}")

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from flows._prefect_server import TemporaryServer
+from flows._prefect_server import TemporaryServer, temporary_server
 from pipeline.config import (
     MODEL_NAMES,
     EvaluateConfig,
@@ -144,9 +144,7 @@ def _start_prefect() -> TemporaryServer:
     """Prefect's temporary server, when the command needs one (flows/_prefect_server.py): it
     comes up while the command starts Ray and imports its flow."""
     _quiet_prefect()
-    server = TemporaryServer()
-    server.start()
-    return server
+    return temporary_server()
 
 
 def _preflight(check: Callable[..., None], config: JobConfig, storage_secret: str | None) -> None:
@@ -399,18 +397,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> typing.NoReturn:
     """The `segpipe` command: `main()`, then the exit a Python program makes, without the
-    interpreter's teardown. After a run, that teardown garbage-collects the modules of Prefect,
-    Ray and torch one by one: 2 s on this 2-core machine, after the summary was printed, for
-    memory the process returns anyway. What an exit does before it still happens, in its order:
-    other threads are waited for, exit handlers run (Prefect's temporary server stops, Ray shuts
-    down, Prefect's last logs and events are sent), output is flushed."""
+    interpreter's teardown. After a run, that teardown garbage-collects the modules of Prefect
+    and Ray one by one: 2 s on this 2-core machine, after the summary was printed, for memory
+    the process returns anyway. What an exit does before it still happens, in its order (as
+    `Py_FinalizeEx`): threading's exit hooks (Prefect's log and event senders send their last)
+    and the other threads waited for, then the atexit handlers (Ray shuts down, Prefect's
+    temporary server stops), then output flushed; a flush that fails exits 120, as Python does."""
     code = main()
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # a closed pipe
+        code = 120
     os._exit(code)
 
 

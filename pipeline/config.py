@@ -28,6 +28,8 @@ from pydantic import (
 )
 from pydantic_core import core_schema
 
+from .windows import window_stride
+
 DEFAULT_MODEL = "deeplabv3_resnet101"
 # the names `pipeline.models` registers, listed here so that a config is validated, and
 # `segpipe models` answers, without importing torch (2 to 5 s); tests/test_config.py checks
@@ -340,7 +342,7 @@ class RasterSettings:
 
     @property
     def stride(self) -> int:
-        return self.tile_stride or self.tile * 3 // 4
+        return window_stride(self.tile, self.tile_stride)
 
     @classmethod
     def of(cls, config: SegmentConfig) -> RasterSettings:

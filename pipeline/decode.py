@@ -117,7 +117,7 @@ def decode(
     jpeg_on_device: bool = False,
 ) -> np.ndarray | DeviceJpeg:
     """(H, W, 3) uint8 RGB from the bytes of an image file or, with `jpeg_on_device`, a plain
-    JPEG left for `decode_on_device`.
+    JPEG left for `stages.decode_on_device`.
 
     The one place that decides which path a file takes: to the device only a JPEG whose header
     promises that the device decoder gives what `decode_image` gives; every other file, broken

@@ -7,7 +7,7 @@ command line spells it, for the first mistake they find:
 - the model, its weights and `num_classes` (and `class_names`) agree. A checkpoint's metadata
   is read from its pickle alone, without torch and without its tensors; torchvision's
   published weights are known from `PUBLISHED_WEIGHTS`, and must be in torch.hub's cache or
-  reachable for download (both also tell `pipeline.run.model_identity` what a run's model is,
+  reachable for download (both also tell `pipeline.run.model_meta` what a run's model is,
   without torch);
 - each input folder (SOURCE, GROUND_TRUTH, ...) exists and can be read, which on object
   storage also proves the credentials;

@@ -144,16 +144,6 @@ def _given_class_names(config: SegmentConfig, num_classes: int) -> tuple[str, ..
     return tuple(config.class_names)
 
 
-# what a run takes from its model's metadata: the fingerprint's inputs and what its rows say
-IDENTITY_FIELDS = ("architecture", "weights", "num_classes", "class_names", "preprocessing", "model_kwargs")
-
-
-def model_identity(config: SegmentConfig) -> dict[str, Any]:
-    """The IDENTITY_FIELDS of `model_meta(config)`: all that the fingerprint and `run_info` read."""
-    meta = model_meta(config)
-    return {name: meta[name] for name in IDENTITY_FIELDS}
-
-
 def _meta_without_torch(config: SegmentConfig) -> ModelMeta | None:
     """`model_meta`'s `ModelMeta`, before the config's num_classes and class_names are
     checked against it; None where only `_meta_with_torch` can tell."""
@@ -419,7 +409,7 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
         if read_bytes(store.location, "_segpipe.json") is None:
             return None  # nothing was ever committed there
         store.check_layout(source.url, config.shard_by, config.shard_size)  # only reads: the layout is recorded
-        run = run_info(config, source.url, new_run_id(), model_identity(config))
+        run = run_info(config, source.url, new_run_id(), model_meta(config))
         skipped = 0
         for shard in shards:
             if not store.is_current(shard, run, redo_errors=config.redo_errors):

@@ -28,3 +28,8 @@ def padded_windows(length: int, crop: int, stride: int, cell: int) -> tuple[int,
 def ceil_to(length: int, cell: int) -> int:
     """`length` rounded up to a multiple of `cell`."""
     return -(-length // cell) * cell
+
+
+def window_stride(tile: int, stride: int | None) -> int:
+    """The stride of `tile`-pixel windows: as given, else 3/4 of the tile (a quarter overlaps)."""
+    return stride or tile * 3 // 4

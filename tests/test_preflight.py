@@ -271,7 +271,7 @@ def test_the_tables_kept_beside_the_checks_agree_with_their_sources(tmp_path, mo
         entry = PUBLISHED_WEIGHTS[name]
         assert (entry.enum, set(entry.members)) == (enum.__name__, set(enum.__members__))
         assert {(m.url, len(m.meta["categories"])) for m in enum} == {(entry.url, entry.num_classes)}
-        # what a run's model is (pipeline.run.model_identity): the member every name selects, and its meaning
+        # what a run's model is (pipeline.run.model_meta): the member every name selects, and its meaning
         for member in entry.members:
             weights_ = enum[member]
             transforms = weights_.transforms()

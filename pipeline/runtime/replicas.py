@@ -67,13 +67,15 @@ class SegmentWorker:
     creates these actors without importing torch (see there)."""
 
     def __init__(self, spec: WorkerSpec) -> None:
-        from .worker import set_up_torch  # in the actor's process only
-
         self.gpu_ids = [str(i) for i in ray.get_gpu_ids()]
         self.spec = spec
         self.raster_stage: RasterStage | None = None
         self.setup_error: str | None = None
         try:
+            from .worker import (
+                set_up_torch,  # in the actor's process only; a broken torch is reported too
+            )
+
             self.device = set_up_torch(spec, self.gpu_ids, self._cuda_available())
             self.stage = self._build_stage(spec, self.device)
         except Exception as err:  # reported by ready(), so the driver can say what went wrong
@@ -90,10 +92,10 @@ class SegmentWorker:
         return build_stage(spec, device)
 
     def ready(self) -> dict[str, Any]:
-        from .worker import torch_threads
-
         if self.setup_error is not None:
             return {"error": self.setup_error}
+        from .worker import torch_threads
+
         meta = self.stage.segmenter.meta
         return {
             "meta": meta.model_dump(mode="json"),
@@ -199,7 +201,8 @@ class _ReplicaPool:
         self.alone: set[int] = set()  # replicas running a batch that must run by itself
         self.down_since: float | None = None  # when the last replica that could take work was set aside
         # while the replicas load their model, the CPUs left over start the processes that
-        # will decode and write, so the first batches do not wait for Python to import torch
+        # will decode and write, so the first batches do not wait for them to start and import
+        # the decode and write stages (Pillow, rasterio, pyarrow; no torch)
         spare = cpus - count * config.cpus_per_actor
         self.in_flight = batches_in_flight(config.batches_in_flight_per_actor, spare, count)
         for _ in range(min(max(int(spare), 1), 2 * self.in_flight * count)):

@@ -18,6 +18,7 @@ from ..models import build_model
 from ..run import replica_threads
 from ..stages import RasterStage, SegmentStage
 from ..storage import open_location
+from ..windows import window_stride
 from .cluster import node_cpus
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def torch_threads() -> int:
 def sliding_window(spec: WorkerSpec) -> SlidingWindow | None:
     if spec.tile is None:
         return None
-    stride = spec.tile_stride or spec.tile * 3 // 4
+    stride = window_stride(spec.tile, spec.tile_stride)
     return SlidingWindow(crop=(spec.tile, spec.tile), stride=(stride, stride), batch_size=spec.batch_size)
 
 
