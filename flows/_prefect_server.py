@@ -6,8 +6,9 @@ With no `PREFECT_API_URL`, Prefect starts a temporary server of its own (its "ep
 waits there for it to answer: seconds of a command's start-up, spent after Ray has started.
 The command line starts the same server, with the same command and settings, before it starts
 Ray, waits for it only where the flow is called, and points the flow at it with
-`temporary_settings`, without flow-run heartbeats. Its runs go to the same database (PREFECT_HOME) as those of Prefect's
-own temporary server, so `prefect server start` shows them later either way.
+`temporary_settings`, without flow-run heartbeats. Its runs go to the same database
+(PREFECT_HOME) as those of Prefect's own temporary server, so `prefect server start` shows
+them later either way.
 
 A configured `PREFECT_API_URL` (environment or profile), or ephemeral mode switched off,
 leaves everything to Prefect: nothing is started here. One process has one such server, as it

@@ -72,9 +72,8 @@ class SegmentWorker:
         self.raster_stage: RasterStage | None = None
         self.setup_error: str | None = None
         try:
-            from .worker import (
-                set_up_torch,  # in the actor's process only; a broken torch is reported too
-            )
+            # in the actor's process only, and inside the try: a torch that fails to import is reported too
+            from .worker import set_up_torch
 
             self.device = set_up_torch(spec, self.gpu_ids, self._cuda_available())
             self.stage = self._build_stage(spec, self.device)
