@@ -1,7 +1,7 @@
 """`segpipe demo`: the whole product on one machine with embedded defaults.
 
 A local S3 endpoint (moto's server on 127.0.0.1) receives generated street scenes and their
-ground truth; the segmentation flow and then the evaluation flow run under Prefect's ephemeral
+ground truth; the segmentation flow and then the evaluation flow run on Prefect's temporary
 server and a local Ray; DuckDB queries the outputs. No cluster, no cloud account.
 
 Everything stays in the demo folder, side by side:
