@@ -74,12 +74,7 @@ def dense_crf(
         raise TypeError(f"images must be uint8 RGB, got {images.dtype}")
     if images.device != probs.device:
         raise ValueError(f"probs are on {probs.device} but images on {images.device}")
-    if window is not None and (window < 1 or window % 2 == 0):
-        raise ValueError(f"window must be a positive odd number or None, got {window}")
-    if downsample < 1:
-        raise ValueError(f"downsample must be >= 1, got {downsample}")
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    _check_settings(window, downsample, iterations)
 
     probs = probs.float()
     if iterations == 0:
@@ -103,6 +98,16 @@ def dense_crf(
     q = factor.mul_(probs)
     # all-zero probabilities stay zero rather than becoming NaN
     return q.div_(q.sum(dim=1, keepdim=True).clamp_min_(1e-30))
+
+
+def _check_settings(window: int | None, downsample: int, iterations: int) -> None:
+    """The mean field's settings, as both `dense_crf` and `crf_logits` take them."""
+    if window is not None and (window < 1 or window % 2 == 0):
+        raise ValueError(f"window must be a positive odd number or None, got {window}")
+    if downsample < 1:
+        raise ValueError(f"downsample must be >= 1, got {downsample}")
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
 
 
 def crf_logits(
@@ -131,6 +136,7 @@ def crf_logits(
     (which multiplies by the resized exp of the message instead), without any
     full-resolution pass over the classes here.
     """
+    _check_settings(window, downsample, iterations)
     b, _, h, w = logits.shape
     if images.ndim != 4 or images.shape[:2] != (b, 3) or images.dtype != torch.uint8:
         raise ValueError(f"images must be uint8 (B, 3, H, W) with B = {b}, got {images.dtype} {tuple(images.shape)}")

@@ -81,6 +81,12 @@ def test_rejects_bad_inputs() -> None:
         dense_crf(probs, image, window=4)
     with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\)"):
         dense_crf(probs, image[:, :, :4])
+    # the grid's CRF takes the same settings, checked the same way
+    grid = torch.zeros(1, 3, 1, 1)
+    for settings, message in [({"window": 4}, "window must be a positive odd"), ({"downsample": 0}, "downsample must be"),
+                              ({"iterations": -1}, "iterations must be")]:
+        with pytest.raises(ValueError, match=message):
+            crf_logits(grid, image, **settings)
 
 
 def _camvid(shared_data, count: int):
