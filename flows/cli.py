@@ -241,7 +241,7 @@ def _print_summary(s: dict) -> None:
     compiled = [r["compile_seconds"] for r in s["replicas"] if r.get("compile_seconds")]
     if compiled:  # paid inside the run, at each input shape's first batch, once per replica
         print(f"compiling the model took {max(compiled):.1f} s of the run (the first batch of each input shape; "
-              "inductor's cache on local disk makes the next run's shorter)")
+              "inductor's cache on local disk makes the next run's shorter; --no-compile skips it, for a few images)")
     if s["retried_batches"]:
         print(f"{s['retried_batches']} batches were sent again after a worker failed")
     print(f"outputs: {s['output']}/images/, {s['output']}/class_stats/, {s['output']}/masks/ (run record {s['record']})")

@@ -189,8 +189,9 @@ def run_demo(workdir: str | Path, *, model: str = "deeplabv3_mobilenet_v3_large"
             group by class_name order by pixels desc""")
         share = duckdb.sql(sql)
         print()
-        print(f"segmentation: {segmentation['images']} images, {segmentation['errors']} errors; outputs in "
-              f"{output}/ (images/, class_stats/, masks/)")
+        done = (f"{segmentation['images']} images, {segmentation['errors']} errors" if segmentation["shards_committed"]
+                else f"nothing new, the night's {segmentation['shards_skipped']} shards were already up to date")
+        print(f"segmentation: {done}; outputs in {output}/ (images/, class_stats/, masks/)")
         print(f"evaluation: mIoU {report['miou']:.3f} over {report['images']} images; report in {workdir}/evaluation/ "
               "(metrics.json, per_image.parquet, confusion_matrix.png, per_class_iou.png)")
         print(f"picture: {overview} (each scene, segpipe's mask and the ground truth, in the class palette)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import logging
 import math
 import time
 from collections import defaultdict
@@ -234,6 +235,11 @@ class Segmenter:
         if self.channels_last:
             head = head.to(memory_format=torch.channels_last)
         self.compiled = compile if compile is not None else bf16 and self.device.type == "cpu"
+        if self.compiled and not torch.cuda.is_available():
+            # inductor's C++ build imports torch.utils.cpp_extension, which warns "No CUDA runtime
+            # is found, using CUDA_HOME=..." wherever a CUDA toolkit is installed without a GPU:
+            # about GPUs, on every CPU run, and nothing to act on
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         # the logits on the model's output grid (`GridHead`): resized to pixels by the caller
         self.model = torch.compile(head) if self.compiled else head
         self.normalize = Normalizer(self.meta.preprocessing, self.device)
