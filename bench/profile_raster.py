@@ -6,8 +6,8 @@ each of its steps timed apart, against the bare forward over the same windows.
 The mosaic is bench/raster.py's (LoveDA tiles, 512-pixel windows, default blocks), the model
 its LR-ASPP with 7 classes. Prints one JSON line: seconds per step (reading the blocks, the
 model's forward on its output grid, keeping and taking back the windows blocks share, the
-rest of the sliding window's blending, the CRF on the grid, the resize of the cores' logits
-to pixels, labels, statistics and polygons), the stage's total, the bare forward's (the model
+rest of the sliding window's blending, the CRF on the grid, the cores' labels and confidence
+from their logits on the grid, statistics and polygons), the stage's total, the bare forward's (the model
 as given, `bare.AsGiven`) and the grid forward's (without its final resize), and the bare
 forward's over the stage's: the in-process bound on bench/raster.py's
 `raster_pipeline_efficiency`. The steps are timed
@@ -49,8 +49,8 @@ STEPS = {
     "windows_kept": (stages.WindowFiles, "keep"),
     "windows_taken": (stages.WindowFiles, "take"),
     "crf": (stages, "crf_logits"),
-    "resize_to_pixels": (stages.GridLogits, "pixels"),
-    "labels_and_confidence": (stages, "labels_and_confidence_of_logits"),
+    # the core's logits resized to pixels, their labels and confidence (one compiled kernel on CPU)
+    "labels_and_confidence": (stages.PixelLabeler, "__call__"),
     "statistics": (stages._ClassTotals, "add"),
     "polygons": (stages.PolygonCollector, "add"),
 }

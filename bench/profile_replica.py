@@ -5,8 +5,9 @@ the same frames, model and device as bench/run.py, and optionally torch's profil
 
 Prints one JSON line: milliseconds per image for decode (Pillow, in the decode tasks), the
 forward with preprocessing (`Segmenter.predict_logits`: logits on the model's output grid),
-the dense CRF on that grid (`stages.crf_refine`), the resize of the logits to the image's pixels,
-labels and confidence, class statistics, and mask encoding (in the write tasks); with --device cuda,
+the dense CRF on that grid (`stages.crf_refine`), the labels and confidence of the image's
+pixels from the refined logits (`labels.PixelLabeler`, the replica's: one compiled kernel on
+CPU), class statistics, and mask encoding (in the write tasks); with --device cuda,
 also the JPEG decode on the GPU. The device is synchronised between steps, so the figures
 add up to the replica's work per image, not to its throughput.
 """
@@ -37,7 +38,7 @@ from pipeline.models import build_model  # noqa: E402
 from pipeline.preprocess import to_chw_uint8  # noqa: E402
 from pipeline.records import ImageRecord  # noqa: E402
 from pipeline.stages import SegmentStage, crf_refine  # noqa: E402
-from pipeline.stats import class_statistics, labels_and_confidence_of_logits  # noqa: E402
+from pipeline.stats import class_statistics  # noqa: E402
 
 
 def main() -> None:
@@ -79,8 +80,7 @@ def main() -> None:
             pixels = to_chw_uint8(image).to(device)[None]
             size = grid.size
             refined = timed("crf", lambda grid=grid, pixels=pixels, size=size: crf_refine([grid], pixels, (0, size[0]), (0, size[1]))[0])
-            logits = timed("resize_to_pixels", lambda refined=refined: refined.on_pixels())
-            labels, confidence = timed("labels_and_confidence", lambda logits=logits: labels_and_confidence_of_logits(logits))
+            labels, confidence = timed("labels_and_confidence", lambda refined=refined, size=size: stage.labeler(refined, (0, size[0]), (0, size[1])))
             timed("statistics", lambda labels=labels, confidence=confidence: class_statistics(labels, confidence, NUM_CLASSES))
             mask = labels.to(torch.int32).cpu().numpy().astype(np.uint8)
             timed("encode_mask", lambda mask=mask: encode_mask(mask, palette))

@@ -224,17 +224,18 @@ class _Bilateral:
         b, _, h, w = image.shape
         self.radius_y, self.radius_x = radius_y, radius_x
         self.shape = (h, w)
-        padded = F.pad(image, (radius_x, radius_x, radius_y, radius_y))
-        inside = F.pad(torch.ones(1, 1, h, w, device=image.device), (radius_x, radius_x, radius_y, radius_y))
         self.offsets = [(dy, dx) for dy in range(-radius_y, radius_y + 1) for dx in range(-radius_x, radius_x + 1)]
-        weights = torch.empty(b, len(self.offsets), h, w, device=image.device)
-        for k, (dy, dx) in enumerate(self.offsets):
-            neighbour = self._shift(padded, dy, dx)
-            colour = ((image - neighbour) ** 2).sum(dim=1)
-            spatial = (dy * dy + dx * dx) / (2 * xy_std**2)
-            weights[:, k] = torch.exp(-spatial - colour / (2 * rgb_std**2)) * self._shift(inside, dy, dx)[:, 0]
-        self.weights = weights
-        self.norm = weights.sum(dim=1, keepdim=True).rsqrt()
+        window, pad, count = (2 * radius_y + 1, 2 * radius_x + 1), (radius_x, radius_x, radius_y, radius_y), len(self.offsets)
+        # every offset's neighbour at once (unfold: in the offsets' order), not one offset at a
+        # time: a few operations instead of eight per offset, whose dispatch bound a small grid
+        # (a CamVid frame's CRF: 6.1 to 5.6 ms, measured)
+        neighbours = F.unfold(F.pad(image, pad), window).view(b, image.shape[1], count, h, w)
+        colour = neighbours.sub_(image[:, :, None]).square_().sum(dim=1)  # in place: the largest tensor here
+        del neighbours
+        inside = F.unfold(F.pad(torch.ones(1, 1, h, w, device=image.device), pad), window).view(1, count, h, w)
+        spatial = torch.tensor([(dy * dy + dx * dx) / (2 * xy_std**2) for dy, dx in self.offsets], device=image.device)
+        self.weights = torch.exp(-spatial.view(1, count, 1, 1) - colour / (2 * rgb_std**2)) * inside
+        self.norm = self.weights.sum(dim=1, keepdim=True).rsqrt()
 
     def _shift(self, padded: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
         h, w = self.shape

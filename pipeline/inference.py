@@ -118,6 +118,13 @@ class GridLogits:
         """(C, H, W) logits of the whole image (all its cells must be held)."""
         return self.pixels((0, self.size[0]), (0, self.size[1]))
 
+    def cells_around(self, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The cells [rows) x [cols) of the grid whose values the bilinear resize of the pixels
+        [rows) x [cols) reads: each pixel's two nearest along each axis."""
+        c = self.cell
+        return ((max(0, rows[0] // c - 1), min(self.grid[0], -(-rows[1] // c) + 1)),
+                (max(0, cols[0] // c - 1), min(self.grid[1], -(-cols[1] // c) + 1)))
+
     def pixels(self, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
         """(C, h, w) logits of the pixels [rows) x [cols) of the image: the model's own bilinear
         resize (align_corners=False), of only the cells those pixels need. Exactly the pixels
@@ -126,8 +133,7 @@ class GridLogits:
         c = self.cell
         if c == 1:
             return self.cells(rows, cols)
-        y0, y1 = max(0, rows[0] // c - 1), min(self.grid[0], -(-rows[1] // c) + 1)
-        x0, x1 = max(0, cols[0] // c - 1), min(self.grid[1], -(-cols[1] // c) + 1)
+        (y0, y1), (x0, x1) = self.cells_around(rows, cols)
         values = self.cells((y0, y1), (x0, x1))[None]
         # channels_last: PyTorch's vectorised bilinear kernel on CPU, about 3x the NCHW one
         resized = F.interpolate(values.contiguous(memory_format=torch.channels_last), size=((y1 - y0) * c, (x1 - x0) * c),

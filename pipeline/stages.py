@@ -41,6 +41,7 @@ from .crf import DEFAULT_DOWNSAMPLE, crf_logits, dense_crf
 from .decode import DeviceJpeg, ImageDecodeError, decode_image
 from .geo import ClassPolygon, MaskWriter, PolygonCollector, PolygonsWriter, pixel_area
 from .inference import GridLogits, Segmenter, SlidingWindow, softmax_classes
+from .labels import PixelLabeler
 from .masks import confidence_levels
 from .preprocess import to_chw_uint8
 from .rasters import (
@@ -53,7 +54,7 @@ from .rasters import (
     read_rgb,
 )
 from .records import ClassStats, ImageRecord, confidence_key_for, mask_key, staged_polygons_key
-from .stats import class_statistics, labels_and_confidence_of_logits
+from .stats import class_statistics
 from .storage import (
     Location,
     StorageUnavailableError,
@@ -109,6 +110,8 @@ class SegmentStage:
         # whether images of one size go through the CRF together (None: on CUDA only; see _chunks)
         self.refine_together = segmenter.device.type == "cuda" if refine_together is None else refine_together
         self.num_classes = segmenter.num_classes
+        # the per-pixel labels' own compiled kernels where the model is compiled for a CPU
+        self.labeler = PixelLabeler(compiled=segmenter.compiled and segmenter.device.type == "cpu")
         self._label_dtype = np.uint8 if self.num_classes <= 256 else np.uint16
         # torch has no general uint16: wider labels cross as int32
         self._label_device_dtype = torch.uint8 if self.num_classes <= 256 else torch.int32
@@ -188,8 +191,8 @@ class SegmentStage:
             height, width = grids[0].size
             pixels = torch.stack([to_chw_uint8(r.image).to(grids[0].values.device, non_blocking=True) for r, _ in chunk])
             grids = crf_refine(grids, pixels, (0, height), (0, width))
-        logits = torch.stack([grid.on_pixels() for grid in grids])
-        labels, confidence = labels_and_confidence_of_logits(logits)
+        each = [self.labeler(grid, (0, grid.size[0]), (0, grid.size[1])) for grid in grids]
+        labels, confidence = torch.stack([pair[0] for pair in each]), torch.stack([pair[1] for pair in each])
         host = labels.to(self._label_device_dtype).cpu().numpy().astype(self._label_dtype, copy=False)
         for index, (record, _) in enumerate(chunk):
             record.stats = class_statistics(labels[index], confidence[index], self.num_classes, host_labels=host[index])
@@ -242,6 +245,7 @@ class RasterStage:
         self.run_id = run_id  # the polygons' rows carry it
         self.crf = stage.crf
         self.num_classes = stage.num_classes
+        self.labeler = stage.labeler
         window = SlidingWindow(crop=(settings.tile, settings.tile), stride=(settings.stride, settings.stride),
                                batch_size=stage.segmenter.batch_size)
         self.segmenter = stage.segmenter.at_native_resolution(window)
@@ -333,7 +337,7 @@ class RasterStage:
         if self.crf:
             pixels = to_chw_uint8(rgb[rows[0]:rows[1], cols[0]:cols[1]]).to(grid.values.device)[None]
             grid = crf_refine([grid], pixels, rows, cols)[0]
-        labels, score = labels_and_confidence_of_logits(grid.pixels(core_rows, core_cols))
+        labels, score = self.labeler(grid, core_rows, core_cols)
         return labels.cpu().numpy(), score.cpu().numpy(), valid[core_rows[0]:core_rows[1], core_cols[0]:core_cols[1]]
 
 

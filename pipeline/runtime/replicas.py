@@ -105,8 +105,9 @@ class SegmentWorker:
         }
 
     def compile_seconds(self) -> float:
-        """Seconds this replica's compiled model spent in the first call of each input shape."""
-        return self.stage.segmenter.compile_seconds
+        """Seconds this replica's compiled model spent in the first call of each input shape,
+        and its compiled labelling kernels in theirs (`labels.PixelLabeler`)."""
+        return self.stage.segmenter.compile_seconds + self.stage.labeler.compile_seconds
 
     def segment(self, records: list[ImageRecord]) -> list[ImageRecord]:
         records = self.stage(records)
