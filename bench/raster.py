@@ -77,19 +77,17 @@ def run(source: Path, output: Path) -> dict:
             "largest_processes_gb": {name: round(rss / 2**30, 2) for name, rss in largest}}
 
 
-def bare_forward_seconds(side: int) -> float:
-    """Seconds the bare forward (`AsGiven`) takes over every window of a side x side raster
-    (segpipe's window grid), timed on batches of 4 windows and scaled to their count."""
+def bare_window_seconds() -> float:
+    """Seconds the bare forward (`AsGiven`) takes per window, timed on batches of 4 windows:
+    the best of three passes of 3 s each (three single batches moved the figure by 1.5x from
+    run to run, and shared machines only ever slow a pass down). Measured once, before the
+    runs: a second model compiled in the same process measured a third slower."""
     torch.set_num_threads(psutil.cpu_count(logical=True) or 1)
     model = build_model(MODEL, num_classes=CLASSES, weights=None)
     segmenter = Segmenter(AsGiven(model), model.meta, device="cpu", batch_size=4)
-    stride = TILE * 3 // 4
-    windows = len(window_starts(side, TILE, stride)) ** 2
     batch = torch.randint(0, 255, (4, 3, TILE, TILE), dtype=torch.uint8)
     with torch.inference_mode():
         segmenter._forward(batch)  # warm-up: oneDNN primitives, and the compilation
-        # the best of three passes of 3 s each: three single batches moved the figure by 1.5x
-        # from run to run, and shared machines only ever slow a pass down
         best = float("inf")
         for _ in range(3):
             start, calls = time.perf_counter(), 0
@@ -97,7 +95,12 @@ def bare_forward_seconds(side: int) -> float:
                 segmenter._forward(batch)
                 calls += 1
             best = min(best, (time.perf_counter() - start) / calls)
-    return best / 4 * windows
+    return best / 4
+
+
+def windows_of(side: int) -> int:
+    """The windows segpipe's grid puts on a side x side raster."""
+    return len(window_starts(side, TILE, TILE * 3 // 4)) ** 2
 
 
 def main() -> None:
@@ -105,6 +108,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384])
     args = parser.parse_args()
     results = {}
+    window_seconds = bare_window_seconds()
     with tempfile.TemporaryDirectory(prefix="segpipe-bench-raster-") as work:
         for side in args.sizes:
             source = Path(work) / f"src-{side}"
@@ -113,7 +117,7 @@ def main() -> None:
             figures = run(source, Path(work) / f"out-{side}")
             megapixels = side * side / 1e6
             figures["megapixels_per_second"] = megapixels / figures["busy_seconds"]
-            figures["bare_forward_megapixels_per_second"] = megapixels / bare_forward_seconds(side)
+            figures["bare_forward_megapixels_per_second"] = megapixels / (window_seconds * windows_of(side))
             figures["raster_pipeline_efficiency"] = figures["megapixels_per_second"] / figures["bare_forward_megapixels_per_second"]
             results[side] = figures
             print(json.dumps({"side": side, **{k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}}),
