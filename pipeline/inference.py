@@ -511,6 +511,10 @@ def _pad_to_cells(pixels: torch.Tensor, cell: int) -> torch.Tensor:
     padded_h, padded_w = ceil_to(height, cell), ceil_to(width, cell)
     if (padded_h, padded_w) == (height, width):
         return pixels
-    rows = torch.arange(padded_h, device=pixels.device).clamp_max_(height - 1)
-    cols = torch.arange(padded_w, device=pixels.device).clamp_max_(width - 1)
-    return pixels.index_select(-2, rows).index_select(-1, cols)
+    # only along the sides that need it: selecting all of a batch's columns as they are took
+    # 1.2 ms of copying per 4 CamVid frames (padded to 368 rows, their 480 columns whole)
+    if padded_h != height:
+        pixels = pixels.index_select(-2, torch.arange(padded_h, device=pixels.device).clamp_max_(height - 1))
+    if padded_w != width:
+        pixels = pixels.index_select(-1, torch.arange(padded_w, device=pixels.device).clamp_max_(width - 1))
+    return pixels

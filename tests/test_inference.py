@@ -13,6 +13,7 @@ from torch import nn
 from pipeline.inference import (
     Segmenter,
     SlidingWindow,
+    _pad_to_cells,
     blend_ramp,
     fold_batch_norms,
     native_bf16,
@@ -312,3 +313,12 @@ def test_a_compiled_model_sees_two_batch_sizes() -> None:
     segmenter.model.model.inputs.clear()
     segmenter.region_logits(_image(100, 100), origin=(500, 0), cell=1, windows=_Kept())  # 4 x 4 windows
     assert [x.shape[0] for x in segmenter.model.model.inputs] == [3] * 5 + [1]
+
+
+@pytest.mark.parametrize("size", [(5, 8), (8, 6), (7, 9), (8, 8)])
+def test_images_are_padded_to_whole_cells_by_repeating_their_edge(size: tuple[int, int]) -> None:
+    """Rows only, columns only, both or neither: as replicate padding, for uint8 too."""
+    pixels = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    padded = _pad_to_cells(pixels, 4)
+    expected = F.pad(pixels.float(), (0, -size[1] % 4, 0, -size[0] % 4), mode="replicate").to(torch.uint8)
+    assert padded.dtype == torch.uint8 and torch.equal(padded, expected)
