@@ -24,7 +24,7 @@ import torch
 import torch.fx.experimental._config
 import torch.nn.functional as F
 
-from .inference import GridLogits
+from .inference import EXP_FLOOR, GridLogits
 from .stats import labels_and_confidence_of_logits
 
 # classes per compiled kernel: the kernel unrolls them, so its compilation grows with them
@@ -52,9 +52,9 @@ def _reduce_classes(values: torch.Tensor, top: torch.Tensor, bottom: torch.Tenso
         value = logit(k)
         label = torch.where(value > new_best, first + k, label)  # the first of equal maxima, as torch.max
         new_best = torch.maximum(new_best, value)
-    total = total * (best - new_best).exp()  # the earlier groups' sum, rescaled to the new maximum
+    total = total * (best - new_best).clamp_min(EXP_FLOOR).exp()  # the earlier groups' sum, at the new maximum
     for k in range(values.shape[0]):
-        total = total + (logit(k) - new_best).exp()
+        total = total + (logit(k) - new_best).clamp_min(EXP_FLOOR).exp()
     return new_best, label, total
 
 
