@@ -17,7 +17,7 @@ import pytest
 import s3fs
 from PIL import Image
 
-from flows.cli import _plain_output_when_piped, build_parser, main
+from flows.cli import _plain_output_when_piped, _print_summary, build_parser, main
 from pipeline.config import EvaluateConfig, SegmentConfig, TrainConfig
 from pipeline.masks import decode_mask, encode_mask
 from pipeline.samples import synthetic_scene
@@ -95,7 +95,7 @@ def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_end
     )
     assert done.returncode == 0, done.stderr
     assert "\x1b[" not in done.stdout + done.stderr  # piped: no colour codes
-    assert "4 images segmented (3 ok, 1 errors)" in done.stdout
+    assert "4 images segmented (3 ok, 1 error)" in done.stdout
     assert "errors by reason: corrupt 1" in done.stdout
     assert "4 images of 4," in done.stderr and "errors, 1 shards committed" in done.stderr  # the progress line
     con = duckdb.connect()
@@ -116,7 +116,7 @@ def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_end
                "--storage-options", f'{{"endpoint_url": "{s3_endpoint}", "key": "testing", "secret": "{marker}"}}')
     again = _segpipe(*command, env={"PREFECT_HOME": str(prefect_home)})
     assert again.returncode == 0, again.stderr
-    assert "1 images segmented" in again.stdout and "1 already up to date" in again.stdout
+    assert "1 image segmented" in again.stdout and "1 already up to date" in again.stdout
     stored = b"".join(p.read_bytes() for p in prefect_home.rglob("*") if p.is_file())
     assert f"{bucket}/in".encode() in stored  # the run's parameters are in there...
     assert marker.encode() not in stored  # ...its credentials are not (an endpoint is no secret)
@@ -235,3 +235,22 @@ def test_ray_worker_lines_carry_no_colour_codes_when_piped(ray_cpu, capfd, monke
     assert os.environ["RAY_COLOR_PREFIX"] == "0" and os.environ["PREFECT_LOGGING_COLORS"] == "false"
     line = forwarded("plain")
     assert "plain" in line and "\x1b[" not in line
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_the_summary_counts_in_english(n: int, capsys: pytest.CaptureFixture[str]) -> None:
+    """'1 image', '2 images': no '1 replicas'."""
+    _print_summary({
+        "run_id": "r", "record": "out/_runs/r.json", "source": "src", "output": "out", "model": "m", "weights": "none",
+        "ray_cluster": "a local Ray", "shards_committed": n, "shards_skipped": 0, "images": n, "errors": n,
+        "seconds": 1.0, "setup_seconds": 0.5, "images_per_second": 1.0, "non_image_keys": n, "retried_batches": n,
+        "errors_by_type": {"decode": n}, "replicas": [{"device": "cpu", "threads": n, "compile_seconds": 0.0}] * n,
+    })
+    printed = capsys.readouterr().out
+    plural = "" if n == 1 else "s"
+    for words in (f"{n} image{plural} segmented (0 ok, {n} error{plural})", f"{n} non-image key{plural} skipped",
+                  f"on {n} replica{plural} in a local Ray: {n} on cpu ({n} thread{plural})",
+                  f"{n} {'batch' if n == 1 else 'batches'} sent again"):
+        assert words in printed
+    _print_summary({"run_id": "r", "record": "x", "source": "src", "output": "out", "shards_committed": 0, "shards_skipped": n})
+    assert f"the {n} shard{plural} of src {'is' if n == 1 else 'are'} already up to date in out" in capsys.readouterr().out
