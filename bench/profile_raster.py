@@ -41,7 +41,7 @@ from pipeline.inference import Segmenter  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.records import ImageRecord  # noqa: E402
 from pipeline.storage import open_location  # noqa: E402
-from pipeline.windows import window_starts  # noqa: E402
+from pipeline.windows import window_starts, window_stride  # noqa: E402
 
 # the functions RasterStage calls, by the name each step is reported under
 STEPS = {
@@ -92,7 +92,7 @@ def main() -> None:
         total = time.perf_counter() - start
         assert record.ok, record.error
 
-    windows = len(window_starts(args.side, TILE, TILE * 3 // 4)) ** 2
+    windows = len(window_starts(args.side, TILE, window_stride(TILE, None))) ** 2
     batch = torch.randint(0, 255, (4, 3, TILE, TILE), dtype=torch.uint8)
 
     def forward_seconds(of: Segmenter) -> float:

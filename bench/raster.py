@@ -38,7 +38,7 @@ from memory import peak_tree_rss
 
 from pipeline.inference import Segmenter
 from pipeline.models import build_model
-from pipeline.windows import window_starts
+from pipeline.windows import window_starts, window_stride
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "aerial" / "loveda" / "images"
 MODEL, CLASSES, TILE = "lraspp_mobilenet_v3_large", 7, 512
@@ -100,7 +100,7 @@ def bare_window_seconds() -> float:
 
 def windows_of(side: int) -> int:
     """The windows segpipe's grid puts on a side x side raster."""
-    return len(window_starts(side, TILE, TILE * 3 // 4)) ** 2
+    return len(window_starts(side, TILE, window_stride(TILE, None))) ** 2
 
 
 def main() -> None:

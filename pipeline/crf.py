@@ -40,7 +40,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .inference import EXP_FLOOR
+from .numerics import floored_exp_
 
 DEFAULT_WINDOW = 7
 DEFAULT_DOWNSAMPLE = 8
@@ -91,7 +91,7 @@ def dense_crf(
                             downsample=downsample, window=window, pos_w=pos_w, pos_xy_std=pos_xy_std, bi_w=bi_w,
                             bi_xy_std=bi_xy_std, bi_rgb_std=bi_rgb_std)
     # softmax(log P + m) = P * exp(m) / sum: no full-resolution log, and exp on the coarse grid
-    factor = (message - message.amax(dim=1, keepdim=True)).clamp_min_(EXP_FLOOR).exp_()
+    factor = floored_exp_(message - message.amax(dim=1, keepdim=True))
     if downsample > 1:
         # channels_last: PyTorch's vectorised bilinear kernel on CPU, about 3x the NCHW one
         factor = F.interpolate(factor.contiguous(memory_format=torch.channels_last),
@@ -151,7 +151,7 @@ def crf_logits(
     unary = torch.log_softmax(logits, dim=1)
     # a cell beyond the image's last (the model's grid padded further) takes the edge's colours
     pixels = F.pad(images.float(), (0, w * downsample - width, 0, h * downsample - height), mode="replicate")
-    message = _last_message(unary.clamp_min(EXP_FLOOR).exp(), unary, _cell_means(pixels, downsample), iterations=iterations,
+    message = _last_message(floored_exp_(unary.clone()), unary, _cell_means(pixels, downsample), iterations=iterations,
                             downsample=downsample, window=window, pos_w=pos_w, pos_xy_std=pos_xy_std, bi_w=bi_w,
                             bi_xy_std=bi_xy_std, bi_rgb_std=bi_rgb_std)
     return message.add_(logits)
@@ -236,7 +236,7 @@ class _Bilateral:
         del neighbours
         inside = F.unfold(F.pad(torch.ones(1, 1, h, w, device=image.device), pad), window).view(1, count, h, w)
         spatial = torch.tensor([(dy * dy + dx * dx) / (2 * xy_std**2) for dy, dx in self.offsets], device=image.device)
-        self.weights = (-spatial.view(1, count, 1, 1) - colour / (2 * rgb_std**2)).clamp_min_(EXP_FLOOR).exp_() * inside
+        self.weights = floored_exp_(-spatial.view(1, count, 1, 1) - colour / (2 * rgb_std**2)) * inside
         self.norm = self.weights.sum(dim=1, keepdim=True).rsqrt()
 
     def _shift(self, padded: torch.Tensor, dy: int, dx: int) -> torch.Tensor:

@@ -24,7 +24,8 @@ import torch
 import torch.fx.experimental._config
 import torch.nn.functional as F
 
-from .inference import EXP_FLOOR, GridLogits
+from .inference import GridLogits
+from .numerics import floored_exp_
 from .stats import labels_and_confidence_of_logits
 
 # classes per compiled kernel: the kernel unrolls them, so its compilation grows with them
@@ -52,9 +53,9 @@ def _reduce_classes(values: torch.Tensor, top: torch.Tensor, bottom: torch.Tenso
         value = logit(k)
         label = torch.where(value > new_best, first + k, label)  # the first of equal maxima, as torch.max
         new_best = torch.maximum(new_best, value)
-    total = total * (best - new_best).clamp_min(EXP_FLOOR).exp()  # the earlier groups' sum, at the new maximum
+    total = total * floored_exp_(best - new_best)  # the earlier groups' sum, at the new maximum
     for k in range(values.shape[0]):
-        total = total + (logit(k) - new_best).clamp_min(EXP_FLOOR).exp()
+        total = total + floored_exp_(logit(k) - new_best)
     return new_best, label, total
 
 
@@ -93,20 +94,19 @@ class PixelLabeler:
         best = torch.full(shape, float("-inf"), device=values.device)
         label = torch.zeros(shape, device=values.device)
         total = torch.zeros(shape, device=values.device)
-        for first in range(0, values.shape[0], CLASS_GROUP):
-            group = values[first : first + CLASS_GROUP]
-            if len(group) < min(CLASS_GROUP, len(values)):  # the last group, padded to the others' size
-                group = F.pad(group, (0, 0, 0, 0, 0, CLASS_GROUP - len(group)), value=_ABSENT)
-            group = group.contiguous()
-            started = time.perf_counter()
-            # without duck shaping: by default dynamo gives sizes that are equal at the first
-            # call one symbol, and compiles again when they differ (a square part, then another)
-            with torch.fx.experimental._config.patch(use_duck_shape=False):
-                best, label, total = self._reduce(group, top, bottom, weight, best, label, total,
+        # without duck shaping: by default dynamo gives sizes that are equal at the first call
+        # one symbol, and compiles again when they differ (a square part, then another)
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            for first in range(0, values.shape[0], CLASS_GROUP):
+                group = values[first : first + CLASS_GROUP]
+                if len(group) < min(CLASS_GROUP, len(values)):  # the last group, padded to the others' size
+                    group = F.pad(group, (0, 0, 0, 0, 0, CLASS_GROUP - len(group)), value=_ABSENT)
+                started = time.perf_counter()
+                best, label, total = self._reduce(group.contiguous(), top, bottom, weight, best, label, total,
                                                   torch.tensor(float(first), device=values.device))
-            if len(group) not in self._compiled_for:
-                self._compiled_for.add(len(group))
-                self.compile_seconds += time.perf_counter() - started
+                if len(group) not in self._compiled_for:
+                    self._compiled_for.add(len(group))
+                    self.compile_seconds += time.perf_counter() - started
         return label.long(), total.reciprocal_()
 
 

@@ -192,7 +192,7 @@ class SegmentStage:
             pixels = torch.stack([to_chw_uint8(r.image).to(grids[0].values.device, non_blocking=True) for r, _ in chunk])
             grids = crf_refine(grids, pixels, (0, height), (0, width))
         each = [self.labeler(grid, (0, grid.size[0]), (0, grid.size[1])) for grid in grids]
-        labels, confidence = torch.stack([pair[0] for pair in each]), torch.stack([pair[1] for pair in each])
+        labels, confidence = map(torch.stack, zip(*each, strict=True))
         host = labels.to(self._label_device_dtype).cpu().numpy().astype(self._label_dtype, copy=False)
         for index, (record, _) in enumerate(chunk):
             record.stats = class_statistics(labels[index], confidence[index], self.num_classes, host_labels=host[index])

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .inference import EXP_FLOOR
+from .numerics import floored_exp_
 from .records import ClassStats
 
 # 8-connectivity: diagonal neighbours belong to the same region, as in scikit-image's default
@@ -24,7 +24,7 @@ def labels_and_confidence_of_logits(logits: torch.Tensor) -> tuple[torch.Tensor,
     """`labels_and_confidence` of the class softmax of (C, H, W) or (B, C, H, W) logits,
     without the softmax: the largest probability is 1 / sum(exp(logits - their max))."""
     top, labels = logits.max(dim=-3)
-    confidence = (logits - top.unsqueeze(-3)).clamp_min_(EXP_FLOOR).exp_().sum(dim=-3).reciprocal_()
+    confidence = floored_exp_(logits - top.unsqueeze(-3)).sum(dim=-3).reciprocal_()
     return labels, confidence
 
 

@@ -118,9 +118,9 @@ class SegmentWorker:
 
     def _rasters(self) -> RasterStage:
         """Built at the first georeferenced raster: most runs have none."""
-        from .worker import build_raster_stage
-
         if self.raster_stage is None:
+            from .worker import build_raster_stage
+
             self.raster_stage = build_raster_stage(self.stage, self.spec)
         return self.raster_stage
 
