@@ -7,7 +7,8 @@ Prints one JSON line: milliseconds per image for decode (Pillow, in the decode t
 forward with preprocessing (`Segmenter.predict_logits`: logits on the model's output grid),
 the dense CRF on that grid (`stages.crf_refine`), the labels and confidence of the image's
 pixels from the refined logits (`labels.PixelLabeler`, the replica's: one compiled kernel on
-CPU), class statistics, and mask encoding (in the write tasks); with --device cuda,
+CPU), class statistics (and those of the frames' ground-truth label maps, with a trained
+model's dozen classes), and mask encoding (in the write tasks); with --device cuda,
 also the JPEG decode on the GPU. The device is synchronised between steps, so the figures
 add up to the replica's work per image, not to its throughput.
 """
@@ -24,12 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from run import NUM_CLASSES, source_images  # noqa: E402
+from run import CAMVID, NUM_CLASSES, source_images  # noqa: E402
 
 from pipeline.decode import decode_image, plain_jpeg_shape  # noqa: E402
 from pipeline.inference import Segmenter  # noqa: E402
@@ -56,6 +58,9 @@ def main() -> None:
     stage = SegmentStage(segmenter)
     palette = segmenter.meta.palette
     data = source_images()[: args.batch_size]
+    # an untrained model's labels hold one or two classes; the frames' ground truth holds the
+    # dozen a trained model finds, each with its connected regions to count
+    truths = [np.array(Image.open(p)) for p in sorted((CAMVID / "labels").glob("*.png"))[: args.batch_size]] if CAMVID.is_dir() else []
     totals: dict[str, float] = defaultdict(float)
 
     def timed(name: str, work):
@@ -84,6 +89,9 @@ def main() -> None:
             timed("statistics", lambda labels=labels, confidence=confidence: class_statistics(labels, confidence, NUM_CLASSES))
             mask = labels.to(torch.int32).cpu().numpy().astype(np.uint8)
             timed("encode_mask", lambda mask=mask: encode_mask(mask, palette))
+        for truth in truths:
+            ones = np.ones(truth.shape, dtype=np.float32)
+            timed("statistics_of_ground_truth", lambda truth=truth, ones=ones: class_statistics(truth, ones, int(truth.max()) + 1))
 
     one_round()  # warm-up: allocator, oneDNN primitives, cudnn.benchmark
     totals.clear()

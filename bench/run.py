@@ -15,7 +15,9 @@ CPU, bf16 compiled as Segmenter compiles it), and say which precision they used.
   (RunSummary.setup_seconds) and the replica's compilation (bf16 on CPU: the model's and its
   labelling kernels', at the first batch; compile_seconds) are excluded: each is paid once per
   replica and image size, not per image. The same figure without the CRF is reported too
-  (pipeline_efficiency_no_crf), to separate the CRF's share.
+  (pipeline_efficiency_no_crf), to separate the CRF's share. On CPU, the same run with one
+  replica per core (`actors` = the cores, each reserving half a CPU, so one torch thread
+  each) instead of one replica with every core's threads: pipeline_efficiency_per_core.
 - tile_pipeline_efficiency: the same for large aerial tiles (2048x2048 mosaics of LoveDA
   tiles) in sliding-window mode (512x512 windows, stride 384), in tiles/s.
 - speedup_vs_seed_loop: segpipe / a per-image loop (PIL open, torchvision transforms, the
@@ -89,7 +91,7 @@ def emit(name: str, **figures) -> None:
 
 
 SUMMARY_KEYS = (
-    "pipeline_efficiency", "pipeline_efficiency_no_crf", "tile_pipeline_efficiency", "speedup_vs_seed_loop", "speedup_vs_ray_data_baseline", "crf_speedup_vs_pydensecrf",
+    "pipeline_efficiency", "pipeline_efficiency_no_crf", "pipeline_efficiency_per_core", "tile_pipeline_efficiency", "speedup_vs_seed_loop", "speedup_vs_ray_data_baseline", "crf_speedup_vs_pydensecrf",
     "crf_argmax_agreement", "eval_speedup_vs_torchmetrics", "eval_max_abs_diff", "memory_growth", "machine_peak_gflops",
 )
 # figures of one model each, gathered in the summary as {model: figure}
@@ -190,17 +192,19 @@ def _sync(device: torch.device) -> None:
 
 
 def end_to_end(model_name: str, device: str, batch_size: int, source: Path, output: Path, *, crf: bool = True,
-               tile: int | None = None) -> dict:
+               tile: int | None = None, actors: int | None = None, cpus_per_actor: float = 1.0) -> dict:
     from pipeline.config import SegmentConfig
     from pipeline.runtime.driver import run_segmentation
 
     config = SegmentConfig(source=str(source), output=str(output), model=model_name, weights=None, num_classes=NUM_CLASSES,
-                           crf=crf, batch_size=batch_size, device=device, shard_size=100, tile=tile)
+                           crf=crf, batch_size=batch_size, device=device, shard_size=100, tile=tile, actors=actors,
+                           cpus_per_actor=cpus_per_actor)
     summary = run_segmentation(config)
     if summary.errors:
         raise RuntimeError(f"the benchmark run had errors: {summary.errors_by_type}")
     # model loading and compilation are paid once per replica (and image size), not per image:
     # a night of millions of images pays them once; the first batch waits for the compilation
+    # (replicas compile side by side: the slowest one's)
     compile_seconds = max((r.get("compile_seconds") or 0.0 for r in summary.replicas), default=0.0)
     steady = summary.seconds - summary.setup_seconds - compile_seconds
     # the replicas' Segmenter resolves "auto" by native_bf16 (SegmentConfig may not have a precision field)
@@ -568,6 +572,14 @@ def main() -> None:
                  pipeline_efficiency=round(ours["images_per_second"] / forward, 3),
                  images_per_second_no_crf=round(bare["images_per_second"], 2),
                  pipeline_efficiency_no_crf=round(bare["images_per_second"] / forward, 3))
+            cores = os.cpu_count() or 1
+            if device.type == "cpu" and cores > 1:
+                per_core = end_to_end(args.model, args.device, args.batch_size, source, work / "out-per-core",
+                                      actors=cores, cpus_per_actor=0.5)
+                emit("end_to_end_per_core", model=args.model, device=args.device, images=per_core["images"], replicas=cores,
+                     images_per_second=round(per_core["images_per_second"], 2),
+                     compile_seconds=round(per_core["compile_seconds"], 1),
+                     pipeline_efficiency_per_core=round(per_core["images_per_second"] / forward, 3))
             seed = seed_loop(args.model, device, source, work / "seed")
             emit("seed_loop", images_per_second=round(seed, 2), speedup_vs_seed_loop=round(ours["images_per_second"] / seed, 2))
             baseline = ray_data_baseline(args.model, args.device, args.batch_size, source, work / "raydata")

@@ -296,9 +296,27 @@ def plan_shard(files: Sequence[SourceFile], *, fold_case: bool = False) -> tuple
     return todo, refused
 
 
-def batched(items: Sequence[T], size: int) -> Iterator[list[T]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])
+# a file this large (a georeferenced raster, an image segmented in windows) is a batch of its
+# own: its work takes seconds to minutes, and a batch is one replica's, so a shard of such
+# files spreads over every replica instead of queueing eight at a time on one (two 4096 x 4096
+# GeoTIFFs of 40 MB and two CPU replicas: BENCHMARKS.md); frames, even 4K PNGs, stay batched
+LARGE_FILE_BYTES = 32 * 2**20
+
+
+def batches(files: Sequence[SourceFile], size: int) -> Iterator[list[SourceFile]]:
+    """The files in order, `size` to a batch, but each file of more than LARGE_FILE_BYTES in a
+    batch by itself (before the smaller files batched so far)."""
+    batch: list[SourceFile] = []
+    for file in files:
+        if file.size > LARGE_FILE_BYTES:
+            yield [file]
+            continue
+        batch.append(file)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def replica_threads(node_cpus: float, replicas_per_node: int, cpus_per_actor: float) -> int:

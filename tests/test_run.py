@@ -9,15 +9,17 @@ import pytest
 
 from pipeline.config import RunError, SegmentConfig
 from pipeline.run import (
+    LARGE_FILE_BYTES,
     RESULT_SETTINGS,
     Progress,
-    batched,
+    batches,
     batches_in_flight,
     fingerprint,
     model_meta,
     new_run_id,
     replica_threads,
 )
+from pipeline.storage import SourceFile
 
 META = {"architecture": "deeplabv3_resnet101", "weights": "DEFAULT", "num_classes": 21, "class_names": ["a"] * 21,
         "preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3}, "model_kwargs": {}}
@@ -63,8 +65,15 @@ def test_the_fingerprint_changes_with_every_setting_that_shapes_results() -> Non
         assert fingerprint(META, base_config.model_copy(update={name: value})) == base
 
 
-def test_batched_keeps_order_and_the_remainder() -> None:
-    assert list(batched(list(range(7)), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
+def test_batches_keep_order_and_the_remainder_and_put_large_files_alone() -> None:
+    small = [SourceFile(f"f{i}.jpg", 100_000, "v") for i in range(7)]
+    assert [[f.key for f in b] for b in batches(small, 3)] == [["f0.jpg", "f1.jpg", "f2.jpg"], ["f3.jpg", "f4.jpg", "f5.jpg"], ["f6.jpg"]]
+    large = [SourceFile(f"r{i}.tif", LARGE_FILE_BYTES + 1, "v") for i in range(2)]
+    files = [small[0], large[0], small[1], small[2], large[1], small[3]]
+    # each large file goes to a replica of its own; the small ones still fill batches of 3
+    assert [[f.key for f in b] for b in batches(files, 3)] == [["r0.tif"], ["f0.jpg", "f1.jpg", "f2.jpg"], ["r1.tif"], ["f3.jpg"]]
+    exactly = SourceFile("edge.tif", LARGE_FILE_BYTES, "v")
+    assert list(batches([exactly, small[0]], 3)) == [[exactly, small[0]]]
 
 
 def test_progress_says_found_so_far_until_the_listing_ends() -> None:

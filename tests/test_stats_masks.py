@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 
 from pipeline.masks import (
     confidence_levels,
@@ -36,6 +37,33 @@ def test_diagonal_pixels_are_one_component() -> None:
     labels = np.eye(5, dtype=np.int64)
     stats = class_statistics(labels, np.ones((5, 5)), 2)
     np.testing.assert_array_equal(stats.components, [1, 1])
+
+
+def _components_on_whole_map(labels: np.ndarray, class_ids: np.ndarray) -> list[int]:
+    """Each class's 8-connected regions, counted on the whole map: what `class_statistics`
+    counts within each class's bounding box."""
+    return [ndimage.label(labels == c, structure=np.ones((3, 3), dtype=bool))[1] for c in class_ids]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_components_within_bounding_boxes_equal_whole_map(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    # blocky regions of 6 classes with speckle: classes that touch the edges, nest and cross
+    labels = np.kron(rng.integers(0, 6, (9, 12)), np.ones((7, 5), dtype=np.int64))
+    speckle = rng.random(labels.shape) < 0.03
+    labels[speckle] = rng.integers(0, 6, int(speckle.sum()))
+    labels[:3, :4] = 7  # a class in one corner only; class 6 absent
+    stats = class_statistics(labels, np.ones(labels.shape), 8)
+    np.testing.assert_array_equal(stats.components, _components_on_whole_map(labels, stats.class_id))
+
+
+def test_components_on_camvid_ground_truth(shared_data) -> None:
+    root = shared_data / "camvid" / "val" / "labels"
+    for path in sorted(root.iterdir())[:4]:
+        labels = np.array(Image.open(path))
+        stats = class_statistics(labels, np.ones(labels.shape, dtype=np.float32), int(labels.max()) + 1)
+        assert len(stats.class_id) > 5  # many classes, large and small
+        np.testing.assert_array_equal(stats.components, _components_on_whole_map(labels, stats.class_id))
 
 
 def test_statistics_from_probabilities_add_up() -> None:

@@ -40,7 +40,7 @@ from ..run import (
     Prefetched,
     Progress,
     RunSummary,
-    batched,
+    batches,
     fingerprint,
     list_source,
     model_meta,
@@ -107,7 +107,7 @@ class _Run:
             todo, refused = plan_shard(shard.files, fold_case=self.store.case_insensitive)
             open_shard = OpenShard(shard, records=[])
             self._account(open_shard, refused)
-            for files in batched(todo, self.config.batch_size):
+            for files in batches(todo, self.config.batch_size):
                 open_shard.outstanding += 1
                 self.queue.append(_Batch(open_shard, files))
                 self._submit_queued()
