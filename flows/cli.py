@@ -221,36 +221,32 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(number: int, noun: str, plural: str | None = None) -> str:
-    """'1 image', '2 images': the summary's counts, in English."""
-    return f"{number} {noun}" if number == 1 else f"{number} {plural or noun + 's'}"
-
-
 def _print_summary(s: dict) -> None:
+    from pipeline.run import counted  # loaded by the run already
     if s["shards_committed"] == 0:  # no shard needed work: neither Ray nor a model started
         skipped = s["shards_skipped"]
-        what = (f"the {_count(skipped, 'shard')} of {s['source']} {'is' if skipped == 1 else 'are'} already up to date "
+        what = (f"the {counted(skipped, 'shard')} of {s['source']} {'is' if skipped == 1 else 'are'} already up to date "
                 f"in {s['output']}" if skipped else f"no images under {s['source']}")
         print(f"nothing to do: {what} (run {s['run_id']}, record {s['record']})")
         return
     ok = s["images"] - s["errors"]
-    print(f"run {s['run_id']}: {_count(s['images'], 'image')} segmented ({ok} ok, {_count(s['errors'], 'error')}) "
+    print(f"run {s['run_id']}: {counted(s['images'], 'image')} segmented ({ok} ok, {counted(s['errors'], 'error')}) "
           f"in {s['seconds']:.1f} s ({s['setup_seconds']:.1f} s to start), {s['images_per_second']:.1f} images/s")
     print(f"shards: {s['shards_committed']} committed, {s['shards_skipped']} already up to date; "
-          f"{_count(s['non_image_keys'], 'non-image key')} skipped")
+          f"{counted(s['non_image_keys'], 'non-image key')} skipped")
     if s["errors_by_type"]:
         reasons = ", ".join(f"{name} {count}" for name, count in sorted(s["errors_by_type"].items(), key=lambda kv: -kv[1]))
         print(f"errors by reason: {reasons} (details: status = 'error' rows of the images table)")
-    devices = Counter(r["device"] + (f" ({_count(r['threads'], 'thread')})" if r["device"] == "cpu" else "")
+    devices = Counter(r["device"] + (f" ({counted(r['threads'], 'thread')})" if r["device"] == "cpu" else "")
                       for r in s["replicas"])
-    print(f"model {s['model']} ({s['weights']}) on {_count(len(s['replicas']), 'replica')} in {s['ray_cluster']}: "
+    print(f"model {s['model']} ({s['weights']}) on {counted(len(s['replicas']), 'replica')} in {s['ray_cluster']}: "
           + ", ".join(f"{n} on {device}" for device, n in devices.items()))
     compiled = [r["compile_seconds"] for r in s["replicas"] if r.get("compile_seconds")]
     if compiled:  # paid inside the run, at each input shape's first batch, once per replica
         print(f"compiling the model took {max(compiled):.1f} s of the run (the first batch of each input shape; "
               "inductor's cache on local disk makes the next run's shorter; --no-compile skips it, for a few images)")
     if s["retried_batches"]:
-        print(f"{_count(s['retried_batches'], 'batch', 'batches')} sent again after a worker failed")
+        print(f"{counted(s['retried_batches'], 'batch', 'batches')} sent again after a worker failed")
     print(f"outputs: {s['output']}/images/, {s['output']}/class_stats/, {s['output']}/masks/ (run record {s['record']})")
 
 

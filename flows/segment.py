@@ -20,7 +20,7 @@ from flows._retries import IO_TASK
 from flows._storage import resolve_storage_options
 from pipeline.config import SegmentConfig
 from pipeline.preflight import check_segment
-from pipeline.run import Progress, RunSummary, record_run
+from pipeline.run import Progress, RunSummary, counted, record_run
 from pipeline.runtime.driver import run_segmentation
 from pipeline.runtime.replicas import Replicas
 from pipeline.storage import open_location
@@ -71,9 +71,10 @@ def summarise(summary: RunSummary, record_uri: str) -> dict[str, Any]:
     create_markdown_artifact(
         "\n".join([
             f"## segpipe run `{summary.run_id}`",
-            *([f"Nothing to do: the {summary.shards_skipped} shards of `{summary.source}` were already up to date.", ""]
+            *([f"Nothing to do: the {counted(summary.shards_skipped, 'shard')} of `{summary.source}` "
+               f"{'was' if summary.shards_skipped == 1 else 'were'} already up to date.", ""]
               if summary.shards_committed == 0 else []),
-            f"{summary.images} images from `{summary.source}` ({summary.errors} errors) with "
+            f"{counted(summary.images, 'image')} from `{summary.source}` ({counted(summary.errors, 'error')}) with "
             f"`{summary.model}` (`{summary.weights}`), {summary.images_per_second:.1f} images/s.",
             "",
             f"- images table: `{out}/images/` (one row per image, `status = 'error'` rows say why)",

@@ -261,7 +261,8 @@ class SegmentConfig(JobConfig):
     device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description=(
         "auto: GPU replicas when the cluster has GPUs now; cuda: always (an autoscaler adds GPU workers on "
         "demand); cpu: CPU replicas only"))
-    actors: int | None = Field(default=None, ge=1, description="model replicas (default: one per GPU, or 1 without GPUs)")
+    actors: int | None = Field(default=None, ge=1, description=(
+        "model replicas (default: one per GPU; CPU replicas: one on each node with a CPU to spare beside it)"))
     gpus_per_actor: float = Field(default=1.0, gt=0, le=1, description="fraction of a GPU per replica")
     cpus_per_actor: float = Field(default=1.0, gt=0, description="CPUs Ray reserves for each replica")
     threads_per_actor: int | None = Field(default=None, ge=1, description=(

@@ -359,8 +359,14 @@ class Progress:
 
     def describe(self) -> str:
         found = f"of {self.listed}" if self.listing_done else f"of {self.listed}+ found so far"
-        return (f"{self.images} images {found}, {self.images_per_second:.1f} img/s, {self.errors} errors, "
-                f"{self.shards_committed} shards committed, {self.shards_skipped} up to date")
+        return (f"{counted(self.images, 'image')} {found}, {self.images_per_second:.1f} img/s, "
+                f"{counted(self.errors, 'error')}, {counted(self.shards_committed, 'shard')} committed, "
+                f"{self.shards_skipped} up to date")
+
+
+def counted(number: int, noun: str, plural: str | None = None) -> str:
+    """'1 image', '2 images': counts in English, for the progress line and the run summary."""
+    return f"{number} {noun}" if number == 1 else f"{number} {plural or noun + 's'}"
 
 
 @dataclass

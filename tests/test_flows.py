@@ -82,7 +82,7 @@ def test_a_night_with_nothing_new_is_recorded_without_ray(prefect_harness, ray_c
     assert (again["images"], again["shards_skipped"], again["shards_committed"], again["replicas"]) == (0, 1, 0, [])
     assert again["ray_cluster"] == NO_CLUSTER
     assert json.loads(Path(again["record"]).read_text())["shards_skipped"] == 1
-    assert "Nothing to do: the 1 shards" in Artifact.get("segpipe-run-outputs").data
+    assert "Nothing to do: the 1 shard of" in Artifact.get("segpipe-run-outputs").data
 
 
 def _write_masks(fs, root: str, masks: dict[str, np.ndarray]) -> None:

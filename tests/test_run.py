@@ -81,6 +81,8 @@ def test_progress_says_found_so_far_until_the_listing_ends() -> None:
     assert "4 images of 10+ found so far" in progress.describe()
     progress.listing_done = True
     assert "4 images of 10," in progress.describe()
+    one = Progress(listed=1, images=1, errors=1, shards_committed=1, listing_done=True)
+    assert "1 image of 1," in one.describe() and "1 error, 1 shard committed" in one.describe()
 
 
 def test_model_meta_is_what_the_loaded_model_carries(tmp_path) -> None:

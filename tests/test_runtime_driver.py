@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import duckdb
@@ -208,10 +209,11 @@ def test_one_replica_per_declared_gpu(tmp_path, _ray_session):
         # --device cpu keeps the model off the GPUs even where there are some
         on_cpu = run_segmentation(config.model_copy(update={"device": "cpu", "output": f"{output}-cpu"}))
         # one CPU replica on a 2-CPU node runs torch on both, though it reserves one
-        assert on_cpu.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 2, "compile_seconds": 0.0}]  # fp32: eager
+        node = ray.get_runtime_context().get_node_id()
+        assert on_cpu.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 2, "node_id": node, "compile_seconds": 0.0}]  # fp32: eager
         pinned = run_segmentation(config.model_copy(update={"device": "cpu", "threads_per_actor": 1,
                                                             "output": f"{output}-pinned"}))
-        assert pinned.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 1, "compile_seconds": 0.0}]
+        assert pinned.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 1, "node_id": node, "compile_seconds": 0.0}]
     finally:
         ray.shutdown()
 
@@ -484,6 +486,33 @@ def test_a_run_whose_worker_nodes_are_all_lost_stops_with_a_clear_error(tmp_path
         cluster.shutdown()
 
 
+@pytest.mark.slow
+def test_cpu_replicas_default_to_one_on_each_node_with_room(tmp_path, _ray_session):
+    """A cluster of CPU nodes and no --actors: one replica on each node with room for it and
+    a CPU beside it for the decode and write tasks, running a thread per core of its node; the
+    1-CPU head hosts none. With --actors, the replicas take those nodes in turn, and share
+    each node's cores."""
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # this test's own cluster, not the module's shared Ray
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+        ray.init(address=cluster.address, logging_level="WARNING")
+        source, output = _local_source(tmp_path, 8)
+        config = SegmentConfig(source=source, output=output, batch_size=1, crf=False, **MODEL)
+        summary = run_segmentation(config)
+        assert (summary.images, summary.errors) == (8, 0)
+        assert sorted(r["node_id"] for r in summary.replicas) == sorted(w.node_id for w in workers)
+        assert [r["threads"] for r in summary.replicas] == [2, 2]
+        spread = run_segmentation(config.model_copy(update={"actors": 4, "cpus_per_actor": 0.5, "output": f"{output}-4"}))
+        assert Counter(r["node_id"] for r in spread.replicas) == Counter({w.node_id: 2 for w in workers})
+        assert [r["threads"] for r in spread.replicas] == [1] * 4
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 def test_replicas_started_ahead_are_taken_over_by_the_run(ray_cpu, tmp_path):
     """The command line starts Ray and the replicas while Prefect starts; the run uses them
     (their run id names its rows), and a config other than theirs is refused."""
@@ -500,7 +529,8 @@ def test_replicas_started_ahead_are_taken_over_by_the_run(ray_cpu, tmp_path):
     finally:
         replicas.close()
     assert (summary.run_id, summary.images, summary.errors) == (replicas.run_id, 2, 0)
-    assert summary.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 2, "compile_seconds": 0.0}]
+    node = ray_cpu.get_runtime_context().get_node_id()
+    assert summary.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 2, "node_id": node, "compile_seconds": 0.0}]
     assert not [name for name in ray_cpu.util.list_named_actors() if replicas.run_id in name]  # closed
 
 

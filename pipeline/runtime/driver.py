@@ -312,6 +312,6 @@ def _replica_entries(pool: _ReplicaPool | None) -> list[dict[str, Any]]:
     if pool is None:
         return []
     compiled = pool.compile_seconds()
-    return [{"device": p["device"], "gpu_ids": p["gpu_ids"], "threads": p["threads"],
+    return [{"device": p["device"], "gpu_ids": p["gpu_ids"], "threads": p["threads"], "node_id": p["node_id"],
              "compile_seconds": None if seconds is None else round(seconds, 2)}
             for p, seconds in zip(pool.placements, compiled, strict=True)]

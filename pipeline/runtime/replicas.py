@@ -22,7 +22,7 @@ from ..config import RasterSettings, RunError, SegmentConfig
 from ..records import ImageRecord
 from ..run import batches_in_flight, new_run_id
 from ..storage import Location, SourceFile
-from .cluster import connect_ray, nodes_with_cpus, short_error
+from .cluster import connect_ray, nodes_for_cpu_replicas, nodes_with_cpus, short_error
 
 if TYPE_CHECKING:
     import torch
@@ -101,6 +101,7 @@ class SegmentWorker:
             "device": str(self.device),
             "gpu_ids": self.gpu_ids,
             "threads": torch_threads(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
@@ -153,6 +154,18 @@ def write(output: Location, records: list[ImageRecord], palette: list[list[int]]
     return write_masks(output, records, palette)
 
 
+def _placement(index: int, hosts: list[str], *, gpus: bool) -> Any:
+    """Where replica `index` goes: GPU replicas where Ray finds GPUs; CPU replicas in turn on
+    the nodes with room for one (`hosts`), as evenly as their number allows, since they share
+    their node's cores (`replica_threads` counts on it) and Ray's default would fill one node
+    before the next. Soft: a restart after its node is lost may go elsewhere."""
+    if gpus or not hosts:
+        return "DEFAULT"
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=hosts[index % len(hosts)], soft=True)
+
+
 class _ReplicaPool:
     """The model actors: how busy each is, and which are restarting or gone.
 
@@ -170,9 +183,12 @@ class _ReplicaPool:
         gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
         if config.device == "cuda" or (config.device == "auto" and gpus):
             count = config.actors or max(1, int(gpus / config.gpus_per_actor))
-            num_gpus = config.gpus_per_actor
+            num_gpus, hosts = config.gpus_per_actor, []
         else:
-            count, num_gpus = config.actors or 1, 0.0
+            # unless told how many: one replica on each node with room for it, with a thread per
+            # core there (`replica_threads`), so a cluster of CPU nodes is used whole
+            hosts = nodes_for_cpu_replicas(config.cpus_per_actor)
+            count, num_gpus = config.actors or max(1, len(hosts)), 0.0
         if not num_gpus and count * config.cpus_per_actor > cpus - 1:
             raise RunError(
                 f"{count} model replicas x {config.cpus_per_actor} CPUs leave no CPU for decoding and writing "
@@ -182,7 +198,7 @@ class _ReplicaPool:
             model=config.model, weights=config.weights, num_classes=config.num_classes, crf=config.crf,
             batch_size=config.batch_size, storage_options=config.storage_options,
             threads=config.threads_per_actor, tile=config.tile, tile_stride=config.tile_stride,
-            cpus_per_actor=config.cpus_per_actor, precision=config.precision, compile=config.compile, replicas_per_node=-(-count // nodes_with_cpus()),
+            cpus_per_actor=config.cpus_per_actor, precision=config.precision, compile=config.compile, replicas_per_node=-(-count // (len(hosts) or nodes_with_cpus())),
             confidence=config.confidence, raster=RasterSettings.of(config), source_url=config.source,
             output_url=config.output, class_names=config.class_names, run_id=run_id,
         )
@@ -191,6 +207,7 @@ class _ReplicaPool:
             actor_class.options(
                 num_gpus=num_gpus, num_cpus=config.cpus_per_actor, max_restarts=config.max_restarts,
                 name=f"segpipe-{run_id}-{index}",
+                scheduling_strategy=_placement(index, hosts, gpus=bool(num_gpus)),
             ).remote(spec)
             for index in range(count)
         ]
