@@ -572,7 +572,7 @@ def main() -> None:
                  pipeline_efficiency=round(ours["images_per_second"] / forward, 3),
                  images_per_second_no_crf=round(bare["images_per_second"], 2),
                  pipeline_efficiency_no_crf=round(bare["images_per_second"] / forward, 3))
-            cores = os.cpu_count() or 1
+            cores = int(ray.cluster_resources().get("CPU", 1))  # Ray's count: cgroup limits included
             if device.type == "cpu" and cores > 1:
                 per_core = end_to_end(args.model, args.device, args.batch_size, source, work / "out-per-core",
                                       actors=cores, cpus_per_actor=0.5)

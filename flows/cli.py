@@ -37,6 +37,7 @@ from pipeline.config import (
     option_name,
     parse_json_object,
 )
+from pipeline.text import counted
 
 # options a command takes besides its config's fields
 _SECRET_HELP = ("name of a Prefect Secret block holding storage options (credentials) as a JSON object "
@@ -222,7 +223,6 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _print_summary(s: dict) -> None:
-    from pipeline.run import counted  # loaded by the run already
     if s["shards_committed"] == 0:  # no shard needed work: neither Ray nor a model started
         skipped = s["shards_skipped"]
         what = (f"the {counted(skipped, 'shard')} of {s['source']} {'is' if skipped == 1 else 'are'} already up to date "

@@ -20,10 +20,11 @@ from flows._retries import IO_TASK
 from flows._storage import resolve_storage_options
 from pipeline.config import SegmentConfig
 from pipeline.preflight import check_segment
-from pipeline.run import Progress, RunSummary, counted, record_run
+from pipeline.run import Progress, RunSummary, record_run
 from pipeline.runtime.driver import run_segmentation
 from pipeline.runtime.replicas import Replicas
 from pipeline.storage import open_location
+from pipeline.text import counted
 
 
 @task(cache_policy=NO_CACHE)

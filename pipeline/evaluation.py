@@ -28,6 +28,7 @@ from .masks import decode_mask
 from .metrics import check_label_range, confusion_matrix, scores
 from .rasters import open_raster
 from .storage import Location, iter_files, read_bytes, write_atomic
+from .text import counted
 
 # PNG masks, and the GeoTIFF masks of georeferenced rasters (read window by window)
 MASK_EXTENSIONS = frozenset({".png", ".tif", ".tiff"})
@@ -283,7 +284,7 @@ def exclusion_summary(total: BatchScore, settings: ScoreSettings) -> str | None:
     stray_ids = {s.image_id for s in total.stray}
     others = [e for e in total.excluded if e["image_id"] not in stray_ids]
     if others:
-        parts.append(f"{_count(len(others), 'pair')} left out for other reasons, e.g. {others[0]['image_id']}: "
+        parts.append(f"{counted(len(others), 'pair')} left out for other reasons, e.g. {others[0]['image_id']}: "
                      f"{others[0]['reason']}")
     return "; ".join(parts) or None
 
@@ -297,9 +298,9 @@ def _stray_advice(side: str, strays: Sequence[StrayLabels], settings: ScoreSetti
     listed = ", ".join(map(str, values[:5])) + (f" and {len(values) - 5} more" if len(values) > 5 else "")
     hold = "holds" if len(strays) == 1 else "hold"
     if side == "prediction":
-        return (f"{_count(len(strays), 'prediction')} {hold} labels {listed}, not below --num-classes {n}: pass the "
+        return (f"{counted(len(strays), 'prediction')} {hold} labels {listed}, not below --num-classes {n}: pass the "
                 "number of classes the model predicts")
-    masks = _count(len(strays), "ground-truth mask")
+    masks = counted(len(strays), "ground-truth mask")
     if len(values) == 1 and values[0] in (n, 255):
         value = values[0]
         as_class = f", --num-classes {n + 1} if it is a class" if value == n else ""
@@ -307,10 +308,6 @@ def _stray_advice(side: str, strays: Sequence[StrayLabels], settings: ScoreSetti
                 f"pixels not to score (unlabelled, void){as_class}, or --label-map to map it to a class")
     return (f"{masks} {hold} labels {listed}, outside [0, {n}) and not --ignore-index {settings.ignore_index}: map "
             "them to class ids with --label-map, or pass the right --num-classes and --ignore-index")
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _json_number(value: float) -> float | None:

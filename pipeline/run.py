@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -38,6 +39,7 @@ from .storage import (
     retry_io,
     write_atomic,
 )
+from .text import counted
 
 T = TypeVar("T")
 
@@ -319,6 +321,29 @@ def batches(files: Sequence[SourceFile], size: int) -> Iterator[list[SourceFile]
         yield batch
 
 
+def place_cpu_replicas(nodes: Sequence[tuple[str, float]], count: int | None, cpus_per_actor: float,
+                       driver_node: str | None = None) -> list[tuple[str | None, int]]:
+    """For each CPU replica, its node (of `nodes`, (node id, CPUs)) and how many of the run's
+    replicas share that node, from which it takes its threads (`replica_threads`).
+
+    A node has room for as many replicas as leave it a CPU for the decode and write tasks.
+    Without a `count`, one replica goes on each node with room. Otherwise they are dealt out
+    in turn over the nodes with room, each up to its room, the largest nodes first and the
+    driver's (a cluster's head, which lists and commits) last: so they share the cores evenly,
+    where Ray's default would fill one node before the next. Replicas beyond every node's
+    room get no node (None), and Ray places them."""
+    room = {node: int((cpus - 1) // cpus_per_actor) for node, cpus in nodes if cpus >= cpus_per_actor + 1}
+    order = sorted(room, key=lambda node: (node == driver_node, -dict(nodes)[node]))
+    placed: list[str] = []
+    for turn in range(max(room.values(), default=0)):
+        placed += [node for node in order if room[node] > turn]
+    placed = placed[: len(order) if count is None else count]
+    shared = Counter(placed)
+    unplaced = (count or 1) - len(placed)
+    fallback = -(-(count or 1) // max(1, len(nodes)))  # spread as evenly as the nodes allow
+    return [(node, shared[node]) for node in placed] + [(None, fallback)] * max(0, unplaced)
+
+
 def replica_threads(node_cpus: float, replicas_per_node: int, cpus_per_actor: float) -> int:
     """Torch threads for a CPU replica: its node's CPUs shared among the replicas on it.
 
@@ -362,11 +387,6 @@ class Progress:
         return (f"{counted(self.images, 'image')} {found}, {self.images_per_second:.1f} img/s, "
                 f"{counted(self.errors, 'error')}, {counted(self.shards_committed, 'shard')} committed, "
                 f"{self.shards_skipped} up to date")
-
-
-def counted(number: int, noun: str, plural: str | None = None) -> str:
-    """'1 image', '2 images': counts in English, for the progress line and the run summary."""
-    return f"{number} {noun}" if number == 1 else f"{number} {plural or noun + 's'}"
 
 
 @dataclass

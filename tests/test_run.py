@@ -17,6 +17,7 @@ from pipeline.run import (
     fingerprint,
     model_meta,
     new_run_id,
+    place_cpu_replicas,
     replica_threads,
 )
 from pipeline.storage import SourceFile
@@ -74,6 +75,23 @@ def test_batches_keep_order_and_the_remainder_and_put_large_files_alone() -> Non
     assert [[f.key for f in b] for b in batches(files, 3)] == [["r0.tif"], ["f0.jpg", "f1.jpg", "f2.jpg"], ["r1.tif"], ["f3.jpg"]]
     exactly = SourceFile("edge.tif", LARGE_FILE_BYTES, "v")
     assert list(batches([exactly, small[0]], 3)) == [[exactly, small[0]]]
+
+
+def test_cpu_replicas_go_one_to_a_node_or_in_turn_within_each_nodes_room() -> None:
+    head, small, large = ("head", 1.0), ("small", 2.0), ("large", 16.0)
+    # by default one on each node with a CPU to spare beside it: not on a 1-CPU head
+    assert place_cpu_replicas([head, small, large], None, 1.0, "head") == [("large", 1), ("small", 1)]
+    # a laptop: one replica with its cores
+    assert place_cpu_replicas([("laptop", 2.0)], None, 1.0, "laptop") == [("laptop", 1)]
+    # in turn, largest first, each node up to its room (the small one has room for one)
+    assert place_cpu_replicas([small, large], 5, 1.0) == [("large", 4), ("small", 1), ("large", 4), ("large", 4), ("large", 4)]
+    # one per core at half a CPU each, as the README suggests
+    assert place_cpu_replicas([head, ("a", 2.0), ("b", 2.0)], 4, 0.5, "head") == [("a", 2), ("b", 2)] * 2
+    # the driver's node is taken last
+    assert place_cpu_replicas([("head", 4.0), large], 1, 1.0, "head") == [("large", 1)]
+    # no node with room: Ray places the replicas, counted as spread over the nodes
+    assert place_cpu_replicas([head], None, 1.0, "head") == [(None, 1)]
+    assert place_cpu_replicas([("a", 2.0)], 3, 1.0) == [("a", 1), (None, 3), (None, 3)]
 
 
 def test_progress_says_found_so_far_until_the_listing_ends() -> None:

@@ -488,26 +488,27 @@ def test_a_run_whose_worker_nodes_are_all_lost_stops_with_a_clear_error(tmp_path
 
 @pytest.mark.slow
 def test_cpu_replicas_default_to_one_on_each_node_with_room(tmp_path, _ray_session):
-    """A cluster of CPU nodes and no --actors: one replica on each node with room for it and
-    a CPU beside it for the decode and write tasks, running a thread per core of its node; the
-    1-CPU head hosts none. With --actors, the replicas take those nodes in turn, and share
-    each node's cores."""
+    """A cluster of CPU nodes of two sizes and no --actors: one replica on each node with room
+    for it and a CPU beside it for the decode and write tasks, running a thread per core of its
+    node; the 1-CPU head hosts none. With --actors, the replicas are dealt over those nodes in
+    turn, each up to its room, and share each node's cores."""
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # this test's own cluster, not the module's shared Ray
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
-        workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+        small, large = cluster.add_node(num_cpus=2), cluster.add_node(num_cpus=4)
         ray.init(address=cluster.address, logging_level="WARNING")
         source, output = _local_source(tmp_path, 8)
         config = SegmentConfig(source=source, output=output, batch_size=1, crf=False, **MODEL)
         summary = run_segmentation(config)
         assert (summary.images, summary.errors) == (8, 0)
-        assert sorted(r["node_id"] for r in summary.replicas) == sorted(w.node_id for w in workers)
-        assert [r["threads"] for r in summary.replicas] == [2, 2]
-        spread = run_segmentation(config.model_copy(update={"actors": 4, "cpus_per_actor": 0.5, "output": f"{output}-4"}))
-        assert Counter(r["node_id"] for r in spread.replicas) == Counter({w.node_id: 2 for w in workers})
-        assert [r["threads"] for r in spread.replicas] == [1] * 4
+        threads = {r["node_id"]: r["threads"] for r in summary.replicas}
+        assert len(summary.replicas) == 2 and threads == {small.node_id: 2, large.node_id: 4}
+        # 4 replicas of a CPU each: the large node has room for 3, the small one for 1
+        dealt = run_segmentation(config.model_copy(update={"actors": 4, "output": f"{output}-4"}))
+        assert Counter(r["node_id"] for r in dealt.replicas) == {large.node_id: 3, small.node_id: 1}
+        assert {r["node_id"]: r["threads"] for r in dealt.replicas} == {large.node_id: 1, small.node_id: 2}
     finally:
         ray.shutdown()
         cluster.shutdown()

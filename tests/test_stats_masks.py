@@ -55,6 +55,16 @@ def test_components_within_bounding_boxes_equal_whole_map(seed: int) -> None:
     labels[:3, :4] = 7  # a class in one corner only; class 6 absent
     stats = class_statistics(labels, np.ones(labels.shape), 8)
     np.testing.assert_array_equal(stats.components, _components_on_whole_map(labels, stats.class_id))
+    # uint16 maps of many classes, class 0 absent
+    wide = (labels * 50 + 1).astype(np.uint16)
+    stats = class_statistics(wide, np.ones(wide.shape), 400, host_labels=wide)
+    assert 0 not in stats.class_id and stats.class_id.max() > 255
+    np.testing.assert_array_equal(stats.components, _components_on_whole_map(wide, stats.class_id))
+
+
+def test_statistics_of_an_empty_map_are_empty() -> None:
+    stats = class_statistics(np.zeros((0, 7), dtype=np.uint8), np.zeros((0, 7), dtype=np.float32), 3)
+    assert stats.class_id.size == stats.components.size == 0
 
 
 def test_components_on_camvid_ground_truth(shared_data) -> None:

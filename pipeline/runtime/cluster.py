@@ -57,11 +57,10 @@ def nodes_with_cpus() -> int:
     return max(1, sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0))
 
 
-def nodes_for_cpu_replicas(cpus_per_actor: float) -> list[str]:
-    """The nodes with room for a CPU replica and one CPU more for the decode and write tasks
-    beside it: where a run puts its CPU replicas, one to a node, unless told how many."""
-    return [node["NodeID"] for node in ray.nodes()
-            if node["Alive"] and node["Resources"].get("CPU", 0) >= cpus_per_actor + 1]
+def cpu_nodes() -> list[tuple[str, float]]:
+    """The live nodes with CPUs: (node id, CPUs Ray counts there)."""
+    return [(node["NodeID"], float(node["Resources"]["CPU"])) for node in ray.nodes()
+            if node["Alive"] and node["Resources"].get("CPU", 0) > 0]
 
 
 def short_error(err: BaseException) -> str:

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -20,9 +20,9 @@ from ray.exceptions import ActorDiedError, RayActorError, RayError
 
 from ..config import RasterSettings, RunError, SegmentConfig
 from ..records import ImageRecord
-from ..run import batches_in_flight, new_run_id
+from ..run import batches_in_flight, new_run_id, place_cpu_replicas
 from ..storage import Location, SourceFile
-from .cluster import connect_ray, nodes_for_cpu_replicas, nodes_with_cpus, short_error
+from .cluster import connect_ray, cpu_nodes, nodes_with_cpus, short_error
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +46,7 @@ class WorkerSpec:
     cpus_per_actor: float = 1.0
     precision: str = "auto"  # Segmenter's: auto, fp32 or bf16
     compile: bool | None = None  # None: where it pays (bf16 on CPU)
-    # CPU replicas expected on one node: the run's CPU replicas over the nodes with CPUs
+    # the run's replicas on this replica's node (`run.place_cpu_replicas`): they share its cores
     replicas_per_node: int = 1
     confidence: bool = False
     # georeferenced rasters: how they are segmented, where from and where to (a replica
@@ -154,16 +154,16 @@ def write(output: Location, records: list[ImageRecord], palette: list[list[int]]
     return write_masks(output, records, palette)
 
 
-def _placement(index: int, hosts: list[str], *, gpus: bool) -> Any:
-    """Where replica `index` goes: GPU replicas where Ray finds GPUs; CPU replicas in turn on
-    the nodes with room for one (`hosts`), as evenly as their number allows, since they share
-    their node's cores (`replica_threads` counts on it) and Ray's default would fill one node
-    before the next. Soft: a restart after its node is lost may go elsewhere."""
-    if gpus or not hosts:
-        return "DEFAULT"
+def _on_node(node: str | None) -> Any:
+    """A replica's scheduling strategy: on `node` (`run.place_cpu_replicas`) while it has room
+    there, elsewhere when it has none now (taken by other work) or after the node is lost; with
+    no node, Ray's default (and a placement group's, around a run inside one)."""
+    if node is None:
+        return None
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return NodeAffinitySchedulingStrategy(node_id=hosts[index % len(hosts)], soft=True)
+    # soft alone would wait for the node however long it stays full
+    return NodeAffinitySchedulingStrategy(node_id=node, soft=True, _spill_on_unavailable=True)
 
 
 class _ReplicaPool:
@@ -183,12 +183,15 @@ class _ReplicaPool:
         gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
         if config.device == "cuda" or (config.device == "auto" and gpus):
             count = config.actors or max(1, int(gpus / config.gpus_per_actor))
-            num_gpus, hosts = config.gpus_per_actor, []
+            num_gpus = config.gpus_per_actor
+            # Ray places GPU replicas where it finds GPUs
+            places: list[tuple[str | None, int]] = [(None, -(-count // nodes_with_cpus()))] * count
         else:
             # unless told how many: one replica on each node with room for it, with a thread per
-            # core there (`replica_threads`), so a cluster of CPU nodes is used whole
-            hosts = nodes_for_cpu_replicas(config.cpus_per_actor)
-            count, num_gpus = config.actors or max(1, len(hosts)), 0.0
+            # core there, so a cluster of CPU nodes is used whole
+            places = place_cpu_replicas(cpu_nodes(), config.actors, config.cpus_per_actor,
+                                        ray.get_runtime_context().get_node_id())
+            count, num_gpus = len(places), 0.0
         if not num_gpus and count * config.cpus_per_actor > cpus - 1:
             raise RunError(
                 f"{count} model replicas x {config.cpus_per_actor} CPUs leave no CPU for decoding and writing "
@@ -198,7 +201,7 @@ class _ReplicaPool:
             model=config.model, weights=config.weights, num_classes=config.num_classes, crf=config.crf,
             batch_size=config.batch_size, storage_options=config.storage_options,
             threads=config.threads_per_actor, tile=config.tile, tile_stride=config.tile_stride,
-            cpus_per_actor=config.cpus_per_actor, precision=config.precision, compile=config.compile, replicas_per_node=-(-count // (len(hosts) or nodes_with_cpus())),
+            cpus_per_actor=config.cpus_per_actor, precision=config.precision, compile=config.compile,
             confidence=config.confidence, raster=RasterSettings.of(config), source_url=config.source,
             output_url=config.output, class_names=config.class_names, run_id=run_id,
         )
@@ -206,10 +209,9 @@ class _ReplicaPool:
         self.actors = [
             actor_class.options(
                 num_gpus=num_gpus, num_cpus=config.cpus_per_actor, max_restarts=config.max_restarts,
-                name=f"segpipe-{run_id}-{index}",
-                scheduling_strategy=_placement(index, hosts, gpus=bool(num_gpus)),
-            ).remote(spec)
-            for index in range(count)
+                name=f"segpipe-{run_id}-{index}", scheduling_strategy=_on_node(node),
+            ).remote(replace(spec, replicas_per_node=sharing))
+            for index, (node, sharing) in enumerate(places)
         ]
         self.load = [0] * count
         self.dead: set[int] = set()
@@ -319,6 +321,7 @@ class _ReplicaPool:
             self.dead.add(replica)
             log.warning("model replica %d could not reload its model: %s", replica, answer["error"])
         else:
+            self.placements[replica] = answer  # restarted, perhaps on another node
             self.down_since = None  # back: it takes work again
 
     def all_dead(self) -> bool:
