@@ -332,8 +332,9 @@ def place_cpu_replicas(nodes: Sequence[tuple[str, float]], count: int | None, cp
     driver's (a cluster's head, which lists and commits) last: so they share the cores evenly,
     where Ray's default would fill one node before the next. Replicas beyond every node's
     room get no node (None), and Ray places them."""
-    room = {node: int((cpus - 1) // cpus_per_actor) for node, cpus in nodes if cpus >= cpus_per_actor + 1}
-    order = sorted(room, key=lambda node: (node == driver_node, -dict(nodes)[node]))
+    cpus = dict(nodes)
+    room = {node: int((cpus[node] - 1) // cpus_per_actor) for node in cpus if cpus[node] >= cpus_per_actor + 1}
+    order = sorted(room, key=lambda node: (node == driver_node, -cpus[node]))
     placed: list[str] = []
     for turn in range(max(room.values(), default=0)):
         placed += [node for node in order if room[node] > turn]

@@ -53,14 +53,14 @@ def node_cpus() -> float:
     return float(os.cpu_count() or 1)
 
 
-def nodes_with_cpus() -> int:
-    return max(1, sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0))
-
-
 def cpu_nodes() -> list[tuple[str, float]]:
     """The live nodes with CPUs: (node id, CPUs Ray counts there)."""
     return [(node["NodeID"], float(node["Resources"]["CPU"])) for node in ray.nodes()
             if node["Alive"] and node["Resources"].get("CPU", 0) > 0]
+
+
+def nodes_with_cpus() -> int:
+    return max(1, len(cpu_nodes()))
 
 
 def short_error(err: BaseException) -> str:
