@@ -37,6 +37,7 @@ from raster import CLASSES, MODEL, TILE, write_mosaic  # noqa: E402
 
 from pipeline import stages  # noqa: E402
 from pipeline.config import RasterSettings  # noqa: E402
+from pipeline.heap import keep_freed_memory  # noqa: E402
 from pipeline.inference import Segmenter  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.records import ImageRecord  # noqa: E402
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--no-crf", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    keep_freed_memory()  # as a replica sets its heap
     seconds: dict[str, float] = defaultdict(float)
 
     def timed(name: str, work: Callable) -> Callable:

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from run import CAMVID, NUM_CLASSES, source_images  # noqa: E402
 
 from pipeline.decode import decode_image, plain_jpeg_shape  # noqa: E402
+from pipeline.heap import keep_freed_memory  # noqa: E402
 from pipeline.inference import Segmenter  # noqa: E402
 from pipeline.masks import encode_mask  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
@@ -53,6 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(os.cpu_count() or 1)
+    keep_freed_memory()  # as a replica sets its heap
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as a replica sets it
     segmenter = Segmenter(build_model(args.model, num_classes=NUM_CLASSES, weights=None), device=device, batch_size=args.batch_size)
     stage = SegmentStage(segmenter)

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bare import AsGiven  # bench/: the script's folder is on the path
 from memory import peak_tree_rss
 
+from pipeline.heap import keep_freed_memory
 from pipeline.inference import Segmenter
 from pipeline.models import build_model
 from pipeline.windows import window_starts, window_stride
@@ -83,6 +84,7 @@ def bare_window_seconds() -> float:
     run to run, and shared machines only ever slow a pass down). Measured once, before the
     runs: a second model compiled in the same process measured a third slower."""
     torch.set_num_threads(psutil.cpu_count(logical=True) or 1)
+    keep_freed_memory()  # as a replica sets its heap
     model = build_model(MODEL, num_classes=CLASSES, weights=None)
     segmenter = Segmenter(AsGiven(model), model.meta, device="cpu", batch_size=4)
     batch = torch.randint(0, 255, (4, 3, TILE, TILE), dtype=torch.uint8)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..heap import keep_freed_memory
 from ..inference import Segmenter, SlidingWindow
 from ..models import build_model
 from ..run import replica_threads
@@ -44,7 +45,9 @@ def cuda_available() -> bool:
 
 def set_up_torch(spec: WorkerSpec, gpu_ids: list[str], cuda: bool) -> torch.device:
     """This process's torch: its CPU threads (a CPU replica's share of the node), and the
-    device of the GPUs Ray assigned."""
+    device of the GPUs Ray assigned; and its heap, which keeps the buffers a batch frees for
+    the next (`heap.keep_freed_memory`)."""
+    keep_freed_memory()
     if not gpu_ids:
         torch.set_num_threads(spec.threads or replica_threads(node_cpus(), spec.replicas_per_node, spec.cpus_per_actor))
     device = worker_device(gpu_ids, cuda)
