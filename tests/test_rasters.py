@@ -22,6 +22,7 @@ from pipeline.decode import ImageDecodeError
 from pipeline.inference import Segmenter, SlidingWindow
 from pipeline.models import ModelMeta, Preprocessing
 from pipeline.rasters import (
+    GDAL_THREADS,
     Block,
     band_limits,
     block_windows,
@@ -130,6 +131,19 @@ def test_mosaic_read_by_window_equals_the_whole_array(shared_data: Path, tmp_pat
             choose_bands(ds, [1, 2])
         with pytest.raises(ValueError, match="not a whole-pixel window inside"):
             read_rgb(ds, Window(1000, 0, 100, 10), bands, limits)
+
+
+def test_compressed_tiles_are_decoded_by_gdal_threads_into_the_same_pixels(shared_data: Path, tmp_path: Path) -> None:
+    # a window over many deflate tiles: GDAL decompresses them side by side (GDAL_NUM_THREADS)
+    whole = _mosaic(shared_data, tiles=4, size=256)
+    _write(tmp_path / "deflate.tif", whole, compress="deflate", photometric="RGB", block=64)
+    with open_raster(open_location(str(tmp_path)), "deflate.tif") as ds:
+        assert rasterio.env.getenv()["GDAL_NUM_THREADS"] == GDAL_THREADS
+        bands = choose_bands(ds, None)
+        limits = band_limits(ds, bands)
+        rgb, valid = read_rgb(ds, Window(37, 5, 900, 1000), bands, limits)
+    np.testing.assert_array_equal(rgb, np.moveaxis(whole[:, 5:1005, 37:937], 0, -1))
+    assert valid.all()
 
 
 def test_float_nodata_and_nan_are_invalid(tmp_path: Path) -> None:
