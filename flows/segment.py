@@ -24,7 +24,7 @@ from pipeline.run import Progress, RunSummary, record_run
 from pipeline.runtime.driver import run_segmentation
 from pipeline.runtime.replicas import Replicas
 from pipeline.storage import open_location
-from pipeline.text import counted
+from pipeline.text import counted, verb_for
 
 
 @task(cache_policy=NO_CACHE)
@@ -73,7 +73,7 @@ def summarise(summary: RunSummary, record_uri: str) -> dict[str, Any]:
         "\n".join([
             f"## segpipe run `{summary.run_id}`",
             *([f"Nothing to do: the {counted(summary.shards_skipped, 'shard')} of `{summary.source}` "
-               f"{'was' if summary.shards_skipped == 1 else 'were'} already up to date.", ""]
+               f"{verb_for(summary.shards_skipped, 'was', 'were')} already up to date.", ""]
               if summary.shards_committed == 0 else []),
             f"{counted(summary.images, 'image')} from `{summary.source}` ({counted(summary.errors, 'error')}) with "
             f"`{summary.model}` (`{summary.weights}`), {summary.images_per_second:.1f} images/s.",

@@ -7,3 +7,8 @@ def counted(number: int, noun: str, plural: str | None = None) -> str:
     """'1 image', '2 images': counts in English, for the progress line, the run summary and
     the evaluation's messages."""
     return f"{number} {noun}" if number == 1 else f"{number} {plural or noun + 's'}"
+
+
+def verb_for(number: int, singular: str, plural: str) -> str:
+    """The verb that agrees with a count: `verb_for(1, "is", "are")` is "is"."""
+    return singular if number == 1 else plural

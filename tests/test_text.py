@@ -1,0 +1,15 @@
+"""pipeline.text: counts in English and the verbs that agree with them."""
+
+from __future__ import annotations
+
+from pipeline.text import counted, verb_for
+
+
+def test_counts_take_the_plural_except_for_one():
+    assert [counted(n, "shard") for n in (0, 1, 2)] == ["0 shards", "1 shard", "2 shards"]
+    assert counted(2, "class", "classes") == "2 classes" and counted(1, "class", "classes") == "1 class"
+
+
+def test_verbs_agree_with_the_count():
+    assert [f"{counted(n, 'shard')} {verb_for(n, 'was', 'were')}" for n in (0, 1, 3)] == [
+        "0 shards were", "1 shard was", "3 shards were"]
