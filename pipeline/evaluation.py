@@ -28,7 +28,7 @@ from .masks import decode_mask
 from .metrics import check_label_range, confusion_matrix, scores
 from .rasters import open_raster
 from .storage import Location, iter_files, read_bytes, write_atomic
-from .text import counted
+from .text import counted, verb_for
 
 # PNG masks, and the GeoTIFF masks of georeferenced rasters (read window by window)
 MASK_EXTENSIONS = frozenset({".png", ".tif", ".tiff"})
@@ -296,7 +296,7 @@ def _stray_advice(side: str, strays: Sequence[StrayLabels], settings: ScoreSetti
     n = settings.num_classes
     values = sorted({v for s in strays for v in s.values})
     listed = ", ".join(map(str, values[:5])) + (f" and {len(values) - 5} more" if len(values) > 5 else "")
-    hold = "holds" if len(strays) == 1 else "hold"
+    hold = verb_for(len(strays), "holds", "hold")
     if side == "prediction":
         return (f"{counted(len(strays), 'prediction')} {hold} labels {listed}, not below --num-classes {n}: pass the "
                 "number of classes the model predicts")

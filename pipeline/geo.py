@@ -86,7 +86,8 @@ class MaskWriter:
     `overview_resampling` (mode by default: a class id, never a blend of two); both steps
     stream tile by tile through GDAL's block cache, so memory does not grow with the raster.
     On an error both files are removed. Pixels no window covered read as `nodata` (0 when
-    `nodata` is None). The same writer serves the confidence map (no palette).
+    `nodata` is None). The same writer serves the confidence map (no palette). `threads`:
+    GDAL's for compressing tiles and building the overviews (`rasters.gdal_env`).
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class MaskWriter:
         nodata: int | None,
         palette: Sequence[Sequence[int]] | None = None,
         overview_resampling: Resampling = Resampling.mode,
+        threads: int = 1,
     ) -> None:
         self.path = Path(path)
         if not self.path.parent.is_dir():
@@ -120,12 +122,13 @@ class MaskWriter:
         self.crs, self.transform, self.nodata = crs, transform, nodata
         self.palette = palette
         self.overview_resampling = overview_resampling
+        self.threads = threads
         # hidden, so that a folder listing or a glob for *.tif never picks up a partial file
         self._staging = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.staging.tif")
         self._dataset: rasterio.io.DatasetWriter | None = None
 
     def __enter__(self) -> Self:
-        with gdal_env():
+        with gdal_env(self.threads):
             self._dataset = rasterio.open(
                 self._staging, "w", driver="GTiff", width=self.width, height=self.height, count=1,
                 dtype="uint8", crs=self.crs, transform=self.transform, nodata=self.nodata,
@@ -152,7 +155,7 @@ class MaskWriter:
             if array.size and (array.min() < 0 or array.max() > 255):
                 raise ValueError(f"values must lie in [0, 255] for a uint8 raster, got [{array.min()}, {array.max()}]")
             array = array.astype(np.uint8)
-        with gdal_env():
+        with gdal_env(self.threads):
             self._dataset.write(array, 1, window=Window(col, row, w, h))
 
     def __exit__(
@@ -160,7 +163,7 @@ class MaskWriter:
     ) -> None:
         dataset, self._dataset = self._dataset, None
         try:
-            with gdal_env():
+            with gdal_env(self.threads):
                 if dataset is not None:
                     dataset.close()
                 if exc_type is None:

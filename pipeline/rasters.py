@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import posixpath
 import weakref
 from collections.abc import Iterator, Sequence
@@ -146,29 +147,36 @@ _OPENERS: weakref.WeakKeyDictionary[DatasetReader, _Opener] = weakref.WeakKeyDic
 # windows written row by row, up to 1024 px high, fill each tile before it is flushed (a tile
 # flushed half-written is read back, and its compressed copy written twice)
 GDAL_CACHE_BYTES = 128 << 20
-# GDAL's threads for one read of several compressed tiles (decompressed side by side) and for
-# the COG's compression and overviews: a replica reads and writes between its forwards, when
-# its own threads wait, and one thread left a core idle there (a 4096 x 4096 raster's stage
-# in one process: 1.89 to 1.99 s against 2.08 to 2.14 s, BENCHMARKS.md)
-GDAL_THREADS = "ALL_CPUS"
 
 
-def gdal_env() -> rasterio.Env:
-    """The GDAL settings every raster read and mask write runs under (GDAL_CACHE_BYTES,
-    GDAL_THREADS)."""
-    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES, GDAL_NUM_THREADS=GDAL_THREADS)
+def gdal_env(threads: int = 1) -> rasterio.Env:
+    """The GDAL settings every raster read and mask write runs under: GDAL_CACHE_BYTES, and
+    `threads` for one read of several compressed tiles (decompressed side by side) and for a
+    COG's compression and overviews. A replica gives its own torch threads: it reads and
+    writes between its forwards, when they wait (a 4096 x 4096 raster's stage in one process:
+    1.89 to 1.99 s against 2.08 to 2.14 s at one thread, BENCHMARKS.md); a replica per core
+    gives 1, and so does everything else. GDAL_NUM_THREADS set in the environment wins."""
+    options: dict[str, Any] = {"GDAL_CACHEMAX": GDAL_CACHE_BYTES}
+    if threads > 1 and "GDAL_NUM_THREADS" not in os.environ:
+        options["GDAL_NUM_THREADS"] = threads
+    return rasterio.Env(**options)
 
 
 @contextmanager
-def open_raster(location: Location, key: str) -> Iterator[DatasetReader]:
+def open_raster(location: Location, key: str, *, threads: int = 1) -> Iterator[DatasetReader]:
     """The raster at `key` as an open rasterio dataset, read through `location.fs` by ranged
-    reads: opening reads the header only, and each `read(window=...)` the tiles it needs.
+    reads: opening reads the header only, and each `read(window=...)` the tiles it needs, with
+    `threads` decompressing them (`gdal_env`).
+
+    With several threads GDAL still reads the bytes through the file object one call at a time
+    (rasterio's opener has no positioned reads, so GDAL serialises them under one lock) from
+    its worker threads: `_Opener` and `_RetriedFile` keep no per-thread state.
 
     Raises ImageDecodeError ("not_an_image" for a file GDAL does not recognise, "corrupt" for
     one it cannot parse), FileNotFoundError for a missing object, and the storage error
     itself (StorageUnavailableError after the retries) when storage fails.
     """
-    with gdal_env():
+    with gdal_env(threads):
         yield from _open(location, key)
 
 

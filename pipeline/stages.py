@@ -251,12 +251,14 @@ class RasterStage:
         self.segmenter = stage.segmenter.at_native_resolution(window)
         self.source, self.output = source, output
         self.palette, self.class_names = palette, class_names
+        # GDAL's threads for reading blocks and writing the COG: the replica's own, idle then
+        self.gdal_threads = torch.get_num_threads()
 
     def __call__(self, record: ImageRecord) -> ImageRecord:
         start = time.perf_counter()
         try:
             with tempfile.TemporaryDirectory(prefix="segpipe-raster-") as scratch, \
-                    open_raster(self.source, record.key) as dataset:
+                    open_raster(self.source, record.key, threads=self.gdal_threads) as dataset:
                 self._segment(record, dataset, scratch)
         except ImageDecodeError as err:
             record.fail(err.reason, str(err))
@@ -278,7 +280,9 @@ class RasterStage:
         bands = choose_bands(dataset, s.bands)
         limits = band_limits(dataset, bands)
         mask_path, confidence_path = os.path.join(scratch, "mask.tif"), os.path.join(scratch, "confidence.tif")
-        profile = {"width": dataset.width, "height": dataset.height, "crs": dataset.crs, "transform": dataset.transform}
+        # the masks' geometry, and GDAL's threads to compress them
+        profile = {"width": dataset.width, "height": dataset.height, "crs": dataset.crs, "transform": dataset.transform,
+                   "threads": self.gdal_threads}
         totals = _ClassTotals(self.num_classes)
         # every region, counted for `components`; written, as found, only with --polygons, and
         # filtered by --min-polygon-area then

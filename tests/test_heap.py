@@ -8,6 +8,7 @@ the largest buffer, far less than their sum), so every cycle faults their pages 
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -20,6 +21,9 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallo
 CYCLES = """
 import ctypes, resource
 libc = ctypes.CDLL(None)
+# no transparent huge pages (PR_SET_THP_DISABLE): where they are "always" on, a 2 MiB page
+# serves 512 small ones with one fault, and the counts below would not tell reuse apart
+libc.prctl(41, 1, 0, 0, 0)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 MB = 2**20
@@ -43,13 +47,19 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def page_faults(setup: str) -> int:
     """Minor page faults of five cycles of 24 MB of 1 MB buffers, after `setup` ran."""
     code = textwrap.dedent(setup) + CYCLES
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                            env=_plain_malloc_env())
     return int(result.stdout.split()[-1])
+
+
+def _plain_malloc_env() -> dict[str, str]:
+    """This environment without malloc's own settings, which would change the control's."""
+    return {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
 
 
 def test_the_default_heap_faults_freed_buffers_in_again():
     # the control: the pattern shows the cost the module is about (24 MB is 6,144 pages a cycle)
-    assert page_faults("") > 5 * 5000
+    assert page_faults("") > 5 * 4000
 
 
 def test_kept_freed_memory_is_reused_without_faults():
@@ -63,16 +73,16 @@ def test_kept_freed_memory_is_reused_without_faults():
 def test_a_replica_sets_up_its_heap_with_its_threads():
     faults = page_faults("""
         from pipeline.runtime.replicas import WorkerSpec
-        from pipeline.runtime.worker import set_up_torch
+        from pipeline.runtime.worker import set_up_process
         spec = WorkerSpec(model="lraspp_mobilenet_v3_large", weights=None, num_classes=3, crf=False, batch_size=1,
                           storage_options={}, threads=1)
-        assert str(set_up_torch(spec, [], False)) == "cpu"
+        assert str(set_up_process(spec, [], False)) == "cpu"
     """)
     assert faults < 500
 
 
 def test_buffers_over_the_mapping_threshold_still_go_back_at_once():
-    # a raster block's large buffers must not stay in the heap after the block
+    # buffers over the threshold (a large raster block's float pixels) must not stay in the heap
     code = textwrap.dedent("""
         import ctypes, resource
         from pipeline.heap import MMAP_BYTES, keep_freed_memory
@@ -92,7 +102,8 @@ def test_buffers_over_the_mapping_threshold_still_go_back_at_once():
         libc.free(address)
         print(during - before, rss() - before)
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                            env=_plain_malloc_env())
     grown, left = map(int, result.stdout.split())
     assert grown >= 60 * 2**20
     assert left < 4 * 2**20

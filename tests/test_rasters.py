@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 from rasterio.enums import Resampling
 from rasterio.transform import Affine
@@ -22,7 +23,6 @@ from pipeline.decode import ImageDecodeError
 from pipeline.inference import Segmenter, SlidingWindow
 from pipeline.models import ModelMeta, Preprocessing
 from pipeline.rasters import (
-    GDAL_THREADS,
     Block,
     band_limits,
     block_windows,
@@ -133,17 +133,33 @@ def test_mosaic_read_by_window_equals_the_whole_array(shared_data: Path, tmp_pat
             read_rgb(ds, Window(1000, 0, 100, 10), bands, limits)
 
 
-def test_compressed_tiles_are_decoded_by_gdal_threads_into_the_same_pixels(shared_data: Path, tmp_path: Path) -> None:
-    # a window over many deflate tiles: GDAL decompresses them side by side (GDAL_NUM_THREADS)
+def test_compressed_tiles_are_decoded_by_gdal_threads_into_the_same_pixels(shared_data: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # a window over many deflate tiles: GDAL decompresses them side by side, and reads their
+    # bytes through the retried file object from its worker threads
     whole = _mosaic(shared_data, tiles=4, size=256)
     _write(tmp_path / "deflate.tif", whole, compress="deflate", photometric="RGB", block=64)
-    with open_raster(open_location(str(tmp_path)), "deflate.tif") as ds:
-        assert rasterio.env.getenv()["GDAL_NUM_THREADS"] == GDAL_THREADS
+    monkeypatch.delenv("GDAL_NUM_THREADS", raising=False)
+    location = Location(fs=DroppingFileSystem(), root=str(tmp_path), url=str(tmp_path))
+    with open_raster(location, "deflate.tif", threads=4) as ds:
+        assert rasterio.env.getenv()["GDAL_NUM_THREADS"] == 4
         bands = choose_bands(ds, None)
         limits = band_limits(ds, bands)
         rgb, valid = read_rgb(ds, Window(37, 5, 900, 1000), bands, limits)
-    np.testing.assert_array_equal(rgb, np.moveaxis(whole[:, 5:1005, 37:937], 0, -1))
-    assert valid.all()
+        np.testing.assert_array_equal(rgb, np.moveaxis(whole[:, 5:1005, 37:937], 0, -1))
+        assert valid.all()
+        # storage lost under GDAL's threads: the storage's error, not a corrupt file
+        monkeypatch.setattr("pipeline.storage.time.sleep", lambda seconds: None)
+        monkeypatch.setattr(Dropping, "down", True)
+        with pytest.raises(StorageUnavailableError, match="ConnectionError"):
+            read_rgb(ds, Window(0, 0, 1024, 1024), bands, limits)
+    # one thread (decode tasks, evaluation, a replica per core) sets none, and an operator's
+    # GDAL_NUM_THREADS wins over a replica's
+    with open_raster(open_location(str(tmp_path)), "deflate.tif"):
+        assert "GDAL_NUM_THREADS" not in rasterio.env.getenv()
+    monkeypatch.setenv("GDAL_NUM_THREADS", "1")
+    with open_raster(open_location(str(tmp_path)), "deflate.tif", threads=4):
+        assert "GDAL_NUM_THREADS" not in rasterio.env.getenv()
 
 
 def test_float_nodata_and_nan_are_invalid(tmp_path: Path) -> None:
@@ -203,35 +219,35 @@ def test_errors_are_named(tmp_path: Path, shared_data: Path) -> None:
     assert caught.value.reason == "corrupt"
 
 
+class Dropping:
+    """A local file whose reads fail while the storage is "down"."""
+
+    down = False
+
+    def __init__(self, file) -> None:
+        self.file = file
+
+    def read(self, size: int = -1) -> bytes:
+        if Dropping.down:
+            raise ConnectionError("connection reset by peer")
+        return self.file.read(size)
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
+class DroppingFileSystem(LocalFileSystem):
+    def _open(self, path, mode="rb", **kwargs):
+        return Dropping(super()._open(path, mode, **kwargs))
+
+
 def test_a_storage_failure_is_not_reported_as_a_corrupt_file(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fsspec.implementations.local import LocalFileSystem
-
-    class Dropping:
-        """A local file whose reads fail while the storage is "down"."""
-
-        down = False
-
-        def __init__(self, file) -> None:
-            self.file = file
-
-        def read(self, size: int = -1) -> bytes:
-            if Dropping.down:
-                raise ConnectionError("connection reset by peer")
-            return self.file.read(size)
-
-        def __getattr__(self, name: str):
-            return getattr(self.file, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc) -> None:
-            self.file.close()
-
-    class DroppingFileSystem(LocalFileSystem):
-        def _open(self, path, mode="rb", **kwargs):
-            return Dropping(super()._open(path, mode, **kwargs))
-
     monkeypatch.setattr("pipeline.storage.time.sleep", lambda seconds: None)  # the retries' backoff
     folder = str(shared_data / "aerial/geotiff")
     location = Location(fs=DroppingFileSystem(), root=folder, url=folder)

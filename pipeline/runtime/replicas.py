@@ -73,9 +73,9 @@ class SegmentWorker:
         self.setup_error: str | None = None
         try:
             # in the actor's process only, and inside the try: a torch that fails to import is reported too
-            from .worker import set_up_torch
+            from .worker import set_up_process
 
-            self.device = set_up_torch(spec, self.gpu_ids, self._cuda_available())
+            self.device = set_up_process(spec, self.gpu_ids, self._cuda_available())
             self.stage = self._build_stage(spec, self.device)
         except Exception as err:  # reported by ready(), so the driver can say what went wrong
             self.setup_error = f"{type(err).__name__}: {err}"

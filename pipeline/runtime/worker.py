@@ -43,10 +43,10 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def set_up_torch(spec: WorkerSpec, gpu_ids: list[str], cuda: bool) -> torch.device:
-    """This process's torch: its CPU threads (a CPU replica's share of the node), and the
-    device of the GPUs Ray assigned; and its heap, which keeps the buffers a batch frees for
-    the next (`heap.keep_freed_memory`)."""
+def set_up_process(spec: WorkerSpec, gpu_ids: list[str], cuda: bool) -> torch.device:
+    """This replica's process: its heap, which keeps the buffers a batch frees for the next
+    (`heap.keep_freed_memory`); its torch CPU threads (a CPU replica's share of the node);
+    and the torch device of the GPUs Ray assigned."""
     keep_freed_memory()
     if not gpu_ids:
         torch.set_num_threads(spec.threads or replica_threads(node_cpus(), spec.replicas_per_node, spec.cpus_per_actor))
