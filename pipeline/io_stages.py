@@ -11,9 +11,16 @@ from collections.abc import Sequence
 from .config import DEFAULT_MAX_RASTER_PIXELS
 from .decode import DEFAULT_MAX_PIXELS, DeviceJpeg, ImageDecodeError, decode
 from .masks import encode_confidence, encode_mask
-from .rasters import is_georeferenced, is_raster_key, open_raster
+from .rasters import is_georeferenced, open_raster
 from .records import ImageRecord, confidence_key_for, mask_key
-from .storage import Location, SourceFile, StorageUnavailableError, read_bytes, write_atomic
+from .storage import (
+    Location,
+    SourceFile,
+    StorageUnavailableError,
+    is_raster_key,
+    read_bytes,
+    write_atomic,
+)
 
 
 def read_and_decode(

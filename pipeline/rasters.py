@@ -20,7 +20,6 @@ import itertools
 import logging
 import math
 import os
-import posixpath
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -41,8 +40,6 @@ from .windows import padded_windows
 
 log = logging.getLogger(__name__)
 
-RASTER_EXTENSIONS = frozenset({".tif", ".tiff"})
-
 # fsspec's file reads this much past each read and keeps only that one block: a window's tiles
 # lie one after another in the file, row by row, so a window row is usually one request, and
 # memory holds one block whatever the object's size (s3fs's default block is 50 MiB, which
@@ -53,14 +50,6 @@ _SAMPLE_GRID = 4
 _SAMPLE_WINDOW = 256
 # an overview bigger than this is not read whole for the limits; windows are sampled instead
 _MAX_OVERVIEW_PIXELS = 1024 * 1024
-
-
-def is_raster_key(key: str) -> bool:
-    """Whether the key names a file that is read as a georeferenced raster (GeoTIFF, COG):
-    by extension, `RASTER_EXTENSIONS`. Plain JPEG and PNG files keep the image path
-    (`pipeline.decode`); a TIFF without georeferencing is told apart after opening, by
-    `is_georeferenced`."""
-    return posixpath.splitext(key)[1].lower() in RASTER_EXTENSIONS
 
 
 class _Opener:

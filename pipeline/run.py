@@ -33,6 +33,7 @@ from .storage import (
     ShardBy,
     SourceFile,
     StorageUnavailableError,
+    is_raster_key,
     iter_shards,
     open_location,
     read_bytes,
@@ -303,14 +304,20 @@ def plan_shard(files: Sequence[SourceFile], *, fold_case: bool = False) -> tuple
 # files spreads over every replica instead of queueing eight at a time on one (two 4096 x 4096
 # GeoTIFFs of 40 MB and two CPU replicas: BENCHMARKS.md); frames, even 4K PNGs, stay batched
 LARGE_FILE_BYTES = 32 * 2**20
+# a TIFF this large is a batch of its own too, however well compressed (a JPEG-compressed COG
+# of 10,000 pixels a side can be 20 MB): a georeferenced raster is segmented alone whatever
+# its batch (`stages.RasterStage`), so batching it only queues the others behind it; a plain
+# TIFF frame this large (over a megapixel, uncompressed) goes through the model alone
+LARGE_TIFF_BYTES = 4 * 2**20
 
 
 def batches(files: Sequence[SourceFile], size: int) -> Iterator[list[SourceFile]]:
-    """The files in order, `size` to a batch, but each file of more than LARGE_FILE_BYTES in a
-    batch by itself (before the smaller files batched so far)."""
+    """The files in order, `size` to a batch, but each file of more than LARGE_FILE_BYTES,
+    and each TIFF of more than LARGE_TIFF_BYTES, in a batch by itself (before the smaller
+    files batched so far)."""
     batch: list[SourceFile] = []
     for file in files:
-        if file.size > LARGE_FILE_BYTES:
+        if file.size > LARGE_FILE_BYTES or (file.size > LARGE_TIFF_BYTES and is_raster_key(file.key)):
             yield [file]
             continue
         batch.append(file)

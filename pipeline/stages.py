@@ -11,7 +11,7 @@ test without Ray:
 Stages 1 and 3 run in Ray's task workers and import no torch (`pipeline.io_stages`); this
 module is the replicas'.
 
-A georeferenced raster (`rasters.is_raster_key` and a CRS) takes another road: the decode
+A georeferenced raster (`storage.is_raster_key` and a CRS) takes another road: the decode
 stage only opens it (a few range requests for its header), and `RasterStage`, beside the
 model, segments it block by block and writes its COG mask and polygons itself, so its pixels
 never travel between processes and memory stays flat whatever its size.

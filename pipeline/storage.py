@@ -42,6 +42,8 @@ from fsspec.spec import AbstractFileSystem
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"})
+# the images that may be georeferenced rasters, read window by window (`pipeline.rasters`)
+RASTER_EXTENSIONS = frozenset({".tif", ".tiff"})
 ShardBy = Literal["directory", "count"]
 
 # keys of an fsspec info dict that identify one version of an object, best first
@@ -110,6 +112,14 @@ class SourceFile:
 
 def is_image_key(key: str) -> bool:
     return posixpath.splitext(key)[1].lower() in IMAGE_EXTENSIONS
+
+
+def is_raster_key(key: str) -> bool:
+    """Whether the key names a file that is read as a georeferenced raster (GeoTIFF, COG) if
+    it has a CRS: by extension, `RASTER_EXTENSIONS`. Plain JPEG and PNG files keep the image
+    path (`pipeline.decode`); a TIFF without georeferencing is told apart after opening, by
+    `rasters.is_georeferenced`."""
+    return posixpath.splitext(key)[1].lower() in RASTER_EXTENSIONS
 
 
 def _version(info: dict[str, Any]) -> str:

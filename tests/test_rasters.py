@@ -28,12 +28,11 @@ from pipeline.rasters import (
     block_windows,
     choose_bands,
     is_georeferenced,
-    is_raster_key,
     open_raster,
     plan_blocks,
     read_rgb,
 )
-from pipeline.storage import Location, StorageUnavailableError, open_location
+from pipeline.storage import Location, StorageUnavailableError, is_raster_key, open_location
 from pipeline.windows import ceil_to, window_starts
 
 UTM_16N = "EPSG:32616"

@@ -10,6 +10,7 @@ import pytest
 from pipeline.config import RunError, SegmentConfig
 from pipeline.run import (
     LARGE_FILE_BYTES,
+    LARGE_TIFF_BYTES,
     RESULT_SETTINGS,
     Progress,
     batches,
@@ -73,8 +74,17 @@ def test_batches_keep_order_and_the_remainder_and_put_large_files_alone() -> Non
     files = [small[0], large[0], small[1], small[2], large[1], small[3]]
     # each large file goes to a replica of its own; the small ones still fill batches of 3
     assert [[f.key for f in b] for b in batches(files, 3)] == [["r0.tif"], ["f0.jpg", "f1.jpg", "f2.jpg"], ["r1.tif"], ["f3.jpg"]]
-    exactly = SourceFile("edge.tif", LARGE_FILE_BYTES, "v")
+    exactly = SourceFile("edge.png", LARGE_FILE_BYTES, "v")  # a 4K PNG frame: still batched
     assert list(batches([exactly, small[0]], 3)) == [[exactly, small[0]]]
+
+
+def test_tiffs_over_a_few_megabytes_go_alone_however_well_compressed() -> None:
+    # a JPEG-compressed COG is far under LARGE_FILE_BYTES, but segmented alone all the same
+    cogs = [SourceFile(f"scene{i}.TIF", LARGE_TIFF_BYTES + 1, "v") for i in range(2)]
+    tile = SourceFile("tile.tiff", LARGE_TIFF_BYTES, "v")  # a small tile: batched with the frames
+    frame = SourceFile("frame.jpg", LARGE_TIFF_BYTES + 1, "v")  # not a TIFF: batched
+    files = [frame, cogs[0], tile, cogs[1]]
+    assert [[f.key for f in b] for b in batches(files, 8)] == [["scene0.TIF"], ["scene1.TIF"], ["frame.jpg", "tile.tiff"]]
 
 
 def test_cpu_replicas_go_one_to_a_node_or_in_turn_within_each_nodes_room() -> None:
