@@ -37,7 +37,7 @@ from pipeline.config import (
     option_name,
     parse_json_object,
 )
-from pipeline.text import counted, verb_for
+from pipeline.text import counted, per_second, verb_for
 
 # options a command takes besides its config's fields
 _SECRET_HELP = ("name of a Prefect Secret block holding storage options (credentials) as a JSON object "
@@ -121,12 +121,22 @@ class UsageError(ValueError):
     """A setting the user gave is wrong: one line, exit 2."""
 
 
+# pydantic's wording of a value out of bounds ("Input should be greater than or equal to 1"),
+# as an option's own help puts it
+_BOUNDS = {"greater_than_equal": "must be {ge} or more", "greater_than": "must be more than {gt}",
+           "less_than_equal": "must be {le} or less", "less_than": "must be less than {lt}",
+           "string_too_short": "must not be empty"}
+
+
 def _validation_lines(err: ValidationError, config: type[JobConfig]) -> list[str]:
     # pydantic's own text echoes input values, which may be credentials: name the option only
     lines = []
     for problem in err.errors():
         where = [str(part) for part in problem["loc"] if not isinstance(part, int)]
-        message = problem["msg"].removeprefix("Value error, ")
+        bound = _BOUNDS.get(problem["type"])
+        if problem["type"] == "string_too_short" and problem["ctx"]["min_length"] != 1:
+            bound = None
+        message = bound.format(**problem["ctx"]) if bound else problem["msg"].removeprefix("Value error, ")
         lines.append(f"{config.argument_name(where[0])}: {message}" if where else message)
     return lines
 
@@ -231,7 +241,7 @@ def _print_summary(s: dict) -> None:
         return
     ok = s["images"] - s["errors"]
     print(f"run {s['run_id']}: {counted(s['images'], 'image')} segmented ({ok} ok, {counted(s['errors'], 'error')}) "
-          f"in {s['seconds']:.1f} s ({s['setup_seconds']:.1f} s to start), {s['images_per_second']:.1f} images/s")
+          f"in {s['seconds']:.1f} s ({s['setup_seconds']:.1f} s to start), {per_second(s['images_per_second'])} images/s")
     print(f"shards: {s['shards_committed']} committed, {s['shards_skipped']} already up to date; "
           f"{counted(s['non_image_keys'], 'non-image key')} skipped")
     if s["errors_by_type"]:
@@ -247,7 +257,7 @@ def _print_summary(s: dict) -> None:
               "inductor's cache on local disk makes the next run's shorter; --no-compile skips it, for a few images)")
     if s["retried_batches"]:
         print(f"{counted(s['retried_batches'], 'batch', 'batches')} sent again after a worker failed")
-    print(f"outputs: {s['output']}/images/, {s['output']}/class_stats/, {s['output']}/masks/ (run record {s['record']})")
+    print(f"outputs: {', '.join(s['output'] + '/' + folder for folder in s['folders'])} (run record {s['record']})")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -322,10 +332,11 @@ def _version() -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage mistakes as one line (the usage itself is one `--help` away)."""
+    """Usage mistakes as one line (the usage itself is one `--help` away), with the prefix of
+    every other refusal (`main`), whichever subcommand's parser found it."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"segpipe: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

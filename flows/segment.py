@@ -24,7 +24,7 @@ from pipeline.run import Progress, RunSummary, record_run
 from pipeline.runtime.driver import run_segmentation
 from pipeline.runtime.replicas import Replicas
 from pipeline.storage import open_location
-from pipeline.text import counted, verb_for
+from pipeline.text import counted, per_second, verb_for
 
 
 @task(cache_policy=NO_CACHE)
@@ -53,7 +53,9 @@ def commit_run(config: SegmentConfig, summary: RunSummary) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def summarise(summary: RunSummary, record_uri: str) -> dict[str, Any]:
+def summarise(summary: RunSummary, record_uri: str, polygons: bool = False) -> dict[str, Any]:
+    """The run's Prefect artifacts, and what the command line prints: the run record, the
+    pixel shares, and the folders written (`polygons/` too with --polygons)."""
     total_pixels = sum(summary.pixels_by_class.values())
     shares = {name: count / total_pixels for name, count in sorted(summary.pixels_by_class.items(), key=lambda kv: -kv[1])}
     rows = [
@@ -76,11 +78,12 @@ def summarise(summary: RunSummary, record_uri: str) -> dict[str, Any]:
                f"{verb_for(summary.shards_skipped, 'was', 'were')} already up to date.", ""]
               if summary.shards_committed == 0 else []),
             f"{counted(summary.images, 'image')} from `{summary.source}` ({counted(summary.errors, 'error')}) with "
-            f"`{summary.model}` (`{summary.weights}`), {summary.images_per_second:.1f} images/s.",
+            f"`{summary.model}` (`{summary.weights}`), {per_second(summary.images_per_second)} images/s.",
             "",
             f"- images table: `{out}/images/` (one row per image, `status = 'error'` rows say why)",
             f"- class statistics: `{out}/class_stats/`",
             f"- masks: `{out}/masks/`",
+            *([f"- class polygons (GeoParquet): `{out}/polygons/`"] if polygons else []),
             f"- run record: `{record_uri}`",
             "",
             "```sql",
@@ -89,7 +92,8 @@ def summarise(summary: RunSummary, record_uri: str) -> dict[str, Any]:
         ]),
         key="segpipe-run-outputs",
     )
-    return summary.as_record() | {"pixel_share": shares, "record": record_uri}
+    folders = ["images/", "class_stats/", "masks/"] + (["polygons/"] if polygons else [])
+    return summary.as_record() | {"pixel_share": shares, "record": record_uri, "folders": folders}
 
 
 @flow(name="segment-archive", log_prints=True)
@@ -112,4 +116,4 @@ def segment_archive(
     check_segment(config)  # as the command line does; here with the credentials of a Secret block too
     summary = run_on_ray(config, on_progress, replicas)
     record = commit_run(config, summary)
-    return summarise(summary, record)
+    return summarise(summary, record, config.polygons)

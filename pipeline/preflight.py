@@ -27,6 +27,7 @@ import io
 import json
 import os
 import pickle
+import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -377,7 +378,8 @@ def _readable_folder(url: str, options: dict[str, Any], label: str, remote: bool
     if not (remote or location.is_local):
         return None
     if location.is_local and os.path.isfile(location.root):
-        raise PreflightError(f"{label} {location.url} is a file; give the folder that holds them")
+        raise PreflightError(f"{label} {os.path.normpath(location.root)} is a file; give the folder that holds it "
+                             f"({os.path.dirname(os.path.normpath(location.root))})")
     what = f"{label} {location.url}"
 
     def exists() -> bool:
@@ -445,6 +447,15 @@ def _writable(location: Location, label: str, shown: str | None = None) -> None:
             raise PreflightError(f"cannot write to {label} {shown}: {nearest} is a file, not a folder")
         if not os.access(nearest, os.W_OK | os.X_OK):
             raise PreflightError(f"cannot write to {label} {shown}: {nearest} is not writable")
+        # access() answers from permission bits, which root passes everywhere, even on /proc
+        # or a read-only mount: only making something there tells. An empty hidden folder,
+        # removed at once.
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".segpipe-write-check-", dir=nearest))
+        except OSError as err:
+            # a pseudo-filesystem answers "no such file" for what it cannot hold: no reason then
+            why = "" if isinstance(err, FileNotFoundError) else f" ({err.strerror or type(err).__name__})"
+            raise PreflightError(f"cannot write to {label} {shown}: {nearest} is not writable{why}") from err
         return
     bucket = location.root.split("/", 1)[0]
     if not _ask(f"{label} {shown}", lambda: retry_io(location.url, location.fs.exists, bucket)):

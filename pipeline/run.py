@@ -40,7 +40,7 @@ from .storage import (
     retry_io,
     write_atomic,
 )
-from .text import counted
+from .text import counted, per_second
 
 T = TypeVar("T")
 
@@ -385,14 +385,18 @@ class Progress:
     shards_skipped: int = 0
     finished: bool = False
     started: float = field(default_factory=time.monotonic)
+    # time.monotonic() when the replicas had loaded their model: the rate counts from there,
+    # as the run summary's does (`RunSummary.images_per_second`)
+    ready_at: float | None = None
 
     @property
     def images_per_second(self) -> float:
-        return self.images / max(time.monotonic() - self.started, 1e-9)
+        since = self.ready_at if self.ready_at is not None else self.started
+        return self.images / max(time.monotonic() - since, 1e-9)
 
     def describe(self) -> str:
         found = f"of {self.listed}" if self.listing_done else f"of {self.listed}+ found so far"
-        return (f"{counted(self.images, 'image')} {found}, {self.images_per_second:.1f} img/s, "
+        return (f"{counted(self.images, 'image')} {found}, {per_second(self.images_per_second)} img/s, "
                 f"{counted(self.errors, 'error')}, {counted(self.shards_committed, 'shard')} committed, "
                 f"{self.shards_skipped} up to date")
 

@@ -9,6 +9,12 @@ def counted(number: int, noun: str, plural: str | None = None) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {plural or noun + 's'}"
 
 
+def per_second(rate: float) -> str:
+    """A rate as people read it: one decimal from 1 up, two significant digits below, so
+    that a slow run (one large raster in half a minute) shows 0.029, not 0.0."""
+    return f"{rate:.1f}" if rate >= 1 or rate == 0 else f"{rate:.2g}"
+
+
 def verb_for(number: int, singular: str, plural: str) -> str:
     """The verb that agrees with a count: `verb_for(1, "is", "are")` is "is"."""
     return singular if number == 1 else plural

@@ -131,7 +131,8 @@ def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_end
     (["--model", "nope"], "unknown model 'nope'"),
     (["--storage-options", '{"secret": "hunter2'], "argument --storage-options: is not valid JSON"),
     (["--storage-options", "[1]"], "must be a JSON object"),
-    (["--batch-size", "0"], "batch-size: Input should be greater than or equal to 1"),
+    (["--batch-size", "0"], "segpipe: error: --batch-size: must be 1 or more"),
+    (["--device", "gpu"], "segpipe: error: argument --device: invalid choice: 'gpu'"),
 ])
 def test_segment_refuses_bad_settings_in_one_line(tmp_path, args, message) -> None:
     done = _segpipe("segment", str(tmp_path), str(tmp_path / "out"), *args)
@@ -143,10 +144,10 @@ def test_segment_refuses_bad_settings_in_one_line(tmp_path, args, message) -> No
 def test_settings_are_named_as_typed(capsys) -> None:
     assert main(["segment", "", "out", "--tile-stride", "8"]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "segpipe: error: SOURCE: String should have at least 1 character",
-        "segpipe: error: --tile-stride: Input should be greater than or equal to 16"]
+        "segpipe: error: SOURCE: must not be empty",
+        "segpipe: error: --tile-stride: must be 16 or more"]
     assert main(["serve", "--source", "", "--output", "o"]) == 2
-    assert capsys.readouterr().err == "segpipe: error: --source: String should have at least 1 character\n"
+    assert capsys.readouterr().err == "segpipe: error: --source: must not be empty\n"
 
 
 def test_published_weights_that_disagree_with_num_classes_are_one_line(tmp_path) -> None:
@@ -245,6 +246,7 @@ def test_the_summary_counts_in_english(n: int, capsys: pytest.CaptureFixture[str
         "ray_cluster": "a local Ray", "shards_committed": n, "shards_skipped": 0, "images": n, "errors": n,
         "seconds": 1.0, "setup_seconds": 0.5, "images_per_second": 1.0, "non_image_keys": n, "retried_batches": n,
         "errors_by_type": {"decode": n}, "replicas": [{"device": "cpu", "threads": n, "compile_seconds": 0.0}] * n,
+        "folders": ["images/", "masks/"],
     })
     printed = capsys.readouterr().out
     plural = "" if n == 1 else "s"

@@ -13,14 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 from PIL import Image
+from prefect import flow
 from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.evaluate import NothingToScoreError, evaluate_predictions
-from flows.segment import segment_archive
+from flows.segment import segment_archive, summarise
 from pipeline.config import EvaluateConfig, SegmentConfig
 from pipeline.masks import encode_mask
-from pipeline.run import NO_CLUSTER
+from pipeline.run import NO_CLUSTER, RunSummary
 from pipeline.samples import synthetic_scene
 
 
@@ -67,6 +68,24 @@ def test_segment_flow_nightly_partitions_on_s3(prefect_harness, ray_cpu, s3_buck
     assert table.type == "table" and "errors: not_an_image" in str(table.data)
     markdown = Artifact.get("segpipe-run-outputs")
     assert f"{bucket}/segpipe/date=2026-11-20/images/" in markdown.data
+    assert second["folders"] == ["images/", "class_stats/", "masks/"] and "polygons/" not in markdown.data
+
+
+def test_a_run_with_polygons_names_their_folder(prefect_harness):
+    """What the command line's `outputs:` line and the run's artifact list: polygons/ too."""
+    summary = RunSummary(run_id="r", source="s3://b/in", output="s3://b/out", model="m", weights="none", shards_committed=1,
+                         shards_skipped=0, images=1, errors=0, errors_by_type={}, non_image_keys=0,
+                         pixels_by_class={"class_0": 4}, retried_batches=0, setup_seconds=1.0, ray_cluster="a local Ray",
+                         replicas=[], seconds=31.0)
+
+    @flow
+    def summarised() -> dict:
+        return summarise(summary, "s3://b/out/_runs/r.json", polygons=True)
+
+    result = summarised()
+    assert result["folders"] == ["images/", "class_stats/", "masks/", "polygons/"]
+    assert "`s3://b/out/polygons/`" in Artifact.get("segpipe-run-outputs").data
+    assert "0.033 images/s" in Artifact.get("segpipe-run-outputs").data  # one image in 30 s, not "0.0"
 
 
 def test_a_night_with_nothing_new_is_recorded_without_ray(prefect_harness, ray_cpu, tmp_path):

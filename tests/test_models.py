@@ -128,7 +128,7 @@ def test_torchvision_enum_weights_load_with_their_metadata(tmp_path, monkeypatch
 
 def test_offline_download_failure_says_what_to_do(tmp_path, monkeypatch, no_downloads) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(WeightsUnavailableError, match=r"cannot download .*copy that file to .*weights=none"):
+    with pytest.raises(WeightsUnavailableError, match=r"cannot download .*copy that file to .*--weights none"):
         build_model("deeplabv3_resnet50", weights="DEFAULT")
 
 

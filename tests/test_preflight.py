@@ -150,6 +150,21 @@ def test_remote_urls_are_left_to_the_flow_when_credentials_are_in_a_secret_block
         check_segment(config.model_copy(update={"output": str(tmp_path / "a-file" / "out")}), remote=False)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_where_nothing_can_be_made_is_refused_even_for_root(source, tmp_path) -> None:
+    """/proc passes access() for root (as CI runs), but no folder can be made there: the check
+    tries, so the mistake is one line before anything starts, for root and others alike."""
+    _refused(["segment", str(source), "/proc/segpipe-out", "--weights", "none", "--num-classes", "2"],
+             "cannot write to OUTPUT /proc/segpipe-out: /proc is not writable")
+    _refused(["train", str(source), str(source), "/proc/segpipe-model.pt", "--model", "unet_resnet34", "--num-classes", "2"],
+             "cannot write to OUTPUT /proc/segpipe-model.pt: /proc is not writable")
+    # where it can write, the check leaves nothing behind
+    out = tmp_path / "out"
+    out.mkdir()
+    check_segment(SegmentConfig(source=str(source), output=str(out), weights="none", num_classes=2))
+    assert list(out.iterdir()) == []
+
+
 def test_a_misspelled_model_names_the_closest(source, tmp_path) -> None:
     _refused(["segment", str(source), str(tmp_path / "out"), "--model", "deeplabv3_resnet10"],
              "--model: unknown model 'deeplabv3_resnet10' (did you mean deeplabv3_resnet101?)")
@@ -161,6 +176,9 @@ def test_source_output_and_layout(source, tmp_path) -> None:
     _refused(["segment", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--weights", "none", "--num-classes", "2"],
              f"SOURCE {tmp_path / 'nowhere'} is not a folder or prefix that exists")
     (tmp_path / "a-file").write_text("not a folder")
+    # a file given as SOURCE: its folder named, the path tidied
+    _refused(["segment", f"{source}/../a-file", str(tmp_path / "out"), "--weights", "none", "--num-classes", "2"],
+             f"SOURCE {tmp_path / 'a-file'} is a file; give the folder that holds it ({tmp_path})")
     _refused(["segment", str(source), str(tmp_path / "a-file" / "out"), "--weights", "none", "--num-classes", "2"],
              f"cannot write to OUTPUT {tmp_path / 'a-file' / 'out'}: {tmp_path / 'a-file'} is a file, not a folder")
     # an OUTPUT written from this SOURCE with other shards: refused, and its record left as it was

@@ -4,6 +4,7 @@ progress. No Ray here: these rules are plain functions, tested as such."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import pytest
 
@@ -111,6 +112,17 @@ def test_progress_says_found_so_far_until_the_listing_ends() -> None:
     assert "4 images of 10," in progress.describe()
     one = Progress(listed=1, images=1, errors=1, shards_committed=1, listing_done=True)
     assert "1 image of 1," in one.describe() and "1 error, 1 shard committed" in one.describe()
+
+
+def test_progress_rate_counts_from_the_replicas_being_ready() -> None:
+    """As the run summary's does: the seconds Ray and the model took to start are not the
+    rate's, or the bar and the summary would disagree."""
+    now = time.monotonic()
+    progress = Progress(images=10, started=now - 100.0)
+    assert progress.images_per_second == pytest.approx(0.1, rel=0.05)
+    progress.ready_at = now - 5.0
+    assert progress.images_per_second == pytest.approx(2.0, rel=0.05)
+    assert "2.0 img/s" in progress.describe()
 
 
 def test_model_meta_is_what_the_loaded_model_carries(tmp_path) -> None:

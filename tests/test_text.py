@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.text import counted, verb_for
+from pipeline.text import counted, per_second, verb_for
 
 
 def test_counts_take_the_plural_except_for_one():
@@ -13,3 +13,8 @@ def test_counts_take_the_plural_except_for_one():
 def test_verbs_agree_with_the_count():
     assert [f"{counted(n, 'shard')} {verb_for(n, 'was', 'were')}" for n in (0, 1, 3)] == [
         "0 shards were", "1 shard was", "3 shards were"]
+
+
+def test_slow_rates_keep_two_significant_digits():
+    """One large raster in half a minute is 0.033 images/s, not 0.0."""
+    assert [per_second(r) for r in (0.0, 1 / 30, 0.5, 1.0, 12.345, 250.0)] == ["0.0", "0.033", "0.5", "1.0", "12.3", "250.0"]

@@ -62,11 +62,11 @@ def _read_payload(url: str, storage_options: dict[str, Any] | None) -> dict[str,
     except Exception as err:  # fsspec surfaces each backend's own error types
         raise WeightsUnavailableError(
             f"cannot read checkpoint {url}: {type(err).__name__}: {err}. Check the URL and its "
-            "credentials (--storage-options or AWS_* variables), or pass weights=none for an untrained model"
+            "credentials (--storage-options or AWS_* variables), or pass --weights none for an untrained model"
         ) from err
     if data is None:
         raise WeightsUnavailableError(
-            f"cannot read checkpoint {url}: no such file. Check the URL, or pass weights=none for an untrained model"
+            f"cannot read checkpoint {url}: no such file. Check the URL, or pass --weights none for an untrained model"
         )
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -180,7 +180,7 @@ def build_model(
             cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(enum.url))
             raise WeightsUnavailableError(
                 f"cannot download {enum} from {enum.url} ({type(err).__name__}: {err}). Offline, either "
-                f"copy that file to {cache}, pass a checkpoint path or URL as weights, or use weights=none "
+                f"copy that file to {cache}, pass a checkpoint path or URL as --weights, or use --weights none "
                 "for an untrained model"
             ) from err
         has_aux = any(k.startswith("aux_classifier.") for k in state)

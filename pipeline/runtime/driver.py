@@ -238,6 +238,7 @@ class _Run:
                     self.pixels_by_class[self.run.class_names[class_id]] += int(count)
         self.progress.images += len(records)
         self.progress.errors += len(failed)
+        self.progress.ready_at = self.replicas.ready_at
         self.on_progress(self.progress)
 
     def _commit(self, open_shard: OpenShard) -> None:
