@@ -447,9 +447,8 @@ def _writable(location: Location, label: str, shown: str | None = None) -> None:
             raise PreflightError(f"cannot write to {label} {shown}: {nearest} is a file, not a folder")
         if not os.access(nearest, os.W_OK | os.X_OK):
             raise PreflightError(f"cannot write to {label} {shown}: {nearest} is not writable")
-        # access() answers from permission bits, which root passes everywhere, even on /proc
-        # or a read-only mount: only making something there tells. An empty hidden folder,
-        # removed at once.
+        # access() answers from permission bits, which root passes everywhere, /proc and /sys
+        # included: only making something there tells. An empty hidden folder, removed at once.
         try:
             os.rmdir(tempfile.mkdtemp(prefix=".segpipe-write-check-", dir=nearest))
         except OSError as err:
