@@ -23,6 +23,7 @@ error record that names the stage's reason; the other images of the batch go on.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 import time
@@ -60,6 +61,12 @@ from .storage import (
     StorageUnavailableError,
     put_file_atomic,
 )
+
+# pixels refined in one CRF call on a CPU: a frame's CRF on the model's grid is thousands of
+# small operations, bound by dispatching them, which images of one size refined together
+# share (CamVid frames in fours: 4.9 against 4.3 ms a frame at one thread, 3.5 against 2.5 at
+# two); a large image gains nothing from company, and would hold its neighbours' buffers too
+CPU_REFINE_PIXELS = 1 << 21
 
 
 def decode_on_device(jpegs: Sequence[DeviceJpeg], device: torch.device) -> list[torch.Tensor | ImageDecodeError]:
@@ -103,12 +110,15 @@ class SegmentStage:
     """Segmenter + optional dense CRF + statistics, for one batch of decoded records."""
 
     def __init__(self, segmenter: Segmenter, *, crf: bool = True, confidence: bool = False,
-                 refine_together: bool | None = None) -> None:
+                 refine_pixels: float | None = None) -> None:
         self.segmenter = segmenter
         self.crf = crf
         self.confidence = confidence  # also keep each label's probability, for a confidence mask
         # whether images of one size go through the CRF together (None: on CUDA only; see _chunks)
-        self.refine_together = segmenter.device.type == "cuda" if refine_together is None else refine_together
+        # pixels refined in one CRF call at most (see _chunks; 0: one image at a time); by
+        # default every image of one size on a GPU, CPU_REFINE_PIXELS on a CPU
+        default = math.inf if segmenter.device.type == "cuda" else CPU_REFINE_PIXELS
+        self.refine_pixels = default if refine_pixels is None else refine_pixels
         self.num_classes = segmenter.num_classes
         # the per-pixel labels' own compiled kernels where the model is compiled for a CPU
         self.labeler = PixelLabeler(compiled=segmenter.compiled and segmenter.device.type == "cpu")
@@ -149,15 +159,18 @@ class SegmentStage:
                 self._refine([pair])
 
     def _chunks(self, ready: list[tuple[ImageRecord, GridLogits]]) -> list[list[tuple[ImageRecord, GridLogits]]]:
-        """Images refined together. On a GPU, all those of one size: a small image's CRF is
-        bound by kernel launches, not arithmetic. On a CPU, one at a time: a batch's buffers
-        outgrow the caches (about 30% slower per image in batches of 4, measured)."""
-        if not self.refine_together:
-            return [[pair] for pair in ready]
+        """Images refined together: those of one size, up to `refine_pixels` pixels in all
+        (always at least one image). A small image's CRF is bound by kernel launches on a GPU,
+        and by dispatching its small operations on a CPU, which one call shares."""
         groups: dict[tuple, list[tuple[ImageRecord, GridLogits]]] = {}
         for record, grid in ready:
             groups.setdefault((grid.size, grid.cell, tuple(grid.values.shape)), []).append((record, grid))
-        return list(groups.values())
+        chunks = []
+        for group in groups.values():
+            height, width = group[0][1].size
+            per_chunk = len(group) if math.isinf(self.refine_pixels) else max(1, int(self.refine_pixels // (height * width)))
+            chunks += [group[i : i + per_chunk] for i in range(0, len(group), per_chunk)]
+        return chunks
 
     def _decode_jpegs(self, records: list[ImageRecord]) -> None:
         """Decode the JPEGs `read_and_decode` left for the model's device, all in one call (see

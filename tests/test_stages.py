@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import math
 import os
 
 import duckdb
@@ -176,15 +177,16 @@ def _records(sizes):
 
 
 def test_images_refined_together_end_as_when_refined_alone(stage, monkeypatch):
-    """On CUDA the CRF runs once per image size (`refine_together`); forced on here, it must
-    give each image what one-by-one refinement gives, and an image whose refinement fails
-    (stood for by a CRF that refuses one image's pixels, as an out-of-memory error would) must
-    fail alone."""
+    """The CRF runs once for the images of one size (up to `refine_pixels`): it must give each
+    image what one-by-one refinement gives, and an image whose refinement fails (stood for by
+    a CRF that refuses one image's pixels, as an out-of-memory error would) must fail alone."""
     import pipeline.stages as stages
 
     sizes = [(40, 56), (33, 47), (40, 56), (40, 56)]
-    together = SegmentStage(stage.segmenter, crf=True, refine_together=True)
-    alone, grouped = stage(_records(sizes)), together(_records(sizes))
+    together = SegmentStage(stage.segmenter, crf=True)  # on a CPU, up to CPU_REFINE_PIXELS
+    assert together.refine_pixels == stages.CPU_REFINE_PIXELS
+    one_by_one = SegmentStage(stage.segmenter, crf=True, refine_pixels=0)
+    alone, grouped = one_by_one(_records(sizes)), together(_records(sizes))
     for one, other in zip(alone, grouped, strict=True):
         assert one.ok and other.ok
         assert np.array_equal(one.labels, other.labels) and one.labels.dtype == np.uint8
@@ -205,6 +207,28 @@ def test_images_refined_together_end_as_when_refined_alone(stage, monkeypatch):
     assert [r.ok for r in records] == [True, True, False, True]
     assert records[2].error_type == "inference" and "out of memory" in records[2].error
     assert np.array_equal(records[0].labels, alone[0].labels)
+
+
+def test_a_crf_call_takes_images_of_one_size_up_to_its_pixels(stage, monkeypatch):
+    """How many images each CRF call gets: one size per call, never more pixels than
+    `refine_pixels` but at least one image, and every image of a size on a GPU (unbounded)."""
+    import pipeline.stages as stages
+
+    calls = []
+    real_crf = stages.crf_logits
+
+    def counting(logits, images, **kw):
+        calls.append((len(images), tuple(images.shape[-2:])))
+        return real_crf(logits, images, **kw)
+
+    monkeypatch.setattr(stages, "crf_logits", counting)
+    sizes = [(40, 56), (33, 47), (40, 56), (40, 56)]
+    for pixels, expected in [(math.inf, [3, 1]), (2 * 40 * 56, [2, 1, 1]), (0, [1, 1, 1, 1]), (10, [1, 1, 1, 1])]:
+        calls.clear()
+        records = SegmentStage(stage.segmenter, crf=True, refine_pixels=pixels)(_records(sizes))
+        assert all(r.ok for r in records)
+        assert sorted((n for n, _ in calls), reverse=True) == expected, (pixels, calls)
+        assert sum(n for n, _ in calls) == len(sizes)
 
 
 def _run(run_id="r1", fingerprint="f1") -> RunInfo:
