@@ -114,7 +114,6 @@ class SegmentStage:
         self.segmenter = segmenter
         self.crf = crf
         self.confidence = confidence  # also keep each label's probability, for a confidence mask
-        # whether images of one size go through the CRF together (None: on CUDA only; see _chunks)
         # pixels refined in one CRF call at most (see _chunks; 0: one image at a time); by
         # default every image of one size on a GPU, CPU_REFINE_PIXELS on a CPU
         default = math.inf if segmenter.device.type == "cuda" else CPU_REFINE_PIXELS
@@ -168,7 +167,8 @@ class SegmentStage:
         chunks = []
         for group in groups.values():
             height, width = group[0][1].size
-            per_chunk = len(group) if math.isinf(self.refine_pixels) else max(1, int(self.refine_pixels // (height * width)))
+            pixels = max(1, height * width)
+            per_chunk = len(group) if math.isinf(self.refine_pixels) else max(1, int(self.refine_pixels // pixels))
             chunks += [group[i : i + per_chunk] for i in range(0, len(group), per_chunk)]
         return chunks
 

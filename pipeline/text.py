@@ -11,7 +11,7 @@ def counted(number: int, noun: str, plural: str | None = None) -> str:
 
 def per_second(rate: float) -> str:
     """A rate as people read it: one decimal from 1 up, two significant digits below, so
-    that a slow run (one large raster in half a minute) shows 0.029, not 0.0."""
+    that a slow run (one large raster in half a minute) shows 0.033, not 0.0."""
     return f"{rate:.1f}" if rate >= 1 or rate == 0 else f"{rate:.2g}"
 
 
