@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.crf import crf_logits, dense_crf
+from pipeline.crf import _colour_means, crf_logits, dense_crf
 from pipeline.metrics import confusion_matrix, scores
 
 PARAMS = {"pos_w": 3.0, "pos_xy_std": 3.0, "bi_w": 4.0, "bi_xy_std": 67.0, "bi_rgb_std": 3.0}
@@ -71,6 +71,20 @@ def test_invariants() -> None:
     for i in range(3):  # a batch equals its images one by one
         torch.testing.assert_close(dense_crf(probs[i : i + 1], image[i : i + 1]), q[i : i + 1], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(q, probs, atol=1e-3)  # it did something
+
+
+@pytest.mark.parametrize("cell", [1, 4, 8, 129])
+def test_cell_colours_are_their_pixels_means_with_the_edges_repeated(cell) -> None:
+    """The CRF's colour per cell, summed in integers from uint8 pixels in either layout they
+    come in (decoded (H, W, 3) and permuted, or planes), is float pooling over the pixels
+    padded by repeating their edges; 129 x 255 overflows int16, so that cell sums in int32."""
+    g = torch.Generator().manual_seed(cell)
+    for h, w in [(40, 56), (37, 53), (5, 9)]:
+        decoded = torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8, generator=g)
+        planes = decoded.permute(0, 3, 1, 2)
+        expected = F.avg_pool2d(F.pad(planes.float(), (0, -w % cell, 0, -h % cell), mode="replicate"), cell)
+        for pixels in (planes, planes.contiguous()):
+            torch.testing.assert_close(_colour_means(pixels, cell), expected)
 
 
 def test_rejects_bad_inputs() -> None:
