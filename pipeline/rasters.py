@@ -327,19 +327,24 @@ def read_rgb(
     if limits.shape != (len(bands), 2):
         raise ValueError(f"limits have shape {limits.shape}; expected ({len(bands)}, 2), one (low, high) per band")
     unique = _unique(bands)
-    values = _read(dataset, f"window {window}", dataset.read, unique, window=window)
+    # read straight into the pixel-interleaved (h, w, band) layout the model takes: GDAL fills
+    # a buffer of any strides rasterio gives it, and transposing band planes afterwards took
+    # 12 of a 2176 x 2176 block's 15 ms (read from GDAL's cache)
+    pixels = np.empty((int(height), int(width), len(unique)),
+                      dtype=np.result_type(*(dataset.dtypes[band - 1] for band in unique)))
+    _read(dataset, f"window {window}", dataset.read, unique, window=window, out=pixels.transpose(2, 0, 1))
     masks = _read(dataset, f"mask of window {window}", dataset.read_masks, unique, window=window)
-    valid = _valid(values, masks)
-    planes = values[[unique.index(band) for band in bands]]
-    if values.dtype == np.uint8 and (limits == (0.0, 255.0)).all():
-        rgb = planes
-    else:
-        low = limits[:, :1, None].astype(np.float32)
-        scale = (255.0 / (limits[:, 1:, None] - limits[:, :1, None])).astype(np.float32)
-        scaled = (np.nan_to_num(planes.astype(np.float32)) - low) * scale + 0.5
+    valid = _valid(pixels.transpose(2, 0, 1), masks)
+    # the bands as read when they are in order, as a raster's RGB usually is: no copy of them
+    rgb = pixels if bands == unique else np.take(pixels, [unique.index(band) for band in bands], axis=-1)
+    if pixels.dtype != np.uint8 or (limits != (0.0, 255.0)).any():
+        low = limits[:, 0].astype(np.float32)
+        scale = (255.0 / (limits[:, 1] - limits[:, 0])).astype(np.float32)
+        scaled = (np.nan_to_num(rgb.astype(np.float32)) - low) * scale + 0.5
         rgb = np.clip(scaled, 0, 255).astype(np.uint8)
-    rgb = np.where(valid, rgb, np.uint8(0))
-    return np.ascontiguousarray(np.moveaxis(rgb, 0, -1)), valid
+    if not valid.all():  # in place: `rgb` is this call's own (read, reordered or scaled)
+        rgb[~valid] = 0
+    return rgb, valid
 
 
 @dataclass(frozen=True)

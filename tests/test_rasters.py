@@ -119,6 +119,13 @@ def test_mosaic_read_by_window_equals_the_whole_array(shared_data: Path, tmp_pat
                 rows, cols = window.toslices()
                 np.testing.assert_array_equal(rgb, np.moveaxis(whole[:, rows, cols], 0, -1))
                 np.testing.assert_array_equal(valid, expected_valid[rows, cols])
+        # bands in another order (read, then reordered), and in an order of their own
+        window = Window(37, 11, 300, 200)
+        rows, cols = window.toslices()
+        for order in ((3, 2, 1), (2, 2, 1)):
+            rgb, valid = read_rgb(ds, window, order, limits)
+            assert rgb.flags.c_contiguous and rgb.shape == (200, 300, 3)
+            np.testing.assert_array_equal(rgb, np.moveaxis(whole[[b - 1 for b in order]][:, rows, cols], 0, -1))
         rgb, valid = read_rgb(ds, Window(300, 40, 320, 130), bands, limits)
         assert not valid.any() and not rgb.any()
         assert read_rgb(ds, Window(600, 600, 10, 10), bands, limits)[1].all()
