@@ -256,45 +256,52 @@ class _SeparableGaussian:
 class _Bilateral:
     """D^-1/2 K D^-1/2 for the bilateral kernel, as a sum over the window's offsets.
 
-    The kernel weight of every (pixel, offset) pair is computed once per call of `dense_crf`
-    and reused by every iteration; it is zero where the offset leads off the grid, so each
-    offset's sum runs over the cells whose neighbour is on it, with nothing padded.
+    The kernel weight of every (cell, offset) pair is computed once per call of `dense_crf`
+    and reused by every iteration. The grid is walked flat, row after row: an offset is one
+    shift along it, and a neighbour that shift finds past a row's end (or off the grid) has
+    weight zero, so nothing is padded, unfolded or cut out in two dimensions.
     """
 
     def __init__(self, image: torch.Tensor, xy_std: float, rgb_std: float, radius_y: int, radius_x: int) -> None:
         b, _, h, w = image.shape
-        self.offsets = [(dy, dx) for dy in range(-radius_y, radius_y + 1) for dx in range(-radius_x, radius_x + 1)]
-        # one offset at a time, each on the cells whose neighbour exists: unfolding every
-        # neighbour at once took 20 of the 44 ms these weights took on a raster block's grid
-        # (288 x 288 cells: the copies of 49 neighbours), and this loop 4 ms
-        weights = torch.zeros(b, len(self.offsets), h, w, device=image.device)
-        for k, (dy, dx) in enumerate(self.offsets):
-            cells, neighbours = _overlap(dy, h), _overlap(dx, w)
-            here = image[:, :, cells[0], neighbours[0]]
-            there = image[:, :, cells[1], neighbours[1]]
-            colour = torch.sub(there, here).square_().sum(dim=1)
-            spatial = (dy * dy + dx * dx) / (2 * xy_std**2)
-            weights[:, k, cells[0], neighbours[0]] = floored_exp_(colour.div_(-2 * rgb_std**2).sub_(spatial))
-        self.weights = weights
+        device = image.device
+        offsets = [(dy, dx) for dy in range(-radius_y, radius_y + 1) for dx in range(-radius_x, radius_x + 1)]
+        cells = h * w
+        pixels = image.reshape(b, image.shape[1], cells)
+        # one shift at a time: unfolding every neighbour at once took 20 of the 44 ms these
+        # weights took on a raster block's grid (288 x 288 cells: 49 copies of its colours)
+        colour = torch.zeros(b, len(offsets), cells, device=device)
+        spans = [_span(dy * w + dx, cells) for dy, dx in offsets]
+        for k, (start, end, shift) in enumerate(spans):
+            colour[:, k, start:end] = torch.sub(pixels[:, :, start + shift : end + shift], pixels[:, :, start:end]).square_().sum(dim=1)
+        dy = torch.tensor([o[0] for o in offsets], device=device)
+        dx = torch.tensor([o[1] for o in offsets], device=device)
+        rows = torch.arange(h, device=device)[None] + dy[:, None]
+        cols = torch.arange(w, device=device)[None] + dx[:, None]
+        on_grid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+        spatial = (dy * dy + dx * dx).float().div_(2 * xy_std**2).view(1, -1, 1)
+        weights = floored_exp_(colour.div_(-2 * rgb_std**2).sub_(spatial)).mul_(on_grid.view(1, -1, cells))
+        self.shape = (h, w)
         self.norm = weights.sum(dim=1, keepdim=True).rsqrt()
+        centre = offsets.index((0, 0))
+        self.centre = weights[:, centre : centre + 1]
+        # each shift's weights cut to its span once, here, not at every iteration
+        self.shifts = [(start, end, shift, weights[:, k : k + 1, start:end])
+                       for k, (start, end, shift) in enumerate(spans) if k != centre]
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
-        _, _, h, w = q.shape
-        q = self.norm * q
-        centre = self.offsets.index((0, 0))
-        total = self.weights[:, centre : centre + 1] * q
-        for k, (dy, dx) in enumerate(self.offsets):
-            if k == centre:
-                continue
-            rows, cols = _overlap(dy, h), _overlap(dx, w)
-            total[:, :, rows[0], cols[0]].addcmul_(self.weights[:, k : k + 1, rows[0], cols[0]], q[:, :, rows[1], cols[1]])
-        return self.norm * total
+        b, c, h, w = q.shape
+        q = (self.norm * q.reshape(b, c, h * w))
+        total = self.centre * q
+        for start, end, shift, weights in self.shifts:
+            total[:, :, start:end].addcmul_(weights, q[:, :, start + shift : end + shift])
+        return (self.norm * total).view(b, c, h, w)
 
 
-def _overlap(offset: int, length: int) -> tuple[slice, slice]:
-    """Along one axis of `length` cells: the cells whose neighbour at `offset` exists, and
-    those neighbours."""
-    return slice(max(0, -offset), length - max(0, offset)), slice(max(0, offset), length + min(0, offset))
+def _span(shift: int, length: int) -> tuple[int, int, int]:
+    """[start, end) of the positions along a flat grid of `length` cells whose position plus
+    `shift` is on it, and the shift."""
+    return max(0, -shift), length - max(0, shift), shift
 
 
 def _shifted_sum(x: torch.Tensor, taps: list[float], radius: int, *, dim: int) -> torch.Tensor:
