@@ -87,7 +87,8 @@ def dense_crf(
     # scale of the kernels) are upsampled. Full-resolution passes over C classes dominated the
     # cost when every iteration made them (about 80% of the time on CPU).
     q = _cell_means(probs, downsample)
-    message = _last_message(q, q.clamp_min(eps).log(), _colour_means(images, downsample), iterations=iterations,
+    colours = _colour_means(images, downsample, tuple(q.shape[-2:]))
+    message = _last_message(q, q.clamp_min(eps).log(), colours, iterations=iterations,
                             downsample=downsample, window=window, pos_w=pos_w, pos_xy_std=pos_xy_std, bi_w=bi_w,
                             bi_xy_std=bi_xy_std, bi_rgb_std=bi_rgb_std)
     # softmax(log P + m) = P * exp(m) / sum: no full-resolution log, and exp on the coarse grid
@@ -150,7 +151,7 @@ def crf_logits(
         return logits.clone()
     unary = torch.log_softmax(logits, dim=1)
     # a cell beyond the image's last (the model's grid padded further) takes the edge's colours
-    colours = _colour_means(_replicate_edges(images, h * downsample, w * downsample), downsample)
+    colours = _colour_means(images, downsample, (h, w))
     message = _last_message(floored_exp_(unary.clone()), unary, colours, iterations=iterations,
                             downsample=downsample, window=window, pos_w=pos_w, pos_xy_std=pos_xy_std, bi_w=bi_w,
                             bi_xy_std=bi_xy_std, bi_rgb_std=bi_rgb_std)
@@ -169,42 +170,35 @@ def _cell_means(x: torch.Tensor, cell: int) -> torch.Tensor:
     return F.avg_pool2d(F.pad(x, pad, mode="replicate") if any(pad) else x, cell)
 
 
-def _replicate_edges(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """uint8 images (B, 3, H, W) extended to `height` x `width` by repeating their last row
-    and column (PyTorch's replicate padding takes no uint8); the images themselves when they
-    are that size already, as a raster block's CRF span always is."""
-    rows, cols = images.shape[-2:]
-    if (rows, cols) == (height, width):
-        return images
-    rows_at = torch.arange(height, device=images.device).clamp_max_(rows - 1)
-    cols_at = torch.arange(width, device=images.device).clamp_max_(cols - 1)
-    return images.index_select(-2, rows_at).index_select(-1, cols_at)
-
-
-def _colour_means(images: torch.Tensor, cell: int) -> torch.Tensor:
-    """`_cell_means` of uint8 images (B, 3, H, W), as float32, from integer sums: first each
-    cell's rows, whole image rows at a time (contiguous, so vectorised), in int16 while
-    `cell` x 255 fits, then its columns. Converting the full-resolution pixels to float,
-    padding and pooling them took 43 ms for a 2304 x 2304 CRF span (a raster block and its
-    margin: a third of its CRF); this takes 2.3 ms, with the same means. Images laid out as
-    decoded, (H, W, 3) permuted to (3, H, W), are summed in that layout, without a copy."""
-    if cell == 1:
-        return images.float()
-    height, width = images.shape[-2:]
-    images = _replicate_edges(images, height + -height % cell, width + -width % cell)
+def _colour_means(images: torch.Tensor, cell: int, cells: tuple[int, int]) -> torch.Tensor:
+    """`_cell_means` of uint8 images (B, 3, H, W) as float32 (B, 3, *cells): each cell's mean
+    colour, the image's last row and column repeated for the cells, or parts of them, past
+    its end. Summed in integers, without a full-resolution copy: the cells' first rows, then
+    their second ones, and so on, each a strided view of whole image rows (int16 while `cell`
+    x 255 fits), then the columns of those row sums. Converting the pixels to float,
+    padding and pooling them took 43 to 46 ms for a 2304 x 2304 CRF span (a raster block
+    and its margin: a third of its CRF); this takes 3 to 4. Images laid out as decoded, (H, W, 3)
+    permuted to (3, H, W), are summed in that layout."""
     b, c, height, width = images.shape
     decoded = images.permute(0, 2, 3, 1)
-    # (N, H, W, K) contiguous: the decoded layout as it is, or each channel a plane of its own
+    # (N, H, W, K): the decoded layout as it is, or each channel a plane of its own
     pixels = decoded if decoded.is_contiguous() else images.contiguous().view(b * c, height, width, 1)
-    rows = pixels.view(pixels.shape[0], height // cell, cell, width, pixels.shape[-1])
-    sums = rows[:, :, 0].to(torch.int16 if cell * 255 <= torch.iinfo(torch.int16).max else torch.int32)
-    for row in range(1, cell):
-        sums += rows[:, :, row]
-    means = sums.view(*sums.shape[:2], width // cell, cell, sums.shape[-1]).sum(dim=-2, dtype=torch.float32)
+    rows, cols = cells
+    dtype = torch.int16 if cell * 255 <= torch.iinfo(torch.int16).max else torch.int32
+    row_sums = torch.zeros(pixels.shape[0], rows, width, pixels.shape[-1], dtype=dtype, device=images.device)
+    for row in range(cell):
+        inside = min(rows, max(0, -(-(height - row) // cell)))  # the cells whose row `row` is the image's
+        row_sums[:, :inside] += pixels[:, row::cell][:, :inside]
+        if inside < rows:
+            row_sums[:, inside:] += pixels[:, height - 1 : height]
+    if cols * cell != width:  # the row sums (a cell-th of the pixels) cut or extended to whole cells
+        at = torch.arange(cols * cell, device=images.device).clamp_max_(width - 1)
+        row_sums = row_sums.index_select(2, at)
+    means = row_sums.view(*row_sums.shape[:2], cols, cell, row_sums.shape[-1]).sum(dim=3, dtype=torch.float32)
     means = means.div_(cell * cell)
     if pixels is decoded:
         return means.permute(0, 3, 1, 2).contiguous()
-    return means.view(b, c, height // cell, width // cell)
+    return means.view(b, c, rows, cols)
 
 
 def _last_message(q: torch.Tensor, unary: torch.Tensor, image: torch.Tensor, *, iterations: int, downsample: int,

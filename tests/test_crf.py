@@ -77,14 +77,23 @@ def test_invariants() -> None:
 def test_cell_colours_are_their_pixels_means_with_the_edges_repeated(cell) -> None:
     """The CRF's colour per cell, summed in integers from uint8 pixels in either layout they
     come in (decoded (H, W, 3) and permuted, or planes), is float pooling over the pixels
-    padded by repeating their edges; 129 x 255 overflows int16, so that cell sums in int32."""
+    padded by repeating their edges, for the cells that cover them and for one more row and
+    column of cells (a model's grid may have it); 129 x 255 overflows int16, so that cell
+    sums in int32."""
     g = torch.Generator().manual_seed(cell)
     for h, w in [(40, 56), (37, 53), (5, 9)]:
         decoded = torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8, generator=g)
         planes = decoded.permute(0, 3, 1, 2)
-        expected = F.avg_pool2d(F.pad(planes.float(), (0, -w % cell, 0, -h % cell), mode="replicate"), cell)
-        for pixels in (planes, planes.contiguous()):
-            torch.testing.assert_close(_colour_means(pixels, cell), expected)
+        for extra in (0, 1):
+            cells = (-(-h // cell) + extra, -(-w // cell) + extra)
+            padded = F.pad(planes.float(), (0, cells[1] * cell - w, 0, cells[0] * cell - h), mode="replicate")
+            expected = F.avg_pool2d(padded, cell)
+            for pixels in (planes, planes.contiguous(), planes[:, :, 1:, 2:]):
+                if pixels.shape[-2:] != (h, w):  # a crop of a larger image, as a raster block's CRF span is
+                    crop = F.pad(pixels.float(), (0, cells[1] * cell - w + 2, 0, cells[0] * cell - h + 1), mode="replicate")
+                    torch.testing.assert_close(_colour_means(pixels, cell, cells), F.avg_pool2d(crop, cell), rtol=0, atol=0)
+                else:
+                    torch.testing.assert_close(_colour_means(pixels, cell, cells), expected, rtol=0, atol=0)
 
 
 def test_rejects_bad_inputs() -> None:
