@@ -275,7 +275,6 @@ class _Bilateral:
         on_grid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
         spatial = (dy * dy + dx * dx).float().div_(2 * xy_std**2).view(1, -1, 1)
         weights = floored_exp_(colour.div_(-2 * rgb_std**2).sub_(spatial)).mul_(on_grid.view(1, -1, cells))
-        self.shape = (h, w)
         self.norm = weights.sum(dim=1, keepdim=True).rsqrt()
         centre = offsets.index((0, 0))
         self.centre = weights[:, centre : centre + 1]
@@ -285,7 +284,7 @@ class _Bilateral:
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
         b, c, h, w = q.shape
-        q = (self.norm * q.reshape(b, c, h * w))
+        q = self.norm * q.reshape(b, c, h * w)
         total = self.centre * q
         for start, end, shift, weights in self.shifts:
             total[:, :, start:end].addcmul_(weights, q[:, :, start + shift : end + shift])
