@@ -20,6 +20,7 @@ import itertools
 import logging
 import math
 import os
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import rasterio
 from rasterio.enums import ColorInterp, Resampling
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import DatasetReader
 from rasterio.transform import Affine
 from rasterio.windows import Window
@@ -172,7 +173,11 @@ def open_raster(location: Location, key: str, *, threads: int = 1) -> Iterator[D
 def _open(location: Location, key: str) -> Iterator[DatasetReader]:
     opener = _Opener(location, key)
     try:
-        dataset = rasterio.open(opener.path, opener=opener)
+        # a plain TIFF or PNG (a frame, a ground-truth mask) is opened here too, to ask
+        # `is_georeferenced`: rasterio's warning about it would print from every worker
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            dataset = rasterio.open(opener.path, opener=opener)
     except RasterioError as err:
         opener.raise_failure(err)
         if "not recognized as being in a supported file format" in str(err):

@@ -6,6 +6,7 @@ those of the whole raster."""
 from __future__ import annotations
 
 import itertools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,16 @@ def test_limits_come_from_the_smallest_overview(shared_data: Path, tmp_path: Pat
         sampled = band_limits(ds_plain, (1, 1, 1))
     np.testing.assert_allclose(limits, np.tile(expected, (3, 1)))
     assert not np.allclose(limits, sampled)  # the overview was what was read, not windows
+
+
+def test_a_plain_tiff_opens_without_rasterio_s_warning(shared_data: Path) -> None:
+    """Plain TIFFs are opened to ask whether they are georeferenced: that is no news to
+    print from every worker."""
+    folder = shared_data / "aerial" / "geotiff"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with open_raster(open_location(str(folder)), "sample_fp_mask.tif") as ds:
+            assert not is_georeferenced(ds)
 
 
 def test_errors_are_named(tmp_path: Path, shared_data: Path) -> None:
