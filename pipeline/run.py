@@ -22,6 +22,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+import fsspec
+
 from .config import RunError, SegmentConfig, is_checkpoint_uri
 from .model_meta import ModelMeta, Preprocessing
 from .outputs import LAYOUT_FORMAT, OutputStore, RunInfo
@@ -369,6 +371,22 @@ def batches_in_flight(configured: int | None, spare_cpus: float, replicas: int) 
     if configured is not None:
         return configured
     return min(8, max(3, int(spare_cpus // max(replicas, 1))))
+
+
+def io_in_replica(policy: str, *, gpu: bool, source_url: str, output_url: str) -> bool:
+    """Whether a replica reads, decodes and writes its batches itself (`config.batch_io`).
+
+    Three Ray calls per batch (decode task, replica, write task) overlap a batch's I/O with
+    the model, which a GPU and a distant object store need: a GPU replica would otherwise
+    wait for its CPU's decoding, and any replica for every request's round trip. A CPU
+    replica's I/O is CPU work on the same cores either way, and with files on a filesystem
+    it waits for no round trip: there the chain only adds Ray's cost of two tasks, decoded
+    pixels through the object store and the records back, about a sixth of a light model's
+    frame (BENCHMARKS.md), so auto runs it all in the replica, as Ray Data fuses the
+    operators of a pipeline that can run in one process."""
+    if policy != "auto":
+        return policy == "replica"
+    return not gpu and all(fsspec.utils.get_protocol(url) in {"file", "local"} for url in (source_url, output_url))
 
 
 @dataclass

@@ -25,7 +25,7 @@ SAMPLES: dict[type, dict[str, Any]] = {
         "min_polygon_area": 200.0, "simplify": 0.5, "redo_errors": True, "batch_size": 4, "shard_by": "count", "shard_size": 50,
         "ray_address": "auto", "storage_options": {"endpoint_url": "http://127.0.0.1:9000"}, "device": "cpu",
         "actors": 2, "gpus_per_actor": 0.5, "cpus_per_actor": 2.0, "threads_per_actor": 3, "max_pixels": 1000, "max_raster_pixels": 10**9,
-        "jpeg_decode": "cpu", "image_timeout_s": 30.0, "startup_timeout_s": 60.0, "batch_attempts": 5,
+        "jpeg_decode": "cpu", "batch_io": "tasks", "image_timeout_s": 30.0, "startup_timeout_s": 60.0, "batch_attempts": 5,
         "max_restarts": 1, "no_replica_timeout_s": 120.0, "batches_in_flight_per_actor": 4, "date": "2026-11-20",
     },
     EvaluateConfig: {

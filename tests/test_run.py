@@ -16,6 +16,7 @@ from pipeline.run import (
     Progress,
     batches,
     batches_in_flight,
+    io_in_replica,
     fingerprint,
     model_meta,
     new_run_id,
@@ -33,6 +34,16 @@ def test_batches_in_flight_follow_the_spare_cpus() -> None:
     assert batches_in_flight(None, 15, 1) == 8  # a 16-CPU GPU node: more, but bounded
     assert batches_in_flight(None, 12, 2) == 6
     assert batches_in_flight(2, 15, 1) == 2  # as configured
+
+
+def test_cpu_replicas_beside_their_files_read_and_write_them_themselves() -> None:
+    local = {"source_url": "/data/frames", "output_url": "file:///data/out"}
+    assert io_in_replica("auto", gpu=False, **local)
+    assert not io_in_replica("auto", gpu=True, **local)  # the GPU would wait for its CPU's decoding
+    for remote in ({"source_url": "s3://b/frames", "output_url": "/out"}, {"source_url": "/in", "output_url": "gs://b/out"}):
+        assert not io_in_replica("auto", gpu=False, **remote)  # round trips overlap the model in tasks
+    assert io_in_replica("replica", gpu=True, source_url="s3://b/f", output_url="s3://b/o")  # as asked
+    assert not io_in_replica("tasks", gpu=False, **local)
 
 
 def test_replica_threads_share_the_node() -> None:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from pipeline.config import RunError, SegmentConfig
 from pipeline.masks import decode_mask
+from pipeline.models import build_model, save_checkpoint
 from pipeline.runtime.driver import run_segmentation
 from pipeline.runtime.replicas import SegmentWorker
 from pipeline.samples import synthetic_scene
@@ -76,6 +77,7 @@ def test_s3_to_s3_idempotent_and_incremental(ray_cpu, s3_bucket):
 
     first = run_segmentation(config)
     assert (first.images, first.errors, first.shards_committed, first.non_image_keys) == (6, 1, 2, 1)
+    assert {r["batch_io"] for r in first.replicas} == {"tasks"}  # an object store: its round trips overlap the model
     assert first.errors_by_type == {"corrupt": 1}
     expected = {k.split("/src/", 1)[1] for k in inputs if not k.endswith(".txt")}
     con = _duckdb(s3fs.S3FileSystem(**options))
@@ -379,9 +381,36 @@ def test_a_crashing_image_costs_only_itself(ray_cpu, tmp_path):
                             ("d0/002-poison.jpg", "error", "worker_failed"), ("d0/003.jpg", "ok", None)]
 
 
-def test_an_image_that_decodes_too_slowly_becomes_a_timeout_row(ray_cpu, tmp_path):
-    """The time limit holds inside Ray's decode tasks (they run on their worker's main thread,
-    where the alarm can interrupt them)."""
+def test_a_batch_read_and_written_in_the_replica_gives_what_the_tasks_give(ray_cpu, tmp_path):
+    """`batch_io`: the same files, model and settings through the three-call chain and through
+    the replica alone give the same rows and the same masks byte for byte; auto reads and
+    writes in a CPU replica beside a local folder."""
+    source, _ = _local_source(tmp_path, 6)
+    Path(source, "d0", "truncated.jpg").write_bytes(_jpeg(99)[:300])
+    weights = str(tmp_path / "lraspp.pt")
+    model = build_model("lraspp_mobilenet_v3_large", num_classes=4)  # one set of random weights for both runs
+    save_checkpoint(model, weights, model.meta)
+    outputs = {}
+    for batch_io in ("tasks", "replica", "auto"):
+        output = str(tmp_path / f"out-{batch_io}")
+        summary = run_segmentation(SegmentConfig(source=source, output=output, weights=weights, precision="fp32",
+                                                 batch_size=4, batch_io=batch_io, confidence=True))
+        assert {r["batch_io"] for r in summary.replicas} == {"replica" if batch_io == "auto" else batch_io}
+        assert (summary.images, summary.errors_by_type) == (7, {"corrupt": 1})
+        con = _duckdb()
+        rows = con.sql(f"select image_id, status, error_type, width, height from read_parquet('{output}/images/**/*.parquet') order by 1").fetchall()
+        stats = con.sql(f"select image_id, class_id, pixel_count, mean_confidence from read_parquet('{output}/class_stats/**/*.parquet') order by 1, 2").fetchall()
+        files = {p.relative_to(output).as_posix(): p.read_bytes() for p in Path(output).rglob("*.png")}
+        outputs[batch_io] = rows, stats, files
+    rows, stats, files = outputs["tasks"]
+    assert len(files) == 12 and sum(1 for r in rows if r[1] == "ok") == 6  # a mask and a confidence PNG each
+    assert outputs["replica"] == outputs["tasks"] == outputs["auto"]
+
+
+@pytest.mark.parametrize("batch_io", ["tasks", "replica"])
+def test_an_image_that_decodes_too_slowly_becomes_a_timeout_row(ray_cpu, tmp_path, batch_io):
+    """The time limit holds inside Ray's decode tasks and inside a replica that decodes its
+    own batches (both run on their process's main thread, where the alarm can interrupt them)."""
     source, output = _local_source(tmp_path, 3)
     buffer = io.BytesIO()
     # 140 KB that take about 1 s to decode here: ten times the limit, which the small JPEGs
@@ -389,7 +418,7 @@ def test_an_image_that_decodes_too_slowly_becomes_a_timeout_row(ray_cpu, tmp_pat
     Image.new("L", (12000, 12000)).save(buffer, format="PNG")
     Path(source, "d0", "slow.png").write_bytes(buffer.getvalue())
     config = SegmentConfig(source=source, output=output, batch_size=4, crf=False, max_pixels=10**9,
-                           image_timeout_s=0.1, **MODEL)
+                           image_timeout_s=0.1, batch_io=batch_io, **MODEL)
     summary = run_segmentation(config)
     assert (summary.images, summary.errors, summary.errors_by_type) == (4, 1, {"timeout": 1})
     rows = _duckdb().sql(f"select image_id, status, error from read_parquet('{output}/images/**/*.parquet')").fetchall()

@@ -12,7 +12,8 @@ of shards that must each be committed atomically once all its inputs are account
 skipped when already committed. Here the driver pulls shards from the streamed listing only
 as capacity frees up, so its memory holds the shards in flight and nothing more; each batch
 is a chain of three Ray calls (decode task -> model actor -> mask-writing task) that Ray
-pipelines, so decode and upload of neighbouring batches overlap the model; the number of
+pipelines, so decode and upload of neighbouring batches overlap the model (a CPU replica
+beside its files runs all three in one call instead: `run.io_in_replica`); the number of
 batches in flight is bounded (per replica), which keeps memory flat whatever the archive
 size; the model is built once per actor for the whole run, across shards; and a batch lost
 with its actor is sent again, so nothing is lost or written twice (outputs have fixed paths).
@@ -150,10 +151,13 @@ class _Run:
                 return
             batch = self.queue.popleft()
             batch.replica = replica
-            decoded = decode.remote(self.source, batch.files, self.config.max_pixels, self.config.max_raster_pixels,
-                                    self.config.image_timeout_s, self.pool.decodes_jpeg(replica, self.config.jpeg_decode))
-            segmented = self.pool.actors[replica].segment.remote(decoded)
-            written = write.remote(self.store.location, segmented, self.palette)
+            decoding = (self.source, batch.files, self.config.max_pixels, self.config.max_raster_pixels,
+                        self.config.image_timeout_s, self.pool.decodes_jpeg(replica, self.config.jpeg_decode))
+            actor = self.pool.actors[replica]
+            if self.pool.io_in_replica:
+                written = actor.read_segment_write.remote(*decoding, self.store.location, self.palette)
+            else:
+                written = write.remote(self.store.location, actor.segment.remote(decode.remote(*decoding)), self.palette)
             self.pool.load[replica] += 1
             self.pending[written] = batch
 
@@ -314,5 +318,6 @@ def _replica_entries(pool: _ReplicaPool | None) -> list[dict[str, Any]]:
         return []
     compiled = pool.compile_seconds()
     return [{"device": p["device"], "gpu_ids": p["gpu_ids"], "threads": p["threads"], "node_id": p["node_id"],
+             "batch_io": "replica" if pool.io_in_replica else "tasks",
              "compile_seconds": None if seconds is None else round(seconds, 2)}
             for p, seconds in zip(pool.placements, compiled, strict=True)]

@@ -2,8 +2,10 @@
 the pool that tracks which replicas are busy, restarting or gone; and `Replicas`, which starts
 Ray and the pool in the background, when a run first needs them.
 
-The decode and write stages run as Ray tasks beside them (`decode`, `write`), so the replica
-only ever runs the model.
+A batch's reading, decoding and mask writing run either as Ray tasks beside the replica
+(`decode`, `write`), so a GPU replica only ever runs the model and storage round trips overlap
+it, or in the replica itself (`SegmentWorker.read_segment_write`), which spares a CPU replica
+Ray's cost of moving each batch through three calls (`run.io_in_replica` decides).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ray.exceptions import ActorDiedError, RayActorError, RayError
 
 from ..config import RasterSettings, RunError, SegmentConfig
 from ..records import ImageRecord
-from ..run import batches_in_flight, new_run_id, place_cpu_replicas
+from ..run import batches_in_flight, io_in_replica, new_run_id, place_cpu_replicas
 from ..storage import Location, SourceFile
 from .cluster import connect_ray, cpu_nodes, nodes_with_cpus, short_error
 
@@ -116,6 +118,19 @@ class SegmentWorker:
             if record.ok and record.georeferenced:
                 self._rasters()(record)
         return records
+
+    def read_segment_write(self, source: Location, files: list[SourceFile], max_pixels: int, max_raster_pixels: int,
+                           time_limit_s: float, jpeg_on_device: bool, output: Location,
+                           palette: list[list[int]]) -> list[ImageRecord]:
+        """A whole batch in this process, as the `decode` task, `segment` and the `write` task
+        would run it. Decoding has the tasks' time limit (actor calls run on the process's
+        main thread, where its alarm works) and hard stop: a decoder stuck in C ends this
+        replica for Ray to restart, and the driver sends the batch's images again one by one."""
+        from ..io_stages import read_and_decode, write_masks
+
+        records = read_and_decode(source, files, max_pixels=max_pixels, max_raster_pixels=max_raster_pixels,
+                                  time_limit_s=time_limit_s, hard_stop=True, jpeg_on_device=jpeg_on_device)
+        return write_masks(output, self.segment(records), palette)
 
     def _rasters(self) -> RasterStage:
         """Built at the first georeferenced raster: most runs have none."""
@@ -219,13 +234,16 @@ class _ReplicaPool:
         self.recheck_at: dict[int, float] = {}
         self.alone: set[int] = set()  # replicas running a batch that must run by itself
         self.down_since: float | None = None  # when the last replica that could take work was set aside
-        # while the replicas load their model, the CPUs left over start the processes that
-        # will decode and write, so the first batches do not wait for them to start and import
-        # the decode and write stages (Pillow, rasterio, pyarrow; no torch)
+        self.io_in_replica = io_in_replica(config.batch_io, gpu=bool(num_gpus), source_url=config.source,
+                                           output_url=config.output)
         spare = cpus - count * config.cpus_per_actor
         self.in_flight = batches_in_flight(config.batches_in_flight_per_actor, spare, count)
-        for _ in range(min(max(int(spare), 1), 2 * self.in_flight * count)):
-            warm_up.remote()
+        if not self.io_in_replica:
+            # while the replicas load their model, the CPUs left over start the processes that
+            # will decode and write, so the first batches do not wait for them to start and
+            # import the decode and write stages (Pillow, rasterio, pyarrow; no torch)
+            for _ in range(min(max(int(spare), 1), 2 * self.in_flight * count)):
+                warm_up.remote()
         self.description = f"{count} model replicas ({num_gpus:g} GPU, {config.cpus_per_actor:g} CPU each)"
         self.resources = f"the cluster has {gpus:g} GPUs and {cpus:g} CPUs"
         self.placements: list[dict[str, Any]] = []
