@@ -3,12 +3,12 @@ the same frames, model and device as bench/run.py, and optionally torch's profil
 
     python bench/profile_replica.py [--device cpu|cuda] [--model M] [--batch-size 4] [--torch-profiler]
 
-Prints one JSON line: milliseconds per image for decode (Pillow, in the decode tasks), the
+Prints one JSON line: milliseconds per image for decode (Pillow, in the decode tasks or the replica), the
 forward with preprocessing (`Segmenter.predict_logits`: logits on the model's output grid),
 the dense CRF on that grid (`stages.crf_refine`), the labels and confidence of the image's
 pixels from the refined logits (`labels.PixelLabeler`, the replica's: one compiled kernel on
 CPU), class statistics (and those of the frames' ground-truth label maps, with a trained
-model's dozen classes), and mask encoding (in the write tasks); with --device cuda,
+model's dozen classes), and mask encoding (in the write tasks or the replica); with --device cuda,
 also the JPEG decode on the GPU. The device is synchronised between steps, so the figures
 add up to the replica's work per image, not to its throughput.
 """

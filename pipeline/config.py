@@ -273,7 +273,8 @@ class SegmentConfig(JobConfig):
         "refuse georeferenced rasters with more pixels than this (they are read block by block)"))
     jpeg_decode: Literal["auto", "device", "cpu"] = Field(default="auto", description=(
         "where plain JPEGs are decoded: auto = on the replica's GPU when it has one, device = always on the "
-        "replica's device, cpu = by Pillow on the CPU (in the decode tasks, or the replica with --batch-io replica)"))
+        "replica's device, cpu = by Pillow on the CPU (in the decode tasks, or in a replica that reads its own "
+        "batches: --batch-io)"))
     batch_io: Literal["auto", "replica", "tasks"] = Field(default="auto", description=(
         "where a batch's files are read and decoded and its masks written: replica = in the model replica's own "
         "process, tasks = in Ray tasks beside it, which hide storage latency and keep a GPU fed; auto = in the "
