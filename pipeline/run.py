@@ -381,9 +381,9 @@ def io_in_replica(policy: str, *, gpu: bool, source_url: str, output_url: str) -
     wait for its CPU's decoding, and any replica for every request's round trip. A CPU
     replica's I/O is CPU work on the same cores either way, and with files on a filesystem
     it waits for no round trip: there the chain only adds Ray's cost of two tasks, decoded
-    pixels through the object store and the records back, about a sixth of a light model's
-    frame (BENCHMARKS.md), so auto runs it all in the replica, as Ray Data fuses the
-    operators of a pipeline that can run in one process."""
+    pixels through the object store and the records back (a light model runs 11 to 18% more
+    frames a second without it: BENCHMARKS.md), so auto runs it all in the replica, as Ray
+    Data fuses the operators of a pipeline that can run in one process."""
     if policy != "auto":
         return policy == "replica"
     return not gpu and all(fsspec.utils.get_protocol(url) in {"file", "local"} for url in (source_url, output_url))

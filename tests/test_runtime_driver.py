@@ -370,15 +370,61 @@ class PoisonedWorker(SegmentWorker):
         return super().segment(records)
 
 
-def test_a_crashing_image_costs_only_itself(ray_cpu, tmp_path):
+class DecoderCrashWorker(SegmentWorker):
+    """A replica that reads its own batches and dies decoding one particular image, as on a
+    file that crashes a decoder."""
+
+    def read_segment_write(self, source, files, *args):
+        if any("poison" in f.key for f in files):
+            os._exit(1)
+        return super().read_segment_write(source, files, *args)
+
+
+def test_a_decoder_crash_in_a_replica_is_retried_through_the_tasks(ray_cpu, tmp_path):
+    """The replica dies once; the batch's images go again one by one through the decode task,
+    where the same crash would cost a task worker, not the replica: here the image decodes
+    (the crash is the test replica's), so every image ends ok after one retry."""
     source, output = _local_source(tmp_path, 4)
     os.rename(f"{source}/d0/002.jpg", f"{source}/d0/002-poison.jpg")
     config = SegmentConfig(source=source, output=output, batch_size=4, crf=False, max_restarts=10, **MODEL)
+    summary = run_segmentation(config, worker_class=DecoderCrashWorker)
+    assert {r["batch_io"] for r in summary.replicas} == {"replica"}
+    assert (summary.images, summary.errors, summary.retried_batches) == (4, 0, 1)
+
+
+@pytest.mark.parametrize("batch_io", ["tasks", "replica"])
+def test_a_crashing_image_costs_only_itself(ray_cpu, tmp_path, batch_io):
+    source, output = _local_source(tmp_path, 4)
+    os.rename(f"{source}/d0/002.jpg", f"{source}/d0/002-poison.jpg")
+    config = SegmentConfig(source=source, output=output, batch_size=4, crf=False, max_restarts=10, batch_io=batch_io,
+                           **MODEL)
     summary = run_segmentation(config, worker_class=PoisonedWorker)
     assert (summary.images, summary.errors) == (4, 1)
     rows = _duckdb().sql(f"select image_id, status, error_type from read_parquet('{output}/images/**/*.parquet')").fetchall()
     assert sorted(rows) == [("d0/000.jpg", "ok", None), ("d0/001.jpg", "ok", None),
                             ("d0/002-poison.jpg", "error", "worker_failed"), ("d0/003.jpg", "ok", None)]
+
+
+class CallsCountedWorker(SegmentWorker):
+    """A replica that leaves a file beside the run's output for each call of `segment` and of
+    `read_segment_write`, so a test sees which path its batches took."""
+
+    def _count(self, method: str) -> None:
+        folder = Path(f"{self.spec.output_url}-calls")
+        folder.mkdir(exist_ok=True)
+        (folder / f"{method}-{time.monotonic_ns()}").touch()
+
+    def segment(self, records):
+        self._count("segment")
+        return super().segment(records)
+
+    def read_segment_write(self, *args):
+        self._count("read_segment_write")
+        return super().read_segment_write(*args)
+
+
+def _calls(output: str) -> Counter:
+    return Counter(p.name.rsplit("-", 1)[0] for p in Path(f"{output}-calls").iterdir())
 
 
 def test_a_batch_read_and_written_in_the_replica_gives_what_the_tasks_give(ray_cpu, tmp_path):
@@ -394,8 +440,12 @@ def test_a_batch_read_and_written_in_the_replica_gives_what_the_tasks_give(ray_c
     for batch_io in ("tasks", "replica", "auto"):
         output = str(tmp_path / f"out-{batch_io}")
         summary = run_segmentation(SegmentConfig(source=source, output=output, weights=weights, precision="fp32",
-                                                 batch_size=4, batch_io=batch_io, confidence=True))
-        assert {r["batch_io"] for r in summary.replicas} == {"replica" if batch_io == "auto" else batch_io}
+                                                 batch_size=4, batch_io=batch_io, confidence=True),
+                                   worker_class=CallsCountedWorker)
+        in_replica = batch_io != "tasks"  # auto: a CPU replica beside its files
+        assert {r["batch_io"] for r in summary.replicas} == {"replica" if in_replica else "tasks"}
+        # 3 batches: d0 holds 5 files (4 + 1), d1 2
+        assert _calls(output) == ({"read_segment_write": 3, "segment": 3} if in_replica else {"segment": 3})
         assert (summary.images, summary.errors_by_type) == (7, {"corrupt": 1})
         con = _duckdb()
         rows = con.sql(f"select image_id, status, error_type, width, height from read_parquet('{output}/images/**/*.parquet') order by 1").fetchall()
@@ -426,14 +476,15 @@ def test_an_image_that_decodes_too_slowly_becomes_a_timeout_row(ray_cpu, tmp_pat
     assert "0.1 s limit" in next(r[2] for r in rows if r[1] == "error")
 
 
-def test_a_mask_that_cannot_be_written_stops_the_run(ray_cpu, tmp_path):
+@pytest.mark.parametrize("batch_io", ["tasks", "replica"])
+def test_a_mask_that_cannot_be_written_stops_the_run(ray_cpu, tmp_path, batch_io):
     """A write that fails for the output's sake (disk full, a file where a folder must go)
     stops the run with a clear error instead of turning good images into error rows; the
     shard is not committed, so the next run, once the output is fixed, does it."""
     source, output = _local_source(tmp_path, 2)
     Path(output, "masks").mkdir(parents=True)
     Path(output, "masks", "d0").write_text("a file where the masks' folder must go")
-    config = SegmentConfig(source=source, output=output, crf=False, **MODEL)
+    config = SegmentConfig(source=source, output=output, crf=False, batch_io=batch_io, **MODEL)
     with pytest.raises(RunError, match=r"storage unavailable: .*cannot write .*masks/d0/00\d\.png"):
         run_segmentation(config)
     assert not Path(output, "_commits").exists() or not list(Path(output, "_commits").iterdir())

@@ -154,9 +154,12 @@ class _Run:
             decoding = (self.source, batch.files, self.config.max_pixels, self.config.max_raster_pixels,
                         self.config.image_timeout_s, self.pool.decodes_jpeg(replica, self.config.jpeg_decode))
             actor = self.pool.actors[replica]
-            if self.pool.io_in_replica:
+            if self.pool.io_in_replica and not batch.attempts:
                 written = actor.read_segment_write.remote(*decoding, self.store.location, self.palette)
             else:
+                # a batch sent again takes the tasks even beside its files: if a decoder crash
+                # or a decode deaf to the time limit killed its replica, it now costs a task
+                # worker, not another restart and model load
                 written = write.remote(self.store.location, actor.segment.remote(decode.remote(*decoding)), self.palette)
             self.pool.load[replica] += 1
             self.pending[written] = batch

@@ -125,7 +125,8 @@ class SegmentWorker:
         """A whole batch in this process, as the `decode` task, `segment` and the `write` task
         would run it. Decoding has the tasks' time limit (actor calls run on the process's
         main thread, where its alarm works) and hard stop: a decoder stuck in C ends this
-        replica for Ray to restart, and the driver sends the batch's images again one by one."""
+        replica for Ray to restart, and the driver sends the batch's images again one by one,
+        through the tasks."""
         from ..io_stages import read_and_decode, write_masks
 
         records = read_and_decode(source, files, max_pixels=max_pixels, max_raster_pixels=max_raster_pixels,
