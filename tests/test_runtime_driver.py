@@ -199,6 +199,7 @@ def test_one_replica_per_declared_gpu(tmp_path, _ray_session):
         assert len(summary.replicas) == 2
         assert sorted(gpu for r in summary.replicas for gpu in r["gpu_ids"]) == ["0", "1"]
         assert {r["device"] for r in summary.replicas} == {"cuda:0"}  # each sees only its own GPU
+        assert {r["batch_io"] for r in summary.replicas} == {"tasks"}  # local files, but a GPU to keep fed
 
         actor = ray.remote(FakeCudaWorker).options(num_gpus=1, num_cpus=0.5).remote(_worker_spec(config))
         placement = ray.get(actor.ready.remote())
@@ -213,10 +214,12 @@ def test_one_replica_per_declared_gpu(tmp_path, _ray_session):
         on_cpu = run_segmentation(config.model_copy(update={"device": "cpu", "output": f"{output}-cpu"}))
         # one CPU replica on a 2-CPU node runs torch on both, though it reserves one
         node = ray.get_runtime_context().get_node_id()
-        assert on_cpu.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 2, "node_id": node, "compile_seconds": 0.0}]  # fp32: eager
+        assert on_cpu.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 2, "node_id": node, "batch_io": "replica",
+                                   "compile_seconds": 0.0}]  # fp32: eager
         pinned = run_segmentation(config.model_copy(update={"device": "cpu", "threads_per_actor": 1,
                                                             "output": f"{output}-pinned"}))
-        assert pinned.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 1, "node_id": node, "compile_seconds": 0.0}]
+        assert pinned.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 1, "node_id": node, "batch_io": "replica",
+                                    "compile_seconds": 0.0}]
     finally:
         ray.shutdown()
 
@@ -617,7 +620,8 @@ def test_replicas_started_ahead_are_taken_over_by_the_run(ray_cpu, tmp_path):
         replicas.close()
     assert (summary.run_id, summary.images, summary.errors) == (replicas.run_id, 2, 0)
     node = ray_cpu.get_runtime_context().get_node_id()
-    assert summary.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 2, "node_id": node, "compile_seconds": 0.0}]
+    assert summary.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 2, "node_id": node, "batch_io": "replica",
+                                 "compile_seconds": 0.0}]
     # closed: ray.kill returns at once and Ray's control store marks the actors dead a moment
     # later, while they still count as named actors (a CI run saw one listed)
     deadline = time.monotonic() + 30
