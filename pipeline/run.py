@@ -22,8 +22,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-import fsspec
-
 from .config import RunError, SegmentConfig, is_checkpoint_uri
 from .model_meta import ModelMeta, Preprocessing
 from .outputs import LAYOUT_FORMAT, OutputStore, RunInfo
@@ -35,6 +33,7 @@ from .storage import (
     ShardBy,
     SourceFile,
     StorageUnavailableError,
+    is_local_url,
     is_raster_key,
     iter_shards,
     open_location,
@@ -386,7 +385,7 @@ def io_in_replica(policy: str, *, gpu: bool, source_url: str, output_url: str) -
     Data fuses the operators of a pipeline that can run in one process."""
     if policy != "auto":
         return policy == "replica"
-    return not gpu and all(fsspec.utils.get_protocol(url) in {"file", "local"} for url in (source_url, output_url))
+    return not gpu and is_local_url(source_url) and is_local_url(output_url)
 
 
 @dataclass

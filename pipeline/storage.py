@@ -74,12 +74,16 @@ class Location:
         return f"{self.url}/{key}"
 
 
+def is_local_url(url: str) -> bool:
+    """Whether `url` names a folder on a filesystem (a path, or file:// or local://)."""
+    return fsspec.utils.get_protocol(url) in {"file", "local"}
+
+
 def open_location(url: str, storage_options: dict[str, Any] | None = None) -> Location:
     """The fsspec filesystem and root for `url`; `storage_options` go to remote filesystems
     only, so one set of options serves an S3 source and a local output alike."""
     url = url.rstrip("/") or url
-    protocol = fsspec.utils.get_protocol(url)
-    options = {} if protocol in {"file", "local"} else dict(storage_options or {})
+    options = {} if is_local_url(url) else dict(storage_options or {})
     try:
         fs, root = fsspec.core.url_to_fs(url, **options)
     except (ValueError, TypeError, ImportError) as err:
