@@ -68,6 +68,10 @@ from .storage import (
 # two); a large image gains nothing from company, and would hold its neighbours' buffers too
 CPU_REFINE_PIXELS = 1 << 21
 
+# an image whose logits hold a NaN or an infinity fails with this reason rather than giving a
+# mask: argmax over a NaN is arbitrary, and the CRF would carry it over the image's cells
+NON_FINITE_LOGITS = "the model's logits are not finite (NaN or infinity): a broken checkpoint, or an overflow"
+
 
 def decode_on_device(jpegs: Sequence[DeviceJpeg], device: torch.device) -> list[torch.Tensor | ImageDecodeError]:
     """(3, H, W) uint8 RGB tensors on `device`, or why each JPEG cannot be decoded.
@@ -137,7 +141,7 @@ class SegmentStage:
             # one bad image (or out of memory) must not cost its neighbours: retry one by one
             grids = [self._predict_one(r) for r in todo]
         share = (time.perf_counter() - start) / len(todo)
-        ready = [(record, grid) for record, grid in zip(todo, grids, strict=True) if grid is not None]
+        ready = _finite([(record, grid) for record, grid in zip(todo, grids, strict=True) if grid is not None])
         for chunk in self._chunks(ready):
             started = time.perf_counter()
             self._refine(chunk)
@@ -212,6 +216,18 @@ class SegmentStage:
             record.labels = host[index]
             if self.confidence:
                 record.confidence = confidence_levels(confidence[index]).cpu().numpy()
+
+
+def _finite(pairs: list[tuple[ImageRecord, GridLogits]]) -> list[tuple[ImageRecord, GridLogits]]:
+    """The pairs whose logits are all finite; the others' records fail (`NON_FINITE_LOGITS`).
+    One check on the model's grid for the whole batch: a single device sync."""
+    if not pairs:
+        return pairs
+    finite = torch.stack([torch.isfinite(grid.values).all() for _, grid in pairs]).tolist()
+    for (record, _), ok in zip(pairs, finite, strict=True):
+        if not ok:
+            record.fail("inference", NON_FINITE_LOGITS)
+    return [pair for pair, ok in zip(pairs, finite, strict=True) if ok]
 
 
 def crf_refine(grids: Sequence[GridLogits], pixels: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> list[GridLogits]:
@@ -351,6 +367,8 @@ class RasterStage:
             cols = _crf_span(core_cols, int(extent.col_off), int(extent.width), self.settings.crf_margin)
         grid = self.segmenter.region_logits(rgb, origin=(int(extent.row_off), int(extent.col_off)), cell=cell,
                                             windows=windows, part=(rows, cols))
+        if not bool(torch.isfinite(grid.values).all()):
+            raise ValueError(NON_FINITE_LOGITS)
         if self.crf:
             pixels = to_chw_uint8(rgb[rows[0]:rows[1], cols[0]:cols[1]]).to(grid.values.device)[None]
             grid = crf_refine([grid], pixels, rows, cols)[0]

@@ -299,3 +299,21 @@ def test_a_raster_whose_header_claims_too_many_pixels_is_an_error_row_before_any
     assert (record.ok, record.error_type) == (False, "too_large") and "--max-raster-pixels" in record.error
     [record] = read_and_decode(open_location(str(tmp_path / "src")), [SourceFile("huge.tif", 1, "v")])
     assert record.ok and record.georeferenced and (record.width, record.height) == (4000, 3000)
+
+
+def test_a_raster_whose_logits_are_not_finite_is_an_error_row_with_nothing_written(shared_data, tmp_path):
+    """A broken checkpoint (a NaN in the classifier's bias) gives NaN logits: the raster ends
+    as one `inference` row naming the reason, and no mask or polygons reach the output."""
+    from pipeline.stages import NON_FINITE_LOGITS
+
+    (tmp_path / "src").mkdir()
+    _mosaic(shared_data, tmp_path / "src" / "mosaic.tif", height=300, width=400)
+    stage = _raster_stage(tmp_path / "src", tmp_path / "out", tile=128, block=256, polygons=True)
+    with torch.no_grad():
+        for module in stage.segmenter.model.modules():
+            if isinstance(module, torch.nn.Conv2d) and module.out_channels == CLASSES and module.bias is not None:
+                module.bias[0] = float("nan")
+    record = stage(ImageRecord(key="mosaic.tif", georeferenced=True))
+    assert (record.ok, record.error_type) == (False, "inference") and NON_FINITE_LOGITS in record.error
+    assert record.mask_key is None and record.polygons_key is None
+    assert not (tmp_path / "out").exists() or not any(p.is_file() for p in (tmp_path / "out").rglob("*"))

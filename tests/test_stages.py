@@ -12,6 +12,7 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.decode import ImageDecodeError, decode_image
@@ -170,6 +171,35 @@ def test_one_failing_image_does_not_fail_its_batch(stage):
     records = stage([good, bad])
     assert good.ok and good.stats is not None
     assert not records[1].ok and records[1].error_type == "inference"
+
+
+def test_an_image_whose_logits_are_not_finite_fails_alone(stage):
+    """A model that overflows on some input gives NaN logits: that image must become an
+    `inference` row, not a mask of arbitrary labels, and its batch neighbours (refined by the
+    CRF together with it) must get what they get without it. The overflow is stood for by a
+    forward hook on the real model that turns the logits of an all-white image into NaN."""
+    import pipeline.stages as stages
+
+    def overflow_on_white(module, inputs, output):
+        white = inputs[0].flatten(1).amin(dim=1) > 2  # normalised white is about 2.2 in every channel
+        return torch.where(white[:, None, None, None], torch.full_like(output, float("nan")), output)
+
+    segmenter = Segmenter(build_model("lraspp_mobilenet_v3_large", num_classes=4, weights=None), device="cpu",
+                          batch_size=4, precision="fp32")
+    without = SegmentStage(segmenter, crf=True)([r for i, r in enumerate(_records([(40, 56)] * 4)) if i != 1])
+    handle = segmenter.model.register_forward_hook(overflow_on_white)
+    try:
+        records = _records([(40, 56)] * 4)
+        records[1].image = np.full((40, 56, 3), 255, np.uint8)
+        SegmentStage(segmenter, crf=True)(records)
+    finally:
+        handle.remove()
+    assert [r.ok for r in records] == [True, False, True, True]
+    assert records[1].error_type == "inference" and records[1].error == stages.NON_FINITE_LOGITS
+    assert records[1].labels is None and records[1].stats is None
+    for record, expected in zip([records[0], records[2], records[3]], without, strict=True):
+        assert record.key == expected.key and np.array_equal(record.labels, expected.labels)
+        np.testing.assert_allclose(record.stats.mean_confidence, expected.stats.mean_confidence, rtol=1e-5)
 
 
 def _records(sizes):
