@@ -141,7 +141,7 @@ class SegmentStage:
             # one bad image (or out of memory) must not cost its neighbours: retry one by one
             grids = [self._predict_one(r) for r in todo]
         share = (time.perf_counter() - start) / len(todo)
-        ready = _finite([(record, grid) for record, grid in zip(todo, grids, strict=True) if grid is not None])
+        ready = [(record, grid) for record, grid in zip(todo, grids, strict=True) if grid is not None]
         for chunk in self._chunks(ready):
             started = time.perf_counter()
             self._refine(chunk)
@@ -204,6 +204,10 @@ class SegmentStage:
         model's output grid, then its logits resized to the images' pixels once; only the
         label maps (a byte per pixel up to 256 classes) and the statistics reach the host."""
         grids = [grid for _, grid in chunk]
+        # checked on the device and read with the labels, so that no sync of its own stands
+        # between the forward and the CRF's kernels; each image's CRF is its own, so an image
+        # with a NaN leaves the others' untouched
+        finite = torch.stack([torch.isfinite(grid.values).all() for grid in grids])
         if self.crf:
             height, width = grids[0].size
             pixels = torch.stack([to_chw_uint8(r.image).to(grids[0].values.device, non_blocking=True) for r, _ in chunk])
@@ -211,23 +215,14 @@ class SegmentStage:
         each = [self.labeler(grid, (0, grid.size[0]), (0, grid.size[1])) for grid in grids]
         labels, confidence = map(torch.stack, zip(*each, strict=True))
         host = labels.to(self._label_device_dtype).cpu().numpy().astype(self._label_dtype, copy=False)
-        for index, (record, _) in enumerate(chunk):
+        for index, ((record, _), ok) in enumerate(zip(chunk, finite.tolist(), strict=True)):
+            if not ok:
+                record.fail("inference", NON_FINITE_LOGITS)
+                continue
             record.stats = class_statistics(labels[index], confidence[index], self.num_classes, host_labels=host[index])
             record.labels = host[index]
             if self.confidence:
                 record.confidence = confidence_levels(confidence[index]).cpu().numpy()
-
-
-def _finite(pairs: list[tuple[ImageRecord, GridLogits]]) -> list[tuple[ImageRecord, GridLogits]]:
-    """The pairs whose logits are all finite; the others' records fail (`NON_FINITE_LOGITS`).
-    One check on the model's grid for the whole batch: a single device sync."""
-    if not pairs:
-        return pairs
-    finite = torch.stack([torch.isfinite(grid.values).all() for _, grid in pairs]).tolist()
-    for (record, _), ok in zip(pairs, finite, strict=True):
-        if not ok:
-            record.fail("inference", NON_FINITE_LOGITS)
-    return [pair for pair, ok in zip(pairs, finite, strict=True) if ok]
 
 
 def crf_refine(grids: Sequence[GridLogits], pixels: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> list[GridLogits]:
