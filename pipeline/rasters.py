@@ -4,7 +4,9 @@ raster's size: 900 pixels a side or 50,000.
 `open_raster` opens an object through its location's fsspec filesystem (local disk and S3
 alike, with the same storage options): GDAL reads the header and then only the tiles or strips
 of the windows asked for, as ranged reads of fsspec's file object; the object is never
-downloaded whole. `read_rgb` reads one window as 8-bit RGB with its valid-pixel mask.
+downloaded whole. `read_rgb` reads one window as 8-bit RGB with its valid-pixel mask; a
+colour-mapped band is shown through its colour table (`band_colour_table`), as Pillow shows a
+palette PNG.
 
 Deep samples (uint16, float) are stretched between ONE set of per-band limits for the whole
 raster (`band_limits`: the 2nd and 98th percentiles, as `pipeline.decode` does for a whole
@@ -245,6 +247,25 @@ def choose_bands(dataset: DatasetReader, bands: Sequence[int] | None) -> tuple[i
     return (1, 1, 1)
 
 
+def band_colour_table(dataset: DatasetReader, bands: Sequence[int]) -> np.ndarray | None:
+    """The colour table that shows `bands` as RGB when they are one colour-mapped band (GDAL's
+    palette interpretation, an 8- or 16-bit band with a colour table) given three times, as
+    `choose_bands` gives a single band: (entries, 3) uint8, one row for every value the band's
+    type holds, those the table leaves out black. Else None: the bands are shown as they are."""
+    band = bands[0]
+    if (len(set(bands)) != 1 or dataset.colorinterp[band - 1] != ColorInterp.palette
+            or dataset.dtypes[band - 1] not in ("uint8", "uint16")):
+        return None
+    try:
+        colours = dataset.colormap(band)
+    except ValueError:  # palette interpretation without a table: rasterio's "NULL color table"
+        return None
+    table = np.zeros((np.iinfo(dataset.dtypes[band - 1]).max + 1, 3), dtype=np.uint8)
+    for value, rgba in colours.items():
+        table[value] = rgba[:3]
+    return table
+
+
 def _unique(bands: Sequence[int]) -> list[int]:
     return list(dict.fromkeys(bands))
 
@@ -313,13 +334,15 @@ def band_limits(dataset: DatasetReader, bands: Sequence[int]) -> np.ndarray:
 
 
 def read_rgb(
-    dataset: DatasetReader, window: Window, bands: Sequence[int], limits: np.ndarray
+    dataset: DatasetReader, window: Window, bands: Sequence[int], limits: np.ndarray | None, *,
+    colour_table: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The window as (h, w, 3) uint8 RGB and its (h, w) bool `valid` mask; only that window
     is read.
 
     `bands` (three, from `choose_bands`) are scaled linearly from their `limits` (from
-    `band_limits`) to 0..255 and clipped. `valid` is False where GDAL's masks (the nodata
+    `band_limits`) to 0..255 and clipped; or, with a `colour_table` (`band_colour_table`), the
+    one band's values are looked up in it and `limits` are not used. `valid` is False where GDAL's masks (the nodata
     value, an internal mask or an alpha band) say nodata in every band, and where a float
     value is not finite; those pixels are black.
     """
@@ -328,6 +351,8 @@ def read_rgb(
             or col + width > dataset.width or row + height > dataset.height):
         raise ValueError(f"{window} is not a whole-pixel window inside the {dataset.width}x{dataset.height} raster")
     bands = list(bands)
+    if colour_table is not None:
+        return _read_colour_mapped(dataset, window, bands[0], colour_table)
     limits = np.asarray(limits, dtype=np.float64)
     if limits.shape != (len(bands), 2):
         raise ValueError(f"limits have shape {limits.shape}; expected ({len(bands)}, 2), one (low, high) per band")
@@ -348,6 +373,17 @@ def read_rgb(
         scaled = (np.nan_to_num(rgb.astype(np.float32)) - low) * scale + 0.5
         rgb = np.clip(scaled, 0, 255).astype(np.uint8)
     if not valid.all():  # in place: `rgb` is this call's own (read, reordered or scaled)
+        rgb[~valid] = 0
+    return rgb, valid
+
+
+def _read_colour_mapped(dataset: DatasetReader, window: Window, band: int,
+                        colour_table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`read_rgb` of one colour-mapped band: its values looked up in `colour_table`."""
+    values = _read(dataset, f"window {window}", dataset.read, band, window=window)
+    valid = _valid(values[None], _read(dataset, f"mask of window {window}", dataset.read_masks, band, window=window)[None])
+    rgb = colour_table[values]
+    if not valid.all():
         rgb[~valid] = 0
     return rgb, valid
 

@@ -47,6 +47,7 @@ from .masks import confidence_levels
 from .preprocess import to_chw_uint8
 from .rasters import (
     Block,
+    band_colour_table,
     band_limits,
     block_windows,
     choose_bands,
@@ -302,7 +303,8 @@ class RasterStage:
         if self.num_classes > 255:
             raise ValueError(f"a raster mask is uint8 with a nodata value: at most 255 classes, not {self.num_classes}")
         bands = choose_bands(dataset, s.bands)
-        limits = band_limits(dataset, bands)
+        colour_table = band_colour_table(dataset, bands)  # a colour-mapped band is shown in its colours
+        limits = band_limits(dataset, bands) if colour_table is None else None
         mask_path, confidence_path = os.path.join(scratch, "mask.tif"), os.path.join(scratch, "confidence.tif")
         # the masks' geometry, and GDAL's threads to compress them
         profile = {"width": dataset.width, "height": dataset.height, "crs": dataset.crs, "transform": dataset.transform,
@@ -328,7 +330,7 @@ class RasterStage:
                                  margin=s.crf_margin if self.crf else 0, cell=cell)
             windows = WindowFiles(os.path.join(scratch, "windows"), blocks, crop=s.tile, stride=s.stride, cell=cell)
             for block in blocks:
-                labels, score, valid = self._block(dataset, block, bands, limits, windows, cell)
+                labels, score, valid = self._block(dataset, block, bands, limits, colour_table, windows, cell)
                 totals.add(labels, score, valid)
                 take(collector.add(block.core, labels, valid))
                 mask.write(block.core, np.where(valid, labels, RASTER_NODATA).astype(np.uint8))
@@ -347,10 +349,10 @@ class RasterStage:
             put_file_atomic(self.output, record.polygons_key, polygons_path)
         record.height, record.width = dataset.height, dataset.width
 
-    def _block(self, dataset: Any, block: Block, bands: tuple[int, ...], limits: np.ndarray, windows: WindowFiles,
-               cell: int):
+    def _block(self, dataset: Any, block: Block, bands: tuple[int, ...], limits: np.ndarray | None,
+               colour_table: np.ndarray | None, windows: WindowFiles, cell: int):
         """Labels, confidence and validity of the block's core."""
-        rgb, valid = read_rgb(dataset, block.extent, bands, limits)
+        rgb, valid = read_rgb(dataset, block.extent, bands, limits, colour_table=colour_table)
         extent = block.extent
         # the part that is refined (the core and the CRF's margin) or else just the core, in
         # the extent's pixels: only its logits are blended and its class softmax taken

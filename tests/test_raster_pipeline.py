@@ -317,3 +317,25 @@ def test_a_raster_whose_logits_are_not_finite_is_an_error_row_with_nothing_writt
     assert (record.ok, record.error_type) == (False, "inference") and NON_FINITE_LOGITS in record.error
     assert record.mask_key is None and record.polygons_key is None
     assert not (tmp_path / "out").exists() or not any(p.is_file() for p in (tmp_path / "out").rglob("*"))
+
+
+def test_a_colour_mapped_raster_is_segmented_as_the_rgb_its_colour_table_shows(shared_data, tmp_path):
+    """A paletted GeoTIFF and the RGB GeoTIFF of the colours its table gives are one picture:
+    their masks are equal, pixel for pixel."""
+    (tmp_path / "src").mkdir()
+    with rasterio.open(_mosaic(shared_data, tmp_path / "rgb.tif", height=300, width=400)) as src:
+        pixels, profile = np.moveaxis(src.read(), 0, -1), src.profile
+    quantised = Image.fromarray(pixels).quantize(colors=64)
+    colours = np.array(quantised.getpalette()[: 3 * 64], dtype=np.uint8).reshape(64, 3)
+    profile.update(nodata=None)
+    with rasterio.open(tmp_path / "src" / "rgb.tif", "w", **profile) as dst:
+        dst.write(np.moveaxis(np.asarray(quantised.convert("RGB")), -1, 0))
+    with rasterio.open(tmp_path / "src" / "paletted.tif", "w", **{**profile, "count": 1}, photometric="palette") as dst:
+        dst.write(np.asarray(quantised)[None])
+        dst.write_colormap(1, {i: (*map(int, colours[i]), 255) for i in range(64)})
+    stage = _raster_stage(tmp_path / "src", tmp_path / "out", tile=128, block=256)
+    for key in ("rgb.tif", "paletted.tif"):
+        assert stage(ImageRecord(key=key, georeferenced=True)).ok
+    mask = _mask(tmp_path / "out" / "masks" / "paletted.tif")
+    np.testing.assert_array_equal(mask, _mask(tmp_path / "out" / "masks" / "rgb.tif"))
+    assert len(np.unique(mask)) > 1

@@ -25,6 +25,7 @@ from pipeline.inference import Segmenter, SlidingWindow
 from pipeline.models import ModelMeta, Preprocessing
 from pipeline.rasters import (
     Block,
+    band_colour_table,
     band_limits,
     block_windows,
     choose_bands,
@@ -188,6 +189,32 @@ def test_float_nodata_and_nan_are_invalid(tmp_path: Path) -> None:
     assert [v.size for v in bands_valid] == [56 * 64, 56 * 64 - 1, 56 * 64]
     np.testing.assert_allclose(limits, [np.percentile(v.astype(np.float64), (2, 98)) for v in bands_valid])
     assert not rgb[~valid].any() and rgb[valid].any()
+
+
+def test_a_colour_mapped_band_is_read_in_its_colours_as_pillow_shows_a_palette_png(shared_data: Path,
+                                                                                   tmp_path: Path) -> None:
+    """A paletted GeoTIFF (one band of colour indexes and its colour table) is read as the RGB
+    its table gives, the pixels Pillow gives for the same image as a palette PNG, not as grey
+    indexes; nodata stays invalid; `--bands` of another layout keeps the plain reading."""
+    quantised = Image.fromarray(np.moveaxis(_mosaic(shared_data, 2, 96), 0, -1)).quantize(colors=200)
+    indexes = np.asarray(quantised).copy()
+    indexes[:5] = 250  # nodata: an index the table leaves out
+    quantised.putdata(indexes.ravel())
+    colours = np.array(quantised.getpalette()[: 3 * 200], dtype=np.uint8).reshape(200, 3)
+    path = _write(tmp_path / "paletted.tif", indexes[None], nodata=250, block=64, photometric="palette")
+    with rasterio.open(path, "r+") as dst:
+        dst.write_colormap(1, {i: (*map(int, colours[i]), 255) for i in range(200)})
+    with open_raster(open_location(str(tmp_path)), "paletted.tif") as ds:
+        bands = choose_bands(ds, None)
+        table = band_colour_table(ds, bands)
+        assert bands == (1, 1, 1) and table is not None and table.shape == (256, 3)
+        rgb, valid = read_rgb(ds, Window(32, 0, 128, 160), bands, None, colour_table=table)
+        grey, _ = read_rgb(ds, Window(32, 0, 128, 160), bands, band_limits(ds, bands))
+    shown = np.asarray(quantised.convert("RGB"))[:160, 32:160]
+    assert not valid[:5].any() and valid[5:].all()
+    np.testing.assert_array_equal(rgb[5:], shown[5:])
+    assert not rgb[:5].any()
+    assert not np.array_equal(grey[5:], shown[5:])  # what reading the indexes as grey gave
 
 
 def test_limits_come_from_the_smallest_overview(shared_data: Path, tmp_path: Path) -> None:
