@@ -66,6 +66,10 @@ class ModelMeta(BaseModel):
     preprocessing: Preprocessing = Preprocessing()
     # where the weights came from: "none", a torchvision enum, or a checkpoint URI
     weights: str = "none"
+    # a checkpoint's contents (`preflight.checkpoint_digest`), set whenever one is read, never saved in
+    # one: what a run knows a checkpoint by, so that one rewritten in place is segmented again
+    # and one path spelled two ways is one checkpoint; None for other weights
+    weights_digest: str | None = None
     # builder arguments needed to rebuild the same module (e.g. {"aux_loss": True})
     model_kwargs: dict[str, Any] = {}
     # free-form: training configuration, validation mIoU, dataset name...
@@ -90,3 +94,4 @@ class ModelMeta(BaseModel):
             "palette": default_palette(num_classes),
         }
         return cls(**(fields | overrides))
+

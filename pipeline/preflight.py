@@ -23,6 +23,7 @@ neither torch (2 to 5 s), Ray nor Prefect.
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import json
 import os
@@ -134,6 +135,8 @@ class CheckpointSummary:
     trained_epochs: int | None
     # its whole metadata as saved (`ModelMeta` as JSON when save_checkpoint wrote it), unvalidated
     meta: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # `checkpoint_digest` of the file: its contents
+    digest: str = ""
 
 
 # ---------------------------------------------------------------------------------- the jobs
@@ -291,6 +294,16 @@ def _stub(*args: Any, **kwargs: Any) -> _Opaque:
     return _Opaque()
 
 
+def checkpoint_digest(archive: zipfile.ZipFile) -> str:
+    """A digest of a checkpoint's contents: the names, sizes and CRC-32s of the members of the
+    zip torch.save writes (its pickle, and each tensor's bytes), which the zip's central
+    directory lists at its end. So it is read by range, a few kilobytes whatever the
+    weights' size, and it changes when any tensor does. The members' folder, which torch.save
+    names after the file, is left out: a checkpoint renamed or copied is the same one."""
+    members = sorted((info.filename.split("/", 1)[-1], info.file_size, info.CRC) for info in archive.infolist())
+    return hashlib.sha256(repr(members).encode()).hexdigest()[:16]
+
+
 def read_checkpoint(url: str, storage_options: dict[str, Any], option: str, remote: bool = True) -> CheckpointSummary | None:
     """What the checkpoint at `url` holds, from its metadata alone: torch.save writes a zip
     whose tensors are separate members, so only its pickle (kilobytes) is read, whatever the
@@ -300,19 +313,20 @@ def read_checkpoint(url: str, storage_options: dict[str, Any], option: str, remo
         return None
     what = f"{option} {url}"
 
-    def pickled() -> bytes | None:
+    def pickled() -> tuple[bytes, str] | None:
         try:
             handle = location.fs.open(location.path(key), "rb", block_size=1 << 20)
         except FileNotFoundError:
             return None
         with handle, zipfile.ZipFile(handle) as archive:
             names = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
-            return archive.read(names[0]) if names else b""
+            return (archive.read(names[0]) if names else b""), checkpoint_digest(archive)
 
     try:
-        data = _ask(what, lambda: retry_io(location.uri(key), pickled), local=location.is_local)
+        read = _ask(what, lambda: retry_io(location.uri(key), pickled), local=location.is_local)
     except zipfile.BadZipFile:
-        data = b""
+        read = b"", ""
+    data, digest = read if read is not None else (None, "")
     if data is None:
         raise PreflightError(f"{what}: no such file; check the path, or pass --weights none for an untrained model"
                              if option == "--weights" else f"{what}: no such file")
@@ -329,7 +343,7 @@ def read_checkpoint(url: str, storage_options: dict[str, Any], option: str, remo
         summary = CheckpointSummary(
             architecture=str(meta["architecture"]), num_classes=int(meta["num_classes"]),
             class_names=tuple(meta["class_names"]),
-            trained_epochs=int(state["epoch"]) if isinstance(state, dict) else None, meta=dict(meta),
+            trained_epochs=int(state["epoch"]) if isinstance(state, dict) else None, meta=dict(meta), digest=digest,
         )
     except (KeyError, TypeError, ValueError) as err:
         raise PreflightError(f"{what} has invalid metadata ({type(err).__name__}: {err})") from err

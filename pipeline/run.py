@@ -59,9 +59,11 @@ RESULT_SETTINGS = ("precision", "crf", "tile", "tile_stride", "bands", "confiden
 
 def fingerprint(meta: dict[str, Any], config: SegmentConfig) -> str:
     """Changes whenever results would differ (model, weights, classes, preprocessing, and the
-    RESULT_SETTINGS): shards committed under another fingerprint are processed again."""
+    RESULT_SETTINGS): shards committed under another fingerprint are processed again. A
+    checkpoint counts by its contents (`weights_digest`), not by the path it was given as."""
     settings = {
-        "format": LAYOUT_FORMAT, "architecture": meta["architecture"], "weights": meta["weights"],
+        "format": LAYOUT_FORMAT, "architecture": meta["architecture"],
+        "weights": meta.get("weights_digest") or meta["weights"],
         "num_classes": meta["num_classes"], "class_names": meta["class_names"],
         "preprocessing": meta["preprocessing"], "model_kwargs": meta["model_kwargs"],
         **{name: getattr(config, name) for name in RESULT_SETTINGS},
@@ -168,7 +170,7 @@ def _meta_without_torch(config: SegmentConfig) -> ModelMeta | None:
             return None  # not readable without torch, or not valid: model_meta says why
         if meta is not None:
             _same_architecture(config, meta.architecture)
-            meta = meta.model_copy(update={"weights": weights})
+            meta = meta.model_copy(update={"weights": weights, "weights_digest": checkpoint.digest})
         return meta
     if (published := published_weights(name, weights)) is None:
         return None

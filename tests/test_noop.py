@@ -124,6 +124,39 @@ def test_other_settings_are_work_to_do(ray_cpu, tmp_path):
     assert up_to_date(SegmentConfig(source=str(source), output=str(tmp_path / "elsewhere"), **MODEL)) is None
 
 
+def test_a_checkpoint_counts_by_its_contents_not_by_its_path(ray_cpu, tmp_path, monkeypatch):
+    """Weights retrained and saved over the same checkpoint file are work to do (the path is
+    the same, the model is not); the same file given by another path is not, nor a copy of it
+    under another name."""
+    import torch
+
+    from pipeline.models import build_model, save_checkpoint
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "0.jpg").write_bytes(_jpeg(0))
+    model = build_model("lraspp_mobilenet_v3_large", num_classes=4)
+    checkpoint = tmp_path / "models" / "night.pt"
+    save_checkpoint(model, str(checkpoint), model.meta)
+    config = SegmentConfig(source=str(source), output=str(tmp_path / "out"), weights=str(checkpoint), crf=False,
+                           precision="fp32")
+    run_segmentation(config)
+    assert up_to_date(config) is not None
+
+    monkeypatch.chdir(tmp_path)
+    assert up_to_date(config.model_copy(update={"weights": "models/../models/night.pt"})) is not None
+    shutil.copy(checkpoint, tmp_path / "copy.pt")
+    assert up_to_date(config.model_copy(update={"weights": str(tmp_path / "copy.pt")})) is not None
+
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # a night of training later
+    save_checkpoint(model, str(checkpoint), model.meta)
+    assert up_to_date(config) is None
+    rerun = run_segmentation(config)
+    assert (rerun.shards_committed, rerun.images) == (1, 1)
+    assert up_to_date(config) is not None
+
+
 def _segment(source: str, output: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", "segment", source, output, "--model", "lraspp_mobilenet_v3_large",

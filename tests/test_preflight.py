@@ -223,7 +223,9 @@ def test_checkpoint_metadata_is_read_without_its_tensors_or_running_code(tmp_pat
     summary = read_checkpoint(weights, {}, "--weights")
     assert (summary.architecture, summary.num_classes, summary.trained_epochs) == ("lraspp_mobilenet_v3_large", 3, 2)
     assert summary.class_names == ("class_0", "class_1", "class_2")
-    assert summary.meta == ModelMeta.default("lraspp_mobilenet_v3_large", 3).model_dump(mode="json")
+    # saved without the digest, which describes the file it is read from
+    assert summary.meta == ModelMeta.default("lraspp_mobilenet_v3_large", 3).model_dump(mode="json", exclude={"weights_digest"})
+    assert len(summary.digest) == 16 and summary.digest != read_checkpoint(_checkpoint(tmp_path / "n.pt", 4), {}, "x").digest
     # a pickle that would run a command is refused, and the command never runs
     marker = tmp_path / "ran"
     evil = tmp_path / "evil.pt"

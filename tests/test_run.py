@@ -152,6 +152,7 @@ def test_model_meta_is_what_the_loaded_model_carries(tmp_path) -> None:
     checkpoint = SegmentConfig(source="s", output="o", weights=str(tmp_path / "m.pt"))
     loaded = build_model(None, weights=str(tmp_path / "m.pt")).meta.model_dump(mode="json")
     assert model_meta(checkpoint) == loaded and loaded["weights"] == str(tmp_path / "m.pt")
+    assert loaded["weights_digest"] and model_meta(untrained)["weights_digest"] is None
 
     # published weights: described by torchvision's enum, nothing downloaded
     published = model_meta(SegmentConfig(source="s", output="o", model="lraspp_mobilenet_v3_large", weights="DEFAULT"))

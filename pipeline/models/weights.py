@@ -19,6 +19,7 @@ import io
 import os
 import pickle
 import urllib.error
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +29,10 @@ from torch import nn
 
 from ..config import is_checkpoint_uri
 from ..model_meta import ModelMeta, Preprocessing
-from ..preflight import CHECKPOINT_FORMAT  # read there too, without torch, before a job starts
+from ..preflight import (  # read there too, without torch, before a job starts
+    CHECKPOINT_FORMAT,
+    checkpoint_digest,
+)
 from ..storage import open_file, read_bytes, write_atomic
 from ._registry import get_spec
 
@@ -44,7 +48,9 @@ def save_checkpoint(
     """Write `model`'s weights with `meta` to any fsspec URL, loadable by `build_model`.
     `training_state` (optimizer state, epoch: plain data and tensors) lets training resume."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload = {"format": CHECKPOINT_FORMAT, "meta": meta.model_dump(mode="json"), "state_dict": state}
+    # the digest describes the file it is read from, not the model: never saved
+    payload = {"format": CHECKPOINT_FORMAT, "meta": meta.model_dump(mode="json", exclude={"weights_digest"}),
+               "state_dict": state}
     if training_state is not None:
         payload["training_state"] = training_state
     buffer = io.BytesIO()
@@ -53,9 +59,9 @@ def save_checkpoint(
     write_atomic(location, key, buffer.getvalue())
 
 
-def _read_payload(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """The unpickled contents of a segpipe checkpoint; only tensors and plain data are
-    unpickled (weights_only)."""
+def _read_payload(url: str, storage_options: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """The unpickled contents of a segpipe checkpoint, and its `checkpoint_digest`; only
+    tensors and plain data are unpickled (weights_only)."""
     try:
         location, key = open_file(url, storage_options)
         data = read_bytes(location, key)
@@ -70,6 +76,8 @@ def _read_payload(url: str, storage_options: dict[str, Any] | None) -> dict[str,
         )
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            digest = checkpoint_digest(archive)
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"refused to load {url}: it is not a plain tensor checkpoint (weights_only=True rejected it: "
@@ -82,16 +90,16 @@ def _read_payload(url: str, storage_options: dict[str, Any] | None) -> dict[str,
             f"{url} is not a segpipe checkpoint (no format={CHECKPOINT_FORMAT!r} entry); "
             "write it with pipeline.models.save_checkpoint so it carries classes and preprocessing"
         )
-    return payload
+    return payload, digest
 
 
 def load_checkpoint(
     url: str, *, storage_options: dict[str, Any] | None = None
 ) -> tuple[ModelMeta, dict[str, torch.Tensor]]:
-    """Read a segpipe checkpoint's metadata and weights."""
-    payload = _read_payload(url, storage_options)
+    """Read a segpipe checkpoint's metadata, its contents' digest set, and its weights."""
+    payload, digest = _read_payload(url, storage_options)
     try:
-        meta = ModelMeta.model_validate(payload["meta"])
+        meta = ModelMeta.model_validate(payload["meta"] | {"weights_digest": digest})
     except ValidationError as err:
         raise ValueError(f"checkpoint {url} has invalid metadata: {err}") from err
     return meta, payload["state_dict"]
@@ -99,7 +107,7 @@ def load_checkpoint(
 
 def load_training_state(url: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The `training_state` saved with a checkpoint (None if it has none)."""
-    return _read_payload(url, storage_options).get("training_state")
+    return _read_payload(url, storage_options)[0].get("training_state")
 
 
 def _torchvision_weights(tv_name: str | None, weights: str) -> Any | None:
