@@ -37,7 +37,7 @@ from pipeline.config import (
     option_name,
     parse_json_object,
 )
-from pipeline.text import counted, per_second, verb_for
+from pipeline.text import counted, every, per_second, verb_for
 
 # options a command takes besides its config's fields
 _SECRET_HELP = ("name of a Prefect Secret block holding storage options (credentials) as a JSON object "
@@ -235,8 +235,8 @@ def _segment(args: argparse.Namespace) -> int:
 def _print_summary(s: dict) -> None:
     if s["shards_committed"] == 0:  # no shard needed work: neither Ray nor a model started
         skipped = s["shards_skipped"]
-        what = (f"the {counted(skipped, 'shard')} of {s['source']} {verb_for(skipped, 'is', 'are')} already up to date "
-                f"in {s['output']}" if skipped else f"no images under {s['source']}")
+        what = (f"{every(skipped, 'shard')} of {s['source']} {verb_for(skipped, 'is', 'are')} already up to date in {s['output']}"
+                if skipped else f"no images under {s['source']}")
         print(f"nothing to do: {what} (run {s['run_id']}, record {s['record']})")
         return
     ok = s["images"] - s["errors"]

@@ -36,7 +36,7 @@ from pipeline.masks import encode_mask
 from pipeline.models import ModelMeta, WeightsUnavailableError, build_model, save_checkpoint
 from pipeline.runtime.cluster import connect_ray
 from pipeline.samples import SAMPLE_CLASSES, synthetic_scene
-from pipeline.text import counted, verb_for
+from pipeline.text import counted, every, verb_for
 
 BUCKET = "segpipe-demo"
 # the VOC classes the sample classes fall into, for pretrained weights (everything but cars
@@ -193,9 +193,9 @@ def run_demo(workdir: str | Path, *, model: str = "deeplabv3_mobilenet_v3_large"
         skipped = segmentation["shards_skipped"]
         done = (f"{counted(segmentation['images'], 'image')}, {counted(segmentation['errors'], 'error')}"
                 if segmentation["shards_committed"]
-                else f"nothing new, the night's {counted(skipped, 'shard')} {verb_for(skipped, 'was', 'were')} already up to date")
+                else f"nothing new, {every(skipped, 'shard')} of the night {verb_for(skipped, 'was', 'were')} already up to date")
         print(f"segmentation: {done}; outputs in {output}/ (images/, class_stats/, masks/)")
-        print(f"evaluation: mIoU {report['miou']:.3f} over {report['images']} images; report in {workdir}/evaluation/ "
+        print(f"evaluation: mIoU {report['miou']:.3f} over {counted(report['images'], 'image')}; report in {workdir}/evaluation/ "
               "(metrics.json, per_image.parquet, confusion_matrix.png, per_class_iou.png)")
         print(f"picture: {overview} (each scene, segpipe's mask and the ground truth, in the class palette)")
         print("DuckDB: share of pixels per class over the night's images, with this query:")

@@ -27,6 +27,7 @@ from pipeline.evaluation import (
 from pipeline.preflight import check_evaluate
 from pipeline.runtime.scoring import score_on_ray
 from pipeline.storage import open_location
+from pipeline.text import counted
 
 
 class NothingToScoreError(ValueError):
@@ -44,7 +45,8 @@ def pair(predictions: str, ground_truth: str, prediction_suffix: str, ground_tru
     if not pairing.pairs:
         raise NothingToScoreError(
             f"no prediction under {predictions} pairs with a ground-truth mask under {ground_truth} "
-            f"({len(pairing.unpaired_predictions)} predictions, {len(pairing.unpaired_ground_truth)} ground-truth masks); "
+            f"({counted(len(pairing.unpaired_predictions), 'prediction')}, "
+            f"{counted(len(pairing.unpaired_ground_truth), 'ground-truth mask')}); "
             "check the roots and the suffixes"
         )
     return pairing
@@ -94,5 +96,5 @@ def evaluate_predictions(config: EvaluateConfig, storage_secret: str | None = No
     report = build_report(total, pairing, settings, names)
     files = write(config.output, report, total, names, options)
     publish(report, files, f"{config.predictions} against {config.ground_truth}")
-    print(f"mIoU {report['miou']} over {report['images']} images; report in {config.output}")
+    print(f"mIoU {report['miou']} over {counted(report['images'], 'image')}; report in {config.output}")
     return report

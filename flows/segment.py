@@ -24,7 +24,7 @@ from pipeline.run import Progress, RunSummary, record_run
 from pipeline.runtime.driver import run_segmentation
 from pipeline.runtime.replicas import Replicas
 from pipeline.storage import open_location
-from pipeline.text import counted, per_second, verb_for
+from pipeline.text import counted, every, per_second, verb_for
 
 
 @task(cache_policy=NO_CACHE)
@@ -74,7 +74,7 @@ def summarise(summary: RunSummary, record_uri: str, polygons: bool = False) -> d
     create_markdown_artifact(
         "\n".join([
             f"## segpipe run `{summary.run_id}`",
-            *([f"Nothing to do: the {counted(summary.shards_skipped, 'shard')} of `{summary.source}` "
+            *([f"Nothing to do: {every(summary.shards_skipped, 'shard')} of `{summary.source}` "
                f"{verb_for(summary.shards_skipped, 'was', 'were')} already up to date.", ""]
               if summary.shards_committed == 0 else []),
             f"{counted(summary.images, 'image')} from `{summary.source}` ({counted(summary.errors, 'error')}) with "

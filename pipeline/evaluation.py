@@ -429,7 +429,7 @@ def markdown_table(report: dict[str, Any]) -> str:
 
     lines = [
         f"**mIoU {fmt(report['miou'])}**, mDice {fmt(report['mdice'])}, pixel accuracy "
-        f"{fmt(report['pixel_accuracy'])}, fwIoU {fmt(report['fw_iou'])} over {report['images']} images",
+        f"{fmt(report['pixel_accuracy'])}, fwIoU {fmt(report['fw_iou'])} over {counted(report['images'], 'image')}",
         "",
         "| id | class | IoU | Dice | precision | recall | gt pixels | predicted pixels |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -439,8 +439,10 @@ def markdown_table(report: dict[str, Any]) -> str:
                      f"{fmt(c['recall'])} | {c['gt_pixels']} | {c['pred_pixels']} |")
     left_out = len(report["excluded"]) + len(report["unpaired_predictions"]) + len(report["unpaired_ground_truth"])
     if left_out:
-        lines += ["", f"{len(report['unpaired_predictions'])} predictions and {len(report['unpaired_ground_truth'])} "
-                  f"ground-truth masks had no partner; {len(report['excluded'])} were excluded (see metrics.json)."]
+        excluded = len(report["excluded"])
+        lines += ["", f"Without a partner: {counted(len(report['unpaired_predictions']), 'prediction')} and "
+                  f"{counted(len(report['unpaired_ground_truth']), 'ground-truth mask')}; "
+                  f"{counted(excluded, 'pair')} {verb_for(excluded, 'was', 'were')} excluded (see metrics.json)."]
     if report.get("excluded_summary"):
         lines += ["", f"Excluded: {report['excluded_summary']}."]
     return "\n".join(lines)

@@ -469,7 +469,7 @@ def record_run(output: Location, summary: RunSummary) -> str:
 def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
     """A run with nothing to do, found out before Ray, Prefect or a model start: when every
     shard of SOURCE is committed in OUTPUT with the same inputs and settings (as the run itself
-    decides, `OutputStore.is_current`), the run is recorded in OUTPUT/_runs/ and its record
+    decides, `OutputStore.is_current`), or SOURCE has no images at all, the run is recorded in OUTPUT/_runs/ and its record
     returned, with `record` its URI, as the segmentation flow returns it. None as soon as one
     shard needs work: the run itself then starts and does it (a listing that stops at the first
     such shard, so a night with new images pays one page and one commit marker for it).
@@ -481,9 +481,10 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
     shards = list_source(source, shard_by=config.shard_by, shard_size=config.shard_size, counts=counts)
     try:
         store = OutputStore(open_location(config.output, config.storage_options))
-        if read_bytes(store.location, "_segpipe.json") is None:
-            return None  # nothing was ever committed there
-        store.check_layout(source.url, config.shard_by, config.shard_size)  # only reads: the layout is recorded
+        if read_bytes(store.location, "_segpipe.json") is not None:
+            store.check_layout(source.url, config.shard_by, config.shard_size)  # only reads: the layout is recorded
+        elif next(iter(shards), None) is not None:
+            return None  # nothing was ever committed there, and SOURCE has a shard: all of it is work
         run = run_info(config, source.url, new_run_id(), model_meta(config))
         skipped = 0
         for shard in shards:

@@ -9,6 +9,12 @@ def counted(number: int, noun: str, plural: str | None = None) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {plural or noun + 's'}"
 
 
+def every(number: int, noun: str, plural: str | None = None) -> str:
+    """'the one shard', 'all 3 shards': each one of a count, as "... already up to date"
+    says it."""
+    return f"the one {noun}" if number == 1 else f"all {counted(number, noun, plural)}"
+
+
 def per_second(rate: float) -> str:
     """A rate as people read it: one decimal from 1 up, two significant digits below, so
     that a slow run (one large raster in half a minute) shows 0.033, not 0.0."""

@@ -123,7 +123,7 @@ def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_end
     # a third finds nothing new: it says so, without Prefect, Ray or a model
     idle = _segpipe(*command, env={"PREFECT_HOME": str(tmp_path / "idle-home")})
     assert idle.returncode == 0, idle.stderr
-    assert idle.stdout.startswith("nothing to do: the 2 shards of") and "already up to date" in idle.stdout
+    assert idle.stdout.startswith("nothing to do: all 2 shards of") and "already up to date" in idle.stdout
     assert not (tmp_path / "idle-home").exists()  # Prefect never started
 
 
@@ -255,4 +255,5 @@ def test_the_summary_counts_in_english(n: int, capsys: pytest.CaptureFixture[str
                   f"{n} {'batch' if n == 1 else 'batches'} sent again"):
         assert words in printed
     _print_summary({"run_id": "r", "record": "x", "source": "src", "output": "out", "shards_committed": 0, "shards_skipped": n})
-    assert f"the {n} shard{plural} of src {'is' if n == 1 else 'are'} already up to date in out" in capsys.readouterr().out
+    every = "the one shard of src is" if n == 1 else f"all {n} shards of src are"
+    assert f"nothing to do: {every} already up to date in out" in capsys.readouterr().out

@@ -101,7 +101,7 @@ def test_a_night_with_nothing_new_is_recorded_without_ray(prefect_harness, ray_c
     assert (again["images"], again["shards_skipped"], again["shards_committed"], again["replicas"]) == (0, 1, 0, [])
     assert again["ray_cluster"] == NO_CLUSTER
     assert json.loads(Path(again["record"]).read_text())["shards_skipped"] == 1
-    assert "Nothing to do: the 1 shard of" in Artifact.get("segpipe-run-outputs").data
+    assert "Nothing to do: the one shard of" in Artifact.get("segpipe-run-outputs").data
 
 
 def _write_masks(fs, root: str, masks: dict[str, np.ndarray]) -> None:
@@ -162,7 +162,7 @@ def test_evaluate_flow_fails_only_when_nothing_pairs(prefect_harness, ray_cpu, t
     (tmp_path / "gt").mkdir()
     (tmp_path / "pred" / "a.png").write_bytes(encode_mask(np.zeros((2, 2), np.uint8)))
     (tmp_path / "gt" / "b.png").write_bytes(encode_mask(np.zeros((2, 2), np.uint8)))
-    with pytest.raises(NothingToScoreError, match="1 predictions, 1 ground-truth masks"):
+    with pytest.raises(NothingToScoreError, match="1 prediction, 1 ground-truth mask\\)"):
         evaluate_predictions(EvaluateConfig(predictions=str(tmp_path / "pred"), ground_truth=str(tmp_path / "gt"),
                                             output=str(tmp_path / "eval"), num_classes=2))
     assert not (tmp_path / "eval").exists()

@@ -124,6 +124,20 @@ def test_other_settings_are_work_to_do(ray_cpu, tmp_path):
     assert up_to_date(SegmentConfig(source=str(source), output=str(tmp_path / "elsewhere"), **MODEL)) is None
 
 
+def test_a_source_without_images_is_nothing_to_do_even_for_a_new_output(tmp_path):
+    """An empty night's folder (or one of non-image files) into an OUTPUT never written: no
+    shard, so no Ray, no model and no layout record; only the run's record is written."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "notes.txt").write_text("not an image")
+    config = SegmentConfig(source=str(source), output=str(tmp_path / "out"), **MODEL)
+    record = up_to_date(config)
+    assert record is not None and (record["shards_skipped"], record["images"], record["non_image_keys"]) == (0, 0, 1)
+    assert [p.relative_to(tmp_path / "out").parts[0] for p in (tmp_path / "out").rglob("*") if p.is_file()] == ["_runs"]
+    (source / "0.jpg").write_bytes(_jpeg(0))
+    assert up_to_date(config) is None  # an image: work, for an OUTPUT never written
+
+
 def test_a_checkpoint_counts_by_its_contents_not_by_its_path(ray_cpu, tmp_path, monkeypatch):
     """Weights retrained and saved over the same checkpoint file are work to do (the path is
     the same, the model is not); the same file given by another path is not, nor a copy of it

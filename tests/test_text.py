@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from pipeline.text import counted, per_second, verb_for
+from pipeline.text import counted, every, per_second, verb_for
 
 
 def test_counts_take_the_plural_except_for_one():
     assert [counted(n, "shard") for n in (0, 1, 2)] == ["0 shards", "1 shard", "2 shards"]
     assert counted(2, "class", "classes") == "2 classes" and counted(1, "class", "classes") == "1 class"
+
+
+def test_every_one_of_a_count_reads_as_english():
+    assert every(1, "shard") == "the one shard"
+    assert every(3, "shard") == "all 3 shards"
+    assert every(2, "batch", "batches") == "all 2 batches"
 
 
 def test_verbs_agree_with_the_count():
