@@ -233,8 +233,9 @@ def choose_bands(dataset: DatasetReader, bands: Sequence[int] | None) -> tuple[i
         if len(chosen) not in (1, 3):
             raise ValueError(f"--bands takes 1 or 3 band indexes, got {list(chosen)}")
         outside = [b for b in chosen if not 1 <= b <= count]
-        if outside:
-            raise ValueError(
+        if outside:  # this raster's own: the others of an archive may have them
+            raise ImageDecodeError(
+                "missing_bands",
                 f"--bands {list(chosen)}: band(s) {outside} not in the raster, which has {count} band(s) "
                 f"(indexes 1 to {count})"
             )

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # annotations only: torch takes over a second to import, and 
 # the `error_type` of an error row: what went wrong, in a word that can be counted
 ErrorType = Literal[
     "empty", "not_an_image", "corrupt", "too_large", "timeout",  # decoding (pipeline.decode)
+    "missing_bands",  # a raster without the bands --bands names
     "missing", "read_error",  # reading the source
     "unsafe_key", "mask_collision",  # the key cannot become a mask path
     "inference",  # the model or the CRF failed on this image

@@ -339,3 +339,11 @@ def test_a_colour_mapped_raster_is_segmented_as_the_rgb_its_colour_table_shows(s
     mask = _mask(tmp_path / "out" / "masks" / "paletted.tif")
     np.testing.assert_array_equal(mask, _mask(tmp_path / "out" / "masks" / "rgb.tif"))
     assert len(np.unique(mask)) > 1
+
+
+def test_a_raster_without_the_bands_asked_for_is_a_missing_bands_row(shared_data, tmp_path):
+    (tmp_path / "src").mkdir()
+    _mosaic(shared_data, tmp_path / "src" / "rgb.tif", height=200, width=200)
+    stage = _raster_stage(tmp_path / "src", tmp_path / "out", tile=128, bands=(4, 2, 1))
+    record = stage(ImageRecord(key="rgb.tif", georeferenced=True))
+    assert (record.ok, record.error_type) == (False, "missing_bands") and "[4] not in the raster" in record.error

@@ -133,8 +133,9 @@ def test_mosaic_read_by_window_equals_the_whole_array(shared_data: Path, tmp_pat
         assert read_rgb(ds, Window(600, 600, 10, 10), bands, limits)[1].all()
         # given bands, one shown as grey, checked against the raster
         assert choose_bands(ds, [2]) == (2, 2, 2) and choose_bands(ds, [3, 2, 1]) == (3, 2, 1)
-        with pytest.raises(ValueError, match=r"--bands .*\[4\] not in the raster, which has 3"):
+        with pytest.raises(ImageDecodeError, match=r"--bands .*\[4\] not in the raster, which has 3") as missing:
             choose_bands(ds, [4, 2, 1])
+        assert missing.value.reason == "missing_bands"
         with pytest.raises(ValueError, match="--bands takes 1 or 3"):
             choose_bands(ds, [1, 2])
         with pytest.raises(ValueError, match="not a whole-pixel window inside"):
@@ -195,7 +196,7 @@ def test_a_colour_mapped_band_is_read_in_its_colours_as_pillow_shows_a_palette_p
                                                                                    tmp_path: Path) -> None:
     """A paletted GeoTIFF (one band of colour indexes and its colour table) is read as the RGB
     its table gives, the pixels Pillow gives for the same image as a palette PNG, not as grey
-    indexes; nodata stays invalid; `--bands` of another layout keeps the plain reading."""
+    indexes; nodata stays invalid."""
     quantised = Image.fromarray(np.moveaxis(_mosaic(shared_data, 2, 96), 0, -1)).quantize(colors=200)
     indexes = np.asarray(quantised).copy()
     indexes[:5] = 250  # nodata: an index the table leaves out
