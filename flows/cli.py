@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import logging
 import os
 import sys
 import threading
@@ -149,6 +150,11 @@ def _quiet_prefect() -> None:
     its settings once."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's background services log under their class names, outside the `prefect`
+    # loggers that setting governs: "EventsWorker - Still processing items" after a flow
+    # that failed at once, under the command's one-line error
+    for service in ("EventsWorker", "APILogWorker"):
+        logging.getLogger(service).setLevel(os.environ["PREFECT_LOGGING_LEVEL"].upper())
 
 
 def _start_prefect() -> TemporaryServer:

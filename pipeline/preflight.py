@@ -177,8 +177,9 @@ def check_segment(config: SegmentConfig, *, remote: bool = True) -> None:
 def check_evaluate(config: EvaluateConfig, *, remote: bool = True) -> None:
     """Everything `evaluate` can be refused for before it starts (`remote`: as for `check_segment`)."""
     options = config.storage_options
-    _readable_folder(config.predictions, options, "PREDICTIONS", remote)
-    _readable_folder(config.ground_truth, options, "GROUND_TRUTH", remote)
+    # an empty folder, often a {date} that named the wrong night: nothing could be scored
+    _readable_folder(config.predictions, options, "PREDICTIONS", remote, if_empty="holds no masks: nothing to score")
+    _readable_folder(config.ground_truth, options, "GROUND_TRUTH", remote, if_empty="holds no masks: nothing to score")
     _writable_folder(config.output, options, "OUTPUT", remote)
 
 
@@ -385,9 +386,11 @@ def _open(call: Callable[[], T], label: str) -> T:
         raise PreflightError(f"{label}: {err}") from err
 
 
-def _readable_folder(url: str, options: dict[str, Any], label: str, remote: bool) -> Location | None:
+def _readable_folder(url: str, options: dict[str, Any], label: str, remote: bool, *,
+                     if_empty: str | None = None) -> Location | None:
     """The folder or prefix at `url`, once it is known to exist and to be readable (None when
-    it is remote and `remote` is False). Lists until its first file: one page on S3."""
+    it is remote and `remote` is False). Lists until its first file: one page on S3. With
+    `if_empty`, a folder without any file is refused too, with that said of it."""
     location = _open(lambda: open_location(url, options), label)
     if not (remote or location.is_local):
         return None
@@ -396,15 +399,19 @@ def _readable_folder(url: str, options: dict[str, Any], label: str, remote: bool
                              f"({os.path.dirname(os.path.normpath(location.root))})")
     what = f"{label} {location.url}"
 
-    def exists() -> bool:
+    def found() -> str:
         try:
-            return next(iter_files(location), None) is not None or bool(
-                retry_io(location.url, location.fs.exists, location.root))
+            if next(iter_files(location), None) is not None:
+                return "files"
+            return "empty" if retry_io(location.url, location.fs.exists, location.root) else "missing"
         except FileNotFoundError:
-            return False
+            return "missing"
 
-    if not _ask(what, exists, local=location.is_local):
+    state = _ask(what, found, local=location.is_local)
+    if state == "missing":
         raise PreflightError(f"{what} is not a folder or prefix that exists")
+    if state == "empty" and if_empty is not None:
+        raise PreflightError(f"{what} {if_empty}")
     return location
 
 

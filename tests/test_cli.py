@@ -67,6 +67,16 @@ def test_evaluate_command(tmp_path) -> None:
     bad = _segpipe("evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "r2"), "--num-classes", "2",
                    "--label-map", "[1, 2]")
     assert bad.returncode == 2 and "--label-map: must be a JSON object" in bad.stderr
+    # nothing pairs: found inside the flow, and still one line, without Prefect's own
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "z.png").write_bytes(encode_mask(np.zeros((2, 2), np.uint8)))
+    unpaired = _segpipe("evaluate", str(tmp_path / "pred"), str(tmp_path / "other"), str(tmp_path / "r3"),
+                        "--num-classes", "2")
+    assert unpaired.returncode == 2 and unpaired.stdout == ""
+    assert unpaired.stderr.splitlines() == [
+        f"segpipe: error: no prediction under {tmp_path / 'pred'} pairs with a ground-truth mask under "
+        f"{tmp_path / 'other'} (2 predictions, 1 ground-truth mask); check the roots and the suffixes"]
+    assert not (tmp_path / "r3").exists()
 
 
 def _segpipe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

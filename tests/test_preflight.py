@@ -199,6 +199,9 @@ def test_source_output_and_layout(source, tmp_path) -> None:
 def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> None:
     _refused(["evaluate", str(source), str(tmp_path / "gt"), str(tmp_path / "report"), "--num-classes", "2"],
              f"GROUND_TRUTH {tmp_path / 'gt'} is not a folder or prefix that exists")
+    (tmp_path / "gt").mkdir()  # an empty night's folder
+    _refused(["evaluate", str(source), str(tmp_path / "gt"), str(tmp_path / "report"), "--num-classes", "2"],
+             f"GROUND_TRUTH {tmp_path / 'gt'} holds no masks: nothing to score")
     (tmp_path / "a-file").write_text("")
     with pytest.raises(PreflightError, match="cannot write to OUTPUT"):
         check_evaluate(EvaluateConfig(predictions=str(source), ground_truth=str(source),
