@@ -34,6 +34,7 @@ from flows.segment import segment_archive
 from pipeline.config import EvaluateConfig, SegmentConfig, yesterday_utc
 from pipeline.masks import encode_mask
 from pipeline.models import ModelMeta, WeightsUnavailableError, build_model, save_checkpoint
+from pipeline.preflight import download_problem, published_weights
 from pipeline.runtime.cluster import connect_ray
 from pipeline.samples import SAMPLE_CLASSES, synthetic_scene
 from pipeline.text import counted, every, verb_for
@@ -131,10 +132,15 @@ def write_overview(path: Path, rows: list[tuple[str, Path, Path, Path]], class_n
 def _weights(model: str, workdir: Path) -> tuple[str, dict[str, Any]]:
     """Pretrained weights when they can be had; otherwise an untrained checkpoint named with the
     sample classes, said plainly. Returns the weights and the evaluation settings that fit."""
+    published = published_weights(model, "DEFAULT")
+    # asked first: torch's own attempt prints a download line even when it cannot start
+    problem = download_problem(published) if published is not None else "torchvision publishes none for it"
     try:
+        if problem is not None:
+            raise WeightsUnavailableError(problem)
         pretrained = build_model(model, weights="DEFAULT")
     except (WeightsUnavailableError, ValueError) as err:
-        print(f"Pretrained weights for {model} are not available here: {err}")
+        print(f"Pretrained weights for {model} are not available here: {err}.")
         print("Running an UNTRAINED model instead (random weights): the outputs show the pipeline working, "
               "not real classes, and the scores are those of chance.")
         meta = ModelMeta.default(model, len(SAMPLE_CLASSES), class_names=tuple(SAMPLE_CLASSES))

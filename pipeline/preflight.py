@@ -246,25 +246,30 @@ def hub_cache_path(url: str) -> str:
     return os.path.join(os.path.expanduser(torch_home), "hub", "checkpoints", os.path.basename(url))
 
 
-def _downloadable(published: PublishedWeights, model: str, weights: str, option: str) -> None:
-    """The published weights are in torch.hub's cache, or their URL answers: offline, a run
-    would otherwise start everything and then fail in each replica."""
+def download_problem(published: PublishedWeights) -> str | None:
+    """Why the published weights could not be had here, or None: they are in torch.hub's
+    cache, or their URL answers. Offline, a run would otherwise start everything and then
+    fail in each replica."""
     cache = hub_cache_path(published.url)
     if os.path.exists(cache):
-        return
+        return None
     try:
         with urllib.request.urlopen(urllib.request.Request(published.url, method="HEAD"),
                                     timeout=DOWNLOAD_CHECK_TIMEOUT_S):
-            return
+            return None
     except urllib.error.HTTPError:
-        return  # the server answered: the network is there, and the download says what it answers
+        return None  # the server answered: the network is there, and the download says what it answers
     except (OSError, ValueError) as err:  # no route, no name, refused, timed out
         reason = getattr(err, "reason", err)
-        raise PreflightError(
-            f"cannot download the weights of {model} ({option} {weights}) from {published.url} "
-            f"({type(err).__name__}: {reason}); offline, copy that file to {cache}, pass {option} a checkpoint path "
-            f"or URL, or {_UNTRAINED[option]}"
-        ) from err
+        return f"cannot download them from {published.url} ({type(err).__name__}: {reason}); offline, copy that file to {cache}"
+
+
+def _downloadable(published: PublishedWeights, model: str, weights: str, option: str) -> None:
+    """`download_problem` as the one line a job is refused with."""
+    problem = download_problem(published)
+    if problem is not None:
+        raise PreflightError(f"the weights of {model} ({option} {weights}): {problem}, pass {option} a checkpoint path "
+                             f"or URL, or {_UNTRAINED[option]}")
 
 
 class _MetadataUnpickler(pickle.Unpickler):

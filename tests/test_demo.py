@@ -87,3 +87,7 @@ def test_segpipe_demo_keeps_its_inputs_and_prints_its_query(tmp_path):
     assert sql and f"read_parquet('{demo}/segmentation/*/class_stats/**/*.parquet'" in sql.group(1)
     assert "class_name" in done.stdout.split(sql.group(1))[1] and "share" in done.stdout.split(sql.group(1))[1]
     assert "Token authentication" not in done.stdout + done.stderr
+    if "UNTRAINED" in done.stdout:  # offline, as here: said once, without another command's options
+        [line] = [line for line in done.stdout.splitlines() if "are not available here" in line]
+        assert "copy that file to" in line and "--weights" not in line
+        assert "Downloading" not in done.stderr

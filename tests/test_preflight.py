@@ -109,7 +109,7 @@ def test_the_default_model_offline_fails_at_once_and_says_what_to_do(source, tmp
     env |= {"TORCH_HOME": str(tmp_path / "torch"), "HTTPS_PROXY": f"http://127.0.0.1:{_closed_port()}"}
     cache = tmp_path / "torch" / "hub" / "checkpoints" / "deeplabv3_resnet101_coco-586e9e4e.pth"
     line = _refused(["segment", str(source), str(tmp_path / "out")],
-                    "cannot download the weights of deeplabv3_resnet101 (--weights DEFAULT)",
+                    "the weights of deeplabv3_resnet101 (--weights DEFAULT): cannot download them",
                     f"copy that file to {cache}", "--weights none with --num-classes", env=env)
     assert PUBLISHED_WEIGHTS["deeplabv3_resnet101"].url in line
     assert not (tmp_path / "out").exists()
