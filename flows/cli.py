@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import difflib
 import json
 import logging
 import os
@@ -398,8 +399,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _misspelled_option(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """The first --option its subcommand does not take, when one it takes is close: argparse
+    would report a required option as missing first (`--num-clases 11`: "the following
+    arguments are required: --num-classes"), or the unknown one without the likely one."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    at = next((i for i, arg in enumerate(argv) if arg in commands.choices), None)
+    if at is None:
+        return None
+    known = [flag for action in commands.choices[argv[at]]._actions for flag in action.option_strings]
+    for arg in argv[at + 1 :]:
+        if arg == "--":
+            break
+        name = arg.split("=", 1)[0]
+        # a prefix of a known option is argparse's to take (or to call ambiguous)
+        if name.startswith("--") and not any(flag.startswith(name) for flag in known):
+            close = difflib.get_close_matches(name, known, n=1)
+            if close:
+                return f"unrecognized option {name} (did you mean {close[0]}?)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if (misspelled := _misspelled_option(parser, argv)) is not None:
+        print(f"segpipe: error: {misspelled}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     _plain_output_when_piped()
     try:
         return args.run(args)

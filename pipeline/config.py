@@ -304,8 +304,10 @@ class SegmentConfig(JobConfig):
 
     @model_validator(mode="after")
     def _stride_within_tile(self) -> SegmentConfig:
-        if self.tile_stride is not None and (self.tile is None or self.tile_stride > self.tile):
-            raise ValueError(f"--tile-stride {self.tile_stride} needs a --tile at least as large (--tile {self.tile})")
+        if self.tile_stride is not None and self.tile is None:
+            raise ValueError(f"--tile-stride {self.tile_stride} needs a --tile, the side of the windows it strides")
+        if self.tile_stride is not None and self.tile_stride > self.tile:
+            raise ValueError(f"--tile-stride {self.tile_stride} is larger than --tile {self.tile}: windows would leave gaps")
         if self.class_names is not None and self.num_classes is not None and len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} --class-names for --num-classes {self.num_classes}")
         return self

@@ -160,6 +160,18 @@ def test_settings_are_named_as_typed(capsys) -> None:
     assert capsys.readouterr().err == "segpipe: error: --source: must not be empty\n"
 
 
+def test_a_misspelled_option_is_named_with_the_one_meant(capsys) -> None:
+    """argparse alone would say a required option is missing, not that one was misspelled."""
+    assert main(["evaluate", "p", "g", "o", "--num-clases", "2"]) == 2
+    assert capsys.readouterr().err == "segpipe: error: unrecognized option --num-clases (did you mean --num-classes?)\n"
+    assert main(["segment", "s", "o", "--weights", "none", "--num-classes", "2", "--no-crff"]) == 2
+    assert capsys.readouterr().err == "segpipe: error: unrecognized option --no-crff (did you mean --no-crf?)\n"
+    with pytest.raises(SystemExit):  # an abbreviation is argparse's, and here a valid one: --tile-stride
+        main(["segment", "s", "o", "--tile-strid", "100", "--help"])
+    assert main(["segment", "s", "o", "--tile-stride", "100"]) == 2
+    assert capsys.readouterr().err.endswith("--tile-stride 100 needs a --tile, the side of the windows it strides\n")
+
+
 def test_published_weights_that_disagree_with_num_classes_are_one_line(tmp_path) -> None:
     """The other mistakes caught before anything starts are in tests/test_preflight.py."""
     (tmp_path / "src").mkdir()
