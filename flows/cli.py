@@ -154,8 +154,10 @@ def _quiet_prefect() -> None:
     # Prefect's background services log under their class names, outside the `prefect`
     # loggers that setting governs: "EventsWorker - Still processing items" after a flow
     # that failed at once, under the command's one-line error
+    level = os.environ["PREFECT_LOGGING_LEVEL"].strip().upper()
+    number = int(level) if level.isdigit() else logging.getLevelName(level)  # a name's number, else "Level X"
     for service in ("EventsWorker", "APILogWorker"):
-        logging.getLogger(service).setLevel(os.environ["PREFECT_LOGGING_LEVEL"].upper())
+        logging.getLogger(service).setLevel(number if isinstance(number, int) else logging.CRITICAL)
 
 
 def _start_prefect() -> TemporaryServer:
@@ -414,9 +416,11 @@ def _misspelled_option(parser: argparse.ArgumentParser, argv: list[str]) -> str 
         name = arg.split("=", 1)[0]
         # a prefix of a known option is argparse's to take (or to call ambiguous)
         if name.startswith("--") and not any(flag.startswith(name) for flag in known):
-            close = difflib.get_close_matches(name, known, n=1)
+            # compared without the dashes every long option shares, which would make any two look alike
+            close = difflib.get_close_matches(name[2:], [flag[2:] for flag in known if flag.startswith("--")], n=1,
+                                              cutoff=0.8)
             if close:
-                return f"unrecognized option {name} (did you mean {close[0]}?)"
+                return f"unrecognized option {name} (did you mean --{close[0]}?)"
     return None
 
 

@@ -140,7 +140,7 @@ def _weights(model: str, workdir: Path) -> tuple[str, dict[str, Any]]:
             raise WeightsUnavailableError(problem)
         pretrained = build_model(model, weights="DEFAULT")
     except (WeightsUnavailableError, ValueError) as err:
-        print(f"Pretrained weights for {model} are not available here: {err}.")
+        print(f"Pretrained weights for {model} are not available here: {err}")
         print("Running an UNTRAINED model instead (random weights): the outputs show the pipeline working, "
               "not real classes, and the scores are those of chance.")
         meta = ModelMeta.default(model, len(SAMPLE_CLASSES), class_names=tuple(SAMPLE_CLASSES))

@@ -94,4 +94,3 @@ class ModelMeta(BaseModel):
             "palette": default_palette(num_classes),
         }
         return cls(**(fields | overrides))
-

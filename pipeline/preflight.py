@@ -305,8 +305,12 @@ def checkpoint_digest(archive: zipfile.ZipFile) -> str:
     zip torch.save writes (its pickle, and each tensor's bytes), which the zip's central
     directory lists at its end. So it is read by range, a few kilobytes whatever the
     weights' size, and it changes when any tensor does. The members' folder, which torch.save
-    names after the file, is left out: a checkpoint renamed or copied is the same one."""
+    names after the file, is left out: a checkpoint renamed or copied is the same one.
+    ValueError for one saved without its CRC-32s, whose weights could change unseen."""
     members = sorted((info.filename.split("/", 1)[-1], info.file_size, info.CRC) for info in archive.infolist())
+    if any(size and not crc for _, size, crc in members):
+        raise ValueError("it was saved without CRC-32 checksums (torch.serialization.set_crc32_options(False)), so "
+                         "a change to its weights could not be told from the file; save it again with them, the default")
     return hashlib.sha256(repr(members).encode()).hexdigest()[:16]
 
 
@@ -325,13 +329,16 @@ def read_checkpoint(url: str, storage_options: dict[str, Any], option: str, remo
         except FileNotFoundError:
             return None
         with handle, zipfile.ZipFile(handle) as archive:
+            digest = checkpoint_digest(archive)  # first: without CRCs, reading the pickle fails its check
             names = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
-            return (archive.read(names[0]) if names else b""), checkpoint_digest(archive)
+            return (archive.read(names[0]) if names else b""), digest
 
     try:
         read = _ask(what, lambda: retry_io(location.uri(key), pickled), local=location.is_local)
     except zipfile.BadZipFile:
         read = b"", ""
+    except ValueError as err:  # checkpoint_digest's
+        raise PreflightError(f"{what}: {err}") from err
     data, digest = read if read is not None else (None, "")
     if data is None:
         raise PreflightError(f"{what}: no such file; check the path, or pass --weights none for an untrained model"

@@ -251,8 +251,9 @@ def choose_bands(dataset: DatasetReader, bands: Sequence[int] | None) -> tuple[i
 def band_colour_table(dataset: DatasetReader, bands: Sequence[int]) -> np.ndarray | None:
     """The colour table that shows `bands` as RGB when they are one colour-mapped band (GDAL's
     palette interpretation, an 8- or 16-bit band with a colour table) given three times, as
-    `choose_bands` gives a single band: (entries, 3) uint8, one row for every value the band's
-    type holds, those the table leaves out black. Else None: the bands are shown as they are."""
+    `choose_bands` gives a single band: (entries, 4) uint8 RGBA, one row for every value the
+    band's type holds, those the table leaves out black and transparent. Else None: the bands
+    are shown as they are."""
     band = bands[0]
     if (len(set(bands)) != 1 or dataset.colorinterp[band - 1] != ColorInterp.palette
             or dataset.dtypes[band - 1] not in ("uint8", "uint16")):
@@ -261,9 +262,9 @@ def band_colour_table(dataset: DatasetReader, bands: Sequence[int]) -> np.ndarra
         colours = dataset.colormap(band)
     except ValueError:  # palette interpretation without a table: rasterio's "NULL color table"
         return None
-    table = np.zeros((np.iinfo(dataset.dtypes[band - 1]).max + 1, 3), dtype=np.uint8)
+    table = np.zeros((np.iinfo(dataset.dtypes[band - 1]).max + 1, 4), dtype=np.uint8)
     for value, rgba in colours.items():
-        table[value] = rgba[:3]
+        table[value] = rgba
     return table
 
 
@@ -380,10 +381,13 @@ def read_rgb(
 
 def _read_colour_mapped(dataset: DatasetReader, window: Window, band: int,
                         colour_table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`read_rgb` of one colour-mapped band: its values looked up in `colour_table`."""
+    """`read_rgb` of one colour-mapped band: its values looked up in `colour_table`, those of
+    its transparent colours nodata, as a viewer leaves them out."""
     values = _read(dataset, f"window {window}", dataset.read, band, window=window)
     valid = _valid(values[None], _read(dataset, f"mask of window {window}", dataset.read_masks, band, window=window)[None])
-    rgb = colour_table[values]
+    rgba = colour_table[values]
+    valid &= rgba[..., 3] != 0
+    rgb = np.ascontiguousarray(rgba[..., :3])
     if not valid.all():
         rgb[~valid] = 0
     return rgb, valid

@@ -166,6 +166,10 @@ def test_a_misspelled_option_is_named_with_the_one_meant(capsys) -> None:
     assert capsys.readouterr().err == "segpipe: error: unrecognized option --num-clases (did you mean --num-classes?)\n"
     assert main(["segment", "s", "o", "--weights", "none", "--num-classes", "2", "--no-crff"]) == 2
     assert capsys.readouterr().err == "segpipe: error: unrecognized option --no-crff (did you mean --no-crf?)\n"
+    for unlike in ("--debug", "--version", "--help-me"):  # nothing close: argparse's own line
+        with pytest.raises(SystemExit):
+            main(["segment", "s", "o", unlike])
+        assert "did you mean" not in capsys.readouterr().err
     with pytest.raises(SystemExit):  # an abbreviation is argparse's, and here a valid one: --tile-stride
         main(["segment", "s", "o", "--tile-strid", "100", "--help"])
     assert main(["segment", "s", "o", "--tile-stride", "100"]) == 2

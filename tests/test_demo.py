@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -65,8 +66,13 @@ def test_the_picture_puts_each_scene_beside_its_mask_and_its_ground_truth(tmp_pa
 def test_segpipe_demo_keeps_its_inputs_and_prints_its_query(tmp_path):
     """The whole demo, as `make demo` runs it (2 scenes, the light model): Prefect's own
     server in a PREFECT_HOME of its own, a local Ray."""
-    env = {**os.environ, "RAY_ADDRESS": "local", "PREFECT_HOME": str(tmp_path / "prefect-home")}
-    env.pop("PREFECT_API_URL", None)
+    env = {k: v for k, v in os.environ.items() if k.lower() not in {"no_proxy", "https_proxy", "prefect_api_url"}}
+    # offline wherever the test runs: an empty torch.hub cache, and HTTPS to a port nothing listens on
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    env |= {"RAY_ADDRESS": "local", "PREFECT_HOME": str(tmp_path / "prefect-home"), "TORCH_HOME": str(tmp_path / "torch"),
+            "HTTPS_PROXY": f"http://127.0.0.1:{port}"}
     demo = tmp_path / "demo"
     done = subprocess.run(
         [sys.executable, "-m", "flows.cli", "demo", "--output", str(demo), "--model", "lraspp_mobilenet_v3_large",
@@ -87,7 +93,7 @@ def test_segpipe_demo_keeps_its_inputs_and_prints_its_query(tmp_path):
     assert sql and f"read_parquet('{demo}/segmentation/*/class_stats/**/*.parquet'" in sql.group(1)
     assert "class_name" in done.stdout.split(sql.group(1))[1] and "share" in done.stdout.split(sql.group(1))[1]
     assert "Token authentication" not in done.stdout + done.stderr
-    if "UNTRAINED" in done.stdout:  # offline, as here: said once, without another command's options
-        [line] = [line for line in done.stdout.splitlines() if "are not available here" in line]
-        assert "copy that file to" in line and "--weights" not in line
-        assert "Downloading" not in done.stderr
+    # offline: said once, where the weights file would go, without another command's options
+    [line] = [line for line in done.stdout.splitlines() if "are not available here" in line]
+    assert "copy that file to" in line and "--weights" not in line and "UNTRAINED" in done.stdout
+    assert "Downloading" not in done.stderr

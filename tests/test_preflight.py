@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import EvaluateConfig, SegmentConfig, TrainConfig
-from pipeline.models import ModelMeta, build_model, save_checkpoint
+from pipeline.models import ModelMeta, build_model, load_checkpoint, save_checkpoint
 from pipeline.preflight import (
     CHECKPOINT_FORMAT,
     LAYOUT_FORMAT,
@@ -202,6 +202,8 @@ def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> N
     (tmp_path / "gt").mkdir()  # an empty night's folder
     _refused(["evaluate", str(source), str(tmp_path / "gt"), str(tmp_path / "report"), "--num-classes", "2"],
              f"GROUND_TRUTH {tmp_path / 'gt'} holds no masks: nothing to score")
+    _refused(["evaluate", str(tmp_path / "gt"), str(source), str(tmp_path / "report"), "--num-classes", "2"],
+             f"PREDICTIONS {tmp_path / 'gt'} holds no masks: nothing to score")
     (tmp_path / "a-file").write_text("")
     with pytest.raises(PreflightError, match="cannot write to OUTPUT"):
         check_evaluate(EvaluateConfig(predictions=str(source), ground_truth=str(source),
@@ -229,6 +231,16 @@ def test_checkpoint_metadata_is_read_without_its_tensors_or_running_code(tmp_pat
     # saved without the digest, which describes the file it is read from
     assert summary.meta == ModelMeta.default("lraspp_mobilenet_v3_large", 3).model_dump(mode="json", exclude={"weights_digest"})
     assert len(summary.digest) == 16 and summary.digest != read_checkpoint(_checkpoint(tmp_path / "n.pt", 4), {}, "x").digest
+    # without its CRC-32s a checkpoint's weights could change unseen: refused, by torch's reading too
+    torch.serialization.set_crc32_options(False)
+    try:
+        unchecked = _checkpoint(tmp_path / "unchecked.pt", 3)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    with pytest.raises(PreflightError, match=r"--weights .*unchecked.pt: it was saved without CRC-32 checksums"):
+        read_checkpoint(unchecked, {}, "--weights")
+    with pytest.raises(ValueError, match="saved without CRC-32 checksums"):
+        load_checkpoint(unchecked)
     # a pickle that would run a command is refused, and the command never runs
     marker = tmp_path / "ran"
     evil = tmp_path / "evil.pt"

@@ -196,26 +196,28 @@ def test_a_colour_mapped_band_is_read_in_its_colours_as_pillow_shows_a_palette_p
                                                                                    tmp_path: Path) -> None:
     """A paletted GeoTIFF (one band of colour indexes and its colour table) is read as the RGB
     its table gives, the pixels Pillow gives for the same image as a palette PNG, not as grey
-    indexes; nodata stays invalid."""
+    indexes; nodata, and the table's transparent colours, are invalid."""
     quantised = Image.fromarray(np.moveaxis(_mosaic(shared_data, 2, 96), 0, -1)).quantize(colors=200)
     indexes = np.asarray(quantised).copy()
     indexes[:5] = 250  # nodata: an index the table leaves out
+    indexes[5:8] = 201  # a colour made transparent below: no data either
     quantised.putdata(indexes.ravel())
     colours = np.array(quantised.getpalette()[: 3 * 200], dtype=np.uint8).reshape(200, 3)
     path = _write(tmp_path / "paletted.tif", indexes[None], nodata=250, block=64, photometric="palette")
     with rasterio.open(path, "r+") as dst:
-        dst.write_colormap(1, {i: (*map(int, colours[i]), 255) for i in range(200)})
+        dst.write_colormap(1, {i: (*map(int, colours[i]), 255) for i in range(200)} | {201: (9, 9, 9, 255)})
     with open_raster(open_location(str(tmp_path)), "paletted.tif") as ds:
         bands = choose_bands(ds, None)
         table = band_colour_table(ds, bands)
-        assert bands == (1, 1, 1) and table is not None and table.shape == (256, 3)
+        assert bands == (1, 1, 1) and table is not None and table.shape == (256, 4)
+        table[201, 3] = 0  # transparent, as a VRT's or PNG's table can say (a GeoTIFF's has no alpha)
         rgb, valid = read_rgb(ds, Window(32, 0, 128, 160), bands, None, colour_table=table)
         grey, _ = read_rgb(ds, Window(32, 0, 128, 160), bands, band_limits(ds, bands))
     shown = np.asarray(quantised.convert("RGB"))[:160, 32:160]
-    assert not valid[:5].any() and valid[5:].all()
-    np.testing.assert_array_equal(rgb[5:], shown[5:])
-    assert not rgb[:5].any()
-    assert not np.array_equal(grey[5:], shown[5:])  # what reading the indexes as grey gave
+    assert not valid[:8].any() and valid[8:].all()
+    np.testing.assert_array_equal(rgb[8:], shown[8:])
+    assert not rgb[:8].any()
+    assert not np.array_equal(grey[8:], shown[8:])  # what reading the indexes as grey gave
 
 
 def test_limits_come_from_the_smallest_overview(shared_data: Path, tmp_path: Path) -> None:

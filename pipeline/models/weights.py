@@ -59,9 +59,9 @@ def save_checkpoint(
     write_atomic(location, key, buffer.getvalue())
 
 
-def _read_payload(url: str, storage_options: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
-    """The unpickled contents of a segpipe checkpoint, and its `checkpoint_digest`; only
-    tensors and plain data are unpickled (weights_only)."""
+def _read_payload(url: str, storage_options: dict[str, Any] | None) -> tuple[dict[str, Any], bytes]:
+    """The unpickled contents of a segpipe checkpoint, and the file's bytes; only tensors and
+    plain data are unpickled (weights_only)."""
     try:
         location, key = open_file(url, storage_options)
         data = read_bytes(location, key)
@@ -76,8 +76,6 @@ def _read_payload(url: str, storage_options: dict[str, Any] | None) -> tuple[dic
         )
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            digest = checkpoint_digest(archive)
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"refused to load {url}: it is not a plain tensor checkpoint (weights_only=True rejected it: "
@@ -90,17 +88,24 @@ def _read_payload(url: str, storage_options: dict[str, Any] | None) -> tuple[dic
             f"{url} is not a segpipe checkpoint (no format={CHECKPOINT_FORMAT!r} entry); "
             "write it with pipeline.models.save_checkpoint so it carries classes and preprocessing"
         )
-    return payload, digest
+    return payload, data
 
 
 def load_checkpoint(
     url: str, *, storage_options: dict[str, Any] | None = None
 ) -> tuple[ModelMeta, dict[str, torch.Tensor]]:
     """Read a segpipe checkpoint's metadata, its contents' digest set, and its weights."""
-    payload, digest = _read_payload(url, storage_options)
+    payload, data = _read_payload(url, storage_options)
+    try:  # a legacy (not zip) file torch still reads has no members to digest: known by its path then
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            digest = checkpoint_digest(archive)
+    except zipfile.BadZipFile:
+        digest = None
+    except ValueError as err:
+        raise ValueError(f"checkpoint {url}: {err}") from err
     try:
-        meta = ModelMeta.model_validate(payload["meta"] | {"weights_digest": digest})
-    except ValidationError as err:
+        meta = ModelMeta.model_validate({**payload.get("meta", {}), "weights_digest": digest})
+    except (ValidationError, TypeError) as err:  # TypeError: metadata that is not a mapping
         raise ValueError(f"checkpoint {url} has invalid metadata: {err}") from err
     return meta, payload["state_dict"]
 
