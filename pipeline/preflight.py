@@ -40,6 +40,7 @@ from .config import EvaluateConfig, SegmentConfig, TrainConfig, is_checkpoint_ur
 from .storage import (
     Location,
     StorageUnavailableError,
+    folder_exists,
     iter_files,
     open_file,
     open_location,
@@ -415,13 +416,14 @@ def _readable_folder(url: str, options: dict[str, Any], label: str, remote: bool
         try:
             if next(iter_files(location), None) is not None:
                 return "files"
-            return "empty" if retry_io(location.url, location.fs.exists, location.root) else "missing"
         except FileNotFoundError:
-            return "missing"
+            pass
+        return "empty" if folder_exists(location) else "missing"
 
     state = _ask(what, found, local=location.is_local)
     if state == "missing":
-        raise PreflightError(f"{what} is not a folder or prefix that exists")
+        raise PreflightError(f"{what} is not a folder that exists" if location.is_local
+                             else f"{what}: its bucket {location.root.split('/', 1)[0]} does not exist")
     if state == "empty" and if_empty is not None:
         raise PreflightError(f"{what} {if_empty}")
     return location

@@ -33,12 +33,12 @@ from .storage import (
     ShardBy,
     SourceFile,
     StorageUnavailableError,
+    folder_exists,
     is_local_url,
     is_raster_key,
     iter_shards,
     open_location,
     read_bytes,
-    retry_io,
     write_atomic,
 )
 from .text import counted, per_second
@@ -196,14 +196,15 @@ def list_source(source: Location, *, shard_by: ShardBy, shard_size: int, counts:
     shards = iter_shards(source, shard_by=shard_by, shard_size=shard_size, counts=counts)
     try:
         first = next(shards, None)
-        # an empty listing: the prefix may not exist at all (asked only then, once)
-        missing = first is None and counts.skipped == 0 and not retry_io(source.url, source.fs.exists, source.root)
+        # an empty listing: the folder, or the bucket, may not exist at all (asked only then, once)
+        missing = first is None and counts.skipped == 0 and not folder_exists(source)
     except FileNotFoundError:
         missing = True
     except OSError as err:
         raise RunError(f"cannot read source {source.url}: {type(err).__name__}: {err}") from err
     if missing:
-        raise RunError(f"source {source.url} is not a folder or prefix that exists")
+        raise RunError(f"source {source.url} is not a folder that exists" if source.is_local
+                       else f"source {source.url}: its bucket {source.root.split('/', 1)[0]} does not exist")
     return Prefetched(itertools.chain([first] if first is not None else [], shards))
 
 

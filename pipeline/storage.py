@@ -74,6 +74,16 @@ class Location:
         return f"{self.url}/{key}"
 
 
+def folder_exists(location: Location) -> bool:
+    """Whether a folder or prefix that lists nothing is there, only empty: a local folder
+    that exists; on object storage, where a prefix is only the start of keys and there are no
+    folders, one in a bucket that exists (a night nobody uploaded to has no prefix at all)."""
+    if location.is_local:
+        return os.path.isdir(location.root)
+    bucket = location.root.split("/", 1)[0]
+    return bool(retry_io(location.url, location.fs.exists, bucket))
+
+
 def is_local_url(url: str) -> bool:
     """Whether `url` names a folder on a filesystem (a path, or file:// or local://)."""
     return fsspec.utils.get_protocol(url) in {"file", "local"}

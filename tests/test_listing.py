@@ -54,7 +54,7 @@ def test_a_slow_listing_is_read_once_and_the_first_shard_commits_before_it_ends(
 def test_a_missing_source_stops_before_ray_starts(tmp_path):
     config = SegmentConfig(precision="fp32", source=str(tmp_path / "nothing"), output=str(tmp_path / "out"),
                            model="lraspp_mobilenet_v3_large", weights=None, num_classes=4)
-    with pytest.raises(RunError, match="is not a folder or prefix that exists"):
+    with pytest.raises(RunError, match="is not a folder that exists"):
         run_segmentation(config)  # no Ray session is open: it would have started one
 
 

@@ -138,6 +138,27 @@ def test_a_source_without_images_is_nothing_to_do_even_for_a_new_output(tmp_path
     assert up_to_date(config) is None  # an image: work, for an OUTPUT never written
 
 
+def test_a_night_nobody_uploaded_to_on_s3_is_nothing_to_do(s3_bucket, tmp_path):
+    """On object storage a prefix is only the start of keys: a night without uploads has none,
+    and is an empty night (exit 0), as an empty local folder is. A bucket that does not exist
+    is a mistake, said in one line before anything starts."""
+    from pipeline.preflight import PreflightError, check_segment
+    from pipeline.run import RunError
+
+    bucket, options = s3_bucket
+    config = SegmentConfig(source=f"{bucket}/cams/{{date}}", output=f"{bucket}/out/date={{date}}",
+                           storage_options=options, date="2026-11-22", **MODEL).dated()
+    check_segment(config)
+    record = up_to_date(config)
+    assert record is not None and (record["shards_skipped"], record["images"]) == (0, 0)
+    assert record["source"] == f"{bucket}/cams/2026-11-22"
+    typo = config.model_copy(update={"source": "s3://no-such-bucket/cams/2026-11-22"})
+    with pytest.raises(PreflightError, match="its bucket no-such-bucket does not exist"):
+        check_segment(typo)
+    with pytest.raises(RunError, match="its bucket no-such-bucket does not exist"):
+        up_to_date(typo)
+
+
 def test_a_checkpoint_counts_by_its_contents_not_by_its_path(ray_cpu, tmp_path, monkeypatch):
     """Weights retrained and saved over the same checkpoint file are work to do (the path is
     the same, the model is not); the same file given by another path is not, nor a copy of it

@@ -174,7 +174,7 @@ def test_a_misspelled_model_names_the_closest(source, tmp_path) -> None:
 
 def test_source_output_and_layout(source, tmp_path) -> None:
     _refused(["segment", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--weights", "none", "--num-classes", "2"],
-             f"SOURCE {tmp_path / 'nowhere'} is not a folder or prefix that exists")
+             f"SOURCE {tmp_path / 'nowhere'} is not a folder that exists")
     (tmp_path / "a-file").write_text("not a folder")
     # a file given as SOURCE: its folder named, the path tidied
     _refused(["segment", f"{source}/../a-file", str(tmp_path / "out"), "--weights", "none", "--num-classes", "2"],
@@ -198,7 +198,7 @@ def test_source_output_and_layout(source, tmp_path) -> None:
 
 def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> None:
     _refused(["evaluate", str(source), str(tmp_path / "gt"), str(tmp_path / "report"), "--num-classes", "2"],
-             f"GROUND_TRUTH {tmp_path / 'gt'} is not a folder or prefix that exists")
+             f"GROUND_TRUTH {tmp_path / 'gt'} is not a folder that exists")
     (tmp_path / "gt").mkdir()  # an empty night's folder
     _refused(["evaluate", str(source), str(tmp_path / "gt"), str(tmp_path / "report"), "--num-classes", "2"],
              f"GROUND_TRUTH {tmp_path / 'gt'} holds no masks: nothing to score")
@@ -210,7 +210,7 @@ def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> N
                                       output=str(tmp_path / "a-file" / "report"), num_classes=2))
     train = ["train", str(source), str(source), str(tmp_path / "m.pt"), "--model", "lraspp_mobilenet_v3_large"]
     _refused([*train[:2], str(tmp_path / "labels"), *train[3:], "--num-classes", "2"],
-             f"LABELS {tmp_path / 'labels'} is not a folder or prefix that exists")
+             f"LABELS {tmp_path / 'labels'} is not a folder that exists")
     resumed = _checkpoint(tmp_path / "resume.pt", 3, epoch=4)
     _refused([*train, "--num-classes", "5", "--resume", resumed],
              f"--resume {resumed} trains a lraspp_mobilenet_v3_large model of 3 classes; pass --model "

@@ -158,7 +158,7 @@ def test_model_that_cannot_load_stops_the_run_with_its_reason(ray_cpu, tmp_path)
     config = SegmentConfig(precision="fp32", source=source, output=output, model="lraspp_mobilenet_v3_large", weights="none")
     with pytest.raises(RunError, match="num_classes is required"):
         run_segmentation(config)
-    with pytest.raises(RunError, match="not a folder or prefix that exists"):
+    with pytest.raises(RunError, match="not a folder that exists"):
         run_segmentation(config.model_copy(update={"source": str(tmp_path / "missing")}))
 
 
