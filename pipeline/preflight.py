@@ -212,6 +212,11 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
         if resumed.trained_epochs >= config.epochs:
             raise PreflightError(f"--resume {config.resume} already trained {resumed.trained_epochs} epochs; ask for "
                                  "more than that with --epochs")
+        # the optimizer's state goes on from the checkpoint's: another optimizer cannot take it
+        trained = resumed.meta.get("extra", {}).get("training", {})
+        if trained.get("optimizer", config.optimizer) != config.optimizer:
+            raise PreflightError(f"--resume {config.resume} was trained with --optimizer {trained['optimizer']}, whose "
+                                 f"state it goes on from; pass --optimizer {trained['optimizer']}")
 
 
 # ---------------------------------------------------------------------------- model weights

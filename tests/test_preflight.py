@@ -71,7 +71,9 @@ def _checkpoint(path: Path, num_classes: int = 3, *, epoch: int | None = None) -
     """A small real checkpoint, written the way segpipe train writes one."""
     model = build_model("lraspp_mobilenet_v3_large", num_classes=num_classes)
     state = {"epoch": epoch, "optimizer": {"state": {}, "param_groups": [{"lr": 0.01}]}, "history": []} if epoch else None
-    save_checkpoint(model, str(path), ModelMeta.default("lraspp_mobilenet_v3_large", num_classes), training_state=state)
+    extra = {"training": {"optimizer": "sgd"}, "epoch": epoch} if epoch else {}
+    save_checkpoint(model, str(path), ModelMeta.default("lraspp_mobilenet_v3_large", num_classes, extra=extra),
+                    training_state=state)
     return str(path)
 
 
@@ -216,6 +218,8 @@ def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> N
              f"--resume {resumed} trains a lraspp_mobilenet_v3_large model of 3 classes; pass --model "
              "lraspp_mobilenet_v3_large --num-classes 3")
     _refused([*train, "--num-classes", "3", "--resume", resumed, "--epochs", "4"], "already trained 4 epochs")
+    _refused([*train, "--num-classes", "3", "--resume", resumed, "--epochs", "6", "--optimizer", "adamw"],
+             f"--resume {resumed} was trained with --optimizer sgd, whose state it goes on from; pass --optimizer sgd")
     _refused([*train, "--num-classes", "3", "--init", "fcn_resnet50.pt"], "--init fcn_resnet50.pt: no such file")
     _refused([*train[:-1], "pspnet_resnet50", "--num-classes", "3", "--init", "COCO_WITH_VOC_LABELS_V1"],
              "--model pspnet_resnet50 has no published weights to load as --init COCO_WITH_VOC_LABELS_V1")
@@ -229,7 +233,8 @@ def test_checkpoint_metadata_is_read_without_its_tensors_or_running_code(tmp_pat
     assert (summary.architecture, summary.num_classes, summary.trained_epochs) == ("lraspp_mobilenet_v3_large", 3, 2)
     assert summary.class_names == ("class_0", "class_1", "class_2")
     # saved without the digest, which describes the file it is read from
-    assert summary.meta == ModelMeta.default("lraspp_mobilenet_v3_large", 3).model_dump(mode="json", exclude={"weights_digest"})
+    assert summary.meta == ModelMeta.default("lraspp_mobilenet_v3_large", 3, extra={"training": {"optimizer": "sgd"}, "epoch": 2}
+                                             ).model_dump(mode="json", exclude={"weights_digest"})
     assert len(summary.digest) == 16 and summary.digest != read_checkpoint(_checkpoint(tmp_path / "n.pt", 4), {}, "x").digest
     # without its CRC-32s a checkpoint's weights could change unseen: refused, by torch's reading too
     torch.serialization.set_crc32_options(False)
