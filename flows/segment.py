@@ -53,9 +53,10 @@ def commit_run(config: SegmentConfig, summary: RunSummary) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def summarise(summary: RunSummary, record_uri: str, polygons: bool = False) -> dict[str, Any]:
+def summarise(summary: RunSummary, record_uri: str, polygons: bool = False, confidence: bool = False) -> dict[str, Any]:
     """The run's Prefect artifacts, and what the command line prints: the run record, the
-    pixel shares, and the folders written (`polygons/` too with --polygons)."""
+    pixel shares, and the folders written (`confidence/` and `polygons/` too with
+    --confidence and --polygons)."""
     total_pixels = sum(summary.pixels_by_class.values())
     shares = {name: count / total_pixels for name, count in sorted(summary.pixels_by_class.items(), key=lambda kv: -kv[1])}
     rows = [
@@ -83,6 +84,7 @@ def summarise(summary: RunSummary, record_uri: str, polygons: bool = False) -> d
             f"- images table: `{out}/images/` (one row per image, `status = 'error'` rows say why)",
             f"- class statistics: `{out}/class_stats/`",
             f"- masks: `{out}/masks/`",
+            *([f"- confidence masks: `{out}/confidence/`"] if confidence else []),
             *([f"- class polygons (GeoParquet): `{out}/polygons/`"] if polygons else []),
             f"- run record: `{record_uri}`",
             "",
@@ -92,7 +94,8 @@ def summarise(summary: RunSummary, record_uri: str, polygons: bool = False) -> d
         ]),
         key="segpipe-run-outputs",
     )
-    folders = ["images/", "class_stats/", "masks/"] + (["polygons/"] if polygons else [])
+    folders = ["images/", "class_stats/", "masks/"] + (["confidence/"] if confidence else []) + (
+        ["polygons/"] if polygons else [])
     return summary.as_record() | {"pixel_share": shares, "record": record_uri, "folders": folders}
 
 
@@ -116,4 +119,4 @@ def segment_archive(
     check_segment(config)  # as the command line does; here with the credentials of a Secret block too
     summary = run_on_ray(config, on_progress, replicas)
     record = commit_run(config, summary)
-    return summarise(summary, record, config.polygons)
+    return summarise(summary, record, config.polygons, config.confidence)

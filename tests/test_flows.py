@@ -80,10 +80,11 @@ def test_a_run_with_polygons_names_their_folder(prefect_harness):
 
     @flow
     def summarised() -> dict:
-        return summarise(summary, "s3://b/out/_runs/r.json", polygons=True)
+        return summarise(summary, "s3://b/out/_runs/r.json", polygons=True, confidence=True)
 
     result = summarised()
-    assert result["folders"] == ["images/", "class_stats/", "masks/", "polygons/"]
+    assert result["folders"] == ["images/", "class_stats/", "masks/", "confidence/", "polygons/"]
+    assert "`s3://b/out/confidence/`" in Artifact.get("segpipe-run-outputs").data
     assert "`s3://b/out/polygons/`" in Artifact.get("segpipe-run-outputs").data
     assert "0.033 images/s" in Artifact.get("segpipe-run-outputs").data  # one image in 30 s, not "0.0"
 
