@@ -16,6 +16,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import types
@@ -179,14 +180,35 @@ def _preflight(check: Callable[..., None], config: JobConfig, storage_secret: st
         check(config.with_storage_options(resolve_storage_options(config.storage_options, None)))
 
 
+class _Uncoloured:
+    """A text stream that drops ANSI colour codes from what is written to it: Ray colours the
+    "[repeated 2x across cluster]" of the lines it forwards whatever it writes to, with no
+    setting to turn that off."""
+
+    _CODE = re.compile(r"\x1b\[[0-9;]*m")
+
+    def __init__(self, stream: typing.TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(self._CODE.sub("", text))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def _plain_output_when_piped() -> None:
     """No colour codes in output that goes to a file or a pipe. Ray colours the prefix of the
     log lines it forwards from its workers whether or not it writes to a terminal; Prefect's
     console log lines (PREFECT_LOGGING_LEVEL=INFO) are coloured by rich, which asks the
-    stream, unless told otherwise (FORCE_COLOR). Set before either is imported."""
+    stream, unless told otherwise (FORCE_COLOR). Set before either is imported; what is
+    coloured regardless is dropped by the streams themselves (`_Uncoloured`)."""
     if not (sys.stdout.isatty() and sys.stderr.isatty()):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
         os.environ.setdefault("PREFECT_LOGGING_COLORS", "false")
+        sys.stdout, sys.stderr = (stream if isinstance(stream, _Uncoloured) else _Uncoloured(stream)
+                                  for stream in (sys.stdout, sys.stderr))
 
 
 def _segment(args: argparse.Namespace) -> int:

@@ -264,6 +264,22 @@ def test_ray_worker_lines_carry_no_colour_codes_when_piped(ray_cpu, capfd, monke
     assert "plain" in line and "\x1b[" not in line
 
 
+def test_what_ray_colours_regardless_is_plain_when_piped(monkeypatch) -> None:
+    """Ray colours its "[repeated 2x across cluster]" tag with no setting to stop it: the
+    command's own streams drop the codes when they are not a terminal."""
+    from ray._private.ray_logging import _color  # how Ray writes the tag
+
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    _plain_output_when_piped()
+    _plain_output_when_piped()  # a second command in the same process: not wrapped twice
+    print("epoch 1" + _color(" [repeated 2x across cluster]"))
+    print("\x1b[1;31mfailed\x1b[0m", file=sys.stderr)
+    assert "\x1b[" in _color("x") and out.getvalue() == "epoch 1 [repeated 2x across cluster]\n"
+    assert err.getvalue() == "failed\n" and sys.stdout.isatty() is False
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_the_summary_counts_in_english(n: int, capsys: pytest.CaptureFixture[str]) -> None:
     """'1 image', '2 images': no '1 replicas'."""
