@@ -125,6 +125,10 @@ def test_train_command_learns_and_segment_runs_its_checkpoint_alone(tmp_path):
     # (uniformly random); learning takes it well above both
     assert max(train_miou[-3:]) > 0.33 and max(train_miou[-3:]) > train_miou[0] + 0.1, train_miou
     assert "12 training and 2 validation images, 2 cpu workers" in done.stdout
+    # each epoch said once (Ray Train's patched print() said it twice), without Ray Train's own progress
+    said = [line for line in done.stdout.splitlines() if "segpipe train: epoch " in line]
+    assert [line.split("segpipe train: epoch ")[1].split()[0] for line in said] == [f"{e}/20" for e in range(1, 21)]
+    assert "Requesting resources" not in done.stdout + done.stderr
 
     meta, state = load_checkpoint(str(checkpoint))
     assert meta.architecture == "deeplabv3_mobilenet_v3_large" and meta.class_names == SAMPLE_CLASSES

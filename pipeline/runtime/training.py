@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -25,7 +26,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import RunConfig, ScalingConfig
+from ray.train import LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from ..config import TrainingError
@@ -134,7 +135,8 @@ def _train_worker(loop: dict[str, Any]) -> list[dict[str, Any]] | None:
 
     model, meta, skipped = build_training_model(config)
     if skipped and rank == 0:
-        print(f"segpipe train: {len(skipped)} tensors start random (not in --init or other shapes): {', '.join(skipped[:4])}...")
+        sys.stdout.write(f"segpipe train: {len(skipped)} tensors start random (not in --init or other shapes): "
+                         f"{', '.join(skipped[:4])}...\n")  # written: as the epochs' lines, once
     if config.resume:
         _, state = load_checkpoint(config.resume, storage_options=config.storage_options)
         model.load_state_dict(state)
@@ -168,8 +170,11 @@ def _train_worker(loop: dict[str, Any]) -> list[dict[str, Any]] | None:
         history.append(metrics)
         score = metrics[score_name]
         if rank == 0:
-            print(f"segpipe train: epoch {epoch + 1}/{config.epochs} loss {metrics['loss']:.4f} "
-                  f"train mIoU {metrics['train_miou']} val mIoU {metrics['val_miou']} {metrics['images_per_second']} img/s")
+            # written, not print()ed: Ray Train patches print() in its workers to go to its
+            # logger as well as the stream, and Ray forwards both, so each line came twice
+            sys.stdout.write(f"segpipe train: epoch {epoch + 1}/{config.epochs} loss {metrics['loss']:.4f} train mIoU "
+                             f"{metrics['train_miou']} val mIoU {metrics['val_miou']} {metrics['images_per_second']} img/s\n")
+            sys.stdout.flush()
             if best is None or (score is not None and score > best):
                 best = score
                 _save_best(plain, meta, config, optimizer, schedule, history, best)
@@ -235,7 +240,10 @@ def run_training(config: TrainConfig) -> TrainSummary:
                                "start_epoch": start_epoch},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": config.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})),
-            run_config=RunConfig(name=f"segpipe-train-{uuid.uuid4().hex[:8]}", storage_path=storage),
+            # Ray Train's own progress (resources requested, the worker group started, the model
+            # moved to its device) at WARNING: the command prints the epochs and a summary
+            run_config=RunConfig(name=f"segpipe-train-{uuid.uuid4().hex[:8]}", storage_path=storage,
+                                 logging_config=LoggingConfig(log_level="WARNING")),
         )
         try:
             history = trainer.fit().return_value or []
