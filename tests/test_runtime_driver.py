@@ -348,7 +348,7 @@ def test_tile_option_segments_large_images_with_sliding_windows(ray_cpu, tmp_pat
     whole = Segmenter(loaded, device="cpu", precision="fp32").predict([image])[0]
     assert (mask == windowed.argmax(0).numpy()).mean() > 0.999
     assert (mask == whole.argmax(0).numpy()).mean() < 0.97  # the test can tell the two apart
-    with pytest.raises(ValueError, match="--tile-stride 80 needs a --tile at least as large"):
+    with pytest.raises(ValueError, match="--tile-stride 80 is larger than --tile 64: windows would leave gaps"):
         SegmentConfig(source="a", output="b", tile=64, tile_stride=80)
 
 
