@@ -344,9 +344,9 @@ def read_rgb(
 
     `bands` (three, from `choose_bands`) are scaled linearly from their `limits` (from
     `band_limits`) to 0..255 and clipped; or, with a `colour_table` (`band_colour_table`), the
-    one band's values are looked up in it and `limits` are not used. `valid` is False where GDAL's masks (the nodata
-    value, an internal mask or an alpha band) say nodata in every band, and where a float
-    value is not finite; those pixels are black.
+    one band's values are looked up in it and `limits` are not used. `valid` is False where
+    GDAL's masks (the nodata value, an internal mask or an alpha band) say nodata in every
+    band, and where a float value is not finite; those pixels are black.
     """
     col, row, width, height = window.flatten()
     if (any(v != int(v) for v in (col, row, width, height)) or col < 0 or row < 0 or width < 1 or height < 1
