@@ -67,12 +67,13 @@ def _read_payload(url: str, storage_options: dict[str, Any] | None) -> tuple[dic
         data = read_bytes(location, key)
     except Exception as err:  # fsspec surfaces each backend's own error types
         raise WeightsUnavailableError(
-            f"cannot read checkpoint {url}: {type(err).__name__}: {err}. Check the URL and its "
-            "credentials (--storage-options or AWS_* variables), or pass --weights none for an untrained model"
+            f"cannot read checkpoint {url}: {type(err).__name__}: {err}. Check the URL and its credentials (AWS_* "
+            "variables, or storage options: --storage-options, or storage_options= in Python), or use weights none "
+            "for an untrained model"
         ) from err
     if data is None:
         raise WeightsUnavailableError(
-            f"cannot read checkpoint {url}: no such file. Check the URL, or pass --weights none for an untrained model"
+            f"cannot read checkpoint {url}: no such file. Check the URL, or use weights none for an untrained model"
         )
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
