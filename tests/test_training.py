@@ -129,6 +129,7 @@ def test_train_command_learns_and_segment_runs_its_checkpoint_alone(tmp_path):
     said = [line for line in done.stdout.splitlines() if "segpipe train: epoch " in line]
     assert [line.split("segpipe train: epoch ")[1].split()[0] for line in said] == [f"{e}/20" for e in range(1, 21)]
     assert "Requesting resources" not in done.stdout + done.stderr
+    assert "PreemptionWatcher" not in done.stdout + done.stderr  # a local Ray has nothing to preempt
 
     meta, state = load_checkpoint(str(checkpoint))
     assert meta.architecture == "deeplabv3_mobilenet_v3_large" and meta.class_names == SAMPLE_CLASSES

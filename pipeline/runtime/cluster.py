@@ -19,6 +19,10 @@ def connect_ray(address: str | None) -> tuple[bool, str]:
     wanted = address or os.environ.get("RAY_ADDRESS") or None
     if wanted in (None, "local"):
         _choose_token_auth()
+        # no autoscaler drains a node of a Ray started here: Ray Train's preemption watcher would
+        # watch nothing, and its actor logs an error line at every training run (the processes
+        # Ray starts inherit this environment)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(address=wanted, include_dashboard=False, logging_level=logging.WARNING)
         return True, "a local Ray started for this run"
     ray.init(address=address, logging_level=logging.WARNING)
