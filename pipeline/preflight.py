@@ -42,6 +42,7 @@ from .storage import (
     StorageUnavailableError,
     folder_exists,
     iter_files,
+    missing_folder,
     open_file,
     open_location,
     read_bytes,
@@ -427,8 +428,7 @@ def _readable_folder(url: str, options: dict[str, Any], label: str, remote: bool
 
     state = _ask(what, found, local=location.is_local)
     if state == "missing":
-        raise PreflightError(f"{what} is not a folder that exists" if location.is_local
-                             else f"{what}: its bucket {location.root.split('/', 1)[0]} does not exist")
+        raise PreflightError(missing_folder(location, what))
     if state == "empty" and if_empty is not None:
         raise PreflightError(f"{what} {if_empty}")
     return location
@@ -496,6 +496,5 @@ def _writable(location: Location, label: str, shown: str | None = None) -> None:
             why = "" if isinstance(err, FileNotFoundError) else f" ({err.strerror or type(err).__name__})"
             raise PreflightError(f"cannot write to {label} {shown}: {nearest} is not writable{why}") from err
         return
-    bucket = location.root.split("/", 1)[0]
-    if not _ask(f"{label} {shown}", lambda: retry_io(location.url, location.fs.exists, bucket)):
-        raise PreflightError(f"cannot write to {label} {shown}: its bucket {bucket} does not exist")
+    if not _ask(f"{label} {shown}", lambda: folder_exists(location)):
+        raise PreflightError(f"cannot write to {label} {shown}: its bucket {location.bucket} does not exist")

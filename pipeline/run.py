@@ -37,6 +37,7 @@ from .storage import (
     is_local_url,
     is_raster_key,
     iter_shards,
+    missing_folder,
     open_location,
     read_bytes,
     write_atomic,
@@ -203,8 +204,7 @@ def list_source(source: Location, *, shard_by: ShardBy, shard_size: int, counts:
     except OSError as err:
         raise RunError(f"cannot read source {source.url}: {type(err).__name__}: {err}") from err
     if missing:
-        raise RunError(f"source {source.url} is not a folder that exists" if source.is_local
-                       else f"source {source.url}: its bucket {source.root.split('/', 1)[0]} does not exist")
+        raise RunError(missing_folder(source, f"source {source.url}"))
     return Prefetched(itertools.chain([first] if first is not None else [], shards))
 
 

@@ -73,6 +73,11 @@ class Location:
         """The key as a URL a user can paste (the absolute path for local folders)."""
         return f"{self.url}/{key}"
 
+    @property
+    def bucket(self) -> str:
+        """The first part of the root: on object storage, the bucket it lies in."""
+        return self.root.split("/", 1)[0]
+
 
 def folder_exists(location: Location) -> bool:
     """Whether a folder or prefix that lists nothing is there, only empty: a local folder
@@ -80,8 +85,12 @@ def folder_exists(location: Location) -> bool:
     folders, one in a bucket that exists (a night nobody uploaded to has no prefix at all)."""
     if location.is_local:
         return os.path.isdir(location.root)
-    bucket = location.root.split("/", 1)[0]
-    return bool(retry_io(location.url, location.fs.exists, bucket))
+    return bool(retry_io(location.url, location.fs.exists, location.bucket))
+
+
+def missing_folder(location: Location, what: str) -> str:
+    """What to say of `what` (naming `location`) when `folder_exists` says no."""
+    return f"{what} is not a folder that exists" if location.is_local else f"{what}: its bucket {location.bucket} does not exist"
 
 
 def is_local_url(url: str) -> bool:
