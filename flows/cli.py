@@ -21,7 +21,6 @@ import sys
 import threading
 import types
 import typing
-from collections import Counter
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -40,7 +39,6 @@ from pipeline.config import (
     option_name,
     parse_json_object,
 )
-from pipeline.text import counted, every, per_second, verb_for
 
 # options a command takes besides its config's fields
 _SECRET_HELP = ("name of a Prefect Secret block holding storage options (credentials) as a JSON object "
@@ -144,27 +142,28 @@ def _validation_lines(err: ValidationError, config: type[JobConfig]) -> list[str
     return lines
 
 
-def _quiet_prefect() -> None:
-    """The command prints its own progress, summary and one-line errors; Prefect's log lines
-    (and its tracebacks of the same errors) would tear through them. PREFECT_LOGGING_LEVEL=INFO
-    brings them back. The temporary server a command may start has no one to report usage to
-    (offline, it logs an error for each attempt). Set before Prefect is imported, which reads
-    its settings once."""
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+def _prefect_logging(default_level: str) -> None:
+    """Prefect's log level, unless PREFECT_LOGGING_LEVEL sets it. The one-shot commands print
+    their own progress, summary and one-line errors, which Prefect's log lines (and its
+    tracebacks of the same errors) would tear through: CRITICAL. `segpipe serve` is a service
+    whose log is Prefect's, each flow run's start, progress, summary and end state: INFO.
+    The temporary server a command may start has no one to report usage to (offline, it logs
+    an error for each attempt). Set before Prefect is imported, which reads its settings once."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", default_level)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect's background services log under their class names, outside the `prefect`
     # loggers that setting governs: "EventsWorker - Still processing items" after a flow
-    # that failed at once, under the command's one-line error
+    # that failed at once, under the command's one-line error. Their warnings at most.
     level = os.environ["PREFECT_LOGGING_LEVEL"].strip().upper()
     number = int(level) if level.isdigit() else logging.getLevelName(level)  # a name's number, else "Level X"
     for service in ("EventsWorker", "APILogWorker"):
-        logging.getLogger(service).setLevel(number if isinstance(number, int) else logging.CRITICAL)
+        logging.getLogger(service).setLevel(max(number, logging.WARNING) if isinstance(number, int) else logging.CRITICAL)
 
 
 def _start_prefect() -> TemporaryServer:
     """Prefect's temporary server, when the command needs one (flows/_prefect_server.py): it
     comes up while the command starts Ray and imports its flow."""
-    _quiet_prefect()
+    _prefect_logging("CRITICAL")
     return temporary_server()
 
 
@@ -228,11 +227,11 @@ def _segment(args: argparse.Namespace) -> int:
     replicas = None
     if not args.storage_secret:
         from flows._storage import resolve_storage_options
-        from pipeline.run import up_to_date
+        from pipeline.run import summary_lines, up_to_date
 
         resolved = config.with_storage_options(resolve_storage_options(config.storage_options, None))
         if (record := up_to_date(resolved)) is not None:
-            _print_summary(record)
+            print("\n".join(summary_lines(record)))
             return 0
     prefect_server = _start_prefect()
     if not args.storage_secret:
@@ -245,6 +244,7 @@ def _segment(args: argparse.Namespace) -> int:
 
     from flows.segment import segment_archive
     from pipeline.outputs import LayoutMismatchError
+    from pipeline.run import summary_lines
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     try:
@@ -256,39 +256,11 @@ def _segment(args: argparse.Namespace) -> int:
                                               on_progress=lambda p: bar.update(task, description=p.describe()))
             except LayoutMismatchError as err:
                 raise UsageError(str(err)) from err
-        _print_summary(summary)
+        print("\n".join(summary_lines(summary)))
     finally:
         if replicas is not None:
             replicas.close()  # removes the replicas, and shuts down the Ray it started
     return 0
-
-
-def _print_summary(s: dict) -> None:
-    if s["shards_committed"] == 0:  # no shard needed work: neither Ray nor a model started
-        skipped = s["shards_skipped"]
-        what = (f"{every(skipped, 'shard')} of {s['source']} {verb_for(skipped, 'is', 'are')} already up to date in {s['output']}"
-                if skipped else f"no images under {s['source']}")
-        print(f"nothing to do: {what} (run {s['run_id']}, record {s['record']})")
-        return
-    ok = s["images"] - s["errors"]
-    print(f"run {s['run_id']}: {counted(s['images'], 'image')} segmented ({ok} ok, {counted(s['errors'], 'error')}) "
-          f"in {s['seconds']:.1f} s ({s['setup_seconds']:.1f} s to start), {per_second(s['images_per_second'])} images/s")
-    print(f"shards: {s['shards_committed']} committed, {s['shards_skipped']} already up to date; "
-          f"{counted(s['non_image_keys'], 'non-image key')} skipped")
-    if s["errors_by_type"]:
-        reasons = ", ".join(f"{name} {count}" for name, count in sorted(s["errors_by_type"].items(), key=lambda kv: -kv[1]))
-        print(f"errors by reason: {reasons} (details: status = 'error' rows of the images table)")
-    devices = Counter(r["device"] + (f" ({counted(r['threads'], 'thread')})" if r["device"] == "cpu" else "")
-                      for r in s["replicas"])
-    print(f"model {s['model']} ({s['weights']}) on {counted(len(s['replicas']), 'replica')} in {s['ray_cluster']}: "
-          + ", ".join(f"{n} on {device}" for device, n in devices.items()))
-    compiled = [r["compile_seconds"] for r in s["replicas"] if r.get("compile_seconds")]
-    if compiled:  # paid inside the run, at each input shape's first batch, once per replica
-        print(f"compiling the model took {max(compiled):.1f} s of the run (the first batch of each input shape; "
-              "inductor's cache on local disk makes the next run's shorter; --no-compile skips it, for a few images)")
-    if s["retried_batches"]:
-        print(f"{counted(s['retried_batches'], 'batch', 'batches')} sent again after a worker failed")
-    print(f"outputs: {', '.join(s['output'] + '/' + folder for folder in s['folders'])} (run record {s['record']})")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -298,18 +270,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     _preflight(check_evaluate, config, args.storage_secret)
     prefect_server = _start_prefect()
     from flows.evaluate import evaluate_predictions
-    from pipeline.evaluation import markdown_table
+    from pipeline.evaluation import class_table
 
     with prefect_server.api():
         report = evaluate_predictions(config, storage_secret=args.storage_secret)
-    print(markdown_table(report))
+    print(class_table(report, markdown=False))
     print(f"report: {config.output.rstrip('/')}/metrics.json, per_image.parquet, confusion_matrix.png, per_class_iou.png")
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
     config = config_from_arguments(SegmentConfig, args)
-    _quiet_prefect()
+    _prefect_logging("INFO")
     from flows.deployments import serve_deployments
 
     serve_deployments(config, storage_secret=args.storage_secret, cron=args.cron)

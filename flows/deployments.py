@@ -3,12 +3,15 @@ infra/prefect.yaml (a work pool, for clusters)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import sys
+from typing import Any
 
-from prefect import serve
 from prefect.client.orchestration import get_client
 from prefect.deployments.runner import RunnerDeployment
+from prefect.runner import Runner
 from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL
 
@@ -66,6 +69,17 @@ def check_prefect_server() -> str:
     return url
 
 
+class _Runner(Runner):
+    """Prefect's runner, stopped by SIGTERM (what systemd and Kubernetes send) as by Ctrl-C.
+    Prefect 3.8's own handler calls its async-dispatched stop() from inside the event loop,
+    which only makes a coroutine it drops, then sys.exit()s wherever the loop was: tracebacks
+    of cancelled tasks, and schedules left unpaused. A SIGINT instead takes the way Ctrl-C
+    does: asyncio cancels the loop's main task, and the runner's exit pauses the schedules."""
+
+    def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+
 def serve_deployments(config: SegmentConfig, *, storage_secret: str | None = None, cron: str = NIGHTLY_CRON) -> None:
     """Serve both deployments from this process until Ctrl-C (or SIGTERM), after checking that
     the Prefect server answers (RunError, one line, if not). Prints how to trigger each."""
@@ -82,9 +96,12 @@ def serve_deployments(config: SegmentConfig, *, storage_secret: str | None = Non
         print(f"  prefect deployment run '{names[0]}'")
         print(f"  prefect deployment run '{names[1]}' --params '{json.dumps(evaluation)}'")
         sys.stdout.flush()
-        # Ctrl-C ends serve() itself (it pauses the schedules on the way out); before it runs,
-        # it ends the imports and the registration here
-        serve(*deployments, print_starting_message=False)
+        runner = _Runner(pause_on_shutdown=True)
+        for deployment in deployments:
+            runner.add_deployment(deployment)
+        # Ctrl-C or SIGTERM ends the runner's loop, which pauses the schedules on its way out;
+        # a Ctrl-C before then ends the imports or the registration above
+        asyncio.run(runner.start())
     except KeyboardInterrupt:
         pass
     print("stopped serving")

@@ -17,8 +17,8 @@ from pipeline.evaluation import (
     Pairing,
     ScoreSettings,
     build_report,
+    class_table,
     exclusion_summary,
-    markdown_table,
     pair_masks,
     per_image_table,
     resolve_class_names,
@@ -70,7 +70,7 @@ def write(output: str, report: dict[str, Any], total: BatchScore, class_names: l
 
 @task(cache_policy=NO_CACHE)
 def publish(report: dict[str, Any], files: list[str], description: str) -> None:
-    create_markdown_artifact(markdown_table(report) + "\n\nFiles: " + ", ".join(f"`{f}`" for f in files),
+    create_markdown_artifact(class_table(report, markdown=True) + "\n\nFiles: " + ", ".join(f"`{f}`" for f in files),
                              key="segpipe-evaluation", description=description)
 
 

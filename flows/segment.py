@@ -20,7 +20,7 @@ from flows._retries import IO_TASK
 from flows._storage import resolve_storage_options
 from pipeline.config import SegmentConfig
 from pipeline.preflight import check_segment
-from pipeline.run import Progress, RunSummary, record_run
+from pipeline.run import Progress, RunSummary, record_run, summary_lines
 from pipeline.runtime.driver import run_segmentation
 from pipeline.runtime.replicas import Replicas
 from pipeline.storage import open_location
@@ -119,4 +119,8 @@ def segment_archive(
     check_segment(config)  # as the command line does; here with the credentials of a Secret block too
     summary = run_on_ray(config, on_progress, replicas)
     record = commit_run(config, summary)
-    return summarise(summary, record, config.polygons, config.confidence)
+    result = summarise(summary, record, config.polygons, config.confidence)
+    logger = get_run_logger()
+    for line in summary_lines(result):  # `segpipe serve`'s log of the night; the command line prints them itself
+        logger.info("%s", line)
+    return result

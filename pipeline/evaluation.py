@@ -422,21 +422,26 @@ def write_report(output: Location, report: dict[str, Any], per_image: pa.Table) 
     return [output.uri(key) for key in files]
 
 
-def markdown_table(report: dict[str, Any]) -> str:
-    """The per-class table for a Prefect artifact or a terminal."""
+def class_table(report: dict[str, Any], *, markdown: bool) -> str:
+    """The headline and per-class table: Markdown for a Prefect artifact, or columns aligned
+    in plain text for a terminal (`markdown=False`)."""
     def fmt(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
-    lines = [
-        f"**mIoU {fmt(report['miou'])}**, mDice {fmt(report['mdice'])}, pixel accuracy "
-        f"{fmt(report['pixel_accuracy'])}, fwIoU {fmt(report['fw_iou'])} over {counted(report['images'], 'image')}",
-        "",
-        "| id | class | IoU | Dice | precision | recall | gt pixels | predicted pixels |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for c in report["classes"]:
-        lines.append(f"| {c['id']} | {c['name']} | {fmt(c['iou'])} | {fmt(c['dice'])} | {fmt(c['precision'])} | "
-                     f"{fmt(c['recall'])} | {c['gt_pixels']} | {c['pred_pixels']} |")
+    headline = (f"mIoU {fmt(report['miou'])}, mDice {fmt(report['mdice'])}, pixel accuracy "
+                f"{fmt(report['pixel_accuracy'])}, fwIoU {fmt(report['fw_iou'])} over {counted(report['images'], 'image')}")
+    header = ["id", "class", "IoU", "Dice", "precision", "recall", "gt pixels", "predicted pixels"]
+    rows = [[str(c["id"]), c["name"], fmt(c["iou"]), fmt(c["dice"]), fmt(c["precision"]), fmt(c["recall"]),
+             str(c["gt_pixels"]), str(c["pred_pixels"])] for c in report["classes"]]
+    if markdown:
+        lines = [f"**{headline.replace(', ', '**, ', 1)}", "", "| " + " | ".join(header) + " |",
+                 "|---:|---|" + "---:|" * (len(header) - 2)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+    else:  # the class name left-aligned, the numbers right-aligned
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        lines = [headline, ""] + ["  ".join(cell.ljust(width) if i == 1 else cell.rjust(width)
+                                            for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip()
+                                  for row in [header, *rows]]
     left_out = len(report["excluded"]) + len(report["unpaired_predictions"]) + len(report["unpaired_ground_truth"])
     if left_out:
         excluded = len(report["excluded"])

@@ -42,7 +42,7 @@ from .storage import (
     read_bytes,
     write_atomic,
 )
-from .text import counted, per_second
+from .text import counted, every, per_second, verb_for
 
 T = TypeVar("T")
 
@@ -506,3 +506,37 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
     return summary.as_record() | {"pixel_share": {}, "record": record_run(store.location, summary)}
 
 
+
+
+def summary_lines(s: dict[str, Any]) -> list[str]:
+    """A run's summary as the command line prints it and `segpipe serve` logs it, from the
+    record the segmentation flow returns (or `up_to_date`'s)."""
+    if s["shards_committed"] == 0:  # no shard needed work: neither Ray nor a model started
+        skipped = s["shards_skipped"]
+        what = (f"{every(skipped, 'shard')} of {s['source']} {verb_for(skipped, 'is', 'are')} already up to date "
+                f"in {s['output']}" if skipped else f"no images under {s['source']}")
+        return [f"nothing to do: {what} (run {s['run_id']}, record {s['record']})"]
+    ok = s["images"] - s["errors"]
+    lines = [
+        f"run {s['run_id']}: {counted(s['images'], 'image')} segmented ({ok} ok, {counted(s['errors'], 'error')}) "
+        f"in {s['seconds']:.1f} s ({s['setup_seconds']:.1f} s to start), {per_second(s['images_per_second'])} images/s",
+        f"shards: {s['shards_committed']} committed, {s['shards_skipped']} already up to date; "
+        f"{counted(s['non_image_keys'], 'non-image key')} skipped",
+    ]
+    if s["errors_by_type"]:
+        reasons = ", ".join(f"{name} {count}" for name, count in sorted(s["errors_by_type"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"errors by reason: {reasons} (details: status = 'error' rows of the images table)")
+    devices = Counter(r["device"] + (f" ({counted(r['threads'], 'thread')})" if r["device"] == "cpu" else "")
+                      for r in s["replicas"])
+    lines.append(f"model {s['model']} ({s['weights']}) on {counted(len(s['replicas']), 'replica')} in "
+                 f"{s['ray_cluster']}: " + ", ".join(f"{n} on {device}" for device, n in devices.items()))
+    compiled = [r["compile_seconds"] for r in s["replicas"] if r.get("compile_seconds")]
+    if compiled:  # paid inside the run, at each input shape's first batch, once per replica
+        lines.append(f"compiling the model took {max(compiled):.1f} s of the run (the first batch of each input "
+                     "shape; inductor's cache on local disk makes the next run's shorter; --no-compile skips it, "
+                     "for a few images)")
+    if s["retried_batches"]:
+        lines.append(f"{counted(s['retried_batches'], 'batch', 'batches')} sent again after a worker failed")
+    lines.append(f"outputs: {', '.join(s['output'] + '/' + folder for folder in s['folders'])} "
+                 f"(run record {s['record']})")
+    return lines

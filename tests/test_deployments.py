@@ -5,6 +5,7 @@ Prefect's own CLI, and the Docker and KubeRay manifests."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import re
@@ -18,10 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import ray
 import yaml
 from conftest import _free_port
+from PIL import Image
 from prefect.cli.deploy._config import _load_deploy_configs_and_actions
 from prefect.flows import load_flow_from_entrypoint
 from prefect.utilities.templating import apply_values
@@ -201,13 +204,13 @@ def test_prefect_cli_lists_what_segpipe_serve_registered_on_prefect_server_start
         _stop(serve)
 
 
-def _start_serve(tmp_path, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+def _start_serve(tmp_path, env: dict[str, str], *options: str) -> tuple[subprocess.Popen, Path]:
     """`segpipe serve` of a nightly deployment over tmp_path, its output in serve.log."""
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         serve = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "serve", "--source", f"{tmp_path}/{{date}}",
-             "--output", f"{tmp_path}/out/date={{date}}"],
+             "--output", f"{tmp_path}/out/date={{date}}", *options],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     return serve, log
@@ -249,6 +252,58 @@ def test_segpipe_serve_says_how_to_trigger_and_stops_on_ctrl_c(prefect_server, t
     assert "prefect deployment run 'evaluate-predictions/on-demand' --params" in output
     assert "Traceback" not in output and "never awaited" not in output, output
     assert output.rstrip().endswith("stopped serving")
+
+
+@pytest.mark.slow
+def test_segpipe_serve_logs_a_night_it_runs_and_stops_on_sigterm(prefect_server, tmp_path):
+    """A service's log: the nightly flow run triggered now (as the schedule would at 02:00)
+    shows in serve's output with its progress, its summary and its end state; SIGTERM (what
+    systemd and Kubernetes send) stops serving cleanly, with the schedule paused, as Ctrl-C."""
+    env, api = prefect_server, prefect_server["PREFECT_API_URL"]
+    env = {**env, "RAY_ADDRESS": "local"}  # a Ray of its own, as on a machine with none running
+    yesterday = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).date().isoformat()  # what {date} becomes
+    night = tmp_path / yesterday
+    night.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(night / name)
+    serve, log = _start_serve(tmp_path, env, "--model", "deeplabv3_mobilenet_v3_large", "--weights", "none",
+                              "--num-classes", "3", "--no-compile")
+    try:
+        deadline = time.monotonic() + 120
+        while not (nightly := [d for d in _post(api, "/deployments/filter", {}) if d["name"] == "nightly"]):
+            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        _post(api, f"/deployments/{nightly[0]['id']}/create_flow_run", {})  # scheduled now
+        deadline = time.monotonic() + 240
+        while not re.search(r"Flow run '[^']+' - Finished in state", output := log.read_text()):
+            assert serve.poll() is None and time.monotonic() < deadline, output[-3000:]
+            time.sleep(1)
+        os.kill(serve.pid, signal.SIGTERM)  # to serve alone, as a service manager does
+        serve.wait(timeout=30)
+    finally:
+        _stop(serve)
+    output = log.read_text()
+    assert serve.returncode == 0, output
+    assert "Beginning flow run" in output and "for flow 'segment-archive'" in output, output
+    assert "2 images of 2" in output, output  # the run's progress
+    summary = re.search(r"run (\S+): 2 images segmented \(2 ok, 0 errors\)", output)
+    assert summary, output
+    assert (tmp_path / "out" / f"date={yesterday}" / "_runs" / f"{summary.group(1)}.json").is_file()
+    assert f"outputs: {tmp_path}/out/date={yesterday}/images/" in output
+    assert "Finished in state Completed()" in output
+    nightly_after = [d for d in _post(api, "/deployments/filter", {}) if d["name"] == "nightly"]
+    assert nightly_after[0]["paused"], (nightly_after, output)  # on the way out, as Prefect's serve does on Ctrl-C
+    assert "Traceback" not in output and "never awaited" not in output, output
+    assert output.rstrip().endswith("stopped serving")
+    again, log = _start_serve(tmp_path, env)  # serving again resumes the schedule
+    try:
+        deadline = time.monotonic() + 120
+        while [d for d in _post(api, "/deployments/filter", {}) if d["name"] == "nightly"][0]["paused"]:
+            assert again.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+    finally:
+        _stop(again)
 
 
 def test_dockerfile_cuda_runtime_installs_the_package_and_drops_root():

@@ -9,8 +9,8 @@ import pytest
 from pipeline.evaluation import (
     ScoreSettings,
     build_report,
+    class_table,
     exclusion_summary,
-    markdown_table,
     pair_masks,
     per_image_table,
     remap_ground_truth,
@@ -147,7 +147,7 @@ def test_camvid_scored_without_its_ignore_index_is_told_to_pass_it_once(shared_d
     assert summary.startswith(f"{with_void} ground-truth masks hold the label 11, outside the 11 classes: "
                               "pass --ignore-index 11 if it marks pixels not to score")
     assert summary.count("--ignore-index") == 1 and "0016E5" not in summary  # once, not per file
-    table = markdown_table(build_report(total, pairing, settings, None))
+    table = class_table(build_report(total, pairing, settings, None), markdown=False)
     assert table.count("--ignore-index 11") == 1
     fixed = score_pairs(pred, truth, pairing.pairs, ScoreSettings(num_classes=11, ignore_index=11))
     assert not fixed.excluded and exclusion_summary(fixed, settings) is None
