@@ -306,7 +306,10 @@ def _train(args: argparse.Namespace) -> int:
     print(f"{summary['train_images']} training and {summary['val_images']} validation images, {summary['workers']} "
           f"{summary['device']} workers, {summary['seconds']:.0f} s; best {summary['score']} {summary['best_score']} "
           f"at epoch {summary['best_epoch']}")
-    print(f"checkpoint: {summary['output']} (run it with: segpipe segment SOURCE OUTPUT --weights {summary['output']})")
+    print(f"checkpoint: {summary['output']} (the best epoch; run it with: segpipe segment SOURCE OUTPUT --weights "
+          f"{summary['output']})")
+    print(f"last epoch: {summary['last_checkpoint']} (--resume {summary['last_checkpoint']} with more --epochs goes on "
+          "after it)")
     return 0
 
 

@@ -19,7 +19,7 @@ from pipeline.runtime.training import TrainSummary, run_training
 @task(cache_policy=NO_CACHE)
 def train_on_ray(config: TrainConfig) -> TrainSummary:
     """The whole Ray Train job in one task, not retried: a rerun starts over (or pass
-    resume=<the checkpoint> to continue after its epoch)."""
+    resume=<the last epoch's checkpoint> to continue after it)."""
     return run_training(config)
 
 
@@ -36,8 +36,8 @@ def publish(summary: TrainSummary) -> None:
 def train_model(config: TrainConfig, storage_secret: str | None = None) -> dict[str, Any]:
     """Train config.model on the images under config.images and their label masks under
     config.labels (paired by key, as the evaluation pairs masks) and write the best checkpoint
-    to config.output, which `segpipe segment --weights OUTPUT` runs as it is. Credentials: as
-    for segment-archive."""
+    to config.output, which `segpipe segment --weights OUTPUT` runs as it is, and each epoch's
+    to config.last_checkpoint, which `resume` goes on from. Credentials: as for segment-archive."""
     config = config.with_storage_options(resolve_storage_options(config.storage_options, storage_secret))
     check_train(config)  # as the command line does; here with the credentials of a Secret block too
     summary = train_on_ray(config)

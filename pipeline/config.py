@@ -428,7 +428,8 @@ class TrainConfig(JobConfig):
     device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="auto: GPUs when the cluster has them")
     cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs Ray reserves for each worker")
     resume: str | None = Field(default=None, description=(
-        "a checkpoint written by segpipe train: continue after its epoch"))
+        "a checkpoint written by segpipe train: continue after its epoch (OUTPUT's .last checkpoint: after the last "
+        "epoch trained)"))
     seed: int = Field(default=0, description="seed of the shuffling, cropping and initialisation")
     storage_options: StorageOptions = Field(default_factory=StorageOptions, description=_STORAGE_OPTIONS)
     ray_address: str | None = Field(default=None, description=_RAY_ADDRESS)
@@ -450,6 +451,14 @@ class TrainConfig(JobConfig):
         if not 0 < self.scale[0] <= self.scale[1]:
             raise ValueError(f"--scale must be LOW HIGH with 0 < LOW <= HIGH, got {self.scale}")
         return self
+
+    @property
+    def last_checkpoint(self) -> str:
+        """Where each epoch's model goes, beside OUTPUT (the best epoch's): model.pt ->
+        model.last.pt. `resume` from it goes on after the last epoch trained."""
+        folder, separator, name = self.output.rpartition("/")
+        stem, dot, suffix = name.rpartition(".")
+        return folder + separator + (f"{stem}.last.{suffix}" if dot and stem else f"{name}.last")
 
     @property
     def learning_rate(self) -> float:

@@ -40,6 +40,7 @@ from .config import EvaluateConfig, SegmentConfig, TrainConfig, is_checkpoint_ur
 from .storage import (
     Location,
     StorageUnavailableError,
+    absolute_url,
     folder_exists,
     iter_files,
     missing_folder,
@@ -139,6 +140,8 @@ class CheckpointSummary:
     meta: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     # `checkpoint_digest` of the file: its contents
     digest: str = ""
+    # a last epoch's checkpoint (`TrainConfig.last_checkpoint`): where its run's best epoch went
+    best_checkpoint: str | None = None
 
 
 # ---------------------------------------------------------------------------------- the jobs
@@ -218,6 +221,10 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
         if trained.get("optimizer", config.optimizer) != config.optimizer:
             raise PreflightError(f"--resume {config.resume} was trained with --optimizer {trained['optimizer']}, whose "
                                  f"state it goes on from; pass --optimizer {trained['optimizer']}")
+        # a last epoch's checkpoint resumed into another OUTPUT: its run's best is copied there
+        best = resumed.best_checkpoint
+        if best is not None and absolute_url(best) != absolute_url(config.output):
+            read_checkpoint(best, options, f"the best epoch of --resume {config.resume},", remote)
 
 
 # ---------------------------------------------------------------------------- model weights
@@ -364,6 +371,7 @@ def read_checkpoint(url: str, storage_options: dict[str, Any], option: str, remo
             architecture=str(meta["architecture"]), num_classes=int(meta["num_classes"]),
             class_names=tuple(meta["class_names"]),
             trained_epochs=int(state["epoch"]) if isinstance(state, dict) else None, meta=dict(meta), digest=digest,
+            best_checkpoint=state.get("best_checkpoint") if isinstance(state, dict) else None,
         )
     except (KeyError, TypeError, ValueError) as err:
         raise PreflightError(f"{what} has invalid metadata ({type(err).__name__}: {err})") from err

@@ -98,6 +98,12 @@ def is_local_url(url: str) -> bool:
     return fsspec.utils.get_protocol(url) in {"file", "local"}
 
 
+def absolute_url(url: str) -> str:
+    """A path made absolute, so that it names the same file from any working folder (Ray
+    Train's workers run in others); a URL with a scheme as it is."""
+    return url if "://" in url else os.path.abspath(url)
+
+
 def open_location(url: str, storage_options: dict[str, Any] | None = None) -> Location:
     """The fsspec filesystem and root for `url`; `storage_options` go to remote filesystems
     only, so one set of options serves an S3 source and a local output alike."""

@@ -299,7 +299,7 @@ def test_segpipe_serve_logs_a_night_it_runs_and_stops_on_sigterm(prefect_server,
     again, log = _start_serve(tmp_path, env)  # serving again resumes the schedule
     try:
         deadline = time.monotonic() + 120
-        while [d for d in _post(api, "/deployments/filter", {}) if d["name"] == "nightly"][0]["paused"]:
+        while next(d for d in _post(api, "/deployments/filter", {}) if d["name"] == "nightly")["paused"]:
             assert again.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(1)
     finally:

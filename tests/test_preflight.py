@@ -67,10 +67,13 @@ def source(tmp_path) -> Path:
     return folder
 
 
-def _checkpoint(path: Path, num_classes: int = 3, *, epoch: int | None = None) -> str:
-    """A small real checkpoint, written the way segpipe train writes one."""
+def _checkpoint(path: Path, num_classes: int = 3, *, epoch: int | None = None, best: Path | None = None) -> str:
+    """A small real checkpoint, written the way segpipe train writes one (`best`: a last
+    epoch's, naming its run's best)."""
     model = build_model("lraspp_mobilenet_v3_large", num_classes=num_classes)
     state = {"epoch": epoch, "optimizer": {"state": {}, "param_groups": [{"lr": 0.01}]}, "history": []} if epoch else None
+    if best is not None:
+        state["best_checkpoint"] = str(best)
     extra = {"training": {"optimizer": "sgd"}, "epoch": epoch} if epoch else {}
     save_checkpoint(model, str(path), ModelMeta.default("lraspp_mobilenet_v3_large", num_classes, extra=extra),
                     training_state=state)
@@ -225,6 +228,16 @@ def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> N
              "--model pspnet_resnet50 has no published weights to load as --init COCO_WITH_VOC_LABELS_V1")
     check_train(TrainConfig(images=str(source), labels=str(source), output=str(tmp_path / "m.pt"),
                             model="lraspp_mobilenet_v3_large", num_classes=3, resume=resumed, epochs=6))
+    # a last epoch's checkpoint resumed into another OUTPUT brings its run's best, which must be there
+    last = _checkpoint(tmp_path / "m.last.pt", 3, epoch=4, best=tmp_path / "gone.pt")
+    _refused([*train, "--num-classes", "3", "--resume", last, "--epochs", "6"],
+             f"the best epoch of --resume {last}, {tmp_path / 'gone.pt'}: no such file")
+    _checkpoint(tmp_path / "gone.pt", 3, epoch=3)
+    check_train(TrainConfig(images=str(source), labels=str(source), output=str(tmp_path / "m.pt"),
+                            model="lraspp_mobilenet_v3_large", num_classes=3, resume=last, epochs=6))
+    (tmp_path / "gone.pt").unlink()  # resumed into the OUTPUT it trained, whose best is its own
+    check_train(TrainConfig(images=str(source), labels=str(source), output=str(tmp_path / "gone.pt"),
+                            model="lraspp_mobilenet_v3_large", num_classes=3, resume=last, epochs=6))
 
 
 def test_checkpoint_metadata_is_read_without_its_tensors_or_running_code(tmp_path) -> None:

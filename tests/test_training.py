@@ -86,20 +86,51 @@ def test_training_resumes_after_the_epoch_of_its_checkpoint(ray_cpu, tmp_path):
     config = _config(tmp_path, epochs=2)
     first = run_training(config)
     assert [e["epoch"] for e in first.epochs] == [1, 2] and first.workers == 1 and first.device == "cpu"
+    assert first.last_checkpoint == str(tmp_path / "model.last.pt") == config.last_checkpoint
     state = load_training_state(config.output)
     best_epoch = state["epoch"]
+    scores = [e["val_miou"] for e in first.epochs]
+    assert best_epoch == 1 + scores.index(max(scores))  # the best epoch's, the first of equals
+    last = load_training_state(config.last_checkpoint)  # every epoch's, naming its run's best
+    assert last["epoch"] == 2 and last["best_checkpoint"] == config.output and last["best"] == max(scores)
+    best_bytes = Path(config.output).read_bytes()
+
+    # from the best epoch: the epochs after it are trained again
     resumed = run_training(config.model_copy(update={"epochs": 3, "resume": config.output,
                                                      "output": str(tmp_path / "resumed.pt")}))
     assert [e["epoch"] for e in resumed.epochs] == list(range(best_epoch + 1, 4))
     # the resumed run's checkpoint carries the history of both runs
     assert load_training_state(str(tmp_path / "resumed.pt"))["history"][:best_epoch] == first.epochs[:best_epoch]
+
+    # from the last epoch into another OUTPUT: the third epoch alone, and the best so far comes along
+    onward = run_training(config.model_copy(update={"epochs": 3, "resume": config.last_checkpoint,
+                                                    "output": str(tmp_path / "onward.pt")}))
+    assert [e["epoch"] for e in onward.epochs] == [3]
+    assert load_training_state(onward.last_checkpoint)["history"][:2] == first.epochs
+    kept = load_training_state(str(tmp_path / "onward.pt"))
+    if onward.epochs[0]["val_miou"] > max(scores):
+        assert kept["epoch"] == 3
+    else:  # no better: OUTPUT is the first run's best, as it was
+        assert (tmp_path / "onward.pt").read_bytes() == best_bytes
+
     with pytest.raises(ValueError, match="already trained"):
-        run_training(config.model_copy(update={"epochs": best_epoch, "resume": config.output}))
+        run_training(config.model_copy(update={"epochs": 2, "resume": config.last_checkpoint}))
     plain = tmp_path / "plain.pt"
     model = build_model("lraspp_mobilenet_v3_large", num_classes=4, weights=None)
     save_checkpoint(model, str(plain), model.meta)
     with pytest.raises(ValueError, match="holds no training state"):
         run_training(config.model_copy(update={"resume": str(plain)}))
+
+
+def test_the_last_epochs_checkpoint_sits_beside_output():
+    names = {"model.pt": "model.last.pt", "/m/model.pt": "/m/model.last.pt", "s3://b/runs/a.b.pt": "s3://b/runs/a.b.last.pt",
+             "s3://b/model": "s3://b/model.last", "/m/.hidden": "/m/.hidden.last"}
+    for output, last in names.items():
+        assert _config_fields(output).last_checkpoint == last
+
+
+def _config_fields(output: str) -> TrainConfig:
+    return TrainConfig(images="i", labels="l", output=output, model="lraspp_mobilenet_v3_large", num_classes=2)
 
 
 def _segpipe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -130,6 +161,9 @@ def test_train_command_learns_and_segment_runs_its_checkpoint_alone(tmp_path):
     assert [line.split("segpipe train: epoch ")[1].split()[0] for line in said] == [f"{e}/20" for e in range(1, 21)]
     assert "Requesting resources" not in done.stdout + done.stderr
     assert "PreemptionWatcher" not in done.stdout + done.stderr  # a local Ray has nothing to preempt
+    last = checkpoint.with_name("scenes.last.pt")
+    assert f"last epoch: {last} (--resume {last} with more --epochs goes on after it)" in done.stdout
+    assert load_training_state(str(last))["epoch"] == 20
 
     meta, state = load_checkpoint(str(checkpoint))
     assert meta.architecture == "deeplabv3_mobilenet_v3_large" and meta.class_names == SAMPLE_CLASSES

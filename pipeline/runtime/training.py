@@ -11,7 +11,6 @@ filesystem is needed between the nodes.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from ..masks import decode_mask
 from ..metrics import check_label_range
 from ..models import is_checkpoint_uri, load_checkpoint, load_training_state, save_checkpoint
 from ..preprocess import Normalizer
-from ..storage import open_file, open_location, read_bytes, write_atomic
+from ..storage import absolute_url, open_file, open_location, read_bytes, write_atomic
 from ..training import (
     TrainConfig,
     TrainingPair,
@@ -54,7 +53,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainSummary:
-    output: str
+    output: str  # the best epoch's checkpoint
+    last_checkpoint: str  # the last epoch's, to resume from
     model: str
     train_images: int
     val_images: int
@@ -177,21 +177,23 @@ def _train_worker(loop: dict[str, Any]) -> list[dict[str, Any]] | None:
             sys.stdout.flush()
             if best is None or (score is not None and score > best):
                 best = score
-                _save_best(plain, meta, config, optimizer, schedule, history, best)
+                _save(plain, meta, config, optimizer, schedule, history, best, last=False)
+            _save(plain, meta, config, optimizer, schedule, history, best, last=True)
     return history if rank == 0 else None
 
 
-def _save_best(model: torch.nn.Module, meta: Any, config: TrainConfig, optimizer: Any, schedule: Any,
-               history: list[dict[str, Any]], best: float | None) -> None:
-    """The checkpoint `segment` runs, with what a resumed run needs to go on from it."""
-    last = history[-1]
-    extra = {"training": config.model_dump(mode="json", exclude={"storage_options"}), "epoch": last["epoch"],
-             "val_miou": last["val_miou"], "train_miou": last["train_miou"], "history": history}
-    save_checkpoint(
-        model, config.output, meta.model_copy(update={"extra": extra}), storage_options=config.storage_options,
-        training_state={"epoch": last["epoch"], "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                        "history": history, "best": best},
-    )
+def _save(model: torch.nn.Module, meta: Any, config: TrainConfig, optimizer: Any, schedule: Any,
+          history: list[dict[str, Any]], best: float | None, *, last: bool) -> None:
+    """A checkpoint `segment` runs, with what a resumed run needs to go on from it: OUTPUT when
+    the epoch is the best so far, and every epoch `config.last_checkpoint`, which names OUTPUT
+    as its run's best (a run resumed from it keeps that best until an epoch beats it)."""
+    epoch = history[-1]
+    extra = {"training": config.model_dump(mode="json", exclude={"storage_options"}), "epoch": epoch["epoch"],
+             "val_miou": epoch["val_miou"], "train_miou": epoch["train_miou"], "history": history}
+    state = {"epoch": epoch["epoch"], "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+             "history": history, "best": best} | ({"best_checkpoint": config.output} if last else {})
+    save_checkpoint(model, config.last_checkpoint if last else config.output, meta.model_copy(update={"extra": extra}),
+                    storage_options=config.storage_options, training_state=state)
 
 
 def _absolute(config: TrainConfig) -> TrainConfig:
@@ -199,8 +201,8 @@ def _absolute(config: TrainConfig) -> TrainConfig:
     update = {}
     for name in ("images", "labels", "val_images", "val_labels", "output", "resume", "init"):
         value = getattr(config, name)
-        if value and "://" not in value and (name != "init" or is_checkpoint_uri(value)):
-            update[name] = os.path.abspath(value)
+        if value and (name != "init" or is_checkpoint_uri(value)):
+            update[name] = absolute_url(value)
     return config.model_copy(update=update)
 
 
@@ -221,11 +223,14 @@ def run_training(config: TrainConfig) -> TrainSummary:
         start_epoch = int(state["epoch"])
         if start_epoch >= config.epochs:
             raise ValueError(f"{config.resume} already trained {start_epoch} epochs; ask for more than that with --epochs")
-        if config.resume != config.output:  # the best so far, until an epoch of this run beats it
-            source, source_key = open_file(config.resume, config.storage_options)
+        # the best so far, until an epoch of this run beats it: the checkpoint itself, or the
+        # best that a last epoch's checkpoint names
+        best_so_far = state.get("best_checkpoint") or config.resume
+        if best_so_far != config.output:
+            source, source_key = open_file(best_so_far, config.storage_options)
             data = read_bytes(source, source_key)
             if data is None:
-                raise FileNotFoundError(f"{config.resume} disappeared while resuming from it; run again")
+                raise FileNotFoundError(f"{best_so_far} disappeared while resuming from it; run again")
             write_atomic(*open_file(config.output, config.storage_options), data)
 
     stop_ray, _ = connect_ray(config.ray_address)
@@ -259,7 +264,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
     scored = [e for e in history if e.get(score) is not None]
     best = max(scored, key=lambda e: e[score]) if scored else None
     return TrainSummary(
-        output=config.output, model=config.model, train_images=len(train_pairs), val_images=len(val_pairs),
+        output=config.output, last_checkpoint=config.last_checkpoint, model=config.model, train_images=len(train_pairs), val_images=len(val_pairs),
         workers=workers, device="cuda" if use_gpu else "cpu", epochs=epochs,
         best_epoch=best["epoch"] if best else None, best_score=best[score] if best else None, score=score,
         seconds=time.monotonic() - started,
