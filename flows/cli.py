@@ -291,6 +291,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     """Run the training flow and print its epochs and where the checkpoint is."""
     from pipeline.preflight import check_train
+    from pipeline.text import counted
 
     config = config_from_arguments(TrainConfig, args)
     _preflight(check_train, config, args.storage_secret)
@@ -299,13 +300,16 @@ def _train(args: argparse.Namespace) -> int:
 
     with prefect_server.api():
         summary = train_model(config, storage_secret=args.storage_secret)
+    def score(value: float | None, width: int) -> str:
+        return f"{value:>{width}.4f}" if value is not None else f"{'-':>{width}}"
+
     print(f"{'epoch':>5} {'loss':>8} {'train mIoU':>10} {'val mIoU':>8} {'images/s':>8}")
     for e in summary["epochs"]:
-        print(f"{e['epoch']:>5} {e['loss']:>8.4f} {e['train_miou'] or float('nan'):>10.4f} "
-              f"{e['val_miou'] if e['val_miou'] is not None else float('nan'):>8.4f} {e['images_per_second']:>8.1f}")
-    print(f"{summary['train_images']} training and {summary['val_images']} validation images, {summary['workers']} "
-          f"{summary['device']} workers, {summary['seconds']:.0f} s; best {summary['score']} {summary['best_score']} "
-          f"at epoch {summary['best_epoch']}")
+        print(f"{e['epoch']:>5} {e['loss']:>8.4f} {score(e['train_miou'], 10)} {score(e['val_miou'], 8)} "
+              f"{e['images_per_second']:>8.1f}")
+    print(f"{counted(summary['train_images'], 'training image')} and {counted(summary['val_images'], 'validation image')}, "
+          f"{counted(summary['workers'], summary['device'] + ' worker')}, {summary['seconds']:.0f} s; best "
+          f"{summary['score']} {summary['best_score']} at epoch {summary['best_epoch']}")
     print(f"checkpoint: {summary['output']} (the best epoch; run it with: segpipe segment SOURCE OUTPUT --weights "
           f"{summary['output']})")
     print(f"last epoch: {summary['last_checkpoint']} (--resume {summary['last_checkpoint']} with more --epochs goes on "

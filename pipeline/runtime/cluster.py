@@ -11,9 +11,10 @@ import ray
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 
-def connect_ray(address: str | None) -> tuple[bool, str]:
-    """Join the cluster at `address` (or RAY_ADDRESS), or start a local one. Returns whether
-    this call connected (and so should disconnect) and how Ray was found, for the summary."""
+def connect_ray(address: str | None, *, training: bool = False) -> tuple[bool, str]:
+    """Join the cluster at `address` (or RAY_ADDRESS), or start a local one (for Ray Train
+    when `training`). Returns whether this call connected (and so should disconnect) and how
+    Ray was found, for the summary."""
     if ray.is_initialized():
         return False, "the Ray session already open in this process"
     wanted = address or os.environ.get("RAY_ADDRESS") or None
@@ -23,10 +24,28 @@ def connect_ray(address: str | None) -> tuple[bool, str]:
         # watch nothing, and its actor logs an error line at every training run (the processes
         # Ray starts inherit this environment)
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(address=wanted, include_dashboard=False, logging_level=logging.WARNING)
+        # only for training: the hook costs every worker an import, about 0.8 s of a segment
+        # run's start here
+        hook = {"worker_process_setup_hook": f"{__name__}.quiet_placement_group_cleaner"} if training else None
+        ray.init(address=wanted, include_dashboard=False, logging_level=logging.WARNING, runtime_env=hook)
         return True, "a local Ray started for this run"
     ray.init(address=address, logging_level=logging.WARNING)
     return True, f"the Ray cluster at {ray.get_runtime_context().gcs_address}"
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Run in each worker process of a local Ray started for training. Ray Train's placement group
+    cleaner asks Ray's State API, every few seconds of a training run, whether the run's
+    controller is alive, to remove its placement group should it die. The State API is the
+    dashboard's, which a local Ray starts without (`ray[default]` is not installed), so every
+    question fails with a warning line, and the cleaner can never remove anything; nor need it:
+    the local Ray, and its placement groups, end with the command. The cleaner finds the cluster
+    to ask by RAY_ADDRESS, else by looking for one on this machine ("auto"): with another Ray
+    running here, that fails with an exception that killed its thread, printed as a traceback.
+    So RAY_ADDRESS names this worker's own cluster (it is inherited from the command, which
+    may have set it empty), where the question fails as above."""
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def _choose_token_auth() -> None:

@@ -172,8 +172,9 @@ def _train_worker(loop: dict[str, Any]) -> list[dict[str, Any]] | None:
         if rank == 0:
             # written, not print()ed: Ray Train patches print() in its workers to go to its
             # logger as well as the stream, and Ray forwards both, so each line came twice
+            validation = f" val mIoU {metrics['val_miou']}" if loop["val"] else ""
             sys.stdout.write(f"segpipe train: epoch {epoch + 1}/{config.epochs} loss {metrics['loss']:.4f} train mIoU "
-                             f"{metrics['train_miou']} val mIoU {metrics['val_miou']} {metrics['images_per_second']} img/s\n")
+                             f"{metrics['train_miou']}{validation} {metrics['images_per_second']} img/s\n")
             sys.stdout.flush()
             if best is None or (score is not None and score > best):
                 best = score
@@ -233,7 +234,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
                 raise FileNotFoundError(f"{best_so_far} disappeared while resuming from it; run again")
             write_atomic(*open_file(config.output, config.storage_options), data)
 
-    stop_ray, _ = connect_ray(config.ray_address)
+    stop_ray, _ = connect_ray(config.ray_address, training=True)
     storage = tempfile.mkdtemp(prefix="segpipe-train-")  # Ray Train's run state; checkpoints go to config.output
     try:
         gpus = ray.cluster_resources().get("GPU", 0.0)
