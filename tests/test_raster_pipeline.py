@@ -347,3 +347,23 @@ def test_a_raster_without_the_bands_asked_for_is_a_missing_bands_row(shared_data
     stage = _raster_stage(tmp_path / "src", tmp_path / "out", tile=128, bands=(4, 2, 1))
     record = stage(ImageRecord(key="rgb.tif", georeferenced=True))
     assert (record.ok, record.error_type) == (False, "missing_bands") and "[4] not in the raster" in record.error
+
+
+def test_the_readmes_notebook_example_segments_a_raster_as_written(tmp_path, monkeypatch):
+    """The README's RasterStage example, run as written on a small generated UTM raster."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [example] = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "RasterStage(" in block]
+    (tmp_path / "survey").mkdir()
+    rng = np.random.default_rng(0)
+    with rasterio.open(tmp_path / "survey" / "tile_0001.tif", "w", driver="GTiff", width=400, height=300, count=3,
+                       dtype="uint8", crs="EPSG:32633", transform=from_origin(500000, 5000000, 0.5, 0.5)) as dst:
+        dst.write(rng.integers(0, 256, (3, 300, 400), dtype=np.uint8))
+    monkeypatch.chdir(tmp_path)
+    names: dict = {}
+    exec(compile(example, "README.md", "exec"), names)
+    record, polygons = names["record"], names["polygons"]
+    with rasterio.open(tmp_path / "survey-out" / record.mask_key) as mask:
+        assert (mask.crs.to_epsg(), mask.width, mask.height) == (32633, 400, 300)
+    assert record.stats.area.sum() == pytest.approx(300 * 400 * 0.25)  # every pixel, in m²
+    assert polygons.crs.to_epsg() == 32633 and (polygons.area >= 20.0).all()
+    assert set(polygons.class_id) <= set(record.stats.class_id.tolist())
