@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import sys
 from typing import Any
 
@@ -69,15 +68,23 @@ def check_prefect_server() -> str:
     return url
 
 
-class _Runner(Runner):
-    """Prefect's runner, stopped by SIGTERM (what systemd and Kubernetes send) as by Ctrl-C.
-    Prefect 3.8's own handler calls its async-dispatched stop() from inside the event loop,
-    which only makes a coroutine it drops, then sys.exit()s wherever the loop was: tracebacks
-    of cancelled tasks, and schedules left unpaused. A SIGINT instead takes the way Ctrl-C
-    does: asyncio cancels the loop's main task, and the runner's exit pauses the schedules."""
+class _SigtermStoppingRunner(Runner):
+    """Prefect's runner, stopped by SIGTERM (what systemd and Kubernetes send) as Prefect
+    means it to be: the flow runs in flight are cancelled (their processes are serve's
+    children, which a SIGTERM to serve alone does not reach), the loop stops, and the
+    schedules are paused on the way out. Prefect 3.8's own handler calls its async-dispatched
+    stop() from inside the event loop, which only makes a coroutine it drops, then
+    sys.exit()s wherever the loop was: tracebacks of cancelled tasks, schedules left unpaused,
+    and runs in flight waited for. Here the handler (run on the loop's thread, between two of
+    its steps) schedules the real stop on the loop."""
 
     def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
-        signal.raise_signal(signal.SIGINT)
+        self._logger.info("SIGTERM received: cancelling the flow runs in flight and stopping")
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop_on_loop)
+
+    def _stop_on_loop(self) -> None:
+        self._stopping = asyncio.ensure_future(self.astop())  # held: a task nobody holds may be collected
 
 
 def serve_deployments(config: SegmentConfig, *, storage_secret: str | None = None, cron: str = NIGHTLY_CRON) -> None:
@@ -96,11 +103,12 @@ def serve_deployments(config: SegmentConfig, *, storage_secret: str | None = Non
         print(f"  prefect deployment run '{names[0]}'")
         print(f"  prefect deployment run '{names[1]}' --params '{json.dumps(evaluation)}'")
         sys.stdout.flush()
-        runner = _Runner(pause_on_shutdown=True)
+        runner = _SigtermStoppingRunner(pause_on_shutdown=True)
         for deployment in deployments:
             runner.add_deployment(deployment)
         # Ctrl-C or SIGTERM ends the runner's loop, which pauses the schedules on its way out;
-        # a Ctrl-C before then ends the imports or the registration above
+        # a Ctrl-C before then ends the imports or the registration above. Returns on SIGTERM,
+        # raises KeyboardInterrupt on Ctrl-C.
         asyncio.run(runner.start())
     except KeyboardInterrupt:
         pass

@@ -14,7 +14,7 @@ import difflib
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Self
 
@@ -459,6 +459,17 @@ class TrainConfig(JobConfig):
         folder, separator, name = self.output.rpartition("/")
         stem, dot, suffix = name.rpartition(".")
         return folder + separator + (f"{stem}.last.{suffix}" if dot and stem else f"{name}.last")
+
+    def resumed_best(self, training_state: Mapping[str, Any]) -> tuple[str, int] | None:
+        """When `resume` is a last epoch's checkpoint, with this `training_state`: where its
+        run's best epoch was written, and which epoch that was. The best is named by its file
+        name, beside the last epoch's checkpoint (where `last_checkpoint` puts it), so the two
+        can be moved together. None for a best epoch's checkpoint: it is its own best."""
+        name = training_state.get("best_checkpoint")
+        if name is None or self.resume is None:
+            return None
+        folder, separator, _ = self.resume.rpartition("/")
+        return folder + separator + name, int(training_state["best_epoch"])
 
     @property
     def learning_rate(self) -> float:

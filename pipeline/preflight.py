@@ -32,7 +32,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -140,8 +140,9 @@ class CheckpointSummary:
     meta: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     # `checkpoint_digest` of the file: its contents
     digest: str = ""
-    # a last epoch's checkpoint (`TrainConfig.last_checkpoint`): where its run's best epoch went
-    best_checkpoint: str | None = None
+    # the plain fields of its training state (epoch, best score; a last epoch's checkpoint's
+    # best epoch and where it went: `TrainConfig.resumed_best`), without the optimizer's
+    training_state: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 # ---------------------------------------------------------------------------------- the jobs
@@ -221,10 +222,28 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
         if trained.get("optimizer", config.optimizer) != config.optimizer:
             raise PreflightError(f"--resume {config.resume} was trained with --optimizer {trained['optimizer']}, whose "
                                  f"state it goes on from; pass --optimizer {trained['optimizer']}")
-        # a last epoch's checkpoint resumed into another OUTPUT: its run's best is copied there
-        best = resumed.best_checkpoint
-        if best is not None and absolute_url(best) != absolute_url(config.output):
-            read_checkpoint(best, options, f"the best epoch of --resume {config.resume},", remote)
+        check_resumed_best(config, resumed.training_state, remote=remote)
+
+
+def check_resumed_best(config: TrainConfig, training_state: Mapping[str, Any], *, remote: bool = True) -> None:
+    """A last epoch's checkpoint goes on with its run's best so far, which stays OUTPUT (copied
+    there first when OUTPUT is another file) until an epoch scores better: it must still be
+    that run's best epoch, and OUTPUT must not be the checkpoint resumed from."""
+    if (carried := config.resumed_best(training_state)) is None:
+        return
+    best, best_epoch = carried
+    if absolute_url(config.output) == absolute_url(config.resume):
+        raise PreflightError(f"OUTPUT {config.output} is the --resume checkpoint, the last epoch's of a run whose best "
+                             f"is {best}; pass that as OUTPUT (the last epoch then goes on in {config.resume})")
+    try:
+        found = read_checkpoint(best, config.storage_options, "--resume's best", remote)
+    except PreflightError as err:
+        raise PreflightError(f"--resume {config.resume} goes on with its run's best epoch ({best_epoch}) in {best}, "
+                             "which cannot be read; put it back, or resume from another checkpoint") from err
+    if found is not None and (found.trained_epochs, found.architecture) != (best_epoch, config.model):
+        raise PreflightError(f"--resume {config.resume} goes on with its run's best epoch ({best_epoch}) in {best}, "
+                             f"which now holds epoch {found.trained_epochs} of a {found.architecture} (trained over "
+                             f"since); pass --resume {best} to go on from that one instead")
 
 
 # ---------------------------------------------------------------------------- model weights
@@ -371,7 +390,8 @@ def read_checkpoint(url: str, storage_options: dict[str, Any], option: str, remo
             architecture=str(meta["architecture"]), num_classes=int(meta["num_classes"]),
             class_names=tuple(meta["class_names"]),
             trained_epochs=int(state["epoch"]) if isinstance(state, dict) else None, meta=dict(meta), digest=digest,
-            best_checkpoint=state.get("best_checkpoint") if isinstance(state, dict) else None,
+            training_state={key: value for key, value in state.items() if isinstance(value, (str, int, float))}
+            if isinstance(state, dict) else {},
         )
     except (KeyError, TypeError, ValueError) as err:
         raise PreflightError(f"{what} has invalid metadata ({type(err).__name__}: {err})") from err

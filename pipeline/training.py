@@ -176,6 +176,22 @@ def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int) -> t
     return optimizer, schedule
 
 
+def resume_schedule(optimizer: torch.optim.Optimizer, schedule: Any, state: dict[str, Any],
+                    schedule_state: dict[str, Any]) -> None:
+    """The optimizer's and schedule's state of a checkpoint, on a schedule that now runs over
+    this run's steps: a resume asks for more epochs, so the polynomial decay is stretched over
+    the new total, from the step the checkpoint reached (loaded as saved, the schedule would
+    end where the first run ended: at a learning rate of 0, which it only multiplies)."""
+    total = schedule.total_iters
+    optimizer.load_state_dict(state)
+    schedule.load_state_dict(schedule_state)
+    schedule.total_iters = total
+    done = min(schedule.last_epoch, total)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * (1 - done / total) ** schedule.power
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+
+
 @dataclass
 class EpochResult:
     loss: float
@@ -258,6 +274,12 @@ def validate(model: nn.Module, samples: Sequence[Sample], config: TrainConfig, d
             target = torch.from_numpy(sample.label).to(segmenter.device)
             confusion += confusion_matrix(probs.argmax(0), target, config.num_classes, config.ignore_index)
     return confusion
+
+
+def improves(score: float | None, best: float | None) -> bool:
+    """Whether an epoch's score makes it the best so far: the first epoch is, then only a
+    higher score (a tie keeps the earlier epoch; an epoch without a score never is)."""
+    return best is None or (score is not None and score > best)
 
 
 def miou(confusion: torch.Tensor) -> float | None:

@@ -67,13 +67,14 @@ def source(tmp_path) -> Path:
     return folder
 
 
-def _checkpoint(path: Path, num_classes: int = 3, *, epoch: int | None = None, best: Path | None = None) -> str:
+def _checkpoint(path: Path, num_classes: int = 3, *, epoch: int | None = None,
+                best: tuple[str, int] | None = None) -> str:
     """A small real checkpoint, written the way segpipe train writes one (`best`: a last
-    epoch's, naming its run's best)."""
+    epoch's, naming its run's best file beside it and that best's epoch)."""
     model = build_model("lraspp_mobilenet_v3_large", num_classes=num_classes)
     state = {"epoch": epoch, "optimizer": {"state": {}, "param_groups": [{"lr": 0.01}]}, "history": []} if epoch else None
     if best is not None:
-        state["best_checkpoint"] = str(best)
+        state |= {"best_checkpoint": best[0], "best_epoch": best[1]}
     extra = {"training": {"optimizer": "sgd"}, "epoch": epoch} if epoch else {}
     save_checkpoint(model, str(path), ModelMeta.default("lraspp_mobilenet_v3_large", num_classes, extra=extra),
                     training_state=state)
@@ -228,16 +229,26 @@ def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> N
              "--model pspnet_resnet50 has no published weights to load as --init COCO_WITH_VOC_LABELS_V1")
     check_train(TrainConfig(images=str(source), labels=str(source), output=str(tmp_path / "m.pt"),
                             model="lraspp_mobilenet_v3_large", num_classes=3, resume=resumed, epochs=6))
-    # a last epoch's checkpoint resumed into another OUTPUT brings its run's best, which must be there
-    last = _checkpoint(tmp_path / "m.last.pt", 3, epoch=4, best=tmp_path / "gone.pt")
-    _refused([*train, "--num-classes", "3", "--resume", last, "--epochs", "6"],
-             f"the best epoch of --resume {last}, {tmp_path / 'gone.pt'}: no such file")
-    _checkpoint(tmp_path / "gone.pt", 3, epoch=3)
-    check_train(TrainConfig(images=str(source), labels=str(source), output=str(tmp_path / "m.pt"),
-                            model="lraspp_mobilenet_v3_large", num_classes=3, resume=last, epochs=6))
-    (tmp_path / "gone.pt").unlink()  # resumed into the OUTPUT it trained, whose best is its own
-    check_train(TrainConfig(images=str(source), labels=str(source), output=str(tmp_path / "gone.pt"),
-                            model="lraspp_mobilenet_v3_large", num_classes=3, resume=last, epochs=6))
+    # a last epoch's checkpoint goes on with its run's best, which must still be there and be it
+    (tmp_path / "runs").mkdir()
+    last = _checkpoint(tmp_path / "runs" / "m.last.pt", 3, epoch=4, best=("m.pt", 3))
+    best = tmp_path / "runs" / "m.pt"
+
+    def resuming(output: Path) -> list[str]:
+        return [*train[:3], str(output), *train[4:], "--num-classes", "3", "--resume", last, "--epochs", "6"]
+
+    _refused(resuming(tmp_path / "other.pt"), f"--resume {last} goes on with its run's best epoch (3) in {best}, "
+             "which cannot be read; put it back, or resume from another checkpoint")
+    _refused(resuming(best), "which cannot be read")  # into its own OUTPUT too: a best that is gone is lost
+    _checkpoint(best, 3, epoch=2)  # trained over by another run since
+    _refused(resuming(best), f"{best}, which now holds epoch 2 of a lraspp_mobilenet_v3_large (trained over since); "
+             f"pass --resume {best} to go on from that one instead")
+    _checkpoint(best, 3, epoch=3)
+    _refused(resuming(tmp_path / "runs" / "m.last.pt"),
+             f"OUTPUT {last} is the --resume checkpoint, the last epoch's of a run whose best is {best}; pass that as OUTPUT")
+    for output in (best, tmp_path / "other.pt"):  # its own OUTPUT, or another one the best is copied to
+        check_train(TrainConfig(images=str(source), labels=str(source), output=str(output),
+                                model="lraspp_mobilenet_v3_large", num_classes=3, resume=last, epochs=6))
 
 
 def test_checkpoint_metadata_is_read_without_its_tensors_or_running_code(tmp_path) -> None:

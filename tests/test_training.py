@@ -20,7 +20,15 @@ from pipeline.config import TrainConfig
 from pipeline.masks import decode_mask, encode_mask
 from pipeline.models import build_model, load_checkpoint, load_training_state, save_checkpoint
 from pipeline.samples import _COLOURS, SAMPLE_CLASSES, synthetic_scene
-from pipeline.training import Sample, augment, build_training_model, load_matching
+from pipeline.training import (
+    Sample,
+    augment,
+    build_training_model,
+    improves,
+    load_matching,
+    make_optimizer,
+    resume_schedule,
+)
 
 PALETTE = [[0, 0, 255], [255, 128, 0], [64, 64, 64], [255, 0, 0]]
 
@@ -91,8 +99,9 @@ def test_training_resumes_after_the_epoch_of_its_checkpoint(ray_cpu, tmp_path):
     best_epoch = state["epoch"]
     scores = [e["val_miou"] for e in first.epochs]
     assert best_epoch == 1 + scores.index(max(scores))  # the best epoch's, the first of equals
-    last = load_training_state(config.last_checkpoint)  # every epoch's, naming its run's best
-    assert last["epoch"] == 2 and last["best_checkpoint"] == config.output and last["best"] == max(scores)
+    last = load_training_state(config.last_checkpoint)  # every epoch's, naming its run's best beside it
+    assert (last["epoch"], last["best_checkpoint"], last["best_epoch"]) == (2, "model.pt", best_epoch)
+    assert last["best"] == max(scores)
     best_bytes = Path(config.output).read_bytes()
 
     # from the best epoch: the epochs after it are trained again
@@ -102,14 +111,20 @@ def test_training_resumes_after_the_epoch_of_its_checkpoint(ray_cpu, tmp_path):
     # the resumed run's checkpoint carries the history of both runs
     assert load_training_state(str(tmp_path / "resumed.pt"))["history"][:best_epoch] == first.epochs[:best_epoch]
 
-    # from the last epoch into another OUTPUT: the third epoch alone, and the best so far comes along
-    onward = run_training(config.model_copy(update={"epochs": 3, "resume": config.last_checkpoint,
+    # from the last epoch into another OUTPUT: epochs 3 and 4, and the best so far comes along
+    onward = run_training(config.model_copy(update={"epochs": 4, "resume": config.last_checkpoint,
                                                     "output": str(tmp_path / "onward.pt")}))
-    assert [e["epoch"] for e in onward.epochs] == [3]
+    assert [e["epoch"] for e in onward.epochs] == [3, 4]
     assert load_training_state(onward.last_checkpoint)["history"][:2] == first.epochs
+    # the learning rate decays over the 4 epochs now asked for (8 pairs, batches of 4: 2 steps
+    # an epoch), not over the first run's 2, which ended at 0: the weights move again
+    assert onward.epochs[0]["lr"] == pytest.approx(0.02 * (1 - 6 / 8) ** 0.9)
+    _, trained = load_checkpoint(onward.last_checkpoint)
+    _, before = load_checkpoint(config.last_checkpoint)
+    assert not torch.equal(trained["classifier.high_classifier.weight"], before["classifier.high_classifier.weight"])
     kept = load_training_state(str(tmp_path / "onward.pt"))
-    if onward.epochs[0]["val_miou"] > max(scores):
-        assert kept["epoch"] == 3
+    if max(e["val_miou"] for e in onward.epochs) > max(scores):
+        assert kept["epoch"] in (3, 4)
     else:  # no better: OUTPUT is the first run's best, as it was
         assert (tmp_path / "onward.pt").read_bytes() == best_bytes
 
@@ -120,6 +135,46 @@ def test_training_resumes_after_the_epoch_of_its_checkpoint(ray_cpu, tmp_path):
     save_checkpoint(model, str(plain), model.meta)
     with pytest.raises(ValueError, match="holds no training state"):
         run_training(config.model_copy(update={"resume": str(plain)}))
+
+
+def test_a_resumed_schedule_decays_over_the_epochs_now_asked_for():
+    """Four steps of a 4-step schedule, resumed into an 8-step one: the same learning rates as
+    eight steps of an 8-step schedule from the start."""
+    weights = torch.nn.Linear(2, 2)
+
+    def schedule(total: int):
+        return make_optimizer(weights, _config_fields("m.pt").model_copy(update={"lr": 0.02}), total)
+
+    first, first_schedule = schedule(4)
+    for _ in range(4):
+        first.step()
+        first_schedule.step()
+    assert first_schedule.get_last_lr() == [0.0]
+    resumed, resumed_schedule = schedule(8)
+    resume_schedule(resumed, resumed_schedule, first.state_dict(), first_schedule.state_dict())
+    whole, whole_schedule = schedule(8)
+    rates = []
+    for _ in range(8):
+        whole.step()
+        whole_schedule.step()
+        rates.append(whole_schedule.get_last_lr()[0])
+    assert resumed_schedule.get_last_lr()[0] == pytest.approx(rates[3])
+    for expected in rates[4:]:
+        resumed.step()
+        resumed_schedule.step()
+        assert resumed_schedule.get_last_lr()[0] == pytest.approx(expected)
+
+
+def test_an_epoch_is_the_best_only_if_it_scores_higher():
+    assert improves(0.1, None) and improves(None, None)  # the first epoch is the best so far, scored or not
+    assert improves(0.5, 0.4) and not improves(0.4, 0.4) and not improves(0.3, 0.4)  # a tie keeps the earlier
+    assert not improves(None, 0.4)
+
+
+def test_a_last_epochs_checkpoint_names_its_best_beside_it():
+    config = _config_fields("s3://b/runs/model.pt").model_copy(update={"resume": "s3://b/moved/model.last.pt"})
+    assert config.resumed_best({"epoch": 4, "best_checkpoint": "model.pt", "best_epoch": 3}) == ("s3://b/moved/model.pt", 3)
+    assert config.resumed_best({"epoch": 4}) is None  # a best epoch's checkpoint is its own best
 
 
 def test_the_last_epochs_checkpoint_sits_beside_output():

@@ -32,17 +32,20 @@ from ..config import TrainingError
 from ..masks import decode_mask
 from ..metrics import check_label_range
 from ..models import is_checkpoint_uri, load_checkpoint, load_training_state, save_checkpoint
+from ..preflight import check_resumed_best
 from ..preprocess import Normalizer
 from ..storage import absolute_url, open_file, open_location, read_bytes, write_atomic
 from ..training import (
     TrainConfig,
     TrainingPair,
     build_training_model,
+    improves,
     load_samples,
     make_optimizer,
     miou,
     pair_training_data,
     precise_batch_norm,
+    resume_schedule,
     train_epoch,
     validate,
 )
@@ -147,11 +150,12 @@ def _train_worker(loop: dict[str, Any]) -> list[dict[str, Any]] | None:
     steps = max(1, len(samples) // config.batch_size + (len(samples) % config.batch_size >= 2)) * config.epochs
     optimizer, schedule = make_optimizer(model, config, steps)
     history: list[dict[str, Any]] = []
-    best = None
+    best, best_epoch = None, None  # the best score so far, and its epoch: OUTPUT's
     if config.resume and (training_state := load_training_state(config.resume, storage_options=config.storage_options)):
-        optimizer.load_state_dict(training_state["optimizer"])
-        schedule.load_state_dict(training_state["schedule"])
+        resume_schedule(optimizer, schedule, training_state["optimizer"], training_state["schedule"])
         history, best = list(training_state["history"]), training_state["best"]
+        # a best epoch's checkpoint is its own best; a last epoch's names its run's
+        best_epoch = training_state.get("best_epoch", training_state["epoch"])
     normalize = Normalizer(meta.preprocessing, device)
     score_name = "val_miou" if loop["val"] else "train_miou"
 
@@ -176,25 +180,28 @@ def _train_worker(loop: dict[str, Any]) -> list[dict[str, Any]] | None:
             sys.stdout.write(f"segpipe train: epoch {epoch + 1}/{config.epochs} loss {metrics['loss']:.4f} train mIoU "
                              f"{metrics['train_miou']}{validation} {metrics['images_per_second']} img/s\n")
             sys.stdout.flush()
-            if best is None or (score is not None and score > best):
-                best = score
-                _save(plain, meta, config, optimizer, schedule, history, best, last=False)
-            _save(plain, meta, config, optimizer, schedule, history, best, last=True)
+            if improves(score, best):
+                best, best_epoch = score, epoch + 1
+                _save(plain, meta, config, optimizer, schedule, history, best, config.output)
+            # every epoch, the best first: a crash between the two leaves a last epoch's
+            # checkpoint whose best was trained over, which a resume refuses (`check_resumed_best`)
+            _save(plain, meta, config, optimizer, schedule, history, best, config.last_checkpoint,
+                  best_of_run={"best_checkpoint": config.output.rpartition("/")[2], "best_epoch": best_epoch})
     return history if rank == 0 else None
 
 
 def _save(model: torch.nn.Module, meta: Any, config: TrainConfig, optimizer: Any, schedule: Any,
-          history: list[dict[str, Any]], best: float | None, *, last: bool) -> None:
-    """A checkpoint `segment` runs, with what a resumed run needs to go on from it: OUTPUT when
-    the epoch is the best so far, and every epoch `config.last_checkpoint`, which names OUTPUT
-    as its run's best (a run resumed from it keeps that best until an epoch beats it)."""
+          history: list[dict[str, Any]], best: float | None, url: str, best_of_run: dict[str, Any] | None = None) -> None:
+    """A checkpoint `segment` runs, with what a resumed run needs to go on from it. A last
+    epoch's names its run's best (`best_of_run`, see `TrainConfig.resumed_best`), which a run
+    resumed from it keeps as OUTPUT until an epoch beats it."""
     epoch = history[-1]
     extra = {"training": config.model_dump(mode="json", exclude={"storage_options"}), "epoch": epoch["epoch"],
              "val_miou": epoch["val_miou"], "train_miou": epoch["train_miou"], "history": history}
     state = {"epoch": epoch["epoch"], "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-             "history": history, "best": best} | ({"best_checkpoint": config.output} if last else {})
-    save_checkpoint(model, config.last_checkpoint if last else config.output, meta.model_copy(update={"extra": extra}),
-                    storage_options=config.storage_options, training_state=state)
+             "history": history, "best": best} | (best_of_run or {})
+    save_checkpoint(model, url, meta.model_copy(update={"extra": extra}), storage_options=config.storage_options,
+                    training_state=state)
 
 
 def _absolute(config: TrainConfig) -> TrainConfig:
@@ -225,9 +232,11 @@ def run_training(config: TrainConfig) -> TrainSummary:
         if start_epoch >= config.epochs:
             raise ValueError(f"{config.resume} already trained {start_epoch} epochs; ask for more than that with --epochs")
         # the best so far, until an epoch of this run beats it: the checkpoint itself, or the
-        # best that a last epoch's checkpoint names
-        best_so_far = state.get("best_checkpoint") or config.resume
-        if best_so_far != config.output:
+        # best that a last epoch's checkpoint names (checked as `segpipe train` checks it)
+        check_resumed_best(config, state)
+        carried = config.resumed_best(state)
+        best_so_far = carried[0] if carried else config.resume
+        if absolute_url(best_so_far) != config.output:
             source, source_key = open_file(best_so_far, config.storage_options)
             data = read_bytes(source, source_key)
             if data is None:
@@ -262,10 +271,13 @@ def run_training(config: TrainConfig) -> TrainSummary:
             ray.shutdown()
     score = "val_miou" if val_pairs else "train_miou"
     epochs = history[-(config.epochs - start_epoch):] if history else []  # this run's epochs
-    scored = [e for e in history if e.get(score) is not None]
-    best = max(scored, key=lambda e: e[score]) if scored else None
+    best = None  # OUTPUT's epoch, chosen as the workers chose it
+    for epoch in history:
+        if improves(epoch.get(score), best[score] if best else None):
+            best = epoch
     return TrainSummary(
-        output=config.output, last_checkpoint=config.last_checkpoint, model=config.model, train_images=len(train_pairs), val_images=len(val_pairs),
+        output=config.output, last_checkpoint=config.last_checkpoint, model=config.model,
+        train_images=len(train_pairs), val_images=len(val_pairs),
         workers=workers, device="cuda" if use_gpu else "cpu", epochs=epochs,
         best_epoch=best["epoch"] if best else None, best_score=best[score] if best else None, score=score,
         seconds=time.monotonic() - started,
