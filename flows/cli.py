@@ -149,15 +149,19 @@ def _prefect_logging(default_level: str) -> None:
     whose log is Prefect's, each flow run's start, progress, summary and end state: INFO.
     The temporary server a command may start has no one to report usage to (offline, it logs
     an error for each attempt). Set before Prefect is imported, which reads its settings once."""
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", default_level)
+    level = os.environ.setdefault("PREFECT_LOGGING_LEVEL", default_level).strip().upper()
+    if level not in _PREFECT_LEVELS:  # Prefect's settings would fail on it, with a traceback, at its import
+        raise UsageError(f"PREFECT_LOGGING_LEVEL={os.environ['PREFECT_LOGGING_LEVEL']}: Prefect takes "
+                         f"{', '.join(_PREFECT_LEVELS[:-1])} or {_PREFECT_LEVELS[-1]}")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect's background services log under their class names, outside the `prefect`
     # loggers that setting governs: "EventsWorker - Still processing items" after a flow
-    # that failed at once, under the command's one-line error. Their warnings at most.
-    level = os.environ["PREFECT_LOGGING_LEVEL"].strip().upper()
-    number = int(level) if level.isdigit() else logging.getLevelName(level)  # a name's number, else "Level X"
+    # that failed at once, under the command's one-line error. Never below WARNING.
     for service in ("EventsWorker", "APILogWorker"):
-        logging.getLogger(service).setLevel(max(number, logging.WARNING) if isinstance(number, int) else logging.CRITICAL)
+        logging.getLogger(service).setLevel(max(logging.getLevelName(level), logging.WARNING))
+
+
+_PREFECT_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _start_prefect() -> TemporaryServer:
@@ -221,13 +225,14 @@ def _segment(args: argparse.Namespace) -> int:
     Both need the storage options here, so not with --storage-secret (a Prefect block): the
     flow's run then reads the markers itself before it starts Ray."""
     from pipeline.preflight import check_segment
+    from pipeline.run import summary_lines
 
     config = config_from_arguments(SegmentConfig, args).dated()
     _preflight(check_segment, config, args.storage_secret)
     replicas = None
     if not args.storage_secret:
         from flows._storage import resolve_storage_options
-        from pipeline.run import summary_lines, up_to_date
+        from pipeline.run import up_to_date
 
         resolved = config.with_storage_options(resolve_storage_options(config.storage_options, None))
         if (record := up_to_date(resolved)) is not None:
@@ -244,7 +249,6 @@ def _segment(args: argparse.Namespace) -> int:
 
     from flows.segment import segment_archive
     from pipeline.outputs import LayoutMismatchError
-    from pipeline.run import summary_lines
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     try:
@@ -288,6 +292,14 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+_SCORE_NAMES = {"val_miou": "val mIoU", "train_miou": "train mIoU"}  # as the epochs' lines say them
+
+
+def _score(value: float | None, width: int = 0) -> str:
+    """An mIoU to 4 places, "-" for an epoch without one (no validation set)."""
+    return f"{value:>{width}.4f}" if value is not None else f"{'-':>{width}}"
+
+
 def _train(args: argparse.Namespace) -> int:
     """Run the training flow and print its epochs and where the checkpoint is."""
     from pipeline.preflight import check_train
@@ -300,16 +312,13 @@ def _train(args: argparse.Namespace) -> int:
 
     with prefect_server.api():
         summary = train_model(config, storage_secret=args.storage_secret)
-    def score(value: float | None, width: int) -> str:
-        return f"{value:>{width}.4f}" if value is not None else f"{'-':>{width}}"
-
     print(f"{'epoch':>5} {'loss':>8} {'train mIoU':>10} {'val mIoU':>8} {'images/s':>8}")
     for e in summary["epochs"]:
-        print(f"{e['epoch']:>5} {e['loss']:>8.4f} {score(e['train_miou'], 10)} {score(e['val_miou'], 8)} "
+        print(f"{e['epoch']:>5} {e['loss']:>8.4f} {_score(e['train_miou'], 10)} {_score(e['val_miou'], 8)} "
               f"{e['images_per_second']:>8.1f}")
     print(f"{counted(summary['train_images'], 'training image')} and {counted(summary['val_images'], 'validation image')}, "
           f"{counted(summary['workers'], summary['device'] + ' worker')}, {summary['seconds']:.0f} s; best "
-          f"{summary['score']} {summary['best_score']} at epoch {summary['best_epoch']}")
+          f"{_SCORE_NAMES[summary['score']]} {_score(summary['best_score'])} at epoch {summary['best_epoch']}")
     print(f"checkpoint: {summary['output']} (the best epoch; run it with: segpipe segment SOURCE OUTPUT --weights "
           f"{summary['output']})")
     print(f"last epoch: {summary['last_checkpoint']} (--resume {summary['last_checkpoint']} with more --epochs goes on "

@@ -43,11 +43,14 @@ def pair(predictions: str, ground_truth: str, prediction_suffix: str, ground_tru
     logger.info("%d pairs; %d predictions and %d ground-truth masks without a partner",
                 len(pairing.pairs), len(pairing.unpaired_predictions), len(pairing.unpaired_ground_truth))
     if not pairing.pairs:
+        # the whole OUTPUT of a segment run, given for its masks: their keys start with masks/
+        advice = (f"pass {predictions.rstrip('/')}/masks, where segment writes its masks"
+                  if any(key.startswith("masks/") for key in pairing.unpaired_predictions)
+                  else "check the roots and the suffixes")
         raise NothingToScoreError(
             f"no prediction under {predictions} pairs with a ground-truth mask under {ground_truth} "
             f"({counted(len(pairing.unpaired_predictions), 'prediction')}, "
-            f"{counted(len(pairing.unpaired_ground_truth), 'ground-truth mask')}); "
-            "check the roots and the suffixes"
+            f"{counted(len(pairing.unpaired_ground_truth), 'ground-truth mask')}); {advice}"
         )
     return pairing
 

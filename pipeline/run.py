@@ -506,8 +506,6 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
     return summary.as_record() | {"pixel_share": {}, "record": record_run(store.location, summary)}
 
 
-
-
 def summary_lines(s: dict[str, Any]) -> list[str]:
     """A run's summary as the command line prints it and `segpipe serve` logs it, from the
     record the segmentation flow returns (or `up_to_date`'s)."""

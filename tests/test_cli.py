@@ -81,6 +81,12 @@ def test_evaluate_command(tmp_path) -> None:
         f"segpipe: error: no prediction under {tmp_path / 'pred'} pairs with a ground-truth mask under "
         f"{tmp_path / 'other'} (2 predictions, 1 ground-truth mask); check the roots and the suffixes"]
     assert not (tmp_path / "r3").exists()
+    # a segment run's whole OUTPUT given for PREDICTIONS: its masks are one folder down
+    (tmp_path / "run" / "masks").mkdir(parents=True)
+    (tmp_path / "run" / "masks" / "x.png").write_bytes(encode_mask(np.zeros((2, 2), np.uint8)))
+    whole = _segpipe("evaluate", str(tmp_path / "run"), str(tmp_path / "gt"), str(tmp_path / "r4"), "--num-classes", "2")
+    assert whole.returncode == 2
+    assert whole.stderr.rstrip().endswith(f"; pass {tmp_path / 'run'}/masks, where segment writes its masks")
 
 
 def _segpipe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -303,3 +309,14 @@ def test_the_summary_counts_in_english(n: int) -> None:
                                "shards_skipped": n})
     every = "the one shard of src is" if n == 1 else f"all {n} shards of src are"
     assert nothing.startswith(f"nothing to do: {every} already up to date in out")
+
+
+@pytest.mark.parametrize("level", ["20", "verbose"])
+def test_a_prefect_log_level_prefect_does_not_take_is_one_line(tmp_path, level: str) -> None:
+    """Prefect's settings take level names only; anything else failed at its import with a
+    pydantic traceback."""
+    done = _segpipe("serve", "--source", str(tmp_path), "--output", str(tmp_path / "out"),
+                    env={"PREFECT_LOGGING_LEVEL": level})
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"segpipe: error: PREFECT_LOGGING_LEVEL={level}: Prefect takes DEBUG, INFO, "
+                                        "WARNING, ERROR or CRITICAL"]

@@ -362,6 +362,8 @@ def test_the_readmes_notebook_example_segments_a_raster_as_written(tmp_path, mon
     names: dict = {}
     exec(compile(example, "README.md", "exec"), names)
     record, polygons = names["record"], names["polygons"]
+    assert record.mask_key == "masks/tile_0001.tif" and record.polygons_key.startswith("_staging/notebook/")
+    assert cog_validate(tmp_path / "survey-out" / record.mask_key)[0]  # (valid, errors, warnings)
     with rasterio.open(tmp_path / "survey-out" / record.mask_key) as mask:
         assert (mask.crs.to_epsg(), mask.width, mask.height) == (32633, 400, 300)
     assert record.stats.area.sum() == pytest.approx(300 * 400 * 0.25)  # every pixel, in m²

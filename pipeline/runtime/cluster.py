@@ -45,7 +45,11 @@ def quiet_placement_group_cleaner() -> None:
     So RAY_ADDRESS names this worker's own cluster (it is inherited from the command, which
     may have set it empty), where the question fails as above."""
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    logging.getLogger(PLACEMENT_GROUP_CLEANER).setLevel(logging.ERROR)
+
+
+# the cleaner's module, and so its logger's name: a private one of Ray Train's, checked by a test
+PLACEMENT_GROUP_CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
 def _choose_token_auth() -> None:
