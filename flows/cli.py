@@ -149,10 +149,12 @@ def _prefect_logging(default_level: str) -> None:
     whose log is Prefect's, each flow run's start, progress, summary and end state: INFO.
     The temporary server a command may start has no one to report usage to (offline, it logs
     an error for each attempt). Set before Prefect is imported, which reads its settings once."""
-    level = os.environ.setdefault("PREFECT_LOGGING_LEVEL", default_level).strip().upper()
+    given = os.environ.setdefault("PREFECT_LOGGING_LEVEL", default_level)
+    level = given.strip().upper()
     if level not in _PREFECT_LEVELS:  # Prefect's settings would fail on it, with a traceback, at its import
-        raise UsageError(f"PREFECT_LOGGING_LEVEL={os.environ['PREFECT_LOGGING_LEVEL']}: Prefect takes "
-                         f"{', '.join(_PREFECT_LEVELS[:-1])} or {_PREFECT_LEVELS[-1]}")
+        raise UsageError(f"PREFECT_LOGGING_LEVEL={given}: Prefect takes {', '.join(_PREFECT_LEVELS[:-1])} "
+                         f"or {_PREFECT_LEVELS[-1]}")
+    os.environ["PREFECT_LOGGING_LEVEL"] = level  # as Prefect takes it: " info" too failed its settings
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect's background services log under their class names, outside the `prefect`
     # loggers that setting governs: "EventsWorker - Still processing items" after a flow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from typing import Any
 
@@ -75,16 +76,30 @@ class _SigtermStoppingRunner(Runner):
     schedules are paused on the way out. Prefect 3.8's own handler calls its async-dispatched
     stop() from inside the event loop, which only makes a coroutine it drops, then
     sys.exit()s wherever the loop was: tracebacks of cancelled tasks, schedules left unpaused,
-    and runs in flight waited for. Here the handler (run on the loop's thread, between two of
-    its steps) schedules the real stop on the loop."""
+    and runs in flight waited for. Here the handler (run in the loop's thread, between any
+    two bytecodes) only asks the loop to stop the runner, once it has started, and once."""
+
+    _stop_requested = False
 
     def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+        if self._stop_requested:
+            return
+        self._stop_requested = True
+        try:
+            loop = asyncio.get_running_loop()  # start() installs this handler from inside the loop
+        except RuntimeError:  # the loop has ended: serve is on its way out already
+            return
         self._logger.info("SIGTERM received: cancelling the flow runs in flight and stopping")
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._stop_on_loop)
+        loop.call_soon_threadsafe(self._stop_on_loop, loop)
 
-    def _stop_on_loop(self) -> None:
-        self._stopping = asyncio.ensure_future(self.astop())  # held: a task nobody holds may be collected
+    def _stop_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._stopping = loop.create_task(self._stop_once_started())  # held: a task nobody holds may be collected
+
+    async def _stop_once_started(self) -> None:
+        while not self.started and not self.stopping:  # astop() refuses a runner still starting
+            await asyncio.sleep(0.1)
+        if self.started:
+            await self.astop()
 
 
 def serve_deployments(config: SegmentConfig, *, storage_secret: str | None = None, cron: str = NIGHTLY_CRON) -> None:
@@ -109,7 +124,10 @@ def serve_deployments(config: SegmentConfig, *, storage_secret: str | None = Non
         # Ctrl-C or SIGTERM ends the runner's loop, which pauses the schedules on its way out;
         # a Ctrl-C before then ends the imports or the registration above. Returns on SIGTERM,
         # raises KeyboardInterrupt on Ctrl-C.
-        asyncio.run(runner.start())
+        try:
+            asyncio.run(runner.start())
+        finally:  # the runner's handler, left installed, would find no loop
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     except KeyboardInterrupt:
         pass
     print("stopped serving")

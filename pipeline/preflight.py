@@ -222,6 +222,13 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
         if trained.get("optimizer", config.optimizer) != config.optimizer:
             raise PreflightError(f"--resume {config.resume} was trained with --optimizer {trained['optimizer']}, whose "
                                  f"state it goes on from; pass --optimizer {trained['optimizer']}")
+        # its best was chosen by validation mIoU, or by training mIoU without a validation set
+        validated = bool(trained.get("val_images") or trained.get("val_last"))
+        if trained and validated != bool(config.val_images or config.val_last):
+            raise PreflightError(f"--resume {config.resume} chose its best epoch by "
+                                 f"{'validation' if validated else 'training'} mIoU; resume "
+                                 f"{'with its --val-images/--val-labels or --val-last' if validated else 'without a validation set'}, "
+                                 "so that epochs are compared by the same score")
         check_resumed_best(config, resumed.training_state, remote=remote)
 
 
@@ -233,17 +240,20 @@ def check_resumed_best(config: TrainConfig, training_state: Mapping[str, Any], *
         return
     best, best_epoch = carried
     if absolute_url(config.output) == absolute_url(config.resume):
+        last = config.model_copy(update={"output": best}).last_checkpoint
         raise PreflightError(f"OUTPUT {config.output} is the --resume checkpoint, the last epoch's of a run whose best "
-                             f"is {best}; pass that as OUTPUT (the last epoch then goes on in {config.resume})")
+                             f"is {best}; pass that as OUTPUT (the last epoch then goes on in {last})")
     try:
         found = read_checkpoint(best, config.storage_options, "--resume's best", remote)
     except PreflightError as err:
         raise PreflightError(f"--resume {config.resume} goes on with its run's best epoch ({best_epoch}) in {best}, "
                              "which cannot be read; put it back, or resume from another checkpoint") from err
-    if found is not None and (found.trained_epochs, found.architecture) != (best_epoch, config.model):
+    # the very file that run wrote, not one written over it since (by another run, or by this
+    # one at an epoch after its last checkpoint, which a crash between the two writes leaves)
+    if found is not None and found.digest != training_state.get("best_digest"):
         raise PreflightError(f"--resume {config.resume} goes on with its run's best epoch ({best_epoch}) in {best}, "
-                             f"which now holds epoch {found.trained_epochs} of a {found.architecture} (trained over "
-                             f"since); pass --resume {best} to go on from that one instead")
+                             f"which was written over since (it now holds epoch {found.trained_epochs}); pass --resume "
+                             f"{best} to go on from that one instead")
 
 
 # ---------------------------------------------------------------------------- model weights

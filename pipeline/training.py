@@ -177,19 +177,23 @@ def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int) -> t
 
 
 def resume_schedule(optimizer: torch.optim.Optimizer, schedule: Any, state: dict[str, Any],
-                    schedule_state: dict[str, Any]) -> None:
-    """The optimizer's and schedule's state of a checkpoint, on a schedule that now runs over
-    this run's steps: a resume asks for more epochs, so the polynomial decay is stretched over
-    the new total, from the step the checkpoint reached (loaded as saved, the schedule would
-    end where the first run ended: at a learning rate of 0, which it only multiplies)."""
+                    schedule_state: dict[str, Any], *, steps_done: int) -> None:
+    """A checkpoint's optimizer state (momentum, Adam's moments) on this run's schedule, as if
+    this run's settings had been used from the start: the polynomial decay runs over this
+    run's total steps (a resume asks for more epochs; loaded as saved, the schedule would end
+    where the first run ended, at a learning rate of 0, which it only multiplies), from
+    `steps_done`, the epochs trained at this run's steps per epoch (another --batch-size or
+    number of workers changes those), at this run's --lr and --weight-decay."""
+    settings = [(group["initial_lr"], group["weight_decay"]) for group in optimizer.param_groups]
     total = schedule.total_iters
     optimizer.load_state_dict(state)
     schedule.load_state_dict(schedule_state)
-    schedule.total_iters = total
-    done = min(schedule.last_epoch, total)
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * (1 - done / total) ** schedule.power
-    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+    schedule.total_iters, schedule.last_epoch = total, steps_done
+    schedule.base_lrs = [initial for initial, _ in settings]
+    for group, (initial, decay) in zip(optimizer.param_groups, settings, strict=True):
+        group["initial_lr"], group["weight_decay"] = initial, decay
+        group["lr"] = initial * (1 - min(steps_done, total) / total) ** schedule.power
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports (private)
 
 
 @dataclass

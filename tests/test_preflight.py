@@ -68,14 +68,14 @@ def source(tmp_path) -> Path:
 
 
 def _checkpoint(path: Path, num_classes: int = 3, *, epoch: int | None = None,
-                best: tuple[str, int] | None = None) -> str:
+                best: tuple[str, int, str] | None = None, training: dict | None = None) -> str:
     """A small real checkpoint, written the way segpipe train writes one (`best`: a last
-    epoch's, naming its run's best file beside it and that best's epoch)."""
+    epoch's, naming its run's best file beside it, that best's epoch and its digest)."""
     model = build_model("lraspp_mobilenet_v3_large", num_classes=num_classes)
     state = {"epoch": epoch, "optimizer": {"state": {}, "param_groups": [{"lr": 0.01}]}, "history": []} if epoch else None
     if best is not None:
-        state |= {"best_checkpoint": best[0], "best_epoch": best[1]}
-    extra = {"training": {"optimizer": "sgd"}, "epoch": epoch} if epoch else {}
+        state |= dict(zip(("best_checkpoint", "best_epoch", "best_digest"), best, strict=True))
+    extra = {"training": {"optimizer": "sgd"} | (training or {}), "epoch": epoch} if epoch else {}
     save_checkpoint(model, str(path), ModelMeta.default("lraspp_mobilenet_v3_large", num_classes, extra=extra),
                     training_state=state)
     return str(path)
@@ -229,10 +229,19 @@ def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> N
              "--model pspnet_resnet50 has no published weights to load as --init COCO_WITH_VOC_LABELS_V1")
     check_train(TrainConfig(images=str(source), labels=str(source), output=str(tmp_path / "m.pt"),
                             model="lraspp_mobilenet_v3_large", num_classes=3, resume=resumed, epochs=6))
+    # a best chosen by validation mIoU is not compared with training mIoU on resume
+    validated = _checkpoint(tmp_path / "validated.pt", 3, epoch=4, training={"val_last": 2})
+    _refused([*train, "--num-classes", "3", "--resume", validated, "--epochs", "6"],
+             f"--resume {validated} chose its best epoch by validation mIoU; resume with its --val-images/--val-labels "
+             "or --val-last, so that epochs are compared by the same score")
+
     # a last epoch's checkpoint goes on with its run's best, which must still be there and be it
     (tmp_path / "runs").mkdir()
-    last = _checkpoint(tmp_path / "runs" / "m.last.pt", 3, epoch=4, best=("m.pt", 3))
     best = tmp_path / "runs" / "m.pt"
+    _checkpoint(best, 3, epoch=3)
+    written = best.read_bytes()
+    last = _checkpoint(tmp_path / "runs" / "m.last.pt", 3, epoch=4, best=("m.pt", 3, read_checkpoint(str(best), {}, "x").digest))
+    best.unlink()
 
     def resuming(output: Path) -> list[str]:
         return [*train[:3], str(output), *train[4:], "--num-classes", "3", "--resume", last, "--epochs", "6"]
@@ -240,10 +249,10 @@ def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> N
     _refused(resuming(tmp_path / "other.pt"), f"--resume {last} goes on with its run's best epoch (3) in {best}, "
              "which cannot be read; put it back, or resume from another checkpoint")
     _refused(resuming(best), "which cannot be read")  # into its own OUTPUT too: a best that is gone is lost
-    _checkpoint(best, 3, epoch=2)  # trained over by another run since
-    _refused(resuming(best), f"{best}, which now holds epoch 2 of a lraspp_mobilenet_v3_large (trained over since); "
-             f"pass --resume {best} to go on from that one instead")
-    _checkpoint(best, 3, epoch=3)
+    _checkpoint(best, 3, epoch=3)  # written over by another run since, at the same epoch
+    _refused(resuming(best), f"{best}, which was written over since (it now holds epoch 3); pass --resume {best} to go "
+             "on from that one instead")
+    best.write_bytes(written)
     _refused(resuming(tmp_path / "runs" / "m.last.pt"),
              f"OUTPUT {last} is the --resume checkpoint, the last epoch's of a run whose best is {best}; pass that as OUTPUT")
     for output in (best, tmp_path / "other.pt"):  # its own OUTPUT, or another one the best is copied to

@@ -44,9 +44,11 @@ class WeightsUnavailableError(RuntimeError):
 def save_checkpoint(
     model: nn.Module, url: str, meta: ModelMeta, *, storage_options: dict[str, Any] | None = None,
     training_state: dict[str, Any] | None = None,
-) -> None:
+) -> str | None:
     """Write `model`'s weights with `meta` to any fsspec URL, loadable by `build_model`.
-    `training_state` (optimizer state, epoch: plain data and tensors) lets training resume."""
+    `training_state` (optimizer state, epoch: plain data and tensors) lets training resume.
+    Returns the written file's `checkpoint_digest`, which a reader of it finds again (None
+    when torch was told to save without CRC-32s, and so without one)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     # the digest describes the file it is read from, not the model: never saved
     payload = {"format": CHECKPOINT_FORMAT, "meta": meta.model_dump(mode="json", exclude={"weights_digest"}),
@@ -57,6 +59,11 @@ def save_checkpoint(
     torch.save(payload, buffer)
     location, key = open_file(url, storage_options)
     write_atomic(location, key, buffer.getvalue())
+    with zipfile.ZipFile(buffer) as archive:
+        try:
+            return checkpoint_digest(archive)
+        except ValueError:
+            return None
 
 
 def _read_payload(url: str, storage_options: dict[str, Any] | None) -> tuple[dict[str, Any], bytes]:

@@ -117,8 +117,11 @@ def _average_batch_norm(model: torch.nn.Module, world: int) -> None:
 def _worker_samples(config: TrainConfig, loop: dict[str, Any], rank: int, world: int) -> tuple[list, list]:
     """This worker's share of the training and validation pairs, decoded and checked."""
     options = config.storage_options
+    # as torch's DistributedSampler: the first pairs again, so that every worker has as many,
+    # and so as many batches; each batch is a collective step that all must take together
+    pairs = loop["train"] + loop["train"][: -len(loop["train"]) % world]
     train = load_samples(open_location(config.images, options), open_location(config.labels, options),
-                         loop["train"][rank::world], num_classes=config.num_classes, ignore_index=config.ignore_index)
+                         pairs[rank::world], num_classes=config.num_classes, ignore_index=config.ignore_index)
     val = load_samples(open_location(config.val_images or config.images, options),
                        open_location(config.val_labels or config.labels, options), loop["val"][rank::world],
                        num_classes=config.num_classes, ignore_index=config.ignore_index)
@@ -140,22 +143,26 @@ def _train_worker(loop: dict[str, Any]) -> list[dict[str, Any]] | None:
     if skipped and rank == 0:
         sys.stdout.write(f"segpipe train: {len(skipped)} tensors start random (not in --init or other shapes): "
                          f"{', '.join(skipped[:4])}...\n")  # written: as the epochs' lines, once
+    resumed = None
     if config.resume:
-        _, state = load_checkpoint(config.resume, storage_options=config.storage_options)
+        resumed, state = load_checkpoint(config.resume, storage_options=config.storage_options)
         model.load_state_dict(state)
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
     plain = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     # batches() drops a last batch of one
-    steps = max(1, len(samples) // config.batch_size + (len(samples) % config.batch_size >= 2)) * config.epochs
-    optimizer, schedule = make_optimizer(model, config, steps)
+    per_epoch = max(1, len(samples) // config.batch_size + (len(samples) % config.batch_size >= 2))
+    optimizer, schedule = make_optimizer(model, config, per_epoch * config.epochs)
     history: list[dict[str, Any]] = []
-    best, best_epoch = None, None  # the best score so far, and its epoch: OUTPUT's
-    if config.resume and (training_state := load_training_state(config.resume, storage_options=config.storage_options)):
-        resume_schedule(optimizer, schedule, training_state["optimizer"], training_state["schedule"])
+    # the best score so far, its epoch and the digest of its file: OUTPUT's
+    best, best_epoch, best_digest = None, None, None
+    if resumed is not None and (training_state := load_training_state(config.resume, storage_options=config.storage_options)):
+        resume_schedule(optimizer, schedule, training_state["optimizer"], training_state["schedule"],
+                        steps_done=loop["start_epoch"] * per_epoch)
         history, best = list(training_state["history"]), training_state["best"]
         # a best epoch's checkpoint is its own best; a last epoch's names its run's
         best_epoch = training_state.get("best_epoch", training_state["epoch"])
+        best_digest = training_state.get("best_digest", resumed.weights_digest)
     normalize = Normalizer(meta.preprocessing, device)
     score_name = "val_miou" if loop["val"] else "train_miou"
 
@@ -182,26 +189,29 @@ def _train_worker(loop: dict[str, Any]) -> list[dict[str, Any]] | None:
             sys.stdout.flush()
             if improves(score, best):
                 best, best_epoch = score, epoch + 1
-                _save(plain, meta, config, optimizer, schedule, history, best, config.output)
+                best_digest = _save(plain, meta, config, optimizer, schedule, history, best, config.output)
             # every epoch, the best first: a crash between the two leaves a last epoch's
-            # checkpoint whose best was trained over, which a resume refuses (`check_resumed_best`)
+            # checkpoint whose best was written over, which a resume refuses (`check_resumed_best`)
             _save(plain, meta, config, optimizer, schedule, history, best, config.last_checkpoint,
-                  best_of_run={"best_checkpoint": config.output.rpartition("/")[2], "best_epoch": best_epoch})
+                  best_of_run={"best_checkpoint": config.output.rpartition("/")[2], "best_epoch": best_epoch,
+                               "best_digest": best_digest})
     return history if rank == 0 else None
 
 
 def _save(model: torch.nn.Module, meta: Any, config: TrainConfig, optimizer: Any, schedule: Any,
-          history: list[dict[str, Any]], best: float | None, url: str, best_of_run: dict[str, Any] | None = None) -> None:
-    """A checkpoint `segment` runs, with what a resumed run needs to go on from it. A last
-    epoch's names its run's best (`best_of_run`, see `TrainConfig.resumed_best`), which a run
-    resumed from it keeps as OUTPUT until an epoch beats it."""
+          history: list[dict[str, Any]], best: float | None, url: str,
+          best_of_run: dict[str, Any] | None = None) -> str | None:
+    """A checkpoint `segment` runs, with what a resumed run needs to go on from it; its digest.
+    A last epoch's names its run's best (`best_of_run`: its file, epoch and digest, see
+    `TrainConfig.resumed_best`), which a run resumed from it keeps as OUTPUT until an epoch
+    beats it."""
     epoch = history[-1]
     extra = {"training": config.model_dump(mode="json", exclude={"storage_options"}), "epoch": epoch["epoch"],
              "val_miou": epoch["val_miou"], "train_miou": epoch["train_miou"], "history": history}
     state = {"epoch": epoch["epoch"], "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
              "history": history, "best": best} | (best_of_run or {})
-    save_checkpoint(model, url, meta.model_copy(update={"extra": extra}), storage_options=config.storage_options,
-                    training_state=state)
+    return save_checkpoint(model, url, meta.model_copy(update={"extra": extra}), storage_options=config.storage_options,
+                           training_state=state)
 
 
 def _absolute(config: TrainConfig) -> TrainConfig:
