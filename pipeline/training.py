@@ -280,6 +280,14 @@ def validate(model: nn.Module, samples: Sequence[Sample], config: TrainConfig, d
     return confusion
 
 
+def worker_share(pairs: Sequence[TrainingPair], rank: int, world: int) -> list[TrainingPair]:
+    """The pairs worker `rank` of `world` trains on: every `world`-th, with the first pairs
+    again where the shares would differ (as torch's DistributedSampler does), so that every
+    worker takes as many steps an epoch; each step is a collective they all take together."""
+    padded = list(pairs) + list(pairs[: -len(pairs) % world])
+    return padded[rank::world]
+
+
 def improves(score: float | None, best: float | None) -> bool:
     """Whether an epoch's score makes it the best so far: the first epoch is, then only a
     higher score (a tie keeps the earlier epoch; an epoch without a score never is)."""

@@ -29,6 +29,7 @@ from pipeline.training import (
     load_matching,
     make_optimizer,
     resume_schedule,
+    worker_share,
 )
 
 PALETTE = [[0, 0, 255], [255, 128, 0], [64, 64, 64], [255, 0, 0]]
@@ -167,6 +168,14 @@ def test_a_resumed_schedule_is_the_one_of_this_runs_settings_from_the_start(per_
         resumed.step()
         resumed_schedule.step()
         assert resumed_schedule.get_last_lr()[0] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("count", [11, 12])
+def test_every_worker_trains_on_as_many_pairs(count: int):
+    pairs = list(range(count))
+    shares = [worker_share(pairs, rank, 3) for rank in range(3)]
+    assert {len(share) for share in shares} == {-(-count // 3)}  # one step count for all: no worker waits forever
+    assert set().union(*shares) == set(pairs)
 
 
 def test_an_epoch_is_the_best_only_if_it_scores_higher():

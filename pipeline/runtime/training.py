@@ -48,6 +48,7 @@ from ..training import (
     resume_schedule,
     train_epoch,
     validate,
+    worker_share,
 )
 from .cluster import connect_ray
 
@@ -117,11 +118,9 @@ def _average_batch_norm(model: torch.nn.Module, world: int) -> None:
 def _worker_samples(config: TrainConfig, loop: dict[str, Any], rank: int, world: int) -> tuple[list, list]:
     """This worker's share of the training and validation pairs, decoded and checked."""
     options = config.storage_options
-    # as torch's DistributedSampler: the first pairs again, so that every worker has as many,
-    # and so as many batches; each batch is a collective step that all must take together
-    pairs = loop["train"] + loop["train"][: -len(loop["train"]) % world]
     train = load_samples(open_location(config.images, options), open_location(config.labels, options),
-                         pairs[rank::world], num_classes=config.num_classes, ignore_index=config.ignore_index)
+                         worker_share(loop["train"], rank, world), num_classes=config.num_classes,
+                         ignore_index=config.ignore_index)
     val = load_samples(open_location(config.val_images or config.images, options),
                        open_location(config.val_labels or config.labels, options), loop["val"][rank::world],
                        num_classes=config.num_classes, ignore_index=config.ignore_index)
