@@ -11,6 +11,7 @@ from .weights import (
     build_model,
     is_checkpoint_uri,
     load_checkpoint,
+    load_resumable,
     load_training_state,
     save_checkpoint,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "is_checkpoint_uri",
     "list_models",
     "load_checkpoint",
+    "load_resumable",
     "load_training_state",
     "register_model",
     "save_checkpoint",

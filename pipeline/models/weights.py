@@ -103,6 +103,15 @@ def load_checkpoint(
     url: str, *, storage_options: dict[str, Any] | None = None
 ) -> tuple[ModelMeta, dict[str, torch.Tensor]]:
     """Read a segpipe checkpoint's metadata, its contents' digest set, and its weights."""
+    meta, state, _ = load_resumable(url, storage_options=storage_options)
+    return meta, state
+
+
+def load_resumable(
+    url: str, *, storage_options: dict[str, Any] | None = None
+) -> tuple[ModelMeta, dict[str, torch.Tensor], dict[str, Any] | None]:
+    """`load_checkpoint`, and the checkpoint's `training_state` (None if it has none), from one
+    read of the file: a training worker resuming from it needs all three."""
     payload, data = _read_payload(url, storage_options)
     try:  # a legacy (not zip) file torch still reads has no members to digest: known by its path then
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
@@ -115,7 +124,7 @@ def load_checkpoint(
         meta = ModelMeta.model_validate({**payload.get("meta", {}), "weights_digest": digest})
     except (ValidationError, TypeError) as err:  # TypeError: metadata that is not a mapping
         raise ValueError(f"checkpoint {url} has invalid metadata: {err}") from err
-    return meta, payload["state_dict"]
+    return meta, payload["state_dict"], payload.get("training_state")
 
 
 def load_training_state(url: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:

@@ -31,8 +31,8 @@ from ray.train.torch import TorchTrainer
 from ..config import TrainingError
 from ..masks import decode_mask
 from ..metrics import check_label_range
-from ..models import is_checkpoint_uri, load_checkpoint, load_training_state, save_checkpoint
-from ..preflight import check_resumed_best
+from ..models import is_checkpoint_uri, load_resumable, save_checkpoint
+from ..preflight import check_resumed_best, read_checkpoint
 from ..preprocess import Normalizer
 from ..storage import absolute_url, open_file, open_location, read_bytes, write_atomic
 from ..training import (
@@ -142,9 +142,9 @@ def _train_worker(loop: dict[str, Any]) -> list[dict[str, Any]] | None:
     if skipped and rank == 0:
         sys.stdout.write(f"segpipe train: {len(skipped)} tensors start random (not in --init or other shapes): "
                          f"{', '.join(skipped[:4])}...\n")  # written: as the epochs' lines, once
-    resumed = None
+    resumed = training_state = None
     if config.resume:
-        resumed, state = load_checkpoint(config.resume, storage_options=config.storage_options)
+        resumed, state, training_state = load_resumable(config.resume, storage_options=config.storage_options)
         model.load_state_dict(state)
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
@@ -155,7 +155,7 @@ def _train_worker(loop: dict[str, Any]) -> list[dict[str, Any]] | None:
     history: list[dict[str, Any]] = []
     # the best score so far, its epoch and the digest of its file: OUTPUT's
     best, best_epoch, best_digest = None, None, None
-    if resumed is not None and (training_state := load_training_state(config.resume, storage_options=config.storage_options)):
+    if resumed is not None and training_state is not None:
         resume_schedule(optimizer, schedule, training_state["optimizer"], training_state["schedule"],
                         steps_done=loop["start_epoch"] * per_epoch)
         history, best = list(training_state["history"]), training_state["best"]
@@ -234,10 +234,11 @@ def run_training(config: TrainConfig) -> TrainSummary:
     check_labels(config.val_labels or config.labels, val_pairs, config)
     start_epoch = 0
     if config.resume:
-        state = load_training_state(config.resume, storage_options=config.storage_options)
-        if state is None:
+        # its metadata alone (the pickle, kilobytes): the workers read the whole file
+        resumed = read_checkpoint(config.resume, config.storage_options, "--resume")
+        if resumed.trained_epochs is None:
             raise ValueError(f"{config.resume} holds no training state; resume from a checkpoint written by segpipe train")
-        start_epoch = int(state["epoch"])
+        state, start_epoch = resumed.training_state, resumed.trained_epochs
         if start_epoch >= config.epochs:
             raise ValueError(f"{config.resume} already trained {start_epoch} epochs; ask for more than that with --epochs")
         # the best so far, until an epoch of this run beats it: the checkpoint itself, or the
