@@ -486,7 +486,7 @@ def precision_comparison(model_name: str, device: torch.device, batch_size: int,
     decides by default), their ratio, and each one's share of the machine's peak of its dtype."""
     model = build_model(model_name, num_classes=NUM_CLASSES, weights=None)
     batch = model_batch(model, device, batch_size)
-    counts = model_flops_per_image(model, batch[:1])
+    counts = model_flops_per_image(model, batch[:1].cpu())  # counted on the host, where the model is built
     flops = counts["inside"]
     runs = {precision: bare_forward_rate(model, device, batch, batch_size, precision, seconds) for precision in ("fp32", "bf16")}
     rate = {precision: run["items_per_second"] for precision, run in runs.items()}
