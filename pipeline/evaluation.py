@@ -26,7 +26,7 @@ from rasterio.windows import Window
 
 from .masks import decode_mask
 from .metrics import check_label_range, confusion_matrix, scores
-from .rasters import open_raster
+from .rasters import is_georeferenced, open_raster
 from .storage import Location, iter_files, read_bytes, write_atomic
 from .text import counted, verb_for
 
@@ -169,22 +169,53 @@ def _labels_confusion(pair: Pair, pred: np.ndarray, truth: np.ndarray, settings:
     return confusion_matrix(pred, truth, n, ignore_index=settings.ignore_index)
 
 
+def _placement_mismatch(pred_file: Any, truth_file: Any) -> str | None:
+    """Why two georeferenced masks of one size do not cover the same pixels on the ground
+    (another CRS, or a transform off by more than a thousandth of a pixel), or None."""
+    if not (is_georeferenced(pred_file) and is_georeferenced(truth_file)):
+        return None  # a PNG or plain TIFF side is placed by its pixels alone
+    if pred_file.crs != truth_file.crs:
+        return f"CRS {pred_file.crs.to_string()} against {truth_file.crs.to_string()}"
+    transform = pred_file.transform
+    tolerance = 1e-3 * min(abs(transform.a), abs(transform.e)) or 1e-3 * max(abs(transform.b), abs(transform.d))
+    if any(abs(a - b) > tolerance for a, b in zip(transform[:6], truth_file.transform[:6], strict=True)):
+        return f"transform {tuple(transform[:6])} against {tuple(truth_file.transform[:6])}"
+    return None
+
+
 def score_raster_pair(pair: Pair, predictions: Location, ground_truth: Location, settings: ScoreSettings) -> PairScore:
     """A pair of which one side is a GeoTIFF, read window by window (PNG masks open through
-    GDAL as well): the prediction's nodata pixels (outside the raster's valid data) are not
-    scored."""
+    GDAL as well). Pixels are not scored where the prediction is nodata (outside the raster's
+    valid data) or a GeoTIFF ground truth is (unlabelled). Each side must be one band of class
+    ids, and two georeferenced sides must lie on the same pixels of the same CRS."""
     try:
         with open_raster(predictions, pair.prediction) as pred_file, open_raster(ground_truth, pair.ground_truth) as truth_file:
+            for side, key, file in (("prediction", pair.prediction, pred_file), ("ground truth", pair.ground_truth, truth_file)):
+                if file.count != 1:
+                    return PairScore(pair.image_id, error=(
+                        f"{side} {key} has {file.count} bands: a mask must be a single band of class ids "
+                        "(convert colour-coded labels to class ids first)"))
             if (pred_file.width, pred_file.height) != (truth_file.width, truth_file.height):
                 return PairScore(pair.image_id, error=(
                     f"size mismatch: prediction {pair.prediction} is {pred_file.width}x{pred_file.height}, "
                     f"ground truth {pair.ground_truth} is {truth_file.width}x{truth_file.height}"))
+            mismatch = _placement_mismatch(pred_file, truth_file)
+            if mismatch is not None:
+                return PairScore(pair.image_id, error=(
+                    f"prediction {pair.prediction} and ground truth {pair.ground_truth} do not cover the same "
+                    f"pixels: {mismatch}"))
+            # a GeoTIFF's nodata is its unlabelled pixels; a PNG's transparent colour is not read so, as
+            # PNG pairs score it
+            truth_nodata = truth_file.nodata if truth_file.driver == "GTiff" else None
             confusion = np.zeros((settings.num_classes,) * 2, dtype=np.int64)
             for row in range(0, pred_file.height, SCORE_WINDOW):
                 for col in range(0, pred_file.width, SCORE_WINDOW):
                     window = Window(col, row, min(SCORE_WINDOW, pred_file.width - col), min(SCORE_WINDOW, pred_file.height - row))
                     pred = pred_file.read(1, window=window).astype(np.int64)
-                    truth = remap_ground_truth(truth_file.read(1, window=window), settings)
+                    raw_truth = truth_file.read(1, window=window)
+                    truth = remap_ground_truth(raw_truth, settings)
+                    if truth_nodata is not None:
+                        truth[raw_truth == truth_nodata] = settings.ignore_index
                     if pred_file.nodata is not None:
                         truth[pred == pred_file.nodata] = settings.ignore_index
                         pred[pred == pred_file.nodata] = 0

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import rasterio
 from rasterio.enums import ColorInterp, Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.errors import NodataShadowWarning, NotGeoreferencedWarning, RasterioError
 from rasterio.io import DatasetReader
 from rasterio.transform import Affine
 from rasterio.windows import Window
@@ -48,10 +48,14 @@ log = logging.getLogger(__name__)
 # memory holds one block whatever the object's size (s3fs's default block is 50 MiB, which
 # would fetch most rasters whole on their first read)
 _READ_BLOCK = 1 << 20
-# the sample `band_limits` takes when no small overview exists: up to a 4x4 grid of windows
-_SAMPLE_GRID = 4
-_SAMPLE_WINDOW = 256
-# an overview bigger than this is not read whole for the limits; windows are sampled instead
+# the sample `band_limits` takes when no small overview exists: up to a 4x4 grid of windows;
+# where none of them holds valid data (a swath across a mostly empty raster), a 32x32 grid of
+# small ones, the same number of pixels spread finer
+_SAMPLE_GRIDS = ((4, 256), (32, 32))
+# the overview read whole for the limits: the smallest with at least the first many pixels
+# (an overview of a few pixels averages the tails away: a 1x1 one is the raster's mean), at
+# most the second; without one, windows are sampled
+_MIN_OVERVIEW_PIXELS = 256 * 256
 _MAX_OVERVIEW_PIXELS = 1024 * 1024
 
 
@@ -198,7 +202,11 @@ def _read(dataset: DatasetReader, what: str, read: Any, *args: Any, **kwargs: An
     named: the error met under GDAL, else ImageDecodeError("corrupt")."""
     opener = _OPENERS.get(dataset)
     try:
-        result = read(*args, **kwargs)
+        with warnings.catch_warnings():
+            # a raster with a nodata value and an alpha band: GDAL's masks follow the nodata
+            # value (documented in the README); rasterio's warning would print from every worker
+            warnings.simplefilter("ignore", NodataShadowWarning)
+            result = read(*args, **kwargs)
     except RasterioError as err:
         if opener is not None:
             opener.raise_failure(err)
@@ -283,16 +291,24 @@ def _valid(values: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return valid
 
 
-def _sample_windows(height: int, width: int) -> list[Window]:
-    """Up to `_SAMPLE_GRID` x `_SAMPLE_GRID` windows of `_SAMPLE_WINDOW` pixels, spread evenly
-    from edge to edge, in row-major order."""
+def _sample_windows(height: int, width: int, grid: int, size: int) -> list[Window]:
+    """Up to `grid` x `grid` windows of `size` pixels, spread evenly from edge to edge, in
+    row-major order."""
 
     def starts(length: int) -> list[int]:
-        size = min(_SAMPLE_WINDOW, length)
-        return sorted({round(s) for s in np.linspace(0, length - size, _SAMPLE_GRID)})
+        return sorted({round(s) for s in np.linspace(0, length - min(size, length), grid)})
 
-    h, w = min(_SAMPLE_WINDOW, height), min(_SAMPLE_WINDOW, width)
+    h, w = min(size, height), min(size, width)
     return [Window(col, row, w, h) for row in starts(height) for col in starts(width)]
+
+
+def _limits_overview(dataset: DatasetReader, band: int) -> tuple[int, int] | None:
+    """The (height, width) of the overview `band_limits` reads whole, or None to sample windows."""
+    for factor in sorted(dataset.overviews(band), reverse=True):  # the smallest first
+        shape = (math.ceil(dataset.height / factor), math.ceil(dataset.width / factor))
+        if shape[0] * shape[1] >= _MIN_OVERVIEW_PIXELS:
+            return shape if shape[0] * shape[1] <= _MAX_OVERVIEW_PIXELS else None
+    return None
 
 
 def band_limits(dataset: DatasetReader, bands: Sequence[int]) -> np.ndarray:
@@ -300,38 +316,42 @@ def band_limits(dataset: DatasetReader, bands: Sequence[int]) -> np.ndarray:
     that `read_rgb` maps to 0 and 255.
 
     uint8 rasters: (0, 255), shown as they are. Deeper samples: the 2nd and 98th percentiles
-    of each band's valid pixels, taken from the smallest overview when the raster has one of at most
-    1024x1024 pixels, else from up to 16 windows of 256x256 spread over the raster; so a
+    of each band's valid pixels, taken from the smallest overview of 256x256 to 1024x1024
+    pixels when the raster has one, else from up to 16 windows of 256x256 spread over the
+    raster, and where those hold no valid pixel, from 1,024 windows of 32x32; so a
     50,000-pixel raster costs a few reads, not a pass over it. A band whose percentiles meet
-    falls back to its min and max; a constant band gets (v, v + 1), shown black.
+    falls back to its min and max; a constant band gets (v, v + 1), shown black; a band with
+    no valid pixel in any of those reads gets (0, 1), with a warning.
     """
     bands = list(bands)
     if all(dataset.dtypes[band - 1] == "uint8" for band in bands):
         return np.tile(np.array([0.0, 255.0]), (len(bands), 1))
     unique = _unique(bands)
-    reads: list[tuple[np.ndarray, np.ndarray]] = []
-    overviews = dataset.overviews(unique[0])
-    factor = max(overviews) if overviews else 0
-    shape = (math.ceil(dataset.height / factor), math.ceil(dataset.width / factor)) if factor else None
-    if shape is not None and shape[0] * shape[1] <= _MAX_OVERVIEW_PIXELS:
+    shape = _limits_overview(dataset, unique[0])
+    if shape is not None:
         # a read at the overview's size is served by GDAL from the overview itself
         out = {"out_shape": (len(unique), *shape), "resampling": Resampling.nearest}
-        reads.append((_read(dataset, "the overview", dataset.read, unique, **out),
-                      _read(dataset, "the overview's mask", dataset.read_masks, unique, **out)))
+        samples = [[(_read(dataset, "the overview", dataset.read, unique, **out),
+                     _read(dataset, "the overview's mask", dataset.read_masks, unique, **out))]]
     else:
-        for window in _sample_windows(dataset.height, dataset.width):
-            reads.append((_read(dataset, f"window {window}", dataset.read, unique, window=window),
-                          _read(dataset, f"the mask of window {window}", dataset.read_masks, unique, window=window)))
-    by_band = {}
-    for i, band in enumerate(unique):
-        # each band's own valid values: its mask, and finite
-        pixels = np.concatenate([values[i][(masks[i] != 0) & np.isfinite(values[i])] for values, masks in reads])
-        if pixels.size == 0:
+        samples = ([(_read(dataset, f"window {window}", dataset.read, unique, window=window),
+                     _read(dataset, f"the mask of window {window}", dataset.read_masks, unique, window=window))
+                    for window in _sample_windows(dataset.height, dataset.width, grid, size)]
+                   for grid, size in _SAMPLE_GRIDS)  # the finer grid read only if needed
+    by_band: dict[int, tuple[float, float]] = {}
+    for reads in samples:
+        for i, band in enumerate(unique):
+            # each band's own valid values: its mask, and finite
+            pixels = np.concatenate([values[i][(masks[i] != 0) & np.isfinite(values[i])] for values, masks in reads])
+            if pixels.size:
+                by_band.setdefault(band, stretch_limits(pixels.astype(np.float64)))
+        if len(by_band) == len(unique):
+            break
+    for band in unique:
+        if band not in by_band:
             log.warning("%s: band %d has no valid pixel in the sample taken for the stretch; limits (0, 1)",
                         _name(dataset), band)
             by_band[band] = (0.0, 1.0)
-        else:
-            by_band[band] = stretch_limits(pixels.astype(np.float64))
     return np.array([by_band[band] for band in bands], dtype=np.float64)
 
 

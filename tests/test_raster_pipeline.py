@@ -285,6 +285,49 @@ def test_evaluation_reads_geotiff_masks_by_window_against_png_or_geotiff_ground_
         np.testing.assert_array_equal(batch.confusion, expected)
 
 
+def test_evaluation_skips_ground_truth_nodata_and_refuses_masks_that_are_not_one_band_or_not_in_place(shared_data, tmp_path):
+    """A GeoTIFF ground truth's nodata is unlabelled, not a class. A colour-coded ground truth
+    (three bands, as ISPRS ships its labels), or one in another CRS or shifted, is named and
+    left out, never scored by its first band or its pixels alone."""
+    geotiff = shared_data / "aerial/geotiff"
+    with rasterio.open(geotiff / "sample_fp_mask.tif") as gt, rasterio.open(geotiff / "sample_geotiff.tif") as image:
+        truth, profile = (gt.read(1) > 0).astype(np.uint8), image.profile  # the footprints are the image's
+    profile.update(dtype="uint8", count=1, nodata=255)
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "gt").mkdir()
+    with rasterio.open(tmp_path / "pred" / "tile.tif", "w", **profile) as dst:
+        dst.write(truth, 1)  # a perfect prediction
+    unlabelled = truth.copy()
+    unlabelled[:50] = 0  # nodata of the ground truth, where the prediction says 1 somewhere
+    assert truth[:50].any()
+    variants = {
+        "nodata": (profile | {"nodata": 0}, unlabelled[None]),
+        "colours": (profile | {"count": 3, "nodata": None}, np.stack([truth * 255, truth * 0, truth * 0])),
+        "other_crs": (profile | {"crs": "EPSG:4326"}, truth[None]),
+        "shifted": (profile | {"transform": profile["transform"] @ rasterio.Affine.translation(0, 100)}, truth[None]),
+    }
+    for name, (variant, bands) in variants.items():
+        (tmp_path / "gt" / name).mkdir()
+        with rasterio.open(tmp_path / "gt" / name / "tile.tif", "w", **variant) as dst:
+            dst.write(bands)
+    settings = ScoreSettings(num_classes=2)
+
+    def scored(name):
+        return score_pairs(open_location(str(tmp_path / "pred")), open_location(str(tmp_path / "gt" / name)),
+                           [Pair("tile", "tile.tif", "tile.tif")], settings)
+
+    batch = scored("nodata")
+    assert batch.excluded == []
+    labelled = unlabelled != 0
+    np.testing.assert_array_equal(batch.confusion, np.diag([0, int(labelled.sum())]))  # class 0 only as nodata here
+    for name, reason in [("colours", "has 3 bands: a mask must be a single band"),
+                         ("other_crs", "do not cover the same pixels: CRS EPSG:32616 against EPSG:4326"),
+                         ("shifted", "do not cover the same pixels: transform")]:
+        batch = scored(name)
+        assert batch.image_ids == [] and len(batch.excluded) == 1, name
+        assert reason in str(batch.excluded[0]), batch.excluded
+
+
 def test_a_raster_whose_header_claims_too_many_pixels_is_an_error_row_before_any_block(tmp_path):
     from pipeline.io_stages import read_and_decode
     from pipeline.storage import SourceFile

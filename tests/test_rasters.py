@@ -220,15 +220,17 @@ def test_a_colour_mapped_band_is_read_in_its_colours_as_pillow_shows_a_palette_p
     assert not np.array_equal(grey[8:], shown[8:])  # what reading the indexes as grey gave
 
 
-def test_limits_come_from_the_smallest_overview(shared_data: Path, tmp_path: Path) -> None:
+def test_limits_come_from_the_smallest_overview_of_enough_pixels(shared_data: Path, tmp_path: Path) -> None:
+    """Overviews of 450, 225 and 113 pixels a side: the smallest of at least 256x256 pixels
+    is the first, 1/2. The smaller ones average the tails away."""
     with rasterio.open(shared_data / "aerial/geotiff/sample_geotiff.tif") as src:
         spacenet = src.read()
     path = _write(tmp_path / "with_overviews.tif", spacenet, nodata=0)
     plain = _write(tmp_path / "plain.tif", spacenet, nodata=0)
     with rasterio.open(path, "r+") as dst:
         dst.build_overviews([2, 4, 8], Resampling.average)
-    with rasterio.open(path, overview_level=2) as overview:  # the smallest: 1/8
-        assert overview.shape == (113, 113)
+    with rasterio.open(path, overview_level=0) as overview:  # 1/2
+        assert overview.shape == (450, 450)
         values, masks = overview.read(1), overview.read_masks(1)
     expected = np.percentile(values[masks != 0].astype(np.float64), (2, 98))
     location = open_location(str(tmp_path))
@@ -240,6 +242,36 @@ def test_limits_come_from_the_smallest_overview(shared_data: Path, tmp_path: Pat
     assert not np.allclose(limits, sampled)  # the overview was what was read, not windows
 
 
+def test_overviews_of_a_few_pixels_are_not_the_limits(tmp_path: Path) -> None:
+    """Overviews down to 1x1 (factors 2 to 2048): the smallest holds the raster's mean alone,
+    and its limits would stretch the image to two grey levels."""
+    rng = np.random.default_rng(0)
+    values = rng.integers(200, 1800, size=(1, 2048, 2048), dtype=np.uint16)
+    path = _write(tmp_path / "deep.tif", values, nodata=0, block=256)
+    with rasterio.open(path, "r+") as dst:
+        dst.build_overviews([2 ** k for k in range(1, 12)], Resampling.average)
+    with open_raster(open_location(str(tmp_path)), path.name) as ds:
+        assert min(ds.overviews(1)) == 2 and max(ds.overviews(1)) == 2048
+        low, high = band_limits(ds, (1, 1, 1))[0]
+    # the 1/8 overview's values (256x256) are means of 64 draws: their spread is an eighth of
+    # the draws', yet far from a single value
+    assert high - low > 200, (low, high)
+
+
+def test_limits_of_a_swath_the_first_windows_miss(tmp_path: Path) -> None:
+    """Valid data only in rows 300 to 1200 of 4096, no overviews: the 4x4 windows (rows 0,
+    1280, 2560 and 3840 on) hold none of it, and the finer sample finds it."""
+    rng = np.random.default_rng(1)
+    values = np.zeros((1, 4096, 4096), dtype=np.uint16)
+    values[0, 300:1200] = rng.integers(300, 1800, size=(900, 4096))
+    path = _write(tmp_path / "swath.tif", values, nodata=0, block=256)
+    with open_raster(open_location(str(tmp_path)), path.name) as ds:
+        assert not ds.overviews(1)
+        limits = band_limits(ds, (1, 1, 1))
+    strip = values[0, 300:1200].astype(np.float64)
+    np.testing.assert_allclose(limits[0], np.percentile(strip, (2, 98)), rtol=0.03)
+
+
 def test_a_plain_tiff_opens_without_rasterio_s_warning(shared_data: Path) -> None:
     """Plain TIFFs are opened to ask whether they are georeferenced: that is no news to
     print from every worker."""
@@ -248,6 +280,21 @@ def test_a_plain_tiff_opens_without_rasterio_s_warning(shared_data: Path) -> Non
         warnings.simplefilter("error")
         with open_raster(open_location(str(folder)), "sample_fp_mask.tif") as ds:
             assert not is_georeferenced(ds)
+
+
+def test_a_raster_with_nodata_and_alpha_reads_without_rasterio_s_warning(tmp_path: Path) -> None:
+    """GDAL's masks follow the nodata value where a raster also has an alpha band, as the
+    README says; rasterio's NodataShadowWarning about it would print from every worker."""
+    rgba = np.full((4, 64, 64), 255, dtype=np.uint16)
+    rgba[:3] = np.arange(64, dtype=np.uint16) * 10
+    rgba[:3, :, :8] = 0  # nodata in every band
+    path = _write(tmp_path / "rgba.tif", rgba, nodata=0, block=64, photometric="RGB", alpha="YES")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with open_raster(open_location(str(tmp_path)), path.name) as ds:
+            bands = choose_bands(ds, None)
+            _, valid = read_rgb(ds, Window(0, 0, 64, 64), bands, band_limits(ds, bands))
+    assert not valid[:, :8].any() and valid[:, 8:].all()
 
 
 def test_errors_are_named(tmp_path: Path, shared_data: Path) -> None:
