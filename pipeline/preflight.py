@@ -48,6 +48,7 @@ from .storage import (
     open_location,
     read_bytes,
     retry_io,
+    unreachable_fails_fast,
 )
 
 T = TypeVar("T")
@@ -60,6 +61,8 @@ LAYOUT_FORMAT = "segpipe-output/2"
 # seconds a download URL may take to answer before the weights count as unreachable
 DOWNLOAD_CHECK_TIMEOUT_S = 3.0
 
+ENDPOINT_HINT = ("check the URL and, for an S3-compatible store, its endpoint (AWS_ENDPOINT_URL, or "
+                 "--storage-options '{\"endpoint_url\": \"...\"}')")
 CREDENTIALS_HINT = (
     "give them in the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE), with "
     "--storage-options '{\"key\": \"...\", \"secret\": \"...\"}', or in a Prefect Secret block named by "
@@ -422,9 +425,11 @@ def _no_credentials(err: BaseException | None) -> bool:
 
 
 def _ask(what: str, call: Callable[[], T], *, local: bool = False) -> T:
-    """`call()`, a storage request about `what`; its failure becomes one line saying what to do."""
+    """`call()`, a storage request about `what`; its failure becomes one line saying what to
+    do. A store that cannot be connected to fails at once (`unreachable_fails_fast`)."""
     try:
-        return call()
+        with unreachable_fails_fast():
+            return call()
     except Exception as err:
         if _no_credentials(err):
             raise PreflightError(f"no credentials for {what}: {CREDENTIALS_HINT}") from err
@@ -432,7 +437,8 @@ def _ask(what: str, call: Callable[[], T], *, local: bool = False) -> T:
             fix = "check its permissions" if local else "check the credentials it is read with"
             raise PreflightError(f"access denied to {what} ({err}); {fix}") from err
         if isinstance(err, OSError | StorageUnavailableError):
-            raise PreflightError(f"cannot reach {what}: {type(err).__name__}: {err}") from err
+            hint = "" if local else f"; {ENDPOINT_HINT}"
+            raise PreflightError(f"cannot reach {what}: {type(err).__name__}: {err}{hint}") from err
         raise
 
 

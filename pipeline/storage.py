@@ -21,12 +21,14 @@ Below all three, the S3 client (botocore, s3fs) retries throttling within a requ
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as dt
 import hashlib
 import logging
 import os
 import posixpath
 import shutil
+import socket
 import time
 import uuid
 from collections import Counter
@@ -436,10 +438,42 @@ def is_transient(error: BaseException | None) -> bool:
     return False
 
 
+# set within `unreachable_fails_fast`
+_UNREACHABLE_FAILS_FAST: contextvars.ContextVar[bool] = contextvars.ContextVar("unreachable_fails_fast", default=False)
+# what a store that refuses the connection, or whose host has no address, raises
+_UNREACHABLE = (ConnectionRefusedError, socket.gaierror)
+_BOTOCORE_UNREACHABLE = "EndpointConnectionError"
+
+
+def _unreachable(error: BaseException | None) -> bool:
+    while error is not None:
+        if isinstance(error, _UNREACHABLE) or any(
+                cls.__module__ == "botocore.exceptions" and cls.__name__ == _BOTOCORE_UNREACHABLE for cls in type(error).__mro__):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def unreachable_fails_fast() -> Iterator[None]:
+    """Within it, a store that cannot be connected to at all fails its request at the first
+    attempt (StorageUnavailableError), without `retry_io`'s backoff. For the checks before a
+    run: there, a refused connection or an unknown host is far likelier a mistyped endpoint
+    than an outage, and is said in seconds rather than after the retries' half a minute a
+    request (each attempt's own client retries take about 3 s). Timeouts and a store's 5xx
+    are retried as everywhere."""
+    token = _UNREACHABLE_FAILS_FAST.set(True)
+    try:
+        yield
+    finally:
+        _UNREACHABLE_FAILS_FAST.reset(token)
+
+
 def retry_io(what: str, call, *args, attempts: int = 5, first_delay: float = 0.5, **kwargs):
     """`call(*args, **kwargs)`, retried with exponential backoff (0.5, 1, 2, 4 s) on transient
-    I/O errors; StorageUnavailableError once they are used up. `what` names the object for
-    the message (never the credentials)."""
+    I/O errors; StorageUnavailableError once they are used up (or at once for an unreachable
+    store within `unreachable_fails_fast`). `what` names the object for the message (never
+    the credentials)."""
     delay = first_delay
     for attempt in range(1, attempts + 1):
         try:
@@ -447,6 +481,8 @@ def retry_io(what: str, call, *args, attempts: int = 5, first_delay: float = 0.5
         except Exception as err:
             if not is_transient(err):
                 raise
+            if _UNREACHABLE_FAILS_FAST.get() and _unreachable(err):
+                raise StorageUnavailableError(f"{what}: cannot connect ({type(err).__name__}: {err})") from err
             if attempt == attempts:
                 raise StorageUnavailableError(
                     f"{what}: still failing after {attempts} attempts ({type(err).__name__}: {err})"

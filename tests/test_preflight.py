@@ -145,6 +145,19 @@ def test_s3_without_credentials_says_how_to_give_them(s3_bucket, s3_endpoint, tm
     assert not s3fs.S3FileSystem(**options).exists(f"{bucket[5:]}/out/{LAYOUT_KEY}")
 
 
+def test_an_s3_endpoint_that_refuses_connections_is_refused_at_the_first_attempt(tmp_path) -> None:
+    """A mistyped endpoint (nothing listens on port 1): one line naming the endpoint setting,
+    from the first attempt, not from `retry_io`'s five with their backoff."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b", "AWS_ENDPOINT_URL": "http://127.0.0.1:1",
+            "AWS_EC2_METADATA_DISABLED": "true"}
+    line = _refused(["segment", "s3://survey/2026-11-20/", str(tmp_path / "out"), "--weights", "none",
+                     "--num-classes", "2"], "cannot reach SOURCE s3://survey/2026-11-20", "cannot connect",
+                    "EndpointConnectionError", "AWS_ENDPOINT_URL", env=env)
+    assert "attempts" not in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_remote_urls_are_left_to_the_flow_when_credentials_are_in_a_secret_block(tmp_path) -> None:
     """--storage-secret: only Prefect can read the block, so the command line leaves remote
     URLs to the flow's own check; local ones are still checked."""
