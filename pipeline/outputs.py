@@ -206,16 +206,20 @@ class OutputStore:
         data = read_bytes(self.location, f"_commits/{shard_id}.json")
         return json.loads(data) if data is not None else None
 
-    def is_current(self, shard: Shard, run: RunInfo, *, redo_errors: bool = False) -> bool:
-        """True when the shard is committed with the same inputs and the same settings (and,
-        with `redo_errors`, without error rows)."""
+    def current_commit(self, shard: Shard, run: RunInfo, *, redo_errors: bool = False) -> dict[str, Any] | None:
+        """The shard's commit marker when the shard is committed with the same inputs and the
+        same settings (and, with `redo_errors`, without error rows); else None."""
         commit = self.read_commit(shard.shard_id)
-        return (
+        current = (
             commit is not None
             and commit.get("manifest_sha256") == shard.manifest_digest()
             and commit.get("fingerprint") == run.fingerprint
             and not (redo_errors and commit.get("errors", 0) > 0)
         )
+        return commit if current else None
+
+    def is_current(self, shard: Shard, run: RunInfo, *, redo_errors: bool = False) -> bool:
+        return self.current_commit(shard, run, redo_errors=redo_errors) is not None
 
     def commit_shard(self, shard: Shard, records: Sequence[ImageRecord], run: RunInfo) -> None:
         """Write the shard's tables, then its marker. Every input must have a record."""

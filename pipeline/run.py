@@ -488,11 +488,13 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
         elif next(iter(shards), None) is not None:
             return None  # nothing was ever committed there, and SOURCE has a shard: all of it is work
         run = run_info(config, source.url, new_run_id(), model_meta(config))
-        skipped = 0
+        skipped = errors_kept = 0
         for shard in shards:
-            if not store.is_current(shard, run, redo_errors=config.redo_errors):
+            commit = store.current_commit(shard, run, redo_errors=config.redo_errors)
+            if commit is None:
                 return None
             skipped += 1
+            errors_kept += commit.get("errors", 0)
     except (StorageUnavailableError, OSError) as err:
         raise RunError(f"storage unavailable: {type(err).__name__}: {err}") from err
     finally:
@@ -503,7 +505,9 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
         non_image_keys=counts.skipped, pixels_by_class={}, retried_batches=0, setup_seconds=0.0,
         ray_cluster=NO_CLUSTER, replicas=[], seconds=time.monotonic() - started,
     )
-    return summary.as_record() | {"pixel_share": {}, "record": record_run(store.location, summary)}
+    # the error rows those shards keep: a changed setting (--max-raster-pixels, a fixed file
+    # under the same key and version) does not make them work, and the line says how to
+    return summary.as_record() | {"pixel_share": {}, "errors_kept": errors_kept, "record": record_run(store.location, summary)}
 
 
 def summary_lines(s: dict[str, Any]) -> list[str]:
@@ -513,7 +517,12 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         skipped = s["shards_skipped"]
         what = (f"{every(skipped, 'shard')} of {s['source']} {verb_for(skipped, 'is', 'are')} already up to date "
                 f"in {s['output']}" if skipped else f"no images under {s['source']}")
-        return [f"nothing to do: {what} (run {s['run_id']}, record {s['record']})"]
+        lines = [f"nothing to do: {what} (run {s['run_id']}, record {s['record']})"]
+        if s.get("errors_kept"):
+            kept = s["errors_kept"]
+            lines.append(f"{counted(kept, 'error row')} {verb_for(kept, 'is', 'are')} kept in those shards; --redo-errors "
+                         "segments their images again")
+        return lines
     ok = s["images"] - s["errors"]
     lines = [
         f"run {s['run_id']}: {counted(s['images'], 'image')} segmented ({ok} ok, {counted(s['errors'], 'error')}) "

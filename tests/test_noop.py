@@ -19,7 +19,7 @@ import s3fs
 from PIL import Image
 
 from pipeline.config import SegmentConfig
-from pipeline.run import NO_CLUSTER, up_to_date
+from pipeline.run import NO_CLUSTER, summary_lines, up_to_date
 from pipeline.runtime.driver import run_segmentation
 from pipeline.runtime.replicas import SegmentWorker
 from pipeline.samples import synthetic_scene
@@ -108,6 +108,20 @@ def test_a_night_with_nothing_new_loads_no_model_and_a_new_image_costs_its_shard
     incremental = run_segmentation(config, worker_class=_counting_worker(replicas))
     assert (incremental.shards_committed, incremental.shards_skipped, incremental.images) == (1, 1, 3)
     assert len(list(replicas.iterdir())) == 1  # the counting worker does count a replica that starts
+
+
+def test_nothing_to_do_says_how_many_error_rows_stay_and_how_to_retry_them(ray_cpu, tmp_path):
+    archive = _Local(tmp_path)
+    archive.put("a.jpg", _jpeg(0))
+    archive.put("b.jpg", b"not a jpeg at all")
+    config = SegmentConfig(source=archive.source, output=archive.output, **MODEL)
+    assert run_segmentation(config).errors == 1
+    record = up_to_date(config)
+    assert record is not None and record["errors_kept"] == 1
+    first, second = summary_lines(record)
+    assert first.startswith("nothing to do: the one shard")
+    assert second == "1 error row is kept in those shards; --redo-errors segments their images again"
+    assert up_to_date(config.model_copy(update={"redo_errors": True})) is None  # then there is work
 
 
 def test_other_settings_are_work_to_do(ray_cpu, tmp_path):
