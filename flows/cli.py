@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import types
@@ -436,6 +437,22 @@ def _misspelled_option(parser: argparse.ArgumentParser, argv: list[str]) -> str 
     return None
 
 
+def _interrupting_signal(err: BaseException) -> signal.Signals | None:
+    """The signal that stopped a command, if `err` is how it surfaced: KeyboardInterrupt for
+    SIGINT, and for SIGTERM the SystemExit(15) that Ray's driver raises from the handler
+    `ray.init` installs. Either may come wrapped: raised inside a Ray call, CPython reports
+    it as a SystemError caused by it, and the flow engine may re-raise another in its place."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, KeyboardInterrupt):
+            return signal.SIGINT
+        if isinstance(err, SystemExit) and err.code == signal.SIGTERM:
+            return signal.SIGTERM
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -456,6 +473,15 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as err:
         print(f"segpipe: error: {err}", file=sys.stderr)
         return 1
+    except BaseException as err:
+        if (stopped := _interrupting_signal(err)) is None:
+            raise
+        # a shard's tables and marker are written last and atomically: what was committed is
+        # whole, and the rest is done by the same command again (masks written for an
+        # uncommitted shard are rewritten then)
+        print(f"segpipe: stopped by {stopped.name}: what was committed is kept; run the same command again to "
+              "go on", file=sys.stderr)
+        return 128 + stopped
 
 
 def run() -> typing.NoReturn:

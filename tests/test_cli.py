@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -323,3 +324,38 @@ def test_a_prefect_log_level_prefect_does_not_take_is_one_line(tmp_path, level: 
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == [f"segpipe: error: PREFECT_LOGGING_LEVEL={level}: Prefect takes DEBUG, INFO, "
                                         "WARNING, ERROR or CRITICAL"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_run_stopped_by_a_signal_says_so_in_one_line_and_the_same_command_goes_on(tmp_path, stop) -> None:
+    """SIGTERM (what systemd and Kubernetes send) or Ctrl-C once the first shard is committed:
+    one line and exit 128 + the signal, no traceback; the committed shards are whole, and the
+    same command does the rest, with no image twice."""
+    source, output = tmp_path / "src", tmp_path / "out"
+    source.mkdir()
+    for i in range(160):
+        Image.fromarray(synthetic_scene(240, 320, i)[0]).save(source / f"{i:03d}.png")
+    command = [sys.executable, "-m", "flows.cli", "segment", str(source), str(output), "--model",
+               "lraspp_mobilenet_v3_large", "--weights", "none", "--num-classes", "4", "--shard-size", "8",
+               "--precision", "fp32", "--no-compile"]
+    running = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((output / "_commits").glob("*.json")) and running.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running.poll() is None, running.communicate()
+    running.send_signal(stop)
+    _, err = running.communicate(timeout=120)
+    assert running.returncode == 128 + stop, err
+    assert "Traceback" not in err, err
+    assert err.rstrip().splitlines()[-1] == (
+        f"segpipe: stopped by {stop.name}: what was committed is kept; run the same command again to go on")
+    committed = len(list((output / "_commits").glob("*.json")))
+    assert 1 <= committed < 20
+    rows = duckdb.sql(f"select count(*) from read_parquet('{output}/images/**/*.parquet')").fetchall()[0][0]
+    assert rows == 8 * committed  # whole shards only
+    if stop == signal.SIGTERM:
+        again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr
+        keys = duckdb.sql(f"select image_id from read_parquet('{output}/images/**/*.parquet')").fetchall()
+        assert sorted(k for (k,) in keys) == sorted(p.name for p in source.iterdir())
