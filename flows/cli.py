@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
         job = commands.add_parser(name, help=summary, description=description)
         add_config_arguments(job, config)
         job.add_argument("--storage-secret", help=_SECRET_HELP)
-        job.set_defaults(run=run, job_config=config)
+        job.set_defaults(run=run, job_config=config, after_stop=_AFTER_STOP[name])
 
     serve = commands.add_parser(
         "serve", help="serve the nightly segmentation and the evaluation deployments from this process",
@@ -437,6 +437,17 @@ def _misspelled_option(parser: argparse.ArgumentParser, argv: list[str]) -> str 
     return None
 
 
+# what a command stopped by a signal leaves, and how to go on from it: a shard's tables and
+# marker are written last and atomically, the evaluation's report at its end, and a training
+# run's checkpoints after each epoch
+_AFTER_STOP = {
+    "segment": "what was committed is kept; run the same command again to go on",
+    "evaluate": "its report is written at the end; run the same command again",
+    "train": "the finished epochs' checkpoints are kept; --resume the last one (OUTPUT's name with .last before "
+             "its extension) to go on",
+}
+
+
 def _interrupting_signal(err: BaseException) -> signal.Signals | None:
     """The signal that stopped a command, if `err` is how it surfaced: KeyboardInterrupt for
     SIGINT, and for SIGTERM the SystemExit(15) that Ray's driver raises from the handler
@@ -476,11 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as err:
         if (stopped := _interrupting_signal(err)) is None:
             raise
-        # a shard's tables and marker are written last and atomically: what was committed is
-        # whole, and the rest is done by the same command again (masks written for an
-        # uncommitted shard are rewritten then)
-        print(f"segpipe: stopped by {stopped.name}: what was committed is kept; run the same command again to "
-              "go on", file=sys.stderr)
+        after = getattr(args, "after_stop", "run the same command again")
+        print(f"segpipe: stopped by {stopped.name}: {after}", file=sys.stderr)
         return 128 + stopped
 
 

@@ -359,3 +359,33 @@ def test_a_run_stopped_by_a_signal_says_so_in_one_line_and_the_same_command_goes
         assert again.returncode == 0, again.stderr
         keys = duckdb.sql(f"select image_id from read_parquet('{output}/images/**/*.parquet')").fetchall()
         assert sorted(k for (k,) in keys) == sorted(p.name for p in source.iterdir())
+
+
+def _raised_inside_ray_by_sigterm() -> SystemError:
+    """What reaches the command when Ray's SIGTERM handler (`sys.exit(15)`) runs inside one of
+    its Cython calls: CPython's SystemError, caused by the SystemExit."""
+    try:
+        try:
+            raise SystemExit(signal.SIGTERM)
+        except SystemExit as exit_:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set") from exit_
+    except SystemError as err:
+        return err
+
+
+@pytest.mark.parametrize(("argv", "raised", "code", "after"), [
+    (["train", "imgs", "labels", "model.pt", "--model", "unet", "--num-classes", "3"], KeyboardInterrupt(), 130,
+     "the finished epochs' checkpoints are kept; --resume the last one"),
+    (["evaluate", "masks", "gt", "report", "--num-classes", "3"], _raised_inside_ray_by_sigterm(), 143,
+     "its report is written at the end; run the same command again"),
+])
+def test_each_command_stopped_by_a_signal_says_what_it_leaves(monkeypatch, capsys, argv, raised, code, after) -> None:
+    import flows.cli
+
+    def stopped(args):
+        raise raised
+
+    monkeypatch.setattr(flows.cli, f"_{argv[0]}", stopped)
+    assert main(argv) == code
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"segpipe: stopped by {signal.Signals(code - 128).name}: {after}"), line
