@@ -210,7 +210,9 @@ class Segmenter:
     compiles where it pays: bf16 on CPU. The model runs without its final resize to the input's
     pixels (`models.GridHead`); its output stride (`output_stride`) is measured once, here, by
     one forward of the uncompiled model on a 128 x 128 input. A compiled model pays its compilation at the first batch
-    of each input shape (seconds; inductor's caches on local disk make later processes' faster).
+    of each input shape, in every process (seconds: PyTorch does not cache a frozen graph, whose
+    prepacked weights it cannot pickle; inductor's cache of built kernels on local disk saves their
+    C++ builds).
     Process-wide settings (`torch.backends.cudnn.benchmark`, thread counts) are the caller's: the
     process that serves the model sets them.
     """

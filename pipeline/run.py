@@ -540,8 +540,7 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     compiled = [r["compile_seconds"] for r in s["replicas"] if r.get("compile_seconds")]
     if compiled:  # paid inside the run, at each input shape's first batch, once per replica
         lines.append(f"compiling the model took {max(compiled):.1f} s of the run (the first batch of each input "
-                     "shape; inductor's cache on local disk makes the next run's shorter; --no-compile skips it, "
-                     "for a few images)")
+                     "shape, in every run; --no-compile skips it, for a few images)")
     if s["retried_batches"]:
         lines.append(f"{counted(s['retried_batches'], 'batch', 'batches')} sent again after a worker failed")
     lines.append(f"outputs: {', '.join(s['output'] + '/' + folder for folder in s['folders'])} "
