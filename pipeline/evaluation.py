@@ -81,6 +81,7 @@ class StrayLabelsError(ValueError):
 class PairScore:
     image_id: str
     confusion: np.ndarray | None = None  # (C, C) int64, rows ground truth
+    pixels: int = 0  # the pair's pixels, scored or not (ignore index, nodata)
     error: str | None = None
     stray: StrayLabels | None = None  # why it was left out, when labels were out of range
 
@@ -224,7 +225,7 @@ def score_raster_pair(pair: Pair, predictions: Location, ground_truth: Location,
         return PairScore(pair.image_id, error=str(err), stray=getattr(err, "stray", None))
     except RasterioError as err:  # a file GDAL opened but cannot read through
         return PairScore(pair.image_id, error=f"unreadable mask ({type(err).__name__}: {err})")
-    return PairScore(pair.image_id, confusion=confusion)
+    return PairScore(pair.image_id, confusion=confusion, pixels=pred_file.width * pred_file.height)
 
 
 def score_pair(pair: Pair, prediction: bytes, ground_truth: bytes, settings: ScoreSettings) -> PairScore:
@@ -241,7 +242,7 @@ def score_pair(pair: Pair, prediction: bytes, ground_truth: bytes, settings: Sco
             f"size mismatch: prediction {pair.prediction} is {pred.shape[1]}x{pred.shape[0]}, "
             f"ground truth {pair.ground_truth} is {truth.shape[1]}x{truth.shape[0]}"))
     try:
-        return PairScore(pair.image_id, confusion=_labels_confusion(pair, pred, truth, settings))
+        return PairScore(pair.image_id, confusion=_labels_confusion(pair, pred, truth, settings), pixels=pred.size)
     except StrayLabelsError as err:
         return PairScore(pair.image_id, error=str(err), stray=err.stray)
 
@@ -255,6 +256,7 @@ class BatchScore:
     image_ids: list[str] = field(default_factory=list)
     pixel_accuracy: list[float] = field(default_factory=list)
     iou: list[np.ndarray] = field(default_factory=list)
+    pixels: int = 0  # of the scored pairs, the confusion's and those not scored
     excluded: list[dict[str, str]] = field(default_factory=list)
     # the excluded pairs whose labels were out of range, and which labels
     stray: list[StrayLabels] = field(default_factory=list)
@@ -264,6 +266,7 @@ class BatchScore:
         self.image_ids += other.image_ids
         self.pixel_accuracy += other.pixel_accuracy
         self.iou += other.iou
+        self.pixels += other.pixels
         self.excluded += other.excluded
         self.stray += other.stray
 
@@ -305,6 +308,7 @@ def _add(batch: BatchScore, pair: Pair, result: PairScore) -> None:
     batch.image_ids.append(pair.image_id)
     batch.pixel_accuracy.append(own["pixel_accuracy"])
     batch.iou.append(own["iou"])
+    batch.pixels += result.pixels
 
 
 def exclusion_summary(total: BatchScore, settings: ScoreSettings) -> str | None:
@@ -367,6 +371,9 @@ def build_report(total: BatchScore, pairing: Pairing, settings: ScoreSettings,
         "pixel_accuracy": _json_number(float(s["pixel_accuracy"])),
         "fw_iou": _json_number(float(s["fw_iou"])),
         "classes": classes,
+        # pixels of the scored pairs left out: ground truth equal to ignore_index, or nodata
+        "unscored_pixels": total.pixels - int(confusion.sum()),
+        "pixels": total.pixels,
         "confusion_matrix": confusion.astype(np.int64).tolist(),
         "unpaired_predictions": pairing.unpaired_predictions,
         "unpaired_ground_truth": pairing.unpaired_ground_truth,
@@ -473,6 +480,13 @@ def class_table(report: dict[str, Any], *, markdown: bool) -> str:
         lines = [headline, ""] + ["  ".join(cell.ljust(width) if i == 1 else cell.rjust(width)
                                             for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip()
                                   for row in [header, *rows]]
+    if report.get("unscored_pixels"):
+        # said, since a dataset whose masks use 255 for a class (0/255 footprints) would
+        # otherwise lose that class to the default --ignore-index without a word
+        unscored, index = report["unscored_pixels"], report["ignore_index"]
+        lines += ["", f"Not scored: {unscored} of {report['pixels']} pixels ({unscored / report['pixels']:.1%}), where the "
+                  f"ground truth is --ignore-index {index} (or nodata); if {index} is a class of these masks, map it "
+                  "to one with --label-map."]
     left_out = len(report["excluded"]) + len(report["unpaired_predictions"]) + len(report["unpaired_ground_truth"])
     if left_out:
         excluded = len(report["excluded"])

@@ -186,3 +186,27 @@ def test_the_advice_follows_what_the_stray_labels_are(tmp_path):
         "1 prediction holds labels 4, not below --num-classes 3: pass the number of classes the model predicts; "
         "1 pair left out for other reasons, e.g. size: size mismatch: prediction size.png is 2x2, ground truth "
         "size.png is 3x3")
+
+
+def test_pixels_not_scored_are_counted_and_said(tmp_path):
+    """Footprints of 0 and 255 (as SpaceNet's) scored with the default --ignore-index 255 lose
+    every building without an error: the table says how many pixels were not scored."""
+    (tmp_path / "p").mkdir()
+    (tmp_path / "g").mkdir()
+    truth = np.zeros((20, 20), np.uint8)
+    truth[5:10, 5:10] = 255
+    (tmp_path / "g" / "a.png").write_bytes(encode_mask(truth))
+    (tmp_path / "p" / "a.png").write_bytes(encode_mask((truth > 0).astype(np.uint8)))
+    p, g = open_location(str(tmp_path / "p")), open_location(str(tmp_path / "g"))
+    pairing = pair_masks(p, g)
+
+    def report(settings):
+        return build_report(score_pairs(p, g, pairing.pairs, settings), pairing, settings, None)
+
+    unmapped = report(ScoreSettings(num_classes=2))
+    assert (unmapped["unscored_pixels"], unmapped["pixels"]) == (25, 400)
+    assert ("Not scored: 25 of 400 pixels (6.2%), where the ground truth is --ignore-index 255 (or nodata); if 255 "
+            "is a class of these masks, map it to one with --label-map.") in class_table(unmapped, markdown=False)
+    mapped = report(ScoreSettings(num_classes=2, label_map={255: 1}))
+    assert (mapped["unscored_pixels"], mapped["miou"]) == (0, 1.0)
+    assert "Not scored" not in class_table(mapped, markdown=False)
