@@ -460,8 +460,8 @@ def unreachable_fails_fast() -> Iterator[None]:
     attempt (StorageUnavailableError), without `retry_io`'s backoff. For the checks before a
     run: there, a refused connection or an unknown host is far likelier a mistyped endpoint
     than an outage, and is said in seconds rather than after the retries' half a minute a
-    request (each attempt's own client retries take about 3 s). Timeouts and a store's 5xx
-    are retried as everywhere."""
+    request (the S3 client's own retries within one attempt took 3 to 8 s here). Timeouts and
+    a store's 5xx are retried as everywhere."""
     token = _UNREACHABLE_FAILS_FAST.set(True)
     try:
         yield
