@@ -179,11 +179,16 @@ def _preflight(check: Callable[..., None], config: JobConfig, storage_secret: st
     anything is written: with the storage options the flow will merge, except those of a
     Secret block, which only Prefect can load (the flow checks remote URLs with them)."""
     from flows._storage import resolve_storage_options
+    from pipeline.storage import unreachable_fails_fast
 
-    if storage_secret:
-        check(config, remote=False)
-    else:
-        check(config.with_storage_options(resolve_storage_options(config.storage_options, None)))
+    # a store refusing the connection at the command line is far likelier a mistyped endpoint
+    # than an outage: said at once. A scheduled flow's own checks keep the retries, since an
+    # endpoint that served last night and blips now is the likelier there.
+    with unreachable_fails_fast():
+        if storage_secret:
+            check(config, remote=False)
+        else:
+            check(config.with_storage_options(resolve_storage_options(config.storage_options, None)))
 
 
 class _Uncoloured:

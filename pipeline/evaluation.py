@@ -206,8 +206,11 @@ def score_raster_pair(pair: Pair, predictions: Location, ground_truth: Location,
                     f"prediction {pair.prediction} and ground truth {pair.ground_truth} do not cover the same "
                     f"pixels: {mismatch}"))
             # a GeoTIFF's nodata is its unlabelled pixels; a PNG's transparent colour is not read so, as
-            # PNG pairs score it
+            # PNG pairs score it. A nodata value that is a class id (label rasters often inherit
+            # nodata 0 from their imagery's profile) is scored as that class, never dropped
             truth_nodata = truth_file.nodata if truth_file.driver == "GTiff" else None
+            if truth_nodata is not None and 0 <= truth_nodata < settings.num_classes:
+                truth_nodata = None
             confusion = np.zeros((settings.num_classes,) * 2, dtype=np.int64)
             for row in range(0, pred_file.height, SCORE_WINDOW):
                 for col in range(0, pred_file.width, SCORE_WINDOW):

@@ -48,7 +48,6 @@ from .storage import (
     open_location,
     read_bytes,
     retry_io,
-    unreachable_fails_fast,
 )
 
 T = TypeVar("T")
@@ -426,10 +425,10 @@ def _no_credentials(err: BaseException | None) -> bool:
 
 def _ask(what: str, call: Callable[[], T], *, local: bool = False) -> T:
     """`call()`, a storage request about `what`; its failure becomes one line saying what to
-    do. A store that cannot be connected to fails at once (`unreachable_fails_fast`)."""
+    do (at once for a store that cannot be connected to, within `unreachable_fails_fast`, as
+    the command line checks)."""
     try:
-        with unreachable_fails_fast():
-            return call()
+        return call()
     except Exception as err:
         if _no_credentials(err):
             raise PreflightError(f"no credentials for {what}: {CREDENTIALS_HINT}") from err

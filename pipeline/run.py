@@ -505,8 +505,8 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
         non_image_keys=counts.skipped, pixels_by_class={}, retried_batches=0, setup_seconds=0.0,
         ray_cluster=NO_CLUSTER, replicas=[], seconds=time.monotonic() - started,
     )
-    # the error rows those shards keep: a changed setting (--max-raster-pixels, a fixed file
-    # under the same key and version) does not make them work, and the line says how to
+    # the error rows those shards keep: a changed setting outside the results' fingerprint
+    # (--max-raster-pixels) does not make them work, and the line says how to
     return summary.as_record() | {"pixel_share": {}, "errors_kept": errors_kept, "record": record_run(store.location, summary)}
 
 

@@ -457,8 +457,8 @@ def _unreachable(error: BaseException | None) -> bool:
 @contextlib.contextmanager
 def unreachable_fails_fast() -> Iterator[None]:
     """Within it, a store that cannot be connected to at all fails its request at the first
-    attempt (StorageUnavailableError), without `retry_io`'s backoff. For the checks before a
-    run: there, a refused connection or an unknown host is far likelier a mistyped endpoint
+    attempt (StorageUnavailableError), without `retry_io`'s backoff. For the command line's
+    checks before a run: there, a refused connection or an unknown host is far likelier a mistyped endpoint
     than an outage, and is said in seconds rather than after the retries' half a minute a
     request (the S3 client's own retries within one attempt took 3 to 8 s here). Timeouts and
     a store's 5xx are retried as everywhere."""

@@ -298,10 +298,10 @@ def test_evaluation_skips_ground_truth_nodata_and_refuses_masks_that_are_not_one
     with rasterio.open(tmp_path / "pred" / "tile.tif", "w", **profile) as dst:
         dst.write(truth, 1)  # a perfect prediction
     unlabelled = truth.copy()
-    unlabelled[:50] = 0  # nodata of the ground truth, where the prediction says 1 somewhere
-    assert truth[:50].any()
+    unlabelled[:50] = 200  # nodata of the ground truth, not a class
     variants = {
-        "nodata": (profile | {"nodata": 0}, unlabelled[None]),
+        "nodata": (profile | {"nodata": 200}, unlabelled[None]),
+        "nodata_a_class": (profile | {"nodata": 0}, truth[None]),  # inherited from imagery: 0 is background
         "colours": (profile | {"count": 3, "nodata": None}, np.stack([truth * 255, truth * 0, truth * 0])),
         "other_crs": (profile | {"crs": "EPSG:4326"}, truth[None]),
         "shifted": (profile | {"transform": profile["transform"] @ rasterio.Affine.translation(0, 100)}, truth[None]),
@@ -318,8 +318,9 @@ def test_evaluation_skips_ground_truth_nodata_and_refuses_masks_that_are_not_one
 
     batch = scored("nodata")
     assert batch.excluded == []
-    labelled = unlabelled != 0
-    np.testing.assert_array_equal(batch.confusion, np.diag([0, int(labelled.sum())]))  # class 0 only as nodata here
+    np.testing.assert_array_equal(batch.confusion, np.diag(np.bincount(truth[50:].ravel(), minlength=2)))
+    batch = scored("nodata_a_class")
+    np.testing.assert_array_equal(batch.confusion, np.diag(np.bincount(truth.ravel(), minlength=2)))
     for name, reason in [("colours", "has 3 bands: a mask must be a single band"),
                          ("other_crs", "do not cover the same pixels: CRS EPSG:32616 against EPSG:4326"),
                          ("shifted", "do not cover the same pixels: transform")]:
