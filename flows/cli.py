@@ -40,6 +40,7 @@ from pipeline.config import (
     option_name,
     parse_json_object,
 )
+from pipeline.errors import error_chain
 
 # options a command takes besides its config's fields
 _SECRET_HELP = ("name of a Prefect Secret block holding storage options (credentials) as a JSON object "
@@ -453,19 +454,25 @@ _AFTER_STOP = {
 }
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit(15) from here on, as the handler Ray's driver installs once
+    it starts does: a job stopped while it checks its settings or lists SOURCE, before Ray,
+    says so in its one line too, where SIGTERM's default would end it without a word. Only
+    where the default is still in place (an embedding program's own handler stays)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))
+
+
 def _interrupting_signal(err: BaseException) -> signal.Signals | None:
     """The signal that stopped a command, if `err` is how it surfaced: KeyboardInterrupt for
     SIGINT, and for SIGTERM the SystemExit(15) that Ray's driver raises from the handler
     `ray.init` installs. Either may come wrapped: raised inside a Ray call, CPython reports
     it as a SystemError caused by it, and the flow engine may re-raise another in its place."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, KeyboardInterrupt):
+    for link in error_chain(err):
+        if isinstance(link, KeyboardInterrupt):
             return signal.SIGINT
-        if isinstance(err, SystemExit) and err.code == signal.SIGTERM:
+        if isinstance(link, SystemExit) and link.code == signal.SIGTERM:
             return signal.SIGTERM
-        err = err.__cause__ or err.__context__
     return None
 
 
@@ -477,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     _plain_output_when_piped()
+    if hasattr(args, "after_stop"):
+        _exit_on_sigterm()
     try:
         return args.run(args)
     except ValidationError as err:

@@ -218,9 +218,6 @@ class OutputStore:
         )
         return commit if current else None
 
-    def is_current(self, shard: Shard, run: RunInfo, *, redo_errors: bool = False) -> bool:
-        return self.current_commit(shard, run, redo_errors=redo_errors) is not None
-
     def commit_shard(self, shard: Shard, records: Sequence[ImageRecord], run: RunInfo) -> None:
         """Write the shard's tables, then its marker. Every input must have a record."""
         by_key = {r.key: r for r in records}

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .config import EvaluateConfig, SegmentConfig, TrainConfig, is_checkpoint_uri
+from .errors import error_chain
 from .storage import (
     Location,
     StorageUnavailableError,
@@ -416,11 +417,8 @@ def read_checkpoint(url: str, storage_options: dict[str, Any], option: str, remo
 def _no_credentials(err: BaseException | None) -> bool:
     """botocore's error for a request it could not sign (named, so botocore stays optional),
     itself or as the cause of one of ours."""
-    while err is not None:
-        if type(err).__name__ in {"NoCredentialsError", "PartialCredentialsError"}:
-            return True
-        err = err.__cause__
-    return False
+    return any(type(link).__name__ in {"NoCredentialsError", "PartialCredentialsError"}
+               for link in error_chain(err, implicit=False))
 
 
 def _ask(what: str, call: Callable[[], T], *, local: bool = False) -> T:

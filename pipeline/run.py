@@ -445,6 +445,9 @@ class RunSummary:
     # one entry per model replica: the device it ran on, the GPUs Ray gave it, its torch CPU threads
     replicas: list[dict[str, Any]]
     seconds: float
+    # error rows in the shards skipped as up to date: a changed setting outside the results'
+    # fingerprint (--max-raster-pixels) does not make them work; --redo-errors does
+    errors_kept: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -470,7 +473,7 @@ def record_run(output: Location, summary: RunSummary) -> str:
 def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
     """A run with nothing to do, found out before Ray, Prefect or a model start: when every
     shard of SOURCE is committed in OUTPUT with the same inputs and settings (as the run itself
-    decides, `OutputStore.is_current`), or SOURCE has no images at all, the run is recorded in
+    decides, `OutputStore.current_commit`), or SOURCE has no images at all, the run is recorded in
     OUTPUT/_runs/ and its record returned, with `record` its URI, as the segmentation flow
     returns it. None as soon as one
     shard needs work: the run itself then starts and does it (a listing that stops at the first
@@ -503,11 +506,9 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
         run_id=run.run_id, source=source.url, output=store.location.url, model=run.model, weights=run.weights,
         shards_committed=0, shards_skipped=skipped, images=0, errors=0, errors_by_type={},
         non_image_keys=counts.skipped, pixels_by_class={}, retried_batches=0, setup_seconds=0.0,
-        ray_cluster=NO_CLUSTER, replicas=[], seconds=time.monotonic() - started,
+        ray_cluster=NO_CLUSTER, replicas=[], seconds=time.monotonic() - started, errors_kept=errors_kept,
     )
-    # the error rows those shards keep: a changed setting outside the results' fingerprint
-    # (--max-raster-pixels) does not make them work, and the line says how to
-    return summary.as_record() | {"pixel_share": {}, "errors_kept": errors_kept, "record": record_run(store.location, summary)}
+    return summary.as_record() | {"pixel_share": {}, "record": record_run(store.location, summary)}
 
 
 def summary_lines(s: dict[str, Any]) -> list[str]:
@@ -517,12 +518,7 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         skipped = s["shards_skipped"]
         what = (f"{every(skipped, 'shard')} of {s['source']} {verb_for(skipped, 'is', 'are')} already up to date "
                 f"in {s['output']}" if skipped else f"no images under {s['source']}")
-        lines = [f"nothing to do: {what} (run {s['run_id']}, record {s['record']})"]
-        if s.get("errors_kept"):
-            kept = s["errors_kept"]
-            lines.append(f"{counted(kept, 'error row')} {verb_for(kept, 'is', 'are')} kept in those shards; --redo-errors "
-                         "segments their images again")
-        return lines
+        return [f"nothing to do: {what} (run {s['run_id']}, record {s['record']})", *_errors_kept_lines(s)]
     ok = s["images"] - s["errors"]
     lines = [
         f"run {s['run_id']}: {counted(s['images'], 'image')} segmented ({ok} ok, {counted(s['errors'], 'error')}) "
@@ -543,6 +539,16 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
                      "shape, in every run; --no-compile skips it, for a few images)")
     if s["retried_batches"]:
         lines.append(f"{counted(s['retried_batches'], 'batch', 'batches')} sent again after a worker failed")
+    lines += _errors_kept_lines(s)
     lines.append(f"outputs: {', '.join(s['output'] + '/' + folder for folder in s['folders'])} "
                  f"(run record {s['record']})")
     return lines
+
+
+def _errors_kept_lines(s: dict[str, Any]) -> list[str]:
+    """The error rows the shards skipped as up to date keep, and how to retry them."""
+    kept = s.get("errors_kept", 0)
+    if not kept:
+        return []
+    return [f"{counted(kept, 'error row')} {verb_for(kept, 'is', 'are')} kept in the shards already up to date; "
+            "--redo-errors segments their images again"]

@@ -41,6 +41,8 @@ import fsspec.asyn
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
+from .errors import error_chain
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"})
@@ -426,32 +428,29 @@ def is_transient(error: BaseException | None) -> bool:
     """An I/O error that may pass (connection errors, timeouts, a storage service's 5xx, which
     s3fs raises as OSError), itself or as the cause of one of our errors; not a missing,
     forbidden or misplaced path."""
-    while error is not None:
-        if isinstance(error, _PERMANENT):
+    for link in error_chain(error, implicit=False):
+        if isinstance(link, _PERMANENT):
             return False
-        if isinstance(error, OSError | TimeoutError):
+        if isinstance(link, OSError | TimeoutError) or _is_botocore(link, _BOTOCORE_NETWORK_ERRORS):
             return True
-        if any(cls.__module__ == "botocore.exceptions" and cls.__name__ in _BOTOCORE_NETWORK_ERRORS
-               for cls in type(error).__mro__):
-            return True
-        error = error.__cause__
     return False
+
+
+def _is_botocore(error: BaseException, names: frozenset[str]) -> bool:
+    """Whether `error` is one of botocore's exceptions of these names (or a subclass of one),
+    without importing botocore, which stays optional."""
+    return any(cls.__module__ == "botocore.exceptions" and cls.__name__ in names for cls in type(error).__mro__)
 
 
 # set within `unreachable_fails_fast`
 _UNREACHABLE_FAILS_FAST: contextvars.ContextVar[bool] = contextvars.ContextVar("unreachable_fails_fast", default=False)
 # what a store that refuses the connection, or whose host has no address, raises
 _UNREACHABLE = (ConnectionRefusedError, socket.gaierror)
-_BOTOCORE_UNREACHABLE = "EndpointConnectionError"
+_BOTOCORE_UNREACHABLE = frozenset({"EndpointConnectionError"})
 
 
 def _unreachable(error: BaseException | None) -> bool:
-    while error is not None:
-        if isinstance(error, _UNREACHABLE) or any(
-                cls.__module__ == "botocore.exceptions" and cls.__name__ == _BOTOCORE_UNREACHABLE for cls in type(error).__mro__):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any(isinstance(link, _UNREACHABLE) or _is_botocore(link, _BOTOCORE_UNREACHABLE) for link in error_chain(error))
 
 
 @contextlib.contextmanager

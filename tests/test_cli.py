@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -359,6 +360,30 @@ def test_a_run_stopped_by_a_signal_says_so_in_one_line_and_the_same_command_goes
         assert again.returncode == 0, again.stderr
         keys = duckdb.sql(f"select image_id from read_parquet('{output}/images/**/*.parquet')").fetchall()
         assert sorted(k for (k,) in keys) == sorted(p.name for p in source.iterdir())
+
+
+def test_a_job_stopped_before_ray_starts_says_so_in_one_line(tmp_path) -> None:
+    """SIGTERM while the command still checks SOURCE (here a store that takes the connection
+    and never answers, so the check waits on it): the same one line and exit 143 as once Ray
+    runs, where SIGTERM's default ended the process silently with -15. Nothing is written."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()  # connections complete in the kernel's backlog; no request is ever read
+    try:
+        running = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "segment", "s3://bucket/in", str(tmp_path / "out"), "--storage-options",
+             json.dumps({"endpoint_url": f"http://127.0.0.1:{silent.getsockname()[1]}", "key": "k", "secret": "s"})],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(4)  # past the imports, waiting on the store
+        assert running.poll() is None, running.communicate()
+        running.send_signal(signal.SIGTERM)
+        _, err = running.communicate(timeout=30)
+    finally:
+        silent.close()
+    assert running.returncode == 143, err
+    assert err.strip().splitlines() == [
+        "segpipe: stopped by SIGTERM: what was committed is kept; run the same command again to go on"], err
+    assert not (tmp_path / "out").exists()
 
 
 def _raised_inside_ray_by_sigterm() -> SystemError:

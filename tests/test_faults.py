@@ -203,5 +203,5 @@ def test_a_full_disk_stops_writes_and_leaves_the_last_commit_intact(tmp_path):
     assert json.loads((output / "_commits" / "s1.json").read_text())["run_id"] == "r1"
     store = OutputStore(open_location(str(output)))
     run = RunInfo("r3", dt.date(2026, 11, 21), "m", "none", 4, ("a", "b", "c", "d"), False, "src", "f")
-    assert store.is_current(Shard("s1", (SourceFile("a.jpg", 1, "v1"), SourceFile("b.jpg", 1, "v1"))), run)
-    assert not store.is_current(Shard("s1", (SourceFile("a.jpg", 1, "v2"), SourceFile("b.jpg", 1, "v2"))), run)
+    assert store.current_commit(Shard("s1", (SourceFile("a.jpg", 1, "v1"), SourceFile("b.jpg", 1, "v1"))), run) is not None
+    assert store.current_commit(Shard("s1", (SourceFile("a.jpg", 1, "v2"), SourceFile("b.jpg", 1, "v2"))), run) is None

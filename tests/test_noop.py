@@ -120,8 +120,14 @@ def test_nothing_to_do_says_how_many_error_rows_stay_and_how_to_retry_them(ray_c
     assert record is not None and record["errors_kept"] == 1
     first, second = summary_lines(record)
     assert first.startswith("nothing to do: the one shard")
-    assert second == "1 error row is kept in those shards; --redo-errors segments their images again"
+    assert second == "1 error row is kept in the shards already up to date; --redo-errors segments their images again"
     assert up_to_date(config.model_copy(update={"redo_errors": True})) is None  # then there is work
+    # a night with new images in another shard says the same of the shard it skipped
+    archive.put("later/c.jpg", _jpeg(1))
+    night = run_segmentation(config)
+    assert (night.shards_committed, night.shards_skipped, night.errors, night.errors_kept) == (1, 1, 0, 1)
+    lines = summary_lines(night.as_record() | {"record": "r", "folders": ["images/"]})
+    assert "1 error row is kept in the shards already up to date; --redo-errors segments their images again" in lines
 
 
 def test_other_settings_are_work_to_do(ray_cpu, tmp_path):

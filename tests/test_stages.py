@@ -273,10 +273,10 @@ def test_commit_writes_tables_marker_and_manifest(tmp_path, stage):
     store = OutputStore(open_location(str(tmp_path / "out")))
     [shard] = list(iter_shards(source))
     records = write_masks(store.location, stage(read_and_decode(source, shard.files)), [(0, 0, 0)] * 4)
-    assert not store.is_current(shard, _run())
+    assert store.current_commit(shard, _run()) is None
     store.commit_shard(shard, records, _run())
-    assert store.is_current(shard, _run())
-    assert not store.is_current(shard, _run(fingerprint="other settings"))
+    assert store.current_commit(shard, _run()) is not None
+    assert store.current_commit(shard, _run(fingerprint="other settings")) is None
     out = tmp_path / "out"
     images = pq.read_table(out / "images" / f"shard={shard.shard_id}" / "part-0.parquet")
     assert images.schema.equals(IMAGES_SCHEMA) and images.num_rows == 4

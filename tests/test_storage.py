@@ -153,6 +153,46 @@ def test_a_file_url_opens_as_its_folder_and_key(tmp_path, s3_bucket):
         open_file(bucket, options)
 
 
+def test_an_error_chain_follows_causes_and_what_was_being_handled_each_once():
+    from pipeline.errors import error_chain
+
+    def raised(make):
+        try:
+            make()
+        except BaseException as err:
+            return err
+        raise AssertionError("nothing raised")
+
+    def during_handling():
+        try:
+            raise ConnectionRefusedError("refused")
+        except OSError:
+            raise ValueError("wrapped without from")  # noqa: B904 - the implicit chain under test
+
+    def explicit():
+        try:
+            raise ConnectionRefusedError("refused")
+        except OSError as err:
+            raise RuntimeError("wrapped") from err
+
+    def cut():
+        try:
+            raise ConnectionRefusedError("refused")
+        except OSError:
+            raise RuntimeError("replaced") from None
+
+    implicit = raised(during_handling)
+    assert [type(e) for e in error_chain(implicit)] == [ValueError, ConnectionRefusedError]
+    assert [type(e) for e in error_chain(implicit, implicit=False)] == [ValueError]
+    assert [type(e) for e in error_chain(raised(explicit), implicit=False)] == [RuntimeError, ConnectionRefusedError]
+    assert [type(e) for e in error_chain(raised(cut))] == [RuntimeError]
+    looped = ValueError("a")
+    looped.__cause__ = KeyError("b")
+    looped.__cause__.__cause__ = looped  # a chain that comes back to its start ends there
+    assert [type(e) for e in error_chain(looped)] == [ValueError, KeyError]
+    assert list(error_chain(None)) == []
+
+
 def test_an_unreachable_endpoint_is_retried_then_reported(monkeypatch):
     with socket.socket() as probe:  # a port nothing listens on: connection refused
         probe.bind(("127.0.0.1", 0))

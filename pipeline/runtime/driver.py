@@ -95,11 +95,13 @@ class _Run:
         self.errors_by_type: Counter[str] = Counter()
         self.pixels_by_class: Counter[str] = Counter()
         self.retried = 0
+        self.errors_kept = 0  # error rows of the shards skipped as up to date
 
     def process(self, listing: Prefetched[Shard], counts: ListingCounts) -> None:
         while (shard := self._next_shard(listing, counts)) is not None:
-            if self.store.is_current(shard, self.run, redo_errors=self.config.redo_errors):
+            if (commit := self.store.current_commit(shard, self.run, redo_errors=self.config.redo_errors)) is not None:
                 self.progress.shards_skipped += 1
+                self.errors_kept += commit.get("errors", 0)
                 self.on_progress(self.progress)
                 continue
             self.replicas.start()  # with the first shard that needs work; the listing goes on meanwhile
@@ -303,7 +305,7 @@ def run_segmentation(
             setup_seconds=max(0.0, replicas.ready_at - started) if replicas.ready_at is not None else 0.0,
             ray_cluster=replicas.ray_cluster if replicas.started else NO_CLUSTER,
             replicas=_replica_entries(pool),
-            seconds=time.monotonic() - started,
+            seconds=time.monotonic() - started, errors_kept=loop.errors_kept,
         )
     finally:
         if shards is not None:
