@@ -34,6 +34,9 @@ from .text import counted, verb_for
 MASK_EXTENSIONS = frozenset({".png", ".tif", ".tiff"})
 # side of the windows a GeoTIFF pair is scored in: memory stays flat whatever its size
 SCORE_WINDOW = 2048
+# two georeferenced masks cover the same pixels when every corner of one lies within this
+# share of a pixel of the other's
+PLACEMENT_TOLERANCE_PIXELS = 1e-3
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class PairScore:
     image_id: str
     confusion: np.ndarray | None = None  # (C, C) int64, rows ground truth
     pixels: int = 0  # the pair's pixels, scored or not (ignore index, nodata)
+    nodata_pixels: int = 0  # those not scored for being nodata in either GeoTIFF
     error: str | None = None
     stray: StrayLabels | None = None  # why it was left out, when labels were out of range
 
@@ -172,15 +176,20 @@ def _labels_confusion(pair: Pair, pred: np.ndarray, truth: np.ndarray, settings:
 
 def _placement_mismatch(pred_file: Any, truth_file: Any) -> str | None:
     """Why two georeferenced masks of one size do not cover the same pixels on the ground
-    (another CRS, or a transform off by more than a thousandth of a pixel), or None."""
+    (another CRS, or transforms that put a corner of the raster more than
+    `PLACEMENT_TOLERANCE_PIXELS` apart), or None."""
     if not (is_georeferenced(pred_file) and is_georeferenced(truth_file)):
         return None  # a PNG or plain TIFF side is placed by its pixels alone
     if pred_file.crs != truth_file.crs:
         return f"CRS {pred_file.crs.to_string()} against {truth_file.crs.to_string()}"
-    transform = pred_file.transform
-    tolerance = 1e-3 * min(abs(transform.a), abs(transform.e)) or 1e-3 * max(abs(transform.b), abs(transform.d))
-    if any(abs(a - b) > tolerance for a, b in zip(transform[:6], truth_file.transform[:6], strict=True)):
-        return f"transform {tuple(transform[:6])} against {tuple(truth_file.transform[:6])}"
+    # at the corners, where the transforms' differences add up: a pixel size off by a millionth
+    # is 0.05 pixels at the far side of a 50,000-pixel raster
+    to_prediction = ~pred_file.transform @ truth_file.transform
+    for corner in ((0, 0), (pred_file.width, 0), (0, pred_file.height), (pred_file.width, pred_file.height)):
+        col, row = to_prediction @ corner
+        if (apart := math.hypot(col - corner[0], row - corner[1])) > PLACEMENT_TOLERANCE_PIXELS:
+            return (f"transform {tuple(pred_file.transform[:6])} against {tuple(truth_file.transform[:6])} (the corner at "
+                    f"pixel {corner} lies {apart:.3g} pixels apart)")
     return None
 
 
@@ -212,23 +221,29 @@ def score_raster_pair(pair: Pair, predictions: Location, ground_truth: Location,
             if truth_nodata is not None and 0 <= truth_nodata < settings.num_classes:
                 truth_nodata = None
             confusion = np.zeros((settings.num_classes,) * 2, dtype=np.int64)
+            nodata_pixels = 0
             for row in range(0, pred_file.height, SCORE_WINDOW):
                 for col in range(0, pred_file.width, SCORE_WINDOW):
                     window = Window(col, row, min(SCORE_WINDOW, pred_file.width - col), min(SCORE_WINDOW, pred_file.height - row))
                     pred = pred_file.read(1, window=window).astype(np.int64)
                     raw_truth = truth_file.read(1, window=window)
                     truth = remap_ground_truth(raw_truth, settings)
+                    nodata = np.zeros(truth.shape, dtype=bool)
                     if truth_nodata is not None:
-                        truth[raw_truth == truth_nodata] = settings.ignore_index
+                        nodata |= raw_truth == truth_nodata
                     if pred_file.nodata is not None:
-                        truth[pred == pred_file.nodata] = settings.ignore_index
-                        pred[pred == pred_file.nodata] = 0
+                        pred_nodata = pred == pred_file.nodata
+                        nodata |= pred_nodata
+                        pred[pred_nodata] = 0
+                    truth[nodata] = settings.ignore_index
+                    nodata_pixels += int(nodata.sum())
                     confusion += _labels_confusion(pair, pred, truth, settings)
     except (ValueError, FileNotFoundError) as err:  # ImageDecodeError is a ValueError: named, left out
         return PairScore(pair.image_id, error=str(err), stray=getattr(err, "stray", None))
     except RasterioError as err:  # a file GDAL opened but cannot read through
         return PairScore(pair.image_id, error=f"unreadable mask ({type(err).__name__}: {err})")
-    return PairScore(pair.image_id, confusion=confusion, pixels=pred_file.width * pred_file.height)
+    return PairScore(pair.image_id, confusion=confusion, pixels=pred_file.width * pred_file.height,
+                     nodata_pixels=nodata_pixels)
 
 
 def score_pair(pair: Pair, prediction: bytes, ground_truth: bytes, settings: ScoreSettings) -> PairScore:
@@ -260,6 +275,7 @@ class BatchScore:
     pixel_accuracy: list[float] = field(default_factory=list)
     iou: list[np.ndarray] = field(default_factory=list)
     pixels: int = 0  # of the scored pairs, the confusion's and those not scored
+    nodata_pixels: int = 0  # of those not scored, the nodata of either GeoTIFF
     excluded: list[dict[str, str]] = field(default_factory=list)
     # the excluded pairs whose labels were out of range, and which labels
     stray: list[StrayLabels] = field(default_factory=list)
@@ -270,6 +286,7 @@ class BatchScore:
         self.pixel_accuracy += other.pixel_accuracy
         self.iou += other.iou
         self.pixels += other.pixels
+        self.nodata_pixels += other.nodata_pixels
         self.excluded += other.excluded
         self.stray += other.stray
 
@@ -312,6 +329,7 @@ def _add(batch: BatchScore, pair: Pair, result: PairScore) -> None:
     batch.pixel_accuracy.append(own["pixel_accuracy"])
     batch.iou.append(own["iou"])
     batch.pixels += result.pixels
+    batch.nodata_pixels += result.nodata_pixels
 
 
 def exclusion_summary(total: BatchScore, settings: ScoreSettings) -> str | None:
@@ -374,8 +392,10 @@ def build_report(total: BatchScore, pairing: Pairing, settings: ScoreSettings,
         "pixel_accuracy": _json_number(float(s["pixel_accuracy"])),
         "fw_iou": _json_number(float(s["fw_iou"])),
         "classes": classes,
-        # pixels of the scored pairs left out: ground truth equal to ignore_index, or nodata
+        # pixels of the scored pairs left out: nodata of either GeoTIFF, or else ground truth
+        # equal to ignore_index (after --label-map and --reduce-zero-label)
         "unscored_pixels": total.pixels - int(confusion.sum()),
+        "nodata_pixels": total.nodata_pixels,
         "pixels": total.pixels,
         "confusion_matrix": confusion.astype(np.int64).tolist(),
         "unpaired_predictions": pairing.unpaired_predictions,
@@ -487,9 +507,13 @@ def class_table(report: dict[str, Any], *, markdown: bool) -> str:
         # said, since a dataset whose masks use 255 for a class (0/255 footprints) would
         # otherwise lose that class to the default --ignore-index without a word
         unscored, index = report["unscored_pixels"], report["ignore_index"]
-        lines += ["", f"Not scored: {unscored} of {report['pixels']} pixels ({unscored / report['pixels']:.1%}), where the "
-                  f"ground truth is --ignore-index {index} (or nodata); if {index} is a class of these masks, map it "
-                  "to one with --label-map."]
+        nodata = report.get("nodata_pixels", 0)
+        ignored = unscored - nodata
+        causes = [f"{ignored} where the ground truth is --ignore-index {index}" if ignored else "",
+                  f"{nodata} nodata" if nodata else ""]
+        advice = f"; if {index} is a class of these masks, map it to one with --label-map" if ignored else ""
+        lines += ["", f"Not scored: {unscored} of {report['pixels']} pixels ({unscored / report['pixels']:.1%}): "
+                  f"{', '.join(c for c in causes if c)}{advice}."]
     left_out = len(report["excluded"]) + len(report["unpaired_predictions"]) + len(report["unpaired_ground_truth"])
     if left_out:
         excluded = len(report["excluded"])

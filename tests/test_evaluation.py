@@ -205,7 +205,8 @@ def test_pixels_not_scored_are_counted_and_said(tmp_path):
 
     unmapped = report(ScoreSettings(num_classes=2))
     assert (unmapped["unscored_pixels"], unmapped["pixels"]) == (25, 400)
-    assert ("Not scored: 25 of 400 pixels (6.2%), where the ground truth is --ignore-index 255 (or nodata); if 255 "
+    assert unmapped["nodata_pixels"] == 0
+    assert ("Not scored: 25 of 400 pixels (6.2%): 25 where the ground truth is --ignore-index 255; if 255 "
             "is a class of these masks, map it to one with --label-map.") in class_table(unmapped, markdown=False)
     mapped = report(ScoreSettings(num_classes=2, label_map={255: 1}))
     assert (mapped["unscored_pixels"], mapped["miou"]) == (0, 1.0)

@@ -22,7 +22,7 @@ from rasterio.transform import from_origin
 from rio_cogeo.cogeo import cog_validate
 
 from pipeline.config import RasterSettings, SegmentConfig
-from pipeline.evaluation import Pair, ScoreSettings, score_pairs
+from pipeline.evaluation import Pair, Pairing, ScoreSettings, build_report, class_table, score_pairs
 from pipeline.inference import Segmenter
 from pipeline.masks import encode_mask
 from pipeline.models import ModelMeta, build_model, save_checkpoint
@@ -305,6 +305,9 @@ def test_evaluation_skips_ground_truth_nodata_and_refuses_masks_that_are_not_one
         "colours": (profile | {"count": 3, "nodata": None}, np.stack([truth * 255, truth * 0, truth * 0])),
         "other_crs": (profile | {"crs": "EPSG:4326"}, truth[None]),
         "shifted": (profile | {"transform": profile["transform"] @ rasterio.Affine.translation(0, 100)}, truth[None]),
+        # pixels a hundred-thousandth larger: each coefficient within a thousandth of a pixel,
+        # the far corner several thousandths of a pixel away
+        "scaled": (profile | {"transform": profile["transform"] @ rasterio.Affine.scale(1 + 1e-5)}, truth[None]),
     }
     for name, (variant, bands) in variants.items():
         (tmp_path / "gt" / name).mkdir()
@@ -317,13 +320,18 @@ def test_evaluation_skips_ground_truth_nodata_and_refuses_masks_that_are_not_one
                            [Pair("tile", "tile.tif", "tile.tif")], settings)
 
     batch = scored("nodata")
-    assert batch.excluded == []
+    assert batch.excluded == [] and (batch.pixels, batch.nodata_pixels) == (truth.size, truth[:50].size)
     np.testing.assert_array_equal(batch.confusion, np.diag(np.bincount(truth[50:].ravel(), minlength=2)))
+    report = build_report(batch, Pairing([Pair("tile", "tile.tif", "tile.tif")], [], []), settings, None)
+    assert (report["unscored_pixels"], report["nodata_pixels"]) == (truth[:50].size, truth[:50].size)
+    assert f"Not scored: {truth[:50].size} of {truth.size} pixels" in class_table(report, markdown=False)
+    assert f": {truth[:50].size} nodata." in class_table(report, markdown=False)  # no ignore-index advice for nodata
     batch = scored("nodata_a_class")
     np.testing.assert_array_equal(batch.confusion, np.diag(np.bincount(truth.ravel(), minlength=2)))
     for name, reason in [("colours", "has 3 bands: a mask must be a single band"),
                          ("other_crs", "do not cover the same pixels: CRS EPSG:32616 against EPSG:4326"),
-                         ("shifted", "do not cover the same pixels: transform")]:
+                         ("shifted", "do not cover the same pixels: transform"),
+                         ("scaled", "do not cover the same pixels: transform")]:
         batch = scored(name)
         assert batch.image_ids == [] and len(batch.excluded) == 1, name
         assert reason in str(batch.excluded[0]), batch.excluded
