@@ -421,7 +421,7 @@ def _no_credentials(err: BaseException | None) -> bool:
                for link in error_chain(err, implicit=False))
 
 
-def _ask(what: str, call: Callable[[], T], *, local: bool = False) -> T:
+def _ask(what: str, call: Callable[[], T], *, local: bool) -> T:
     """`call()`, a storage request about `what`; its failure becomes one line saying what to
     do (at once for a store that cannot be connected to, within `unreachable_fails_fast`, as
     the command line checks)."""
@@ -434,8 +434,8 @@ def _ask(what: str, call: Callable[[], T], *, local: bool = False) -> T:
             fix = "check its permissions" if local else "check the credentials it is read with"
             raise PreflightError(f"access denied to {what} ({err}); {fix}") from err
         if isinstance(err, OSError | StorageUnavailableError):
-            hint = "" if local else f"; {ENDPOINT_HINT}"
-            raise PreflightError(f"cannot reach {what}: {type(err).__name__}: {err}{hint}") from err
+            failed, hint = ("cannot read", "") if local else ("cannot reach", f"; {ENDPOINT_HINT}")
+            raise PreflightError(f"{failed} {what}: {type(err).__name__}: {err}{hint}") from err
         raise
 
 
@@ -486,7 +486,7 @@ def _writable_folder(url: str, options: dict[str, Any], label: str, remote: bool
     _writable(location, label)
     if layout is None:
         return
-    data = _ask(f"{label} {location.url}", lambda: read_bytes(location, LAYOUT_KEY))
+    data = _ask(f"{label} {location.url}", lambda: read_bytes(location, LAYOUT_KEY), local=location.is_local)
     if data is None:
         return
     try:
@@ -537,5 +537,5 @@ def _writable(location: Location, label: str, shown: str | None = None) -> None:
             why = "" if isinstance(err, FileNotFoundError) else f" ({err.strerror or type(err).__name__})"
             raise PreflightError(f"cannot write to {label} {shown}: {nearest} is not writable{why}") from err
         return
-    if not _ask(f"{label} {shown}", lambda: folder_exists(location)):
+    if not _ask(f"{label} {shown}", lambda: folder_exists(location), local=False):
         raise PreflightError(f"cannot write to {label} {shown}: its bucket {location.bucket} does not exist")

@@ -213,6 +213,14 @@ def test_source_output_and_layout(source, tmp_path) -> None:
     _refused(["segment", str(other), str(out), "--weights", "none", "--num-classes", "2"],
              f"holds the results of SOURCE {source}, not of {other}")
     check_segment(SegmentConfig(source=str(source), output=str(out), weights="none", num_classes=2))  # the same: fine
+    # a local OUTPUT whose record cannot be read: said as the filesystem's error, with no advice
+    # about an object store's endpoint
+    broken = tmp_path / "broken"
+    (broken / LAYOUT_KEY).mkdir(parents=True)
+    with pytest.raises(PreflightError) as refused:
+        check_segment(SegmentConfig(source=str(source), output=str(broken), weights="none", num_classes=2))
+    assert str(refused.value).startswith(f"cannot read OUTPUT {broken}: IsADirectoryError: "), refused.value
+    assert "AWS_ENDPOINT_URL" not in str(refused.value)
 
 
 def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> None:
