@@ -258,9 +258,21 @@ def test_overviews_of_a_few_pixels_are_not_the_limits(tmp_path: Path) -> None:
     assert high - low > 200, (low, high)
 
 
-def test_limits_of_a_swath_the_first_windows_miss(tmp_path: Path) -> None:
+def test_limits_of_a_swath_the_first_windows_miss(tmp_path: Path, monkeypatch) -> None:
     """Valid data only in rows 300 to 1200 of 4096, no overviews: the 4x4 windows (rows 0,
-    1280, 2560 and 3840 on) hold none of it, and the finer sample finds it."""
+    1280, 2560 and 3840 on) hold none of it, and the finer sample finds it. The finer sample
+    (a read per window, a range request each on object storage) is taken only then."""
+    import pipeline.rasters
+
+    windows_read: list[str] = []
+    read = pipeline.rasters._read
+
+    def counted(dataset, what, *args, **kwargs):
+        if what.startswith("window "):
+            windows_read.append(what)
+        return read(dataset, what, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.rasters, "_read", counted)
     rng = np.random.default_rng(1)
     values = np.zeros((1, 4096, 4096), dtype=np.uint16)
     values[0, 300:1200] = rng.integers(300, 1800, size=(900, 4096))
@@ -270,6 +282,13 @@ def test_limits_of_a_swath_the_first_windows_miss(tmp_path: Path) -> None:
         limits = band_limits(ds, (1, 1, 1))
     strip = values[0, 300:1200].astype(np.float64)
     np.testing.assert_allclose(limits[0], np.percentile(strip, (2, 98)), rtol=0.03)
+    assert len(windows_read) == 16 + 32 * 32
+    windows_read.clear()
+    values[0] = rng.integers(300, 1800, size=(4096, 4096))  # valid everywhere: the first 16 windows do
+    path = _write(tmp_path / "full.tif", values, nodata=0, block=256)
+    with open_raster(open_location(str(tmp_path)), path.name) as ds:
+        band_limits(ds, (1, 1, 1))
+    assert len(windows_read) == 16
 
 
 def test_a_plain_tiff_opens_without_rasterio_s_warning(shared_data: Path) -> None:
