@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import difflib
 import json
 import logging
@@ -454,19 +455,31 @@ _AFTER_STOP = {
 }
 
 
-def _exit_on_sigterm() -> None:
-    """SIGTERM raises SystemExit(15) from here on, as the handler Ray's driver installs once
-    it starts does: a job stopped while it checks its settings or lists SOURCE, before Ray,
-    says so in its one line too, where SIGTERM's default would end it without a word. Only
-    where the default is still in place (an embedding program's own handler stays)."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))
+@contextlib.contextmanager
+def _sigterm_exits() -> typing.Iterator[None]:
+    """Within it, SIGTERM raises SystemExit(15), as the handler Ray's driver installs once it
+    starts does: a job stopped while it checks its settings or lists SOURCE, before Ray, says
+    so in its one line too, where SIGTERM's default would end it without a word. Only where
+    the default is in place (an embedding program's own handler stays), and put back after,
+    unless Ray or Prefect replaced it meanwhile."""
+    def exit_(signum: int, _frame: types.FrameType | None) -> None:
+        sys.exit(signum)
+
+    installed = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if installed:
+        signal.signal(signal.SIGTERM, exit_)
+    try:
+        yield
+    finally:
+        if installed and signal.getsignal(signal.SIGTERM) is exit_:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _interrupting_signal(err: BaseException) -> signal.Signals | None:
     """The signal that stopped a command, if `err` is how it surfaced: KeyboardInterrupt for
-    SIGINT, and for SIGTERM the SystemExit(15) that Ray's driver raises from the handler
-    `ray.init` installs. Either may come wrapped: raised inside a Ray call, CPython reports
+    SIGINT, and for SIGTERM the SystemExit(15) that our handler (`_sigterm_exits`), then the
+    one `ray.init` installs, raise (Prefect's, within a flow, hands the signal on to the one
+    before it). Either may come wrapped: raised inside a Ray call, CPython reports
     it as a SystemError caused by it, and the flow engine may re-raise another in its place."""
     for link in error_chain(err):
         if isinstance(link, KeyboardInterrupt):
@@ -484,10 +497,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     _plain_output_when_piped()
-    if hasattr(args, "after_stop"):
-        _exit_on_sigterm()
     try:
-        return args.run(args)
+        with _sigterm_exits() if hasattr(args, "after_stop") else contextlib.nullcontext():
+            return args.run(args)
     except ValidationError as err:
         for line in _validation_lines(err, getattr(args, "job_config", JobConfig)):
             print(f"segpipe: error: {line}", file=sys.stderr)

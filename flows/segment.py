@@ -67,7 +67,8 @@ def summarise(summary: RunSummary, record_uri: str, polygons: bool = False, conf
         {"metric": "images/s", "value": round(summary.images_per_second, 2)},
         {"metric": "shards committed", "value": summary.shards_committed},
         {"metric": "shards already up to date", "value": summary.shards_skipped},
-        {"metric": "error rows kept in them (--redo-errors retries)", "value": summary.errors_kept},
+        {"metric": "error rows kept in shards already up to date (--redo-errors retries them)",
+         "value": summary.errors_kept},
         {"metric": "keys that are not images", "value": summary.non_image_keys},
         *({"metric": f"pixel share: {name}", "value": round(share, 4)} for name, share in shares.items()),
     ]

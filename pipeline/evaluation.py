@@ -184,6 +184,9 @@ def _placement_mismatch(pred_file: Any, truth_file: Any) -> str | None:
         return f"CRS {pred_file.crs.to_string()} against {truth_file.crs.to_string()}"
     # at the corners, where the transforms' differences add up: a pixel size off by a millionth
     # is 0.05 pixels at the far side of a 50,000-pixel raster
+    for side, file in (("prediction", pred_file), ("ground truth", truth_file)):
+        if file.transform.is_degenerate:  # it puts the raster on a line or a point, and has no inverse
+            return f"the {side}'s transform {tuple(file.transform[:6])} is degenerate"
     to_prediction = ~pred_file.transform @ truth_file.transform
     for corner in ((0, 0), (pred_file.width, 0), (0, pred_file.height), (pred_file.width, pred_file.height)):
         col, row = to_prediction @ corner

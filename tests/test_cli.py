@@ -374,10 +374,14 @@ def test_a_job_stopped_before_ray_starts_says_so_in_one_line(tmp_path) -> None:
             [sys.executable, "-m", "flows.cli", "segment", "s3://bucket/in", str(tmp_path / "out"), "--storage-options",
              json.dumps({"endpoint_url": f"http://127.0.0.1:{silent.getsockname()[1]}", "key": "k", "secret": "s"})],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(4)  # past the imports, waiting on the store
-        assert running.poll() is None, running.communicate()
-        running.send_signal(signal.SIGTERM)
-        _, err = running.communicate(timeout=30)
+        silent.settimeout(60)
+        connection, _ = silent.accept()  # the command's first request, left unanswered: it waits on the store
+        try:
+            assert running.poll() is None, running.communicate()
+            running.send_signal(signal.SIGTERM)
+            _, err = running.communicate(timeout=30)
+        finally:
+            connection.close()
     finally:
         silent.close()
     assert running.returncode == 143, err
@@ -407,10 +411,18 @@ def _raised_inside_ray_by_sigterm() -> SystemError:
 def test_each_command_stopped_by_a_signal_says_what_it_leaves(monkeypatch, capsys, argv, raised, code, after) -> None:
     import flows.cli
 
+    handlers = []
+
     def stopped(args):
+        handlers.append(signal.getsignal(signal.SIGTERM))
         raise raised
 
     monkeypatch.setattr(flows.cli, f"_{argv[0]}", stopped)
+    before = signal.getsignal(signal.SIGTERM)
     assert main(argv) == code
     line = capsys.readouterr().err.strip()
     assert line.startswith(f"segpipe: stopped by {signal.Signals(code - 128).name}: {after}"), line
+    # the job ran with SIGTERM raising SystemExit, and the process's own handler is back after it
+    assert signal.getsignal(signal.SIGTERM) == before
+    if before == signal.SIG_DFL:
+        assert callable(handlers[0])

@@ -308,6 +308,7 @@ def test_evaluation_skips_ground_truth_nodata_and_refuses_masks_that_are_not_one
         # pixels a hundred-thousandth larger: each coefficient within a thousandth of a pixel,
         # the far corner several thousandths of a pixel away
         "scaled": (profile | {"transform": profile["transform"] @ rasterio.Affine.scale(1 + 1e-5)}, truth[None]),
+        "degenerate": (profile | {"transform": rasterio.Affine(0, 0, 500000, 0, 0, 5000000)}, truth[None]),
     }
     for name, (variant, bands) in variants.items():
         (tmp_path / "gt" / name).mkdir()
@@ -331,7 +332,8 @@ def test_evaluation_skips_ground_truth_nodata_and_refuses_masks_that_are_not_one
     for name, reason in [("colours", "has 3 bands: a mask must be a single band"),
                          ("other_crs", "do not cover the same pixels: CRS EPSG:32616 against EPSG:4326"),
                          ("shifted", "do not cover the same pixels: transform"),
-                         ("scaled", "do not cover the same pixels: transform")]:
+                         ("scaled", "do not cover the same pixels: transform"),
+                         ("degenerate", "do not cover the same pixels: the ground truth's transform")]:
         batch = scored(name)
         assert batch.image_ids == [] and len(batch.excluded) == 1, name
         assert reason in str(batch.excluded[0]), batch.excluded
