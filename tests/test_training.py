@@ -93,7 +93,7 @@ def test_a_wrong_label_range_is_one_clear_error_before_training(tmp_path):
 def test_training_resumes_after_the_epoch_of_its_checkpoint(ray_cpu, tmp_path):
     from pipeline.runtime.training import run_training
 
-    config = _config(tmp_path, epochs=2)
+    config = _config(tmp_path, epochs=2, palette=((200, 0, 0), (0, 200, 0), (0, 0, 200), (9, 9, 9)))
     first = run_training(config)
     assert [e["epoch"] for e in first.epochs] == [1, 2] and first.workers == 1 and first.device == "cpu"
     assert first.last_checkpoint == str(tmp_path / "model.last.pt") == config.last_checkpoint
@@ -113,10 +113,14 @@ def test_training_resumes_after_the_epoch_of_its_checkpoint(ray_cpu, tmp_path):
     # the resumed run's checkpoint carries the history of both runs
     assert load_training_state(str(tmp_path / "resumed.pt"))["history"][:best_epoch] == first.epochs[:best_epoch]
 
-    # from the last epoch into another OUTPUT: epochs 3 and 4, and the best so far comes along
+    # from the last epoch into another OUTPUT: epochs 3 and 4, and the best so far comes along;
+    # the classes' names and colours, not given again, with it
     onward = run_training(config.model_copy(update={"epochs": 4, "resume": config.last_checkpoint,
-                                                    "output": str(tmp_path / "onward.pt")}))
+                                                    "output": str(tmp_path / "onward.pt"), "class_names": None}))
     assert [e["epoch"] for e in onward.epochs] == [3, 4]
+    first_meta, onward_meta = load_checkpoint(config.last_checkpoint)[0], load_checkpoint(onward.last_checkpoint)[0]
+    assert onward_meta.class_names == first_meta.class_names == SAMPLE_CLASSES
+    assert tuple(map(tuple, onward_meta.palette)) == tuple(map(tuple, first_meta.palette)) == config.palette
     assert load_training_state(onward.last_checkpoint)["history"][:2] == first.epochs
     # the learning rate decays over the 4 epochs now asked for (8 pairs, batches of 4: 2 steps
     # an epoch), not over the first run's 2, which ended at 0: the weights move again

@@ -244,6 +244,10 @@ def run_training(config: TrainConfig) -> TrainSummary:
         # the best so far, until an epoch of this run beats it: the checkpoint itself, or the
         # best that a last epoch's checkpoint names (checked as `segpipe train` checks it)
         check_resumed_best(config, state)
+        # the classes' names and colours go on with the weights, unless given again: without
+        # them the checkpoint would name its classes class_0, class_1, ... from here on
+        config = config.model_copy(update={"class_names": config.class_names or resumed.class_names,
+                                           "palette": config.palette or _palette(resumed.meta.get("palette"))})
         carried = config.resumed_best(state)
         best_so_far = carried[0] if carried else config.resume
         if absolute_url(best_so_far) != config.output:
@@ -292,3 +296,8 @@ def run_training(config: TrainConfig) -> TrainSummary:
         best_epoch=best["epoch"] if best else None, best_score=best[score] if best else None, score=score,
         seconds=time.monotonic() - started,
     )
+
+
+def _palette(saved: Any) -> tuple[tuple[int, int, int], ...] | None:
+    """A checkpoint's palette as its metadata saved it (lists, from JSON), as the config holds one."""
+    return tuple(tuple(colour) for colour in saved) if saved else None
