@@ -421,18 +421,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what a switch given a value is most likely given: `--crf no` for `--no-crf`
+_SWITCH_VALUES = frozenset({"yes", "no", "true", "false", "on", "off", "0", "1"})
+
+
 def _misspelled_option(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
     """The first --option its subcommand does not take, when one it takes is close: argparse
     would report a required option as missing first (`--num-clases 11`: "the following
-    arguments are required: --num-classes"), or the unknown one without the likely one."""
+    arguments are required: --num-classes"), or the unknown one without the likely one. Or a
+    switch given a value (`--crf no`), which argparse reports as an unrecognized argument
+    "no" without the switch's other form."""
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     at = next((i for i, arg in enumerate(argv) if arg in commands.choices), None)
     if at is None:
         return None
-    known = [flag for action in commands.choices[argv[at]]._actions for flag in action.option_strings]
-    for arg in argv[at + 1 :]:
+    actions = commands.choices[argv[at]]._actions
+    known = [flag for action in actions for flag in action.option_strings]
+    switches = {flag: action for action in actions if isinstance(action, argparse.BooleanOptionalAction)
+                for flag in action.option_strings}
+    for arg, following in zip(argv[at + 1 :], [*argv[at + 2 :], None], strict=True):
         if arg == "--":
             break
+        if arg in switches and following is not None and following.lower() in _SWITCH_VALUES:
+            on, off = switches[arg].option_strings
+            return f"{arg} takes no value ({arg} {following}): {on} turns it on, {off} turns it off"
         name = arg.split("=", 1)[0]
         # a prefix of a known option is argparse's to take (or to call ambiguous)
         if name.startswith("--") and not any(flag.startswith(name) for flag in known):

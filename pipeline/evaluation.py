@@ -514,7 +514,8 @@ def class_table(report: dict[str, Any], *, markdown: bool) -> str:
         ignored = unscored - nodata
         causes = [f"{ignored} where the ground truth is --ignore-index {index}" if ignored else "",
                   f"{nodata} nodata" if nodata else ""]
-        advice = f"; if {index} is a class of these masks, map it to one with --label-map" if ignored else ""
+        # for 255 only, the value of 0/255 masks; another ignore index was chosen for its masks
+        advice = f"; if {index} is a class of these masks, map it to one with --label-map" if ignored and index == 255 else ""
         lines += ["", f"Not scored: {unscored} of {report['pixels']} pixels ({unscored / report['pixels']:.1%}): "
                   f"{', '.join(c for c in causes if c)}{advice}."]
     left_out = len(report["excluded"]) + len(report["unpaired_predictions"]) + len(report["unpaired_ground_truth"])

@@ -272,7 +272,7 @@ def _published(model: str | None, weights: str, option: str) -> PublishedWeights
                              f"checkpoint path or URL, or {_UNTRAINED[option]}")
     raise PreflightError(f"unknown {option} {weights} for --model {model}: torchvision publishes "
                          f"{' and '.join(published.members)} (the same weights) for it; or pass a checkpoint path "
-                         "or URL, or none")
+                         f"or URL, or {_UNTRAINED[option]}")
 
 
 # what to pass instead of weights that cannot be had

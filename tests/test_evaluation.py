@@ -211,3 +211,7 @@ def test_pixels_not_scored_are_counted_and_said(tmp_path):
     mapped = report(ScoreSettings(num_classes=2, label_map={255: 1}))
     assert (mapped["unscored_pixels"], mapped["miou"]) == (0, 1.0)
     assert "Not scored" not in class_table(mapped, markdown=False)
+    # an ignore index chosen for the masks (CamVid's 11): counted, without the advice meant for 0/255 masks
+    chosen = report(ScoreSettings(num_classes=2, label_map={255: 11}, ignore_index=11))
+    assert "Not scored: 25 of 400 pixels (6.2%): 25 where the ground truth is --ignore-index 11." in class_table(
+        chosen, markdown=False)

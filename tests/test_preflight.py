@@ -246,6 +246,8 @@ def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> N
     _refused([*train, "--num-classes", "3", "--resume", resumed, "--epochs", "6", "--optimizer", "adamw"],
              f"--resume {resumed} was trained with --optimizer sgd, whose state it goes on from; pass --optimizer sgd")
     _refused([*train, "--num-classes", "3", "--init", "fcn_resnet50.pt"], "--init fcn_resnet50.pt: no such file")
+    _refused([*train, "--num-classes", "3", "--init", "imagenett"],  # a typo: the values --init takes besides are named
+             "unknown --init imagenett for --model lraspp_mobilenet_v3_large", "or --init none (random) or imagenet")
     _refused([*train[:-1], "pspnet_resnet50", "--num-classes", "3", "--init", "COCO_WITH_VOC_LABELS_V1"],
              "--model pspnet_resnet50 has no published weights to load as --init COCO_WITH_VOC_LABELS_V1")
     check_train(TrainConfig(images=str(source), labels=str(source), output=str(tmp_path / "m.pt"),
