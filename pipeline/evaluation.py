@@ -25,7 +25,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from .masks import decode_mask
-from .metrics import check_label_range, confusion_matrix, scores
+from .metrics import check_label_range, confusion_matrix, likely_unlabelled, scores
 from .rasters import is_georeferenced, open_raster
 from .storage import Location, iter_files, read_bytes, write_atomic
 from .text import counted, verb_for
@@ -360,8 +360,7 @@ def _stray_advice(side: str, strays: Sequence[StrayLabels], settings: ScoreSetti
         return (f"{counted(len(strays), 'prediction')} {hold} labels {listed}, not below --num-classes {n}: pass the "
                 "number of classes the model predicts")
     masks = counted(len(strays), "ground-truth mask")
-    if len(values) == 1 and values[0] in (n, 255):
-        value = values[0]
+    if (value := likely_unlabelled(values, n)) is not None:
         as_class = f", --num-classes {n + 1} if it is a class" if value == n else ""
         return (f"{masks} {hold} the label {value}, outside the {n} classes: pass --ignore-index {value} if it marks "
                 f"pixels not to score (unlabelled, void){as_class}, or --label-map to map it to a class")

@@ -11,6 +11,7 @@ class that was predicted but never present (its IoU is 0).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -66,6 +67,13 @@ def check_label_range(labels: np.ndarray | torch.Tensor, num_classes: int, ignor
     allowed = f"outside [0, {num_classes})" + ("" if ignore_index is None else f" that are not ignore_index={ignore_index}")
     raise ValueError(f"{source} holds labels {listed} {allowed}; pass the right num_classes and ignore_index, "
                      "or map the labels to class ids")
+
+
+def likely_unlabelled(values: Sequence[int], num_classes: int) -> int | None:
+    """The label outside the classes that is most likely a dataset's "unlabelled" value, not
+    a class: a single value just above the classes (CamVid's 11 of 11 classes) or 255
+    (Cityscapes'), as advice puts the ignore index first for it; None for other values."""
+    return values[0] if len(values) == 1 and values[0] in (num_classes, 255) else None
 
 
 def scores(cm: np.ndarray | torch.Tensor) -> dict[str, Any]:

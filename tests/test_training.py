@@ -85,9 +85,13 @@ def test_a_wrong_label_range_is_one_clear_error_before_training(tmp_path):
     from pipeline.runtime.training import run_training
 
     config = _config(tmp_path, num_classes=3, class_names=None)  # the scenes hold labels 0-3
-    with pytest.raises(ValueError, match=r"day1/\d\d_L.png holds labels \[3\] outside \[0, 3\) that are not ignore_index=255"):
+    # one value just above the classes: most likely "unlabelled" (CamVid's 11), so the ignore index comes first
+    with pytest.raises(ValueError, match=r"day1/\d\d_L.png holds the label 3, outside the 3 classes: pass --ignore-index 3 "
+                                         r"if it marks unlabelled pixels \(void\), or --num-classes 4 if it is a class"):
         run_training(config)
     assert not os.path.exists(config.output)  # refused before any training
+    with pytest.raises(ValueError, match=r"holds labels \[2, 3\] outside \[0, 2\) that are not ignore_index=255"):
+        run_training(config.model_copy(update={"num_classes": 2}))
 
 
 def test_training_resumes_after_the_epoch_of_its_checkpoint(ray_cpu, tmp_path):

@@ -30,7 +30,7 @@ from ray.train.torch import TorchTrainer
 
 from ..config import TrainingError
 from ..masks import decode_mask
-from ..metrics import check_label_range
+from ..metrics import check_label_range, likely_unlabelled
 from ..models import is_checkpoint_uri, load_resumable, save_checkpoint
 from ..preflight import check_resumed_best, read_checkpoint
 from ..preprocess import Normalizer
@@ -92,9 +92,18 @@ def split_pairs(config: TrainConfig) -> tuple[list[TrainingPair], list[TrainingP
 def check_labels(url: str, pairs: list[TrainingPair], config: TrainConfig) -> None:
     """Every mask's values within [0, num_classes) or ignore_index, before any training."""
     labels = open_location(url, config.storage_options)
+    n = config.num_classes
     for pair in pairs:
         label = decode_mask(read_bytes(labels, pair.label) or b"")
-        check_label_range(label, config.num_classes, config.ignore_index, source=labels.uri(pair.label))
+        try:
+            check_label_range(label, n, config.ignore_index, source=labels.uri(pair.label))
+        except ValueError:
+            stray = label[((label < 0) | (label >= n)) & (label != config.ignore_index)]
+            if (value := likely_unlabelled(np.unique(stray).tolist(), n)) is None:
+                raise
+            as_class = f", or --num-classes {n + 1} if it is a class" if value == n else ""
+            raise ValueError(f"{labels.uri(pair.label)} holds the label {value}, outside the {n} classes: pass "
+                             f"--ignore-index {value} if it marks unlabelled pixels (void){as_class}") from None
 
 
 def _all_reduce(*tensors: torch.Tensor) -> None:
