@@ -260,7 +260,9 @@ def _segment(args: argparse.Namespace) -> int:
     from flows.segment import segment_archive
     from pipeline.outputs import LayoutMismatchError
 
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    # the spinner only where it spins: to a file or a pipe, the bar is printed once, at the end
+    spinner = (SpinnerColumn(),) if sys.stderr.isatty() else ()
+    columns = (*spinner, TextColumn("{task.description}"), TimeElapsedColumn())
     try:
         with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
             task = bar.add_task("starting Prefect, Ray and the model")

@@ -117,6 +117,8 @@ def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_end
     )
     assert done.returncode == 0, done.stderr
     assert "\x1b[" not in done.stdout + done.stderr  # piped: no colour codes
+    assert not re.search("[\u2800-\u28ff]", done.stderr), done.stderr  # nor a spinner's frozen frame
+    assert re.search(r"^4 images of 4, .* 0 up to date \d+:\d\d:\d\d$", done.stderr, re.MULTILINE), done.stderr
     assert "4 images segmented (3 ok, 1 error)" in done.stdout
     assert "errors by reason: corrupt 1" in done.stdout
     assert "4 images of 4," in done.stderr and "1 error, 1 shard committed" in done.stderr  # the progress line
