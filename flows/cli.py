@@ -441,7 +441,8 @@ def _misspelled_option(parser: argparse.ArgumentParser, argv: list[str]) -> str 
     known = [flag for action in actions for flag in action.option_strings]
     switches = {flag: action for action in actions if isinstance(action, argparse.BooleanOptionalAction)
                 for flag in action.option_strings}
-    for arg, following in zip(argv[at + 1 :], [*argv[at + 2 :], None], strict=True):
+    rest = argv[at + 1 :]
+    for arg, following in zip(rest, [*rest[1:], None], strict=False):  # the last one is followed by nothing
         if arg == "--":
             break
         if arg in switches and following is not None and following.lower() in _SWITCH_VALUES:

@@ -188,6 +188,9 @@ def test_a_misspelled_option_is_named_with_the_one_meant(capsys) -> None:
         main(["segment", "s", "o", "--tile-strid", "100", "--help"])
     assert main(["segment", "s", "o", "--tile-stride", "100"]) == 2
     assert capsys.readouterr().err.endswith("--tile-stride 100 needs a --tile, the side of the windows it strides\n")
+    with pytest.raises(SystemExit):  # a command alone: argparse's usage, with what it needs
+        main(["segment"])
+    assert "the following arguments are required: SOURCE, OUTPUT" in capsys.readouterr().err
     for value in ("no", "False", "1"):  # a switch given a value: its two forms named
         assert main(["segment", "s", "o", "--crf", value]) == 2
         assert capsys.readouterr().err == (f"segpipe: error: --crf takes no value (--crf {value}): --crf turns it on, "
