@@ -25,7 +25,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from .masks import decode_mask
-from .metrics import check_label_range, confusion_matrix, likely_unlabelled, scores
+from .metrics import LabelRangeError, check_label_range, confusion_matrix, likely_unlabelled, scores
 from .rasters import is_georeferenced, open_raster
 from .storage import Location, iter_files, read_bytes, write_atomic
 from .text import counted, verb_for
@@ -165,12 +165,8 @@ def _labels_confusion(pair: Pair, pred: np.ndarray, truth: np.ndarray, settings:
                                       ("ground truth", truth, pair.ground_truth, settings.ignore_index)):
         try:
             check_label_range(labels, n, ignore, source=f"{side} {key}")
-        except ValueError as err:  # the values found, for the advice of `exclusion_summary`
-            outside = (labels < 0) | (labels >= n)
-            if ignore is not None:
-                outside &= labels != ignore
-            values = tuple(int(v) for v in np.unique(labels[outside]))
-            raise StrayLabelsError(str(err), StrayLabels(pair.image_id, side, values)) from None
+        except LabelRangeError as err:  # the values found, for the advice of `exclusion_summary`
+            raise StrayLabelsError(str(err), StrayLabels(pair.image_id, side, err.values)) from None
     return confusion_matrix(pred, truth, n, ignore_index=settings.ignore_index)
 
 

@@ -47,10 +47,19 @@ def confusion_matrix(pred: Array, target: Array, num_classes: int, ignore_index:
     return np.bincount(n * target + pred, minlength=n * n).reshape(n, n)
 
 
+class LabelRangeError(ValueError):
+    """Labels outside the classes, with `values`: every one found, in order, for advice."""
+
+    def __init__(self, message: str, values: Sequence[int]) -> None:
+        super().__init__(message)
+        self.values = tuple(values)
+
+
 def check_label_range(labels: np.ndarray | torch.Tensor, num_classes: int, ignore_index: int | None, *,
                       source: str) -> None:
     """Refuse labels outside [0, num_classes) other than `ignore_index` (None: no exception),
-    naming `source` (a file, or which side of a comparison) and the values found.
+    naming `source` (a file, or which side of a comparison) and the values found: a
+    LabelRangeError (a ValueError) that carries them, for advice on what to pass.
 
     The one label check of segpipe: training masks, evaluation masks and every confusion
     matrix go through it. On a GPU tensor it costs one device-to-host transfer when the labels
@@ -65,8 +74,8 @@ def check_label_range(labels: np.ndarray | torch.Tensor, num_classes: int, ignor
     values = (torch.unique(found) if isinstance(found, torch.Tensor) else np.unique(found)).tolist()
     listed = f"{values[:5]}" if len(values) <= 5 else f"{values[:5]} and {len(values) - 5} more"
     allowed = f"outside [0, {num_classes})" + ("" if ignore_index is None else f" that are not ignore_index={ignore_index}")
-    raise ValueError(f"{source} holds labels {listed} {allowed}; pass the right num_classes and ignore_index, "
-                     "or map the labels to class ids")
+    raise LabelRangeError(f"{source} holds labels {listed} {allowed}; pass the right num_classes and ignore_index, "
+                          "or map the labels to class ids", values)
 
 
 def likely_unlabelled(values: Sequence[int], num_classes: int) -> int | None:

@@ -30,7 +30,7 @@ from ray.train.torch import TorchTrainer
 
 from ..config import TrainingError
 from ..masks import decode_mask
-from ..metrics import check_label_range, likely_unlabelled
+from ..metrics import LabelRangeError, check_label_range, likely_unlabelled
 from ..models import is_checkpoint_uri, load_resumable, save_checkpoint
 from ..preflight import check_resumed_best, read_checkpoint
 from ..preprocess import Normalizer
@@ -97,9 +97,8 @@ def check_labels(url: str, pairs: list[TrainingPair], config: TrainConfig) -> No
         label = decode_mask(read_bytes(labels, pair.label) or b"")
         try:
             check_label_range(label, n, config.ignore_index, source=labels.uri(pair.label))
-        except ValueError:
-            stray = label[((label < 0) | (label >= n)) & (label != config.ignore_index)]
-            if (value := likely_unlabelled(np.unique(stray).tolist(), n)) is None:
+        except LabelRangeError as err:
+            if (value := likely_unlabelled(err.values, n)) is None:
                 raise
             as_class = f", or --num-classes {n + 1} if it is a class" if value == n else ""
             raise ValueError(f"{labels.uri(pair.label)} holds the label {value}, outside the {n} classes: pass "
