@@ -62,6 +62,16 @@ def _json_value(text: str) -> Any:
         raise argparse.ArgumentTypeError("not valid JSON") from None
 
 
+def _cron(text: str) -> str:
+    """A cron schedule of five fields. Prefect's takes a sixth, as seconds, so a
+    '0 2 * * * *' would run every second of 02:00 instead of once a night."""
+    fields = text.split()
+    if len(fields) != 5:
+        raise argparse.ArgumentTypeError(f"{text!r} has {len(fields)} fields; a cron schedule has 5: minute hour "
+                                         "day-of-month month day-of-week, e.g. '0 2 * * *' for 02:00 UTC")
+    return text
+
+
 def _argument(name: str, field: Any, positional: bool) -> tuple[list[str], dict[str, Any]]:
     """argparse's name and keywords for one config field, from its type and description."""
     annotation = field.annotation
@@ -296,7 +306,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pipeline.preflight import check_serve
+
     config = config_from_arguments(SegmentConfig, args)
+    _preflight(check_serve, config, args.storage_secret)
     _prefect_logging("INFO")
     from flows.deployments import serve_deployments
 
@@ -407,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
             flags, keywords = _argument(name, field, positional=False)
             serve.add_argument(*flags, **keywords | {"required": name in SegmentConfig.positional})
     serve.add_argument("--storage-secret", help=_SECRET_HELP)
-    serve.add_argument("--cron", default="0 2 * * *", help="schedule, UTC (default: %(default)s)")
+    serve.add_argument("--cron", type=_cron, default="0 2 * * *", help="schedule, UTC (default: %(default)s)")
     serve.set_defaults(run=_serve, job_config=JobConfig)  # every field an --option here, SOURCE too
 
     demo = commands.add_parser(

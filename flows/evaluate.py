@@ -99,5 +99,6 @@ def evaluate_predictions(config: EvaluateConfig, storage_secret: str | None = No
     report = build_report(total, pairing, settings, names)
     files = write(config.output, report, total, names, options)
     publish(report, files, f"{config.predictions} against {config.ground_truth}")
-    print(f"mIoU {report['miou']} over {counted(report['images'], 'image')}; report in {config.output}")
+    miou = "n/a" if report["miou"] is None else f"{report['miou']:.4f}"  # as the report's table gives it
+    print(f"mIoU {miou} over {counted(report['images'], 'image')}; report in {config.output}")
     return report

@@ -13,6 +13,7 @@ import datetime as dt
 import difflib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -186,7 +187,11 @@ class JobConfig(BaseModel):
 
 def _iso_date(value: str | None) -> str | None:
     if value is not None:
+        # fromisoformat alone also takes 20261122 (ISO's basic format), which would name
+        # another folder than the YYYY-MM-DD ones {date} stands for
         try:
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+                raise ValueError(value)
             dt.date.fromisoformat(value)
         except ValueError as err:
             raise ValueError(f"date must be YYYY-MM-DD, got {value!r}") from err

@@ -155,24 +155,57 @@ def check_segment(config: SegmentConfig, *, remote: bool = True) -> None:
     """Everything `segment` can be refused for before it starts. `remote=False` leaves remote
     URLs unchecked: their credentials are in a Prefect Secret block, which the flow loads and
     checks them with at its start."""
-    options, weights, published = config.storage_options, config.weights, None
-    if weights is None and config.num_classes is None:
-        raise PreflightError("--weights none needs --num-classes: an untrained model has no classes of its own")
-    if weights is not None and not is_checkpoint_uri(weights):
-        published = _published(config.model, weights, "--weights")
-        _same_classes(config.num_classes, published.num_classes, f"--weights {weights}")
-
-    source = _readable_folder(config.source, options, "SOURCE", remote)
-    _writable_folder(config.output, options, "OUTPUT", remote,
+    published = _classes_given(config)
+    source = _readable_folder(config.source, config.storage_options, "SOURCE", remote)
+    _writable_folder(config.output, config.storage_options, "OUTPUT", remote,
                      layout={"source": source.url if source else None, "shard_by": config.shard_by,
                              "shard_size": config.shard_size})
+    _model_weights(config, published, remote)
 
-    classes, of = config.num_classes, "--num-classes"
+
+def check_serve(config: SegmentConfig, *, remote: bool = True) -> None:
+    """What `serve` can be refused for before it registers a schedule that would fail every
+    night: the model's settings as `segment` checks them, and the folders the nights' folders
+    are in (SOURCE and OUTPUT up to their {date}). Each night's own folders, and OUTPUT's
+    record of earlier runs, are its run's to check (`check_segment`), when they exist."""
+    published = _classes_given(config)
+    for name, check in (("source", _readable_folder), ("output", _writable_folder)):
+        url = getattr(config, name)
+        check(_undated(url), config.storage_options, f"--{name} {url}: the folder of its nights" if "{date}" in url
+              else f"--{name}", remote)
+    _model_weights(config, published, remote)
+
+
+def _undated(url: str) -> str:
+    """The folder that holds the nights' folders of a URL with {date} (up to the last / before
+    it), or the URL itself without one."""
+    if "{date}" not in url:
+        return url
+    return url[: url.index("{date}")].rpartition("/")[0] + "/"
+
+
+def _classes_given(config: SegmentConfig) -> PublishedWeights | None:
+    """The classes `segment` is asked for agree with published weights (returned, if those
+    are what it runs); checked before any folder, since they need no storage."""
+    weights = config.weights
+    if weights is None and config.num_classes is None:
+        raise PreflightError("--weights none needs --num-classes: an untrained model has no classes of its own")
+    if weights is None or is_checkpoint_uri(weights):
+        return None
+    published = _published(config.model, weights, "--weights")
+    _same_classes(config.num_classes, published.num_classes, f"--weights {weights}")
+    return published
+
+
+def _model_weights(config: SegmentConfig, published: PublishedWeights | None, remote: bool) -> None:
+    """The weights can be had (downloaded, or read as a checkpoint of --model) and hold the
+    classes --num-classes and --class-names name."""
+    weights, classes, of = config.weights, config.num_classes, "--num-classes"
     if published is not None:
         _downloadable(published, config.model or "", str(weights), "--weights")
         classes, of = published.num_classes, f"--weights {weights}"
     elif weights is not None:
-        checkpoint = read_checkpoint(weights, options, "--weights", remote)
+        checkpoint = read_checkpoint(weights, config.storage_options, "--weights", remote)
         if checkpoint is not None:
             if config.model is not None and checkpoint.architecture != config.model:
                 raise PreflightError(f"--weights {weights} holds a {checkpoint.architecture} model, not --model "

@@ -120,6 +120,11 @@ def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_end
     assert not re.search("[\u2800-\u28ff]", done.stderr), done.stderr  # nor a spinner's frozen frame
     assert re.search(r"^4 images of 4, .* 0 up to date \d+:\d\d:\d\d$", done.stderr, re.MULTILINE), done.stderr
     assert "4 images segmented (3 ok, 1 error)" in done.stdout
+    # the run's seconds are counted from the replicas' start, which the command line begins
+    # while Prefect starts: Ray and the model take seconds, not the "0.0 s to start" of the
+    # flow's own share
+    seconds, to_start = map(float, re.search(r"segmented .* in ([\d.]+) s \(([\d.]+) s to start\)", done.stdout).groups())
+    assert 1.0 <= to_start < seconds, done.stdout
     assert "errors by reason: corrupt 1" in done.stdout
     assert "4 images of 4," in done.stderr and "1 error, 1 shard committed" in done.stderr  # the progress line
     con = duckdb.connect()
@@ -322,12 +327,37 @@ def test_the_summary_counts_in_english(n: int) -> None:
     assert nothing.startswith(f"nothing to do: {every} already up to date in out")
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--weights", "none"], "segpipe: error: --weights none needs --num-classes"),
+    (["--weights", "none", "--num-classes", "2", "--source", "{root}/camz/{{date}}/"], "segpipe: error: --source {root}/camz/{{date}}/: the folder of its nights "
+                                              "{root}/camz is not a folder that exists"),
+    (["--weights", "{root}/nope.pt"], "segpipe: error: --weights {root}/nope.pt: no such file"),
+    (["--weights", "none", "--num-classes", "2", "--cron", "0 2 * * * *"], "segpipe: error: argument --cron: '0 2 * * * *' has 6 fields; a cron schedule has 5"),
+])
+def test_serve_refuses_what_would_fail_every_night_in_one_line(tmp_path, args, message) -> None:
+    """Before it registers a schedule, and before asking for a Prefect server: these would
+    otherwise be a failed run every night (and a sixth cron field, seconds to Prefect, a run
+    every second of 02:00)."""
+    (tmp_path / "cams").mkdir()
+    args = [a.format(root=tmp_path) for a in args]
+    done = _segpipe("serve", "--source", f"{tmp_path}/cams/{{date}}/", "--output", f"{tmp_path}/out/{{date}}/", *args,
+                    env={"PREFECT_API_URL": ""})
+    assert done.returncode == 2 and done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith(message.format(root=tmp_path)), line
+    # the nights' folders are what is checked, not tonight's, which need not exist yet
+    fine = _segpipe("serve", "--source", f"{tmp_path}/cams/{{date}}/", "--output", f"{tmp_path}/out/{{date}}/",
+                    "--weights", "none", "--num-classes", "2", env={"PREFECT_API_URL": ""})
+    assert fine.returncode == 2 and "needs a Prefect server" in fine.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("level", ["20", "verbose", " info"])
 def test_a_prefect_log_level_prefect_does_not_take_is_one_line(tmp_path, level: str) -> None:
     """Prefect's settings take level names only; anything else failed at its import with a
     pydantic traceback."""
-    done = _segpipe("serve", "--source", str(tmp_path), "--output", str(tmp_path / "out"),
-                    env={"PREFECT_LOGGING_LEVEL": level, "PREFECT_API_URL": ""})
+    done = _segpipe("serve", "--source", str(tmp_path), "--output", str(tmp_path / "out"), "--weights", "none",
+                    "--num-classes", "2", env={"PREFECT_LOGGING_LEVEL": level, "PREFECT_API_URL": ""})
     if level == " info":  # taken as Prefect takes it, on to the next check: no server to serve against
         assert done.returncode == 2 and "needs a Prefect server" in done.stderr and "Traceback" not in done.stderr
         return

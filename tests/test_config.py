@@ -136,8 +136,10 @@ def test_a_dated_source_needs_a_dated_output_and_a_real_date() -> None:
     assert (config.source, config.output) == ("s3://cams/2026-11-20/", "s3://out/date=2026-11-20")
     with pytest.raises(ValueError, match="put \\{date\\} in OUTPUT too"):
         SegmentConfig(source="s3://cams/{date}/", output="s3://out/")
-    with pytest.raises(ValueError, match="YYYY-MM-DD"):
-        SegmentConfig(source="s3://cams/{date}", output="s3://o/{date}", date="20/11/2026")
+    # ISO's basic format, which Python's fromisoformat takes, would name another folder
+    for wrong in ("20/11/2026", "20261120", "2026-13-45", "2026-11-20T00:00"):
+        with pytest.raises(ValueError, match="YYYY-MM-DD"):
+            SegmentConfig(source="s3://cams/{date}", output="s3://o/{date}", date=wrong)
 
 
 def test_the_model_names_configs_accept_are_the_registry_s() -> None:

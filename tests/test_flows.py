@@ -110,7 +110,8 @@ def _write_masks(fs, root: str, masks: dict[str, np.ndarray]) -> None:
         fs.pipe_file(f"{root}/{key}", encode_mask(labels))
 
 
-def test_evaluate_flow_scores_dataset_wide_and_reports_what_it_left_out(prefect_harness, ray_cpu, s3_bucket, tmp_path):
+def test_evaluate_flow_scores_dataset_wide_and_reports_what_it_left_out(prefect_harness, ray_cpu, s3_bucket, tmp_path,
+                                                                         capfd, caplog):
     bucket, options = s3_bucket
     fs = s3fs.S3FileSystem(**options)
     root = bucket[5:]
@@ -140,6 +141,9 @@ def test_evaluate_flow_scores_dataset_wide_and_reports_what_it_left_out(prefect_
     assert [c["iou"] for c in saved["classes"]] == pytest.approx([6 / 8, 3 / 5, 1.0])
     assert saved["miou"] == pytest.approx((6 / 8 + 3 / 5 + 1) / 3)
     assert saved["pixel_accuracy"] == pytest.approx(16 / 18)
+    # the flow's last line, in a served deployment's log too: rounded as the report's table
+    captured = capfd.readouterr()
+    assert f"mIoU {(6 / 8 + 3 / 5 + 1) / 3:.4f} over 2 images; report in" in captured.out + captured.err + caplog.text
     assert saved["classes"][1] == {"id": 1, "name": "sidewalk", "iou": pytest.approx(0.6), "dice": pytest.approx(0.75),
                                    "precision": pytest.approx(0.75), "recall": pytest.approx(0.75),
                                    "gt_pixels": 4, "pred_pixels": 4}

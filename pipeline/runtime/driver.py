@@ -278,6 +278,7 @@ def run_segmentation(
         raise ValueError("replicas were started for another config than the run's")
     given = replicas is not None
     replicas = replicas or Replicas(config, worker_class=worker_class)
+    begun = min(started, replicas.started_at) if replicas.started_at is not None else started
     source = open_location(config.source, config.storage_options)
     counts = ListingCounts()
     shards = None
@@ -302,10 +303,13 @@ def run_segmentation(
             shards_committed=progress.shards_committed, shards_skipped=progress.shards_skipped,
             images=progress.images, errors=progress.errors, errors_by_type=dict(loop.errors_by_type),
             non_image_keys=counts.skipped, pixels_by_class=dict(loop.pixels_by_class), retried_batches=loop.retried,
-            setup_seconds=max(0.0, replicas.ready_at - started) if replicas.ready_at is not None else 0.0,
+            # from the replicas' start where the caller started them first (the command line,
+            # while Prefect starts): the run's seconds are then the command's, not the flow's
+            # last few; its setup lasts until both the replicas and this loop had started
+            setup_seconds=max(replicas.ready_at, started) - begun if replicas.ready_at is not None else 0.0,
             ray_cluster=replicas.ray_cluster if replicas.started else NO_CLUSTER,
             replicas=_replica_entries(pool),
-            seconds=time.monotonic() - started, errors_kept=loop.errors_kept,
+            seconds=time.monotonic() - begun, errors_kept=loop.errors_kept,
         )
     finally:
         if shards is not None:

@@ -381,6 +381,7 @@ class Replicas:
         self.run_id = run_id or new_run_id()
         self.ray_cluster = ""  # how Ray was found, once it was
         self.ready_at: float | None = None  # time.monotonic() when the replicas had loaded their model
+        self.started_at: float | None = None  # time.monotonic() when `start` was called
         self.started = False
         self._stop_ray = False
         self._pool: _ReplicaPool | None = None
@@ -394,7 +395,7 @@ class Replicas:
         their model in the background. A failure to connect or to place them raises here."""
         if self.started:
             return
-        self.started = True
+        self.started, self.started_at = True, time.monotonic()
         try:
             self._stop_ray, self.ray_cluster = connect_ray(self.config.ray_address)
             self._pool = _ReplicaPool(self.config, self.worker_class, self.run_id)
