@@ -171,17 +171,18 @@ def check_serve(config: SegmentConfig, *, remote: bool = True) -> None:
     published = _classes_given(config)
     for name, check in (("source", _readable_folder), ("output", _writable_folder)):
         url = getattr(config, name)
-        check(_undated(url), config.storage_options, f"--{name} {url}: the folder of its nights" if "{date}" in url
+        check(undated_folder(url), config.storage_options, f"--{name} {url}: the folder of its nights" if "{date}" in url
               else f"--{name}", remote)
     _model_weights(config, published, remote)
 
 
-def _undated(url: str) -> str:
+def undated_folder(url: str) -> str:
     """The folder that holds the nights' folders of a URL with {date} (up to the last / before
-    it), or the URL itself without one."""
+    it; the current folder for a relative path with none), or the URL itself without one."""
     if "{date}" not in url:
         return url
-    return url[: url.index("{date}")].rpartition("/")[0] + "/"
+    head = url[: url.index("{date}")]
+    return head.rpartition("/")[0] + "/" if "/" in head else "."
 
 
 def _classes_given(config: SegmentConfig) -> PublishedWeights | None:

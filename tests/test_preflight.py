@@ -30,6 +30,7 @@ from pipeline.preflight import (
     check_train,
     hub_cache_path,
     read_checkpoint,
+    undated_folder,
 )
 from pipeline.samples import synthetic_scene
 
@@ -380,3 +381,14 @@ def test_the_tables_kept_beside_the_checks_agree_with_their_sources(tmp_path, mo
     buffer = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT}, buffer)
     assert zipfile.is_zipfile(buffer)  # what read_checkpoint relies on
+
+
+def test_serve_checks_the_folder_that_holds_the_nights() -> None:
+    """SOURCE and OUTPUT up to their {date}: a relative one without a folder before it is the
+    current folder (not the filesystem's root, which a user may not write to)."""
+    assert undated_folder("s3://cams/{date}/") == "s3://cams/"
+    assert undated_folder("s3://out/segpipe/date={date}/") == "s3://out/segpipe/"
+    assert undated_folder("/data/cams/{date}") == "/data/cams/"
+    assert undated_folder("/{date}/") == "/"
+    assert undated_folder("date={date}/") == "."
+    assert undated_folder("s3://cams/all/") == "s3://cams/all/"  # no {date}: the URL itself
