@@ -569,6 +569,64 @@ def test_a_run_whose_worker_nodes_are_all_lost_stops_with_a_clear_error(tmp_path
         cluster.shutdown()
 
 
+class SlowWorker(PidWorker):
+    """A replica that takes half a second a batch, so that a run outlasts another replica's restart."""
+
+    def segment(self, records):
+        time.sleep(0.5)
+        return super().segment(records)
+
+    def read_segment_write(self, *args):
+        time.sleep(0.5)
+        return super().read_segment_write(*args)
+
+
+@pytest.mark.slow
+def test_a_replica_restarted_on_a_node_it_shares_splits_the_cores_there(tmp_path, _ray_session):
+    """Two CPU nodes of 3 cores, a replica on each running 3 threads. One node is lost, and Ray
+    restarts its replica on the other, with the spec it was created with: alone on its node.
+    The two replicas now sharing 3 cores run one thread each, not 3 (6 threads on 3 cores,
+    which stalls OpenMP's barriers); and the run still does every image once."""
+    import signal
+
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # this test's own cluster, not the module's shared Ray
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # lists and commits; hosts no replica
+    try:
+        kept, lost = cluster.add_node(num_cpus=3), cluster.add_node(num_cpus=3)
+        ray.init(address=cluster.address, logging_level="WARNING")
+        source, output = _local_source(tmp_path, 24, per_dir=2)
+        config = SegmentConfig(source=source, output=output, batch_size=1, crf=False, actors=2,
+                               batches_in_flight_per_actor=1, **MODEL)
+        before, after = {}, {}
+
+        def placements(run_id):
+            answers = [ray.get(ray.get_actor(f"segpipe-{run_id}-{i}").ready.remote(), timeout=60) for i in range(2)]
+            return {i: (a["node_id"], a["threads"]) for i, a in enumerate(answers)}
+
+        def lose_a_node(progress):
+            if progress.shards_committed == 1 and not before:
+                before.update(placements(progress.run_id))
+                on_lost = next(i for i, (node, _) in before.items() if node == lost.node_id)
+                pid = ray.get(ray.get_actor(f"segpipe-{progress.run_id}-{on_lost}").pid.remote())
+                cluster.remove_node(lost, allow_graceful=False)
+                os.kill(pid, signal.SIGKILL)  # its processes go with it (they outlive a killed raylet for a while)
+            elif progress.shards_committed == 12 and before and not after:
+                after.update(placements(progress.run_id))
+
+        summary = run_segmentation(config, on_progress=lose_a_node, worker_class=SlowWorker)
+        assert sorted(before.values()) == sorted([(kept.node_id, 3), (lost.node_id, 3)])
+        assert after == {0: (kept.node_id, 1), 1: (kept.node_id, 1)}
+        assert [(r["node_id"], r["threads"]) for r in summary.replicas] == [(kept.node_id, 1)] * 2
+        assert (summary.images, summary.errors) == (24, 0)
+        rows = _duckdb().sql(f"select image_id from read_parquet('{output}/images/**/*.parquet')").fetchall()
+        assert sorted(r[0] for r in rows) == sorted(f"d{i // 2}/{i:03d}.jpg" for i in range(24))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 @pytest.mark.slow
 def test_cpu_replicas_default_to_one_on_each_node_with_room(tmp_path, _ray_session):
     """A cluster of CPU nodes of two sizes and no --actors: one replica on each node with room

@@ -10,10 +10,12 @@ Ray's cost of moving each batch through three calls (`run.io_in_replica` decides
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +24,7 @@ from ray.exceptions import ActorDiedError, RayActorError, RayError
 
 from ..config import RasterSettings, RunError, SegmentConfig
 from ..records import ImageRecord
-from ..run import batches_in_flight, io_in_replica, new_run_id, place_cpu_replicas
+from ..run import batches_in_flight, io_in_replica, new_run_id, place_cpu_replicas, replica_threads
 from ..storage import Location, SourceFile
 from .cluster import connect_ray, cpu_nodes, nodes_with_cpus, short_error
 
@@ -106,6 +108,13 @@ class SegmentWorker:
             "node_id": ray.get_runtime_context().get_node_id(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
+
+    def share_cores(self, threads: int) -> int:
+        """Run `threads` torch threads from the next call on (the driver's `_ReplicaPool._share_cores`);
+        returns the threads now set."""
+        from .worker import set_threads
+
+        return set_threads(threads)
 
     def compile_seconds(self) -> float:
         """Seconds this replica's compiled model spent in the first call of each input shape,
@@ -245,6 +254,10 @@ class _ReplicaPool:
             # import the decode and write stages (Pillow, rasterio, pyarrow; no torch)
             for _ in range(min(max(int(spare), 1), 2 * self.in_flight * count)):
                 warm_up.remote()
+        # a CPU replica's threads are its node's cores shared among the replicas there, unless set
+        self.shares_cores = not num_gpus and config.threads_per_actor is None
+        self.cpus_per_actor = config.cpus_per_actor
+        self.rethreading: list[ray.ObjectRef] = []  # share_cores calls not yet answered
         self.description = f"{count} model replicas ({num_gpus:g} GPU, {config.cpus_per_actor:g} CPU each)"
         self.resources = f"the cluster has {gpus:g} GPUs and {cpus:g} CPUs"
         self.placements: list[dict[str, Any]] = []
@@ -278,6 +291,7 @@ class _ReplicaPool:
             self.shutdown()
             raise RunError(f"cannot load {config.model or config.weights!r}: {failed[0]}")
         self.meta = self.placements[0]["meta"]
+        self._share_cores()  # where Ray placed a replica elsewhere than planned (its node was full)
 
     def compile_seconds(self, timeout_s: float = 10.0) -> list[float | None]:
         """Each replica's `SegmentWorker.compile_seconds`; None for one that does not answer
@@ -319,6 +333,7 @@ class _ReplicaPool:
                 self.down_since = time.monotonic()
 
     def ping_due(self) -> None:
+        self._answered_share_cores()
         now = time.monotonic()
         for replica, when in list(self.recheck_at.items()):
             if now >= when:
@@ -332,6 +347,7 @@ class _ReplicaPool:
         except ActorDiedError:
             self.dead.add(replica)  # restarts used up: Ray will not bring it back
             log.warning("model replica %d is gone for good", replica)
+            self._share_cores()
             return
         except RayActorError:
             self.recheck_at[replica] = time.monotonic() + 0.5  # still restarting
@@ -342,6 +358,39 @@ class _ReplicaPool:
         else:
             self.placements[replica] = answer  # restarted, perhaps on another node
             self.down_since = None  # back: it takes work again
+        self._share_cores()
+
+    def _share_cores(self) -> None:
+        """Each live CPU replica's threads made its node's cores shared among the replicas
+        there now (`run.replica_threads`): once they started, since Ray places a replica
+        elsewhere than planned when its node is full, and after one restarted or was lost for
+        good. Ray restarts a replica with the spec it was created with, so one that lands on a
+        node it now shares would run the threads of the node it left, and the replicas there
+        would oversubscribe its cores; one left alone on a node would keep part of it idle. A
+        replica takes its new count after the batches already sent to it."""
+        if not self.shares_cores:
+            return
+        live = [i for i in range(len(self.actors)) if i not in self.dead]
+        sharing = Counter(self.placements[i]["node_id"] for i in live)
+        cpus = dict(cpu_nodes())
+        for i in live:
+            node = self.placements[i]["node_id"]
+            if node not in cpus:  # lost: its replica answers from another node once restarted
+                continue
+            threads = replica_threads(cpus[node], sharing[node], self.cpus_per_actor)
+            if self.placements[i]["threads"] != threads:
+                self.placements[i] = self.placements[i] | {"threads": threads}
+                self.rethreading.append(self.actors[i].share_cores.remote(threads))
+
+    def _answered_share_cores(self) -> None:
+        """Collects the answers to `share_cores`: a replica that restarted again before it
+        answered is shared anew once it answers a ping (`resolve`)."""
+        if not self.rethreading:
+            return
+        answered, self.rethreading = ray.wait(self.rethreading, num_returns=len(self.rethreading), timeout=0)
+        for ref in answered:
+            with contextlib.suppress(RayError):
+                ray.get(ref)
 
     def all_dead(self) -> bool:
         return len(self.dead) == len(self.actors)

@@ -60,6 +60,11 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
+def set_threads(threads: int) -> int:
+    torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def sliding_window(spec: WorkerSpec) -> SlidingWindow | None:
     if spec.tile is None:
         return None
