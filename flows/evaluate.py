@@ -24,6 +24,7 @@ from pipeline.evaluation import (
     resolve_class_names,
     write_report,
 )
+from pipeline.outputs import class_names_of_masks
 from pipeline.preflight import check_evaluate
 from pipeline.runtime.scoring import score_on_ray
 from pipeline.storage import open_location
@@ -91,7 +92,9 @@ def evaluate_predictions(config: EvaluateConfig, storage_secret: str | None = No
     config = config.dated().with_storage_options(resolve_storage_options(config.storage_options, storage_secret))
     check_evaluate(config)  # as the command line does; here with the credentials of a Secret block too
     options = config.storage_options
-    names = resolve_class_names(config.class_names, config.num_classes)
+    # masks of a segpipe OUTPUT are named by the classes of the run that wrote them
+    of_masks = None if config.class_names else class_names_of_masks(config.predictions, options)
+    names = resolve_class_names(config.class_names, config.num_classes, of_masks=of_masks)
     settings = ScoreSettings(num_classes=config.num_classes, ignore_index=config.ignore_index,
                              label_map=config.label_map, reduce_zero_label=config.reduce_zero_label)
     pairing = pair(config.predictions, config.ground_truth, config.prediction_suffix, config.ground_truth_suffix, options)

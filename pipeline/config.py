@@ -376,7 +376,8 @@ class EvaluateConfig(JobConfig):
     num_classes: int = Field(gt=0, description="classes the predictions use")
     ignore_index: int = Field(default=255, description="ground-truth label of pixels that are not scored")
     class_names: tuple[str, ...] | None = Field(default=None, description=(
-        "one name per class, in id order (default: class_0, class_1, ...)"))
+        "one name per class, in id order (default: those of the run that wrote PREDICTIONS when they are a "
+        "segpipe OUTPUT's masks/, else class_0, class_1, ...)"))
     label_map: dict[int, int] | None = Field(default=None, description=(
         "JSON object remapping ground-truth values before scoring, e.g. '{\"7\": 0, \"8\": 1}' (others kept)"))
     reduce_zero_label: bool = Field(default=False, description=(

@@ -29,6 +29,7 @@ import datetime as dt
 import io
 import json
 import logging
+import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,7 @@ from .storage import (
     StorageUnavailableError,
     is_case_insensitive,
     last_modified,
+    list_files,
     list_folders,
     move_atomic,
     open_location,
@@ -416,6 +418,29 @@ def _run_started(run_id: str) -> dt.datetime | None:
         return dt.datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
     except ValueError:
         return None
+
+
+def class_names_of_masks(url: str, storage_options: dict[str, Any] | None = None) -> tuple[str, ...] | None:
+    """The class names, in id order, of the masks under `url` when it is the masks/ folder of
+    a segpipe OUTPUT: those of the newest run recorded there (`RunSummary.class_names`), the
+    model whose ids the masks hold. None for any other folder, and for an OUTPUT whose runs
+    were recorded without them (before segpipe recorded them)."""
+    head, _, last = url.rstrip("/").rpartition("/")
+    if last != mask_key("x").partition("/")[0] or not head:
+        return None
+    output = open_location(head, storage_options)
+    if read_bytes(output, "_segpipe.json") is None:
+        return None
+    # run ids begin with their start (20261122T040000Z-...): the newest record is the last
+    for name in reversed(list_files(output, posixpath.dirname(run_record_key("x")))):
+        if name.endswith(".json") and _run_started(name.removesuffix(".json")) is not None:
+            try:
+                record = json.loads(read_bytes(output, run_record_key(name.removesuffix(".json"))) or b"{}")
+            except ValueError:  # not a record segpipe wrote whole: the run before it may name them
+                continue
+            if isinstance(record, dict) and record.get("class_names"):
+                return tuple(record["class_names"])
+    return None
 
 
 def prepare_output(config: SegmentConfig, source: Location) -> OutputStore:

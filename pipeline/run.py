@@ -428,6 +428,8 @@ class RunSummary:
     output: str
     model: str
     weights: str
+    # the model's classes in id order, the values of its masks (what `segpipe evaluate` names them by)
+    class_names: list[str]
     shards_committed: int
     shards_skipped: int
     images: int
@@ -504,7 +506,7 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
         shards.close()
     summary = RunSummary(
         run_id=run.run_id, source=source.url, output=store.location.url, model=run.model, weights=run.weights,
-        shards_committed=0, shards_skipped=skipped, images=0, errors=0, errors_by_type={},
+        class_names=list(run.class_names), shards_committed=0, shards_skipped=skipped, images=0, errors=0, errors_by_type={},
         non_image_keys=counts.skipped, pixels_by_class={}, retried_batches=0, setup_seconds=0.0,
         ray_cluster=NO_CLUSTER, replicas=[], seconds=time.monotonic() - started, errors_kept=errors_kept,
     )

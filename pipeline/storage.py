@@ -354,6 +354,16 @@ def list_folders(location: Location, key: str) -> list[str]:
     return sorted(posixpath.basename(name) for name in names if name != path)
 
 
+def list_files(location: Location, key: str) -> list[str]:
+    """Names of the files directly under `key`, sorted; none when `key` does not exist."""
+    path = location.path(key)
+    try:
+        entries = list(_entries(location.fs, path))
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(entry["name"]) for entry in entries if entry.get("type") == "file")
+
+
 def last_modified(location: Location, key: str) -> dt.datetime | None:
     """When the newest object under the folder `key` was last written (UTC); None when it
     holds no object (an empty or missing folder)."""

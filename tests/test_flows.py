@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import duckdb
@@ -21,6 +22,7 @@ from flows.evaluate import NothingToScoreError, evaluate_predictions
 from flows.segment import segment_archive, summarise
 from pipeline.config import EvaluateConfig, SegmentConfig
 from pipeline.masks import encode_mask
+from pipeline.outputs import class_names_of_masks
 from pipeline.run import NO_CLUSTER, RunSummary
 from pipeline.samples import synthetic_scene
 
@@ -50,7 +52,8 @@ def test_segment_flow_nightly_partitions_on_s3(prefect_harness, ray_cpu, s3_buck
             fs.pipe_file(f"{bucket[5:]}/cams/{night}/cam1/{i}.png", _png(synthetic_scene(24, 32, i)[0]))
     fs.pipe_file(f"{bucket[5:]}/cams/2026-11-20/cam1/broken.png", b"not a png")
     common = dict(source=f"{bucket}/cams/{{date}}", output=f"{bucket}/segpipe/date={{date}}", model="lraspp_mobilenet_v3_large",
-                  weights="none", num_classes=4, crf=False, storage_options=options, precision="fp32")
+                  weights="none", num_classes=4, class_names=("sky", "road", "car", "tree"), crf=False,
+                  storage_options=options, precision="fp32")
     first = segment_archive(SegmentConfig(**common, date="2026-11-19"))
     second = segment_archive(SegmentConfig(**common, date="2026-11-20"))
     assert (first["images"], first["errors"]) == (2, 0)
@@ -58,6 +61,8 @@ def test_segment_flow_nightly_partitions_on_s3(prefect_harness, ray_cpu, s3_buck
     assert abs(sum(second["pixel_share"].values()) - 1) < 1e-9
     record = json.loads(fs.cat_file(second["record"]))
     assert record["run_id"] == second["run_id"] and record["images"] == 4
+    # what `evaluate` names the classes of these masks by, read from the store
+    assert class_names_of_masks(f"{bucket}/segpipe/date=2026-11-20/masks/", options) == ("sky", "road", "car", "tree")
     con = duckdb.connect()
     con.register_filesystem(s3fs.S3FileSystem(**options))
     rows = con.sql(f"""select date, count(*), count(*) filter (where status = 'error')
@@ -73,8 +78,8 @@ def test_segment_flow_nightly_partitions_on_s3(prefect_harness, ray_cpu, s3_buck
 
 def test_a_run_with_polygons_names_their_folder(prefect_harness):
     """What the command line's `outputs:` line and the run's artifact list: polygons/ too."""
-    summary = RunSummary(run_id="r", source="s3://b/in", output="s3://b/out", model="m", weights="none", shards_committed=1,
-                         shards_skipped=0, images=1, errors=0, errors_by_type={}, non_image_keys=0,
+    summary = RunSummary(run_id="r", source="s3://b/in", output="s3://b/out", model="m", weights="none",
+                         class_names=["class_0"], shards_committed=1, shards_skipped=0, images=1, errors=0, errors_by_type={}, non_image_keys=0,
                          pixels_by_class={"class_0": 4}, retried_batches=0, setup_seconds=1.0, ray_cluster="a local Ray",
                          replicas=[], seconds=31.0)
 
@@ -103,6 +108,44 @@ def test_a_night_with_nothing_new_is_recorded_without_ray(prefect_harness, ray_c
     assert again["ray_cluster"] == NO_CLUSTER
     assert json.loads(Path(again["record"]).read_text())["shards_skipped"] == 1
     assert "Nothing to do: the one shard of" in Artifact.get("segpipe-run-outputs").data
+
+
+def test_evaluate_names_the_classes_of_the_segment_run_whose_masks_it_scores(prefect_harness, ray_cpu, tmp_path):
+    """PREDICTIONS that are a segpipe OUTPUT's masks/ are named by the classes its newest run
+    recorded (a night with nothing new records them too); ids past them, and masks of any
+    other folder, are class_<id>; --class-names still wins."""
+    source, output = tmp_path / "cams", tmp_path / "out"
+    source.mkdir()
+    for i in range(2):
+        (source / f"{i}.png").write_bytes(_png(synthetic_scene(24, 32, i)[0]))
+    config = SegmentConfig(precision="fp32", source=str(source), output=str(output), model="lraspp_mobilenet_v3_large",
+                           weights="none", num_classes=4, crf=False, class_names=("sky", "road", "car", "tree"))
+    first = segment_archive(config)
+    again = segment_archive(config)  # nothing to do: recorded with the same classes
+    assert again["shards_committed"] == 0
+    assert json.loads(Path(first["record"]).read_text())["class_names"] == ["sky", "road", "car", "tree"]
+    assert json.loads(Path(again["record"]).read_text())["class_names"] == ["sky", "road", "car", "tree"]
+    truth = tmp_path / "gt"
+    for i in range(2):
+        (truth / f"{i}.png").parent.mkdir(exist_ok=True)
+        (truth / f"{i}.png").write_bytes(encode_mask(np.asarray(Image.open(output / "masks" / f"{i}.png"))))
+
+    def names(predictions, **options):
+        report = evaluate_predictions(EvaluateConfig(predictions=str(predictions), ground_truth=str(truth),
+                                                     output=str(tmp_path / "eval"), **{"num_classes": 4} | options))
+        return [c["name"] for c in report["classes"]]
+
+    assert names(output / "masks") == ["sky", "road", "car", "tree"]
+    assert pq.read_table(tmp_path / "eval" / "per_image.parquet").column_names[2:] == [
+        "iou_sky", "iou_road", "iou_car", "iou_tree"]
+    assert names(f"{output}/masks/", num_classes=5) == ["sky", "road", "car", "tree", "class_4"]
+    assert names(output / "masks", class_names=["a", "b", "c", "d"]) == ["a", "b", "c", "d"]
+    shutil.copytree(output / "masks", tmp_path / "copied" / "masks")  # masks, but not in a segpipe OUTPUT
+    assert names(tmp_path / "copied" / "masks") == ["class_0", "class_1", "class_2", "class_3"]
+    # the newest run's classes: renamed, every shard is redone and recorded under the new names
+    renamed = segment_archive(config.model_copy(update={"class_names": ("w", "x", "y", "z")}))
+    assert renamed["shards_committed"] == 1
+    assert names(output / "masks") == ["w", "x", "y", "z"]
 
 
 def _write_masks(fs, root: str, masks: dict[str, np.ndarray]) -> None:

@@ -300,7 +300,7 @@ def run_segmentation(
         progress, pool = loop.progress, loop.pool
         return RunSummary(
             run_id=run.run_id, source=source.url, output=store.location.url, model=run.model, weights=run.weights,
-            shards_committed=progress.shards_committed, shards_skipped=progress.shards_skipped,
+            class_names=list(run.class_names), shards_committed=progress.shards_committed, shards_skipped=progress.shards_skipped,
             images=progress.images, errors=progress.errors, errors_by_type=dict(loop.errors_by_type),
             non_image_keys=counts.skipped, pixels_by_class=dict(loop.pixels_by_class), retried_batches=loop.retried,
             # from the replicas' start where the caller started them first (the command line,
