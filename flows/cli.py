@@ -507,12 +507,13 @@ def _interrupting_signal(err: BaseException) -> signal.Signals | None:
     """The signal that stopped a command, if `err` is how it surfaced: KeyboardInterrupt for
     SIGINT, and for SIGTERM the SystemExit(15) that our handler (`_sigterm_exits`), then the
     one `ray.init` installs, raise (Prefect's, within a flow, hands the signal on to the one
-    before it). Either may come wrapped: raised inside a Ray call, CPython reports
-    it as a SystemError caused by it, and the flow engine may re-raise another in its place."""
+    before it), or Prefect's TerminationSignal, which its flow engine raises in their place.
+    Any may come wrapped: raised inside a Ray call, CPython reports it as a SystemError
+    caused by it, and the flow engine may re-raise another in its place."""
     for link in error_chain(err):
         if isinstance(link, KeyboardInterrupt):
             return signal.SIGINT
-        if isinstance(link, SystemExit) and link.code == signal.SIGTERM:
+        if (isinstance(link, SystemExit) and link.code == signal.SIGTERM) or getattr(link, "signal", None) == signal.SIGTERM:
             return signal.SIGTERM
     return None
 

@@ -170,6 +170,9 @@ class MaskWriter:
                     rasterio.shutil.copy(
                         self._staging, self.path, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=BLOCK_SIZE,
                         OVERVIEW_RESAMPLING=self.overview_resampling.name.upper(), BIGTIFF="IF_SAFER",
+                        # a column of pixels cannot be halved across: GDAL's overview of it keeps
+                        # its width, which readers take for a decimation of 1 (rio-cogeo refuses it)
+                        OVERVIEWS="NONE" if self.width == 1 else "AUTO",
                     )
         except BaseException:
             self.path.unlink(missing_ok=True)

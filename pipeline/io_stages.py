@@ -48,6 +48,11 @@ def read_and_decode(
                 records.append(record)  # its blocks are read beside the model (RasterStage)
                 record.seconds.decode = time.perf_counter() - start
                 continue
+            if file.png_mask_taken_by is not None:  # its mask would be a PNG, and that one is taken
+                record.fail("mask_collision", f"it is not a georeferenced raster, so its mask {mask_key(file.key)} would "
+                                              f"overwrite the mask of {file.png_mask_taken_by}; rename one of them")
+                records.append(record)
+                continue
             data = read_bytes(source, file.key)
             if data is None:
                 raise FileNotFoundError(source.uri(file.key))

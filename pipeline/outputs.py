@@ -177,8 +177,12 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 class OutputStore:
     """Reads and writes one OUTPUT location following the layout above."""
 
-    def __init__(self, location: Location) -> None:
+    def __init__(self, location: Location, source: Location | None = None) -> None:
         self.location = location
+        # where an image that left a shard may still be: with the shards of a directory split
+        # at --shard-size, a deletion or an addition moves images to a neighbouring shard, whose
+        # commit owns their masks from then on (None: an image that left a shard was deleted)
+        self.source = source
         self._case_insensitive: bool | None = None
 
     @property
@@ -253,6 +257,31 @@ class OutputStore:
         write_atomic(self.location, f"_commits/{shard.shard_id}.json", json.dumps(marker, indent=2).encode())
         if previous_keys:
             self._remove_stale_masks(previous_keys | {r.key for r in ordered}, ordered)
+
+    def committed_shards(self) -> set[str]:
+        """The ids of the shards with a commit marker here."""
+        return {name.removesuffix(".json") for name in list_files(self.location, "_commits") if name.endswith(".json")}
+
+    def remove_vanished_shards(self, listed: set[str]) -> list[str]:
+        """Remove the shards committed here that SOURCE's listing, complete and just made
+        (`listed`, the ids of all its shards), no longer has: a directory deleted at the
+        source, or one whose images now fill fewer chunks of --shard-size. Their rows (images,
+        class_stats, manifest, polygons) would otherwise stay beside the shards that now hold
+        their images, and the masks of images deleted at the source would outlive them. The
+        marker goes last, so a run stopped halfway leaves it for the next one to finish. The
+        ids of the shards removed."""
+        vanished = sorted(self.committed_shards() - listed)
+        for shard_id in vanished:
+            keys = self._manifest_keys(shard_id)
+            self._remove_stale_masks(keys, [])
+            for table in ("images", "class_stats", "manifest", "polygons"):
+                remove_folder(self.location, f"{table}/shard={shard_id}")
+            with contextlib.suppress(FileNotFoundError):
+                retry_io(self.location.uri(f"_commits/{shard_id}.json"), self.location.fs.rm_file,
+                         self.location.path(f"_commits/{shard_id}.json"))
+            log.info("removed shard %s: SOURCE no longer has it (its %d images were deleted, or are in other shards now)",
+                     shard_id, len(keys))
+        return vanished
 
     def _write_polygons(self, shard_id: str, records: Sequence[ImageRecord], *, reprocessed: bool) -> None:
         """OUTPUT/polygons/shard=<id>/part-<n>.parquet: each raster's GeoParquet file (a file
@@ -351,11 +380,16 @@ class OutputStore:
         return set(pq.read_table(io.BytesIO(data), columns=["image_id"]).column("image_id").to_pylist())
 
     def _remove_stale_masks(self, keys: set[str], records: Sequence[ImageRecord]) -> None:
-        """Delete the masks (and confidence masks) of images that left the shard (deleted at the
-        source), fail now, or changed kind (a TIFF that gained a CRS has a .tif mask now), so no
-        mask outlives its row."""
+        """Delete the masks (and confidence masks) of images that left the shard deleted at the
+        source, fail now, or changed kind (a TIFF that gained a CRS has a .tif mask now), so no
+        mask outlives its row. An image that left the shard but is still in SOURCE moved to
+        another shard, which writes its mask: that one stays."""
         written = {k for r in records for k in (r.mask_key, r.confidence_key) if k}
+        current = {r.key for r in records}
         for key in keys:
+            if key not in current and self.source is not None and retry_io(
+                    self.source.uri(key), self.source.fs.exists, self.source.path(key)):
+                continue
             try:
                 candidates = [make(key, extension) for make in (mask_key, confidence_key_for) for extension in (".png", ".tif")]
             except ValueError:
@@ -447,7 +481,7 @@ def prepare_output(config: SegmentConfig, source: Location) -> OutputStore:
     """Open OUTPUT, record or check its layout (SOURCE and sharding), and remove what runs
     that were killed before their shards committed left staged there."""
     output = open_location(config.output, config.storage_options)
-    store = OutputStore(output)
+    store = OutputStore(output, source)
     try:
         store.check_layout(source.url, config.shard_by, config.shard_size)
     except OSError as err:

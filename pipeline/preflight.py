@@ -156,6 +156,7 @@ def check_segment(config: SegmentConfig, *, remote: bool = True) -> None:
     URLs unchecked: their credentials are in a Prefect Secret block, which the flow loads and
     checks them with at its start."""
     published = _classes_given(config)
+    _output_outside_source(config)
     source = _readable_folder(config.source, config.storage_options, "SOURCE", remote)
     _writable_folder(config.output, config.storage_options, "OUTPUT", remote,
                      layout={"source": source.url if source else None, "shard_by": config.shard_by,
@@ -169,11 +170,28 @@ def check_serve(config: SegmentConfig, *, remote: bool = True) -> None:
     are in (SOURCE and OUTPUT up to their {date}). Each night's own folders, and OUTPUT's
     record of earlier runs, are its run's to check (`check_segment`), when they exist."""
     published = _classes_given(config)
+    _output_outside_source(config)
     for name, check in (("source", _readable_folder), ("output", _writable_folder)):
         url = getattr(config, name)
         check(undated_folder(url), config.storage_options, f"--{name} {url}: the folder of its nights" if "{date}" in url
               else f"--{name}", remote)
     _model_weights(config, published, remote)
+
+
+def _output_outside_source(config: SegmentConfig) -> None:
+    """OUTPUT is neither SOURCE nor in it: every run would list the masks the one before wrote
+    as images, and segment them too (a URL's {date} the same night in both)."""
+    source, output = (_open(lambda url=url: open_location(url, config.storage_options), label)
+                      for url, label in ((config.source, "SOURCE"), (config.output, "OUTPUT")))
+    if type(source.fs) is not type(output.fs):
+        return
+    inside = source.root.rstrip("/") + "/"
+    if output.root.rstrip("/") + "/" == inside:
+        raise PreflightError(f"OUTPUT {config.output} is SOURCE: each run would segment the masks the last one wrote; "
+                             "write OUTPUT outside SOURCE")
+    if output.root.startswith(inside):
+        raise PreflightError(f"OUTPUT {config.output} is inside SOURCE {config.source}: each run would segment the "
+                             "masks the last one wrote; write OUTPUT outside SOURCE")
 
 
 def undated_folder(url: str) -> str:
@@ -470,6 +488,9 @@ def _ask(what: str, call: Callable[[], T], *, local: bool) -> T:
         if isinstance(err, OSError | StorageUnavailableError):
             failed, hint = ("cannot read", "") if local else ("cannot reach", f"; {ENDPOINT_HINT}")
             raise PreflightError(f"{failed} {what}: {type(err).__name__}: {err}{hint}") from err
+        if isinstance(err, TypeError) and "unexpected keyword argument" in str(err):
+            # a misspelled storage option, which the filesystem's client meets at its first request
+            raise PreflightError(f"--storage-options: {what} cannot be opened with them: {err}") from err
         raise
 
 

@@ -210,7 +210,8 @@ def _read(dataset: DatasetReader, what: str, read: Any, *args: Any, **kwargs: An
     except RasterioError as err:
         if opener is not None:
             opener.raise_failure(err)
-        raise ImageDecodeError("corrupt", f"{_name(dataset)}: cannot read {what}: {err}") from err
+        # rasterio says only "Read failed. See previous exception for details": that one is GDAL's
+        raise ImageDecodeError("corrupt", f"{_name(dataset)}: cannot read {what}: {err.__cause__ or err}") from err
     if opener is not None:
         opener.raise_failure()  # a short read GDAL got past: the pixels may be wrong
     return result

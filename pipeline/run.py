@@ -19,7 +19,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 from .config import RunError, SegmentConfig, is_checkpoint_uri
@@ -279,28 +279,39 @@ class Prefetched(Generic[T]):
 
 def plan_shard(files: Sequence[SourceFile], *, fold_case: bool = False) -> tuple[list[SourceFile], list[ImageRecord]]:
     """Split a shard's inputs into those to segment and those that are errors before any work:
-    keys unsafe as output paths, and keys whose mask path another key already takes (a.jpg
-    and a.png both become masks/a.png; the first in listing order keeps it). With `fold_case`
-    (an OUTPUT where A.png and a.png are one file), keys differing only in case collide too."""
-    todo: list[SourceFile] = []
+    keys unsafe as output paths, and keys whose mask path another key's takes. An image's mask
+    is masks/<key without extension>.png, a raster's (`is_raster_key`) .tif if it turns out
+    georeferenced and .png if not; so, of the keys of one stem:
+    - the first image in listing order keeps masks/<stem>.png (a.jpg and a.png: a.png is refused);
+    - the first raster is segmented (a.tif and a.tiff: a.tiff is refused);
+    - a raster beside an image (a.tif beside its quick-look a.jpg) is segmented too, and
+      refused once read if it is not georeferenced (`SourceFile.png_mask_taken_by`).
+    `iter_shards` keeps the keys of one stem in one shard. With `fold_case` (an OUTPUT where
+    A.png and a.png are one file), keys differing only in case collide too, within the shard."""
+    todo: list[tuple[SourceFile, str]] = []  # with its stem's PNG mask
     refused: list[ImageRecord] = []
-    owners: dict[str, str] = {}
+    images: dict[str, str] = {}  # a stem's PNG mask -> the image that keeps it
+    rasters: dict[str, str] = {}  # a stem's PNG mask -> the raster segmented under the stem
     for file in files:
         record = ImageRecord(key=file.key, size=file.size, version=file.version)
         try:
-            key = mask_key(file.key)
+            png = mask_key(file.key)
         except ValueError as err:
             record.fail("unsafe_key", str(err))
             refused.append(record)
             continue
-        owner_key = key.casefold() if fold_case else key
-        if owner_key in owners:
-            record.fail("mask_collision", f"its mask {key} would overwrite the mask of {owners[owner_key]}; rename one of them")
+        stem = png.casefold() if fold_case else png
+        owners = rasters if is_raster_key(file.key) else images
+        if stem in owners:
+            mask = f"{mask_key(file.key, '.tif')} ({png} if it is not georeferenced)" if owners is rasters else png
+            record.fail("mask_collision", f"its mask {mask} would overwrite the mask of {owners[stem]}; rename one of them")
             refused.append(record)
             continue
-        owners[owner_key] = file.key
-        todo.append(file)
-    return todo, refused
+        owners[stem] = file.key
+        todo.append((file, stem))
+    # the image may come after the raster in listing order (a.TIF before a.jpg)
+    return [replace(file, png_mask_taken_by=images[stem]) if is_raster_key(file.key) and stem in images else file
+            for file, stem in todo], refused
 
 
 # a file this large (a georeferenced raster, an image segmented in windows) is a batch of its
@@ -475,7 +486,7 @@ def record_run(output: Location, summary: RunSummary) -> str:
 def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
     """A run with nothing to do, found out before Ray, Prefect or a model start: when every
     shard of SOURCE is committed in OUTPUT with the same inputs and settings (as the run itself
-    decides, `OutputStore.current_commit`), or SOURCE has no images at all, the run is recorded in
+    decides, `OutputStore.current_commit`) and OUTPUT holds no other, or SOURCE has no images at all, the run is recorded in
     OUTPUT/_runs/ and its record returned, with `record` its URI, as the segmentation flow
     returns it. None as soon as one
     shard needs work: the run itself then starts and does it (a listing that stops at the first
@@ -494,12 +505,16 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
             return None  # nothing was ever committed there, and SOURCE has a shard: all of it is work
         run = run_info(config, source.url, new_run_id(), model_meta(config))
         skipped = errors_kept = 0
+        listed: set[str] = set()
         for shard in shards:
             commit = store.current_commit(shard, run, redo_errors=config.redo_errors)
             if commit is None:
                 return None
             skipped += 1
             errors_kept += commit.get("errors", 0)
+            listed.add(shard.shard_id)
+        if store.committed_shards() - listed:
+            return None  # shards SOURCE no longer has: the run removes them (`OutputStore.remove_vanished_shards`)
     except (StorageUnavailableError, OSError) as err:
         raise RunError(f"storage unavailable: {type(err).__name__}: {err}") from err
     finally:

@@ -141,6 +141,10 @@ class SourceFile:
     key: str
     size: int
     version: str
+    # a raster's (`is_raster_key`) only: the image of its stem whose mask is the PNG this
+    # raster's would be if it is not georeferenced (a quick-look a.jpg beside a.tif), which
+    # it then must not overwrite (`run.plan_shard`); not part of the manifest
+    png_mask_taken_by: str | None = None
 
 
 def is_image_key(key: str) -> bool:
@@ -165,13 +169,15 @@ def _version(info: dict[str, Any]) -> str:
 def _s3_entries(fs: AbstractFileSystem, path: str) -> Iterator[dict[str, Any]]:
     """One directory level of an S3 prefix, a page of 1000 keys at a time; each page request
     is retried on its own (its continuation token asks for the same page again)."""
-    bucket, key, _ = fs.split_path(path)
+    # the path as it is: a key may hold an empty segment (a//b.jpg), which split_path would drop
+    bucket, _, key = path.partition("/")
     prefix = f"{key}/" if key else ""
     request: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": _S3_PAGE}
     while True:
         page = retry_io(f"listing s3://{bucket}/{prefix}", fsspec.asyn.sync, fs.loop, fs._call_s3, "list_objects_v2", **request)
         for common in page.get("CommonPrefixes", []):
-            yield {"name": f"{bucket}/{common['Prefix'].rstrip('/')}", "type": "directory", "size": 0}
+            # only the delimiter off: the prefix a// is the folder "a/", not "a" again
+            yield {"name": f"{bucket}/{common['Prefix'][:-1]}", "type": "directory", "size": 0}
         for item in page.get("Contents", []):
             yield {"name": f"{bucket}/{item['Key']}", "type": "file", "size": item["Size"], "ETag": item.get("ETag")}
         if not page.get("IsTruncated"):
@@ -190,7 +196,11 @@ def _entries(fs: AbstractFileSystem, path: str) -> Iterator[dict[str, Any]]:
         return
     entries = retry_io(f"listing {path}", fs.ls, path, detail=True)
     fs.invalidate_cache(path)  # listings cache would otherwise grow with the archive
-    yield from sorted(entries, key=lambda entry: entry["name"])
+    # as S3's: sub-directories named without a trailing slash, and not the directory itself
+    # (some filesystems list it in it)
+    folders = [entry | {"name": entry["name"].rstrip("/")} for entry in entries if entry.get("type") == "directory"]
+    files = [entry for entry in entries if entry.get("type") != "directory"]
+    yield from sorted([*(f for f in folders if f["name"] != path.rstrip("/")), *files], key=lambda entry: entry["name"])
 
 
 def iter_files(location: Location) -> Iterator[tuple[str, SourceFile]]:
@@ -204,12 +214,11 @@ def iter_files(location: Location) -> Iterator[tuple[str, SourceFile]]:
         subdirs = []
         directory = path[prefix:] if len(path) > len(location.root) else ""
         for entry in _entries(location.fs, path):
-            name = entry["name"].rstrip("/")
+            name = entry["name"]
             if entry.get("type") == "directory":
-                if name != path:
-                    subdirs.append(name)
+                subdirs.append(name)
                 continue
-            if entry["name"].endswith("/"):
+            if name.endswith("/"):
                 continue  # a zero-byte "folder marker" object
             yield directory, SourceFile(key=name[prefix:], size=int(entry.get("size") or 0), version=_version(entry))
         pending.extend(sorted(subdirs, reverse=True))
@@ -254,8 +263,11 @@ def iter_shards(
 
     "directory": one shard per directory (its images only), split into chunks of `shard_size`
     when bigger. "count": chunks of `shard_size` images in listing order, across directories.
-    A shard's id derives from its directory and chunk index, so the same listing always gives
-    the same shards. Keys that are not images are counted in `counts` and skipped.
+    A chunk is not cut between two keys of one directory whose names agree up to their first
+    dot, unless it reached twice `shard_size`: so the images of one stem (a.jpg, a.png, a.tif,
+    whose masks may share a path) are planned together (`run.plan_shard`). A shard's id
+    derives from its directory and chunk index, so the same listing always gives the same
+    shards. Keys that are not images are counted in `counts` and skipped.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -264,6 +276,7 @@ def iter_shards(
     counts = counts if counts is not None else ListingCounts()
     batch: list[SourceFile] = []
     group, index = "", 0
+    stems: tuple[str, str] | None = None
     for directory, file in iter_files(location):
         if not is_image_key(file.key):
             counts.skipped += 1
@@ -271,7 +284,10 @@ def iter_shards(
             continue
         counts.images += 1
         key = directory if shard_by == "directory" else ""
-        if batch and (key != group or len(batch) == shard_size):
+        # in name order, every key of a stem lies among those that agree with it up to the first dot
+        last_stems, stems = stems, (directory, posixpath.basename(file.key).split(".", 1)[0])
+        full = len(batch) >= shard_size and (stems != last_stems or len(batch) >= 2 * shard_size)
+        if batch and (key != group or full):
             yield Shard(shard_id(shard_by, group, index), tuple(batch))
             index = index + 1 if key == group else 0
             batch = []

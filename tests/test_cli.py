@@ -441,11 +441,26 @@ def _raised_inside_ray_by_sigterm() -> SystemError:
         return err
 
 
+def _prefects_termination_inside_ray() -> SystemError:
+    """The same, where Prefect's flow engine raised its TerminationSignal in place of the SystemExit."""
+    from prefect.exceptions import TerminationSignal
+
+    try:
+        try:
+            raise TerminationSignal(signal.SIGTERM)
+        except TerminationSignal as stopped:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set") from stopped
+    except SystemError as err:
+        return err
+
+
 @pytest.mark.parametrize(("argv", "raised", "code", "after"), [
     (["train", "imgs", "labels", "model.pt", "--model", "unet", "--num-classes", "3"], KeyboardInterrupt(), 130,
      "the finished epochs' checkpoints are kept; --resume the last one"),
     (["evaluate", "masks", "gt", "report", "--num-classes", "3"], _raised_inside_ray_by_sigterm(), 143,
      "its report is written at the end; run the same command again"),
+    (["segment", "src", "out"], _prefects_termination_inside_ray(), 143,
+     "what was committed is kept; run the same command again to go on"),
 ])
 def test_each_command_stopped_by_a_signal_says_what_it_leaves(monkeypatch, capsys, argv, raised, code, after) -> None:
     import flows.cli

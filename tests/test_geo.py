@@ -98,6 +98,18 @@ def test_confidence_cog_without_palette_or_nodata(tmp_path: Path) -> None:
         np.testing.assert_array_equal(src.read(1), confidence)
 
 
+@pytest.mark.parametrize(("width", "height", "overviews"), [(1, 700, []), (700, 1, [2]), (2, 1100, [2, 2]), (1, 1, [])])
+def test_masks_one_pixel_across_are_valid_cogs(tmp_path: Path, width: int, height: int, overviews: list[int]) -> None:
+    """A column of pixels gets no overviews: GDAL's would keep its width, a decimation of 1
+    that rio-cogeo's validator refuses; a row, or two columns, halve as any raster does."""
+    path = tmp_path / "mask.tif"
+    with MaskWriter(path, width=width, height=height, crs=UTM16N, transform=TRANSFORM, nodata=NODATA) as writer:
+        writer.write(Window(0, 0, width, height), np.zeros((height, width), np.uint8))
+    assert cog_validate(str(path))[:2] == (True, [])  # valid; for 1 x 700 it warns that overviews are missing
+    with rasterio.open(path) as src:
+        assert (src.width, src.height, src.overviews(1)) == (width, height, overviews)
+
+
 def test_mask_writer_refuses_bad_blocks_and_cleans_up(tmp_path: Path) -> None:
     path = tmp_path / "mask.tif"
     pixels = from_origin(0, 64, 1, 1)  # no CRS: a plain pixel grid

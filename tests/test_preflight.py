@@ -27,6 +27,7 @@ from pipeline.preflight import (
     PreflightError,
     check_evaluate,
     check_segment,
+    check_serve,
     check_train,
     hub_cache_path,
     read_checkpoint,
@@ -392,3 +393,26 @@ def test_serve_checks_the_folder_that_holds_the_nights() -> None:
     assert undated_folder("/{date}/") == "/"
     assert undated_folder("date={date}/") == "."
     assert undated_folder("s3://cams/all/") == "s3://cams/all/"  # no {date}: the URL itself
+
+
+def test_an_output_in_its_source_is_refused(source, tmp_path, monkeypatch) -> None:
+    """Every run would list the masks the one before wrote as images: OUTPUT equal to SOURCE,
+    or inside it (also as a relative path, and for serve's {date} folders), is one line."""
+    untrained = ["--weights", "none", "--num-classes", "2"]
+    _refused(["segment", str(source), str(source / "out"), *untrained], f"OUTPUT {source / 'out'} is inside SOURCE")
+    _refused(["segment", f"{source}/", str(source), *untrained], f"OUTPUT {source} is SOURCE")
+    monkeypatch.chdir(tmp_path)
+    _refused(["segment", "src", "src/night/out", *untrained], "OUTPUT src/night/out is inside SOURCE src")
+    with pytest.raises(PreflightError, match=r"OUTPUT .*/\{date\}/out is inside SOURCE"):
+        check_serve(SegmentConfig(source=f"{source}/{{date}}", output=f"{source}/{{date}}/out", weights="none",
+                                  num_classes=2))
+    assert not (source / "out").exists() and sorted(p.name for p in source.iterdir()) == ["a.png"]
+    # beside it, or a folder whose name only begins like it, is fine
+    check_segment(SegmentConfig(source=str(source), output=f"{source}-out", weights="none", num_classes=2))
+
+
+def test_a_misspelled_storage_option_is_one_line(s3_bucket) -> None:
+    bucket, options = s3_bucket
+    with pytest.raises(PreflightError, match=r"^--storage-options: SOURCE .* cannot be opened with them: .*'ky'"):
+        check_segment(SegmentConfig(source=f"{bucket}/in", output=f"{bucket}/out", weights="none", num_classes=2,
+                                    storage_options={**options, "ky": "typo"}))

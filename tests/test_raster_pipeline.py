@@ -423,3 +423,52 @@ def test_the_readmes_notebook_example_segments_a_raster_as_written(tmp_path, mon
     assert record.stats.area.sum() == pytest.approx(300 * 400 * 0.25)  # every pixel, in m²
     assert polygons.crs.to_epsg() == 32633 and (polygons.area >= 20.0).all()
     assert set(polygons.class_id) <= set(record.stats.class_id.tolist())
+
+
+def test_a_raster_and_an_image_of_one_stem_each_get_their_own_mask(ray_cpu, tmp_path):
+    """Masks are masks/<stem>.png for images and masks/<stem>.tif for georeferenced rasters: a
+    GeoTIFF beside its quick-look JPEG gets both masks. A TIFF that turns out not georeferenced
+    would write the JPEG's PNG, and is refused once read, whichever is listed first; two
+    rasters of one stem keep the first. Shards of one file each still plan a stem together."""
+    from pipeline.runtime.driver import run_segmentation
+    from pipeline.samples import synthetic_scene
+
+    source = tmp_path / "survey"
+    source.mkdir()
+
+    def tiff(name: str, height: int, width: int, *, georeferenced: bool = True) -> None:
+        place = {"crs": "EPSG:32633", "transform": from_origin(500000, 5000000, 0.3, 0.3)} if georeferenced else {}
+        with rasterio.open(source / name, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8",
+                           **place) as dst:
+            dst.write(np.moveaxis(synthetic_scene(height, width, len(name))[0], -1, 0))
+
+    def jpeg(name: str, height: int, width: int) -> None:
+        Image.fromarray(synthetic_scene(height, width, 1)[0]).save(source / name)
+
+    tiff("tile.tif", 120, 160)
+    jpeg("tile.jpg", 30, 40)  # its quick-look
+    tiff("plain.TIF", 30, 50, georeferenced=False)  # listed before plain.jpg ('T' < 'j')
+    jpeg("plain.jpg", 40, 60)
+    tiff("twin.tif", 64, 64)
+    tiff("twin.tiff", 64, 64)
+    config = SegmentConfig(precision="fp32", source=str(source), output=str(tmp_path / "out"), model=MODEL,
+                           weights=None, num_classes=CLASSES, crf=False, shard_by="count", shard_size=1)
+    summary = run_segmentation(config)
+    assert (summary.images, summary.errors, summary.shards_committed) == (6, 2, 3)
+    rows = {key: (status, error_type, error, mask) for key, status, error_type, error, mask in duckdb.sql(
+        f"select image_id, status, error_type, error, mask_uri from read_parquet('{tmp_path}/out/images/**/*.parquet')"
+    ).fetchall()}
+    assert {key: row[:2] for key, row in rows.items()} == {
+        "tile.tif": ("ok", None), "tile.jpg": ("ok", None), "plain.jpg": ("ok", None), "twin.tif": ("ok", None),
+        "plain.TIF": ("error", "mask_collision"), "twin.tiff": ("error", "mask_collision")}
+    assert rows["plain.TIF"][2] == ("it is not a georeferenced raster, so its mask masks/plain.png would overwrite the "
+                                    "mask of plain.jpg; rename one of them")
+    assert rows["twin.tiff"][2] == ("its mask masks/twin.tif (masks/twin.png if it is not georeferenced) would overwrite "
+                                    "the mask of twin.tif; rename one of them")
+    out = tmp_path / "out" / "masks"
+    assert rows["tile.tif"][3].endswith("masks/tile.tif") and rows["tile.jpg"][3].endswith("masks/tile.png")
+    with rasterio.open(out / "tile.tif") as mask:
+        assert (mask.crs.to_epsg(), mask.height, mask.width) == (32633, 120, 160)
+    assert Image.open(out / "tile.png").size == (40, 30)
+    assert Image.open(out / "plain.png").size == (60, 40)  # the JPEG's, not the TIFF's 50 x 30
+    assert sorted(p.name for p in out.iterdir()) == ["plain.png", "tile.png", "tile.tif", "twin.tif"]

@@ -330,6 +330,8 @@ def test_errors_are_named(tmp_path: Path, shared_data: Path) -> None:
     with pytest.raises(ImageDecodeError, match="cannot read window") as caught, open_raster(location, "truncated.tif") as ds:
         read_rgb(ds, Window(0, 800, 900, 100), (1, 1, 1), np.array([[0, 1000]] * 3))
     assert caught.value.reason == "corrupt"
+    # GDAL's reason, not rasterio's "Read failed. See previous exception for details."
+    assert "previous exception" not in str(caught.value) and "IReadBlock failed" in str(caught.value)
 
 
 class Dropping:

@@ -111,6 +111,44 @@ def _local_source(tmp_path, count: int, per_dir: int = 4):
     return str(tmp_path / "src"), str(tmp_path / "out")
 
 
+def test_images_that_move_to_another_shard_keep_their_masks_and_vanished_shards_go(ray_cpu, tmp_path):
+    """One folder of 12 images in shards of 5: 5, 5 and 2. Three deleted at its start move
+    the others up a shard (the third one is gone); three added there move them back. Each
+    time every image has one row in each table and its mask, and the masks of deleted images
+    go. A shard that SOURCE no longer has at all is not "nothing to do": the run removes it."""
+    from pipeline.run import up_to_date
+
+    source, output = _local_source(tmp_path, 12, per_dir=12)
+    config = SegmentConfig(source=source, output=output, crf=False, shard_size=5, **MODEL)
+
+    def check(expected: list[str]) -> None:
+        con = _duckdb()
+        for table in ("images", "class_stats", "manifest"):
+            rows = con.sql(f"select distinct image_id, shard_id from read_parquet('{output}/{table}/**/*.parquet')").fetchall()
+            assert sorted(key for key, _ in rows) == expected, table  # once each, in one shard
+        masks = sorted(str(p.relative_to(Path(output, "masks"))) for p in Path(output, "masks").rglob("*.png"))
+        assert masks == [key.replace(".jpg", ".png") for key in expected]
+        assert len(list(Path(output, "_commits").iterdir())) == -(-len(expected) // 5)
+
+    assert run_segmentation(config).shards_committed == 3
+    check([f"d0/{i:03d}.jpg" for i in range(12)])
+    for i in range(3):
+        Path(source, f"d0/{i:03d}.jpg").unlink()
+    run_segmentation(config)
+    check([f"d0/{i:03d}.jpg" for i in range(3, 12)])
+    for i in range(3):
+        Path(source, f"d0/000{i}.jpg").write_bytes(_jpeg(100 + i, 24, 24))
+    run_segmentation(config)
+    check(sorted([f"d0/000{i}.jpg" for i in range(3)] + [f"d0/{i:03d}.jpg" for i in range(3, 12)]))
+    for i in range(10, 12):  # the third shard's two images: the first two shards are as they were
+        Path(source, f"d0/{i:03d}.jpg").unlink()
+    assert up_to_date(config) is None
+    summary = run_segmentation(config)
+    assert (summary.shards_skipped, summary.shards_committed) == (2, 0)
+    check(sorted([f"d0/000{i}.jpg" for i in range(3)] + [f"d0/{i:03d}.jpg" for i in range(3, 10)]))
+    assert up_to_date(config)["shards_skipped"] == 2
+
+
 def test_an_actor_killed_mid_run_loses_and_duplicates_nothing(ray_cpu, tmp_path):
     source, output = _local_source(tmp_path, 10)
     config = SegmentConfig(source=source, output=output, batch_size=1, crf=False, **MODEL)

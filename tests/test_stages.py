@@ -117,6 +117,20 @@ def test_plan_shard_refuses_collisions_and_unsafe_keys():
     assert "a.jpg" in next(r.error for r in refused if r.key == "a.png")
 
 
+def test_plan_shard_gives_a_raster_and_an_image_of_one_stem_a_mask_each():
+    """An image keeps masks/<stem>.png; a raster of the stem is segmented (its mask .tif if it
+    is georeferenced), and carries the image that keeps the PNG, for when it is not; a second
+    raster of the stem is refused."""
+    files = [SourceFile(k, 1, "v") for k in ["a.TIF", "a.jpg", "a.png", "a.tiff", "b.tif"]]
+    todo, refused = plan_shard(files)
+    assert [(f.key, f.png_mask_taken_by) for f in todo] == [("a.TIF", "a.jpg"), ("a.jpg", None), ("b.tif", None)]
+    assert {r.key: r.error for r in refused} == {
+        "a.png": "its mask masks/a.png would overwrite the mask of a.jpg; rename one of them",
+        "a.tiff": "its mask masks/a.tif (masks/a.png if it is not georeferenced) would overwrite the mask of a.TIF; "
+                  "rename one of them"}
+    assert todo[0].size == 1 and todo[0].version == "v"  # the manifest's fields, unchanged
+
+
 def test_keys_differing_in_case_collide_only_where_the_output_folds_case(tmp_path):
     files = [SourceFile(k, 1, "v") for k in ["Cam/A.jpg", "cam/a.JPG", "b.jpg"]]
     todo, refused = plan_shard(files)

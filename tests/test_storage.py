@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import s3fs
 
+from pipeline.run import plan_shard
 from pipeline.storage import (
     ListingCounts,
     StorageUnavailableError,
@@ -43,6 +44,21 @@ def _fill_s3(bucket, options):
     for key in KEYS:
         fs.pipe_file(f"{bucket[5:]}/archive/{key}", key.encode())
     return open_location(f"{bucket}/archive/", options)
+
+
+def test_s3_keys_with_an_empty_segment_are_listed(s3_bucket):
+    """S3 allows a//b.jpg: listed, such a key becomes an unsafe_key row (`mask_key` refuses it),
+    rather than vanishing from the run without a row."""
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    keys = ["n6//double.jpg", "n6/d//c.jpg", "n6/ok.jpg", "n6///triple.jpg"]
+    for key in keys:
+        fs.pipe_file(f"{bucket[5:]}/{key}", b"x")
+    files = [f for _, f in iter_files(open_location(bucket, options))]
+    assert sorted(f.key for f in files) == sorted(keys)
+    todo, refused = plan_shard(files)
+    assert [f.key for f in todo] == ["n6/ok.jpg"]
+    assert sorted((r.key, r.error_type) for r in refused) == sorted((k, "unsafe_key") for k in keys if "//" in k)
 
 
 def test_image_keys_by_extension_in_any_case():
@@ -81,6 +97,21 @@ def test_count_shards_cross_directories(tmp_path):
     shards = list(iter_shards(_fill_local(tmp_path), shard_by="count", shard_size=4))
     assert [len(s.files) for s in shards] == [4, 4, 1]
     assert shards[0].files[1].key == "2026-11-19/top.webp"
+
+
+@pytest.mark.parametrize("shard_by", ["directory", "count"])
+def test_a_chunk_is_not_cut_between_the_keys_of_one_stem(shard_by, tmp_path):
+    """a.jpg, a.png and a.tif may share a mask path, so they are planned in one shard; so is
+    what lies between them in name order (a.b.jpg). A run of names agreeing up to the first
+    dot longer than twice the shard's size is cut there, so shards stay bounded."""
+    names = ["a.b.jpg", "a.jpg", "a.png", "a.tif", "b.jpg", "c.jpg"] + [f"frame.{i}.jpg" for i in range(5)]
+    for name in names:
+        (tmp_path / "cam" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "cam" / name).write_bytes(b"x")
+    shards = [[f.key.removeprefix("cam/") for f in s.files]
+              for s in iter_shards(open_location(str(tmp_path)), shard_by=shard_by, shard_size=2)]
+    assert shards == [["a.b.jpg", "a.jpg", "a.png", "a.tif"], ["b.jpg", "c.jpg"],
+                      ["frame.0.jpg", "frame.1.jpg", "frame.2.jpg", "frame.3.jpg"], ["frame.4.jpg"]]
 
 
 def test_manifest_digest_changes_when_a_file_changes(tmp_path):

@@ -27,7 +27,9 @@ def connect_ray(address: str | None, *, training: bool = False) -> tuple[bool, s
         # only for training: the hook costs every worker an import, about 0.8 s of a segment
         # run's start here
         hook = {"worker_process_setup_hook": f"{__name__}.quiet_placement_group_cleaner"} if training else None
-        ray.init(address=wanted, include_dashboard=False, logging_level=logging.WARNING, runtime_env=hook)
+        # "local", not None: given no address, Ray joins the newest cluster started on this
+        # machine (`ray start`, another program's), which the summary would call this run's own
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, runtime_env=hook)
         return True, "a local Ray started for this run"
     ray.init(address=address, logging_level=logging.WARNING)
     return True, f"the Ray cluster at {ray.get_runtime_context().gcs_address}"

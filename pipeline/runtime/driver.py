@@ -96,9 +96,11 @@ class _Run:
         self.pixels_by_class: Counter[str] = Counter()
         self.retried = 0
         self.errors_kept = 0  # error rows of the shards skipped as up to date
+        self.listed: set[str] = set()  # the ids of the listing's shards, up to date or not
 
     def process(self, listing: Prefetched[Shard], counts: ListingCounts) -> None:
         while (shard := self._next_shard(listing, counts)) is not None:
+            self.listed.add(shard.shard_id)
             if (commit := self.store.current_commit(shard, self.run, redo_errors=self.config.redo_errors)) is not None:
                 self.progress.shards_skipped += 1
                 self.errors_kept += commit.get("errors", 0)
@@ -292,7 +294,9 @@ def run_segmentation(
         loop = _Run(config, source, store, replicas, run, meta["palette"], on_progress)
         try:
             loop.process(shards, counts)
-        except (StorageUnavailableError, OSError) as err:  # listing, or reading commit markers
+            # the listing is complete and every shard of it committed: what else is committed is gone from SOURCE
+            store.remove_vanished_shards(loop.listed)
+        except (StorageUnavailableError, OSError) as err:  # listing, commit markers, or removing vanished shards
             raise RunError(f"storage unavailable: {type(err).__name__}: {err}; committed shards are kept, "
                            "run again to resume") from err
         # every shard is committed and no batch is in flight: nothing will move what is left staged
