@@ -17,8 +17,9 @@ def every(number: int, noun: str, plural: str | None = None) -> str:
 
 def per_second(rate: float) -> str:
     """A rate as people read it: one decimal from 1 up, two significant digits below, so
-    that a slow run (one large raster in half a minute) shows 0.033, not 0.0."""
-    return f"{rate:.1f}" if rate >= 1 or rate == 0 else f"{rate:.2g}"
+    that a slow run (one large raster in half a minute) shows 0.033, not 0.0; from 0.95, which
+    two significant digits round to 1, "1.0" as above it."""
+    return f"{rate:.1f}" if rate >= 0.95 or rate == 0 else f"{rate:.2g}"
 
 
 def verb_for(number: int, singular: str, plural: str) -> str:

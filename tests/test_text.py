@@ -23,4 +23,5 @@ def test_verbs_agree_with_the_count():
 
 def test_slow_rates_keep_two_significant_digits():
     """One large raster in half a minute is 0.033 images/s, not 0.0."""
-    assert [per_second(r) for r in (0.0, 1 / 30, 0.5, 1.0, 12.345, 250.0)] == ["0.0", "0.033", "0.5", "1.0", "12.3", "250.0"]
+    assert [per_second(r) for r in (0.0, 1 / 30, 0.5, 0.94, 0.999, 1.0, 12.345, 250.0)] == [
+        "0.0", "0.033", "0.5", "0.94", "1.0", "1.0", "12.3", "250.0"]  # never "1" beside "1.0"
