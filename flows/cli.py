@@ -513,7 +513,9 @@ def _interrupting_signal(err: BaseException) -> signal.Signals | None:
     for link in error_chain(err):
         if isinstance(link, KeyboardInterrupt):
             return signal.SIGINT
-        if (isinstance(link, SystemExit) and link.code == signal.SIGTERM) or getattr(link, "signal", None) == signal.SIGTERM:
+        if isinstance(link, SystemExit) and link.code == signal.SIGTERM:
+            return signal.SIGTERM
+        if getattr(link, "signal", None) == signal.SIGTERM:  # TerminationSignal, not imported: Prefect may not be
             return signal.SIGTERM
     return None
 

@@ -67,6 +67,7 @@ def summarise(summary: RunSummary, record_uri: str, polygons: bool = False, conf
         {"metric": "images/s", "value": round(summary.images_per_second, 2)},
         {"metric": "shards committed", "value": summary.shards_committed},
         {"metric": "shards already up to date", "value": summary.shards_skipped},
+        {"metric": "shards removed (SOURCE no longer has them)", "value": summary.shards_removed},
         {"metric": "error rows kept in shards already up to date (--redo-errors retries them)",
          "value": summary.errors_kept},
         {"metric": "keys that are not images", "value": summary.non_image_keys},

@@ -48,17 +48,15 @@ def read_and_decode(
                 records.append(record)  # its blocks are read beside the model (RasterStage)
                 record.seconds.decode = time.perf_counter() - start
                 continue
-            if file.png_mask_taken_by is not None:  # its mask would be a PNG, and that one is taken
-                record.fail("mask_collision", f"it is not a georeferenced raster, so its mask {mask_key(file.key)} would "
-                                              f"overwrite the mask of {file.png_mask_taken_by}; rename one of them")
-                records.append(record)
-                continue
             data = read_bytes(source, file.key)
             if data is None:
                 raise FileNotFoundError(source.uri(file.key))
             decoded = decode(data, max_pixels=max_pixels, time_limit_s=time_limit_s, hard_stop=hard_stop,
                              jpeg_on_device=jpeg_on_device)
-            if isinstance(decoded, DeviceJpeg):
+            if file.png_mask_taken_by is not None:  # a raster that is a plain image: its mask would be a taken PNG
+                record.fail("mask_collision", f"it is not a georeferenced raster, so its mask {mask_key(file.key)} would "
+                                              f"overwrite the mask of {file.png_mask_taken_by}; rename one of them")
+            elif isinstance(decoded, DeviceJpeg):
                 record.encoded, record.height, record.width = decoded.data, decoded.height, decoded.width
             else:
                 record.image = decoded

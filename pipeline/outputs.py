@@ -51,7 +51,10 @@ from .storage import (
     Shard,
     ShardBy,
     StorageUnavailableError,
+    files_named_like,
     is_case_insensitive,
+    is_image_key,
+    is_raster_key,
     last_modified,
     list_files,
     list_folders,
@@ -62,6 +65,7 @@ from .storage import (
     retry_io,
     write_atomic,
 )
+from .text import counted
 
 log = logging.getLogger(__name__)
 
@@ -257,20 +261,32 @@ class OutputStore:
         write_atomic(self.location, f"_commits/{shard.shard_id}.json", json.dumps(marker, indent=2).encode())
         if previous_keys:
             self._remove_stale_masks(previous_keys | {r.key for r in ordered}, ordered)
+        elif self.source is not None:
+            # a shard new here may hold images that moved in from another (a folder's chunks
+            # shifted): their masks are its to remove where they fail now or may change kind
+            self._remove_stale_masks({r.key for r in ordered if not r.ok or is_raster_key(r.key)}, ordered)
 
-    def committed_shards(self) -> set[str]:
-        """The ids of the shards with a commit marker here."""
-        return {name.removesuffix(".json") for name in list_files(self.location, "_commits") if name.endswith(".json")}
+    def stored_shards(self) -> set[str]:
+        """The ids of the shards stored here: committed (a marker), or with tables written by
+        a run stopped before it committed them."""
+        committed = {name.removesuffix(".json") for name in list_files(self.location, "_commits") if name.endswith(".json")}
+        tables = {name.removeprefix("shard=") for name in list_folders(self.location, "manifest") if name.startswith("shard=")}
+        return committed | tables
 
     def remove_vanished_shards(self, listed: set[str]) -> list[str]:
-        """Remove the shards committed here that SOURCE's listing, complete and just made
-        (`listed`, the ids of all its shards), no longer has: a directory deleted at the
-        source, or one whose images now fill fewer chunks of --shard-size. Their rows (images,
+        """Remove the shards stored here that SOURCE's listing, complete and just made
+        (`listed`, the ids of all its shards), no longer has: a folder deleted at the source,
+        or one whose images now fill fewer chunks of --shard-size. Their rows (images,
         class_stats, manifest, polygons) would otherwise stay beside the shards that now hold
         their images, and the masks of images deleted at the source would outlive them. The
-        marker goes last, so a run stopped halfway leaves it for the next one to finish. The
-        ids of the shards removed."""
-        vanished = sorted(self.committed_shards() - listed)
+        marker goes last, so a run stopped halfway leaves it for the next one to finish. A
+        SOURCE that lists no image at all while shards are stored here is refused, not
+        emptied: more likely a volume not mounted, or a prefix emptied by mistake. The ids of
+        the shards removed."""
+        vanished = sorted(self.stored_shards() - listed)
+        if vanished and not listed:
+            raise RunError(f"SOURCE lists no images, but {self.location.url} holds {counted(len(vanished), 'shard')} of it; "
+                           "nothing was removed: if SOURCE is right and its images were deleted, delete OUTPUT")
         for shard_id in vanished:
             keys = self._manifest_keys(shard_id)
             self._remove_stale_masks(keys, [])
@@ -279,8 +295,8 @@ class OutputStore:
             with contextlib.suppress(FileNotFoundError):
                 retry_io(self.location.uri(f"_commits/{shard_id}.json"), self.location.fs.rm_file,
                          self.location.path(f"_commits/{shard_id}.json"))
-            log.info("removed shard %s: SOURCE no longer has it (its %d images were deleted, or are in other shards now)",
-                     shard_id, len(keys))
+            log.warning("removed shard %s, which SOURCE no longer has: its %s were deleted there or are in other "
+                        "shards now", shard_id, counted(len(keys), "image"))
         return vanished
 
     def _write_polygons(self, shard_id: str, records: Sequence[ImageRecord], *, reprocessed: bool) -> None:
@@ -380,24 +396,34 @@ class OutputStore:
         return set(pq.read_table(io.BytesIO(data), columns=["image_id"]).column("image_id").to_pylist())
 
     def _remove_stale_masks(self, keys: set[str], records: Sequence[ImageRecord]) -> None:
-        """Delete the masks (and confidence masks) of images that left the shard deleted at the
-        source, fail now, or changed kind (a TIFF that gained a CRS has a .tif mask now), so no
-        mask outlives its row. An image that left the shard but is still in SOURCE moved to
-        another shard, which writes its mask: that one stays."""
+        """Delete the mask paths (masks/ and confidence/, .png and .tif) of `keys` that no
+        record of `records` (the shard's) wrote, so that no mask outlives its row: of images
+        that fail now, changed kind (a TIFF that gained a CRS has a .tif mask now), or left
+        the shard deleted at the source. A key that left the shard is left alone while SOURCE
+        holds an image of its stem: itself, moved to another shard, or one beside it (a.tif
+        beside a deleted a.jpg), whose shard owns the stem's masks (`iter_shards` keeps a
+        stem's keys in one shard)."""
         written = {k for r in records for k in (r.mask_key, r.confidence_key) if k}
         current = {r.key for r in records}
         for key in keys:
-            if key not in current and self.source is not None and retry_io(
-                    self.source.uri(key), self.source.fs.exists, self.source.path(key)):
-                continue
             try:
                 candidates = [make(key, extension) for make in (mask_key, confidence_key_for) for extension in (".png", ".tif")]
-            except ValueError:
+            except ValueError:  # an unsafe key never had a mask
+                continue
+            if key not in current and self._stem_in_source(key):
                 continue
             for candidate in candidates:
                 if candidate not in written:
                     with contextlib.suppress(FileNotFoundError):
                         retry_io(self.location.uri(candidate), self.location.fs.rm_file, self.location.path(candidate))
+
+    def _stem_in_source(self, key: str) -> bool:
+        """Whether SOURCE holds an image whose masks are `key`'s (the same key but for its
+        extension); False without a SOURCE."""
+        if self.source is None:
+            return False
+        stem = posixpath.splitext(key)[0]
+        return any(is_image_key(k) and posixpath.splitext(k)[0] == stem for k in files_named_like(self.source, stem + "."))
 
     def _manifest_table(self, shard: Shard) -> pa.Table:
         return pa.Table.from_pylist(
@@ -457,23 +483,30 @@ def _run_started(run_id: str) -> dt.datetime | None:
 def class_names_of_masks(url: str, storage_options: dict[str, Any] | None = None) -> tuple[str, ...] | None:
     """The class names, in id order, of the masks under `url` when it is the masks/ folder of
     a segpipe OUTPUT: those of the newest run recorded there (`RunSummary.class_names`), the
-    model whose ids the masks hold. None for any other folder, and for an OUTPUT whose runs
-    were recorded without them (before segpipe recorded them)."""
+    model whose ids the masks hold. None for any other folder, for an OUTPUT whose runs were
+    recorded without them (before segpipe recorded them), and where OUTPUT's records cannot
+    be read (logged): the names are a convenience, never a reason to fail an evaluation."""
     head, _, last = url.rstrip("/").rpartition("/")
-    if last != mask_key("x").partition("/")[0] or not head:
+    if last != mask_key("x").partition("/")[0]:
         return None
-    output = open_location(head, storage_options)
-    if read_bytes(output, "_segpipe.json") is None:
-        return None
-    # run ids begin with their start (20261122T040000Z-...): the newest record is the last
-    for name in reversed(list_files(output, posixpath.dirname(run_record_key("x")))):
-        if name.endswith(".json") and _run_started(name.removesuffix(".json")) is not None:
+    try:
+        output = open_location(head or ".", storage_options)
+        if read_bytes(output, "_segpipe.json") is None:
+            return None
+        # run ids begin with their start (20261122T040000Z-...): the newest record is the last
+        for name in reversed(list_files(output, posixpath.dirname(run_record_key("x")))):
+            run_id = name.removesuffix(".json")
+            if not name.endswith(".json") or _run_started(run_id) is None:
+                continue
             try:
-                record = json.loads(read_bytes(output, run_record_key(name.removesuffix(".json"))) or b"{}")
+                record = json.loads(read_bytes(output, run_record_key(run_id)) or b"{}")
             except ValueError:  # not a record segpipe wrote whole: the run before it may name them
                 continue
             if isinstance(record, dict) and record.get("class_names"):
                 return tuple(record["class_names"])
+    except (OSError, StorageUnavailableError) as err:
+        log.warning("cannot read the run records beside %s (%s: %s); its classes are named class_<id>",
+                    url, type(err).__name__, err)
     return None
 
 

@@ -461,6 +461,8 @@ class RunSummary:
     # error rows in the shards skipped as up to date: a changed setting outside the results'
     # fingerprint (--max-raster-pixels) does not make them work; --redo-errors does
     errors_kept: int = 0
+    # shards OUTPUT held that SOURCE no longer has, removed (`OutputStore.remove_vanished_shards`)
+    shards_removed: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -513,7 +515,7 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
             skipped += 1
             errors_kept += commit.get("errors", 0)
             listed.add(shard.shard_id)
-        if store.committed_shards() - listed:
+        if store.stored_shards() - listed:
             return None  # shards SOURCE no longer has: the run removes them (`OutputStore.remove_vanished_shards`)
     except (StorageUnavailableError, OSError) as err:
         raise RunError(f"storage unavailable: {type(err).__name__}: {err}") from err
@@ -535,7 +537,8 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         skipped = s["shards_skipped"]
         what = (f"{every(skipped, 'shard')} of {s['source']} {verb_for(skipped, 'is', 'are')} already up to date "
                 f"in {s['output']}" if skipped else f"no images under {s['source']}")
-        return [f"nothing to do: {what} (run {s['run_id']}, record {s['record']})", *_errors_kept_lines(s)]
+        nothing = "nothing to segment" if s.get("shards_removed") else "nothing to do"
+        return [f"{nothing}: {what} (run {s['run_id']}, record {s['record']})", *_removed_lines(s), *_errors_kept_lines(s)]
     ok = s["images"] - s["errors"]
     lines = [
         f"run {s['run_id']}: {counted(s['images'], 'image')} segmented ({ok} ok, {counted(s['errors'], 'error')}) "
@@ -556,10 +559,19 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
                      "shape, in every run; --no-compile skips it, for a few images)")
     if s["retried_batches"]:
         lines.append(f"{counted(s['retried_batches'], 'batch', 'batches')} sent again after a worker failed")
-    lines += _errors_kept_lines(s)
+    lines += _removed_lines(s) + _errors_kept_lines(s)
     lines.append(f"outputs: {', '.join(s['output'] + '/' + folder for folder in s['folders'])} "
                  f"(run record {s['record']})")
     return lines
+
+
+def _removed_lines(s: dict[str, Any]) -> list[str]:
+    """The shards removed because SOURCE no longer has them."""
+    removed = s.get("shards_removed", 0)
+    if not removed:
+        return []
+    return [f"removed {counted(removed, 'shard')} that {s['source']} no longer has: "
+            "the rows of images deleted there or now in other shards, and the masks of those deleted"]
 
 
 def _errors_kept_lines(s: dict[str, Any]) -> list[str]:

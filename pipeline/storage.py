@@ -32,7 +32,7 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Literal
 
@@ -169,9 +169,16 @@ def _version(info: dict[str, Any]) -> str:
 def _s3_entries(fs: AbstractFileSystem, path: str) -> Iterator[dict[str, Any]]:
     """One directory level of an S3 prefix, a page of 1000 keys at a time; each page request
     is retried on its own (its continuation token asks for the same page again)."""
-    # the path as it is: a key may hold an empty segment (a//b.jpg), which split_path would drop
-    bucket, _, key = path.partition("/")
-    prefix = f"{key}/" if key else ""
+    # the folder's key sliced from the path as it is, trailing slash and all: a folder may have
+    # an empty name (the keys a//b.jpg and /c.jpg), which a normalised path would lose
+    bucket = fs.split_path(path)[0]
+    rest = path[len(bucket):]  # "" for the bucket itself, else "/" and the folder's key
+    yield from _s3_page_entries(fs, bucket, rest[1:] + "/" if rest else "")
+
+
+def _s3_page_entries(fs: AbstractFileSystem, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+    """The entries of one level under `prefix` (a folder's key and its slash, or the start of
+    names), a page at a time."""
     request: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": _S3_PAGE}
     while True:
         page = retry_io(f"listing s3://{bucket}/{prefix}", fsspec.asyn.sync, fs.loop, fs._call_s3, "list_objects_v2", **request)
@@ -216,7 +223,8 @@ def iter_files(location: Location) -> Iterator[tuple[str, SourceFile]]:
         for entry in _entries(location.fs, path):
             name = entry["name"]
             if entry.get("type") == "directory":
-                subdirs.append(name)
+                if name != path:  # never the folder again: the listing would not end
+                    subdirs.append(name)
                 continue
             if name.endswith("/"):
                 continue  # a zero-byte "folder marker" object
@@ -264,8 +272,9 @@ def iter_shards(
     "directory": one shard per directory (its images only), split into chunks of `shard_size`
     when bigger. "count": chunks of `shard_size` images in listing order, across directories.
     A chunk is not cut between two keys of one directory whose names agree up to their first
-    dot, unless it reached twice `shard_size`: so the images of one stem (a.jpg, a.png, a.tif,
-    whose masks may share a path) are planned together (`run.plan_shard`). A shard's id
+    dot, unless it reached twice `shard_size`, nor ever between two keys of one stem: so the
+    images of one stem (a.jpg, a.png, a.tif, whose masks may share a path) are planned
+    together (`run.plan_shard`). A shard's id
     derives from its directory and chunk index, so the same listing always gives the same
     shards. Keys that are not images are counted in `counts` and skipped.
     """
@@ -276,7 +285,7 @@ def iter_shards(
     counts = counts if counts is not None else ListingCounts()
     batch: list[SourceFile] = []
     group, index = "", 0
-    stems: tuple[str, str] | None = None
+    name_start: tuple[str, str] | None = None
     for directory, file in iter_files(location):
         if not is_image_key(file.key):
             counts.skipped += 1
@@ -284,9 +293,12 @@ def iter_shards(
             continue
         counts.images += 1
         key = directory if shard_by == "directory" else ""
-        # in name order, every key of a stem lies among those that agree with it up to the first dot
-        last_stems, stems = stems, (directory, posixpath.basename(file.key).split(".", 1)[0])
-        full = len(batch) >= shard_size and (stems != last_stems or len(batch) >= 2 * shard_size)
+        # in name order, the keys of one stem (a.jpg, a.png) lie among those that agree with
+        # them up to the first dot: a chunk is cut between two such runs, or within a run past
+        # twice the size (frame.0001.jpg, frame.0002.jpg, ...), but never between two keys of one stem
+        last, name_start = name_start, (directory, posixpath.basename(file.key).split(".", 1)[0])
+        same_stem = bool(batch) and posixpath.splitext(batch[-1].key)[0] == posixpath.splitext(file.key)[0]
+        full = len(batch) >= shard_size and not same_stem and (name_start != last or len(batch) >= 2 * shard_size)
         if batch and (key != group or full):
             yield Shard(shard_id(shard_by, group, index), tuple(batch))
             index = index + 1 if key == group else 0
@@ -368,6 +380,25 @@ def list_folders(location: Location, key: str) -> list[str]:
         return []
     names = (entry["name"].rstrip("/") for entry in entries if entry.get("type") == "directory")
     return sorted(posixpath.basename(name) for name in names if name != path)
+
+
+def files_named_like(location: Location, start: str) -> list[str]:
+    """The keys of the files that begin with `start` (a folder's key, a slash, and the start
+    of a name) within that folder, sorted: one request with that prefix on S3, the folder's
+    listing elsewhere."""
+    folder = start.rpartition("/")[0]
+    fs = location.fs
+    if _is_s3(fs):
+        bucket = fs.split_path(location.root)[0]
+        within = location.root[len(bucket) + 1:]  # the location's own folder in the bucket
+        entries: Iterable[dict[str, Any]] = _s3_page_entries(fs, bucket, f"{within}/{start}" if within else start)
+    else:
+        try:
+            entries = list(_entries(fs, location.path(folder)))
+        except FileNotFoundError:
+            return []
+    keys = (entry["name"][len(location.root) + 1:] for entry in entries if entry.get("type") != "directory")
+    return sorted(key for key in keys if key.startswith(start) and key.rpartition("/")[0] == folder)
 
 
 def list_files(location: Location, key: str) -> list[str]:

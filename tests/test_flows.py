@@ -148,6 +148,22 @@ def test_evaluate_names_the_classes_of_the_segment_run_whose_masks_it_scores(pre
     assert names(output / "masks") == ["w", "x", "y", "z"]
 
 
+def test_class_names_of_masks_given_relative_or_beside_unreadable_records(tmp_path, monkeypatch, caplog):
+    """`masks` from inside OUTPUT is that OUTPUT's; records that cannot be read name nothing
+    (logged), rather than failing the evaluation."""
+    output = tmp_path / "out"
+    (output / "masks").mkdir(parents=True)
+    (output / "_runs").mkdir()
+    (output / "_segpipe.json").write_text("{}")
+    (output / "_runs" / "20261122T040000Z-1a2b3c.json").write_text(json.dumps({"class_names": ["sky", "road"]}))
+    monkeypatch.chdir(output)
+    assert class_names_of_masks("masks") == ("sky", "road")
+    (output / "_segpipe.json").unlink()
+    (output / "_segpipe.json").mkdir()  # read as a file: IsADirectoryError
+    assert class_names_of_masks("masks") is None
+    assert "cannot read the run records beside masks" in caplog.text
+
+
 def _write_masks(fs, root: str, masks: dict[str, np.ndarray]) -> None:
     for key, labels in masks.items():
         fs.pipe_file(f"{root}/{key}", encode_mask(labels))

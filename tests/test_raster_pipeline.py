@@ -451,16 +451,19 @@ def test_a_raster_and_an_image_of_one_stem_each_get_their_own_mask(ray_cpu, tmp_
     jpeg("plain.jpg", 40, 60)
     tiff("twin.tif", 64, 64)
     tiff("twin.tiff", 64, 64)
+    (source / "broken.tif").write_bytes(b"not a raster" * 20)  # beside a quick-look: its error is its own
+    jpeg("broken.jpg", 30, 40)
     config = SegmentConfig(precision="fp32", source=str(source), output=str(tmp_path / "out"), model=MODEL,
                            weights=None, num_classes=CLASSES, crf=False, shard_by="count", shard_size=1)
     summary = run_segmentation(config)
-    assert (summary.images, summary.errors, summary.shards_committed) == (6, 2, 3)
+    assert (summary.images, summary.errors, summary.shards_committed) == (8, 3, 4)
     rows = {key: (status, error_type, error, mask) for key, status, error_type, error, mask in duckdb.sql(
         f"select image_id, status, error_type, error, mask_uri from read_parquet('{tmp_path}/out/images/**/*.parquet')"
     ).fetchall()}
     assert {key: row[:2] for key, row in rows.items()} == {
         "tile.tif": ("ok", None), "tile.jpg": ("ok", None), "plain.jpg": ("ok", None), "twin.tif": ("ok", None),
-        "plain.TIF": ("error", "mask_collision"), "twin.tiff": ("error", "mask_collision")}
+        "plain.TIF": ("error", "mask_collision"), "twin.tiff": ("error", "mask_collision"),
+        "broken.jpg": ("ok", None), "broken.tif": ("error", "not_an_image")}
     assert rows["plain.TIF"][2] == ("it is not a georeferenced raster, so its mask masks/plain.png would overwrite the "
                                     "mask of plain.jpg; rename one of them")
     assert rows["twin.tiff"][2] == ("its mask masks/twin.tif (masks/twin.png if it is not georeferenced) would overwrite "
@@ -471,4 +474,4 @@ def test_a_raster_and_an_image_of_one_stem_each_get_their_own_mask(ray_cpu, tmp_
         assert (mask.crs.to_epsg(), mask.height, mask.width) == (32633, 120, 160)
     assert Image.open(out / "tile.png").size == (40, 30)
     assert Image.open(out / "plain.png").size == (60, 40)  # the JPEG's, not the TIFF's 50 x 30
-    assert sorted(p.name for p in out.iterdir()) == ["plain.png", "tile.png", "tile.tif", "twin.tif"]
+    assert sorted(p.name for p in out.iterdir()) == ["broken.png", "plain.png", "tile.png", "tile.tif", "twin.tif"]

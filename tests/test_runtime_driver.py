@@ -149,6 +149,39 @@ def test_images_that_move_to_another_shard_keep_their_masks_and_vanished_shards_
     assert up_to_date(config)["shards_skipped"] == 2
 
 
+def test_an_image_beside_a_deleted_one_of_its_stem_keeps_its_mask(ray_cpu, tmp_path):
+    """a.jpg keeps masks/a.png and a.png is its mask_collision row. Once a.jpg is deleted, a.png
+    takes masks/a.png, in the shard before (a deletion moved the chunks' boundaries): the
+    commit of the shard a.jpg left must not delete it. The emptied third shard is removed
+    and said so; a SOURCE emptied altogether is refused, and nothing is removed."""
+    from pipeline.run import summary_lines
+
+    folder = tmp_path / "src" / "d"
+    folder.mkdir(parents=True)
+    for name in ["0.jpg", "1.jpg", "a.jpg", "a.png", "b.jpg", "c.jpg"]:
+        (folder / name).write_bytes(_jpeg(len(name) + ord(name[0]), 24, 24))
+    output = tmp_path / "out"
+    config = SegmentConfig(source=str(tmp_path / "src"), output=str(output), crf=False, shard_size=2, **MODEL)
+    first = run_segmentation(config)
+    assert (first.shards_committed, first.errors) == (3, 1)
+    for name in ["0.jpg", "a.jpg"]:
+        (folder / name).unlink()
+    summary = run_segmentation(config)
+    assert (summary.shards_committed, summary.shards_removed, summary.errors) == (2, 1, 0)
+    rows = _duckdb().sql(f"select image_id, status, mask_uri from read_parquet('{output}/images/**/*.parquet')").fetchall()
+    assert sorted((key, status) for key, status, _ in rows) == [
+        ("d/1.jpg", "ok"), ("d/a.png", "ok"), ("d/b.jpg", "ok"), ("d/c.jpg", "ok")]
+    assert all(Path(mask).is_file() for _, _, mask in rows)
+    assert sorted(p.name for p in (output / "masks" / "d").iterdir()) == ["1.png", "a.png", "b.png", "c.png"]
+    record = vars(summary) | {"images_per_second": summary.images_per_second, "record": "r", "folders": []}
+    assert f"removed 1 shard that {tmp_path / 'src'} no longer has" in "\n".join(summary_lines(record))
+    for path in folder.iterdir():
+        path.unlink()
+    with pytest.raises(RunError, match=r"SOURCE lists no images, but .* holds 2 shards of it; nothing was removed"):
+        run_segmentation(config)
+    assert len(list((output / "_commits").iterdir())) == 2 and len(list((output / "masks" / "d").iterdir())) == 4
+
+
 def test_an_actor_killed_mid_run_loses_and_duplicates_nothing(ray_cpu, tmp_path):
     source, output = _local_source(tmp_path, 10)
     config = SegmentConfig(source=source, output=output, batch_size=1, crf=False, **MODEL)

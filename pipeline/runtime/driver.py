@@ -295,7 +295,7 @@ def run_segmentation(
         try:
             loop.process(shards, counts)
             # the listing is complete and every shard of it committed: what else is committed is gone from SOURCE
-            store.remove_vanished_shards(loop.listed)
+            removed = store.remove_vanished_shards(loop.listed)
         except (StorageUnavailableError, OSError) as err:  # listing, commit markers, or removing vanished shards
             raise RunError(f"storage unavailable: {type(err).__name__}: {err}; committed shards are kept, "
                            "run again to resume") from err
@@ -313,7 +313,7 @@ def run_segmentation(
             setup_seconds=max(replicas.ready_at, started) - begun if replicas.ready_at is not None else 0.0,
             ray_cluster=replicas.ray_cluster if replicas.started else NO_CLUSTER,
             replicas=_replica_entries(pool),
-            seconds=time.monotonic() - begun, errors_kept=loop.errors_kept,
+            seconds=time.monotonic() - begun, errors_kept=loop.errors_kept, shards_removed=len(removed),
         )
     finally:
         if shards is not None:

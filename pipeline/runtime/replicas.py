@@ -10,7 +10,6 @@ Ray's cost of moving each batch through three calls (`run.io_in_replica` decides
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -257,7 +256,7 @@ class _ReplicaPool:
         # a CPU replica's threads are its node's cores shared among the replicas there, unless set
         self.shares_cores = not num_gpus and config.threads_per_actor is None
         self.cpus_per_actor = config.cpus_per_actor
-        self.rethreading: list[ray.ObjectRef] = []  # share_cores calls not yet answered
+        self.rethreading: dict[ray.ObjectRef, int] = {}  # share_cores calls not yet answered, and their replica
         self.description = f"{count} model replicas ({num_gpus:g} GPU, {config.cpus_per_actor:g} CPU each)"
         self.resources = f"the cluster has {gpus:g} GPUs and {cpus:g} CPUs"
         self.placements: list[dict[str, Any]] = []
@@ -380,17 +379,21 @@ class _ReplicaPool:
             threads = replica_threads(cpus[node], sharing[node], self.cpus_per_actor)
             if self.placements[i]["threads"] != threads:
                 self.placements[i] = self.placements[i] | {"threads": threads}
-                self.rethreading.append(self.actors[i].share_cores.remote(threads))
+                self.rethreading[self.actors[i].share_cores.remote(threads)] = i
 
     def _answered_share_cores(self) -> None:
-        """Collects the answers to `share_cores`: a replica that restarted again before it
-        answered is shared anew once it answers a ping (`resolve`)."""
+        """Collects the answers to `share_cores`. A replica that died before it answered
+        (perhaps idle, with no batch to fail) is set aside and pinged, so that once restarted
+        it is shared anew (`resolve`)."""
         if not self.rethreading:
             return
-        answered, self.rethreading = ray.wait(self.rethreading, num_returns=len(self.rethreading), timeout=0)
+        answered, _ = ray.wait(list(self.rethreading), num_returns=len(self.rethreading), timeout=0)
         for ref in answered:
-            with contextlib.suppress(RayError):
+            replica = self.rethreading.pop(ref)
+            try:
                 ray.get(ref)
+            except RayError:
+                self.suspect(replica)
 
     def all_dead(self) -> bool:
         return len(self.dead) == len(self.actors)

@@ -61,6 +61,7 @@ def torch_threads() -> int:
 
 
 def set_threads(threads: int) -> int:
+    """Torch's CPU threads from now on (`SegmentWorker.share_cores`); the count now set."""
     torch.set_num_threads(threads)
     return torch.get_num_threads()
 
