@@ -54,13 +54,14 @@ from .storage import (
     files_named_like,
     is_case_insensitive,
     is_image_key,
-    is_raster_key,
     last_modified,
     list_files,
     list_folders,
+    lists_by_prefix,
     move_atomic,
     open_location,
     read_bytes,
+    remove_files,
     remove_folder,
     retry_io,
     write_atomic,
@@ -259,12 +260,9 @@ class OutputStore:
             "errors": len(ordered) - ok,
         }
         write_atomic(self.location, f"_commits/{shard.shard_id}.json", json.dumps(marker, indent=2).encode())
-        if previous_keys:
-            self._remove_stale_masks(previous_keys | {r.key for r in ordered}, ordered)
-        elif self.source is not None:
-            # a shard new here may hold images that moved in from another (a folder's chunks
-            # shifted): their masks are its to remove where they fail now or may change kind
-            self._remove_stale_masks({r.key for r in ordered if not r.ok or is_raster_key(r.key)}, ordered)
+        # also in a shard new here, which may hold images that moved in from another (a
+        # folder's chunks shifted), with masks of another kind or settings than it writes
+        self._remove_stale_masks(previous_keys | {r.key for r in ordered}, ordered)
 
     def stored_shards(self) -> set[str]:
         """The ids of the shards stored here: committed (a marker), or with tables written by
@@ -273,28 +271,30 @@ class OutputStore:
         tables = {name.removeprefix("shard=") for name in list_folders(self.location, "manifest") if name.startswith("shard=")}
         return committed | tables
 
-    def remove_vanished_shards(self, listed: set[str]) -> list[str]:
-        """Remove the shards stored here that SOURCE's listing, complete and just made
-        (`listed`, the ids of all its shards), no longer has: a folder deleted at the source,
-        or one whose images now fill fewer chunks of --shard-size. Their rows (images,
-        class_stats, manifest, polygons) would otherwise stay beside the shards that now hold
-        their images, and the masks of images deleted at the source would outlive them. The
-        marker goes last, so a run stopped halfway leaves it for the next one to finish. A
-        SOURCE that lists no image at all while shards are stored here is refused, not
-        emptied: more likely a volume not mounted, or a prefix emptied by mistake. The ids of
-        the shards removed."""
+    def vanished_shards(self, listed: set[str]) -> list[str]:
+        """The shards stored here that SOURCE's complete listing (`listed`, the ids of all its
+        shards) no longer has. A SOURCE that lists no image at all while shards are stored
+        here is refused (RunError), not taken at its word: more likely a volume not mounted,
+        or a prefix emptied by mistake, than an archive deleted."""
         vanished = sorted(self.stored_shards() - listed)
         if vanished and not listed:
             raise RunError(f"SOURCE lists no images, but {self.location.url} holds {counted(len(vanished), 'shard')} of it; "
                            "nothing was removed: if SOURCE is right and its images were deleted, delete OUTPUT")
+        return vanished
+
+    def remove_vanished_shards(self, listed: set[str]) -> list[str]:
+        """Remove the `vanished_shards`: a folder deleted at the source, or one whose images now
+        fill fewer chunks of --shard-size. Their rows (images, class_stats, manifest, polygons)
+        would otherwise stay beside the shards that now hold their images, and the masks of
+        images deleted at the source would outlive them. The marker goes last, so a run
+        stopped halfway leaves it for the next one to finish. The ids of the shards removed."""
+        vanished = self.vanished_shards(listed)
         for shard_id in vanished:
             keys = self._manifest_keys(shard_id)
             self._remove_stale_masks(keys, [])
             for table in ("images", "class_stats", "manifest", "polygons"):
                 remove_folder(self.location, f"{table}/shard={shard_id}")
-            with contextlib.suppress(FileNotFoundError):
-                retry_io(self.location.uri(f"_commits/{shard_id}.json"), self.location.fs.rm_file,
-                         self.location.path(f"_commits/{shard_id}.json"))
+            remove_files(self.location, [f"_commits/{shard_id}.json"])
             log.warning("removed shard %s, which SOURCE no longer has: its %s were deleted there or are in other "
                         "shards now", shard_id, counted(len(keys), "image"))
         return vanished
@@ -398,32 +398,42 @@ class OutputStore:
     def _remove_stale_masks(self, keys: set[str], records: Sequence[ImageRecord]) -> None:
         """Delete the mask paths (masks/ and confidence/, .png and .tif) of `keys` that no
         record of `records` (the shard's) wrote, so that no mask outlives its row: of images
-        that fail now, changed kind (a TIFF that gained a CRS has a .tif mask now), or left
-        the shard deleted at the source. A key that left the shard is left alone while SOURCE
-        holds an image of its stem: itself, moved to another shard, or one beside it (a.tif
-        beside a deleted a.jpg), whose shard owns the stem's masks (`iter_shards` keeps a
-        stem's keys in one shard)."""
-        written = {k for r in records for k in (r.mask_key, r.confidence_key) if k}
+        that fail now, changed kind (a TIFF that gained a CRS has a .tif mask now) or settings
+        (--confidence off), or left the shard deleted at the source. A key that left the
+        shard is left alone while SOURCE holds an image of its stem: itself, moved to another
+        shard, or one beside it (a.tif beside a deleted a.jpg), whose shard owns the stem's
+        masks (`iter_shards` keeps a stem's keys in one shard)."""
+        fold = str.casefold if self.case_insensitive else str  # where A.png and a.png are one file
+        written = {fold(k) for r in records for k in (r.mask_key, r.confidence_key) if k}
         current = {r.key for r in records}
-        for key in keys:
+        in_source = self._stems_in_source(keys - current)
+        stale = []
+        for key in sorted(keys):
             try:
                 candidates = [make(key, extension) for make in (mask_key, confidence_key_for) for extension in (".png", ".tif")]
             except ValueError:  # an unsafe key never had a mask
                 continue
-            if key not in current and self._stem_in_source(key):
+            if key not in current and fold(posixpath.splitext(key)[0]) in in_source:
                 continue
-            for candidate in candidates:
-                if candidate not in written:
-                    with contextlib.suppress(FileNotFoundError):
-                        retry_io(self.location.uri(candidate), self.location.fs.rm_file, self.location.path(candidate))
+            stale += [candidate for candidate in candidates if fold(candidate) not in written]
+        remove_files(self.location, stale)
 
-    def _stem_in_source(self, key: str) -> bool:
-        """Whether SOURCE holds an image whose masks are `key`'s (the same key but for its
-        extension); False without a SOURCE."""
-        if self.source is None:
-            return False
-        stem = posixpath.splitext(key)[0]
-        return any(is_image_key(k) and posixpath.splitext(k)[0] == stem for k in files_named_like(self.source, stem + "."))
+    def _stems_in_source(self, keys: set[str]) -> set[str]:
+        """The stems (keys but for their extension) of `keys` that SOURCE holds an image of,
+        folded as OUTPUT folds names; none without a SOURCE. On S3, one listing of the few
+        keys that begin with each stem; elsewhere, and to compare names folded, one listing
+        of each folder."""
+        if self.source is None or not keys:
+            return set()
+        fold = str.casefold if self.case_insensitive else str
+        stems = {posixpath.splitext(key)[0] for key in keys}
+        if lists_by_prefix(self.source) and not self.case_insensitive:
+            starts = {f"{stem}." for stem in stems}
+        else:
+            starts = {f"{stem.rpartition('/')[0]}/" if "/" in stem else "" for stem in stems}
+        found = {fold(posixpath.splitext(k)[0]) for start in sorted(starts) for k in files_named_like(self.source, start)
+                 if is_image_key(k)}
+        return {fold(stem) for stem in stems} & found
 
     def _manifest_table(self, shard: Shard) -> pa.Table:
         return pa.Table.from_pylist(

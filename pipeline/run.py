@@ -515,7 +515,7 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
             skipped += 1
             errors_kept += commit.get("errors", 0)
             listed.add(shard.shard_id)
-        if store.stored_shards() - listed:
+        if store.vanished_shards(listed):  # refused here already if SOURCE lists nothing at all
             return None  # shards SOURCE no longer has: the run removes them (`OutputStore.remove_vanished_shards`)
     except (StorageUnavailableError, OSError) as err:
         raise RunError(f"storage unavailable: {type(err).__name__}: {err}") from err

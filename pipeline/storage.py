@@ -32,7 +32,7 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Literal
 
@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"})
 # the images that may be georeferenced rasters, read window by window (`pipeline.rasters`)
 RASTER_EXTENSIONS = frozenset({".tif", ".tiff"})
+# a chunk grows past --shard-size to keep the keys of one stem together, up to this many times
+# it (a.jpg, then a thousand a.<n>.jpg, then a.png): beyond, shards stay bounded, and a.png
+# may land in another shard than a.jpg, where the two would write one mask
+STEM_CHUNK_LIMIT = 8
 ShardBy = Literal["directory", "count"]
 
 # keys of an fsspec info dict that identify one version of an object, best first
@@ -271,10 +275,10 @@ def iter_shards(
 
     "directory": one shard per directory (its images only), split into chunks of `shard_size`
     when bigger. "count": chunks of `shard_size` images in listing order, across directories.
-    A chunk is not cut between two keys of one directory whose names agree up to their first
-    dot, unless it reached twice `shard_size`, nor ever between two keys of one stem: so the
-    images of one stem (a.jpg, a.png, a.tif, whose masks may share a path) are planned
-    together (`run.plan_shard`). A shard's id
+    A chunk is not cut where a later key may still have the stem of one in it (a.jpg ... a.png,
+    whose masks may share a path, with a.k.jpg between them in name order), unless it reached
+    `STEM_CHUNK_LIMIT` times `shard_size`: so the images of one stem are planned together
+    (`run.plan_shard`). A shard's id
     derives from its directory and chunk index, so the same listing always gives the same
     shards. Keys that are not images are counted in `counts` and skipped.
     """
@@ -285,7 +289,9 @@ def iter_shards(
     counts = counts if counts is not None else ListingCounts()
     batch: list[SourceFile] = []
     group, index = "", 0
-    name_start: tuple[str, str] | None = None
+    # the stems of the chunk's keys whose names later keys may still begin with (stem and a
+    # dot): in name order such keys follow one another, and the blocks nest, so it is a stack
+    open_stems: list[str] = []
     for directory, file in iter_files(location):
         if not is_image_key(file.key):
             counts.skipped += 1
@@ -293,18 +299,19 @@ def iter_shards(
             continue
         counts.images += 1
         key = directory if shard_by == "directory" else ""
-        # in name order, the keys of one stem (a.jpg, a.png) lie among those that agree with
-        # them up to the first dot: a chunk is cut between two such runs, or within a run past
-        # twice the size (frame.0001.jpg, frame.0002.jpg, ...), but never between two keys of one stem
-        last, name_start = name_start, (directory, posixpath.basename(file.key).split(".", 1)[0])
-        same_stem = bool(batch) and posixpath.splitext(batch[-1].key)[0] == posixpath.splitext(file.key)[0]
-        full = len(batch) >= shard_size and not same_stem and (name_start != last or len(batch) >= 2 * shard_size)
+        while open_stems and not file.key.startswith(open_stems[-1] + "."):
+            open_stems.pop()
+        full = len(batch) >= shard_size * (STEM_CHUNK_LIMIT if open_stems else 1)
         if batch and (key != group or full):
             yield Shard(shard_id(shard_by, group, index), tuple(batch))
             index = index + 1 if key == group else 0
             batch = []
+            open_stems.clear()
         group = key
         batch.append(file)
+        stem = posixpath.splitext(file.key)[0]
+        if not open_stems or open_stems[-1] != stem:
+            open_stems.append(stem)
     if batch:
         yield Shard(shard_id(shard_by, group, index), tuple(batch))
 
@@ -382,6 +389,12 @@ def list_folders(location: Location, key: str) -> list[str]:
     return sorted(posixpath.basename(name) for name in names if name != path)
 
 
+def lists_by_prefix(location: Location) -> bool:
+    """Whether `files_named_like` asks the store for the names that begin so (S3), rather than
+    listing the whole folder."""
+    return _is_s3(location.fs)
+
+
 def files_named_like(location: Location, start: str) -> list[str]:
     """The keys of the files that begin with `start` (a folder's key, a slash, and the start
     of a name) within that folder, sorted: one request with that prefix on S3, the folder's
@@ -399,6 +412,27 @@ def files_named_like(location: Location, start: str) -> list[str]:
             return []
     keys = (entry["name"][len(location.root) + 1:] for entry in entries if entry.get("type") != "directory")
     return sorted(key for key in keys if key.startswith(start) and key.rpartition("/")[0] == folder)
+
+
+def remove_files(location: Location, keys: Sequence[str]) -> None:
+    """Delete the files `keys`, those missing included: on S3 in one DeleteObjects request per
+    thousand keys (deleting a missing key is no error there), elsewhere one at a time."""
+    if not keys:
+        return
+    if _is_s3(location.fs):
+        bucket = location.fs.split_path(location.root)[0]
+        within = location.root[len(bucket) + 1:]
+        objects = [f"{within}/{key}" if within else key for key in keys]
+        for start in range(0, len(objects), _S3_PAGE):
+            request = {"Bucket": bucket, "Delete": {"Objects": [{"Key": k} for k in objects[start:start + _S3_PAGE]],
+                                                    "Quiet": True}}
+            retry_io(f"deleting {len(keys)} files under {location.url}", fsspec.asyn.sync, location.fs.loop,
+                     location.fs._call_s3, "delete_objects", **request)
+        location.fs.invalidate_cache(location.root)
+        return
+    for key in keys:
+        with contextlib.suppress(FileNotFoundError):
+            retry_io(location.uri(key), location.fs.rm_file, location.path(key))
 
 
 def list_files(location: Location, key: str) -> list[str]:

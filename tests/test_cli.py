@@ -356,7 +356,8 @@ def test_serve_refuses_what_would_fail_every_night_in_one_line(tmp_path, args, m
 def test_a_prefect_log_level_prefect_does_not_take_is_one_line(tmp_path, level: str) -> None:
     """Prefect's settings take level names only; anything else failed at its import with a
     pydantic traceback."""
-    done = _segpipe("serve", "--source", str(tmp_path), "--output", str(tmp_path / "out"), "--weights", "none",
+    (tmp_path / "cams").mkdir()
+    done = _segpipe("serve", "--source", str(tmp_path / "cams"), "--output", str(tmp_path / "out"), "--weights", "none",
                     "--num-classes", "2", env={"PREFECT_LOGGING_LEVEL": level, "PREFECT_API_URL": ""})
     if level == " info":  # taken as Prefect takes it, on to the next check: no server to serve against
         assert done.returncode == 2 and "needs a Prefect server" in done.stderr and "Traceback" not in done.stderr

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import pipeline.outputs
 from pipeline.decode import ImageDecodeError, decode_image
 from pipeline.inference import Segmenter
 from pipeline.io_stages import read_and_decode, write_masks
@@ -129,6 +130,28 @@ def test_plan_shard_gives_a_raster_and_an_image_of_one_stem_a_mask_each():
         "a.tiff": "its mask masks/a.tif (masks/a.png if it is not georeferenced) would overwrite the mask of a.TIF; "
                   "rename one of them"}
     assert todo[0].size == 1 and todo[0].version == "v"  # the manifest's fields, unchanged
+
+
+def test_stale_masks_are_compared_as_the_output_folds_case(tmp_path, monkeypatch):
+    """Where A.png and a.png are one file (macOS, Windows), the mask_collision row a.jpg must
+    not take down masks/A.png, which A.jpg wrote: stale paths are compared folded there."""
+    output = tmp_path / "out"
+    (output / "masks").mkdir(parents=True)
+    (output / "masks" / "A.png").write_bytes(b"A.jpg's mask")
+    (output / "masks" / "A.tif").write_bytes(b"stale")
+    store = OutputStore(open_location(str(output)))
+    store._case_insensitive = True  # as `is_case_insensitive` finds it on such a folder
+    owner = ImageRecord("A.jpg", mask_key="masks/A.png")
+    refused = ImageRecord("a.jpg")
+    refused.fail("mask_collision", "its mask masks/a.png would overwrite the mask of A.jpg")
+    # this folder is case-sensitive, so what is asked to be removed is what tells: the real
+    # removal runs, and records what it was given
+    removed = []
+    real_remove = pipeline.outputs.remove_files
+    monkeypatch.setattr(pipeline.outputs, "remove_files", lambda location, keys: removed.extend(keys) or real_remove(location, keys))
+    store._remove_stale_masks({"A.jpg", "a.jpg"}, [owner, refused])
+    assert "masks/a.png" not in removed and "masks/A.png" not in removed
+    assert "masks/A.tif" in removed and (output / "masks" / "A.png").exists() and not (output / "masks" / "A.tif").exists()
 
 
 def test_keys_differing_in_case_collide_only_where_the_output_folds_case(tmp_path):

@@ -12,8 +12,10 @@ import s3fs
 
 from pipeline.run import plan_shard
 from pipeline.storage import (
+    STEM_CHUNK_LIMIT,
     ListingCounts,
     StorageUnavailableError,
+    files_named_like,
     is_image_key,
     iter_files,
     iter_shards,
@@ -21,6 +23,7 @@ from pipeline.storage import (
     open_location,
     put_file_atomic,
     read_bytes,
+    remove_files,
     write_atomic,
 )
 
@@ -59,6 +62,24 @@ def test_s3_keys_with_an_empty_segment_are_listed(s3_bucket):
     todo, refused = plan_shard(files)
     assert [f.key for f in todo] == ["n6/ok.jpg"]
     assert sorted((r.key, r.error_type) for r in refused) == sorted((k, "unsafe_key") for k in keys if k != "n6/ok.jpg")
+
+
+@pytest.mark.parametrize("root", ["", "archive"])
+def test_files_named_like_and_remove_files_on_s3(s3_bucket, root):
+    """The keys of a folder that begin so, asked of S3 by prefix, from a bucket or a folder in
+    it; and files removed in bulk, missing ones among them."""
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    base = f"{bucket[5:]}/{root}/" if root else f"{bucket[5:]}/"
+    for key in ["d/a.jpg", "d/a.k.jpg", "d/a.png", "d/ab.jpg", "d/a/inner.jpg", "a.jpg"]:
+        fs.pipe_file(base + key, b"x")
+    location = open_location(f"{bucket}/{root}" if root else bucket, options)
+    assert files_named_like(location, "d/a.") == ["d/a.jpg", "d/a.k.jpg", "d/a.png"]
+    assert files_named_like(location, "d/") == ["d/a.jpg", "d/a.k.jpg", "d/a.png", "d/ab.jpg"]
+    assert files_named_like(location, "a.") == ["a.jpg"]
+    remove_files(location, ["d/a.jpg", "d/missing.png", "a.jpg"])
+    fs.invalidate_cache()
+    assert sorted(fs.find(base.rstrip("/"))) == sorted(base + k for k in ["d/a.k.jpg", "d/a.png", "d/ab.jpg", "d/a/inner.jpg"])
 
 
 def test_image_keys_by_extension_in_any_case():
@@ -101,21 +122,26 @@ def test_count_shards_cross_directories(tmp_path):
 
 @pytest.mark.parametrize("shard_by", ["directory", "count"])
 def test_a_chunk_is_not_cut_between_the_keys_of_one_stem(shard_by, tmp_path):
-    """a.jpg, a.png and a.tif may share a mask path, so they are planned in one shard; so is
-    what lies between them in name order (a.b.jpg). A run of names agreeing up to the first
-    dot longer than twice the shard's size is cut there, so shards stay bounded; never between the
-    keys of one stem."""
-    names = ["a.b.jpg", "a.jpg", "a.png", "a.tif", "b.jpg", "c.jpg"] + [f"frame.{i}.jpg" for i in range(6)] + [
-        "x.0.jpg", "x.1.jpg", "x.2.jpg", "x.3.jpg", "x.3.png", "x.3.tif", "x.4.jpg"]
+    """a.jpg, a.png and a.tif may share a mask path, so they are planned in one shard, with
+    what lies between them in name order (a.k.jpg); a chunk is cut elsewhere at its size
+    (frame.0.jpg and frame.1.jpg are two stems). Past STEM_CHUNK_LIMIT times the size, a
+    chunk is cut anyway, so shards stay bounded."""
+    names = ["a.b.jpg", "a.jpg", "a.k.jpg", "a.m.jpg", "a.png", "a.tif", "b.jpg", "c.jpg"] + [
+        f"frame.{i}.jpg" for i in range(4)] + ["x.2.jpg", "x.3.jpg", "x.3.png", "x.4.jpg"]
     for name in names:
         (tmp_path / "cam" / name).parent.mkdir(exist_ok=True)
         (tmp_path / "cam" / name).write_bytes(b"x")
     shards = [[f.key.removeprefix("cam/") for f in s.files]
               for s in iter_shards(open_location(str(tmp_path)), shard_by=shard_by, shard_size=2)]
-    assert shards == [["a.b.jpg", "a.jpg", "a.png", "a.tif"], ["b.jpg", "c.jpg"],
-                      ["frame.0.jpg", "frame.1.jpg", "frame.2.jpg", "frame.3.jpg"], ["frame.4.jpg", "frame.5.jpg"],
-                      # past twice the size, but x.3's keys stay together
-                      ["x.0.jpg", "x.1.jpg", "x.2.jpg", "x.3.jpg", "x.3.png", "x.3.tif"], ["x.4.jpg"]]
+    assert shards == [["a.b.jpg", "a.jpg", "a.k.jpg", "a.m.jpg", "a.png", "a.tif"], ["b.jpg", "c.jpg"],
+                      ["frame.0.jpg", "frame.1.jpg"], ["frame.2.jpg", "frame.3.jpg"],
+                      ["x.2.jpg", "x.3.jpg", "x.3.png"], ["x.4.jpg"]]
+    limit = tmp_path / "limit"
+    limit.mkdir()
+    for name in ["z.jpg", *(f"z.k{i:02d}.jpg" for i in range(STEM_CHUNK_LIMIT + 2)), "z.png"]:  # in name order
+        (limit / name).write_bytes(b"x")
+    sizes = [len(s.files) for s in iter_shards(open_location(str(limit)), shard_by=shard_by, shard_size=1)]
+    assert sizes == [STEM_CHUNK_LIMIT, 1, 1, 1, 1]  # z.jpg's stem is open until z.png: cut at the limit
 
 
 def test_manifest_digest_changes_when_a_file_changes(tmp_path):

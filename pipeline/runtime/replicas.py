@@ -391,7 +391,7 @@ class _ReplicaPool:
         for ref in answered:
             replica = self.rethreading.pop(ref)
             try:
-                ray.get(ref)
+                self.placements[replica] = self.placements[replica] | {"threads": ray.get(ref)}
             except RayError:
                 self.suspect(replica)
 
