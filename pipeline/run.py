@@ -488,11 +488,12 @@ def record_run(output: Location, summary: RunSummary) -> str:
 def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
     """A run with nothing to do, found out before Ray, Prefect or a model start: when every
     shard of SOURCE is committed in OUTPUT with the same inputs and settings (as the run itself
-    decides, `OutputStore.current_commit`) and OUTPUT holds no other, or SOURCE has no images at all, the run is recorded in
-    OUTPUT/_runs/ and its record returned, with `record` its URI, as the segmentation flow
-    returns it. None as soon as one
-    shard needs work: the run itself then starts and does it (a listing that stops at the first
-    such shard, so a night with new images pays one page and one commit marker for it).
+    decides, `OutputStore.current_commit`) and OUTPUT stores no other (`vanished_shards`, which
+    refuses a SOURCE that lists nothing beside stored shards), or SOURCE has no images at all
+    and OUTPUT nothing of it, the run is recorded in OUTPUT/_runs/ and its record returned,
+    with `record` its URI, as the segmentation flow returns it. None as soon as one shard
+    needs work: the run itself then starts and does it (a listing that stops at the first such
+    shard, so a night with new images pays one page and one commit marker for it).
 
     `config` is dated, with its storage options resolved. Reads only, but for the record."""
     started = time.monotonic()

@@ -278,9 +278,9 @@ def iter_shards(
     A chunk is not cut where a later key may still have the stem of one in it (a.jpg ... a.png,
     whose masks may share a path, with a.k.jpg between them in name order), unless it reached
     `STEM_CHUNK_LIMIT` times `shard_size`: so the images of one stem are planned together
-    (`run.plan_shard`). A shard's id
-    derives from its directory and chunk index, so the same listing always gives the same
-    shards. Keys that are not images are counted in `counts` and skipped.
+    (`run.plan_shard`). A shard's id derives from its directory and chunk index, so the same
+    listing always gives the same shards. Keys that are not images are counted in `counts`
+    and skipped.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -426,8 +426,11 @@ def remove_files(location: Location, keys: Sequence[str]) -> None:
         for start in range(0, len(objects), _S3_PAGE):
             request = {"Bucket": bucket, "Delete": {"Objects": [{"Key": k} for k in objects[start:start + _S3_PAGE]],
                                                     "Quiet": True}}
-            retry_io(f"deleting {len(keys)} files under {location.url}", fsspec.asyn.sync, location.fs.loop,
-                     location.fs._call_s3, "delete_objects", **request)
+            answer = retry_io(f"deleting {len(keys)} files under {location.url}", fsspec.asyn.sync, location.fs.loop,
+                              location.fs._call_s3, "delete_objects", **request)
+            if failed := answer.get("Errors"):  # per key, in a successful answer (AccessDenied...)
+                raise OSError(f"cannot delete s3://{bucket}/{failed[0].get('Key')}: {failed[0].get('Code')} "
+                              f"{failed[0].get('Message', '')}".rstrip())
         location.fs.invalidate_cache(location.root)
         return
     for key in keys:
