@@ -24,7 +24,6 @@ once the run cannot still be running (`prepare_output`, `OutputStore.remove_aban
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import io
 import json
@@ -317,11 +316,8 @@ class OutputStore:
             previous = retry_io(self.location.uri(folder), self.location.fs.ls, self.location.path(folder), detail=False)
         except FileNotFoundError:
             return
-        for path in previous:
-            key = path[len(self.location.root) + 1:]
-            if key not in written:
-                with contextlib.suppress(FileNotFoundError):
-                    retry_io(self.location.uri(key), self.location.fs.rm_file, path)
+        keys = (path[len(self.location.root) + 1:] for path in previous)
+        remove_files(self.location, [key for key in keys if key not in written])
 
     def remove_staging(self, run_id: str) -> None:
         """Delete OUTPUT/_staging/<run_id>/, for a run that has committed every shard and has

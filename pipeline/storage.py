@@ -389,6 +389,12 @@ def list_folders(location: Location, key: str) -> list[str]:
     return sorted(posixpath.basename(name) for name in names if name != path)
 
 
+def _s3_bucket_and_folder(location: Location) -> tuple[str, str]:
+    """An S3 location's bucket and its folder's key in it ("" for the bucket itself)."""
+    bucket = location.fs.split_path(location.root)[0]
+    return bucket, location.root[len(bucket) + 1:]
+
+
 def lists_by_prefix(location: Location) -> bool:
     """Whether `files_named_like` asks the store for the names that begin so (S3), rather than
     listing the whole folder."""
@@ -402,8 +408,7 @@ def files_named_like(location: Location, start: str) -> list[str]:
     folder = start.rpartition("/")[0]
     fs = location.fs
     if _is_s3(fs):
-        bucket = fs.split_path(location.root)[0]
-        within = location.root[len(bucket) + 1:]  # the location's own folder in the bucket
+        bucket, within = _s3_bucket_and_folder(location)
         entries: Iterable[dict[str, Any]] = _s3_page_entries(fs, bucket, f"{within}/{start}" if within else start)
     else:
         try:
@@ -420,8 +425,7 @@ def remove_files(location: Location, keys: Sequence[str]) -> None:
     if not keys:
         return
     if _is_s3(location.fs):
-        bucket = location.fs.split_path(location.root)[0]
-        within = location.root[len(bucket) + 1:]
+        bucket, within = _s3_bucket_and_folder(location)
         objects = [f"{within}/{key}" if within else key for key in keys]
         for start in range(0, len(objects), _S3_PAGE):
             request = {"Bucket": bucket, "Delete": {"Objects": [{"Key": k} for k in objects[start:start + _S3_PAGE]],

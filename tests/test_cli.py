@@ -430,35 +430,29 @@ def test_a_job_stopped_before_ray_starts_says_so_in_one_line(tmp_path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def _raised_inside_ray_by_sigterm() -> SystemError:
-    """What reaches the command when Ray's SIGTERM handler (`sys.exit(15)`) runs inside one of
-    its Cython calls: CPython's SystemError, caused by the SystemExit."""
+def _raised_inside_ray(stop: BaseException) -> SystemError:
+    """What reaches the command when a SIGTERM handler raises `stop` inside one of Ray's
+    Cython calls: CPython's SystemError, caused by it."""
     try:
         try:
-            raise SystemExit(signal.SIGTERM)
-        except SystemExit as exit_:
-            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set") from exit_
+            raise stop
+        except BaseException as raised:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set") from raised
     except SystemError as err:
         return err
 
 
 def _prefects_termination_inside_ray() -> SystemError:
-    """The same, where Prefect's flow engine raised its TerminationSignal in place of the SystemExit."""
+    """Where Prefect's flow engine raised its TerminationSignal in place of Ray's SystemExit."""
     from prefect.exceptions import TerminationSignal
 
-    try:
-        try:
-            raise TerminationSignal(signal.SIGTERM)
-        except TerminationSignal as stopped:
-            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set") from stopped
-    except SystemError as err:
-        return err
+    return _raised_inside_ray(TerminationSignal(signal.SIGTERM))
 
 
 @pytest.mark.parametrize(("argv", "raised", "code", "after"), [
     (["train", "imgs", "labels", "model.pt", "--model", "unet", "--num-classes", "3"], KeyboardInterrupt(), 130,
      "the finished epochs' checkpoints are kept; --resume the last one"),
-    (["evaluate", "masks", "gt", "report", "--num-classes", "3"], _raised_inside_ray_by_sigterm(), 143,
+    (["evaluate", "masks", "gt", "report", "--num-classes", "3"], _raised_inside_ray(SystemExit(signal.SIGTERM)), 143,
      "its report is written at the end; run the same command again"),
     (["segment", "src", "out"], _prefects_termination_inside_ray(), 143,
      "what was committed is kept; run the same command again to go on"),
