@@ -504,7 +504,7 @@ PEAK_RUN = """
 import sys, ray
 from pipeline.config import SegmentConfig
 from pipeline.runtime.driver import run_segmentation
-ray.init(include_dashboard=False, logging_level="WARNING")
+ray.init(address="local", include_dashboard=False, logging_level="WARNING")
 s = run_segmentation(SegmentConfig(source=sys.argv[1], output=sys.argv[2], model=sys.argv[3], weights=None,
                                    num_classes=21, crf=True, batch_size=int(sys.argv[4]), device=sys.argv[5], shard_size=100))
 print(s.images)
@@ -557,7 +557,7 @@ def main() -> None:
         if {"throughput", "tile"} & only:
             import ray
 
-            ray.init(include_dashboard=False, logging_level="WARNING")
+            ray.init(address="local", include_dashboard=False, logging_level="WARNING")
             warm_up(args.model, args.device, args.batch_size, work)
         if "throughput" in only:
             bare_forward = model_only(args.model, device, args.batch_size, count)

@@ -46,7 +46,7 @@ def main() -> None:
             crop=tuple(args.crop), scale=(0.5, 1.5), optimizer=args.optimizer, lr=args.lr, init=args.init,
             val_last=20, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
         )
-        ray.init(include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
         started = time.monotonic()
         summary = run_training(config)
         wall = time.monotonic() - started

@@ -95,7 +95,9 @@ def ray_cpu(_ray_session):
     if ray.is_initialized() and ray.cluster_resources().get("GPU"):
         ray.shutdown()
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        # "local": a Ray of the suite's own, never the cluster that /tmp/ray/ray_current_cluster
+        # names (a `ray start` on this machine, or a multi-node test killed before its cleanup)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     return ray
 
 

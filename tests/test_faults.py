@@ -36,7 +36,7 @@ DRIVER = textwrap.dedent("""
     import sys, ray
     from pipeline.config import SegmentConfig
     from pipeline.runtime.driver import run_segmentation
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     summary = run_segmentation(SegmentConfig(precision="fp32", source=sys.argv[1], output=sys.argv[2], model="lraspp_mobilenet_v3_large",
                                              weights=None, num_classes=4, batch_size=1))
     print("images", summary.images, "skipped", summary.shards_skipped, "committed", summary.shards_committed)

@@ -261,7 +261,7 @@ def test_one_replica_per_declared_gpu(tmp_path, _ray_session):
     import ray
 
     ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         source, output = _local_source(tmp_path, 4)
         config = SegmentConfig(source=source, output=output, cpus_per_actor=0.5, batch_size=1, crf=False, **MODEL)
