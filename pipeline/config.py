@@ -255,7 +255,7 @@ class SegmentConfig(JobConfig):
     min_polygon_area: float = Field(default=0.0, ge=0, description=(
         "drop polygons smaller than this (m² in a projected CRS, else pixels)"))
     simplify: float = Field(default=0.0, ge=0, description=(
-        "simplify polygons with this tolerance, in map units (0: exact pixel edges)"))
+        "simplify polygons with this tolerance: metres in a projected CRS, else pixels (0: exact pixel edges)"))
     redo_errors: bool = Field(default=False, description="also re-process committed shards that hold error rows")
     batch_size: int = Field(default=8, ge=1, description="images per batch sent to a replica")
     shard_by: Literal["directory", "count"] = Field(default="directory", description=(

@@ -226,10 +226,10 @@ class PolygonCollector:
     Pieces are polygonised and merged in the raster's pixel coordinates: there the vertices
     two neighbouring blocks share are the same integers, so the union closes every seam
     exactly (map coordinates computed from two window transforms may differ in the last bit
-    and leave slivers). Geometries go to map coordinates only when final, then are simplified
-    (`simplify`, map units, topology-preserving per polygon, so neighbouring polygons may gain
-    gaps or overlaps up to that tolerance) and dropped when their area is under `min_area`
-    (units of `polygon_area`).
+    and leave slivers). Geometries go to map coordinates only when final. They are simplified
+    (`simplify`: topology-preserving per polygon, so neighbouring polygons may gain gaps or
+    overlaps up to that tolerance) and dropped when their area is under `min_area`, both in the
+    units of `polygon_area`: metres (m²) in a projected CRS, else pixels.
     """
 
     def __init__(
@@ -316,9 +316,16 @@ class PolygonCollector:
         def to_map(xy: np.ndarray) -> np.ndarray:
             return np.column_stack((a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f))
 
-        geometries = shapely.transform(np.asarray(pixel_polygons, dtype=object), to_map)
-        if self.simplify > 0:
+        geometries = np.asarray(pixel_polygons, dtype=object)
+        projected = self.crs is not None and self.crs.is_projected
+        if self.simplify > 0 and not projected:
+            # pixels, as the areas are counted: in degrees, a tolerance meant for metres would
+            # reduce every region to a triangle or nothing
             geometries = shapely.simplify(geometries, self.simplify, preserve_topology=True)
+        geometries = shapely.transform(geometries, to_map)
+        if self.simplify > 0 and projected:
+            _, metres_per_unit = self.crs.linear_units_factor
+            geometries = shapely.simplify(geometries, self.simplify / metres_per_unit, preserve_topology=True)
         areas = polygon_area(geometries, self.crs, self.transform)
         return [
             ClassPolygon(class_id, geometry, float(area))

@@ -118,7 +118,7 @@ CLASS_STATS_SCHEMA = pa.schema([
     pa.field("fraction", pa.float64(), nullable=False),
     pa.field("mean_confidence", pa.float32(), nullable=False),
     pa.field("components", pa.int32(), nullable=False),
-    # pixel_count x the pixel's area, in the raster's map units (m² in a projected CRS);
+    # pixel_count x the pixel's area (`geo.pixel_area`: m² in a projected CRS, else pixels);
     # null for images without georeferencing
     pa.field("area", pa.float64()),
 ])

@@ -51,7 +51,7 @@ class ClassStats:
     fraction: np.ndarray  # float64, pixel_count / (H * W)
     mean_confidence: np.ndarray  # float64, mean probability of the pixels assigned to the class
     components: np.ndarray  # int64, connected regions (8-connectivity)
-    # float64, pixel_count x the pixel's area in map units (georeferenced rasters only)
+    # float64, pixel_count x `geo.pixel_area` (georeferenced rasters only)
     area: np.ndarray | None = None
 
     def __len__(self) -> int:

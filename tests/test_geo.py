@@ -238,6 +238,28 @@ def test_footprints_simplified_and_filtered(footprints) -> None:
     assert sum(len(r.geometry.exterior.coords) for r in kept) < sum(len(r.geometry.exterior.coords) for r in big)
 
 
+def test_simplify_takes_metres_in_any_projected_unit_and_pixels_otherwise(footprints) -> None:
+    """`simplify` is in the units of the area: metres in a projected CRS whatever its own unit
+    (here US feet), pixels in a geographic one, whose degrees would take a tolerance meant for
+    metres as some 100 km and leave nothing of a building. The same footprints in the three CRSs
+    simplify alike (the feet grid is the metre grid times four, a power of two, so that floating
+    point decides alike where a simplified edge touches another)."""
+    labels, _, _ = footprints
+    us_foot = 1200 / 3937  # metres
+    pixels = 1.3  # no distance between points of the pixel grid is exactly 1.3 pixels
+
+    def vertices(transform: Affine, crs: CRS, simplify: float) -> list[int]:
+        rows = collect(labels, None, 256, transform=transform, crs=crs, simplify=simplify)
+        return sorted(len(r.geometry.exterior.coords) for r in rows)
+
+    exact = vertices(TRANSFORM, UTM16N, 0.0)
+    in_metres = vertices(TRANSFORM, UTM16N, pixels * 0.5)
+    in_feet = vertices(Affine.scale(4) * TRANSFORM, CRS.from_epsg(2263), pixels * 2 * us_foot)
+    in_degrees = vertices(from_origin(-87.0, 33.7, 4.5e-6, 4.5e-6), CRS.from_epsg(4326), pixels)
+    assert sum(in_metres) < sum(exact)  # simplified
+    assert in_feet == in_metres and in_degrees == in_metres
+
+
 # --- GeoParquet -------------------------------------------------------------------------
 
 
