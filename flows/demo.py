@@ -134,7 +134,7 @@ def _weights(model: str, workdir: Path) -> tuple[str, dict[str, Any]]:
     sample classes, said plainly. Returns the weights and the evaluation settings that fit."""
     published = published_weights(model, "DEFAULT")
     # asked first: torch's own attempt prints a download line even when it cannot start
-    problem = download_problem(published) if published is not None else "torchvision publishes none for it"
+    problem = download_problem(published.url) if published is not None else "torchvision publishes none for it"
     try:
         if problem is not None:
             raise WeightsUnavailableError(problem)

@@ -436,6 +436,8 @@ class TrainConfig(JobConfig):
     resume: str | None = Field(default=None, description=(
         "a checkpoint written by segpipe train: continue after its epoch (OUTPUT's .last checkpoint: after the last "
         "epoch trained)"))
+    overwrite: bool = Field(default=False, description=(
+        "a new run may replace the checkpoints already at OUTPUT and its .last (refused without it)"))
     seed: int = Field(default=0, description="seed of the shuffling, cropping and initialisation")
     storage_options: StorageOptions = Field(default_factory=StorageOptions, description=_STORAGE_OPTIONS)
     ray_address: str | None = Field(default=None, description=_RAY_ADDRESS)

@@ -331,9 +331,11 @@ def _add(batch: BatchScore, pair: Pair, result: PairScore) -> None:
     batch.nodata_pixels += result.nodata_pixels
 
 
-def exclusion_summary(total: BatchScore, settings: ScoreSettings) -> str | None:
+def exclusion_summary(total: BatchScore, settings: ScoreSettings, rejected: Sequence[dict[str, str]] = ()) -> str | None:
     """The pairs left out, in one line for the whole dataset (metrics.json lists each): labels
-    out of range counted by file, with what to pass; then the other reasons, the first named."""
+    out of range counted by file, with what to pass; then the other reasons, the first named;
+    then the files that were never paired (`Pairing.rejected`: not masks, or a second mask
+    under one key), the first named."""
     parts = [_stray_advice(side, strays, settings) for side in ("ground truth", "prediction")
              if (strays := [s for s in total.stray if s.side == side])]
     stray_ids = {s.image_id for s in total.stray}
@@ -341,6 +343,10 @@ def exclusion_summary(total: BatchScore, settings: ScoreSettings) -> str | None:
     if others:
         parts.append(f"{counted(len(others), 'pair')} left out for other reasons, e.g. {others[0]['image_id']}: "
                      f"{others[0]['reason']}")
+    if rejected:
+        first = rejected[0]
+        parts.append(f"{counted(len(rejected), 'file')} not paired, e.g. {first['side'].replace('_', ' ')} {first['key']}: "
+                     f"{first['reason']}")
     return "; ".join(parts) or None
 
 
@@ -400,7 +406,7 @@ def build_report(total: BatchScore, pairing: Pairing, settings: ScoreSettings,
         "unpaired_ground_truth": pairing.unpaired_ground_truth,
         "excluded": total.excluded
         + [{"image_id": r["key"], "reason": f"{r['side']}: {r['reason']}"} for r in pairing.rejected],
-        "excluded_summary": exclusion_summary(total, settings),
+        "excluded_summary": exclusion_summary(total, settings, pairing.rejected),
     }
 
 
@@ -524,7 +530,7 @@ def class_table(report: dict[str, Any], *, markdown: bool) -> str:
         excluded = len(report["excluded"])
         lines += ["", f"Without a partner: {counted(len(report['unpaired_predictions']), 'prediction')} and "
                   f"{counted(len(report['unpaired_ground_truth']), 'ground-truth mask')}; "
-                  f"{counted(excluded, 'pair')} {verb_for(excluded, 'was', 'were')} excluded (see metrics.json)."]
+                  f"{excluded} more left out (see metrics.json)."]
     if report.get("excluded_summary"):
         lines += ["", f"Excluded: {report['excluded_summary']}."]
     return "\n".join(lines)

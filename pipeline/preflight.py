@@ -121,6 +121,26 @@ PUBLISHED_WEIGHTS: dict[str, PublishedWeights] = {
 }
 
 
+_RESNET34, _RESNET50, _RESNET101, _MOBILENET_V3_LARGE = (
+    f"https://download.pytorch.org/models/{name}.pth"
+    for name in ("resnet34-b627a593", "resnet50-11ad3fa6", "resnet101-cd907fc2", "mobilenet_v3_large-5c1a4163"))
+
+# what `train --init imagenet` downloads for each registered model: its backbone's ImageNet
+# weights, torchvision's DEFAULT for that backbone
+IMAGENET_BACKBONES: dict[str, str] = {
+    "deeplabv3_mobilenet_v3_large": _MOBILENET_V3_LARGE,
+    "deeplabv3_resnet101": _RESNET101,
+    "deeplabv3_resnet50": _RESNET50,
+    "deeplabv3plus_resnet101": _RESNET101,
+    "deeplabv3plus_resnet50": _RESNET50,
+    "fcn_resnet50": _RESNET50,
+    "lraspp_mobilenet_v3_large": _MOBILENET_V3_LARGE,
+    "pspnet_resnet101": _RESNET101,
+    "pspnet_resnet50": _RESNET50,
+    "unet_resnet34": _RESNET34,
+}
+
+
 def published_weights(model: str | None, weights: str) -> PublishedWeights | None:
     """The published weights that `weights` (a member's name, or the enum's and the member's)
     names for `model`; None when it names none of them."""
@@ -181,17 +201,21 @@ def check_serve(config: SegmentConfig, *, remote: bool = True) -> None:
 def _output_outside_source(config: SegmentConfig) -> None:
     """OUTPUT is neither SOURCE nor in it: every run would list the masks the one before wrote
     as images, and segment them too (a URL's {date} the same night in both)."""
-    source, output = (_open(lambda url=url: open_location(url, config.storage_options), label)
-                      for url, label in ((config.source, "SOURCE"), (config.output, "OUTPUT")))
-    if type(source.fs) is not type(output.fs):
+    _output_outside(config.output, config.source, "SOURCE", config.storage_options,
+                    "each run would segment the masks the last one wrote")
+
+
+def _output_outside(output_url: str, folder_url: str, folder: str, options: dict[str, Any] | None, why: str) -> None:
+    """OUTPUT (at `output_url`) is neither the input `folder` (at `folder_url`) nor in it, since `why`."""
+    inputs, output = (_open(lambda url=url: open_location(url, options), label)
+                      for url, label in ((folder_url, folder), (output_url, "OUTPUT")))
+    if type(inputs.fs) is not type(output.fs):
         return
-    inside = source.root.rstrip("/") + "/"
+    inside = inputs.root.rstrip("/") + "/"
     if output.root.rstrip("/") + "/" == inside:
-        raise PreflightError(f"OUTPUT {config.output} is SOURCE: each run would segment the masks the last one wrote; "
-                             "write OUTPUT outside SOURCE")
+        raise PreflightError(f"OUTPUT {output_url} is {folder}: {why}; write OUTPUT outside {folder}")
     if output.root.startswith(inside):
-        raise PreflightError(f"OUTPUT {config.output} is inside SOURCE {config.source}: each run would segment the "
-                             "masks the last one wrote; write OUTPUT outside SOURCE")
+        raise PreflightError(f"OUTPUT {output_url} is inside {folder} {folder_url}: {why}; write OUTPUT outside {folder}")
 
 
 def undated_folder(url: str) -> str:
@@ -221,7 +245,7 @@ def _model_weights(config: SegmentConfig, published: PublishedWeights | None, re
     classes --num-classes and --class-names name."""
     weights, classes, of = config.weights, config.num_classes, "--num-classes"
     if published is not None:
-        _downloadable(published, config.model or "", str(weights), "--weights")
+        _downloadable(published.url, f"the weights of {config.model or ''}", f"--weights {weights}")
         classes, of = published.num_classes, f"--weights {weights}"
     elif weights is not None:
         checkpoint = read_checkpoint(weights, config.storage_options, "--weights", remote)
@@ -239,6 +263,9 @@ def check_evaluate(config: EvaluateConfig, *, remote: bool = True) -> None:
     """Everything `evaluate` can be refused for before it starts (`remote`: as for `check_segment`)."""
     options = config.storage_options
     # an empty folder, often a {date} that named the wrong night: nothing could be scored
+    for url, folder in ((config.predictions, "PREDICTIONS"), (config.ground_truth, "GROUND_TRUTH")):
+        _output_outside(config.output, url, folder, options,
+                        "the report's files would be listed among the masks of the next evaluation")
     _readable_folder(config.predictions, options, "PREDICTIONS", remote, if_empty="holds no masks: nothing to score")
     _readable_folder(config.ground_truth, options, "GROUND_TRUTH", remote, if_empty="holds no masks: nothing to score")
     _writable_folder(config.output, options, "OUTPUT", remote)
@@ -251,14 +278,22 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
         if getattr(config, name) is not None:
             _readable_folder(getattr(config, name), options, config.argument_name(name), remote)
     _writable_file(config.output, options, "OUTPUT", remote)
-    if config.init.lower() not in {"none", "imagenet"}:
+    if config.resume is None and not config.overwrite:
+        _no_checkpoint_replaced(config, remote)
+    if config.init.lower() == "imagenet":
+        if config.model not in IMAGENET_BACKBONES:
+            raise PreflightError(f"--model {config.model} has no ImageNet backbone weights to start from; pass --init a "
+                                 f"checkpoint path or URL, or {_UNTRAINED['--init']}")
+        _downloadable(IMAGENET_BACKBONES[config.model], f"the ImageNet weights of {config.model}'s backbone", "--init imagenet")
+    elif config.init.lower() != "none":
         if is_checkpoint_uri(config.init):
             start = read_checkpoint(config.init, options, "--init", remote)
             if start is not None and start.architecture != config.model:
                 raise PreflightError(f"--init {config.init} holds a {start.architecture} model, not --model {config.model}; "
                                      f"start from a checkpoint of {config.model}, or train --model {start.architecture}")
         else:
-            _downloadable(_published(config.model, config.init, "--init"), config.model, config.init, "--init")
+            _downloadable(_published(config.model, config.init, "--init").url, f"the weights of {config.model}",
+                          f"--init {config.init}")
     if config.resume is not None:
         resumed = read_checkpoint(config.resume, options, "--resume", remote)
         if resumed is None:
@@ -285,6 +320,26 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
                                  f"{'with its --val-images/--val-labels or --val-last' if validated else 'without a validation set'}, "
                                  "so that epochs are compared by the same score")
         check_resumed_best(config, resumed.training_state, remote=remote)
+
+
+def _no_checkpoint_replaced(config: TrainConfig, remote: bool) -> None:
+    """A new run writes OUTPUT and its .last checkpoint from its first epoch, whatever they
+    held: often the weights a nightly `segment --weights` reads, which one mistyped command
+    would replace with an epoch of something else."""
+    for url in (config.output, config.last_checkpoint):
+        if _file_exists(url, config.storage_options, "OUTPUT", remote):
+            raise PreflightError(f"{url} exists, and a new run would replace it at its first epoch: pass --resume "
+                                 f"{config.last_checkpoint} to go on training it, --overwrite to replace it, or another "
+                                 "OUTPUT")
+
+
+def _file_exists(url: str, options: dict[str, Any], label: str, remote: bool) -> bool:
+    """Whether there is a file at `url` (False, unasked, when it is remote and `remote` is False)."""
+    location, key = _open(lambda: open_file(url, options), label)
+    if not (remote or location.is_local):
+        return False
+    return _ask(f"{label} {url}", lambda: retry_io(location.uri(key), lambda: location.fs.exists(location.path(key))),
+                local=location.is_local)
 
 
 def check_resumed_best(config: TrainConfig, training_state: Mapping[str, Any], *, remote: bool = True) -> None:
@@ -329,7 +384,7 @@ def _published(model: str | None, weights: str, option: str) -> PublishedWeights
 
 # what to pass instead of weights that cannot be had
 _UNTRAINED = {"--weights": "--weights none with --num-classes for an untrained model",
-              "--init": "--init none (random) or imagenet"}
+              "--init": "--init none (random)"}
 
 
 def _same_classes(given: int | None, held: int, what: str) -> None:
@@ -344,30 +399,31 @@ def hub_cache_path(url: str) -> str:
     return os.path.join(os.path.expanduser(torch_home), "hub", "checkpoints", os.path.basename(url))
 
 
-def download_problem(published: PublishedWeights) -> str | None:
-    """Why the published weights could not be had here, or None: they are in torch.hub's
-    cache, or their URL answers. Offline, a run would otherwise start everything and then
-    fail in each replica."""
-    cache = hub_cache_path(published.url)
+def download_problem(url: str) -> str | None:
+    """Why the weights torch.hub downloads from `url` could not be had here, or None: they
+    are in torch.hub's cache, or their URL answers. Offline, a run would otherwise start
+    everything and then fail in each replica (or training worker)."""
+    cache = hub_cache_path(url)
     if os.path.exists(cache):
         return None
     try:
-        with urllib.request.urlopen(urllib.request.Request(published.url, method="HEAD"),
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
                                     timeout=DOWNLOAD_CHECK_TIMEOUT_S):
             return None
     except urllib.error.HTTPError:
         return None  # the server answered: the network is there, and the download says what it answers
     except (OSError, ValueError) as err:  # no route, no name, refused, timed out
         reason = getattr(err, "reason", err)
-        return f"cannot download them from {published.url} ({type(err).__name__}: {reason}); offline, copy that file to {cache}"
+        return f"cannot download them from {url} ({type(err).__name__}: {reason}); offline, copy that file to {cache}"
 
 
-def _downloadable(published: PublishedWeights, model: str, weights: str, option: str) -> None:
-    """`download_problem` as the one line a job is refused with."""
-    problem = download_problem(published)
+def _downloadable(url: str, what: str, given: str) -> None:
+    """`download_problem` as the one line a job is refused with: `what` weights, which the
+    option and value `given` ask for."""
+    problem = download_problem(url)
     if problem is not None:
-        raise PreflightError(f"the weights of {model} ({option} {weights}): {problem}, pass {option} a checkpoint path "
-                             f"or URL, or {_UNTRAINED[option]}")
+        option = given.split()[0]
+        raise PreflightError(f"{what} ({given}): {problem}, pass {option} a checkpoint path or URL, or {_UNTRAINED[option]}")
 
 
 class _MetadataUnpickler(pickle.Unpickler):

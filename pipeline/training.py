@@ -69,7 +69,7 @@ def pair_training_data(images: Location, labels: Location, *, label_suffix: str 
     if not pairs:
         raise ValueError(
             f"no image under {images.url} has a label mask under {labels.url} with the same key "
-            f"({len(image_keys)} images, {len(label_keys)} PNG masks; label_suffix={label_suffix!r})"
+            f"({len(image_keys)} images, {len(label_keys)} PNG masks{f'; label suffix {label_suffix!r}' if label_suffix else ''})"
         )
     return pairs
 

@@ -41,7 +41,7 @@ SAMPLES: dict[type, dict[str, Any]] = {
         "scale": (0.75, 1.5), "ignore_index": 11, "init": "imagenet", "optimizer": "adamw", "lr": 0.001,
         "weight_decay": 0.05, "aux_weight": 0.2, "label_suffix": "_L", "val_images": "s3://val/images",
         "val_labels": "s3://val/labels", "val_last": 2, "workers": 2, "device": "cpu", "cpus_per_worker": 2.0,
-        "resume": "s3://ckpt/old.pt", "seed": 7, "storage_options": {"anon": True}, "ray_address": "auto",
+        "resume": "s3://ckpt/old.pt", "overwrite": True, "seed": 7, "storage_options": {"anon": True}, "ray_address": "auto",
     },
 }
 COMMANDS = {SegmentConfig: "segment", EvaluateConfig: "evaluate", TrainConfig: "train"}

@@ -43,6 +43,10 @@ def test_pairing_by_relative_key_with_suffixes_and_any_extension_case(tmp_path):
     assert pairing.unpaired_predictions == ["b/z_pred.png"]
     assert pairing.unpaired_ground_truth == ["c/z_gt.png"]
     assert pairing.rejected == [{"key": "a/w_gt.jpg", "side": "ground_truth", "reason": "not a mask (PNG or GeoTIFF)"}]
+    # a file never paired is said in the one line, as a pair left out is (it was null with no pair left out)
+    nothing = score_pairs(open_location(str(tmp_path / "p")), open_location(str(tmp_path / "g")), [], ScoreSettings(num_classes=2))
+    assert exclusion_summary(nothing, ScoreSettings(num_classes=2), pairing.rejected) == (
+        "1 file not paired, e.g. ground truth a/w_gt.jpg: not a mask (PNG or GeoTIFF)")
 
 
 def test_dataset_wide_iou_is_not_the_mean_of_per_image_iou(tmp_path):

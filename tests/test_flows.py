@@ -212,6 +212,7 @@ def test_evaluate_flow_scores_dataset_wide_and_reports_what_it_left_out(prefect_
     assert "size mismatch" in reasons["city/c"] and "city/c_pred.png is 3x3" in reasons["city/c"]
     assert "labels [40] outside [0, 3)" in reasons["city/d"]
     assert reasons["city/notes.txt"] == "ground_truth: not a mask (PNG or GeoTIFF)"
+    assert saved["excluded_summary"].endswith("; 1 file not paired, e.g. ground truth city/notes.txt: not a mask (PNG or GeoTIFF)")
     per_image = pq.read_table(tmp_path / "eval" / "per_image.parquet").to_pylist()
     assert [r["image_id"] for r in per_image] == ["city/a", "city/b"]
     assert per_image[1]["iou_car"] is None and per_image[1]["pixel_accuracy"] == pytest.approx(2 / 3)

@@ -21,6 +21,7 @@ from pipeline.config import EvaluateConfig, SegmentConfig, TrainConfig
 from pipeline.models import ModelMeta, build_model, load_checkpoint, save_checkpoint
 from pipeline.preflight import (
     CHECKPOINT_FORMAT,
+    IMAGENET_BACKBONES,
     LAYOUT_FORMAT,
     LAYOUT_KEY,
     PUBLISHED_WEIGHTS,
@@ -87,6 +88,27 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_imagenet_init_offline_fails_at_once_and_says_what_to_do(source, tmp_path, monkeypatch) -> None:
+    """`train --init imagenet` downloads the backbone's ImageNet weights in each training
+    worker: offline, that was a traceback and exit 1 after the cluster had started."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in {"no_proxy", "https_proxy", "http_proxy"}}
+    env |= {"TORCH_HOME": str(tmp_path / "torch"), "HTTPS_PROXY": f"http://127.0.0.1:{_closed_port()}"}
+    cache = tmp_path / "torch" / "hub" / "checkpoints" / "mobilenet_v3_large-5c1a4163.pth"
+    output = tmp_path / "m.pt"
+    line = _refused(["train", str(source), str(source), str(output), "--model", "lraspp_mobilenet_v3_large",
+                     "--num-classes", "3", "--init", "imagenet"],
+                    "the ImageNet weights of lraspp_mobilenet_v3_large's backbone (--init imagenet): cannot download them",
+                    f"copy that file to {cache}", "or --init none (random)", env=env)
+    assert IMAGENET_BACKBONES["lraspp_mobilenet_v3_large"] in line
+    assert not output.exists()
+    # once the file is in the cache, the check passes (and nothing is downloaded)
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    check_train(TrainConfig(images=str(source), labels=str(source), output=str(output), model="lraspp_mobilenet_v3_large",
+                            num_classes=3, init="imagenet"))
 
 
 def test_weights_none_without_num_classes(source, tmp_path) -> None:
@@ -233,6 +255,12 @@ def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> N
              f"GROUND_TRUTH {tmp_path / 'gt'} holds no masks: nothing to score")
     _refused(["evaluate", str(tmp_path / "gt"), str(source), str(tmp_path / "report"), "--num-classes", "2"],
              f"PREDICTIONS {tmp_path / 'gt'} holds no masks: nothing to score")
+    # a report inside the masks it scores: the next evaluation would list its files as masks
+    _refused(["evaluate", str(source), str(source), str(source / "report"), "--num-classes", "2"],
+             f"OUTPUT {source / 'report'} is inside PREDICTIONS {source}", "write OUTPUT outside PREDICTIONS")
+    _refused(["evaluate", str(source), str(tmp_path / "gt"), str(tmp_path / "gt"), "--num-classes", "2"],
+             f"OUTPUT {tmp_path / 'gt'} is GROUND_TRUTH")
+    assert not (source / "report").exists()
     (tmp_path / "a-file").write_text("")
     with pytest.raises(PreflightError, match="cannot write to OUTPUT"):
         check_evaluate(EvaluateConfig(predictions=str(source), ground_truth=str(source),
@@ -249,7 +277,7 @@ def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> N
              f"--resume {resumed} was trained with --optimizer sgd, whose state it goes on from; pass --optimizer sgd")
     _refused([*train, "--num-classes", "3", "--init", "fcn_resnet50.pt"], "--init fcn_resnet50.pt: no such file")
     _refused([*train, "--num-classes", "3", "--init", "imagenett"],  # a typo: the values --init takes besides are named
-             "unknown --init imagenett for --model lraspp_mobilenet_v3_large", "or --init none (random) or imagenet")
+             "unknown --init imagenett for --model lraspp_mobilenet_v3_large", "or --init none (random)")
     _refused([*train[:-1], "pspnet_resnet50", "--num-classes", "3", "--init", "COCO_WITH_VOC_LABELS_V1"],
              "--model pspnet_resnet50 has no published weights to load as --init COCO_WITH_VOC_LABELS_V1")
     check_train(TrainConfig(images=str(source), labels=str(source), output=str(tmp_path / "m.pt"),
@@ -259,6 +287,15 @@ def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> N
     _refused([*train, "--num-classes", "3", "--resume", validated, "--epochs", "6"],
              f"--resume {validated} chose its best epoch by validation mIoU; resume with its --val-images/--val-labels "
              "or --val-last, so that epochs are compared by the same score")
+
+    # a new run replaces no checkpoint, the best's or the last epoch's, unless told to
+    for existing in ("m.pt", "m.last.pt"):
+        (tmp_path / existing).write_bytes(b"the weights a nightly segment reads")
+        _refused([*train, "--num-classes", "3"], f"{tmp_path / existing} exists, and a new run would replace it",
+                 f"pass --resume {tmp_path / 'm.last.pt'} to go on training it, --overwrite to replace it")
+        check_train(TrainConfig(images=str(source), labels=str(source), output=str(tmp_path / "m.pt"),
+                                model="lraspp_mobilenet_v3_large", num_classes=3, overwrite=True))
+        (tmp_path / existing).unlink()
 
     # a last epoch's checkpoint goes on with its run's best, which must still be there and be it
     (tmp_path / "runs").mkdir()
@@ -357,10 +394,12 @@ def test_class_names_name_the_classes_of_weights_without_names(tmp_path) -> None
 
 def test_the_tables_kept_beside_the_checks_agree_with_their_sources(tmp_path, monkeypatch) -> None:
     """Published weights, torch.hub's cache, the checkpoint and layout formats: read here without torch."""
+    import torchvision.models._api as torchvision_api
     from torchvision.models import get_model_weights
 
     from pipeline.models import _registry, weights
     from pipeline.outputs import LAYOUT_FORMAT as WRITTEN
+    from pipeline.training import build_training_model
 
     published = {n: s.torchvision_name for n, s in _registry._REGISTRY.items() if s.torchvision_name}
     assert set(PUBLISHED_WEIGHTS) == set(published)
@@ -376,6 +415,23 @@ def test_the_tables_kept_beside_the_checks_agree_with_their_sources(tmp_path, mo
             assert (weights_.name, tuple(weights_.meta["categories"])) == (entry.name, entry.categories)
             assert (list(transforms.resize_size), tuple(transforms.mean), tuple(transforms.std)) == (
                 [entry.resize_size], entry.mean, entry.std)
+    # what --init imagenet downloads: torchvision's fetch is stopped at the URL it asks for
+    asked: list[str] = []
+
+    class Asked(Exception):
+        pass
+
+    def fetch(url: str, *args, **kwargs):
+        asked.append(url)
+        raise Asked
+
+    monkeypatch.setattr(torchvision_api, "load_state_dict_from_url", fetch)
+    assert set(IMAGENET_BACKBONES) == set(_registry._REGISTRY)
+    for name, url in IMAGENET_BACKBONES.items():
+        asked.clear()
+        with pytest.raises(Asked):
+            build_training_model(TrainConfig(images="i", labels="l", output="m.pt", model=name, num_classes=2, init="imagenet"))
+        assert asked == [url], name
     assert LAYOUT_FORMAT == WRITTEN and weights.CHECKPOINT_FORMAT == CHECKPOINT_FORMAT
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     assert hub_cache_path("https://x/y/w.pth") == os.path.join(torch.hub.get_dir(), "checkpoints", "w.pth")

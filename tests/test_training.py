@@ -334,6 +334,25 @@ def test_two_files_under_one_key_are_refused_naming_both(tmp_path):
         pair_training_data(open_location(images), open_location(labels), label_suffix="_L")
 
 
+def test_pairs_that_cannot_be_made_are_said_in_the_options_words(tmp_path):
+    """No pair (a --label-suffix that the masks do not have), or a --val-last that leaves no
+    pair to train on: each named as the command line spells it, not as a Python field."""
+    from pipeline.config import TrainConfig
+    from pipeline.runtime.training import split_pairs
+    from pipeline.storage import open_location
+    from pipeline.training import pair_training_data
+
+    images, labels = _scenes(tmp_path / "data", 2)
+    with pytest.raises(ValueError, match=r"\(2 images, 2 PNG masks; label suffix '_l'\)$") as refused:
+        pair_training_data(open_location(images), open_location(labels), label_suffix="_l")
+    assert "label_suffix" not in str(refused.value)
+    config = TrainConfig(images=images, labels=labels, output=str(tmp_path / "m.pt"), model="lraspp_mobilenet_v3_large",
+                         num_classes=4, label_suffix="_L", val_last=2)
+    with pytest.raises(ValueError, match=r"^--val-last 2 leaves nothing to train on \(2 pairs\)$"):
+        split_pairs(config)
+    assert [len(part) for part in split_pairs(config.model_copy(update={"val_last": 1}))] == [1, 1]
+
+
 def test_validation_miou_is_what_segment_and_evaluate_measure(tmp_path):
     """The validation mIoU a training run reports is measured on the path `segpipe segment
     --no-crf` runs (a replica's Segmenter and stages, masks written as PNG, read from the

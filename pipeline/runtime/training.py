@@ -84,7 +84,7 @@ def split_pairs(config: TrainConfig) -> tuple[list[TrainingPair], list[TrainingP
                                  open_location(config.val_labels, config.storage_options), label_suffix=config.label_suffix)
         return pairs, val
     if config.val_last >= len(pairs):
-        raise ValueError(f"val_last={config.val_last} leaves nothing to train on ({len(pairs)} pairs)")
+        raise ValueError(f"{config.argument_name('val_last')} {config.val_last} leaves nothing to train on ({len(pairs)} pairs)")
     cut = len(pairs) - config.val_last
     return pairs[:cut], pairs[cut:]
 
