@@ -5,8 +5,9 @@
 
 Each case is the installed `segpipe` run as a subprocess, as a user runs it, timed from start
 to exit: the mistakes of issue 16 (each must exit 2 with one line on stderr and write
-nothing), a misspelled model, `evaluate` and `train` with a missing input, and the two
-commands that only print. Prints one JSON line per case (median seconds over the repeats)
+nothing), a misspelled model, `evaluate` and `train` with a missing input, `train` offline
+with `--init imagenet` or over an existing checkpoint, `evaluate` writing into its masks, and
+the two commands that only print. Prints one JSON line per case (median seconds over the repeats)
 and a summary with the worst; the goal is under 3 s for each on a 2-core machine. The S3
 case runs against moto's server on 127.0.0.1 with every credential removed from the
 environment; the offline case points torch.hub at an empty cache and HTTPS at a closed port.
@@ -90,6 +91,12 @@ def _cases(work: Path, endpoint: str) -> dict[str, tuple[list[str], dict[str, st
         "train_resume_other_classes": (["train", str(source), str(source), str(work / "t.pt"), "--model",
                                         "lraspp_mobilenet_v3_large", "--num-classes", "5", "--resume", checkpoint],
                                        plain, 2),
+        "train_imagenet_offline": (["train", str(source), str(source), str(work / "t.pt"), "--model",
+                                    "lraspp_mobilenet_v3_large", "--num-classes", "3", "--init", "imagenet"], offline, 2),
+        "train_over_an_existing_checkpoint": (["train", str(source), str(source), checkpoint, "--model",
+                                               "lraspp_mobilenet_v3_large", "--num-classes", "3"], plain, 2),
+        "evaluate_output_inside_predictions": (["evaluate", str(source), str(source), str(source / "report"),
+                                                "--num-classes", "2"], plain, 2),
         "models": (["models"], plain, 0),
         "help": (["--help"], plain, 0),
     }

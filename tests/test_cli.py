@@ -185,6 +185,11 @@ def test_a_misspelled_option_is_named_with_the_one_meant(capsys) -> None:
     assert capsys.readouterr().err == "segpipe: error: unrecognized option --num-clases (did you mean --num-classes?)\n"
     assert main(["segment", "s", "o", "--weights", "none", "--num-classes", "2", "--no-crff"]) == 2
     assert capsys.readouterr().err == "segpipe: error: unrecognized option --no-crff (did you mean --no-crf?)\n"
+    assert main(["segmnt", "s", "o"]) == 2
+    assert capsys.readouterr().err == "segpipe: error: unknown command segmnt (did you mean segment?)\n"
+    with pytest.raises(SystemExit):  # nothing close: argparse's line, which lists the commands
+        main(["frobnicate"])
+    assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
     for unlike in ("--debug", "--version", "--help-me"):  # nothing close: argparse's own line
         with pytest.raises(SystemExit):
             main(["segment", "s", "o", unlike])
