@@ -27,11 +27,9 @@ from rasterio.windows import Window
 from .masks import decode_mask
 from .metrics import LabelRangeError, check_label_range, confusion_matrix, likely_unlabelled, scores
 from .rasters import is_georeferenced, open_raster
-from .storage import Location, iter_files, read_bytes, write_atomic
+from .storage import Location, is_mask_key, iter_files, read_bytes, write_atomic
 from .text import counted, verb_for
 
-# PNG masks, and the GeoTIFF masks of georeferenced rasters (read window by window)
-MASK_EXTENSIONS = frozenset({".png", ".tif", ".tiff"})
 # side of the windows a GeoTIFF pair is scored in: memory stays flat whatever its size
 SCORE_WINDOW = 2048
 # two georeferenced masks cover the same pixels when every corner of one lies within this
@@ -93,10 +91,6 @@ class PairScore:
 def pairing_key(key: str, suffix: str) -> str:
     stem = posixpath.splitext(key)[0]
     return stem[: -len(suffix)] if suffix and stem.endswith(suffix) else stem
-
-
-def is_mask_key(key: str) -> bool:
-    return posixpath.splitext(key)[1].lower() in MASK_EXTENSIONS
 
 
 def index_by_key(location: Location, suffix: str, accepts: Callable[[str], bool]) -> tuple[dict[str, list[str]], list[str]]:

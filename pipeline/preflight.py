@@ -43,6 +43,8 @@ from .storage import (
     StorageUnavailableError,
     absolute_url,
     folder_exists,
+    is_image_key,
+    is_mask_key,
     iter_files,
     missing_folder,
     open_file,
@@ -50,6 +52,7 @@ from .storage import (
     read_bytes,
     retry_io,
 )
+from .text import counted
 
 T = TypeVar("T")
 
@@ -266,17 +269,21 @@ def check_evaluate(config: EvaluateConfig, *, remote: bool = True) -> None:
     for url, folder in ((config.predictions, "PREDICTIONS"), (config.ground_truth, "GROUND_TRUTH")):
         _output_outside(config.output, url, folder, options,
                         "the report's files would be listed among the masks of the next evaluation")
-    _readable_folder(config.predictions, options, "PREDICTIONS", remote, if_empty="holds no masks: nothing to score")
-    _readable_folder(config.ground_truth, options, "GROUND_TRUTH", remote, if_empty="holds no masks: nothing to score")
+        _readable_folder(url, options, folder, remote, holding=(is_mask_key, "masks", "nothing to score"))
     _writable_folder(config.output, options, "OUTPUT", remote)
+
+
+# what train's folders must hold (see _readable_folder)
+_IMAGES = (is_image_key, "images", "nothing to train on")
+_MASKS = (is_mask_key, "label masks", "nothing to train on")
 
 
 def check_train(config: TrainConfig, *, remote: bool = True) -> None:
     """Everything `train` can be refused for before it starts (`remote`: as for `check_segment`)."""
     options = config.storage_options
-    for name in ("images", "labels", "val_images", "val_labels"):
+    for name, holding in (("images", _IMAGES), ("labels", _MASKS), ("val_images", _IMAGES), ("val_labels", _MASKS)):
         if getattr(config, name) is not None:
-            _readable_folder(getattr(config, name), options, config.argument_name(name), remote)
+            _readable_folder(getattr(config, name), options, config.argument_name(name), remote, holding=holding)
     _writable_file(config.output, options, "OUTPUT", remote)
     if config.resume is None and not config.overwrite:
         _no_checkpoint_replaced(config, remote)
@@ -557,11 +564,18 @@ def _open(call: Callable[[], T], label: str) -> T:
         raise PreflightError(f"{label}: {err}") from err
 
 
+# files a check looks through for the first one of the kind it wants; past them, the job
+# itself lists the folder and says what it found
+FOLDER_SCAN_LIMIT = 1000
+
+
 def _readable_folder(url: str, options: dict[str, Any], label: str, remote: bool, *,
-                     if_empty: str | None = None) -> Location | None:
+                     holding: tuple[Callable[[str], bool], str, str] | None = None) -> Location | None:
     """The folder or prefix at `url`, once it is known to exist and to be readable (None when
     it is remote and `remote` is False). Lists until its first file: one page on S3. With
-    `if_empty`, a folder without any file is refused too, with that said of it."""
+    `holding` (which keys count, what they are called, and what a job without them has to
+    do), a folder without any of them is refused too: an empty one, or one whose listing ends
+    within `FOLDER_SCAN_LIMIT` files of other kinds (the images given for the masks)."""
     location = _open(lambda: open_location(url, options), label)
     if not (remote or location.is_local):
         return None
@@ -569,20 +583,29 @@ def _readable_folder(url: str, options: dict[str, Any], label: str, remote: bool
         raise PreflightError(f"{label} {os.path.normpath(location.root)} is a file; give the folder that holds it "
                              f"({os.path.dirname(os.path.normpath(location.root))})")
     what = f"{label} {location.url}"
+    accepts = holding[0] if holding else lambda _key: True
 
-    def found() -> str:
+    def found() -> tuple[str, list[str]]:
+        others: list[str] = []
         try:
-            if next(iter_files(location), None) is not None:
-                return "files"
+            for _, file in iter_files(location):
+                if accepts(file.key) or len(others) == FOLDER_SCAN_LIMIT:
+                    return "files", others
+                others.append(file.key)
         except FileNotFoundError:
             pass
-        return "empty" if folder_exists(location) else "missing"
+        if others:
+            return "others", others
+        return ("empty" if folder_exists(location) else "missing"), others
 
-    state = _ask(what, found, local=location.is_local)
+    state, others = _ask(what, found, local=location.is_local)
     if state == "missing":
         raise PreflightError(missing_folder(location, what))
-    if state == "empty" and if_empty is not None:
-        raise PreflightError(f"{what} {if_empty}")
+    if holding is not None and state == "empty":
+        raise PreflightError(f"{what} holds no {holding[1]}: {holding[2]}")
+    if holding is not None and state == "others":
+        raise PreflightError(f"{what} holds no {holding[1]}, only {counted(len(others), 'other file')} such as "
+                             f"{others[0]}: {holding[2]}")
     return location
 
 

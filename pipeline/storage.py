@@ -46,6 +46,8 @@ from .errors import error_chain
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"})
+# PNG masks of class ids, and the GeoTIFF masks of georeferenced rasters (read window by window)
+MASK_EXTENSIONS = frozenset({".png", ".tif", ".tiff"})
 # the images that may be georeferenced rasters, read window by window (`pipeline.rasters`)
 RASTER_EXTENSIONS = frozenset({".tif", ".tiff"})
 # a chunk grows past --shard-size to keep the keys of one stem together, up to this many times
@@ -153,6 +155,11 @@ class SourceFile:
 
 def is_image_key(key: str) -> bool:
     return posixpath.splitext(key)[1].lower() in IMAGE_EXTENSIONS
+
+
+def is_mask_key(key: str) -> bool:
+    """Whether the key names a mask that evaluation and training read: `MASK_EXTENSIONS`."""
+    return posixpath.splitext(key)[1].lower() in MASK_EXTENSIONS
 
 
 def is_raster_key(key: str) -> bool:

@@ -24,14 +24,14 @@ from torch import nn
 
 from .config import TrainConfig
 from .decode import decode_image
-from .evaluation import index_by_key, is_mask_key
+from .evaluation import index_by_key
 from .inference import Segmenter
 from .masks import decode_mask, default_palette
 from .metrics import check_label_range, confusion_matrix, scores
 from .models import ModelMeta, Preprocessing, build_model
 from .models._registry import get_spec
 from .preprocess import Normalizer, to_chw_uint8
-from .storage import Location, is_image_key, read_bytes
+from .storage import Location, is_image_key, is_mask_key, read_bytes
 
 
 @dataclass(frozen=True)

@@ -255,6 +255,20 @@ def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> N
              f"GROUND_TRUTH {tmp_path / 'gt'} holds no masks: nothing to score")
     _refused(["evaluate", str(tmp_path / "gt"), str(source), str(tmp_path / "report"), "--num-classes", "2"],
              f"PREDICTIONS {tmp_path / 'gt'} holds no masks: nothing to score")
+    # the images given for the masks (the likeliest wrong folder), or masks for the images: no pair could be made
+    (tmp_path / "jpegs" / "day1").mkdir(parents=True)
+    for name in ("b.jpg", "day1/a.jpg"):
+        Image.fromarray(synthetic_scene(20, 24, 0)[0]).save(tmp_path / "jpegs" / name)
+    _refused(["evaluate", str(source), str(tmp_path / "jpegs"), str(tmp_path / "report"), "--num-classes", "2"],
+             f"GROUND_TRUTH {tmp_path / 'jpegs'} holds no masks, only 2 other files such as b.jpg: nothing to score")
+    (tmp_path / "no-images").mkdir()
+    (tmp_path / "no-images" / "notes.txt").write_text("")
+    _refused(["train", str(tmp_path / "no-images"), str(source), str(tmp_path / "m.pt"), "--model",
+              "lraspp_mobilenet_v3_large", "--num-classes", "2"],
+             f"IMAGES {tmp_path / 'no-images'} holds no images, only 1 other file such as notes.txt: nothing to train on")
+    _refused(["train", str(source), str(tmp_path / "jpegs"), str(tmp_path / "m.pt"), "--model",
+              "lraspp_mobilenet_v3_large", "--num-classes", "2"],
+             f"LABELS {tmp_path / 'jpegs'} holds no label masks, only 2 other files such as b.jpg: nothing to train on")
     # a report inside the masks it scores: the next evaluation would list its files as masks
     _refused(["evaluate", str(source), str(source), str(source / "report"), "--num-classes", "2"],
              f"OUTPUT {source / 'report'} is inside PREDICTIONS {source}", "write OUTPUT outside PREDICTIONS")
