@@ -6,8 +6,8 @@
 Each case is the installed `segpipe` run as a subprocess, as a user runs it, timed from start
 to exit: the mistakes of issue 16 (each must exit 2 with one line on stderr and write
 nothing), a misspelled model, `evaluate` and `train` with a missing input, `train` offline
-with `--init imagenet` or over an existing checkpoint, `evaluate` writing into its masks, and
-the two commands that only print. Prints one JSON line per case (median seconds over the repeats)
+with `--init imagenet`, over an existing checkpoint or without images, `evaluate` writing
+into its masks or given images for its masks, and the two commands that only print. Prints one JSON line per case (median seconds over the repeats)
 and a summary with the worst; the goal is under 3 s for each on a 2-core machine. The S3
 case runs against moto's server on 127.0.0.1 with every credential removed from the
 environment; the offline case points torch.hub at an empty cache and HTTPS at a closed port.
@@ -66,6 +66,11 @@ def _cases(work: Path, endpoint: str) -> dict[str, tuple[list[str], dict[str, st
     source = work / "src"
     source.mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(source / "a.png")
+    images = work / "jpegs"  # what is often given for the ground truth: the images it labels
+    images.mkdir()
+    for i in range(20):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / f"{i:02d}.jpg")
+    (work / "torch").mkdir()  # an empty folder (the offline case's torch.hub cache)
     checkpoint = str(work / "m.pt")
     save_checkpoint(build_model("lraspp_mobilenet_v3_large", num_classes=3), checkpoint,
                     ModelMeta.default("lraspp_mobilenet_v3_large", 3))
@@ -97,6 +102,10 @@ def _cases(work: Path, endpoint: str) -> dict[str, tuple[list[str], dict[str, st
                                                "lraspp_mobilenet_v3_large", "--num-classes", "3"], plain, 2),
         "evaluate_output_inside_predictions": (["evaluate", str(source), str(source), str(source / "report"),
                                                 "--num-classes", "2"], plain, 2),
+        "evaluate_images_as_ground_truth": (["evaluate", str(source), str(images), str(work / "report"),
+                                             "--num-classes", "2"], plain, 2),
+        "train_without_images": (["train", str(work / "torch"), str(source), str(work / "t.pt"), "--model",
+                                  "lraspp_mobilenet_v3_large", "--num-classes", "3"], plain, 2),
         "models": (["models"], plain, 0),
         "help": (["--help"], plain, 0),
     }
