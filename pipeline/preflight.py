@@ -322,9 +322,11 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
         # its best was chosen by validation mIoU, or by training mIoU without a validation set
         validated = bool(trained.get("val_images") or trained.get("val_last"))
         if trained and validated != bool(config.val_images or config.val_last):
+            held_out = (f"--val-last {trained['val_last']}" if trained.get("val_last")
+                        else f"--val-images {trained.get('val_images')} --val-labels {trained.get('val_labels')}")
             raise PreflightError(f"--resume {config.resume} chose its best epoch by "
                                  f"{'validation' if validated else 'training'} mIoU; resume "
-                                 f"{'with its --val-images/--val-labels or --val-last' if validated else 'without a validation set'}, "
+                                 f"{f'with its {held_out}' if validated else 'without a validation set'}, "
                                  "so that epochs are compared by the same score")
         check_resumed_best(config, resumed.training_state, remote=remote)
 

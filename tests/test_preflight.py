@@ -299,8 +299,11 @@ def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> N
     # a best chosen by validation mIoU is not compared with training mIoU on resume
     validated = _checkpoint(tmp_path / "validated.pt", 3, epoch=4, training={"val_last": 2})
     _refused([*train, "--num-classes", "3", "--resume", validated, "--epochs", "6"],
-             f"--resume {validated} chose its best epoch by validation mIoU; resume with its --val-images/--val-labels "
-             "or --val-last, so that epochs are compared by the same score")
+             f"--resume {validated} chose its best epoch by validation mIoU; resume with its --val-last 2, so that "
+             "epochs are compared by the same score")
+    folders = _checkpoint(tmp_path / "folders.pt", 3, epoch=4, training={"val_images": "s3://v/i", "val_labels": "s3://v/l"})
+    _refused([*train, "--num-classes", "3", "--resume", folders, "--epochs", "6"],
+             "resume with its --val-images s3://v/i --val-labels s3://v/l, so that")
 
     # a new run replaces no checkpoint, the best's or the last epoch's, unless told to
     for existing in ("m.pt", "m.last.pt"):
