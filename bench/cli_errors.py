@@ -59,8 +59,8 @@ def _moto() -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
 
 
-def _cases(work: Path, endpoint: str) -> dict[str, tuple[list[str], dict[str, str], int]]:
-    """name -> (arguments, environment, expected exit code)."""
+def _cases(work: Path, endpoint: str) -> dict[str, tuple[list[str], dict[str, str], int, str]]:
+    """name -> (arguments, environment, expected exit code, what its one line must say)."""
     from pipeline.models import ModelMeta, build_model, save_checkpoint
 
     source = work / "src"
@@ -70,7 +70,8 @@ def _cases(work: Path, endpoint: str) -> dict[str, tuple[list[str], dict[str, st
     images.mkdir()
     for i in range(20):
         Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / f"{i:02d}.jpg")
-    (work / "torch").mkdir()  # an empty folder (the offline case's torch.hub cache)
+    empty = work / "empty"
+    empty.mkdir()
     checkpoint = str(work / "m.pt")
     save_checkpoint(build_model("lraspp_mobilenet_v3_large", num_classes=3), checkpoint,
                     ModelMeta.default("lraspp_mobilenet_v3_large", 3))
@@ -84,39 +85,44 @@ def _cases(work: Path, endpoint: str) -> dict[str, tuple[list[str], dict[str, st
     no_credentials |= {"HOME": str(work), "AWS_ENDPOINT_URL": endpoint}
     out = str(work / "out")
     return {
-        "weights_none_without_num_classes": (["segment", str(source), out, "--weights", "none"], plain, 2),
+        "weights_none_without_num_classes": (["segment", str(source), out, "--weights", "none"], plain, 2,
+                                             "--weights none needs --num-classes"),
         "checkpoint_classes_disagree": (["segment", str(source), out, "--weights", checkpoint, "--num-classes", "5"],
-                                        plain, 2),
-        "default_model_offline": (["segment", str(source), out], offline, 2),
+                                        plain, 2, "--num-classes 5 but --weights"),
+        "default_model_offline": (["segment", str(source), out], offline, 2, "cannot download them"),
         "s3_without_credentials": (["segment", "s3://bench-bucket/in", "s3://bench-bucket/out", "--weights", "none",
-                                    "--num-classes", "2"], no_credentials, 2),
-        "misspelled_model": (["segment", str(source), out, "--model", "deeplabv3_resnet10"], plain, 2),
+                                    "--num-classes", "2"], no_credentials, 2, "no credentials for SOURCE"),
+        "misspelled_model": (["segment", str(source), out, "--model", "deeplabv3_resnet10"], plain, 2,
+                             "did you mean deeplabv3_resnet101"),
         "evaluate_missing_ground_truth": (["evaluate", str(source), str(work / "gt"), str(work / "report"),
-                                           "--num-classes", "2"], plain, 2),
-        "train_resume_other_classes": (["train", str(source), str(source), str(work / "t.pt"), "--model",
-                                        "lraspp_mobilenet_v3_large", "--num-classes", "5", "--resume", checkpoint],
-                                       plain, 2),
+                                           "--num-classes", "2"], plain, 2, "is not a folder that exists"),
+        "train_resume_without_training_state": (["train", str(source), str(source), str(work / "t.pt"), "--model",
+                                                 "lraspp_mobilenet_v3_large", "--num-classes", "5", "--resume",
+                                                 checkpoint], plain, 2, "holds no training state"),
         "train_imagenet_offline": (["train", str(source), str(source), str(work / "t.pt"), "--model",
-                                    "lraspp_mobilenet_v3_large", "--num-classes", "3", "--init", "imagenet"], offline, 2),
+                                    "lraspp_mobilenet_v3_large", "--num-classes", "3", "--init", "imagenet"], offline, 2,
+                                   "the ImageNet weights of lraspp_mobilenet_v3_large's backbone"),
         "train_over_an_existing_checkpoint": (["train", str(source), str(source), checkpoint, "--model",
-                                               "lraspp_mobilenet_v3_large", "--num-classes", "3"], plain, 2),
+                                               "lraspp_mobilenet_v3_large", "--num-classes", "3"], plain, 2,
+                                              "exists, and this run would replace it"),
         "evaluate_output_inside_predictions": (["evaluate", str(source), str(source), str(source / "report"),
-                                                "--num-classes", "2"], plain, 2),
+                                                "--num-classes", "2"], plain, 2, "is inside PREDICTIONS"),
         "evaluate_images_as_ground_truth": (["evaluate", str(source), str(images), str(work / "report"),
-                                             "--num-classes", "2"], plain, 2),
-        "train_without_images": (["train", str(work / "torch"), str(source), str(work / "t.pt"), "--model",
-                                  "lraspp_mobilenet_v3_large", "--num-classes", "3"], plain, 2),
-        "models": (["models"], plain, 0),
-        "help": (["--help"], plain, 0),
+                                             "--num-classes", "2"], plain, 2, "holds no masks, only 20 other files"),
+        "train_without_images": (["train", str(empty), str(source), str(work / "t.pt"), "--model",
+                                  "lraspp_mobilenet_v3_large", "--num-classes", "3"], plain, 2, "holds no images"),
+        "models": (["models"], plain, 0, ""),
+        "help": (["--help"], plain, 0, ""),
     }
 
 
-def _time(args: list[str], env: dict[str, str], expected: int, out: Path) -> float:
+def _time(args: list[str], env: dict[str, str], expected: int, says: str, out: Path) -> float:
     started = time.perf_counter()
     done = subprocess.run([SEGPIPE, *args], capture_output=True, text=True, env=env, timeout=300)
     seconds = time.perf_counter() - started
     lines = done.stderr.splitlines()
-    if done.returncode != expected or (expected == 2 and len(lines) != 1):
+    # a case refused for another reason than its own would time the wrong check
+    if done.returncode != expected or (expected == 2 and (len(lines) != 1 or says not in lines[0])):
         raise RuntimeError(f"segpipe {' '.join(args)}: exit {done.returncode}, stderr {done.stderr[-2000:]!r}")
     if out.exists():
         raise RuntimeError(f"segpipe {' '.join(args)} wrote {out}")
@@ -132,8 +138,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="segpipe-cli-bench-") as folder:
             work = Path(folder)
             results = {}
-            for name, (args, env, expected) in _cases(work, endpoint).items():
-                runs = [_time(args, env, expected, work / "out") for _ in range(repeat)]
+            for name, (args, env, expected, says) in _cases(work, endpoint).items():
+                runs = [_time(args, env, expected, says, work / "out") for _ in range(repeat)]
                 results[name] = round(statistics.median(runs), 3)
                 print(json.dumps({"case": name, "seconds": results[name], "runs": [round(r, 3) for r in runs]}),
                       flush=True)

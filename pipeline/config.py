@@ -446,6 +446,13 @@ class TrainConfig(JobConfig):
 
     _model = field_validator("model")(_known_model)
 
+    @field_validator("init")
+    @classmethod
+    def _init_keyword(cls, value: str) -> str:
+        """none and imagenet in any case, as the other values are never spelled (weights names
+        are upper case, URLs their own)."""
+        return value.lower() if value.lower() in {"none", "imagenet"} else value
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if (self.val_images is None) != (self.val_labels is None):

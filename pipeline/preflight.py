@@ -10,9 +10,10 @@ command line spells it, for the first mistake they find:
   reachable for download (both also tell `pipeline.run.model_meta` what a run's model is,
   without torch);
 - each input folder (SOURCE, GROUND_TRUTH, ...) exists and can be read, which on object
-  storage also proves the credentials;
+  storage also proves the credentials; evaluate's and train's hold masks or images;
 - OUTPUT is a folder that can be written and, when it records a layout (`_segpipe.json`),
-  the run's layout is the same.
+  the run's layout is the same; it is not an input folder nor in one; train's replaces no
+  checkpoint unless told to.
 
 They only read. The command line calls them before it imports Prefect or Ray, so a mistake
 costs a second rather than the start of a cluster and a model, and nothing reaches OUTPUT;
@@ -32,7 +33,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -248,7 +249,7 @@ def _model_weights(config: SegmentConfig, published: PublishedWeights | None, re
     classes --num-classes and --class-names name."""
     weights, classes, of = config.weights, config.num_classes, "--num-classes"
     if published is not None:
-        _downloadable(published.url, f"the weights of {config.model or ''}", f"--weights {weights}")
+        _downloadable(published.url, f"the weights of {config.model or ''}", "--weights", str(weights))
         classes, of = published.num_classes, f"--weights {weights}"
     elif weights is not None:
         checkpoint = read_checkpoint(weights, config.storage_options, "--weights", remote)
@@ -285,22 +286,24 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
         if getattr(config, name) is not None:
             _readable_folder(getattr(config, name), options, config.argument_name(name), remote, holding=holding)
     _writable_file(config.output, options, "OUTPUT", remote)
-    if config.resume is None and not config.overwrite:
+    if config.resume is None:
         _no_checkpoint_replaced(config, remote)
-    if config.init.lower() == "imagenet":
+    if config.init == "imagenet":
         if config.model not in IMAGENET_BACKBONES:
             raise PreflightError(f"--model {config.model} has no ImageNet backbone weights to start from; pass --init a "
-                                 f"checkpoint path or URL, or {_UNTRAINED['--init']}")
-        _downloadable(IMAGENET_BACKBONES[config.model], f"the ImageNet weights of {config.model}'s backbone", "--init imagenet")
-    elif config.init.lower() != "none":
+                                 "checkpoint path or URL, or --init none (random)")
+        # offline, imagenet is no way out either
+        _downloadable(IMAGENET_BACKBONES[config.model], f"the ImageNet weights of {config.model}'s backbone", "--init",
+                      "imagenet", instead="--init none (random)")
+    elif config.init != "none":
         if is_checkpoint_uri(config.init):
             start = read_checkpoint(config.init, options, "--init", remote)
             if start is not None and start.architecture != config.model:
                 raise PreflightError(f"--init {config.init} holds a {start.architecture} model, not --model {config.model}; "
                                      f"start from a checkpoint of {config.model}, or train --model {start.architecture}")
         else:
-            _downloadable(_published(config.model, config.init, "--init").url, f"the weights of {config.model}",
-                          f"--init {config.init}")
+            _downloadable(_published(config.model, config.init, "--init").url, f"the weights of {config.model}", "--init",
+                          config.init)
     if config.resume is not None:
         resumed = read_checkpoint(config.resume, options, "--resume", remote)
         if resumed is None:
@@ -329,17 +332,26 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
                                  f"{f'with its {held_out}' if validated else 'without a validation set'}, "
                                  "so that epochs are compared by the same score")
         check_resumed_best(config, resumed.training_state, remote=remote)
+        carried = config.resumed_best(resumed.training_state)
+        _no_checkpoint_replaced(config, remote, own={absolute_url(config.resume)}
+                                | ({absolute_url(carried[0])} if carried else set()))
 
 
-def _no_checkpoint_replaced(config: TrainConfig, remote: bool) -> None:
-    """A new run writes OUTPUT and its .last checkpoint from its first epoch, whatever they
-    held: often the weights a nightly `segment --weights` reads, which one mistyped command
-    would replace with an epoch of something else."""
-    for url in (config.output, config.last_checkpoint):
-        if _file_exists(url, config.storage_options, "OUTPUT", remote):
-            raise PreflightError(f"{url} exists, and a new run would replace it at its first epoch: pass --resume "
-                                 f"{config.last_checkpoint} to go on training it, --overwrite to replace it, or another "
-                                 "OUTPUT")
+def _no_checkpoint_replaced(config: TrainConfig, remote: bool, own: Collection[str] = ()) -> None:
+    """A run writes OUTPUT and its .last checkpoint, whatever they held: often the weights a
+    nightly `segment --weights` reads, which one mistyped command would replace with an epoch
+    of something else. Unless told to (`overwrite`), or OUTPUT is one of `own`, the
+    checkpoints (absolute URLs) of the run resumed, which goes on in them."""
+    if config.overwrite or absolute_url(config.output) in own:
+        return
+    options = config.storage_options
+    last = _file_exists(config.last_checkpoint, options, "OUTPUT", remote)
+    best = _file_exists(config.output, options, "OUTPUT", remote)
+    if best or last:
+        found = config.output if best else config.last_checkpoint
+        go_on = f"--resume {config.last_checkpoint} to go on training it, " if last and config.resume is None else ""
+        raise PreflightError(f"{found} exists, and this run would replace it: pass {go_on}--overwrite to replace it, "
+                             "or another OUTPUT")
 
 
 def _file_exists(url: str, options: dict[str, Any], label: str, remote: bool) -> bool:
@@ -393,7 +405,7 @@ def _published(model: str | None, weights: str, option: str) -> PublishedWeights
 
 # what to pass instead of weights that cannot be had
 _UNTRAINED = {"--weights": "--weights none with --num-classes for an untrained model",
-              "--init": "--init none (random)"}
+              "--init": "--init none (random) or imagenet"}
 
 
 def _same_classes(given: int | None, held: int, what: str) -> None:
@@ -426,13 +438,13 @@ def download_problem(url: str) -> str | None:
         return f"cannot download them from {url} ({type(err).__name__}: {reason}); offline, copy that file to {cache}"
 
 
-def _downloadable(url: str, what: str, given: str) -> None:
-    """`download_problem` as the one line a job is refused with: `what` weights, which the
-    option and value `given` ask for."""
+def _downloadable(url: str, what: str, option: str, value: str, *, instead: str | None = None) -> None:
+    """`download_problem` as the one line a job is refused with: `what` weights, which `option`
+    `value` asks for; besides a checkpoint, `instead` (default: the option's untrained value)."""
     problem = download_problem(url)
     if problem is not None:
-        option = given.split()[0]
-        raise PreflightError(f"{what} ({given}): {problem}, pass {option} a checkpoint path or URL, or {_UNTRAINED[option]}")
+        raise PreflightError(f"{what} ({option} {value}): {problem}, pass {option} a checkpoint path or URL, or "
+                             f"{instead or _UNTRAINED[option]}")
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -576,8 +588,9 @@ def _readable_folder(url: str, options: dict[str, Any], label: str, remote: bool
     """The folder or prefix at `url`, once it is known to exist and to be readable (None when
     it is remote and `remote` is False). Lists until its first file: one page on S3. With
     `holding` (which keys count, what they are called, and what a job without them has to
-    do), a folder without any of them is refused too: an empty one, or one whose listing ends
-    within `FOLDER_SCAN_LIMIT` files of other kinds (the images given for the masks)."""
+    do), until its first file of that kind, and a folder without any is refused too: an empty
+    one, or one whose listing ends within `FOLDER_SCAN_LIMIT` files of other kinds (the images
+    given for the masks)."""
     location = _open(lambda: open_location(url, options), label)
     if not (remote or location.is_local):
         return None
@@ -591,9 +604,11 @@ def _readable_folder(url: str, options: dict[str, Any], label: str, remote: bool
         others: list[str] = []
         try:
             for _, file in iter_files(location):
-                if accepts(file.key) or len(others) == FOLDER_SCAN_LIMIT:
+                if accepts(file.key):
                     return "files", others
                 others.append(file.key)
+                if len(others) == FOLDER_SCAN_LIMIT:  # the job's own listing says what it finds
+                    return "files", others
         except FileNotFoundError:
             pass
         if others:

@@ -146,7 +146,7 @@ def build_training_model(config: TrainConfig) -> tuple[nn.Module, ModelMeta, lis
         model = build_model(config.model, num_classes=config.num_classes, weights=None, weights_backbone="DEFAULT", **kwargs)
     else:
         model = build_model(config.model, num_classes=config.num_classes, weights=None, **kwargs)
-        if config.init.lower() != "none":
+        if config.init != "none":
             source = build_model(config.model, weights=config.init, storage_options=config.storage_options, **kwargs)
             skipped = load_matching(model, source.state_dict())
     meta = ModelMeta(

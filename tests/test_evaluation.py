@@ -47,6 +47,8 @@ def test_pairing_by_relative_key_with_suffixes_and_any_extension_case(tmp_path):
     nothing = score_pairs(open_location(str(tmp_path / "p")), open_location(str(tmp_path / "g")), [], ScoreSettings(num_classes=2))
     assert exclusion_summary(nothing, ScoreSettings(num_classes=2), pairing.rejected) == (
         "1 file not paired, e.g. ground truth a/w_gt.jpg: not a mask (PNG or GeoTIFF)")
+    table = class_table(build_report(nothing, pairing, ScoreSettings(num_classes=2), None), markdown=False)
+    assert "Without a partner: 1 prediction and 1 ground-truth mask; 1 more left out (see metrics.json)." in table
 
 
 def test_dataset_wide_iou_is_not_the_mean_of_per_image_iou(tmp_path):

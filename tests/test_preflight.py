@@ -84,6 +84,15 @@ def _checkpoint(path: Path, num_classes: int = 3, *, epoch: int | None = None,
     return str(path)
 
 
+def _offline(monkeypatch, env: dict[str, str]) -> None:
+    """This process offline as `env` (a proxy at a closed port) is: only torch.hub's cache can
+    let weights pass a check then."""
+    for name in {"no_proxy", "NO_PROXY", "http_proxy", "HTTP_PROXY", "https_proxy"} - set(env):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("TORCH_HOME", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, env[name])
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,9 +115,29 @@ def test_imagenet_init_offline_fails_at_once_and_says_what_to_do(source, tmp_pat
     # once the file is in the cache, the check passes (and nothing is downloaded)
     cache.parent.mkdir(parents=True)
     cache.write_bytes(b"")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _offline(monkeypatch, env)
     check_train(TrainConfig(images=str(source), labels=str(source), output=str(output), model="lraspp_mobilenet_v3_large",
-                            num_classes=3, init="imagenet"))
+                            num_classes=3, init="ImageNet"))  # the keyword in any case
+    assert TrainConfig(images="i", labels="l", output="m.pt", model="fcn_resnet50", num_classes=2, init="None").init == "none"
+
+
+def test_a_folder_is_looked_through_for_its_kind_up_to_a_limit(source, tmp_path, monkeypatch) -> None:
+    """Past FOLDER_SCAN_LIMIT files of other kinds the check stops and lets the job list the
+    rest (a mask may come later in key order); within it, a folder of none is refused."""
+    import pipeline.preflight as preflight
+
+    monkeypatch.setattr(preflight, "FOLDER_SCAN_LIMIT", 2)
+    truth = tmp_path / "gt"
+    truth.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        Image.fromarray(synthetic_scene(20, 24, 0)[0]).save(truth / name)
+    config = EvaluateConfig(predictions=str(source), ground_truth=str(truth), output=str(tmp_path / "report"), num_classes=2)
+    check_evaluate(config)
+    (truth / "b.jpg").unlink()
+    with pytest.raises(PreflightError, match=r"holds no masks, only 1 other file such as a.jpg: nothing to score$"):
+        check_evaluate(config)
+    (truth / "z.png").write_bytes((source / "a.png").read_bytes())  # a mask after it, within the limit
+    check_evaluate(config)
 
 
 def test_weights_none_without_num_classes(source, tmp_path) -> None:
@@ -146,7 +175,7 @@ def test_the_default_model_offline_fails_at_once_and_says_what_to_do(source, tmp
     # once the file is in the cache, the weights pass (and nothing is downloaded)
     cache.parent.mkdir(parents=True)
     cache.write_bytes(b"")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _offline(monkeypatch, env)
     check_segment(SegmentConfig(source=str(source), output=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
 
@@ -291,7 +320,7 @@ def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> N
              f"--resume {resumed} was trained with --optimizer sgd, whose state it goes on from; pass --optimizer sgd")
     _refused([*train, "--num-classes", "3", "--init", "fcn_resnet50.pt"], "--init fcn_resnet50.pt: no such file")
     _refused([*train, "--num-classes", "3", "--init", "imagenett"],  # a typo: the values --init takes besides are named
-             "unknown --init imagenett for --model lraspp_mobilenet_v3_large", "or --init none (random)")
+             "unknown --init imagenett for --model lraspp_mobilenet_v3_large", "or --init none (random) or imagenet")
     _refused([*train[:-1], "pspnet_resnet50", "--num-classes", "3", "--init", "COCO_WITH_VOC_LABELS_V1"],
              "--model pspnet_resnet50 has no published weights to load as --init COCO_WITH_VOC_LABELS_V1")
     check_train(TrainConfig(images=str(source), labels=str(source), output=str(tmp_path / "m.pt"),
@@ -306,13 +335,22 @@ def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> N
              "resume with its --val-images s3://v/i --val-labels s3://v/l, so that")
 
     # a new run replaces no checkpoint, the best's or the last epoch's, unless told to
-    for existing in ("m.pt", "m.last.pt"):
+    # (--resume named only where there is a last epoch's checkpoint to resume)
+    new_run = TrainConfig(images=str(source), labels=str(source), output=str(tmp_path / "m.pt"),
+                          model="lraspp_mobilenet_v3_large", num_classes=3)
+    for existing, go_on in (("m.pt", ""), ("m.last.pt", f"--resume {tmp_path / 'm.last.pt'} to go on training it, ")):
         (tmp_path / existing).write_bytes(b"the weights a nightly segment reads")
-        _refused([*train, "--num-classes", "3"], f"{tmp_path / existing} exists, and a new run would replace it",
-                 f"pass --resume {tmp_path / 'm.last.pt'} to go on training it, --overwrite to replace it")
-        check_train(TrainConfig(images=str(source), labels=str(source), output=str(tmp_path / "m.pt"),
-                                model="lraspp_mobilenet_v3_large", num_classes=3, overwrite=True))
+        _refused([*train, "--num-classes", "3"],
+                 f"{tmp_path / existing} exists, and this run would replace it: pass {go_on}--overwrite to replace it, "
+                 "or another OUTPUT")
+        check_train(new_run.model_copy(update={"overwrite": True}))
         (tmp_path / existing).unlink()
+    # nor does a resumed run write over a checkpoint of another run (its best is copied to OUTPUT first)
+    (tmp_path / "m.pt").write_bytes(b"the weights a nightly segment reads")
+    _refused([*train, "--num-classes", "3", "--resume", resumed, "--epochs", "6"],
+             f"{tmp_path / 'm.pt'} exists, and this run would replace it: pass --overwrite to replace it")
+    check_train(new_run.model_copy(update={"resume": resumed, "epochs": 6, "overwrite": True}))
+    (tmp_path / "m.pt").unlink()
 
     # a last epoch's checkpoint goes on with its run's best, which must still be there and be it
     (tmp_path / "runs").mkdir()
