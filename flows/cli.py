@@ -447,11 +447,12 @@ def _misspelled_option(parser: argparse.ArgumentParser, argv: list[str]) -> str 
     one without the likely one. Or a switch given a value (`--crf no`), which argparse reports
     as an unrecognized argument "no" without the switch's other form."""
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    at = next((i for i, arg in enumerate(argv) if arg in commands.choices), None)
-    if at is None:  # a misspelled command, which argparse names with every command but not the one meant
-        given = next((arg for arg in argv if not arg.startswith("-")), None)
-        close = difflib.get_close_matches(given, list(commands.choices), n=1, cutoff=0.75) if given else []
-        return f"unknown command {given} (did you mean {close[0]}?)" if close else None
+    at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)  # the command: options come after
+    if at is None:
+        return None
+    if argv[at] not in commands.choices:  # misspelled: argparse names every command but not the one meant
+        close = difflib.get_close_matches(argv[at], list(commands.choices), n=1, cutoff=0.75)
+        return f"unknown command {argv[at]} (did you mean {close[0]}?)" if close else None
     actions = commands.choices[argv[at]]._actions
     known = [flag for action in actions for flag in action.option_strings]
     switches = {flag: action for action in actions if isinstance(action, argparse.BooleanOptionalAction)

@@ -187,6 +187,8 @@ def test_a_misspelled_option_is_named_with_the_one_meant(capsys) -> None:
     assert capsys.readouterr().err == "segpipe: error: unrecognized option --no-crff (did you mean --no-crf?)\n"
     assert main(["segmnt", "s", "o"]) == 2
     assert capsys.readouterr().err == "segpipe: error: unknown command segmnt (did you mean segment?)\n"
+    assert main(["evalute", "preds", "train", "out"]) == 2  # a later argument that names a command is not it
+    assert capsys.readouterr().err == "segpipe: error: unknown command evalute (did you mean evaluate?)\n"
     with pytest.raises(SystemExit):  # nothing close: argparse's line, which lists the commands
         main(["frobnicate"])
     assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
