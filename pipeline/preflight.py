@@ -266,7 +266,8 @@ def _model_weights(config: SegmentConfig, published: PublishedWeights | None, re
 def check_evaluate(config: EvaluateConfig, *, remote: bool = True) -> None:
     """Everything `evaluate` can be refused for before it starts (`remote`: as for `check_segment`)."""
     options = config.storage_options
-    # an empty folder, often a {date} that named the wrong night: nothing could be scored
+    # the report beside the masks it scores, not among them; and masks to score in each folder
+    # (an empty one is often a {date} that named the wrong night)
     for url, folder in ((config.predictions, "PREDICTIONS"), (config.ground_truth, "GROUND_TRUTH")):
         _output_outside(config.output, url, folder, options,
                         "the report's files would be listed among the masks of the next evaluation")
