@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows._storage import resolve_storage_options
 from pipeline.config import TrainConfig
-from pipeline.preflight import check_train
+from pipeline.preflight import check_train, read_checkpoint
 from pipeline.runtime.training import TrainSummary, run_training
 
 
@@ -40,8 +40,14 @@ def train_model(config: TrainConfig, storage_secret: str | None = None) -> dict[
     to config.last_checkpoint, which `resume` goes on from. Credentials: as for segment-archive."""
     config = config.with_storage_options(resolve_storage_options(config.storage_options, storage_secret))
     check_train(config)  # as the command line does; here with the credentials of a Secret block too
+    taken: list[str] = []
+    if config.resume is not None:
+        trained = read_checkpoint(config.resume, config.storage_options, "--resume").meta.get("extra", {})
+        config, taken = config.resumed_with(trained.get("training", {}))
+        if taken:
+            print(f"resumed with the settings {config.resume} was trained with: {', '.join(taken)}")
     summary = train_on_ray(config)
     publish(summary)
     print(f"{summary.model}: best {summary.score} {summary.best_score} at epoch {summary.best_epoch}; "
           f"checkpoint {summary.output}")
-    return dataclasses.asdict(summary) | {"images_per_second": summary.images_per_second}
+    return dataclasses.asdict(summary) | {"images_per_second": summary.images_per_second, "resumed_with": taken}

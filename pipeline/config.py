@@ -398,6 +398,19 @@ class EvaluateConfig(JobConfig):
         return self
 
 
+# what a resumed training run takes from its checkpoint when not given again, as it takes its
+# class names and palette: the recipe and the pairing (`TrainConfig.resumed_with`); and its
+# validation set, as one, so that epochs are compared by the same score
+RESUMED_SETTINGS = ("batch_size", "crop", "scale", "ignore_index", "optimizer", "lr", "weight_decay", "aux_weight",
+                    "label_suffix", "seed")
+VALIDATION_SETTINGS = ("val_images", "val_labels", "val_last")
+
+
+def _shown(value: Any) -> str:
+    """A setting's value as it is typed on the command line."""
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 class TrainConfig(JobConfig):
     """Everything `segpipe train` needs."""
 
@@ -466,6 +479,18 @@ class TrainConfig(JobConfig):
         if not 0 < self.scale[0] <= self.scale[1]:
             raise ValueError(f"--scale must be LOW HIGH with 0 < LOW <= HIGH, got {self.scale}")
         return self
+
+    def resumed_with(self, trained: Mapping[str, Any]) -> tuple[TrainConfig, list[str]]:
+        """This config with the settings a resumed checkpoint was trained with (`trained`, as
+        saved in it) where this one gives none: `RESUMED_SETTINGS`, and its validation set
+        unless one is given. Also those that changed a value, as the command line spells them.
+        Given settings stay (another --lr is allowed, another --optimizer refused later)."""
+        taken = [name for name in RESUMED_SETTINGS if name not in self.model_fields_set and name in trained]
+        if not self.model_fields_set & set(VALIDATION_SETTINGS):
+            taken += [name for name in VALIDATION_SETTINGS if name in trained]
+        resumed = type(self).model_validate(self.model_dump() | {name: trained[name] for name in taken})
+        changed = [name for name in taken if getattr(resumed, name) != getattr(self, name)]
+        return resumed, [f"{option_name(name)} {_shown(getattr(resumed, name))}" for name in changed]
 
     @property
     def last_checkpoint(self) -> str:

@@ -281,8 +281,13 @@ _MASKS = (is_mask_key, "label masks", "nothing to train on")
 
 
 def check_train(config: TrainConfig, *, remote: bool = True) -> None:
-    """Everything `train` can be refused for before it starts (`remote`: as for `check_segment`)."""
+    """Everything `train` can be refused for before it starts (`remote`: as for `check_segment`).
+    A resumed run is checked as it will run: with the settings its checkpoint was trained with
+    where none are given (`TrainConfig.resumed_with`), its validation set included."""
     options = config.storage_options
+    resumed = read_checkpoint(config.resume, options, "--resume", remote) if config.resume is not None else None
+    trained = resumed.meta.get("extra", {}).get("training", {}) if resumed is not None else {}
+    config, _ = config.resumed_with(trained)
     for name, holding in (("images", _IMAGES), ("labels", _MASKS), ("val_images", _IMAGES), ("val_labels", _MASKS)):
         if getattr(config, name) is not None:
             _readable_folder(getattr(config, name), options, config.argument_name(name), remote, holding=holding)
@@ -305,10 +310,7 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
         else:
             _downloadable(_published(config.model, config.init, "--init").url, f"the weights of {config.model}", "--init",
                           config.init)
-    if config.resume is not None:
-        resumed = read_checkpoint(config.resume, options, "--resume", remote)
-        if resumed is None:
-            return
+    if resumed is not None:
         if resumed.trained_epochs is None:
             raise PreflightError(f"--resume {config.resume} holds no training state; resume from a checkpoint written by "
                                  "segpipe train")
@@ -319,7 +321,6 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
             raise PreflightError(f"--resume {config.resume} already trained {resumed.trained_epochs} epochs; ask for "
                                  "more than that with --epochs")
         # the optimizer's state goes on from the checkpoint's: another optimizer cannot take it
-        trained = resumed.meta.get("extra", {}).get("training", {})
         if trained.get("optimizer", config.optimizer) != config.optimizer:
             raise PreflightError(f"--resume {config.resume} was trained with --optimizer {trained['optimizer']}, whose "
                                  f"state it goes on from; pass --optimizer {trained['optimizer']}")

@@ -325,14 +325,25 @@ def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> N
              "--model pspnet_resnet50 has no published weights to load as --init COCO_WITH_VOC_LABELS_V1")
     check_train(TrainConfig(images=str(source), labels=str(source), output=str(tmp_path / "m.pt"),
                             model="lraspp_mobilenet_v3_large", num_classes=3, resume=resumed, epochs=6))
-    # a best chosen by validation mIoU is not compared with training mIoU on resume
+    # a best chosen by validation mIoU is not compared with training mIoU on resume: left out,
+    # the validation set is the checkpoint's; given otherwise, refused
     validated = _checkpoint(tmp_path / "validated.pt", 3, epoch=4, training={"val_last": 2})
-    _refused([*train, "--num-classes", "3", "--resume", validated, "--epochs", "6"],
+    check_train(TrainConfig(images=str(source), labels=str(source), output=str(tmp_path / "v.pt"),
+                            model="lraspp_mobilenet_v3_large", num_classes=3, resume=validated, epochs=6))
+    _refused([*train, "--num-classes", "3", "--resume", validated, "--epochs", "6", "--val-last", "0"],
              f"--resume {validated} chose its best epoch by validation mIoU; resume with its --val-last 2, so that "
              "epochs are compared by the same score")
-    folders = _checkpoint(tmp_path / "folders.pt", 3, epoch=4, training={"val_images": "s3://v/i", "val_labels": "s3://v/l"})
-    _refused([*train, "--num-classes", "3", "--resume", folders, "--epochs", "6"],
-             "resume with its --val-images s3://v/i --val-labels s3://v/l, so that")
+    folders = _checkpoint(tmp_path / "folders.pt", 3, epoch=4, training={"val_images": str(source), "val_labels": str(source)})
+    _refused([*train, "--num-classes", "3", "--resume", folders, "--epochs", "6", "--val-last", "0"],
+             f"resume with its --val-images {source} --val-labels {source}, so that")
+    # the validation set taken from the checkpoint is checked as one given: here, it is gone
+    gone = _checkpoint(tmp_path / "gone.pt", 3, epoch=4, training={"val_images": str(tmp_path / "gone"),
+                                                                  "val_labels": str(source)})
+    _refused([*train, "--num-classes", "3", "--resume", gone, "--epochs", "6"],
+             f"--val-images {tmp_path / 'gone'} is not a folder that exists")
+    unvalidated = _checkpoint(tmp_path / "unvalidated.pt", 3, epoch=4, training={"val_last": 0})
+    _refused([*train, "--num-classes", "3", "--resume", unvalidated, "--epochs", "6", "--val-last", "1"],
+             "chose its best epoch by training mIoU; resume without a validation set")
 
     # a new run replaces no checkpoint, the best's or the last epoch's, unless told to
     # (--resume named only where there is a last epoch's checkpoint to resume)

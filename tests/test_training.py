@@ -273,6 +273,18 @@ def test_train_command_learns_and_segment_runs_its_checkpoint_alone(tmp_path):
     assert mask.getpalette()[:12] == [v for colour in PALETTE for v in colour]
     assert decode_mask((tmp_path / "out" / "masks" / "day1" / "00.png").read_bytes()).max() < 4
 
+    # resumed for one more epoch with only what must be given: the recipe, the pairing and the
+    # validation set go on from the checkpoint (the default crop, 512, would have been larger
+    # than these 64 x 80 scenes, and no validation set is refused)
+    more = _segpipe("train", images, labels, str(checkpoint), "--model", "deeplabv3_mobilenet_v3_large",
+                    "--num-classes", "4", "--epochs", "21", "--resume", str(last), "--workers", "2")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert (f"resumed with the settings {last} was trained with: --batch-size 3, --crop 48 48, --lr 0.02, "
+            "--label-suffix _L, --val-last 2") in more.stdout
+    trained = load_checkpoint(str(last))[0].extra["training"]
+    assert (trained["epochs"], trained["crop"], trained["batch_size"], trained["val_last"]) == (21, [48, 48], 3, 2)
+    assert "12 training images and 2 validation images" in more.stdout
+
 
 @pytest.mark.slow
 def test_camvid_frames_train_with_the_last_20_held_out(ray_cpu, tmp_path, shared_data):
