@@ -337,8 +337,8 @@ def _train(args: argparse.Namespace) -> int:
 
     with prefect_server.api():
         summary = train_model(config, storage_secret=args.storage_secret)
-    if summary["resumed_with"]:  # what was not given again, taken from the checkpoint
-        print(f"resumed with the settings {config.resume} was trained with: {', '.join(summary['resumed_with'])}")
+    if summary["resumed"]:  # what was not given again, taken from the checkpoint
+        print(summary["resumed"])
     print(f"{'epoch':>5} {'loss':>8} {'train mIoU':>10} {'val mIoU':>8} {'images/s':>8}")
     for e in summary["epochs"]:
         print(f"{e['epoch']:>5} {e['loss']:>8.4f} {_score(e['train_miou'], 10)} {_score(e['val_miou'], 8)} "

@@ -40,14 +40,15 @@ def train_model(config: TrainConfig, storage_secret: str | None = None) -> dict[
     to config.last_checkpoint, which `resume` goes on from. Credentials: as for segment-archive."""
     config = config.with_storage_options(resolve_storage_options(config.storage_options, storage_secret))
     check_train(config)  # as the command line does; here with the credentials of a Secret block too
-    taken: list[str] = []
+    resumed = None  # the line saying what a resumed run took from its checkpoint, if anything
     if config.resume is not None:
         trained = read_checkpoint(config.resume, config.storage_options, "--resume").meta.get("extra", {})
         config, taken = config.resumed_with(trained.get("training", {}))
         if taken:
-            print(f"resumed with the settings {config.resume} was trained with: {', '.join(taken)}")
+            resumed = f"resumed with the settings {config.resume} was trained with: {', '.join(taken)}"
+            print(resumed)
     summary = train_on_ray(config)
     publish(summary)
     print(f"{summary.model}: best {summary.score} {summary.best_score} at epoch {summary.best_epoch}; "
           f"checkpoint {summary.output}")
-    return dataclasses.asdict(summary) | {"images_per_second": summary.images_per_second, "resumed_with": taken}
+    return dataclasses.asdict(summary) | {"images_per_second": summary.images_per_second, "resumed": resumed}

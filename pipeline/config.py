@@ -488,6 +488,8 @@ class TrainConfig(JobConfig):
         taken = [name for name in RESUMED_SETTINGS if name not in self.model_fields_set and name in trained]
         if not self.model_fields_set & set(VALIDATION_SETTINGS):
             taken += [name for name in VALIDATION_SETTINGS if name in trained]
+        if not taken:
+            return self, []
         resumed = type(self).model_validate(self.model_dump() | {name: trained[name] for name in taken})
         changed = [name for name in taken if getattr(resumed, name) != getattr(self, name)]
         return resumed, [f"{option_name(name)} {_shown(getattr(resumed, name))}" for name in changed]
