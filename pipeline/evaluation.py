@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from rasterio.errors import RasterioError
+from rasterio.enums import MaskFlags
+from rasterio.io import DatasetReader
 from rasterio.windows import Window
 
 from .masks import decode_mask
 from .metrics import LabelRangeError, check_label_range, confusion_matrix, likely_unlabelled, scores
-from .rasters import is_georeferenced, open_raster
+from .rasters import is_georeferenced, open_raster, read_named
 from .storage import Location, is_mask_key, iter_files, read_bytes, write_atomic
 from .text import counted, verb_for
 
@@ -186,11 +187,47 @@ def _placement_mismatch(pred_file: Any, truth_file: Any) -> str | None:
     return None
 
 
+def _nodata_rule(file: DatasetReader, labels: Callable[[int], int], settings: ScoreSettings) -> tuple[float | None, bool]:
+    """How one side of a raster pair marks its pixels without data: the nodata value to leave
+    out (or None), and whether to read its mask (an internal mask or alpha band; 0 is no data).
+    One rule for both sides:
+
+    - only a GeoTIFF has nodata: a PNG's transparent colour, which GDAL reports as nodata, is
+      scored, as in PNG pairs;
+    - a nodata value that is a class id is scored as that class, never dropped (label rasters
+      often inherit nodata 0 from their imagery's profile). A class id as `labels` sees it: the
+      prediction's value as it is, the ground truth's after --label-map and --reduce-zero-label,
+      as its labels are checked (0/255 footprints saved with nodata 255 and scored with
+      --label-map 255:1 have 255 scored as class 1);
+    - GDAL reports the mask of a nodata value as `nodata`: that one follows the value rule, so
+      only a mask of the file's own (`per_dataset`, `alpha`) is read."""
+    if file.driver != "GTiff":
+        return None, False
+    value = file.nodata
+    # a float's -3.4e38 or 0.5 is none: labels are the int64 pixels that `remap_ground_truth` makes
+    if (value is not None and float(value).is_integer() and 0 <= value <= np.iinfo(np.int64).max
+            and 0 <= labels(int(value)) < settings.num_classes):
+        value = None
+    flags = file.mask_flag_enums[0]
+    return value, MaskFlags.per_dataset in flags or MaskFlags.alpha in flags
+
+
+def _nodata_in(file: DatasetReader, values: np.ndarray, window: Window, rule: tuple[float | None, bool]) -> np.ndarray:
+    """The pixels of `window` (whose `values` are read) without data by `_nodata_rule`."""
+    value, masked = rule
+    nodata = values == value if value is not None else np.zeros(values.shape, dtype=bool)
+    if masked:
+        nodata |= read_named(file, f"the mask of window {window}", file.read_masks, 1, window=window) == 0
+    return nodata
+
+
 def score_raster_pair(pair: Pair, predictions: Location, ground_truth: Location, settings: ScoreSettings) -> PairScore:
     """A pair of which one side is a GeoTIFF, read window by window (PNG masks open through
-    GDAL as well). Pixels are not scored where the prediction is nodata (outside the raster's
-    valid data) or a GeoTIFF ground truth is (unlabelled). Each side must be one band of class
-    ids, and two georeferenced sides must lie on the same pixels of the same CRS."""
+    GDAL as well). Pixels are not scored where either GeoTIFF has no data: the prediction
+    outside the raster's valid data, the ground truth unlabelled (`_nodata_rule`). Each side
+    must be one band of class ids, and two georeferenced sides must lie on the same pixels of
+    the same CRS. Storage that fails through its retries raises StorageUnavailableError, as
+    for PNG pairs: the pair is not left out."""
     try:
         with open_raster(predictions, pair.prediction) as pred_file, open_raster(ground_truth, pair.ground_truth) as truth_file:
             for side, key, file in (("prediction", pair.prediction, pred_file), ("ground truth", pair.ground_truth, truth_file)):
@@ -207,34 +244,26 @@ def score_raster_pair(pair: Pair, predictions: Location, ground_truth: Location,
                 return PairScore(pair.image_id, error=(
                     f"prediction {pair.prediction} and ground truth {pair.ground_truth} do not cover the same "
                     f"pixels: {mismatch}"))
-            # a GeoTIFF's nodata is its unlabelled pixels; a PNG's transparent colour is not read so, as
-            # PNG pairs score it. A nodata value that is a class id (label rasters often inherit
-            # nodata 0 from their imagery's profile) is scored as that class, never dropped
-            truth_nodata = truth_file.nodata if truth_file.driver == "GTiff" else None
-            if truth_nodata is not None and 0 <= truth_nodata < settings.num_classes:
-                truth_nodata = None
+            pred_rule = _nodata_rule(pred_file, lambda value: value, settings)
+            truth_rule = _nodata_rule(truth_file, lambda value: int(remap_ground_truth(np.array([value]), settings)[0]),
+                                      settings)
             confusion = np.zeros((settings.num_classes,) * 2, dtype=np.int64)
             nodata_pixels = 0
             for row in range(0, pred_file.height, SCORE_WINDOW):
                 for col in range(0, pred_file.width, SCORE_WINDOW):
                     window = Window(col, row, min(SCORE_WINDOW, pred_file.width - col), min(SCORE_WINDOW, pred_file.height - row))
-                    pred = pred_file.read(1, window=window).astype(np.int64)
-                    raw_truth = truth_file.read(1, window=window)
+                    # through `read_named`: a storage outage under GDAL raises its own error, not a corrupt file's
+                    pred = read_named(pred_file, f"window {window}", pred_file.read, 1, window=window).astype(np.int64)
+                    raw_truth = read_named(truth_file, f"window {window}", truth_file.read, 1, window=window)
                     truth = remap_ground_truth(raw_truth, settings)
-                    nodata = np.zeros(truth.shape, dtype=bool)
-                    if truth_nodata is not None:
-                        nodata |= raw_truth == truth_nodata
-                    if pred_file.nodata is not None:
-                        pred_nodata = pred == pred_file.nodata
-                        nodata |= pred_nodata
-                        pred[pred_nodata] = 0
+                    pred_nodata = _nodata_in(pred_file, pred, window, pred_rule)
+                    pred[pred_nodata] = 0  # a class id for the range check: these pixels are not scored
+                    nodata = pred_nodata | _nodata_in(truth_file, raw_truth, window, truth_rule)
                     truth[nodata] = settings.ignore_index
                     nodata_pixels += int(nodata.sum())
                     confusion += _labels_confusion(pair, pred, truth, settings)
-    except (ValueError, FileNotFoundError) as err:  # ImageDecodeError is a ValueError: named, left out
+    except (ValueError, FileNotFoundError) as err:  # ImageDecodeError (a corrupt file) is a ValueError: named, left out
         return PairScore(pair.image_id, error=str(err), stray=getattr(err, "stray", None))
-    except RasterioError as err:  # a file GDAL opened but cannot read through
-        return PairScore(pair.image_id, error=f"unreadable mask ({type(err).__name__}: {err})")
     return PairScore(pair.image_id, confusion=confusion, pixels=pred_file.width * pred_file.height,
                      nodata_pixels=nodata_pixels)
 
@@ -519,12 +548,9 @@ def class_table(report: dict[str, Any], *, markdown: bool) -> str:
         advice = f"; if {index} is a class of these masks, map it to one with --label-map" if ignored and index == 255 else ""
         lines += ["", f"Not scored: {unscored} of {report['pixels']} pixels ({unscored / report['pixels']:.1%}): "
                   f"{', '.join(c for c in causes if c)}{advice}."]
-    left_out = len(report["excluded"]) + len(report["unpaired_predictions"]) + len(report["unpaired_ground_truth"])
-    if left_out:
-        excluded = len(report["excluded"])
+    if report["unpaired_predictions"] or report["unpaired_ground_truth"]:
         lines += ["", f"Without a partner: {counted(len(report['unpaired_predictions']), 'prediction')} and "
-                  f"{counted(len(report['unpaired_ground_truth']), 'ground-truth mask')}; "
-                  f"{excluded} more left out (see metrics.json)."]
-    if report.get("excluded_summary"):
+                  f"{counted(len(report['unpaired_ground_truth']), 'ground-truth mask')} (see metrics.json)."]
+    if report.get("excluded_summary"):  # the pairs and files left out otherwise
         lines += ["", f"Excluded: {report['excluded_summary']}."]
     return "\n".join(lines)

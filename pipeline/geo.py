@@ -49,7 +49,7 @@ POLYGONS_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
     pa.field("class_id", pa.int32(), nullable=False),
     pa.field("class_name", pa.string(), nullable=False),
-    # m² in a projected CRS, else pixels: see polygon_area
+    # the region's pixels, in m² in a projected CRS, else in pixels: see pixel_area
     pa.field("area", pa.float64(), nullable=False),
     pa.field("geometry", pa.binary(), nullable=False),  # WKB, in the raster's CRS
 ])
@@ -86,7 +86,8 @@ class MaskWriter:
     `overview_resampling` (mode by default: a class id, never a blend of two); both steps
     stream tile by tile through GDAL's block cache, so memory does not grow with the raster.
     On an error both files are removed. Pixels no window covered read as `nodata` (0 when
-    `nodata` is None). The same writer serves the confidence map (no palette). `threads`:
+    `nodata` is None). The same writer serves the confidence map (no palette), whose levels
+    are averaged for its overviews (`Resampling.average`, nodata left out). `threads`:
     GDAL's for compressing tiles and building the overviews (`rasters.gdal_env`).
     """
 
@@ -114,10 +115,11 @@ class MaskWriter:
             len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in palette
         )):
             raise ValueError("palette must be at most 256 (r, g, b) colours with values in [0, 255]")
-        if overview_resampling not in (Resampling.mode, Resampling.nearest):
-            raise ValueError(
-                f"overview_resampling={overview_resampling.name}: class ids must not be blended; use mode or nearest"
-            )
+        if overview_resampling not in (Resampling.mode, Resampling.nearest, Resampling.average):
+            raise ValueError(f"overview_resampling={overview_resampling.name}: use mode or nearest for class ids, "
+                             "average for levels")
+        if palette is not None and overview_resampling == Resampling.average:
+            raise ValueError("overview_resampling=average with a palette: class ids must not be blended; use mode or nearest")
         self.width, self.height = width, height
         self.crs, self.transform, self.nodata = crs, transform, nodata
         self.palette = palette
@@ -184,30 +186,17 @@ class MaskWriter:
 
 
 def pixel_area(crs: CRS | None, transform: Affine) -> float:
-    """The area of one pixel in `polygon_area`'s units: m² in a projected CRS, else 1 (pixels),
-    so that class areas and polygon areas add up in the same units."""
+    """The area of one pixel: m² in a projected CRS (whatever its linear unit, US feet
+    included), else 1, so that areas are in pixels (a geographic CRS's degrees are no unit of
+    area; nor is a raster without a CRS). Class areas and polygon areas use it alike."""
     if crs is not None and crs.is_projected:
         return abs(transform.determinant) * crs.linear_units_factor[1] ** 2
     return 1.0
 
 
-def polygon_area(geometry: shapely.Geometry | np.ndarray, crs: CRS | None, transform: Affine) -> float | np.ndarray:
-    """Planar area of polygons in the raster's CRS (one geometry, or an array of them).
-
-    In m² when the CRS is projected (any linear unit, e.g. US feet, is converted to metres);
-    otherwise (a geographic CRS, whose units are degrees, or no CRS) in pixels: the area in
-    map units divided by the area of one pixel under `transform`.
-    """
-    area = shapely.area(geometry)
-    if crs is not None and crs.is_projected:
-        _, metres_per_unit = crs.linear_units_factor
-        return area * metres_per_unit**2
-    return area / abs(transform.determinant)
-
-
 class ClassPolygon(NamedTuple):
-    """One connected region of one class: a Polygon in the raster's CRS, and its area as
-    `polygon_area` gives it."""
+    """One connected region of one class: a Polygon in the raster's CRS, and the area of its
+    pixels (`pixel_area`'s units)."""
 
     class_id: int
     geometry: shapely.Polygon
@@ -218,18 +207,25 @@ class PolygonCollector:
     """Vectorises a label raster block by block into one polygon per connected region (pixels
     joined by their sides, as rasterio's 4-connectivity), whatever the blocks.
 
-    `add` returns the block's regions that lie wholly inside it (final) and holds back those
-    touching an edge shared with another block; `finish` unions the held pieces per class and
-    returns the merged regions. Memory is bounded by the regions along block edges, and the
-    caller can stream the final rows out as they come.
+    Blocks come in rows, top to bottom (as `rasters.plan_blocks` lists them). `add` returns the
+    block's regions that lie wholly inside it, and holds back those touching an edge shared
+    with another block; when a new row of blocks begins, the held pieces are merged per class,
+    and the regions that end above it (which no later block can reach) are returned too.
+    `finish` returns the rest. So memory holds the pieces of about one row of blocks, not of
+    the whole raster (a region as large as the raster, say a background class around every
+    building, is held whole until it ends: it is one polygon, with a hole per building), and
+    the caller can stream the final rows out as they come.
 
     Pieces are polygonised and merged in the raster's pixel coordinates: there the vertices
     two neighbouring blocks share are the same integers, so the union closes every seam
     exactly (map coordinates computed from two window transforms may differ in the last bit
-    and leave slivers). Geometries go to map coordinates only when final. They are simplified
-    (`simplify`: topology-preserving per polygon, so neighbouring polygons may gain gaps or
-    overlaps up to that tolerance) and dropped when their area is under `min_area`, both in the
-    units of `polygon_area`: metres (m²) in a projected CRS, else pixels.
+    and leave slivers). Geometries go to map coordinates only when final. A region's `area`
+    is that of its pixels, in `pixel_area`'s units (m² in a projected CRS, else pixels), and
+    `min_area` drops regions by it. `simplify` then simplifies each polygon on its own
+    (Douglas-Peucker preserving its topology, as `ogr2ogr -simplify` does), with its tolerance
+    in the same units (metres, or pixels), from a canonical form of the polygon, so that the
+    result does not depend on how the blocks cut it; neighbouring polygons may gain gaps or
+    overlaps up to the tolerance where their shared edge simplifies differently.
     """
 
     def __init__(
@@ -250,6 +246,7 @@ class PolygonCollector:
         self.width, self.height = width, height
         self.min_area, self.simplify = min_area, simplify
         self._held: dict[int, list[shapely.Polygon]] = defaultdict(list)
+        self._row = 0  # the top of the row of blocks being added
         self._finished = False
 
     @property
@@ -263,6 +260,11 @@ class PolygonCollector:
         if self._finished:
             raise RuntimeError("PolygonCollector.add called after finish")
         col, row, w, h = _integer_window(core_window, self.width, self.height)
+        if row < self._row:
+            raise ValueError(f"block {core_window} comes after a block starting at row {self._row}: "
+                             "blocks must come in rows, top to bottom")
+        settled = self._settle(above=row) if row > self._row else []
+        self._row = row
         labels = np.asarray(labels)
         if labels.shape != (h, w):
             raise ValueError(f"labels of shape {labels.shape} for a window of {h} rows x {w} cols")
@@ -291,33 +293,52 @@ class PolygonCollector:
             else:
                 final_ids.append(int(value))
                 final.append(polygon)
-        return self._finalise(final_ids, final)
+        return settled + self._finalise(final_ids, final)
 
     def finish(self) -> list[ClassPolygon]:
-        """The regions held at block edges, merged per class: one polygon per region."""
+        """The regions still held at block edges, merged per class: one polygon per region."""
         if self._finished:
             raise RuntimeError("PolygonCollector.finish called twice")
         self._finished = True
+        return self._settle(above=None)
+
+    def _settle(self, *, above: int | None) -> list[ClassPolygon]:
+        """Merges the held pieces per class, and returns the regions whose last row is above
+        pixel row `above` (None: all of them); the others stay held, merged."""
         class_ids: list[int] = []
         merged: list[shapely.Polygon] = []
         for class_id in sorted(self._held):
-            parts = shapely.get_parts(shapely.union_all(self._held[class_id]))
-            class_ids += [class_id] * len(parts)
-            merged += list(parts)
-        self._held.clear()
+            # without the vertices the seams left on straight edges: the region as found whole
+            regions = shapely.simplify(shapely.get_parts(shapely.union_all(self._held[class_id])), 0)
+            # a region ending exactly at `above` touches the next row of blocks: it may go on
+            ended = regions if above is None else regions[shapely.bounds(regions)[:, 3] < above]
+            class_ids += [class_id] * len(ended)
+            merged += list(ended)
+            self._held[class_id] = [] if above is None else list(regions[shapely.bounds(regions)[:, 3] >= above])
+        self._held = defaultdict(list, {k: v for k, v in self._held.items() if v})
         return self._finalise(class_ids, merged)
 
     def _finalise(self, class_ids: list[int], pixel_polygons: list[shapely.Polygon]) -> list[ClassPolygon]:
-        """Pixel-space polygons -> map coordinates, simplified, filtered by area."""
+        """Pixel-space polygons -> their areas, filtered by area, in map coordinates, simplified."""
         if not pixel_polygons:
             return []
+        geometries = np.asarray(pixel_polygons, dtype=object)
+        areas = shapely.area(geometries) * pixel_area(self.crs, self.transform)  # whole pixels: exact
+        keep = areas >= self.min_area
+        geometries, areas = geometries[keep], areas[keep]
+        class_ids = [class_id for class_id, kept in zip(class_ids, keep, strict=True) if kept]
         a, b, c, d, e, f = self.transform[:6]
 
         def to_map(xy: np.ndarray) -> np.ndarray:
             return np.column_stack((a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f))
 
-        geometries = np.asarray(pixel_polygons, dtype=object)
         projected = self.crs is not None and self.crs.is_projected
+        if self.simplify > 0:
+            # Douglas-Peucker's result depends on where a ring starts, which differs between a
+            # region found whole in one block and the same region merged from pieces: the normal
+            # form starts it at the same vertex either way (taken in pixels, so that a CRS's
+            # axes, flipped or scaled, make no difference either)
+            geometries = shapely.normalize(geometries)
         if self.simplify > 0 and not projected:
             # pixels, as the areas are counted: in degrees, a tolerance meant for metres would
             # reduce every region to a triangle or nothing
@@ -326,11 +347,10 @@ class PolygonCollector:
         if self.simplify > 0 and projected:
             _, metres_per_unit = self.crs.linear_units_factor
             geometries = shapely.simplify(geometries, self.simplify / metres_per_unit, preserve_topology=True)
-        areas = polygon_area(geometries, self.crs, self.transform)
         return [
             ClassPolygon(class_id, geometry, float(area))
             for class_id, geometry, area in zip(class_ids, geometries, areas, strict=True)
-            if area >= self.min_area and not geometry.is_empty
+            if not geometry.is_empty
         ]
 
 

@@ -42,6 +42,7 @@ from .records import (
     ImageRecord,
     confidence_key_for,
     mask_key,
+    polygons_part_key,
     run_record_key,
     staging_folder,
 )
@@ -299,15 +300,17 @@ class OutputStore:
         return vanished
 
     def _write_polygons(self, shard_id: str, records: Sequence[ImageRecord], *, reprocessed: bool) -> None:
-        """OUTPUT/polygons/shard=<id>/part-<n>.parquet: each raster's GeoParquet file (a file
-        has one CRS, and the rasters of a shard may lie in several), moved from where its
-        replica staged it; parts a previous attempt left beyond them are removed, so the
+        """OUTPUT/polygons/shard=<id>/part-<digest of the raster's key>.parquet: each raster's
+        GeoParquet file (a file has one CRS, and the rasters of a shard may lie in several),
+        moved from where its replica staged it over the file of the same raster a previous
+        attempt committed; then that attempt's files of other rasters are removed, so the
         shard's rows are exactly this attempt's."""
         written = set()
-        for index, key in enumerate(r.polygons_key for r in records if r.polygons_key):
-            part = f"polygons/shard={shard_id}/part-{index}.parquet"
-            move_atomic(self.location, key, part)
-            written.add(part)
+        for record in records:
+            if record.polygons_key:
+                part = polygons_part_key(shard_id, record.key)
+                move_atomic(self.location, record.polygons_key, part)
+                written.add(part)
         if not reprocessed:
             return
         folder = f"polygons/shard={shard_id}"

@@ -197,7 +197,7 @@ def _open(location: Location, key: str) -> Iterator[DatasetReader]:
         dataset.close()
 
 
-def _read(dataset: DatasetReader, what: str, read: Any, *args: Any, **kwargs: Any) -> np.ndarray:
+def read_named(dataset: DatasetReader, what: str, read: Any, *args: Any, **kwargs: Any) -> np.ndarray:
     """`read(*args, **kwargs)` (a dataset's `read` or `read_masks`), with GDAL's failures
     named: the error met under GDAL, else ImageDecodeError("corrupt")."""
     opener = _OPENERS.get(dataset)
@@ -332,11 +332,11 @@ def band_limits(dataset: DatasetReader, bands: Sequence[int]) -> np.ndarray:
     if shape is not None:
         # a read at the overview's size is served by GDAL from the overview itself
         out = {"out_shape": (len(unique), *shape), "resampling": Resampling.nearest}
-        samples = [[(_read(dataset, "the overview", dataset.read, unique, **out),
-                     _read(dataset, "the overview's mask", dataset.read_masks, unique, **out))]]
+        samples = [[(read_named(dataset, "the overview", dataset.read, unique, **out),
+                     read_named(dataset, "the overview's mask", dataset.read_masks, unique, **out))]]
     else:
-        samples = ([(_read(dataset, f"window {window}", dataset.read, unique, window=window),
-                     _read(dataset, f"the mask of window {window}", dataset.read_masks, unique, window=window))
+        samples = ([(read_named(dataset, f"window {window}", dataset.read, unique, window=window),
+                     read_named(dataset, f"the mask of window {window}", dataset.read_masks, unique, window=window))
                     for window in _sample_windows(dataset.height, dataset.width, grid, size)]
                    for grid, size in _SAMPLE_GRIDS)  # the finer grid read only if needed
     by_band: dict[int, tuple[float, float]] = {}
@@ -385,8 +385,8 @@ def read_rgb(
     # 12 of a 2176 x 2176 block's 15 ms (read from GDAL's cache)
     pixels = np.empty((int(height), int(width), len(unique)),
                       dtype=np.result_type(*(dataset.dtypes[band - 1] for band in unique)))
-    _read(dataset, f"window {window}", dataset.read, unique, window=window, out=pixels.transpose(2, 0, 1))
-    masks = _read(dataset, f"mask of window {window}", dataset.read_masks, unique, window=window)
+    read_named(dataset, f"window {window}", dataset.read, unique, window=window, out=pixels.transpose(2, 0, 1))
+    masks = read_named(dataset, f"mask of window {window}", dataset.read_masks, unique, window=window)
     valid = _valid(pixels.transpose(2, 0, 1), masks)
     # the bands as read when they are in order, as a raster's RGB usually is: no copy of them
     rgb = pixels if bands == unique else np.take(pixels, [unique.index(band) for band in bands], axis=-1)
@@ -404,8 +404,8 @@ def _read_colour_mapped(dataset: DatasetReader, window: Window, band: int,
                         colour_table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`read_rgb` of one colour-mapped band: its values looked up in `colour_table`, those of
     its transparent colours nodata, as a viewer leaves them out."""
-    values = _read(dataset, f"window {window}", dataset.read, band, window=window)
-    valid = _valid(values[None], _read(dataset, f"mask of window {window}", dataset.read_masks, band, window=window)[None])
+    values = read_named(dataset, f"window {window}", dataset.read, band, window=window)
+    valid = _valid(values[None], read_named(dataset, f"mask of window {window}", dataset.read_masks, band, window=window)[None])
     rgba = colour_table[values]
     valid &= rgba[..., 3] != 0
     rgb = np.ascontiguousarray(rgba[..., :3])

@@ -127,11 +127,21 @@ def staging_folder(run_id: str) -> str:
     return f"{STAGING}/{run_id}"
 
 
+def _key_digest(image_key: str) -> str:
+    """A flat, safe name for any image key, however long or odd."""
+    return hashlib.sha256(image_key.encode()).hexdigest()[:32]
+
+
 def staged_polygons_key(run_id: str, image_key: str) -> str:
-    """OUTPUT key where a replica leaves a raster's polygons until its shard commits. Named by
-    a digest of the image key: any key, however long or odd, gives one flat, safe name."""
-    digest = hashlib.sha256(image_key.encode()).hexdigest()[:32]
-    return f"{staging_folder(run_id)}/polygons/{digest}.parquet"
+    """OUTPUT key where a replica leaves a raster's polygons until its shard commits."""
+    return f"{staging_folder(run_id)}/polygons/{_key_digest(image_key)}.parquet"
+
+
+def polygons_part_key(shard_id: str, image_key: str) -> str:
+    """OUTPUT key of a raster's committed polygons. Named by the raster, not by its place in
+    the shard: a shard committed again replaces each raster's file by its new one, so a reader
+    sees one or the other, never both."""
+    return f"polygons/shard={shard_id}/part-{_key_digest(image_key)}.parquet"
 
 
 def run_record_key(run_id: str) -> str:

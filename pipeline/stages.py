@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rasterio.enums import Resampling
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .config import RasterSettings
@@ -284,7 +285,7 @@ class RasterStage:
         try:
             with tempfile.TemporaryDirectory(prefix="segpipe-raster-") as scratch, \
                     open_raster(self.source, record.key, threads=self.gdal_threads) as dataset:
-                self._segment(record, dataset, scratch)
+                reading, writing = self._segment(record, dataset, scratch)
         except ImageDecodeError as err:
             record.fail(err.reason, str(err))
         except FileNotFoundError:
@@ -295,10 +296,18 @@ class RasterStage:
             raise StorageUnavailableError(f"cannot write the mask of {record.key}: {type(err).__name__}: {err}") from err
         except (RuntimeError, ValueError) as err:
             record.fail("inference", f"{type(err).__name__}: {err}")
+        else:
+            # the images table's stages, for a raster: reading its blocks, segmenting them, and
+            # writing its COGs and polygons
+            record.seconds.decode = (record.seconds.decode or 0.0) + reading
+            record.seconds.encode = writing
+            start += reading + writing
         record.seconds.inference = time.perf_counter() - start
         return record
 
-    def _segment(self, record: ImageRecord, dataset: Any, scratch: str) -> None:
+    def _segment(self, record: ImageRecord, dataset: Any, scratch: str) -> tuple[float, float]:
+        """Segments the raster into its outputs; the seconds spent reading its blocks and
+        writing its outputs."""
         s = self.settings
         if self.num_classes > 255:
             raise ValueError(f"a raster mask is uint8 with a nodata value: at most 255 classes, not {self.num_classes}")
@@ -318,26 +327,38 @@ class RasterStage:
         polygons = PolygonsWriter(polygons_path, run_id=self.run_id, image_id=record.key,
                                   class_names=self.class_names, crs=dataset.crs)
 
+        reading = writing = 0.0
+
         def take(regions: list[ClassPolygon]) -> None:
+            nonlocal writing
             totals.components.update(region.class_id for region in regions)
             if s.polygons:
+                started = time.perf_counter()
                 polygons.write([r for r in regions if r.area >= s.min_polygon_area])
+                writing += time.perf_counter() - started
 
         with MaskWriter(mask_path, **profile, nodata=RASTER_NODATA, palette=self.palette) as mask, \
-                MaskWriter(confidence_path, **profile, nodata=0) if s.confidence else _NoWriter() as confidence:
+                MaskWriter(confidence_path, **profile, nodata=0, overview_resampling=Resampling.average) \
+                if s.confidence else _NoWriter() as confidence:
             cell = self.segmenter.grid_cell()
             blocks = plan_blocks(dataset.height, dataset.width, crop=s.tile, stride=s.stride, block=s.block,
                                  margin=s.crf_margin if self.crf else 0, cell=cell)
             windows = WindowFiles(os.path.join(scratch, "windows"), blocks, crop=s.tile, stride=s.stride, cell=cell)
             for block in blocks:
-                labels, score, valid = self._block(dataset, block, bands, limits, colour_table, windows, cell)
+                started = time.perf_counter()
+                rgb, valid = read_rgb(dataset, block.extent, bands, limits, colour_table=colour_table)
+                reading += time.perf_counter() - started
+                labels, score, valid = self._block(block, rgb, valid, windows, cell)
                 totals.add(labels, score, valid)
                 take(collector.add(block.core, labels, valid))
+                started = time.perf_counter()
                 mask.write(block.core, np.where(valid, labels, RASTER_NODATA).astype(np.uint8))
                 if s.confidence:  # 0: nodata, so valid pixels take at least 1
                     levels = confidence_levels(torch.from_numpy(score)).numpy()
                     confidence.write(block.core, np.where(valid, np.maximum(levels, 1), 0).astype(np.uint8))
+                writing += time.perf_counter() - started
             take(collector.finish())
+            started = time.perf_counter()  # the COGs are built as their writers close
         record.mask_key = mask_key(record.key, ".tif")
         put_file_atomic(self.output, record.mask_key, mask_path)
         if s.confidence:
@@ -348,11 +369,11 @@ class RasterStage:
             record.polygons_key = staged_polygons_key(self.run_id, record.key)
             put_file_atomic(self.output, record.polygons_key, polygons_path)
         record.height, record.width = dataset.height, dataset.width
+        return reading, writing + time.perf_counter() - started
 
-    def _block(self, dataset: Any, block: Block, bands: tuple[int, ...], limits: np.ndarray | None,
-               colour_table: np.ndarray | None, windows: WindowFiles, cell: int):
-        """Labels, confidence and validity of the block's core."""
-        rgb, valid = read_rgb(dataset, block.extent, bands, limits, colour_table=colour_table)
+    def _block(self, block: Block, rgb: np.ndarray, valid: np.ndarray, windows: WindowFiles, cell: int):
+        """Labels, confidence and validity of the block's core, from its extent's pixels `rgb`
+        and their validity."""
         extent = block.extent
         # the part that is refined (the core and the CRF's margin) or else just the core, in
         # the extent's pixels: only its logits are blended and its class softmax taken

@@ -3,10 +3,17 @@ work), on hand-made masks and on real CamVid ground truth."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
+import rasterio
+from fsspec.implementations.local import LocalFileSystem
+from rasterio.transform import from_origin
 
 from pipeline.evaluation import (
+    Pair,
     ScoreSettings,
     build_report,
     class_table,
@@ -18,7 +25,7 @@ from pipeline.evaluation import (
 )
 from pipeline.masks import encode_mask
 from pipeline.metrics import confusion_matrix, scores
-from pipeline.storage import open_location
+from pipeline.storage import Location, StorageUnavailableError, open_location
 
 
 def test_label_map_keeps_unmapped_values_and_reduce_zero_label_shifts():
@@ -48,7 +55,12 @@ def test_pairing_by_relative_key_with_suffixes_and_any_extension_case(tmp_path):
     assert exclusion_summary(nothing, ScoreSettings(num_classes=2), pairing.rejected) == (
         "1 file not paired, e.g. ground truth a/w_gt.jpg: not a mask (PNG or GeoTIFF)")
     table = class_table(build_report(nothing, pairing, ScoreSettings(num_classes=2), None), markdown=False)
-    assert "Without a partner: 1 prediction and 1 ground-truth mask; 1 more left out (see metrics.json)." in table
+    assert "Without a partner: 1 prediction and 1 ground-truth mask (see metrics.json)." in table
+    assert "Excluded: 1 file not paired, e.g. ground truth a/w_gt.jpg" in table
+    # only files not paired: said once, in the Excluded line
+    alone = build_report(nothing, replace(pairing, unpaired_predictions=[], unpaired_ground_truth=[]),
+                         ScoreSettings(num_classes=2), None)
+    assert "Without a partner" not in class_table(alone, markdown=False)
 
 
 def test_dataset_wide_iou_is_not_the_mean_of_per_image_iou(tmp_path):
@@ -221,3 +233,128 @@ def test_pixels_not_scored_are_counted_and_said(tmp_path):
     chosen = report(ScoreSettings(num_classes=2, label_map={255: 11}, ignore_index=11))
     assert "Not scored: 25 of 400 pixels (6.2%): 25 where the ground truth is --ignore-index 11." in class_table(
         chosen, markdown=False)
+
+
+def _geotiff(path: Path, labels: np.ndarray, *, mask: np.ndarray | None = None, **profile) -> Path:
+    """`labels` as a one-band uint8 GeoTIFF on a UTM grid, with `profile`'s extras (nodata)
+    and, given `mask`, an internal mask (0: no data)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height, width = labels.shape
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(
+            path, "w", driver="GTiff", width=width, height=height, count=1, dtype="uint8", crs="EPSG:32633",
+            transform=from_origin(500000, 5000000, 1, 1), **profile) as dst:
+        dst.write(labels, 1)
+        if mask is not None:
+            dst.write_mask(mask)
+    return path
+
+
+def _columns(*labels: int, rows: int = 4) -> np.ndarray:
+    return np.tile(np.array(labels, np.uint8), (rows, 1))
+
+
+def _scored(folder: Path, prediction: str, ground_truth: str, settings: ScoreSettings):
+    return score_pairs(open_location(str(folder / "p")), open_location(str(folder / "g")),
+                       [Pair("a", prediction, ground_truth)], settings)
+
+
+def test_a_prediction_nodata_value_that_is_a_class_id_is_scored_as_that_class(tmp_path):
+    """One rule for both sides of a raster pair: a GeoTIFF's nodata value is left out unless it
+    is a class id (nodata 0 inherited from the imagery is background), and a PNG's transparent
+    colour is never nodata, as PNG pairs score it."""
+    _geotiff(tmp_path / "g" / "a.tif", _columns(0, 0, 1, 1))
+    prediction = _columns(0, 1, 1, 1)
+    _geotiff(tmp_path / "p" / "a.tif", prediction, nodata=0)
+    with rasterio.open(tmp_path / "p" / "a.png", "w", driver="PNG", width=4, height=4, count=1, dtype="uint8") as dst:
+        dst.write(prediction, 1)
+        dst.write_colormap(1, {0: (0, 0, 0, 0), 1: (255, 255, 255, 255)})  # index 0 transparent
+    with rasterio.open(tmp_path / "p" / "a.png") as png:
+        assert png.nodata == 0  # GDAL reports the transparent entry as nodata
+    for key in ("a.tif", "a.png"):
+        batch = _scored(tmp_path, key, "a.tif", ScoreSettings(num_classes=2))
+        assert batch.excluded == [] and batch.confusion.tolist() == [[4, 4], [0, 8]], key
+        assert (batch.pixels, batch.nodata_pixels) == (16, 0), key
+    # a nodata value outside the classes is still left out
+    _geotiff(tmp_path / "p" / "b.tif", _columns(255, 0, 1, 1), nodata=255)
+    batch = _scored(tmp_path, "b.tif", "a.tif", ScoreSettings(num_classes=2))
+    assert batch.confusion.tolist() == [[4, 0], [0, 8]] and batch.nodata_pixels == 4
+
+
+def test_an_internal_mask_on_either_side_is_nodata(tmp_path):
+    """A GeoTIFF with no nodata value but an internal mask (as GDAL writes for a raster cut to a
+    footprint): its masked pixels are not scored. With a nodata value that is a class id as
+    well, the mask wins and the value is scored as its class."""
+    truth = _columns(0, 0, 1, 1)
+    mask = np.full(truth.shape, 255, np.uint8)
+    mask[0] = 0  # the first row has no data
+    _geotiff(tmp_path / "g" / "plain.tif", truth)
+    _geotiff(tmp_path / "p" / "plain.tif", truth)
+    _geotiff(tmp_path / "g" / "masked.tif", truth, mask=mask)
+    _geotiff(tmp_path / "p" / "masked.tif", truth, mask=mask)
+    _geotiff(tmp_path / "g" / "masked_nodata_0.tif", truth, mask=mask, nodata=0)
+    for prediction, ground_truth in [("plain.tif", "masked.tif"), ("masked.tif", "plain.tif"),
+                                     ("plain.tif", "masked_nodata_0.tif")]:
+        batch = _scored(tmp_path, prediction, ground_truth, ScoreSettings(num_classes=2))
+        assert batch.excluded == [] and batch.confusion.tolist() == [[6, 0], [0, 6]], (prediction, ground_truth)
+        assert (batch.pixels, batch.nodata_pixels) == (16, 4), (prediction, ground_truth)
+
+
+def test_a_ground_truth_nodata_value_the_label_map_makes_a_class_is_scored(tmp_path):
+    """0/255 footprints saved with nodata 255 and scored with --label-map 255:1: the map says
+    255 is a class, so its pixels are scored as it, not dropped as nodata."""
+    truth = _columns(0, 0, 255, 255)
+    _geotiff(tmp_path / "g" / "a.tif", truth, nodata=255)
+    _geotiff(tmp_path / "p" / "a.tif", (truth > 0).astype(np.uint8))
+    batch = _scored(tmp_path, "a.tif", "a.tif", ScoreSettings(num_classes=2, label_map={255: 1}))
+    assert batch.confusion.tolist() == [[8, 0], [0, 8]] and batch.nodata_pixels == 0
+    # without the map, 255 is no class: nodata
+    batch = _scored(tmp_path, "a.tif", "a.tif", ScoreSettings(num_classes=2))
+    assert batch.confusion.tolist() == [[8, 0], [0, 0]] and batch.nodata_pixels == 8
+
+
+class _Cut:
+    """A file whose reads from byte `cut` on fail as a dropped connection does."""
+
+    def __init__(self, file, cut: int) -> None:
+        self.file, self.cut = file, cut
+
+    def read(self, size: int = -1) -> bytes:
+        if self.file.tell() >= self.cut:
+            raise ConnectionError("connection reset by peer")
+        return self.file.read(size)
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+
+class _OutageAfterHeaderFileSystem(LocalFileSystem):
+    """Local files whose header reads back and whose pixels (from the first block on) do not:
+    storage lost between opening a raster and reading its windows."""
+
+    def __init__(self, cut: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.cut = cut
+
+    def _open(self, path, mode="rb", **kwargs):
+        return _Cut(super()._open(path, mode, **kwargs), self.cut)
+
+
+def test_storage_lost_while_a_geotiff_pair_is_read_raises_the_storage_error(tmp_path, monkeypatch):
+    """As for PNG pairs: the storage's error, which stops the run, never a pair left out as an
+    unreadable mask (the dataset's scores would silently lose it)."""
+    monkeypatch.setattr("pipeline.storage.time.sleep", lambda seconds: None)  # the retries' backoff
+    labels = _columns(*[0, 1] * 150, rows=300)
+    _geotiff(tmp_path / "g" / "a.tif", labels)
+    path = _geotiff(tmp_path / "p" / "a.tif", labels)
+    with rasterio.open(path) as src:
+        first_block = int(src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
+    fs = _OutageAfterHeaderFileSystem(first_block, skip_instance_cache=True)
+    predictions = Location(fs=fs, root=str(tmp_path / "p"), url=str(tmp_path / "p"))
+    with pytest.raises(StorageUnavailableError, match=r"after 5 attempts.*ConnectionError"):
+        score_pairs(predictions, open_location(str(tmp_path / "g")), [Pair("a", "a.tif", "a.tif")],
+                    ScoreSettings(num_classes=2))
+    # a file cut short is no outage: named and left out
+    with open(path, "r+b") as file:
+        file.truncate(first_block + 100)
+    batch = _scored(tmp_path, "a.tif", "a.tif", ScoreSettings(num_classes=2))
+    assert batch.image_ids == [] and "a.tif: cannot read window" in batch.excluded[0]["reason"], batch.excluded

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -138,6 +139,11 @@ def test_evaluate_names_the_classes_of_the_segment_run_whose_masks_it_scores(pre
     assert names(output / "masks") == ["sky", "road", "car", "tree"]
     assert pq.read_table(tmp_path / "eval" / "per_image.parquet").column_names[2:] == [
         "iou_sky", "iou_road", "iou_car", "iou_tree"]
+    # the README's join of the report's per_image rows with the images table, as written
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [join] = [q for q in re.findall(r"```sql\n(.*?)```", readme, re.S) if "REPORT" in q]
+    joined = duckdb.sql(join.replace("REPORT", str(tmp_path / "eval")).replace("OUTPUT", str(output))).fetchall()
+    assert sorted((image_id, accuracy) for image_id, accuracy, _ in joined) == [("0.png", 1.0), ("1.png", 1.0)]
     assert names(f"{output}/masks/", num_classes=5) == ["sky", "road", "car", "tree", "class_4"]
     assert names(output / "masks", class_names=["a", "b", "c", "d"]) == ["a", "b", "c", "d"]
     shutil.copytree(output / "masks", tmp_path / "copied" / "masks")  # masks, but not in a segpipe OUTPUT

@@ -14,6 +14,7 @@ import rasterio
 import shapely
 from affine import Affine
 from rasterio.crs import CRS
+from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_origin
 from rasterio.windows import Window
@@ -24,7 +25,7 @@ from pipeline.geo import (
     MaskWriter,
     PolygonCollector,
     PolygonsWriter,
-    polygon_area,
+    pixel_area,
     polygons_table,
 )
 from pipeline.masks import default_palette
@@ -129,6 +130,26 @@ def test_mask_writer_refuses_bad_blocks_and_cleans_up(tmp_path: Path) -> None:
         MaskWriter(path, width=64, height=64, crs=None, transform=pixels, nodata=256)
 
 
+def test_levels_are_averaged_for_overviews_and_class_ids_never(tmp_path: Path) -> None:
+    """A confidence map's overviews average its levels (its nodata left out); a palette's class
+    ids are never blended."""
+    side = 1024
+    levels = np.where((np.arange(side)[:, None] + np.arange(side)[None]) % 2, 200, 100).astype(np.uint8)
+    levels[:, : side // 2] = 0  # nodata: the left half
+    path = tmp_path / "confidence.tif"
+    with MaskWriter(path, width=side, height=side, crs=UTM16N, transform=TRANSFORM, nodata=0,
+                    overview_resampling=Resampling.average) as writer:
+        writer.write(Window(0, 0, side, side), levels)
+    with rasterio.open(path) as cog:
+        assert cog.overviews(1)
+        overview = cog.read(1, out_shape=(side // 2, side // 2))
+    assert set(np.unique(overview[:, side // 4 :])) == {150}  # 100 and 200, averaged
+    assert set(np.unique(overview[:, : side // 4])) == {0}
+    with pytest.raises(ValueError, match="class ids must not be blended"):
+        MaskWriter(tmp_path / "mask.tif", width=side, height=side, crs=UTM16N, transform=TRANSFORM, nodata=255,
+                   palette=default_palette(3), overview_resampling=Resampling.average)
+
+
 def collect(labels: np.ndarray, valid: np.ndarray | None, size: int, **kwargs) -> list[ClassPolygon]:
     height, width = labels.shape
     collector = PolygonCollector(kwargs.pop("transform", TRANSFORM), kwargs.pop("crs", UTM16N),
@@ -160,14 +181,13 @@ def test_region_cut_by_block_edges_is_one_polygon() -> None:
     assert len(by_class[0]) == 1 and by_class[0][0].area == 36 - 12 - 1 - 1
 
 
-def test_polygon_area_units() -> None:
-    square = shapely.box(0, 0, 10, 10)  # 100 square map units
-    assert polygon_area(square, UTM16N, TRANSFORM) == 100  # m²
+def test_pixel_area_units() -> None:
+    """A pixel's area: m² in a projected CRS whatever its unit, else 1 (areas in pixels)."""
+    assert pixel_area(UTM16N, from_origin(0, 0, 0.5, 0.5)) == 0.25  # m²
     us_feet = CRS.from_epsg(2263)  # NY Long Island, US survey feet
-    assert polygon_area(square, us_feet, TRANSFORM) == pytest.approx(100 * 0.3048006096**2)
-    degrees = from_origin(10, 50, 0.001, 0.001)
-    assert polygon_area(square, CRS.from_epsg(4326), degrees) == pytest.approx(100 / 1e-6)  # pixels
-    assert polygon_area(square, None, Affine.identity()) == 100  # pixels
+    assert pixel_area(us_feet, from_origin(0, 0, 2, 2)) == pytest.approx(4 * 0.3048006096**2)
+    assert pixel_area(CRS.from_epsg(4326), from_origin(10, 50, 0.001, 0.001)) == 1  # pixels
+    assert pixel_area(None, Affine.identity()) == 1
 
 
 @pytest.fixture
@@ -220,6 +240,8 @@ def test_footprints_in_blocks_match_whole_raster(footprints) -> None:
 
 
 def test_footprints_simplified_and_filtered(footprints) -> None:
+    """`min_area` takes the area of a region's pixels, and `area` stays that area whatever
+    `simplify` does to the outline."""
     labels, crs, transform = footprints
     exact = collect(labels, None, 256, transform=transform, crs=crs)
     tolerance = 1.0  # metres, two pixels
@@ -227,15 +249,65 @@ def test_footprints_simplified_and_filtered(footprints) -> None:
     buildings = [r for r in exact if r.class_id == 1]
     kept = [r for r in simplified if r.class_id == 1]
     assert 0 < len(kept) < len(buildings)  # the small ones are gone
-    assert min(r.area for r in simplified) >= 20.0
-    big = [r for r in buildings if r.area >= 25.0]  # so far above 20 m² that simplifying keeps them
-    assert len(kept) >= len(big)
-    # each polygon moves by at most `tolerance`: its area by at most perimeter x tolerance
-    exact_area = sum(r.area for r in big)
-    bound = tolerance * sum(r.geometry.length for r in big)
-    kept_big = [r for r in kept if any(r.geometry.intersects(b.geometry) for b in big)]
-    assert abs(sum(r.area for r in kept_big) - exact_area) <= bound
-    assert sum(len(r.geometry.exterior.coords) for r in kept) < sum(len(r.geometry.exterior.coords) for r in big)
+    assert sorted(r.area for r in simplified) == sorted(r.area for r in exact if r.area >= 20.0)
+    # each outline moved, by at most `tolerance`: its area by at most perimeter x tolerance
+    by_area = {r.area: r for r in buildings}
+    assert any(r.geometry.area != r.area for r in kept)
+    assert all(abs(r.geometry.area - r.area) <= tolerance * by_area[r.area].geometry.length for r in kept)
+    assert sum(len(r.geometry.exterior.coords) for r in kept) < sum(len(by_area[r.area].geometry.exterior.coords) for r in kept)
+
+
+def test_simplified_polygons_do_not_depend_on_the_blocks(footprints) -> None:
+    """A building cut by block edges, merged from its pieces, simplifies as the same building
+    found whole: the outline is simplified from its normal form, not from wherever the merge
+    happened to start its ring."""
+    labels, crs, transform = footprints
+    height, width = labels.shape
+
+    def outlines(size: int) -> set[bytes]:
+        rows = collect(labels, None, size, transform=transform, crs=crs, simplify=1.0)
+        return {shapely.normalize(r.geometry).wkb for r in rows if r.class_id == 1}
+
+    whole, blocked = outlines(max(width, height)), outlines(128)
+    assert len(blocked) == len(whole) > 0
+    assert blocked == whole
+
+
+def test_regions_are_returned_once_no_later_block_can_reach_them() -> None:
+    """Held pieces are merged and let go row of blocks by row: what the collector holds is
+    about one row's seams, whatever the raster's height; the regions are those of the
+    raster found whole."""
+    def squares(height: int) -> np.ndarray:  # 20-pixel squares every 64 pixels, each across a seam of 128-pixel blocks
+        labels = np.zeros((height, 512), np.uint8)
+        for r in range(118, height - 20, 64):
+            for c in range(118, 512 - 20, 64):
+                labels[r:r + 20, c:c + 20] = 1 + (r // 64 + c // 64) % 2
+        return labels
+
+    def most_held(labels: np.ndarray, size: int) -> tuple[int, list[ClassPolygon]]:
+        collector = PolygonCollector(TRANSFORM, UTM16N, width=labels.shape[1], height=labels.shape[0])
+        rows, most = [], 0
+        for window in blocks(labels.shape[1], labels.shape[0], size):
+            r, c = int(window.row_off), int(window.col_off)
+            rows += collector.add(window, labels[r:r + window.height, c:c + window.width])
+            most = max(most, collector.held)
+        return most, rows + collector.finish()
+
+    short, tall = squares(1024), squares(4096)
+    held_short, _ = most_held(short, 128)
+    held_tall, regions = most_held(tall, 128)
+    assert held_tall == held_short  # four times the rows of blocks, the same pieces held at once
+    whole = collect(tall, None, 4096)
+    key = lambda r: (r.class_id, r.geometry.bounds)  # noqa: E731
+    assert [(r.class_id, shapely.normalize(r.geometry).wkb, r.area) for r in sorted(regions, key=key)] == \
+           [(r.class_id, shapely.normalize(r.geometry).wkb, r.area) for r in sorted(whole, key=key)]
+
+
+def test_blocks_must_come_in_rows() -> None:
+    collector = PolygonCollector(TRANSFORM, UTM16N, width=8, height=8)
+    collector.add(Window(0, 4, 4, 4), np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="rows, top to bottom"):
+        collector.add(Window(4, 0, 4, 4), np.zeros((4, 4), np.uint8))
 
 
 def test_simplify_takes_metres_in_any_projected_unit_and_pixels_otherwise(footprints) -> None:

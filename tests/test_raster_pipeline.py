@@ -167,6 +167,12 @@ def test_a_geotiff_on_s3_becomes_a_cog_mask_polygons_and_areas(ray_cpu, s3_bucke
     assert images["plain/potsdam.png"][1].endswith("confidence/plain/potsdam.png")
     sources = {"survey/mosaic.tif": local, "survey/spacenet.tif": shared_data / "aerial/geotiff/sample_geotiff.tif",
                "survey/vaihingen.tif": vaihingen}
+    # a raster's time, split as an image's is: reading its blocks, segmenting, writing its outputs
+    timings = con.sql(f"""select decode_seconds, inference_seconds, encode_seconds, seconds
+        from read_parquet('{bucket}/out/images/**/*.parquet') where image_id like 'survey/%'""").fetchall()
+    assert len(timings) == 3
+    for decode, inference, encode, total in timings:
+        assert min(decode, inference, encode) > 0 and total == pytest.approx(decode + inference + encode, rel=1e-5)
     for key, source in sources.items():
         mask_uri, confidence_uri, width, height = images[key]
         assert mask_uri == f"{bucket}/out/masks/{key}" and confidence_uri == f"{bucket}/out/confidence/{key}"
@@ -239,8 +245,8 @@ def test_polygons_are_staged_by_the_replica_and_moved_by_the_commit(shared_data,
         assert all(r.ok and r.polygons_key and (out / r.polygons_key).exists() for r in records)
         store.commit_shard(shard, records, run)
         assert not list((out / "_staging").rglob("*.parquet"))
-        parts = sorted((out / "polygons").rglob("*.parquet"))
-        return [gpd.read_parquet(p).image_id.unique().tolist() for p in parts]
+        parts = (out / "polygons").rglob("*.parquet")
+        return sorted(gpd.read_parquet(p).image_id.unique().tolist() for p in parts)
 
     assert commit() == [["a.tif"], ["b.tif"]]
     (tmp_path / "src" / "b.tif").unlink()

@@ -265,14 +265,14 @@ def test_limits_of_a_swath_the_first_windows_miss(tmp_path: Path, monkeypatch) -
     import pipeline.rasters
 
     windows_read: list[str] = []
-    read = pipeline.rasters._read
+    read = pipeline.rasters.read_named
 
     def counted(dataset, what, *args, **kwargs):
         if what.startswith("window "):
             windows_read.append(what)
         return read(dataset, what, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.rasters, "_read", counted)
+    monkeypatch.setattr(pipeline.rasters, "read_named", counted)
     rng = np.random.default_rng(1)
     values = np.zeros((1, 4096, 4096), dtype=np.uint16)
     values[0, 300:1200] = rng.integers(300, 1800, size=(900, 4096))

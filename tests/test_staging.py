@@ -16,7 +16,13 @@ import pytest
 from pipeline import outputs
 from pipeline.config import SegmentConfig
 from pipeline.outputs import STAGING_ABANDONED_AFTER, OutputStore, RunInfo, prepare_output
-from pipeline.records import ImageRecord, run_record_key, staged_polygons_key, staging_folder
+from pipeline.records import (
+    ImageRecord,
+    polygons_part_key,
+    run_record_key,
+    staged_polygons_key,
+    staging_folder,
+)
 from pipeline.run import new_run_id
 from pipeline.storage import Location, Shard, SourceFile, open_location, read_bytes, write_atomic
 
@@ -59,7 +65,7 @@ def _commit_raster(store: OutputStore, run_id: str, image_key: str = "survey/a.t
     run = RunInfo(run_id=run_id, run_date=NOW.date(), model="m", weights="none", num_classes=2,
                   class_names=("a", "b"), crf=False, source_url="/src", fingerprint="f")
     store.commit_shard(shard, [ImageRecord(key=image_key, size=10, version="v1", polygons_key=staged)], run)
-    return "polygons/shard=s1/part-0.parquet"
+    return polygons_part_key("s1", image_key)
 
 
 def _staged_runs(location: Location) -> set[str]:
@@ -171,6 +177,37 @@ def test_a_run_removes_its_own_staging_once_its_shards_are_committed(output):
     assert read_bytes(location, others) is not None
     assert read_bytes(location, part) == committed
     store.remove_staging(run_id)  # nothing left: not an error
+
+
+def test_a_shard_committed_again_replaces_each_rasters_polygons_by_name(output):
+    """A raster's polygons are named by the raster: committed again, its new file takes the
+    old one's name (a reader sees one or the other, never both), and the file of a raster that
+    has no polygons any more is removed."""
+    url, options = output
+    store = OutputStore(open_location(url, options))
+    location = store.location
+    shard = Shard("s1", (SourceFile("a.tif", 10, "v1"), SourceFile("b.tif", 10, "v1")))
+
+    def commit(run_id: str, with_polygons: tuple[str, ...]) -> None:
+        run = RunInfo(run_id=run_id, run_date=NOW.date(), model="m", weights="none", num_classes=2,
+                      class_names=("a", "b"), crf=False, source_url="/src", fingerprint="f")
+        records = [ImageRecord(key=key, size=10, version="v1",
+                               polygons_key=_stage(location, run_id, key) if key in with_polygons else None)
+                   for key in ("a.tif", "b.tif")]
+        store.commit_shard(shard, records, run)
+
+    def committed() -> dict[str, str]:
+        location.fs.invalidate_cache()
+        files = location.fs.ls(location.path("polygons/shard=s1"), detail=False)
+        return {path.rsplit("/", 1)[-1]: pq.read_table(location.fs.open(path)).column("run_id")[0].as_py()
+                for path in files}
+
+    first, second = new_run_id(NOW), new_run_id(NOW)
+    commit(first, ("a.tif", "b.tif"))
+    name = {key: polygons_part_key("s1", key).rsplit("/", 1)[-1] for key in ("a.tif", "b.tif")}
+    assert committed() == {name["a.tif"]: first, name["b.tif"]: first}
+    commit(second, ("b.tif",))  # a.tif's regions are gone: say, it failed this time
+    assert committed() == {name["b.tif"]: second}
 
 
 def test_staging_that_cannot_be_removed_does_not_stop_the_run(output, monkeypatch, caplog):
