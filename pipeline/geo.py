@@ -52,6 +52,10 @@ POLYGONS_SCHEMA = pa.schema([
     # the region's pixels, in m² in a projected CRS, else in pixels: see pixel_area
     pa.field("area", pa.float64(), nullable=False),
     pa.field("geometry", pa.binary(), nullable=False),  # WKB, in the raster's CRS
+    # GeoParquet 1.1's covering: each row's bounding box, whose row-group statistics let a
+    # reader skip the row groups outside an area of interest (rows come block row by block row)
+    pa.field("bbox", pa.struct([pa.field(name, pa.float64(), nullable=False)
+                                for name in ("xmin", "ymin", "xmax", "ymax")]), nullable=False),
 ])
 
 
@@ -366,6 +370,7 @@ def _geo_metadata(projjson: dict | None, bbox: Sequence[float] | None) -> dict:
         # written even when None: GeoParquet reads a missing "crs" as OGC:CRS84 (lon/lat), and
         # null as "unknown", which is what a raster without a CRS has
         "crs": projjson,
+        "covering": {"bbox": {name: ["bbox", name] for name in ("xmin", "ymin", "xmax", "ymax")}},
     }
     if bbox is not None:  # optional; an empty table has none
         column["bbox"] = [float(v) for v in bbox]
@@ -381,12 +386,14 @@ def polygons_table(
     crs: CRS | None,
 ) -> pa.Table:
     """One raster's polygons as a table of POLYGONS_SCHEMA, with GeoParquet 1.1 metadata
-    (key b"geo": WKB encoding, the raster's CRS as PROJJSON, the bounding box)."""
+    (key b"geo": WKB encoding, the raster's CRS as PROJJSON, the bounding box, and the `bbox`
+    column as the geometry's covering)."""
     rows = list(rows)
     for r in rows:
         if not 0 <= r.class_id < len(class_names):
             raise ValueError(f"class_id {r.class_id} has no name: class_names has {len(class_names)} entries")
     geometries = np.asarray([r.geometry for r in rows], dtype=object)
+    bounds = shapely.bounds(geometries).reshape(-1, 4)
     table = pa.table(
         {
             "run_id": [run_id] * len(rows),
@@ -395,6 +402,8 @@ def polygons_table(
             "class_name": [class_names[r.class_id] for r in rows],
             "area": [r.area for r in rows],
             "geometry": shapely.to_wkb(geometries) if rows else [],
+            "bbox": pa.StructArray.from_arrays([pa.array(bounds[:, i], pa.float64()) for i in range(4)],
+                                               fields=list(POLYGONS_SCHEMA.field("bbox").type)),
         },
         schema=POLYGONS_SCHEMA,
     )

@@ -356,6 +356,19 @@ def test_polygons_geoparquet_read_by_geopandas_and_duckdb(footprints, tmp_path: 
     assert column["encoding"] == "WKB" and column["geometry_types"] == ["Polygon"]
     assert CRS.from_user_input(json.dumps(column["crs"])) == crs
     assert column["bbox"] == list(shapely.total_bounds([r.geometry for r in rows]))
+    # GeoParquet 1.1's covering: each row's box, with row-group statistics a reader filters on
+    assert column["covering"] == {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}}
+    metadata = pq.ParquetFile(path).metadata
+    ymin = [metadata.schema.column(i).path for i in range(metadata.num_columns)].index("bbox.ymin")
+    group = metadata.row_group(0).column(ymin).statistics
+    assert group.has_min_max and group.min == min(r.geometry.bounds[1] for r in rows[:20])
+    probe = shapely.box(733700, 3724900, 733750, 3724950)
+    inside = [r for r in rows if shapely.intersects(shapely.box(*r.geometry.bounds), probe)]
+    assert 0 < len(inside) < len(rows)
+    assert len(gpd.read_parquet(path, bbox=probe.bounds)) == len(inside)  # geopandas filters on the covering
+    assert duckdb.sql(f"""select count(*) from read_parquet('{path}') where bbox.xmin <= {probe.bounds[2]}
+        and bbox.xmax >= {probe.bounds[0]} and bbox.ymin <= {probe.bounds[3]} and bbox.ymax >= {probe.bounds[1]}"""
+                      ).fetchall()[0][0] == len(inside)
 
     frame = gpd.read_parquet(path)
     assert frame.crs.to_epsg() == 32616
