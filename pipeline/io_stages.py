@@ -44,8 +44,8 @@ def read_and_decode(
         record = ImageRecord(key=file.key, size=file.size, version=file.version)
         start = time.perf_counter()
         try:
-            if is_raster_key(file.key) and _georeferenced_size(source, file.key, record, max_raster_pixels):
-                records.append(record)  # its blocks are read beside the model (RasterStage)
+            if is_raster_key(file.key) and _sized_by_header(source, file.key, record, max_pixels, max_raster_pixels):
+                records.append(record)  # its blocks are read beside the model (RasterStage), or it is refused
                 record.seconds.decode = time.perf_counter() - start
                 continue
             data = read_bytes(source, file.key)
@@ -72,17 +72,23 @@ def read_and_decode(
     return records
 
 
-def _georeferenced_size(source: Location, key: str, record: ImageRecord, max_pixels: int) -> bool:
-    """Whether the raster under `key` is georeferenced (its header only, by range requests);
-    if so the record says so and gets its size. A TIFF without a CRS is an image like another.
-    A raster whose header claims more than `max_pixels` is refused before any block is read."""
+def _sized_by_header(source: Location, key: str, record: ImageRecord, max_pixels: int, max_raster_pixels: int) -> bool:
+    """Whether the raster under `key` is settled by its header alone (read by range requests):
+    georeferenced (the record says so and gets its size), or refused as `too_large`. A raster
+    whose header claims more than `max_raster_pixels` is refused before any block is read. A
+    TIFF without a CRS is an image like another, decoded whole: one that claims more than
+    `max_pixels` is refused as `decode_image` would refuse it, but before its bytes are read."""
     try:
         with open_raster(source, key) as dataset:
+            width, height = dataset.width, dataset.height
             if not is_georeferenced(dataset):
+                if width * height > max_pixels:
+                    record.fail("too_large", f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}")
+                    return True
                 return False
-            record.georeferenced, record.height, record.width = True, dataset.height, dataset.width
-            if dataset.width * dataset.height > max_pixels:
-                record.fail("too_large", f"{dataset.width}x{dataset.height} pixels, more than --max-raster-pixels {max_pixels}")
+            record.georeferenced, record.height, record.width = True, height, width
+            if width * height > max_raster_pixels:
+                record.fail("too_large", f"{width}x{height} pixels, more than --max-raster-pixels {max_raster_pixels}")
             return True
     except ImageDecodeError:
         return False  # not something GDAL reads: the image decoder names what is wrong

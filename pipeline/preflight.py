@@ -37,7 +37,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .config import EvaluateConfig, SegmentConfig, TrainConfig, is_checkpoint_uri
+from .config import EvaluateConfig, SegmentConfig, TrainConfig, is_checkpoint_uri, option_name
 from .errors import error_chain
 from .storage import (
     Location,
@@ -45,6 +45,7 @@ from .storage import (
     absolute_url,
     folder_exists,
     is_image_key,
+    is_local_url,
     is_mask_key,
     iter_files,
     missing_folder,
@@ -179,7 +180,9 @@ def check_segment(config: SegmentConfig, *, remote: bool = True) -> None:
     """Everything `segment` can be refused for before it starts. `remote=False` leaves remote
     URLs unchecked: their credentials are in a Prefect Secret block, which the flow loads and
     checks them with at its start."""
+    _polygon_settings(config)
     published = _classes_given(config)
+    _endpoints_have_schemes((config.source, config.output, config.weights), config.storage_options)
     _output_outside_source(config)
     source = _readable_folder(config.source, config.storage_options, "SOURCE", remote)
     _writable_folder(config.output, config.storage_options, "OUTPUT", remote,
@@ -193,13 +196,26 @@ def check_serve(config: SegmentConfig, *, remote: bool = True) -> None:
     night: the model's settings as `segment` checks them, and the folders the nights' folders
     are in (SOURCE and OUTPUT up to their {date}). Each night's own folders, and OUTPUT's
     record of earlier runs, are its run's to check (`check_segment`), when they exist."""
+    _polygon_settings(config)
     published = _classes_given(config)
+    _endpoints_have_schemes((config.source, config.output, config.weights), config.storage_options)
     _output_outside_source(config)
     for name, check in (("source", _readable_folder), ("output", _writable_folder)):
         url = getattr(config, name)
         check(undated_folder(url), config.storage_options, f"--{name} {url}: the folder of its nights" if "{date}" in url
               else f"--{name}", remote)
     _model_weights(config, published, remote)
+
+
+def _polygon_settings(config: SegmentConfig) -> None:
+    """--simplify and --min-polygon-area shape the polygons --polygons writes, and nothing else:
+    without it they would do nothing, silently. Their values, not whether they were given: a
+    deployment's parameters give every field, the defaults (0) included."""
+    if config.polygons:
+        return
+    for name in ("min_polygon_area", "simplify"):
+        if getattr(config, name):
+            raise PreflightError(f"{option_name(name)} applies to polygons; add --polygons (or leave it out)")
 
 
 def _output_outside_source(config: SegmentConfig) -> None:
@@ -266,6 +282,7 @@ def _model_weights(config: SegmentConfig, published: PublishedWeights | None, re
 def check_evaluate(config: EvaluateConfig, *, remote: bool = True) -> None:
     """Everything `evaluate` can be refused for before it starts (`remote`: as for `check_segment`)."""
     options = config.storage_options
+    _endpoints_have_schemes((config.predictions, config.ground_truth, config.output), options)
     # the report beside the masks it scores, not among them; and masks to score in each folder
     # (an empty one is often a {date} that named the wrong night)
     for url, folder in ((config.predictions, "PREDICTIONS"), (config.ground_truth, "GROUND_TRUTH")):
@@ -285,6 +302,8 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
     A resumed run is checked as it will run: with the settings its checkpoint was trained with
     where none are given (`TrainConfig.resumed_with`), its validation set included."""
     options = config.storage_options
+    _endpoints_have_schemes((config.images, config.labels, config.val_images, config.val_labels, config.output,
+                             config.resume, config.init), options)
     resumed = read_checkpoint(config.resume, options, "--resume", remote) if config.resume is not None else None
     trained = resumed.meta.get("extra", {}).get("training", {}) if resumed is not None else {}
     config, _ = config.resumed_with(trained)
@@ -573,6 +592,29 @@ def _ask(what: str, call: Callable[[], T], *, local: bool) -> T:
         raise
 
 
+def _endpoints_have_schemes(urls: Collection[str | None], options: Mapping[str, Any]) -> None:
+    """An endpoint given without its scheme (127.0.0.1:9000), which botocore refuses at the
+    first request as "Invalid endpoint: 127.0.0.1:9000", naming neither where it was given nor
+    what it lacks. The storage options go to remote URLs only, and botocore reads its variables
+    (AWS_ENDPOINT_URL_S3 before AWS_ENDPOINT_URL) only for S3 and only where no option names
+    the endpoint: a job that would not use one is not refused for it."""
+    remote = [url for url in urls if url and not is_local_url(url)]
+    if not remote:
+        return
+    nested = options.get("client_kwargs")
+    given = [("--storage-options endpoint_url ", options.get("endpoint_url")),
+             ("--storage-options client_kwargs.endpoint_url ",
+              nested.get("endpoint_url") if isinstance(nested, Mapping) else None)]
+    if not any(value for _, value in given) and any(url.partition("://")[0] in {"s3", "s3a"} for url in remote):
+        given = [(f"{name}=", os.environ.get(name)) for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")]
+    for origin, value in given:
+        if isinstance(value, str) and value.strip() and "://" not in value:
+            raise PreflightError(f"{origin}{value} has no scheme; give it as http://{value} (or https://{value} for "
+                                 "a store served over TLS)")
+        if value:  # the one used (s3fs's option over client_kwargs', _S3 over the plain variable)
+            return
+
+
 def _open(call: Callable[[], T], label: str) -> T:
     try:
         return call()
@@ -618,6 +660,11 @@ def _readable_folder(url: str, options: dict[str, Any], label: str, remote: bool
         return ("empty" if folder_exists(location) else "missing"), others
 
     state, others = _ask(what, found, local=location.is_local)
+    # an object given for its folder lists as a prefix that holds nothing (one under which
+    # others are listed too is a folder): asked only then, so a folder with files costs nothing
+    if state in {"empty", "missing"} and not location.is_local and _ask(
+            what, lambda: retry_io(location.url, location.fs.isfile, location.root), local=False):
+        raise PreflightError(f"{what} is a file; give the folder that holds it ({location.url.rpartition('/')[0]})")
     if state == "missing":
         raise PreflightError(missing_folder(location, what))
     if holding is not None and state == "empty":

@@ -265,3 +265,27 @@ print("finished", records[0].error_type)
     assert done.returncode == 70, done.stdout + done.stderr
     assert "ignored its time limit" in done.stderr and "finished" not in done.stdout
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # writing it: plain is the point
+def test_a_plain_tiff_whose_header_claims_too_many_pixels_is_refused_before_its_bytes_are_read(tmp_path, monkeypatch):
+    """A TIFF without a CRS is decoded as an image, whole: its header, read by range to tell
+    whether it is georeferenced, already says its size, so one over --max-pixels is not
+    downloaded first (here 50 KB; an object can hold gigabytes)."""
+    import rasterio
+
+    import pipeline.io_stages as io_stages
+
+    with rasterio.open(tmp_path / "plain.tif", "w", driver="GTiff", width=20_000, height=20_000, count=1, dtype="uint8",
+                       tiled=True, compress="deflate", sparse_ok=True):
+        pass  # no CRS, no transform, no tile written: a header and empty tiles
+    read: list[str] = []
+    monkeypatch.setattr(io_stages, "read_bytes", lambda location, key: read.append(key))  # None: as if gone
+    source, files = open_location(str(tmp_path)), [SourceFile("plain.tif", 1, "v")]
+    [record] = read_and_decode(source, files, max_pixels=10**6)
+    assert (record.ok, record.error_type, record.georeferenced) == (False, "too_large", False), record.error
+    assert record.error == "20000x20000 = 400000000 pixels exceeds max_pixels=1000000"  # as decode_image says it
+    assert read == []
+    # within the limit it is read and decoded as before (the stub's None: "missing")
+    [record] = read_and_decode(source, files, max_pixels=20_000 * 20_000)
+    assert (read, record.error_type) == (["plain.tif"], "missing")

@@ -538,3 +538,81 @@ def test_a_misspelled_storage_option_is_one_line(s3_bucket) -> None:
     with pytest.raises(PreflightError, match=r"^--storage-options: SOURCE .* cannot be opened with them: .*'ky'"):
         check_segment(SegmentConfig(source=f"{bucket}/in", output=f"{bucket}/out", weights="none", num_classes=2,
                                     storage_options={**options, "ky": "typo"}))
+
+
+def test_an_object_given_as_an_s3_folder_is_refused_as_a_local_file_is(source, s3_bucket, s3_endpoint, tmp_path) -> None:
+    """SOURCE naming an object, not the prefix that holds it: listed as a folder, it held
+    nothing, and the run ended 'nothing to do' with exit 0 and a run record in OUTPUT."""
+    import s3fs
+
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    mosaic = f"{bucket}/orthophotos/mosaic/loveda_mosaic.tif"
+    fs.pipe_file(mosaic[5:], b"a mosaic")
+    env = os.environ | {"AWS_ENDPOINT_URL": s3_endpoint}
+    out = tmp_path / "out"
+    _refused(["segment", mosaic, str(out), "--weights", "none", "--num-classes", "2"],
+             f"SOURCE {mosaic} is a file; give the folder that holds it ({bucket}/orthophotos/mosaic)", env=env)
+    assert not out.exists()
+    # the same for the folders that must hold masks (no "holds no masks")
+    fs.pipe_file(f"{bucket[5:]}/gt/a.png", (source / "a.png").read_bytes())
+    with pytest.raises(PreflightError, match=rf"^GROUND_TRUTH {mosaic} is a file; give the folder that holds it"):
+        check_evaluate(EvaluateConfig(predictions=f"{bucket}/gt", ground_truth=mosaic, output=str(tmp_path / "report"),
+                                      num_classes=2, storage_options=options))
+    # a key that is both an object and a prefix of others is a folder
+    fs.pipe({f"{bucket[5:]}/both": b"an object", f"{bucket[5:]}/both/a.png": b"under it"})
+    check_segment(SegmentConfig(source=f"{bucket}/both", output=str(out), weights="none", num_classes=2,
+                                storage_options=options))
+    # an empty prefix in a bucket that exists is still a folder with nothing to do, not a file
+    check_segment(SegmentConfig(source=f"{bucket}/nothing-yet", output=str(out), weights="none", num_classes=2,
+                                storage_options=options))
+    assert not out.exists()
+
+
+def test_an_endpoint_without_its_scheme_names_where_it_was_given(source, tmp_path, monkeypatch) -> None:
+    """botocore refuses 127.0.0.1:5123 at the first request as 'Invalid endpoint', naming
+    neither the option nor the variable, nor what is missing."""
+    untrained = ["--weights", "none", "--num-classes", "2"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT_URL")}
+    _refused(["segment", "s3://survey/in", str(tmp_path / "out"), *untrained],
+             "AWS_ENDPOINT_URL=127.0.0.1:5123 has no scheme", "give it as http://127.0.0.1:5123",
+             env=env | {"AWS_ENDPOINT_URL": "127.0.0.1:5123"})
+    _refused(["segment", "s3://survey/in", str(tmp_path / "out"), *untrained, "--storage-options",
+              '{"endpoint_url": "127.0.0.1:5123"}'],
+             "--storage-options endpoint_url 127.0.0.1:5123 has no scheme", "give it as http://127.0.0.1:5123", env=env)
+    assert not (tmp_path / "out").exists()
+    # s3fs's other form, and the other commands that take storage options
+    nested = {"client_kwargs": {"endpoint_url": "localhost:9000"}}
+    with pytest.raises(PreflightError, match=r"^--storage-options client_kwargs.endpoint_url localhost:9000 has no "
+                                             r"scheme; give it as http://localhost:9000"):
+        check_evaluate(EvaluateConfig(predictions="s3://survey/masks", ground_truth=str(source),
+                                      output=str(tmp_path / "report"), num_classes=2, storage_options=nested))
+    with pytest.raises(PreflightError, match=r"^--storage-options client_kwargs.endpoint_url localhost:9000 has no"):
+        check_train(TrainConfig(images=str(source), labels=str(source), output="s3://models/m.pt",
+                                model="lraspp_mobilenet_v3_large", num_classes=2, init="none", storage_options=nested))
+    # the variable is botocore's, read only for S3 and only when no option names the endpoint;
+    # storage options go to remote URLs only: a local job is not refused for either
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "127.0.0.1:5123")
+    check_segment(SegmentConfig(source=str(source), output=str(tmp_path / "out"), weights="none", num_classes=2,
+                                storage_options={"endpoint_url": "127.0.0.1:5123"}))
+    with pytest.raises(PreflightError, match=r"^AWS_ENDPOINT_URL=127\.0\.0\.1:5123 has no scheme"):
+        check_segment(SegmentConfig(source="s3://survey/in", output=str(tmp_path / "out"), weights="none",
+                                    num_classes=2), remote=False)
+
+
+def test_polygon_settings_without_polygons_are_refused(source, tmp_path) -> None:
+    """--simplify and --min-polygon-area shape the polygons --polygons writes: without it they
+    did nothing, silently."""
+    untrained = ["segment", str(source), str(tmp_path / "out"), "--weights", "none", "--num-classes", "2"]
+    _refused([*untrained, "--simplify", "2"], "--simplify applies to polygons; add --polygons (or leave it out)")
+    _refused([*untrained, "--min-polygon-area", "50"],
+             "--min-polygon-area applies to polygons; add --polygons (or leave it out)")
+    with pytest.raises(PreflightError, match=r"^--simplify applies to polygons"):
+        check_serve(SegmentConfig(source=f"{source}/{{date}}", output=f"{tmp_path}/{{date}}", weights="none",
+                                  num_classes=2, simplify=1.5))
+    assert not (tmp_path / "out").exists()
+    config = SegmentConfig(source=str(source), output=str(tmp_path / "out"), weights="none", num_classes=2)
+    check_segment(config.model_copy(update={"polygons": True, "simplify": 2.0, "min_polygon_area": 50.0}))
+    # the defaults, given or not (a deployment's parameters give every field)
+    check_segment(config)
+    check_segment(SegmentConfig(**config.model_dump()))
