@@ -200,7 +200,8 @@ def _nodata_rule(file: DatasetReader, labels: Callable[[int], int], settings: Sc
       as its labels are checked (0/255 footprints saved with nodata 255 and scored with
       --label-map 255:1 have 255 scored as class 1);
     - GDAL reports the mask of a nodata value as `nodata`: that one follows the value rule, so
-      only a mask of the file's own (`per_dataset`, `alpha`) is read."""
+      only a mask of the file's own (`per_dataset`: an internal mask) is read. An alpha band
+      would be a second band, which a mask of class ids does not have."""
     if file.driver != "GTiff":
         return None, False
     value = file.nodata
@@ -209,7 +210,7 @@ def _nodata_rule(file: DatasetReader, labels: Callable[[int], int], settings: Sc
             and 0 <= labels(int(value)) < settings.num_classes):
         value = None
     flags = file.mask_flag_enums[0]
-    return value, MaskFlags.per_dataset in flags or MaskFlags.alpha in flags
+    return value, MaskFlags.per_dataset in flags
 
 
 def _nodata_in(file: DatasetReader, values: np.ndarray, window: Window, rule: tuple[float | None, bool]) -> np.ndarray:

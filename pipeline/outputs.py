@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 
 # 2: masks of georeferenced rasters are COGs, class_stats has `area`, images has
 # `confidence_uri`, polygons/ is new
-LAYOUT_FORMAT = "segpipe-output/2"
+LAYOUT_FORMAT = "segpipe-output/3"
 # a shard is at most a few thousand images; one row group per file keeps scans simple while
 # staying far below the sizes (~128 MiB) where readers would want to split it
 ROW_GROUP_ROWS = 1 << 20

@@ -62,7 +62,7 @@ CHECKPOINT_FORMAT = "segpipe-checkpoint/1"
 # pipeline.outputs' layout record and its format, named here because importing pipeline.outputs
 # imports torch; tests/test_preflight.py checks that the two agree
 LAYOUT_KEY = "_segpipe.json"
-LAYOUT_FORMAT = "segpipe-output/2"
+LAYOUT_FORMAT = "segpipe-output/3"
 # seconds a download URL may take to answer before the weights count as unreachable
 DOWNLOAD_CHECK_TIMEOUT_S = 3.0
 
@@ -182,7 +182,7 @@ def check_segment(config: SegmentConfig, *, remote: bool = True) -> None:
     checks them with at its start."""
     _polygon_settings(config)
     published = _classes_given(config)
-    _endpoints_have_schemes((config.source, config.output, config.weights), config.storage_options)
+    _endpoints_have_schemes((config.source, config.output, config.weights), config.storage_options, remote)
     _output_outside_source(config)
     source = _readable_folder(config.source, config.storage_options, "SOURCE", remote)
     _writable_folder(config.output, config.storage_options, "OUTPUT", remote,
@@ -198,7 +198,7 @@ def check_serve(config: SegmentConfig, *, remote: bool = True) -> None:
     record of earlier runs, are its run's to check (`check_segment`), when they exist."""
     _polygon_settings(config)
     published = _classes_given(config)
-    _endpoints_have_schemes((config.source, config.output, config.weights), config.storage_options)
+    _endpoints_have_schemes((config.source, config.output, config.weights), config.storage_options, remote)
     _output_outside_source(config)
     for name, check in (("source", _readable_folder), ("output", _writable_folder)):
         url = getattr(config, name)
@@ -282,7 +282,7 @@ def _model_weights(config: SegmentConfig, published: PublishedWeights | None, re
 def check_evaluate(config: EvaluateConfig, *, remote: bool = True) -> None:
     """Everything `evaluate` can be refused for before it starts (`remote`: as for `check_segment`)."""
     options = config.storage_options
-    _endpoints_have_schemes((config.predictions, config.ground_truth, config.output), options)
+    _endpoints_have_schemes((config.predictions, config.ground_truth, config.output), options, remote)
     # the report beside the masks it scores, not among them; and masks to score in each folder
     # (an empty one is often a {date} that named the wrong night)
     for url, folder in ((config.predictions, "PREDICTIONS"), (config.ground_truth, "GROUND_TRUTH")):
@@ -303,7 +303,7 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
     where none are given (`TrainConfig.resumed_with`), its validation set included."""
     options = config.storage_options
     _endpoints_have_schemes((config.images, config.labels, config.val_images, config.val_labels, config.output,
-                             config.resume, config.init), options)
+                             config.resume, config.init), options, remote)
     resumed = read_checkpoint(config.resume, options, "--resume", remote) if config.resume is not None else None
     trained = resumed.meta.get("extra", {}).get("training", {}) if resumed is not None else {}
     config, _ = config.resumed_with(trained)
@@ -592,20 +592,22 @@ def _ask(what: str, call: Callable[[], T], *, local: bool) -> T:
         raise
 
 
-def _endpoints_have_schemes(urls: Collection[str | None], options: Mapping[str, Any]) -> None:
+def _endpoints_have_schemes(urls: Collection[str | None], options: Mapping[str, Any], remote: bool) -> None:
     """An endpoint given without its scheme (127.0.0.1:9000), which botocore refuses at the
     first request as "Invalid endpoint: 127.0.0.1:9000", naming neither where it was given nor
     what it lacks. The storage options go to remote URLs only, and botocore reads its variables
     (AWS_ENDPOINT_URL_S3 before AWS_ENDPOINT_URL) only for S3 and only where no option names
-    the endpoint: a job that would not use one is not refused for it."""
-    remote = [url for url in urls if url and not is_local_url(url)]
-    if not remote:
+    the endpoint: a job that would not use one is not refused for it. `remote=False` (options
+    in a Secret block, which the flow checks with them): the variables are not looked at,
+    since the Secret may name the endpoint."""
+    urls = [url for url in urls if url and not is_local_url(url)]
+    if not urls:
         return
     nested = options.get("client_kwargs")
     given = [("--storage-options endpoint_url ", options.get("endpoint_url")),
              ("--storage-options client_kwargs.endpoint_url ",
               nested.get("endpoint_url") if isinstance(nested, Mapping) else None)]
-    if not any(value for _, value in given) and any(url.partition("://")[0] in {"s3", "s3a"} for url in remote):
+    if remote and not any(value for _, value in given) and any(url.partition("://")[0] in {"s3", "s3a"} for url in urls):
         given = [(f"{name}=", os.environ.get(name)) for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")]
     for origin, value in given:
         if isinstance(value, str) and value.strip() and "://" not in value:

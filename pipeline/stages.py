@@ -313,7 +313,9 @@ class RasterStage:
             raise ValueError(f"a raster mask is uint8 with a nodata value: at most 255 classes, not {self.num_classes}")
         bands = choose_bands(dataset, s.bands)
         colour_table = band_colour_table(dataset, bands)  # a colour-mapped band is shown in its colours
-        limits = band_limits(dataset, bands) if colour_table is None else None
+        started = time.perf_counter()
+        limits = band_limits(dataset, bands) if colour_table is None else None  # from overviews, or windows read
+        reading, writing = time.perf_counter() - started, 0.0
         mask_path, confidence_path = os.path.join(scratch, "mask.tif"), os.path.join(scratch, "confidence.tif")
         # the masks' geometry, and GDAL's threads to compress them
         profile = {"width": dataset.width, "height": dataset.height, "crs": dataset.crs, "transform": dataset.transform,
@@ -326,8 +328,6 @@ class RasterStage:
         polygons_path = os.path.join(scratch, "polygons.parquet")
         polygons = PolygonsWriter(polygons_path, run_id=self.run_id, image_id=record.key,
                                   class_names=self.class_names, crs=dataset.crs)
-
-        reading = writing = 0.0
 
         def take(regions: list[ClassPolygon]) -> None:
             nonlocal writing
