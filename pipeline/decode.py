@@ -138,6 +138,13 @@ def decode(
         raise ImageDecodeError("timeout", str(err)) from err
 
 
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """ImageDecodeError("too_large") for an image whose header claims more than `max_pixels`,
+    before its pixels are decoded (or, for a TIFF read by its header, downloaded)."""
+    if width * height > max_pixels:
+        raise ImageDecodeError("too_large", f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}")
+
+
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """(H, W, 3) uint8 RGB from the bytes of an image file, as displayed."""
     if not data:
@@ -146,11 +153,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise ImageDecodeError(
-                        "too_large", f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}"
-                    )
+                check_pixels(*image.size, max_pixels)
                 image.seek(0)
                 image = ImageOps.exif_transpose(image)
                 return _to_rgb(image)
@@ -200,8 +203,7 @@ def _decode_tiff(data: bytes, max_pixels: int, pillow_error: BaseException) -> n
         with tifffile.TiffFile(io.BytesIO(data)) as tiff:
             page = tiff.pages.first
             height, width = page.imagelength, page.imagewidth
-            if width * height > max_pixels:
-                raise ImageDecodeError("too_large", f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}")
+            check_pixels(width, height, max_pixels)
             array = page.asarray()
     except ImageDecodeError:
         raise

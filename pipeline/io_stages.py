@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 
 from .config import DEFAULT_MAX_RASTER_PIXELS
-from .decode import DEFAULT_MAX_PIXELS, DeviceJpeg, ImageDecodeError, decode
+from .decode import DEFAULT_MAX_PIXELS, DeviceJpeg, ImageDecodeError, check_pixels, decode
 from .masks import encode_confidence, encode_mask
 from .rasters import is_georeferenced, open_raster
 from .records import ImageRecord, confidence_key_for, mask_key
@@ -82,8 +82,10 @@ def _sized_by_header(source: Location, key: str, record: ImageRecord, max_pixels
         with open_raster(source, key) as dataset:
             width, height = dataset.width, dataset.height
             if not is_georeferenced(dataset):
-                if width * height > max_pixels:
-                    record.fail("too_large", f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}")
+                try:
+                    check_pixels(width, height, max_pixels)
+                except ImageDecodeError as err:
+                    record.fail(err.reason, str(err))
                     return True
                 return False
             record.georeferenced, record.height, record.width = True, height, width
