@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows._checks import failed_checks
 from flows._retries import IO_TASK
 from flows._storage import resolve_storage_options
 from pipeline.config import SegmentConfig
@@ -119,7 +120,9 @@ def segment_archive(
     started (see `pipeline.runtime.replicas.Replicas`), which the run takes over.
     """
     config = config.dated().with_storage_options(resolve_storage_options(config.storage_options, storage_secret))
-    check_segment(config)  # as the command line does; here with the credentials of a Secret block too
+    # as the command line does; here with the credentials of a Secret block too
+    if (failed := failed_checks(check_segment, config)) is not None:
+        return failed
     summary = run_on_ray(config, on_progress, replicas)
     record = commit_run(config, summary)
     result = summarise(summary, record, config.polygons, config.confidence)

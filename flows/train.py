@@ -10,6 +10,7 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows._checks import failed_checks
 from flows._storage import resolve_storage_options
 from pipeline.config import TrainConfig
 from pipeline.preflight import check_train, read_checkpoint
@@ -39,7 +40,9 @@ def train_model(config: TrainConfig, storage_secret: str | None = None) -> dict[
     to config.output, which `segpipe segment --weights OUTPUT` runs as it is, and each epoch's
     to config.last_checkpoint, which `resume` goes on from. Credentials: as for segment-archive."""
     config = config.with_storage_options(resolve_storage_options(config.storage_options, storage_secret))
-    check_train(config)  # as the command line does; here with the credentials of a Secret block too
+    # as the command line does; here with the credentials of a Secret block too
+    if (failed := failed_checks(check_train, config)) is not None:
+        return failed
     resumed = None  # the line saying what a resumed run took from its checkpoint, if anything
     if config.resume is not None:
         trained = read_checkpoint(config.resume, config.storage_options, "--resume").meta.get("extra", {})

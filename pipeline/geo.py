@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -260,6 +260,9 @@ class PolygonCollector:
         self._ending_at_col: dict[float, list[int]] = defaultdict(list)
         self._next_id = 0
         self._row = 0  # the top of the row of blocks being added
+        # every region found so far, per class, those `min_area` drops included: the raster's
+        # connected regions (class statistics' `components`), whatever the polygons' settings
+        self.regions: Counter[int] = Counter()
         self._finished = False
 
     @property
@@ -381,6 +384,7 @@ class PolygonCollector:
 
     def _finalise(self, class_ids: list[int], pixel_polygons: list[shapely.Polygon]) -> list[ClassPolygon]:
         """Pixel-space polygons -> their areas, filtered by area, in map coordinates, simplified."""
+        self.regions.update(class_ids)
         if not pixel_polygons:
             return []
         geometries = np.asarray(pixel_polygons, dtype=object)

@@ -321,20 +321,18 @@ class RasterStage:
         profile = {"width": dataset.width, "height": dataset.height, "crs": dataset.crs, "transform": dataset.transform,
                    "threads": self.gdal_threads}
         totals = _ClassTotals(self.num_classes)
-        # every region, counted for `components`; written, as found, only with --polygons, and
-        # filtered by --min-polygon-area then
+        # run without --polygons too: its regions are the statistics' `components`
         collector = PolygonCollector(dataset.transform, dataset.crs, width=dataset.width, height=dataset.height,
-                                     simplify=s.simplify)
+                                     min_area=s.min_polygon_area, simplify=s.simplify)
         polygons_path = os.path.join(scratch, "polygons.parquet")
         polygons = PolygonsWriter(polygons_path, run_id=self.run_id, image_id=record.key,
                                   class_names=self.class_names, crs=dataset.crs)
 
         def take(regions: list[ClassPolygon]) -> None:
             nonlocal writing
-            totals.components.update(region.class_id for region in regions)
             if s.polygons:
                 started = time.perf_counter()
-                polygons.write([r for r in regions if r.area >= s.min_polygon_area])
+                polygons.write(regions)
                 writing += time.perf_counter() - started
 
         with MaskWriter(mask_path, **profile, nodata=RASTER_NODATA, palette=self.palette) as mask, \
@@ -364,7 +362,7 @@ class RasterStage:
         if s.confidence:
             record.confidence_key = confidence_key_for(record.key, ".tif")
             put_file_atomic(self.output, record.confidence_key, confidence_path)
-        record.stats = totals.stats(pixel_area=pixel_area(dataset.crs, dataset.transform))
+        record.stats = totals.stats(components=collector.regions, pixel_area=pixel_area(dataset.crs, dataset.transform))
         if polygons.close():
             record.polygons_key = staged_polygons_key(self.run_id, record.key)
             put_file_atomic(self.output, record.polygons_key, polygons_path)
@@ -468,13 +466,11 @@ class _NoWriter:
 
 
 class _ClassTotals:
-    """Per-class pixel counts, confidence sums and regions over a raster's valid pixels,
-    block by block."""
+    """Per-class pixel counts and confidence sums over a raster's valid pixels, block by block."""
 
     def __init__(self, num_classes: int) -> None:
         self.counts = np.zeros(num_classes, dtype=np.int64)
         self.confidence = np.zeros(num_classes, dtype=np.float64)
-        self.components: Counter[int] = Counter()
 
     def add(self, labels: np.ndarray, score: np.ndarray, valid: np.ndarray) -> None:
         n = len(self.counts)
@@ -484,13 +480,14 @@ class _ClassTotals:
         self.counts += np.bincount(labels, minlength=n)[:n]
         self.confidence += np.bincount(labels, weights=score.ravel(), minlength=n)[:n]
 
-    def stats(self, *, pixel_area: float) -> ClassStats:
-        """`fraction` is of the raster's valid pixels; `area` in `pixel_area`'s units."""
+    def stats(self, *, components: Counter[int], pixel_area: float) -> ClassStats:
+        """`fraction` is of the raster's valid pixels; `components`, the connected regions of
+        each class; `area` in `pixel_area`'s units."""
         present = np.nonzero(self.counts)[0]
         counts = self.counts[present]
         return ClassStats(
             class_id=present.astype(np.int64), pixel_count=counts, fraction=counts / max(int(self.counts.sum()), 1),
             mean_confidence=self.confidence[present] / counts,
-            components=np.array([self.components.get(int(c), 0) for c in present], dtype=np.int64),
+            components=np.array([components.get(int(c), 0) for c in present], dtype=np.int64),
             area=counts * pixel_area,
         )

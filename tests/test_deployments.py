@@ -329,6 +329,38 @@ def test_segpipe_serve_logs_a_night_it_runs_and_stops_on_sigterm(prefect_server,
         _stop(again)
 
 
+@pytest.mark.slow
+def test_a_served_night_that_fails_its_checks_logs_one_line_without_a_traceback(prefect_server, tmp_path):
+    """A night whose SOURCE folder is missing is a mistake in the settings, not a crash: the
+    flow run ends Failed with the same one line the command line prints, and serve's log (a
+    service's journal, read every morning) holds no traceback."""
+    env, api = prefect_server, prefect_server["PREFECT_API_URL"]
+    yesterday = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).date().isoformat()
+    serve, log = _start_serve(tmp_path, env)  # tmp_path/<yesterday> is never made
+    try:
+        deadline = time.monotonic() + 120
+        while not (nightly := [d for d in _post(api, "/deployments/filter", {}) if d["name"] == "nightly"]):
+            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        run = _post(api, f"/deployments/{nightly[0]['id']}/create_flow_run", {})
+        deadline = time.monotonic() + 240
+        while not re.search(r"Flow run '[^']+' - Finished in state", output := log.read_text()):
+            assert serve.poll() is None and time.monotonic() < deadline, output[-3000:]
+            time.sleep(1)
+        time.sleep(3)  # what the runner says after the flow run's process exits
+        os.killpg(serve.pid, signal.SIGINT)
+        serve.wait(timeout=20)
+    finally:
+        _stop(serve)
+    output = log.read_text()
+    reason = f"SOURCE {tmp_path}/{yesterday} is not a folder that exists"
+    assert f"Finished in state Failed('{reason}')" in output, output
+    with urllib.request.urlopen(f"{api}/flow_runs/{run['id']}", timeout=10) as response:
+        state = json.load(response)["state"]
+    assert (state["type"], state["message"]) == ("FAILED", reason)
+    assert "Traceback" not in output, output
+
+
 def test_dockerfile_cuda_runtime_installs_the_package_and_drops_root():
     lines = [line.strip() for line in (INFRA / "Dockerfile").read_text().splitlines() if line.strip() and not line.startswith("#")]
     base = next(line for line in lines if line.startswith("FROM "))

@@ -330,3 +330,27 @@ def test_credentials_from_a_secret_block_are_not_stored_with_the_run(prefect_har
         stored = json.dumps(client.read_flow_run(state.state_details.flow_run_id).parameters, default=str)
     assert '"storage_secret": "segpipe-test-storage"' in stored
     assert marker not in stored and options["endpoint_url"] not in stored
+
+
+@pytest.mark.parametrize("job", ["segment", "train"])
+def test_a_flow_its_checks_refuse_ends_failed_with_the_reason_as_its_message(prefect_harness, tmp_path, job):
+    """A wrong setting found by the flow's own checks (a deployment's run: the command line
+    checks before) is the state's one-line message, as the command line prints it, not
+    Prefect's "Flow run encountered an exception"; calling the flow raises it as before."""
+    from flows.train import train_model
+    from pipeline.config import TrainConfig
+    from pipeline.preflight import PreflightError
+
+    missing = tmp_path / "missing"
+    if job == "segment":
+        run, config = segment_archive, SegmentConfig(source=str(missing), output=str(tmp_path / "out"), weights="none",
+                                                     num_classes=3)
+    else:
+        run, config = train_model, TrainConfig(images=str(missing), labels=str(tmp_path), output=str(tmp_path / "m.pt"),
+                                               model="lraspp_mobilenet_v3_large", num_classes=3)
+    state = run(config, return_state=True)
+    assert state.is_failed() and state.message.endswith(f"{missing} is not a folder that exists"), state.message
+    assert "encountered an exception" not in state.message
+    with pytest.raises(PreflightError, match="is not a folder that exists"):
+        run(config)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.pt").exists()

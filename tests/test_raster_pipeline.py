@@ -253,6 +253,32 @@ def test_polygons_are_staged_by_the_replica_and_moved_by_the_commit(shared_data,
     assert commit() == [["a.tif"]]
 
 
+def test_components_count_every_region_whatever_the_polygons_settings(shared_data, tmp_path):
+    """`components` in the class statistics is the raster's regions of each class: the same
+    without --polygons, and with --min-polygon-area and --simplify, which drop and reshape only
+    the polygons written (those of at least the area, counted in pixels before simplifying)."""
+    (tmp_path / "src").mkdir()
+    _mosaic(shared_data, tmp_path / "src" / "a.tif", height=300, width=400)
+
+    def segmented(name: str, **settings) -> tuple[dict[int, int], gpd.GeoDataFrame | None]:
+        stage = _raster_stage(tmp_path / "src", tmp_path / name, tile=128, block=256, **settings)
+        record = stage(ImageRecord(key="a.tif", georeferenced=True))
+        assert record.ok, record.error
+        components = dict(zip(record.stats.class_id.tolist(), record.stats.components.tolist(), strict=True))
+        rows = gpd.read_parquet(tmp_path / name / record.polygons_key) if record.polygons_key else None
+        return components, rows
+
+    plain, _ = segmented("plain")
+    every, all_rows = segmented("every", polygons=True)
+    areas = all_rows["area"]  # the column: GeoDataFrame.area is the geometries' (simplified) area
+    threshold = float(np.median(areas))  # about half the regions are smaller
+    filtered, kept_rows = segmented("filtered", polygons=True, min_polygon_area=threshold, simplify=0.6)
+    assert plain == every == filtered
+    assert all_rows.groupby("class_id").size().to_dict() == every  # one row per region
+    assert areas.min() < threshold and len(kept_rows) == int((areas >= threshold).sum()) < len(all_rows)
+    assert sorted(kept_rows["area"]) == sorted(areas[areas >= threshold])
+
+
 def _polygon_files(fs: s3fs.S3FileSystem, bucket: str, tmp_path: Path) -> list[Path]:
     local = tmp_path / "polygons"
     if not local.exists():

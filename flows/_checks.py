@@ -1,0 +1,45 @@
+"""A flow run stopped by its own checks (`pipeline.preflight`) ends Failed with the one line
+the command line prints, and no traceback: a wrong setting or a missing night's folder is
+not a crash, and `segpipe serve`'s log is a service's journal, read every morning.
+
+Prefect logs a flow that raises twice, each time with the traceback: when the flow raises,
+and again when its engine, in the served run's process, re-raises the final state's error
+("Engine execution exited with unexpected exception"). Returning the Failed state instead
+stops the first; the second is Prefect's own, whatever the flow does, so its record of a
+failed check is logged without the traceback, the reason added to its message."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from prefect.states import Failed, State
+
+from pipeline.preflight import PreflightError
+
+
+def failed_checks(check: Callable[[Any], None], config: Any) -> State | None:
+    """`check(config)`; the Failed state to return from the flow when it refuses the
+    config, else None. Calling the flow still raises the PreflightError (the state's data)."""
+    try:
+        check(config)
+    except PreflightError as err:
+        _without_traceback(logging.getLogger("prefect.flow_runs"))
+        return Failed(message=str(err), data=err)
+    return None
+
+
+class _FailedCheckRecords(logging.Filter):
+    """Drops the traceback of a record logged with a PreflightError, keeping its reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], PreflightError):
+            record.msg = f"{record.msg}: {record.exc_info[1]}"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _without_traceback(logger: logging.Logger) -> None:
+    if not any(isinstance(f, _FailedCheckRecords) for f in logger.filters):
+        logger.addFilter(_FailedCheckRecords())
