@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows._checks import failed_checks
 from flows._retries import IO_TASK
 from flows._storage import resolve_storage_options
 from pipeline.config import EvaluateConfig
@@ -43,15 +44,18 @@ def pair(predictions: str, ground_truth: str, prediction_suffix: str, ground_tru
     logger = get_run_logger()
     logger.info("%d pairs; %d predictions and %d ground-truth masks without a partner",
                 len(pairing.pairs), len(pairing.unpaired_predictions), len(pairing.unpaired_ground_truth))
+    if pairing.pairs and pairing.unmatched_suffixes:  # the masks paired by their whole names, maybe not all of them
+        logger.warning("%s", "; ".join(pairing.unmatched_suffixes))
     if not pairing.pairs:
+        advice = list(pairing.unmatched_suffixes)
         # the whole OUTPUT of a segment run, given for its masks: their keys start with masks/
-        advice = (f"pass {predictions.rstrip('/')}/masks, where segment writes its masks"
-                  if any(key.startswith("masks/") for key in pairing.unpaired_predictions)
-                  else "check the roots and the suffixes")
+        if any(key.startswith("masks/") for key in pairing.unpaired_predictions):
+            advice.append(f"pass {predictions.rstrip('/')}/masks, where segment writes its masks")
         raise NothingToScoreError(
             f"no prediction under {predictions} pairs with a ground-truth mask under {ground_truth} "
             f"({counted(len(pairing.unpaired_predictions), 'prediction')}, "
-            f"{counted(len(pairing.unpaired_ground_truth), 'ground-truth mask')}); {advice}"
+            f"{counted(len(pairing.unpaired_ground_truth), 'ground-truth mask')}); "
+            f"{'; '.join(advice) or 'check the roots and the suffixes'}"
         )
     return pairing
 
@@ -90,7 +94,9 @@ def evaluate_predictions(config: EvaluateConfig, storage_secret: str | None = No
     becomes config.date (default yesterday, UTC). Credentials: as for segment-archive.
     """
     config = config.dated().with_storage_options(resolve_storage_options(config.storage_options, storage_secret))
-    check_evaluate(config)  # as the command line does; here with the credentials of a Secret block too
+    # as the command line does; here with the credentials of a Secret block too
+    if (failed := failed_checks(check_evaluate, config)) is not None:
+        return failed
     options = config.storage_options
     # masks of a segpipe OUTPUT are named by the classes of the run that wrote them
     of_masks = None if config.class_names else class_names_of_masks(config.predictions, options)

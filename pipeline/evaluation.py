@@ -5,7 +5,8 @@ Pairs are made by key relative to each root, extension and an optional suffix re
 `a/0001_gtFine_labelTrainIds.png` given suffixes `_pred` and `_gtFine_labelTrainIds`. Each
 pair gives one confusion matrix; the matrices are summed and scored once, which is
 dataset-wide IoU as MMSegmentation computes it (`pipeline.metrics`). A pair that cannot be
-scored (size mismatch, labels out of range, unreadable mask) is reported by name and left out.
+scored (size mismatch, labels out of range, unreadable mask, a mask storage refuses) is reported
+by name and left out.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import io
 import json
 import math
 import posixpath
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +54,8 @@ class Pairing:
     unpaired_ground_truth: list[str]
     # keys that are not PNG masks, with the reason, on either side
     rejected: list[dict[str, str]] = field(default_factory=list)
+    # one line for each side whose suffix ends none of its masks' names (`_unmatched_suffix`)
+    unmatched_suffixes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,26 @@ class StrayLabelsError(ValueError):
     def __init__(self, message: str, stray: StrayLabels) -> None:
         super().__init__(message)
         self.stray = stray
+
+
+class RefusedMaskError(ValueError):
+    """Storage refuses one mask of a pair for good (forbidden: S3's AccessDenied, which s3fs
+    raises as PermissionError; a folder where a file was listed), named: the pair is left out,
+    as one with a corrupt mask is. Transient errors were retried and end as
+    StorageUnavailableError, a RuntimeError, which stops the run."""
+
+
+@contextmanager
+def _refusal_named(side: str, key: str) -> Iterator[None]:
+    """Within it, a permanent storage error reading `key` raised as RefusedMaskError naming it.
+    A missing object passes as it is: each reader says it its own way (`read_bytes` returns
+    None, `open_raster` names the object)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # only permanent ones get here: `retry_io` turns the others into StorageUnavailableError
+        raise RefusedMaskError(f"cannot read {side} {key}: {type(err).__name__}: {err}") from err
 
 
 @dataclass
@@ -110,27 +134,40 @@ def index_by_key(location: Location, suffix: str, accepts: Callable[[str], bool]
     return groups, refused
 
 
-def _index(location: Location, suffix: str, side: str, rejected: list[dict[str, str]]) -> dict[str, str]:
-    """Masks by pairing key; other files, and every file after the first under a key, go
-    to `rejected` with the reason."""
+def _index(location: Location, suffix: str, side: str, rejected: list[dict[str, str]]) -> tuple[dict[str, str], list[str]]:
+    """Masks by pairing key, and every mask in listing order; other files, and every file
+    after the first under a key, go to `rejected` with the reason."""
     groups, refused = index_by_key(location, suffix, is_mask_key)
     rejected += [{"key": key, "side": side, "reason": "not a mask (PNG or GeoTIFF)"} for key in refused]
     rejected += [{"key": key, "side": side, "reason": f"pairs under the same key as {keys[0]}"}
                  for keys in groups.values() for key in keys[1:]]
-    return {key: keys[0] for key, keys in groups.items()}
+    return {key: keys[0] for key, keys in groups.items()}, [key for keys in groups.values() for key in keys]
+
+
+def _unmatched_suffix(option: str, suffix: str, masks: Sequence[str], noun: str) -> str | None:
+    """The line that says a suffix given for one side ends none of its masks' names, or None.
+    Such a suffix removes nothing, so the masks pair by their whole names, or (a suffix
+    mistyped, `_gt` for `_gtFine`) not at all; the line names the option as typed and one
+    mask, for the reader to compare."""
+    if not suffix or not masks or any(posixpath.splitext(key)[0].endswith(suffix) for key in masks):
+        return None
+    return f"{option} {suffix} matches none of the {counted(len(masks), noun)}, e.g. {masks[0]}"
 
 
 def pair_masks(predictions: Location, ground_truth: Location, *, prediction_suffix: str = "",
                ground_truth_suffix: str = "") -> Pairing:
     rejected: list[dict[str, str]] = []
-    preds = _index(predictions, prediction_suffix, "prediction", rejected)
-    truths = _index(ground_truth, ground_truth_suffix, "ground_truth", rejected)
+    preds, pred_masks = _index(predictions, prediction_suffix, "prediction", rejected)
+    truths, truth_masks = _index(ground_truth, ground_truth_suffix, "ground_truth", rejected)
     pairs = [Pair(key, preds[key], truths[key]) for key in sorted(preds.keys() & truths.keys())]
+    unmatched = [_unmatched_suffix("--prediction-suffix", prediction_suffix, pred_masks, "prediction"),
+                 _unmatched_suffix("--ground-truth-suffix", ground_truth_suffix, truth_masks, "ground-truth mask")]
     return Pairing(
         pairs=pairs,
         unpaired_predictions=sorted(preds[k] for k in preds.keys() - truths.keys()),
         unpaired_ground_truth=sorted(truths[k] for k in truths.keys() - preds.keys()),
         rejected=rejected,
+        unmatched_suffixes=[line for line in unmatched if line is not None],
     )
 
 
@@ -227,10 +264,13 @@ def score_raster_pair(pair: Pair, predictions: Location, ground_truth: Location,
     GDAL as well). Pixels are not scored where either GeoTIFF has no data: the prediction
     outside the raster's valid data, the ground truth unlabelled (`_nodata_rule`). Each side
     must be one band of class ids, and two georeferenced sides must lie on the same pixels of
-    the same CRS. Storage that fails through its retries raises StorageUnavailableError, as
-    for PNG pairs: the pair is not left out."""
+    the same CRS. As for PNG pairs, storage that fails through its retries raises
+    StorageUnavailableError (the pair is not left out), and storage that refuses a mask for
+    good leaves the pair out, the mask named (`RefusedMaskError`)."""
     try:
-        with open_raster(predictions, pair.prediction) as pred_file, open_raster(ground_truth, pair.ground_truth) as truth_file:
+        with ExitStack() as opened:
+            pred_file = _open_side(opened, "prediction", predictions, pair.prediction)
+            truth_file = _open_side(opened, "ground truth", ground_truth, pair.ground_truth)
             for side, key, file in (("prediction", pair.prediction, pred_file), ("ground truth", pair.ground_truth, truth_file)):
                 if file.count != 1:
                     return PairScore(pair.image_id, error=(
@@ -253,20 +293,35 @@ def score_raster_pair(pair: Pair, predictions: Location, ground_truth: Location,
             for row in range(0, pred_file.height, SCORE_WINDOW):
                 for col in range(0, pred_file.width, SCORE_WINDOW):
                     window = Window(col, row, min(SCORE_WINDOW, pred_file.width - col), min(SCORE_WINDOW, pred_file.height - row))
-                    # through `read_named`: a storage outage under GDAL raises its own error, not a corrupt file's
-                    pred = read_named(pred_file, f"window {window}", pred_file.read, 1, window=window).astype(np.int64)
-                    raw_truth = read_named(truth_file, f"window {window}", truth_file.read, 1, window=window)
+                    pred, pred_nodata = _read_side("prediction", pair.prediction, pred_file, window, pred_rule)
+                    raw_truth, truth_nodata = _read_side("ground truth", pair.ground_truth, truth_file, window, truth_rule)
+                    pred = pred.astype(np.int64)
                     truth = remap_ground_truth(raw_truth, settings)
-                    pred_nodata = _nodata_in(pred_file, pred, window, pred_rule)
                     pred[pred_nodata] = 0  # a class id for the range check: these pixels are not scored
-                    nodata = pred_nodata | _nodata_in(truth_file, raw_truth, window, truth_rule)
+                    nodata = pred_nodata | truth_nodata
                     truth[nodata] = settings.ignore_index
                     nodata_pixels += int(nodata.sum())
                     confusion += _labels_confusion(pair, pred, truth, settings)
-    except (ValueError, FileNotFoundError) as err:  # ImageDecodeError (a corrupt file) is a ValueError: named, left out
+    # ImageDecodeError (a corrupt file) and RefusedMaskError are ValueErrors: named, left out
+    except (ValueError, FileNotFoundError) as err:
         return PairScore(pair.image_id, error=str(err), stray=getattr(err, "stray", None))
     return PairScore(pair.image_id, confusion=confusion, pixels=pred_file.width * pred_file.height,
                      nodata_pixels=nodata_pixels)
+
+
+def _open_side(opened: ExitStack, side: str, location: Location, key: str) -> DatasetReader:
+    """One side of a raster pair, open until `opened` closes."""
+    with _refusal_named(side, key):
+        return opened.enter_context(open_raster(location, key))
+
+
+def _read_side(side: str, key: str, file: DatasetReader, window: Window,
+               rule: tuple[float | None, bool]) -> tuple[np.ndarray, np.ndarray]:
+    """One side's values in `window` and its pixels without data by `rule` (`_nodata_rule`)."""
+    with _refusal_named(side, key):
+        # through `read_named`: a storage outage under GDAL raises its own error, not a corrupt file's
+        values = read_named(file, f"window {window}", file.read, 1, window=window)
+        return values, _nodata_in(file, values, window, rule)
 
 
 def score_pair(pair: Pair, prediction: bytes, ground_truth: bytes, settings: ScoreSettings) -> PairScore:
@@ -324,10 +379,12 @@ def score_pairs(predictions: Location, ground_truth: Location, pairs: Sequence[P
             _add(batch, pair, score_raster_pair(pair, predictions, ground_truth, settings))
             continue
         try:
-            pred = read_bytes(predictions, pair.prediction)
-            truth = read_bytes(ground_truth, pair.ground_truth)
-        except OSError as err:  # permanent (forbidden...): transient errors were retried
-            batch.excluded.append({"image_id": pair.image_id, "reason": f"cannot read: {type(err).__name__}: {err}"})
+            with _refusal_named("prediction", pair.prediction):
+                pred = read_bytes(predictions, pair.prediction)
+            with _refusal_named("ground truth", pair.ground_truth):
+                truth = read_bytes(ground_truth, pair.ground_truth)
+        except RefusedMaskError as err:
+            batch.excluded.append({"image_id": pair.image_id, "reason": str(err)})
             continue
         if pred is None or truth is None:
             batch.excluded.append({"image_id": pair.image_id, "reason": "cannot read: the file disappeared after it was listed"})

@@ -3,12 +3,22 @@ work), on hand-made masks and on real CamVid ground truth."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pytest
 import rasterio
+import s3fs
 from fsspec.implementations.local import LocalFileSystem
 from rasterio.transform import from_origin
 
@@ -358,3 +368,108 @@ def test_storage_lost_while_a_geotiff_pair_is_read_raises_the_storage_error(tmp_
         file.truncate(first_block + 100)
     batch = _scored(tmp_path, "a.tif", "a.tif", ScoreSettings(num_classes=2))
     assert batch.image_ids == [] and "a.tif: cannot read window" in batch.excluded[0]["reason"], batch.excluded
+
+
+def _set_moto_auth(endpoint: str, initial_no_auth_requests: str) -> str:
+    """Turn moto's IAM checks on ("0": from the next request) or off ("inf"), server-wide;
+    returns the setting it replaced."""
+    request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=initial_no_auth_requests.encode(),
+                                     method="POST", headers={"Content-Type": "text/plain"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]
+
+
+@contextmanager
+def _get_object_denied(endpoint: str, denied: list[str]) -> Iterator[dict]:
+    """Storage options of an IAM user whom moto's S3 server refuses s3:GetObject (GET and HEAD)
+    on the objects `denied` (bucket/key), with S3's own 403 AccessDenied: everything else,
+    listing included, is allowed. An identity policy, since moto's server authorises by those
+    alone (it stores a bucket policy but does not enforce it); and IAM checks only while they
+    are on, server-wide, so on for this block alone."""
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    user = f"reader-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="all-but-some-objects", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+                      {"Effect": "Deny", "Action": "s3:GetObject", "Resource": [f"arn:aws:s3:::{o}" for o in denied]}]}))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    before = _set_moto_auth(endpoint, "0")
+    try:
+        yield {"endpoint_url": endpoint, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+    finally:
+        _set_moto_auth(endpoint, before)
+
+
+def test_a_mask_storage_refuses_leaves_its_pair_out_named_and_the_others_are_scored(s3_bucket, tmp_path):
+    """AccessDenied on one GeoTIFF and one PNG, from a real S3 API: each pair is left out with
+    the side and key refused (s3fs's PermissionError says neither), as a corrupt mask is; the
+    run goes on. It raised out of the raster pair's scoring, failing the whole evaluation."""
+    bucket, options = s3_bucket
+    root = bucket.removeprefix("s3://")
+    fs = s3fs.S3FileSystem(**options)
+    labels = _columns(0, 1, 1, 0)
+    for side in ("p", "g"):
+        for name in ("a", "b"):
+            fs.put_file(str(_geotiff(tmp_path / side / f"{name}.tif", labels)), f"{root}/{side}/{name}.tif")
+        fs.pipe_file(f"{root}/{side}/c.png", encode_mask(labels))
+    settings = ScoreSettings(num_classes=2)
+    with _get_object_denied(options["endpoint_url"], [f"{root}/p/a.tif", f"{root}/g/c.png"]) as denied:
+        predictions, truth = open_location(f"{bucket}/p", denied), open_location(f"{bucket}/g", denied)
+        pairing = pair_masks(predictions, truth)
+        total = score_pairs(predictions, truth, pairing.pairs, settings)
+    assert total.image_ids == ["b"] and total.confusion.tolist() == [[8, 0], [0, 8]]
+    report = build_report(total, pairing, settings, None)
+    assert report["excluded"] == [  # the raster's open asks for its size first: HEAD, whose 403 has no message
+        {"image_id": "a", "reason": "cannot read prediction a.tif: PermissionError: Forbidden"},
+        {"image_id": "c", "reason": "cannot read ground truth c.png: PermissionError: Access Denied"}]
+    assert report["excluded_summary"] == (
+        "2 pairs left out for other reasons, e.g. a: cannot read prediction a.tif: PermissionError: Forbidden")
+
+
+def test_a_suffix_that_ends_no_mask_name_is_said_with_the_option_and_one_mask(tmp_path):
+    for key in ["city/a_gtFine.png", "city/b_gtFine.png", "city/b.png"]:
+        (tmp_path / "g" / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "g" / key).write_bytes(b"")
+    (tmp_path / "p" / "city").mkdir(parents=True)
+    (tmp_path / "p" / "city" / "a.png").write_bytes(b"")
+    (tmp_path / "p" / "city" / "b.png").write_bytes(b"")
+    p, g = open_location(str(tmp_path / "p")), open_location(str(tmp_path / "g"))
+    # _gt for _gtFine: nothing removed, and only city/b pairs, by its whole name
+    mistyped = pair_masks(p, g, prediction_suffix="_pred", ground_truth_suffix="_gt")
+    assert [x.ground_truth for x in mistyped.pairs] == ["city/b.png"]
+    assert mistyped.unmatched_suffixes == [
+        "--prediction-suffix _pred matches none of the 2 predictions, e.g. city/a.png",
+        "--ground-truth-suffix _gt matches none of the 3 ground-truth masks, e.g. city/a_gtFine.png"]
+    # a suffix that ends one mask's name is taken as meant
+    assert pair_masks(p, g, ground_truth_suffix="_gtFine").unmatched_suffixes == []
+
+
+def test_the_cli_names_a_suffix_that_matches_no_mask(tmp_path):
+    """In the one-line error when nothing pairs; as a warning of the flow's log when some pairs
+    were made all the same (by whole names), which the command shows at Prefect's WARNING."""
+    for root, names in [("pred", ["a", "b"]), ("gt", ["a_gtFine", "b_gtFine"])]:
+        (tmp_path / root).mkdir()
+        for name in names:
+            (tmp_path / root / f"{name}.png").write_bytes(encode_mask(np.zeros((2, 2), np.uint8)))
+    mistyped = _segpipe("evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "r1"),
+                        "--num-classes", "2", "--ground-truth-suffix", "_gt")
+    assert mistyped.returncode == 2 and mistyped.stdout == ""
+    assert mistyped.stderr.splitlines() == [
+        f"segpipe: error: no prediction under {tmp_path / 'pred'} pairs with a ground-truth mask under "
+        f"{tmp_path / 'gt'} (2 predictions, 2 ground-truth masks); --ground-truth-suffix _gt matches none of "
+        "the 2 ground-truth masks, e.g. a_gtFine.png"]
+    # a prediction suffix the masks do not have, while they pair by their whole names
+    paired = _segpipe("evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "r2"),
+                      "--num-classes", "2", "--prediction-suffix", "_pred", "--ground-truth-suffix", "_gtFine",
+                      env={"PREFECT_LOGGING_LEVEL": "WARNING"})
+    assert paired.returncode == 0, paired.stderr
+    warnings = [line for line in (paired.stdout + paired.stderr).splitlines() if "--prediction-suffix" in line]
+    assert len(warnings) == 1 and warnings[0].rstrip().endswith(
+        "--prediction-suffix _pred matches none of the 2 predictions, e.g. a.png"), paired.stdout + paired.stderr
+
+
+def _segpipe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})

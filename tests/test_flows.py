@@ -332,7 +332,7 @@ def test_credentials_from_a_secret_block_are_not_stored_with_the_run(prefect_har
     assert marker not in stored and options["endpoint_url"] not in stored
 
 
-@pytest.mark.parametrize("job", ["segment", "train"])
+@pytest.mark.parametrize("job", ["segment", "evaluate", "train"])
 def test_a_flow_its_checks_refuse_ends_failed_with_the_reason_as_its_message(prefect_harness, tmp_path, job):
     """A wrong setting found by the flow's own checks (a deployment's run: the command line
     checks before) is the state's one-line message, as the command line prints it, not
@@ -345,6 +345,9 @@ def test_a_flow_its_checks_refuse_ends_failed_with_the_reason_as_its_message(pre
     if job == "segment":
         run, config = segment_archive, SegmentConfig(source=str(missing), output=str(tmp_path / "out"), weights="none",
                                                      num_classes=3)
+    elif job == "evaluate":
+        run, config = evaluate_predictions, EvaluateConfig(predictions=str(missing), ground_truth=str(tmp_path),
+                                                           output=str(tmp_path / "out"), num_classes=3)
     else:
         run, config = train_model, TrainConfig(images=str(missing), labels=str(tmp_path), output=str(tmp_path / "m.pt"),
                                                model="lraspp_mobilenet_v3_large", num_classes=3)
