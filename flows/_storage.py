@@ -10,6 +10,9 @@ later ones winning:
 2. `storage_secret`, the name of a Prefect Secret block whose value is such an object;
 3. the config's `storage_options` (an endpoint, a region; credentials only when the flow is
    called in-process, as the command line does).
+
+Each merged option remembers which of them it came from (`StorageOptions.origin`), so that
+a refusal (an endpoint without its scheme) names the place to fix it.
 """
 
 from __future__ import annotations
@@ -18,19 +21,20 @@ import json
 import os
 from typing import Any
 
-from pipeline.config import parse_json_object
+from pipeline.config import StorageOptions, option_name, parse_json_object
 
 STORAGE_OPTIONS_ENV = "SEGPIPE_STORAGE_OPTIONS"
 
 
-def resolve_storage_options(given: dict[str, Any], storage_secret: str | None) -> dict[str, Any]:
-    options: dict[str, Any] = {}
+def resolve_storage_options(given: dict[str, Any], storage_secret: str | None) -> StorageOptions:
+    """The storage options of the three places above, merged, each knowing its place."""
+    layers: list[tuple[str, dict[str, Any]]] = []
     if os.environ.get(STORAGE_OPTIONS_ENV, "").strip():
-        options |= parse_json_object(os.environ[STORAGE_OPTIONS_ENV], STORAGE_OPTIONS_ENV)
+        layers.append((STORAGE_OPTIONS_ENV, parse_json_object(os.environ[STORAGE_OPTIONS_ENV], STORAGE_OPTIONS_ENV)))
     if storage_secret:
         from prefect.blocks.system import Secret
 
         value = Secret.load(storage_secret).get()
-        options |= parse_json_object(value if isinstance(value, str) else json.dumps(value),
-                                     f"the Secret block {storage_secret!r}")
-    return options | dict(given)
+        secret = f"the Secret block {storage_secret!r}"
+        layers.append((secret, parse_json_object(value if isinstance(value, str) else json.dumps(value), secret)))
+    return StorageOptions.merged([*layers, (option_name("storage_options"), given)])

@@ -74,10 +74,36 @@ class StorageOptions(dict[str, Any]):
     Values that are not known to be harmless are hidden from repr and from JSON serialisation:
     Prefect stores a flow run's parameters (serialised to JSON) and shows them in its UI, so
     a key or a token must never reach them. Python code receives the values themselves.
+
+    Options merged from several places (`merged`) remember which place each came from, so
+    that a refusal names the one to fix: SEGPIPE_STORAGE_OPTIONS, a Secret block, or the
+    config's own --storage-options.
     """
 
     # fsspec/s3fs options that are settings, never secrets; every other value is hidden
     VISIBLE = frozenset({"endpoint_url", "region_name", "anon", "use_ssl", "requester_pays", "version_aware", "profile"})
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # where each option was given, as a user names the place (`merged`); never serialised:
+        # it tells of this process's environment, which a deployment's run resolves again
+        self.origins: dict[str, str] = {}
+
+    @classmethod
+    def merged(cls, layers: Iterable[tuple[str, Mapping[str, Any]]]) -> StorageOptions:
+        """The options of `layers`, each (where they were given, the options), later ones
+        winning key by key, each option remembering where it came from."""
+        options = cls()
+        for origin, layer in layers:
+            options.update(layer)
+            # options merged before keep their own origins
+            known = layer.origins if isinstance(layer, StorageOptions) else {}
+            options.origins |= {key: known.get(key, origin) for key in layer}
+        return options
+
+    def origin(self, key: str) -> str:
+        """Where the option `key` was given: a place `merged` recorded, else the config's own."""
+        return self.origins.get(key, option_name("storage_options"))
 
     def hidden_keys(self) -> list[str]:
         return sorted(k for k in self if k not in self.VISIBLE)
@@ -181,8 +207,11 @@ class JobConfig(BaseModel):
         when = date or getattr(self, "date", None)
         return self.model_copy(update={name: substitute_date(getattr(self, name), when) for name in self.dated_urls})
 
-    def with_storage_options(self, options: dict[str, Any]) -> Self:
-        return self.model_copy(update={"storage_options": StorageOptions(options)})
+    def with_storage_options(self, options: Mapping[str, Any]) -> Self:
+        """A copy with these storage options; a `StorageOptions` is kept as it is, with the
+        origin of each (`StorageOptions.merged`)."""
+        kept = options if isinstance(options, StorageOptions) else StorageOptions(options)
+        return self.model_copy(update={"storage_options": kept})
 
 
 def _iso_date(value: str | None) -> str | None:
@@ -315,6 +344,17 @@ class SegmentConfig(JobConfig):
             raise ValueError(f"--tile-stride {self.tile_stride} is larger than --tile {self.tile}: windows would leave gaps")
         if self.class_names is not None and self.num_classes is not None and len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} --class-names for --num-classes {self.num_classes}")
+        return self
+
+    @model_validator(mode="after")
+    def _polygon_settings_need_polygons(self) -> SegmentConfig:
+        """--simplify and --min-polygon-area shape the polygons --polygons writes, and nothing
+        else: without it they would do nothing, silently. Their values, not whether they were
+        given: a deployment's parameters give every field, the defaults (0) included."""
+        if not self.polygons:
+            for name in ("min_polygon_area", "simplify"):
+                if getattr(self, name):
+                    raise ValueError(f"{option_name(name)} applies to polygons; add --polygons (or leave it out)")
         return self
 
     _model = field_validator("model")(_known_model)

@@ -37,7 +37,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .config import EvaluateConfig, SegmentConfig, TrainConfig, is_checkpoint_uri, option_name
+from .config import EvaluateConfig, SegmentConfig, StorageOptions, TrainConfig, is_checkpoint_uri
 from .errors import error_chain
 from .storage import (
     Location,
@@ -180,7 +180,6 @@ def check_segment(config: SegmentConfig, *, remote: bool = True) -> None:
     """Everything `segment` can be refused for before it starts. `remote=False` leaves remote
     URLs unchecked: their credentials are in a Prefect Secret block, which the flow loads and
     checks them with at its start."""
-    _polygon_settings(config)
     published = _classes_given(config)
     _endpoints_have_schemes((config.source, config.output, config.weights), config.storage_options, remote)
     _output_outside_source(config)
@@ -196,7 +195,6 @@ def check_serve(config: SegmentConfig, *, remote: bool = True) -> None:
     night: the model's settings as `segment` checks them, and the folders the nights' folders
     are in (SOURCE and OUTPUT up to their {date}). Each night's own folders, and OUTPUT's
     record of earlier runs, are its run's to check (`check_segment`), when they exist."""
-    _polygon_settings(config)
     published = _classes_given(config)
     _endpoints_have_schemes((config.source, config.output, config.weights), config.storage_options, remote)
     _output_outside_source(config)
@@ -205,17 +203,6 @@ def check_serve(config: SegmentConfig, *, remote: bool = True) -> None:
         check(undated_folder(url), config.storage_options, f"--{name} {url}: the folder of its nights" if "{date}" in url
               else f"--{name}", remote)
     _model_weights(config, published, remote)
-
-
-def _polygon_settings(config: SegmentConfig) -> None:
-    """--simplify and --min-polygon-area shape the polygons --polygons writes, and nothing else:
-    without it they would do nothing, silently. Their values, not whether they were given: a
-    deployment's parameters give every field, the defaults (0) included."""
-    if config.polygons:
-        return
-    for name in ("min_polygon_area", "simplify"):
-        if getattr(config, name):
-            raise PreflightError(f"{option_name(name)} applies to polygons; add --polygons (or leave it out)")
 
 
 def _output_outside_source(config: SegmentConfig) -> None:
@@ -592,10 +579,12 @@ def _ask(what: str, call: Callable[[], T], *, local: bool) -> T:
         raise
 
 
-def _endpoints_have_schemes(urls: Collection[str | None], options: Mapping[str, Any], remote: bool) -> None:
+def _endpoints_have_schemes(urls: Collection[str | None], options: StorageOptions, remote: bool) -> None:
     """An endpoint given without its scheme (127.0.0.1:9000), which botocore refuses at the
     first request as "Invalid endpoint: 127.0.0.1:9000", naming neither where it was given nor
-    what it lacks. The storage options go to remote URLs only, and botocore reads its variables
+    what it lacks: refused naming the place it was given in (`StorageOptions.origin`:
+    --storage-options, SEGPIPE_STORAGE_OPTIONS, a Secret block; or botocore's variable). The
+    storage options go to remote URLs only, and botocore reads its variables
     (AWS_ENDPOINT_URL_S3 before AWS_ENDPOINT_URL) only for S3 and only where no option names
     the endpoint: a job that would not use one is not refused for it. `remote=False` (options
     in a Secret block, which the flow checks with them): the variables are not looked at,
@@ -604,8 +593,8 @@ def _endpoints_have_schemes(urls: Collection[str | None], options: Mapping[str, 
     if not urls:
         return
     nested = options.get("client_kwargs")
-    given = [("--storage-options endpoint_url ", options.get("endpoint_url")),
-             ("--storage-options client_kwargs.endpoint_url ",
+    given = [(f"{options.origin('endpoint_url')} endpoint_url ", options.get("endpoint_url")),
+             (f"{options.origin('client_kwargs')} client_kwargs.endpoint_url ",
               nested.get("endpoint_url") if isinstance(nested, Mapping) else None)]
     if remote and not any(value for _, value in given) and any(url.partition("://")[0] in {"s3", "s3a"} for url in urls):
         given = [(f"{name}=", os.environ.get(name)) for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")]

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from flows.cli import build_parser, config_from_arguments, option_name
 from flows.deployments import build_deployments
@@ -47,7 +48,8 @@ SAMPLES: dict[type, dict[str, Any]] = {
 COMMANDS = {SegmentConfig: "segment", EvaluateConfig: "evaluate", TrainConfig: "train"}
 FLOWS = {SegmentConfig: segment_archive, EvaluateConfig: evaluate_predictions, TrainConfig: train_model}
 # fields that are only valid together with others
-NEEDS = {(SegmentConfig, "tile_stride"): ("tile",), (TrainConfig, "val_images"): ("val_labels",),
+NEEDS = {(SegmentConfig, "tile_stride"): ("tile",), (SegmentConfig, "min_polygon_area"): ("polygons",),
+         (SegmentConfig, "simplify"): ("polygons",), (TrainConfig, "val_images"): ("val_labels",),
          (TrainConfig, "val_labels"): ("val_images",)}
 
 
@@ -140,6 +142,24 @@ def test_a_dated_source_needs_a_dated_output_and_a_real_date() -> None:
     for wrong in ("20/11/2026", "20261120", "2026-13-45", "2026-11-20T00:00"):
         with pytest.raises(ValueError, match="YYYY-MM-DD"):
             SegmentConfig(source="s3://cams/{date}", output="s3://o/{date}", date=wrong)
+
+
+def test_polygon_settings_without_polygons_are_refused_however_the_config_is_made() -> None:
+    """--simplify and --min-polygon-area shape the polygons --polygons writes, and nothing else:
+    the config refuses them without it, so a program that builds one and runs it
+    (pipeline.runtime.driver.run_segmentation, no preflight) is refused as the command line is."""
+    for name, option in (("simplify", "--simplify"), ("min_polygon_area", "--min-polygon-area")):
+        with pytest.raises(ValidationError, match=rf"{option} applies to polygons; add --polygons \(or leave it out\)"):
+            SegmentConfig(source="s3://a", output="s3://b", **{name: 1.5})
+    # by value: the defaults, which a deployment's parameters give, pass as if left out; and a
+    # config survives its own dump, its JSON, and a deployment's stored parameters
+    plain = SegmentConfig(source="s3://a", output="s3://b", polygons=False, simplify=0.0, min_polygon_area=0.0)
+    polygons = SegmentConfig(source="s3://a", output="s3://b", polygons=True, simplify=0.5, min_polygon_area=20.0)
+    for config in (plain, polygons):
+        assert SegmentConfig.model_validate(config.model_dump()) == config
+        assert SegmentConfig.model_validate_json(config.model_dump_json()) == config
+        nightly, _ = build_deployments(config)
+        assert segment_archive.validate_parameters(json.loads(json.dumps(nightly.parameters)))["config"] == config
 
 
 def test_the_model_names_configs_accept_are_the_registry_s() -> None:

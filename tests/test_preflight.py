@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from flows._storage import resolve_storage_options
 from pipeline.config import EvaluateConfig, SegmentConfig, TrainConfig
 from pipeline.models import ModelMeta, build_model, load_checkpoint, save_checkpoint
 from pipeline.preflight import (
@@ -603,19 +604,46 @@ def test_an_endpoint_without_its_scheme_names_where_it_was_given(source, tmp_pat
     check_segment(remote, remote=False)
 
 
-def test_polygon_settings_without_polygons_are_refused(source, tmp_path) -> None:
+def test_an_endpoint_without_its_scheme_names_the_place_it_came_from(s3_bucket, source, tmp_path, monkeypatch) -> None:
+    """The command line merges SEGPIPE_STORAGE_OPTIONS with --storage-options (the latter
+    winning key by key) before its checks: the line names the one the endpoint came from."""
+    segment = ["segment", "s3://survey/in", str(tmp_path / "out"), "--weights", "none", "--num-classes", "2"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT_URL")}
+    line = _refused(segment, "SEGPIPE_STORAGE_OPTIONS endpoint_url 127.0.0.1:5123 has no scheme",
+                    "give it as http://127.0.0.1:5123",
+                    env=env | {"SEGPIPE_STORAGE_OPTIONS": '{"endpoint_url": "127.0.0.1:5123", "anon": true}'})
+    assert "--storage-options" not in line
+    # the other options in the variable, the endpoint on the command line: the command line's
+    line = _refused([*segment, "--storage-options", '{"endpoint_url": "localhost:9000"}'],
+                    "--storage-options endpoint_url localhost:9000 has no scheme",
+                    env=env | {"SEGPIPE_STORAGE_OPTIONS": '{"anon": true}'})
+    assert "SEGPIPE_STORAGE_OPTIONS" not in line
+    assert not (tmp_path / "out").exists()
+    # s3fs's other form, from the variable, as a flow merges it with the config's options
+    monkeypatch.setenv("SEGPIPE_STORAGE_OPTIONS", '{"client_kwargs": {"endpoint_url": "localhost:9000"}}')
+    remote = SegmentConfig(source="s3://survey/in", output=str(tmp_path / "out"), weights="none", num_classes=2)
+    with pytest.raises(PreflightError, match=r"^SEGPIPE_STORAGE_OPTIONS client_kwargs.endpoint_url localhost:9000 has "
+                                             r"no scheme; give it as http://localhost:9000"):
+        check_segment(remote.with_storage_options(resolve_storage_options(remote.storage_options, None)))
+    # an endpoint on the command line replaces the variable's: the job is checked against it
+    bucket, options = s3_bucket
+    import s3fs
+
+    s3fs.S3FileSystem(**options).pipe_file(f"{bucket[5:]}/in/a.png", (source / "a.png").read_bytes())
+    monkeypatch.setenv("SEGPIPE_STORAGE_OPTIONS", '{"endpoint_url": "127.0.0.1:5123"}')
+    config = SegmentConfig(source=f"{bucket}/in", output=f"{bucket}/out", weights="none", num_classes=2,
+                           storage_options=options)
+    check_segment(config.with_storage_options(resolve_storage_options(config.storage_options, None)))
+
+
+def test_polygon_settings_without_polygons_are_one_line(source, tmp_path) -> None:
     """--simplify and --min-polygon-area shape the polygons --polygons writes: without it they
-    did nothing, silently."""
+    did nothing, silently. The config refuses them (tests/test_config.py), which the command
+    line says in one line naming the option as typed, for segment and for serve alike."""
     untrained = ["segment", str(source), str(tmp_path / "out"), "--weights", "none", "--num-classes", "2"]
     _refused([*untrained, "--simplify", "2"], "--simplify applies to polygons; add --polygons (or leave it out)")
     _refused([*untrained, "--min-polygon-area", "50"],
              "--min-polygon-area applies to polygons; add --polygons (or leave it out)")
-    with pytest.raises(PreflightError, match=r"^--simplify applies to polygons"):
-        check_serve(SegmentConfig(source=f"{source}/{{date}}", output=f"{tmp_path}/{{date}}", weights="none",
-                                  num_classes=2, simplify=1.5))
+    _refused(["serve", "--source", f"{source}/{{date}}", "--output", f"{tmp_path}/out/{{date}}", "--weights", "none",
+              "--num-classes", "2", "--simplify", "1.5"], "--simplify applies to polygons; add --polygons (or leave it out)")
     assert not (tmp_path / "out").exists()
-    config = SegmentConfig(source=str(source), output=str(tmp_path / "out"), weights="none", num_classes=2)
-    check_segment(config.model_copy(update={"polygons": True, "simplify": 2.0, "min_polygon_area": 50.0}))
-    # the defaults, given or not (a deployment's parameters give every field)
-    check_segment(config)
-    check_segment(SegmentConfig(**config.model_dump()))
