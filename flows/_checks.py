@@ -12,34 +12,43 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
 
 from prefect.states import Failed, State
 
+from pipeline.config import JobConfig
 from pipeline.preflight import PreflightError
 
+Config = TypeVar("Config", bound=JobConfig)
 
-def failed_checks(check: Callable[[Any], None], config: Any) -> State | None:
+
+def failed_checks(check: Callable[[Config], None], config: Config) -> State | None:
     """`check(config)`; the Failed state to return from the flow when it refuses the
     config, else None. Calling the flow still raises the PreflightError (the state's data)."""
     try:
         check(config)
     except PreflightError as err:
+        setattr(err, _REFUSED, True)  # an attribute: Prefect may hand back a copy of the state's error
         _without_traceback(logging.getLogger("prefect.flow_runs"))
         return Failed(message=str(err), data=err)
     return None
 
 
-class _FailedCheckRecords(logging.Filter):
-    """Drops the traceback of a record logged with a PreflightError, keeping its reason."""
+_REFUSED = "refused_by_flow_checks"
+
+
+class _RefusedSettingsRecords(logging.Filter):
+    """Drops the traceback of a record logged with an error `failed_checks` returned, keeping
+    its reason; every other record passes as it is."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], PreflightError):
-            record.msg = f"{record.msg}: {record.exc_info[1]}"
+        error = record.exc_info[1] if record.exc_info else None
+        if getattr(error, _REFUSED, False):
+            record.msg, record.args = f"{record.getMessage()}: {error}", ()
             record.exc_info, record.exc_text = None, None
         return True
 
 
 def _without_traceback(logger: logging.Logger) -> None:
-    if not any(isinstance(f, _FailedCheckRecords) for f in logger.filters):
-        logger.addFilter(_FailedCheckRecords())
+    if not any(isinstance(f, _RefusedSettingsRecords) for f in logger.filters):
+        logger.addFilter(_RefusedSettingsRecords())

@@ -8,6 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 
 from flows._checks import failed_checks
 from flows._retries import IO_TASK
@@ -83,7 +84,7 @@ def publish(report: dict[str, Any], files: list[str], description: str) -> None:
 
 
 @flow(name="evaluate-predictions", log_prints=True)
-def evaluate_predictions(config: EvaluateConfig, storage_secret: str | None = None) -> dict[str, Any]:
+def evaluate_predictions(config: EvaluateConfig, storage_secret: str | None = None) -> dict[str, Any] | State:
     """Dataset-wide IoU of the masks under config.predictions against those under
     config.ground_truth, written to config.output (metrics.json, per_image.parquet,
     confusion_matrix.png, per_class_iou.png).

@@ -15,6 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 
 from flows._checks import failed_checks
 from flows._retries import IO_TASK
@@ -109,7 +110,7 @@ def segment_archive(
     storage_secret: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     replicas: Replicas | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Segment every image under config.source into config.output (`segpipe segment`).
 
     `{date}` in SOURCE and OUTPUT becomes config.date (YYYY-MM-DD; default yesterday, UTC).

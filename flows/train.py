@@ -9,6 +9,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 
 from flows._checks import failed_checks
 from flows._storage import resolve_storage_options
@@ -34,7 +35,7 @@ def publish(summary: TrainSummary) -> None:
 
 
 @flow(name="train-model", log_prints=True)
-def train_model(config: TrainConfig, storage_secret: str | None = None) -> dict[str, Any]:
+def train_model(config: TrainConfig, storage_secret: str | None = None) -> dict[str, Any] | State:
     """Train config.model on the images under config.images and their label masks under
     config.labels (paired by key, as the evaluation pairs masks) and write the best checkpoint
     to config.output, which `segpipe segment --weights OUTPUT` runs as it is, and each epoch's

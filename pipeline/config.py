@@ -85,8 +85,8 @@ class StorageOptions(dict[str, Any]):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # where each option was given, as a user names the place (`merged`); never serialised:
-        # it tells of this process's environment, which a deployment's run resolves again
+        # where each option was given, as a user names the place (`merged`); never in JSON nor in
+        # model_dump: it tells of this process's environment, which a deployment's run resolves again
         self.origins: dict[str, str] = {}
 
     @classmethod
@@ -120,7 +120,8 @@ class StorageOptions(dict[str, Any]):
             value = parse_json_object(value, "storage_options")
         if not isinstance(value, dict):
             raise ValueError(f"storage_options must be a JSON object, got {type(value).__name__}")
-        return cls(value)
+        # options already merged keep where each was given (`merged`)
+        return value if isinstance(value, StorageOptions) else cls(value)
 
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
@@ -347,14 +348,8 @@ class SegmentConfig(JobConfig):
         return self
 
     @model_validator(mode="after")
-    def _polygon_settings_need_polygons(self) -> SegmentConfig:
-        """--simplify and --min-polygon-area shape the polygons --polygons writes, and nothing
-        else: without it they would do nothing, silently. Their values, not whether they were
-        given: a deployment's parameters give every field, the defaults (0) included."""
-        if not self.polygons:
-            for name in ("min_polygon_area", "simplify"):
-                if getattr(self, name):
-                    raise ValueError(f"{option_name(name)} applies to polygons; add --polygons (or leave it out)")
+    def _raster_settings_agree(self) -> SegmentConfig:
+        RasterSettings.of(self)  # its own checks, with the options' names
         return self
 
     _model = field_validator("model")(_known_model)
@@ -392,6 +387,15 @@ class RasterSettings:
     polygons: bool = False
     min_polygon_area: float = 0.0
     simplify: float = 0.0
+
+    def __post_init__(self) -> None:
+        # --simplify and --min-polygon-area shape the polygons --polygons writes, and nothing
+        # else: without it they would do nothing, silently. Their values, not whether they were
+        # given: a deployment's parameters give every field, the defaults (0) included
+        if not self.polygons:
+            for name in ("min_polygon_area", "simplify"):
+                if getattr(self, name):
+                    raise ValueError(f"{option_name(name)} applies to polygons; add --polygons (or leave it out)")
 
     @property
     def stride(self) -> int:

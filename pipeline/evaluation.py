@@ -149,7 +149,7 @@ def _unmatched_suffix(option: str, suffix: str, masks: Sequence[str], noun: str)
     Such a suffix removes nothing, so the masks pair by their whole names, or (a suffix
     mistyped, `_gt` for `_gtFine`) not at all; the line names the option as typed and one
     mask, for the reader to compare."""
-    if not suffix or not masks or any(posixpath.splitext(key)[0].endswith(suffix) for key in masks):
+    if not suffix or not masks or any(pairing_key(key, suffix) != pairing_key(key, "") for key in masks):
         return None
     return f"{option} {suffix} matches none of the {counted(len(masks), noun)}, e.g. {masks[0]}"
 
@@ -485,6 +485,7 @@ def build_report(total: BatchScore, pairing: Pairing, settings: ScoreSettings,
         "confusion_matrix": confusion.astype(np.int64).tolist(),
         "unpaired_predictions": pairing.unpaired_predictions,
         "unpaired_ground_truth": pairing.unpaired_ground_truth,
+        "unmatched_suffixes": pairing.unmatched_suffixes,
         "excluded": total.excluded
         + [{"image_id": r["key"], "reason": f"{r['side']}: {r['reason']}"} for r in pairing.rejected],
         "excluded_summary": exclusion_summary(total, settings, pairing.rejected),
@@ -609,6 +610,8 @@ def class_table(report: dict[str, Any], *, markdown: bool) -> str:
     if report["unpaired_predictions"] or report["unpaired_ground_truth"]:
         lines += ["", f"Without a partner: {counted(len(report['unpaired_predictions']), 'prediction')} and "
                   f"{counted(len(report['unpaired_ground_truth']), 'ground-truth mask')} (see metrics.json)."]
+    if report.get("unmatched_suffixes"):  # the masks paired by their whole names, maybe not all of them
+        lines += ["", f"Suffixes: {'; '.join(report['unmatched_suffixes'])}."]
     if report.get("excluded_summary"):  # the pairs and files left out otherwise
         lines += ["", f"Excluded: {report['excluded_summary']}."]
     return "\n".join(lines)

@@ -14,7 +14,14 @@ from flows.deployments import build_deployments
 from flows.evaluate import evaluate_predictions
 from flows.segment import segment_archive
 from flows.train import train_model
-from pipeline.config import MODEL_NAMES, EvaluateConfig, SegmentConfig, StorageOptions, TrainConfig
+from pipeline.config import (
+    MODEL_NAMES,
+    EvaluateConfig,
+    RasterSettings,
+    SegmentConfig,
+    StorageOptions,
+    TrainConfig,
+)
 from pipeline.models import list_models, register_model
 
 # a valid value other than the default for every field; a field added without one fails below
@@ -151,6 +158,8 @@ def test_polygon_settings_without_polygons_are_refused_however_the_config_is_mad
     for name, option in (("simplify", "--simplify"), ("min_polygon_area", "--min-polygon-area")):
         with pytest.raises(ValidationError, match=rf"{option} applies to polygons; add --polygons \(or leave it out\)"):
             SegmentConfig(source="s3://a", output="s3://b", **{name: 1.5})
+        with pytest.raises(ValueError, match=rf"{option} applies to polygons"):  # a RasterStage's own settings
+            RasterSettings(**{name: 1.5})
     # by value: the defaults, which a deployment's parameters give, pass as if left out; and a
     # config survives its own dump, its JSON, and a deployment's stored parameters
     plain = SegmentConfig(source="s3://a", output="s3://b", polygons=False, simplify=0.0, min_polygon_area=0.0)

@@ -460,14 +460,19 @@ def test_the_cli_names_a_suffix_that_matches_no_mask(tmp_path):
         f"segpipe: error: no prediction under {tmp_path / 'pred'} pairs with a ground-truth mask under "
         f"{tmp_path / 'gt'} (2 predictions, 2 ground-truth masks); --ground-truth-suffix _gt matches none of "
         "the 2 ground-truth masks, e.g. a_gtFine.png"]
-    # a prediction suffix the masks do not have, while they pair by their whole names
+    # a prediction suffix the masks do not have, while they pair by their whole names: under
+    # the table the command prints, in metrics.json, and in the flow's log at WARNING
     paired = _segpipe("evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "r2"),
+                      "--num-classes", "2", "--prediction-suffix", "_pred", "--ground-truth-suffix", "_gtFine")
+    assert paired.returncode == 0, paired.stderr
+    said = "--prediction-suffix _pred matches none of the 2 predictions, e.g. a.png"
+    assert f"Suffixes: {said}." in paired.stdout.splitlines(), paired.stdout
+    assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["unmatched_suffixes"] == [said]
+    logged = _segpipe("evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "r3"),
                       "--num-classes", "2", "--prediction-suffix", "_pred", "--ground-truth-suffix", "_gtFine",
                       env={"PREFECT_LOGGING_LEVEL": "WARNING"})
-    assert paired.returncode == 0, paired.stderr
-    warnings = [line for line in (paired.stdout + paired.stderr).splitlines() if "--prediction-suffix" in line]
-    assert len(warnings) == 1 and warnings[0].rstrip().endswith(
-        "--prediction-suffix _pred matches none of the 2 predictions, e.g. a.png"), paired.stdout + paired.stderr
+    output = logged.stdout + logged.stderr
+    assert [line for line in output.splitlines() if "WARNING" in line and line.rstrip().endswith(said)], output
 
 
 def _segpipe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -357,3 +357,38 @@ def test_a_flow_its_checks_refuse_ends_failed_with_the_reason_as_its_message(pre
     with pytest.raises(PreflightError, match="is not a folder that exists"):
         run(config)
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.pt").exists()
+
+
+def test_only_the_errors_a_flows_checks_refused_lose_their_traceback_in_its_log():
+    """The served run's engine logs the refused check's error again, with a traceback: that
+    record keeps its reason, formatted (a URL's %20 and Prefect's %r arguments included), and
+    loses the traceback; any other PreflightError logged there keeps its traceback."""
+    import logging
+    import sys
+
+    from flows._checks import failed_checks
+    from pipeline.preflight import PreflightError
+
+    reason = "SOURCE s3://cams/night%20one is not a folder that exists"
+
+    def refuse(config: SegmentConfig) -> None:
+        raise PreflightError(reason)
+
+    state = failed_checks(refuse, SegmentConfig(source="s", output="o"))
+    refused = state.data
+
+    def record(error: BaseException, message: str, *args: object) -> logging.LogRecord:
+        try:
+            raise error
+        except BaseException:
+            return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, message, args, sys.exc_info())
+
+    logger = logging.getLogger("prefect.flow_runs")
+    engine = record(refused, "Encountered exception during execution: %r", refused)
+    assert all(f.filter(engine) for f in logger.filters)
+    assert engine.exc_info is None and engine.getMessage() == (
+        f"Encountered exception during execution: PreflightError('{reason}'): {reason}")
+    assert logging.Formatter().format(engine).count(reason) == 2  # formats, "%20" and all
+    other = record(PreflightError("--resume s3://m/last.pt holds another model"), "Task failed")
+    assert all(f.filter(other) for f in logger.filters)
+    assert other.exc_info is not None and "Traceback" in logging.Formatter().format(other)

@@ -625,6 +625,12 @@ def test_an_endpoint_without_its_scheme_names_the_place_it_came_from(s3_bucket, 
     with pytest.raises(PreflightError, match=r"^SEGPIPE_STORAGE_OPTIONS client_kwargs.endpoint_url localhost:9000 has "
                                              r"no scheme; give it as http://localhost:9000"):
         check_segment(remote.with_storage_options(resolve_storage_options(remote.storage_options, None)))
+    # a config built again from the merged options (a resumed training's, say) keeps their places
+    resolved = resolve_storage_options(remote.storage_options, None)
+    rebuilt = SegmentConfig(source="s3://survey/in", output=str(tmp_path / "out"), weights="none", num_classes=2,
+                            storage_options=resolved)
+    with pytest.raises(PreflightError, match=r"^SEGPIPE_STORAGE_OPTIONS client_kwargs"):
+        check_segment(rebuilt)
     # an endpoint on the command line replaces the variable's: the job is checked against it
     bucket, options = s3_bucket
     import s3fs
