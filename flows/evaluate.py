@@ -22,8 +22,10 @@ from pipeline.evaluation import (
     class_table,
     exclusion_summary,
     pair_masks,
+    pairing_key,
     per_image_table,
     resolve_class_names,
+    suggested_suffix,
     write_report,
 )
 from pipeline.outputs import class_names_of_masks
@@ -52,6 +54,11 @@ def pair(predictions: str, ground_truth: str, prediction_suffix: str, ground_tru
         # the whole OUTPUT of a segment run, given for its masks: their keys start with masks/
         if any(key.startswith("masks/") for key in pairing.unpaired_predictions):
             advice.append(f"pass {predictions.rstrip('/')}/masks, where segment writes its masks")
+        elif not ground_truth_suffix and (suffix := suggested_suffix(
+                {pairing_key(key, prediction_suffix) for key in pairing.unpaired_predictions},
+                pairing.unpaired_ground_truth)):
+            advice.append(f"the ground-truth masks' names end with {suffix} after a prediction's: pass "
+                          f"--ground-truth-suffix {suffix}")
         raise NothingToScoreError(
             f"no prediction under {predictions} pairs with a ground-truth mask under {ground_truth} "
             f"({counted(len(pairing.unpaired_predictions), 'prediction')}, "

@@ -15,7 +15,8 @@ import io
 import json
 import math
 import posixpath
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +55,7 @@ class Pairing:
     unpaired_ground_truth: list[str]
     # keys that are not PNG masks, with the reason, on either side
     rejected: list[dict[str, str]] = field(default_factory=list)
-    # one line for each side whose suffix ends none of its masks' names (`_unmatched_suffix`)
+    # one line for each side whose suffix ends none of its masks' names (`unmatched_suffix`)
     unmatched_suffixes: list[str] = field(default_factory=list)
 
 
@@ -144,7 +145,7 @@ def _index(location: Location, suffix: str, side: str, rejected: list[dict[str, 
     return {key: keys[0] for key, keys in groups.items()}, [key for keys in groups.values() for key in keys]
 
 
-def _unmatched_suffix(option: str, suffix: str, masks: Sequence[str], noun: str) -> str | None:
+def unmatched_suffix(option: str, suffix: str, masks: Sequence[str], noun: str) -> str | None:
     """The line that says a suffix given for one side ends none of its masks' names, or None.
     Such a suffix removes nothing, so the masks pair by their whole names, or (a suffix
     mistyped, `_gt` for `_gtFine`) not at all; the line names the option as typed and one
@@ -154,14 +155,30 @@ def _unmatched_suffix(option: str, suffix: str, masks: Sequence[str], noun: str)
     return f"{option} {suffix} matches none of the {counted(len(masks), noun)}, e.g. {masks[0]}"
 
 
+def suggested_suffix(plain_keys: Collection[str], suffixed: Sequence[str]) -> str | None:
+    """The suffix that names in `suffixed` (files' keys) carry after a pairing key of
+    `plain_keys`, when most of them carry one and the same (`a_L.png` beside an image `a`:
+    `_L`), for advice when nothing pairs; else None."""
+    found: Counter[str] = Counter()
+    for key in suffixed:
+        stem = pairing_key(key, "")
+        # after the longest pairing key the stem starts with: `a_b_L` beside `a_b` and `a` is `_L`
+        if (suffix := next((stem[i:] for i in range(len(stem) - 1, 0, -1) if stem[:i] in plain_keys), None)):
+            found[suffix] += 1
+    if not found:
+        return None
+    suffix, count = found.most_common(1)[0]
+    return suffix if count * 2 > len(suffixed) else None
+
+
 def pair_masks(predictions: Location, ground_truth: Location, *, prediction_suffix: str = "",
                ground_truth_suffix: str = "") -> Pairing:
     rejected: list[dict[str, str]] = []
     preds, pred_masks = _index(predictions, prediction_suffix, "prediction", rejected)
     truths, truth_masks = _index(ground_truth, ground_truth_suffix, "ground_truth", rejected)
     pairs = [Pair(key, preds[key], truths[key]) for key in sorted(preds.keys() & truths.keys())]
-    unmatched = [_unmatched_suffix("--prediction-suffix", prediction_suffix, pred_masks, "prediction"),
-                 _unmatched_suffix("--ground-truth-suffix", ground_truth_suffix, truth_masks, "ground-truth mask")]
+    unmatched = [unmatched_suffix("--prediction-suffix", prediction_suffix, pred_masks, "prediction"),
+                 unmatched_suffix("--ground-truth-suffix", ground_truth_suffix, truth_masks, "ground-truth mask")]
     return Pairing(
         pairs=pairs,
         unpaired_predictions=sorted(preds[k] for k in preds.keys() - truths.keys()),
@@ -443,10 +460,13 @@ def _stray_advice(side: str, strays: Sequence[StrayLabels], settings: ScoreSetti
         return (f"{counted(len(strays), 'prediction')} {hold} labels {listed}, not below --num-classes {n}: pass the "
                 "number of classes the model predicts")
     masks = counted(len(strays), "ground-truth mask")
-    if (value := likely_unlabelled(values, n)) is not None:
+    if (value := likely_unlabelled(values, n, settings.ignore_index)) is not None:
         as_class = f", --num-classes {n + 1} if it is a class" if value == n else ""
         return (f"{masks} {hold} the label {value}, outside the {n} classes: pass --ignore-index {value} if it marks "
                 f"pixels not to score (unlabelled, void){as_class}, or --label-map to map it to a class")
+    if values == [n]:  # just above the classes, with an ignore index of the user's own: a class
+        return (f"{masks} {hold} the label {n}, outside the {n} classes and not --ignore-index {settings.ignore_index}: "
+                f"pass --num-classes {n + 1} if it is a class, or --label-map to map it to one")
     return (f"{masks} {hold} labels {listed}, outside [0, {n}) and not --ignore-index {settings.ignore_index}: map "
             "them to class ids with --label-map, or pass the right --num-classes and --ignore-index")
 

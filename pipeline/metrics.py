@@ -78,11 +78,15 @@ def check_label_range(labels: np.ndarray | torch.Tensor, num_classes: int, ignor
                           "or map the labels to class ids", values)
 
 
-def likely_unlabelled(values: Sequence[int], num_classes: int) -> int | None:
+def likely_unlabelled(values: Sequence[int], num_classes: int, ignore_index: int) -> int | None:
     """The label outside the classes that is most likely a dataset's "unlabelled" value, not
     a class: a single value just above the classes (CamVid's 11 of 11 classes) or 255
-    (Cityscapes'), as advice puts the ignore index first for it; None for other values."""
-    return values[0] if len(values) == 1 and values[0] in (num_classes, 255) else None
+    (Cityscapes'), as advice puts the ignore index first for it; None for other values. The
+    value just above the classes counts only while the ignore index is the default (255): one
+    the user chose is their unlabelled value, and the label above the classes then a class."""
+    if len(values) != 1:
+        return None
+    return values[0] if values[0] == 255 or (values[0] == num_classes and ignore_index == 255) else None
 
 
 def scores(cm: np.ndarray | torch.Tensor) -> dict[str, Any]:

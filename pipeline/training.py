@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .decode import decode_image
-from .evaluation import index_by_key
+from .evaluation import index_by_key, suggested_suffix, unmatched_suffix
 from .inference import Segmenter
 from .masks import decode_mask, default_palette
 from .metrics import check_label_range, confusion_matrix, scores
@@ -65,11 +65,17 @@ def pair_training_data(images: Location, labels: Location, *, label_suffix: str 
     empty pairing, naming both roots, and two files under one key."""
     image_keys = _index_training(images, "", is_image_key)
     label_keys = _index_training(labels, label_suffix, is_mask_key)
+    # a suffix that ends no label's name removes nothing: a mistyped one, trained around silently
+    if unmatched := unmatched_suffix("--label-suffix", label_suffix, list(label_keys.values()), "label mask"):
+        raise ValueError(f"{unmatched}: give the suffix the labels' names end with, or leave it out")
     pairs = [TrainingPair(k, image_keys[k], label_keys[k]) for k in sorted(image_keys.keys() & label_keys.keys())]
     if not pairs:
+        suffix = None if label_suffix else suggested_suffix(image_keys.keys(), list(label_keys.values()))
+        advice = f"; the labels' names end with {suffix} after an image's: pass --label-suffix {suffix}" if suffix else ""
         raise ValueError(
             f"no image under {images.url} has a label mask under {labels.url} with the same key "
             f"({len(image_keys)} images, {len(label_keys)} PNG masks{f'; label suffix {label_suffix!r}' if label_suffix else ''})"
+            f"{advice}"
         )
     return pairs
 

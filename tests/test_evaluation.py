@@ -177,6 +177,12 @@ def test_camvid_scored_without_its_ignore_index_is_told_to_pass_it_once(shared_d
     assert summary.count("--ignore-index") == 1 and "0016E5" not in summary  # once, not per file
     table = class_table(build_report(total, pairing, settings, None), markdown=False)
     assert table.count("--ignore-index 11") == 1
+    # an ignore index of the user's own (here 0, for the sake of it) is their unlabelled value:
+    # the advice is not to pass another, but that 11 may be a class
+    chosen = ScoreSettings(num_classes=11, ignore_index=0)
+    advice = exclusion_summary(score_pairs(pred, truth, pairing.pairs, chosen), chosen)
+    assert advice.startswith(f"{with_void} ground-truth masks hold the label 11, outside the 11 classes and not "
+                             "--ignore-index 0: pass --num-classes 12 if it is a class"), advice
     fixed = score_pairs(pred, truth, pairing.pairs, ScoreSettings(num_classes=11, ignore_index=11))
     assert not fixed.excluded and exclusion_summary(fixed, settings) is None
 

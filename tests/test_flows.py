@@ -237,6 +237,15 @@ def test_evaluate_flow_fails_only_when_nothing_pairs(prefect_harness, ray_cpu, t
         evaluate_predictions(EvaluateConfig(predictions=str(tmp_path / "pred"), ground_truth=str(tmp_path / "gt"),
                                             output=str(tmp_path / "eval"), num_classes=2))
     assert not (tmp_path / "eval").exists()
+    # the ground truth's names carry a suffix after the predictions' keys: named, with the option
+    for name in ("a_gtFine.png", "c_gtFine.png"):
+        (tmp_path / "gt" / name).write_bytes(encode_mask(np.zeros((2, 2), np.uint8)))
+    (tmp_path / "gt" / "b.png").unlink()
+    (tmp_path / "pred" / "c.png").write_bytes(encode_mask(np.zeros((2, 2), np.uint8)))
+    with pytest.raises(NothingToScoreError, match=r"the ground-truth masks' names end with _gtFine after a "
+                                                  r"prediction's: pass --ground-truth-suffix _gtFine$"):
+        evaluate_predictions(EvaluateConfig(predictions=str(tmp_path / "pred"), ground_truth=str(tmp_path / "gt"),
+                                            output=str(tmp_path / "eval"), num_classes=2))
 
 
 def test_io_tasks_retry_only_io_errors(prefect_harness):

@@ -90,6 +90,10 @@ def test_a_wrong_label_range_is_one_clear_error_before_training(tmp_path):
                                          r"if it marks unlabelled pixels \(void\), or --num-classes 4 if it is a class"):
         run_training(config)
     assert not os.path.exists(config.output)  # refused before any training
+    # with an ignore index of the user's own, theirs is the unlabelled value: the label is a class
+    with pytest.raises(ValueError, match=r"day1/\d\d_L.png holds the label 3, outside the 3 classes and not "
+                                         r"--ignore-index 9: pass --num-classes 4 if it is a class$"):
+        run_training(config.model_copy(update={"ignore_index": 9}))
     with pytest.raises(ValueError, match=r"holds labels \[2, 3\] outside \[0, 2\) that are not ignore_index=255"):
         run_training(config.model_copy(update={"num_classes": 2}))
 
@@ -355,9 +359,15 @@ def test_pairs_that_cannot_be_made_are_said_in_the_options_words(tmp_path):
     from pipeline.training import pair_training_data
 
     images, labels = _scenes(tmp_path / "data", 2)
-    with pytest.raises(ValueError, match=r"\(2 images, 2 PNG masks; label suffix '_l'\)$") as refused:
+    # a suffix that ends no label's name (mistyped: its case), refused even where whole names would pair
+    with pytest.raises(ValueError, match=r"^--label-suffix _l matches none of the 2 label masks, e\.g\. day1/00_L\.png: "
+                                         r"give the suffix the labels' names end with, or leave it out$") as refused:
         pair_training_data(open_location(images), open_location(labels), label_suffix="_l")
     assert "label_suffix" not in str(refused.value)
+    # none given, where the labels' names carry one: the suffix they carry is named
+    with pytest.raises(ValueError, match=r"\(2 images, 2 PNG masks\); the labels' names end with _L after an image's: "
+                                         r"pass --label-suffix _L$"):
+        pair_training_data(open_location(images), open_location(labels))
     config = TrainConfig(images=images, labels=labels, output=str(tmp_path / "m.pt"), model="lraspp_mobilenet_v3_large",
                          num_classes=4, label_suffix="_L", val_last=2)
     with pytest.raises(ValueError, match=r"^--val-last 2 leaves nothing to train on \(2 pairs\)$"):

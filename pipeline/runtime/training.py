@@ -98,11 +98,15 @@ def check_labels(url: str, pairs: list[TrainingPair], config: TrainConfig) -> No
         try:
             check_label_range(label, n, config.ignore_index, source=labels.uri(pair.label))
         except LabelRangeError as err:
-            if (value := likely_unlabelled(err.values, n)) is None:
-                raise
-            as_class = f", or --num-classes {n + 1} if it is a class" if value == n else ""
-            raise ValueError(f"{labels.uri(pair.label)} holds the label {value}, outside the {n} classes: pass "
-                             f"--ignore-index {value} if it marks unlabelled pixels (void){as_class}") from None
+            if (value := likely_unlabelled(err.values, n, config.ignore_index)) is not None:
+                as_class = f", or --num-classes {n + 1} if it is a class" if value == n else ""
+                raise ValueError(f"{labels.uri(pair.label)} holds the label {value}, outside the {n} classes: pass "
+                                 f"--ignore-index {value} if it marks unlabelled pixels (void){as_class}") from None
+            if tuple(err.values) == (n,):  # just above the classes, with an ignore index of the user's own: a class
+                raise ValueError(f"{labels.uri(pair.label)} holds the label {n}, outside the {n} classes and not "
+                                 f"--ignore-index {config.ignore_index}: pass --num-classes {n + 1} if it is a class"
+                                 ) from None
+            raise
 
 
 def _all_reduce(*tensors: torch.Tensor) -> None:
