@@ -550,8 +550,7 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     if s["errors_by_type"]:
         reasons = ", ".join(f"{name} {count}" for name, count in sorted(s["errors_by_type"].items(), key=lambda kv: -kv[1]))
         lines.append(f"errors by reason: {reasons} (details: status = 'error' rows of the images table)")
-    devices = Counter(r["device"] + (f" ({counted(r['threads'], 'thread')})" if r["device"] == "cpu" else "")
-                      for r in s["replicas"])
+    devices = Counter(r["device"] + _replica_details(r) for r in s["replicas"])
     lines.append(f"model {s['model']} ({s['weights']}) on {counted(len(s['replicas']), 'replica')} in "
                  f"{s['ray_cluster']}: " + ", ".join(f"{n} on {device}" for device, n in devices.items()))
     compiled = [r["compile_seconds"] for r in s["replicas"] if r.get("compile_seconds")]
@@ -564,6 +563,13 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     lines.append(f"outputs: {', '.join(s['output'] + '/' + folder for folder in s['folders'])} "
                  f"(run record {s['record']})")
     return lines
+
+
+def _replica_details(replica: dict[str, Any]) -> str:
+    """A replica's threads (on a CPU) and precision, as the summary shows them after its device."""
+    details = ([counted(replica["threads"], "thread")] if replica["device"] == "cpu" else []) + \
+        ([replica["precision"]] if replica.get("precision") else [])
+    return f" ({', '.join(details)})" if details else ""
 
 
 def _removed_lines(s: dict[str, Any]) -> list[str]:

@@ -320,12 +320,12 @@ def test_the_summary_counts_in_english(n: int) -> None:
         "run_id": "r", "record": "out/_runs/r.json", "source": "src", "output": "out", "model": "m", "weights": "none",
         "ray_cluster": "a local Ray", "shards_committed": n, "shards_skipped": 0, "images": n, "errors": n,
         "seconds": 1.0, "setup_seconds": 0.5, "images_per_second": 1.0, "non_image_keys": n, "retried_batches": n,
-        "errors_by_type": {"decode": n}, "replicas": [{"device": "cpu", "threads": n, "compile_seconds": 0.0}] * n,
+        "errors_by_type": {"decode": n}, "replicas": [{"device": "cpu", "threads": n, "precision": "bf16", "compile_seconds": 0.0}] * n,
         "folders": ["images/", "masks/"],
     }))
     plural = "" if n == 1 else "s"
     for words in (f"{n} image{plural} segmented (0 ok, {n} error{plural})", f"{n} non-image key{plural} skipped",
-                  f"on {n} replica{plural} in a local Ray: {n} on cpu ({n} thread{plural})",
+                  f"on {n} replica{plural} in a local Ray: {n} on cpu ({n} thread{plural}, bf16)",
                   f"{n} {'batch' if n == 1 else 'batches'} sent again"):
         assert words in printed
     [nothing] = summary_lines({"run_id": "r", "record": "x", "source": "src", "output": "out", "shards_committed": 0,

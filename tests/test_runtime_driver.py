@@ -285,11 +285,11 @@ def test_one_replica_per_declared_gpu(tmp_path, _ray_session):
         on_cpu = run_segmentation(config.model_copy(update={"device": "cpu", "output": f"{output}-cpu"}))
         # one CPU replica on a 2-CPU node runs torch on both, though it reserves one
         node = ray.get_runtime_context().get_node_id()
-        assert on_cpu.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 2, "node_id": node, "batch_io": "replica",
+        assert on_cpu.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 2, "precision": "fp32", "node_id": node, "batch_io": "replica",
                                    "compile_seconds": 0.0}]  # fp32: eager
         pinned = run_segmentation(config.model_copy(update={"device": "cpu", "threads_per_actor": 1,
                                                             "output": f"{output}-pinned"}))
-        assert pinned.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 1, "node_id": node, "batch_io": "replica",
+        assert pinned.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 1, "precision": "fp32", "node_id": node, "batch_io": "replica",
                                     "compile_seconds": 0.0}]
     finally:
         ray.shutdown()
@@ -750,7 +750,7 @@ def test_replicas_started_ahead_are_taken_over_by_the_run(ray_cpu, tmp_path):
         replicas.close()
     assert (summary.run_id, summary.images, summary.errors) == (replicas.run_id, 2, 0)
     node = ray_cpu.get_runtime_context().get_node_id()
-    assert summary.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 2, "node_id": node, "batch_io": "replica",
+    assert summary.replicas == [{"device": "cpu", "gpu_ids": [], "threads": 2, "precision": "fp32", "node_id": node, "batch_io": "replica",
                                  "compile_seconds": 0.0}]
     # closed: ray.kill returns at once and Ray's control store marks the actors dead a moment
     # later, while they still count as named actors (a CI run saw one listed)

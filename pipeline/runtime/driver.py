@@ -325,12 +325,14 @@ def run_segmentation(
 
 
 def _replica_entries(pool: _ReplicaPool | None) -> list[dict[str, Any]]:
-    """The run summary's replicas: where each ran, and how long its compiled model took to
-    compile (the first call of each input shape; 0 for an eager model, None if unknown)."""
+    """The run summary's replicas: where each ran, in which precision, and how long its
+    compiled model took to compile (the first call of each input shape; 0 for an eager model,
+    None if unknown)."""
     if pool is None:
         return []
     compiled = pool.compile_seconds()
-    return [{"device": p["device"], "gpu_ids": p["gpu_ids"], "threads": p["threads"], "node_id": p["node_id"],
+    return [{"device": p["device"], "gpu_ids": p["gpu_ids"], "threads": p["threads"], "precision": p["precision"],
+             "node_id": p["node_id"],
              "batch_io": "replica" if pool.io_in_replica else "tasks",
              "compile_seconds": None if seconds is None else round(seconds, 2)}
             for p, seconds in zip(pool.placements, compiled, strict=True)]

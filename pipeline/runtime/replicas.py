@@ -104,6 +104,8 @@ class SegmentWorker:
             "device": str(self.device),
             "gpu_ids": self.gpu_ids,
             "threads": torch_threads(),
+            # what precision="auto" became on this device (`Segmenter`), for the run's summary
+            "precision": "fp32" if self.stage.segmenter.autocast_dtype is None else "bf16",
             "node_id": ray.get_runtime_context().get_node_id(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
