@@ -320,15 +320,10 @@ def _serve(args: argparse.Namespace) -> int:
 _SCORE_NAMES = {"val_miou": "val mIoU", "train_miou": "train mIoU"}  # as the epochs' lines say them
 
 
-def _score(value: float | None, width: int = 0) -> str:
-    """An mIoU to 4 places, "-" for an epoch without one (no validation set)."""
-    return f"{value:>{width}.4f}" if value is not None else f"{'-':>{width}}"
-
-
 def _train(args: argparse.Namespace) -> int:
     """Run the training flow and print its epochs and where the checkpoint is."""
     from pipeline.preflight import check_train
-    from pipeline.text import counted
+    from pipeline.text import counted, score_text
 
     config = config_from_arguments(TrainConfig, args)
     _preflight(check_train, config, args.storage_secret)
@@ -341,11 +336,11 @@ def _train(args: argparse.Namespace) -> int:
         print(summary["resumed"])
     print(f"{'epoch':>5} {'loss':>8} {'train mIoU':>10} {'val mIoU':>8} {'images/s':>8}")
     for e in summary["epochs"]:
-        print(f"{e['epoch']:>5} {e['loss']:>8.4f} {_score(e['train_miou'], 10)} {_score(e['val_miou'], 8)} "
+        print(f"{e['epoch']:>5} {e['loss']:>8.4f} {score_text(e['train_miou'], 10)} {score_text(e['val_miou'], 8)} "
               f"{e['images_per_second']:>8.1f}")
     print(f"{counted(summary['train_images'], 'training image')} and {counted(summary['val_images'], 'validation image')}, "
           f"{counted(summary['workers'], summary['device'] + ' worker')}, {summary['seconds']:.0f} s; best "
-          f"{_SCORE_NAMES[summary['score']]} {_score(summary['best_score'])} at epoch {summary['best_epoch']}")
+          f"{_SCORE_NAMES[summary['score']]} {score_text(summary['best_score'])} at epoch {summary['best_epoch']}")
     print(f"checkpoint: {summary['output']} (the best epoch; run it with: segpipe segment SOURCE OUTPUT --weights "
           f"{summary['output']})")
     print(f"last epoch: {summary['last_checkpoint']} (--resume {summary['last_checkpoint']} with more --epochs goes on "

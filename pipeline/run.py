@@ -555,7 +555,10 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
                  f"{s['ray_cluster']}: " + ", ".join(f"{n} on {device}" for device, n in devices.items()))
     compiled = [r["compile_seconds"] for r in s["replicas"] if r.get("compile_seconds")]
     if compiled:  # paid inside the run, at each input shape's first batch, once per replica
-        lines.append(f"compiling the model took {max(compiled):.1f} s of the run (the first batch of each input "
+        # the replicas compile side by side: the rate over the rest of the run, a long night's
+        rest = s["seconds"] - s["setup_seconds"] - max(compiled)
+        after = f", {per_second(s['images'] / rest)} images/s without it" if rest > 0 and s["images"] else ""
+        lines.append(f"compiling the model took {max(compiled):.1f} s of the run{after} (the first batch of each input "
                      "shape, in every run; --no-compile skips it, for a few images)")
     if s["retried_batches"]:
         lines.append(f"{counted(s['retried_batches'], 'batch', 'batches')} sent again after a worker failed")

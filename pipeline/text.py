@@ -25,3 +25,9 @@ def per_second(rate: float) -> str:
 def verb_for(number: int, singular: str, plural: str) -> str:
     """The verb that agrees with a count: `verb_for(1, "is", "are")` is "is"."""
     return singular if number == 1 else plural
+
+
+def score_text(value: float | None, width: int = 0) -> str:
+    """An mIoU to 4 places, "-" for one not measured (an epoch without a validation set), as
+    the training's epoch lines and its table show them."""
+    return f"{value:>{width}.4f}" if value is not None else f"{'-':>{width}}"

@@ -248,6 +248,9 @@ def test_train_command_learns_and_segment_runs_its_checkpoint_alone(tmp_path):
     # each epoch said once (Ray Train's patched print() said it twice), without Ray Train's own progress
     said = [line for line in done.stdout.splitlines() if "segpipe train: epoch " in line]
     assert [line.split("segpipe train: epoch ")[1].split()[0] for line in said] == [f"{e}/20" for e in range(1, 21)]
+    # the scores as the table prints them, to 4 places (0.044 against 0.0440 in a trial)
+    assert [line.split(" train mIoU ")[1].split()[0] for line in said] == [r[2] for r in rows]
+    assert [line.split(" val mIoU ")[1].split()[0] for line in said] == [r[3] for r in rows]
     assert "Requesting resources" not in done.stdout + done.stderr
     assert "PreemptionWatcher" not in done.stdout + done.stderr  # a local Ray has nothing to preempt
     # nor a State API for Ray Train's placement group cleaner to ask, which warned every few seconds

@@ -35,6 +35,7 @@ from ..models import is_checkpoint_uri, load_resumable, save_checkpoint
 from ..preflight import check_resumed_best, read_checkpoint
 from ..preprocess import Normalizer
 from ..storage import absolute_url, open_file, open_location, read_bytes, write_atomic
+from ..text import score_text
 from ..training import (
     TrainConfig,
     TrainingPair,
@@ -194,9 +195,9 @@ def _train_worker(loop: dict[str, Any]) -> list[dict[str, Any]] | None:
         if rank == 0:
             # written, not print()ed: Ray Train patches print() in its workers to go to its
             # logger as well as the stream, and Ray forwards both, so each line came twice
-            validation = f" val mIoU {metrics['val_miou']}" if loop["val"] else ""
+            validation = f" val mIoU {score_text(metrics['val_miou'])}" if loop["val"] else ""
             sys.stdout.write(f"segpipe train: epoch {epoch + 1}/{config.epochs} loss {metrics['loss']:.4f} train mIoU "
-                             f"{metrics['train_miou']}{validation} {metrics['images_per_second']} img/s\n")
+                             f"{score_text(metrics['train_miou'])}{validation} {metrics['images_per_second']} img/s\n")
             sys.stdout.flush()
             if improves(score, best):
                 best, best_epoch = score, epoch + 1
