@@ -128,12 +128,14 @@ def _stop(process: subprocess.Popen) -> None:
 
 def _post(api: str, path: str, body: dict[str, Any]) -> Any:
     """POST to Prefect's API, retrying 503 as Prefect's own client does: its server answers 503
-    when SQLite is busy, which happens on a loaded machine while `segpipe serve` registers."""
+    when SQLite is busy, which happens on a loaded machine while `segpipe serve` registers.
+    Waiting as long as Prefect's client does (PREFECT_API_REQUEST_TIMEOUT, 60 s): a CI run saw
+    creating a flow run take more than 10 s, and that POST is not safe to send twice."""
     request = urllib.request.Request(f"{api}{path}", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     for attempt in range(10):
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=60) as response:
                 return json.load(response)
         except urllib.error.HTTPError as error:
             if error.code != 503 or attempt == 9:
