@@ -16,16 +16,15 @@ from flows._storage import resolve_storage_options
 from pipeline.config import EvaluateConfig
 from pipeline.evaluation import (
     BatchScore,
+    NothingToScoreError,
     Pairing,
     ScoreSettings,
     build_report,
     class_table,
     exclusion_summary,
     pair_masks,
-    pairing_key,
     per_image_table,
     resolve_class_names,
-    suggested_suffix,
     write_report,
 )
 from pipeline.outputs import class_names_of_masks
@@ -33,10 +32,6 @@ from pipeline.preflight import check_evaluate
 from pipeline.runtime.scoring import score_on_ray
 from pipeline.storage import open_location
 from pipeline.text import counted
-
-
-class NothingToScoreError(ValueError):
-    """No prediction could be paired with a ground-truth mask."""
 
 
 @task(**IO_TASK)
@@ -47,24 +42,8 @@ def pair(predictions: str, ground_truth: str, prediction_suffix: str, ground_tru
     logger = get_run_logger()
     logger.info("%d pairs; %d predictions and %d ground-truth masks without a partner",
                 len(pairing.pairs), len(pairing.unpaired_predictions), len(pairing.unpaired_ground_truth))
-    if pairing.pairs and pairing.unmatched_suffixes:  # the masks paired by their whole names, maybe not all of them
+    if pairing.unmatched_suffixes:  # the masks paired by their whole names, maybe not all of them
         logger.warning("%s", "; ".join(pairing.unmatched_suffixes))
-    if not pairing.pairs:
-        advice = list(pairing.unmatched_suffixes)
-        # the whole OUTPUT of a segment run, given for its masks: their keys start with masks/
-        if any(key.startswith("masks/") for key in pairing.unpaired_predictions):
-            advice.append(f"pass {predictions.rstrip('/')}/masks, where segment writes its masks")
-        elif not ground_truth_suffix and (suffix := suggested_suffix(
-                {pairing_key(key, prediction_suffix) for key in pairing.unpaired_predictions},
-                pairing.unpaired_ground_truth)):
-            advice.append(f"the ground-truth masks' names end with {suffix} after a prediction's: pass "
-                          f"--ground-truth-suffix {suffix}")
-        raise NothingToScoreError(
-            f"no prediction under {predictions} pairs with a ground-truth mask under {ground_truth} "
-            f"({counted(len(pairing.unpaired_predictions), 'prediction')}, "
-            f"{counted(len(pairing.unpaired_ground_truth), 'ground-truth mask')}); "
-            f"{'; '.join(advice) or 'check the roots and the suffixes'}"
-        )
     return pairing
 
 

@@ -84,6 +84,10 @@ class StrayLabelsError(ValueError):
         self.stray = stray
 
 
+class NothingToScoreError(ValueError):
+    """No prediction could be paired with a ground-truth mask, or no pair could be scored."""
+
+
 class RefusedMaskError(ValueError):
     """Storage refuses one mask of a pair for good (forbidden: S3's AccessDenied, which s3fs
     raises as PermissionError; a folder where a file was listed), named: the pair is left out,
@@ -173,19 +177,45 @@ def suggested_suffix(plain_keys: Collection[str], suffixed: Sequence[str]) -> st
 
 def pair_masks(predictions: Location, ground_truth: Location, *, prediction_suffix: str = "",
                ground_truth_suffix: str = "") -> Pairing:
+    """Predictions and ground-truth masks with the same pairing key, sorted by key. Refuses an
+    empty pairing (NothingToScoreError), naming both roots and what would make them pair."""
     rejected: list[dict[str, str]] = []
     preds, pred_masks = _index(predictions, prediction_suffix, "prediction", rejected)
     truths, truth_masks = _index(ground_truth, ground_truth_suffix, "ground_truth", rejected)
     pairs = [Pair(key, preds[key], truths[key]) for key in sorted(preds.keys() & truths.keys())]
     unmatched = [unmatched_suffix("--prediction-suffix", prediction_suffix, pred_masks, "prediction"),
                  unmatched_suffix("--ground-truth-suffix", ground_truth_suffix, truth_masks, "ground-truth mask")]
-    return Pairing(
+    pairing = Pairing(
         pairs=pairs,
         unpaired_predictions=sorted(preds[k] for k in preds.keys() - truths.keys()),
         unpaired_ground_truth=sorted(truths[k] for k in truths.keys() - preds.keys()),
         rejected=rejected,
         unmatched_suffixes=[line for line in unmatched if line is not None],
     )
+    if not pairs:
+        raise NothingToScoreError(
+            f"no prediction under {predictions.url} pairs with a ground-truth mask under {ground_truth.url} "
+            f"({counted(len(pairing.unpaired_predictions), 'prediction')}, "
+            f"{counted(len(pairing.unpaired_ground_truth), 'ground-truth mask')}); "
+            f"{'; '.join(_pairing_advice(pairing, predictions, prediction_suffix, ground_truth_suffix))}"
+        )
+    return pairing
+
+
+def _pairing_advice(pairing: Pairing, predictions: Location, prediction_suffix: str,
+                    ground_truth_suffix: str) -> list[str]:
+    """What would make masks that did not pair pair: a suffix that ends no name, the masks
+    folder of a segment run's OUTPUT, or the suffix the ground truth's names carry."""
+    advice = list(pairing.unmatched_suffixes)
+    # the whole OUTPUT of a segment run, given for its masks: their keys start with masks/
+    if any(key.startswith("masks/") for key in pairing.unpaired_predictions):
+        advice.append(f"pass {predictions.url.rstrip('/')}/masks, where segment writes its masks")
+    elif not ground_truth_suffix and (suffix := suggested_suffix(
+            {pairing_key(key, prediction_suffix) for key in pairing.unpaired_predictions},
+            pairing.unpaired_ground_truth)):
+        advice.append(f"the ground-truth masks' names end with {suffix} after a prediction's: pass "
+                      f"--ground-truth-suffix {suffix}")
+    return advice or ["check the roots and the suffixes"]
 
 
 def remap_ground_truth(labels: np.ndarray, settings: ScoreSettings) -> np.ndarray:

@@ -61,6 +61,7 @@ from .storage import (
     move_atomic,
     open_location,
     read_bytes,
+    remove_empty_folder,
     remove_files,
     remove_folder,
     retry_io,
@@ -385,6 +386,8 @@ class OutputStore:
                         self.location.uri(folder), type(err).__name__, err)
             return False
         log.info("removed %s: %s", self.location.uri(folder), why)
+        # the last run's folder gone, _staging/ itself would stay in OUTPUT, empty, for good
+        remove_empty_folder(self.location, STAGING)
         return True
 
     def _manifest_keys(self, shard_id: str) -> set[str]:

@@ -487,6 +487,14 @@ def remove_folder(location: Location, key: str) -> None:
     location.fs.invalidate_cache(path)
 
 
+def remove_empty_folder(location: Location, key: str) -> None:
+    """Delete the folder `key` if nothing is in it: on a local disk, where folders outlive
+    their files (an object store has none); one that holds anything stays."""
+    if location.is_local:
+        with contextlib.suppress(OSError):
+            os.rmdir(location.path(key))
+
+
 def _replace_local_file(path: str, fill: Callable[[BinaryIO], object]) -> None:
     """`fill` a hidden temporary file beside `path`, flushed to disk, then rename it over
     `path`: a reader sees the old file or the new one. Nothing is left behind on failure."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -23,6 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 from rasterio.transform import from_origin
 
 from pipeline.evaluation import (
+    NothingToScoreError,
     Pair,
     ScoreSettings,
     build_report,
@@ -450,6 +452,26 @@ def test_a_suffix_that_ends_no_mask_name_is_said_with_the_option_and_one_mask(tm
         "--ground-truth-suffix _gt matches none of the 3 ground-truth masks, e.g. city/a_gtFine.png"]
     # a suffix that ends one mask's name is taken as meant
     assert pair_masks(p, g, ground_truth_suffix="_gtFine").unmatched_suffixes == []
+
+
+def test_pairing_nothing_is_refused_with_what_would_pair(tmp_path):
+    """pair_masks itself refuses an empty pairing, as pair_training_data does, so every caller
+    (the flow, the Python API) gets the same one line."""
+    for key in ["a_gtFine.png", "b_gtFine.png"]:
+        (tmp_path / "g").mkdir(exist_ok=True)
+        (tmp_path / "g" / key).write_bytes(b"")
+    (tmp_path / "run" / "masks").mkdir(parents=True)
+    for key in ["a.png", "b.png"]:
+        (tmp_path / "run" / "masks" / key).write_bytes(b"")
+    g = open_location(str(tmp_path / "g"))
+    with pytest.raises(NothingToScoreError, match=rf"^no prediction under {re.escape(str(tmp_path / 'run'))} pairs "
+                       r"with .* \(2 predictions, 2 ground-truth masks\); pass .*/run/masks, where segment writes"):
+        pair_masks(open_location(str(tmp_path / "run")), g)
+    with pytest.raises(NothingToScoreError, match=r"names end with _gtFine after a prediction's: pass "
+                                                  r"--ground-truth-suffix _gtFine$"):
+        pair_masks(open_location(str(tmp_path / "run" / "masks")), g)
+    assert [p.image_id for p in pair_masks(open_location(str(tmp_path / "run" / "masks")), g,
+                                           ground_truth_suffix="_gtFine").pairs] == ["a", "b"]
 
 
 def test_the_cli_names_a_suffix_that_matches_no_mask(tmp_path):

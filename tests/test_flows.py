@@ -19,9 +19,10 @@ from prefect import flow
 from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.evaluate import NothingToScoreError, evaluate_predictions
+from flows.evaluate import evaluate_predictions
 from flows.segment import segment_archive, summarise
 from pipeline.config import EvaluateConfig, SegmentConfig
+from pipeline.evaluation import NothingToScoreError
 from pipeline.masks import encode_mask
 from pipeline.outputs import class_names_of_masks
 from pipeline.run import NO_CLUSTER, RunSummary

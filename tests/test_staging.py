@@ -177,6 +177,10 @@ def test_a_run_removes_its_own_staging_once_its_shards_are_committed(output):
     assert read_bytes(location, others) is not None
     assert read_bytes(location, part) == committed
     store.remove_staging(run_id)  # nothing left: not an error
+    # the last run's folder gone, no empty _staging/ stays in OUTPUT (local disks keep folders)
+    store.remove_staging(other)
+    location.fs.invalidate_cache()
+    assert not location.fs.exists(location.path("_staging"))
 
 
 def test_a_shard_committed_again_replaces_each_rasters_polygons_by_name(output):
