@@ -72,7 +72,7 @@ def test_kept_freed_memory_is_reused_without_faults():
 
 def test_a_replica_sets_up_its_heap_with_its_threads():
     faults = page_faults("""
-        from pipeline.runtime.replicas import WorkerSpec
+        from pipeline.runtime.spec import WorkerSpec
         from pipeline.runtime.worker import set_up_process
         spec = WorkerSpec(model="lraspp_mobilenet_v3_large", weights=None, num_classes=3, crf=False, batch_size=1,
                           storage_options={}, threads=1)

@@ -296,7 +296,7 @@ def test_one_replica_per_declared_gpu(tmp_path, _ray_session):
 
 
 def _worker_spec(config):
-    from pipeline.runtime.replicas import WorkerSpec
+    from pipeline.runtime.spec import WorkerSpec
 
     return WorkerSpec(model=config.model, weights=config.weights, num_classes=config.num_classes, crf=False,
                       batch_size=1, storage_options={}, threads=1)

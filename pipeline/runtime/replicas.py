@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -26,6 +26,7 @@ from ..records import ImageRecord
 from ..run import batches_in_flight, io_in_replica, new_run_id, place_cpu_replicas, replica_threads
 from ..storage import Location, SourceFile
 from .cluster import connect_ray, cpu_nodes, nodes_with_cpus, short_error
+from .spec import WorkerSpec
 
 if TYPE_CHECKING:
     import torch
@@ -33,34 +34,6 @@ if TYPE_CHECKING:
     from ..stages import RasterStage, SegmentStage
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    model: str | None  # None: the checkpoint in `weights` names it
-    weights: str | None
-    num_classes: int | None
-    crf: bool
-    batch_size: int
-    storage_options: dict[str, Any]
-    threads: int | None  # torch threads on CPU; None: replica_threads decides
-    tile: int | None = None
-    tile_stride: int | None = None
-    cpus_per_actor: float = 1.0
-    precision: str = "auto"  # Segmenter's: auto, fp32 or bf16
-    compile: bool | None = None  # None: where it pays (bf16 on CPU)
-    # the run's replicas on this replica's node (`run.place_cpu_replicas`): they share its cores
-    replicas_per_node: int = 1
-    confidence: bool = False
-    # georeferenced rasters: how they are segmented, where from and where to (a replica
-    # reads their blocks and writes their masks itself)
-    raster: RasterSettings = field(default_factory=RasterSettings)
-    source_url: str = ""
-    output_url: str = ""
-    # names for weights whose classes have none of their own (None: the weights' names)
-    class_names: tuple[str, ...] | None = None
-    # the run's id, which the rows a replica writes itself (a raster's polygons) carry
-    run_id: str = ""
 
 
 class SegmentWorker:

@@ -9,7 +9,6 @@ as it starts, beside the driver starting Prefect.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,9 +20,7 @@ from ..stages import RasterStage, SegmentStage
 from ..storage import open_location
 from ..windows import window_stride
 from .cluster import node_cpus
-
-if TYPE_CHECKING:
-    from .replicas import WorkerSpec
+from .spec import WorkerSpec
 
 
 def worker_device(gpu_ids: list[str], cuda_available: bool) -> torch.device:
