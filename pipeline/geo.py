@@ -14,11 +14,12 @@ of an archive may lie in different CRSs, so each raster's polygons are a file of
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple, Self
@@ -31,8 +32,10 @@ import rasterio.features
 import rasterio.shutil
 import shapely
 from affine import Affine
+from rasterio._err import CPLE_BaseError
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from .rasters import gdal_env
@@ -89,7 +92,8 @@ class MaskWriter:
     block without error, GDAL's COG driver copies it to `path`, building the overviews by
     `overview_resampling` (mode by default: a class id, never a blend of two); both steps
     stream tile by tile through GDAL's block cache, so memory does not grow with the raster.
-    On an error both files are removed. Pixels no window covered read as `nodata` (0 when
+    On an error both files are removed, and GDAL's own errors (a full disk) are raised as
+    OSError naming the file. Pixels no window covered read as `nodata` (0 when
     `nodata` is None). The same writer serves the confidence map (no palette), whose levels
     are averaged for its overviews (`Resampling.average`, nodata left out). `threads`:
     GDAL's for compressing tiles and building the overviews (`rasters.gdal_env`).
@@ -134,7 +138,7 @@ class MaskWriter:
         self._dataset: rasterio.io.DatasetWriter | None = None
 
     def __enter__(self) -> Self:
-        with gdal_env(self.threads):
+        with gdal_env(self.threads), _written(self._staging):
             self._dataset = rasterio.open(
                 self._staging, "w", driver="GTiff", width=self.width, height=self.height, count=1,
                 dtype="uint8", crs=self.crs, transform=self.transform, nodata=self.nodata,
@@ -161,7 +165,7 @@ class MaskWriter:
             if array.size and (array.min() < 0 or array.max() > 255):
                 raise ValueError(f"values must lie in [0, 255] for a uint8 raster, got [{array.min()}, {array.max()}]")
             array = array.astype(np.uint8)
-        with gdal_env(self.threads):
+        with gdal_env(self.threads), _written(self._staging):
             self._dataset.write(array, 1, window=Window(col, row, w, h))
 
     def __exit__(
@@ -171,22 +175,53 @@ class MaskWriter:
         try:
             with gdal_env(self.threads):
                 if dataset is not None:
-                    dataset.close()
+                    with _written(self._staging):
+                        dataset.close()
                 if exc_type is None:
-                    rasterio.shutil.copy(
-                        self._staging, self.path, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=BLOCK_SIZE,
-                        OVERVIEW_RESAMPLING=self.overview_resampling.name.upper(), BIGTIFF="IF_SAFER",
-                        # a column of pixels cannot be halved across: GDAL's overview of it keeps
-                        # its width, which readers take for a decimation of 1 (rio-cogeo refuses it)
-                        OVERVIEWS="NONE" if self.width == 1 else "AUTO",
-                    )
+                    with _written(self.path):
+                        rasterio.shutil.copy(
+                            self._staging, self.path, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=BLOCK_SIZE,
+                            OVERVIEW_RESAMPLING=self.overview_resampling.name.upper(), BIGTIFF="IF_SAFER",
+                            # a column of pixels cannot be halved across: GDAL's overview of it keeps
+                            # its width, which readers take for a decimation of 1 (rio-cogeo refuses it)
+                            OVERVIEWS="NONE" if self.width == 1 else "AUTO",
+                        )
+                    self._check_complete()
         except BaseException:
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # GDAL's error is the one to see
+                self.path.unlink(missing_ok=True)
             raise
         finally:
-            self._staging.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self._staging.unlink(missing_ok=True)
         if exc_type is not None:
             self.path.unlink(missing_ok=True)
+
+    def _check_complete(self) -> None:
+        """Raise OSError unless the COG reads to its end. GDAL's COG driver reports a write
+        that fails while it closes the file (a full disk) only as a logged error, and returns:
+        the file is then cut short. Its last bytes are the full-resolution band's last tile
+        (a COG puts the overviews before the full resolution, tiles in row order), so reading
+        that tile back proves every byte before it was written."""
+        try:
+            with rasterio.open(self.path) as cog:
+                block_height, block_width = cog.block_shapes[0]
+                row, col = (cog.height - 1) // block_height * block_height, (cog.width - 1) // block_width * block_width
+                cog.read(1, window=Window(col, row, min(block_width, cog.width - col), min(block_height, cog.height - row)))
+        except (RasterioError, CPLE_BaseError) as err:
+            raise OSError(f"cannot write {self.path}: the COG was cut short ({err.__cause__ or err}); is its disk full?"
+                          ) from err
+
+
+@contextlib.contextmanager
+def _written(path: Path) -> Iterator[None]:
+    """GDAL's errors writing `path` (rasterio raises some as its own types, not OSError: a
+    full disk's among them) raised as OSError naming the file: an output that cannot be
+    written, not an input that cannot be read."""
+    try:
+        yield
+    except (RasterioError, CPLE_BaseError) as err:
+        raise OSError(f"cannot write {path}: {err.__cause__ or err}") from err
 
 
 def pixel_area(crs: CRS | None, transform: Affine) -> float:

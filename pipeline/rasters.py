@@ -237,6 +237,11 @@ def choose_bands(dataset: DatasetReader, bands: Sequence[int] | None) -> tuple[i
     three, else (one or two bands: grey, grey and alpha) the first band three times.
     """
     count = dataset.count
+    if complex_bands := sorted({dtype for dtype in dataset.dtypes if np.dtype(dtype).kind == "c"}):
+        # radar's complex samples (SLC): what they show is their amplitude, which is a choice of
+        # processing (amplitude, intensity, dB) the raster's producer makes, not segpipe
+        raise ImageDecodeError("unsupported", f"{_name(dataset)}: complex samples ({', '.join(complex_bands)}); give "
+                               "their amplitude as a real band")
     if bands is not None:
         chosen = tuple(bands)
         if len(chosen) not in (1, 3):

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # annotations only: torch takes over a second to import, and 
 ErrorType = Literal[
     "empty", "not_an_image", "corrupt", "too_large", "timeout",  # decoding (pipeline.decode)
     "missing_bands",  # a raster without the bands --bands names
+    "unsupported",  # a raster whose samples show no image as they are (complex)
     "missing", "read_error",  # reading the source
     "unsafe_key", "mask_collision",  # the key cannot become a mask path
     "inference",  # the model or the CRF failed on this image

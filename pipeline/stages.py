@@ -29,7 +29,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -258,6 +258,20 @@ def crf_refine(grids: Sequence[GridLogits], pixels: torch.Tensor, rows: tuple[in
 RASTER_NODATA = 255
 
 
+@contextlib.contextmanager
+def _source_read() -> Iterator[None]:
+    """A permanent storage error reading the raster (forbidden, as S3's AccessDenied) as its
+    error row, as the decode stage makes it for an image: the raster's fault, not the
+    output's. A missing object and an outage (StorageUnavailableError, after the retries)
+    pass as they are."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise ImageDecodeError("read_error", f"cannot read: {type(err).__name__}: {err}") from err
+
+
 class RasterStage:
     """One georeferenced raster, block by block (`rasters.plan_blocks`): each block's extent
     is read (only it), segmented with the replica's model in sliding windows of the whole
@@ -283,8 +297,9 @@ class RasterStage:
     def __call__(self, record: ImageRecord) -> ImageRecord:
         start = time.perf_counter()
         try:
-            with tempfile.TemporaryDirectory(prefix="segpipe-raster-") as scratch, \
-                    open_raster(self.source, record.key, threads=self.gdal_threads) as dataset:
+            with tempfile.TemporaryDirectory(prefix="segpipe-raster-") as scratch, contextlib.ExitStack() as opened:
+                with _source_read():
+                    dataset = opened.enter_context(open_raster(self.source, record.key, threads=self.gdal_threads))
                 reading, writing = self._segment(record, dataset, scratch)
         except ImageDecodeError as err:
             record.fail(err.reason, str(err))
@@ -292,7 +307,7 @@ class RasterStage:
             record.fail("missing", "the file disappeared after it was listed")
         except StorageUnavailableError:
             raise  # storage down: the run stops and resumes, as for every other write
-        except OSError as err:  # a write that fails for the output's sake, as write_masks does
+        except OSError as err:  # a write that fails for the output's sake (reads are `_source_read`'s), as write_masks does
             raise StorageUnavailableError(f"cannot write the mask of {record.key}: {type(err).__name__}: {err}") from err
         except (RuntimeError, ValueError) as err:
             record.fail("inference", f"{type(err).__name__}: {err}")
@@ -314,7 +329,8 @@ class RasterStage:
         bands = choose_bands(dataset, s.bands)
         colour_table = band_colour_table(dataset, bands)  # a colour-mapped band is shown in its colours
         started = time.perf_counter()
-        limits = band_limits(dataset, bands) if colour_table is None else None  # from overviews, or windows read
+        with _source_read():  # from overviews, or windows read
+            limits = band_limits(dataset, bands) if colour_table is None else None
         reading, writing = time.perf_counter() - started, 0.0
         mask_path, confidence_path = os.path.join(scratch, "mask.tif"), os.path.join(scratch, "confidence.tif")
         # the masks' geometry, and GDAL's threads to compress them
@@ -344,7 +360,8 @@ class RasterStage:
             windows = WindowFiles(os.path.join(scratch, "windows"), blocks, crop=s.tile, stride=s.stride, cell=cell)
             for block in blocks:
                 started = time.perf_counter()
-                rgb, valid = read_rgb(dataset, block.extent, bands, limits, colour_table=colour_table)
+                with _source_read():
+                    rgb, valid = read_rgb(dataset, block.extent, bands, limits, colour_table=colour_table)
                 reading += time.perf_counter() - started
                 labels, score, valid = self._block(block, rgb, valid, windows, cell)
                 totals.add(labels, score, valid)

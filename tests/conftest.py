@@ -3,6 +3,7 @@ HTTP (moto's server in a subprocess, as s3fs's own test suite runs it)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -10,8 +11,11 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
+import boto3
 import pytest
 import torch
 
@@ -200,3 +204,41 @@ def flaky_s3(s3_bucket):
                                "config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}}}
     yield bucket, options, through_proxy, proxy
     proxy.close()
+
+
+def _set_moto_auth(endpoint: str, initial_no_auth_requests: str) -> str:
+    """Turn moto's IAM checks on ("0": from the next request) or off ("inf"), server-wide;
+    returns the setting it replaced."""
+    request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=initial_no_auth_requests.encode(),
+                                     method="POST", headers={"Content-Type": "text/plain"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]
+
+
+@pytest.fixture
+def get_object_denied(s3_endpoint: str) -> Callable[[list[str]], AbstractContextManager[dict]]:
+    """`get_object_denied(denied)`: see `_get_object_denied`."""
+    return lambda denied: _get_object_denied(s3_endpoint, denied)
+
+
+@contextmanager
+def _get_object_denied(endpoint: str, denied: list[str]) -> Iterator[dict]:
+    """Storage options of an IAM user whom moto's S3 server refuses s3:GetObject (GET and HEAD)
+    on the objects `denied` (bucket/key), with S3's own 403 AccessDenied: everything else,
+    listing included, is allowed. An identity policy, since moto's server authorises by those
+    alone (it stores a bucket policy but does not enforce it); and IAM checks only while they
+    are on, server-wide, so on for this block alone."""
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    user = f"reader-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="all-but-some-objects", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+                      {"Effect": "Deny", "Action": "s3:GetObject", "Resource": [f"arn:aws:s3:::{o}" for o in denied]}]}))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    before = _set_moto_auth(endpoint, "0")
+    try:
+        yield {"endpoint_url": endpoint, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+    finally:
+        _set_moto_auth(endpoint, before)

@@ -8,14 +8,9 @@ import os
 import re
 import subprocess
 import sys
-import urllib.request
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 import rasterio
@@ -378,39 +373,8 @@ def test_storage_lost_while_a_geotiff_pair_is_read_raises_the_storage_error(tmp_
     assert batch.image_ids == [] and "a.tif: cannot read window" in batch.excluded[0]["reason"], batch.excluded
 
 
-def _set_moto_auth(endpoint: str, initial_no_auth_requests: str) -> str:
-    """Turn moto's IAM checks on ("0": from the next request) or off ("inf"), server-wide;
-    returns the setting it replaced."""
-    request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=initial_no_auth_requests.encode(),
-                                     method="POST", headers={"Content-Type": "text/plain"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]
-
-
-@contextmanager
-def _get_object_denied(endpoint: str, denied: list[str]) -> Iterator[dict]:
-    """Storage options of an IAM user whom moto's S3 server refuses s3:GetObject (GET and HEAD)
-    on the objects `denied` (bucket/key), with S3's own 403 AccessDenied: everything else,
-    listing included, is allowed. An identity policy, since moto's server authorises by those
-    alone (it stores a bucket policy but does not enforce it); and IAM checks only while they
-    are on, server-wide, so on for this block alone."""
-    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
-                       aws_access_key_id="testing", aws_secret_access_key="testing")
-    user = f"reader-{uuid.uuid4().hex[:8]}"
-    iam.create_user(UserName=user)
-    iam.put_user_policy(UserName=user, PolicyName="all-but-some-objects", PolicyDocument=json.dumps({
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
-                      {"Effect": "Deny", "Action": "s3:GetObject", "Resource": [f"arn:aws:s3:::{o}" for o in denied]}]}))
-    key = iam.create_access_key(UserName=user)["AccessKey"]
-    before = _set_moto_auth(endpoint, "0")
-    try:
-        yield {"endpoint_url": endpoint, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
-    finally:
-        _set_moto_auth(endpoint, before)
-
-
-def test_a_mask_storage_refuses_leaves_its_pair_out_named_and_the_others_are_scored(s3_bucket, tmp_path):
+def test_a_mask_storage_refuses_leaves_its_pair_out_named_and_the_others_are_scored(s3_bucket, get_object_denied,
+                                                                                     tmp_path):
     """AccessDenied on one GeoTIFF and one PNG, from a real S3 API: each pair is left out with
     the side and key refused (s3fs's PermissionError says neither), as a corrupt mask is; the
     run goes on. It raised out of the raster pair's scoring, failing the whole evaluation."""
@@ -423,7 +387,7 @@ def test_a_mask_storage_refuses_leaves_its_pair_out_named_and_the_others_are_sco
             fs.put_file(str(_geotiff(tmp_path / side / f"{name}.tif", labels)), f"{root}/{side}/{name}.tif")
         fs.pipe_file(f"{root}/{side}/c.png", encode_mask(labels))
     settings = ScoreSettings(num_classes=2)
-    with _get_object_denied(options["endpoint_url"], [f"{root}/p/a.tif", f"{root}/g/c.png"]) as denied:
+    with get_object_denied([f"{root}/p/a.tif", f"{root}/g/c.png"]) as denied:
         predictions, truth = open_location(f"{bucket}/p", denied), open_location(f"{bucket}/g", denied)
         pairing = pair_masks(predictions, truth)
         total = score_pairs(predictions, truth, pairing.pairs, settings)

@@ -130,6 +130,55 @@ def test_mask_writer_refuses_bad_blocks_and_cleans_up(tmp_path: Path) -> None:
         MaskWriter(path, width=64, height=64, crs=None, transform=pixels, nodata=256)
 
 
+# writes a noisy 1024 x 1024 mask with MaskWriter in a process whose files may not grow past
+# argv[2] bytes (RLIMIT_FSIZE: a full disk without privileges, as a write then fails with EFBIG)
+_WRITE_UNDER_LIMIT = """
+import json, resource, signal, sys
+import numpy as np
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+from pipeline.geo import MaskWriter
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the process is killed at the limit
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]),) * 2)
+labels = np.random.default_rng(0).integers(0, 7, (1024, 1024), dtype=np.uint8)
+try:
+    with MaskWriter(sys.argv[1], width=1024, height=1024, crs="EPSG:32633", transform=from_origin(0, 0, 1, 1),
+                    nodata=255, palette=[(i, i, i) for i in range(7)]) as writer:
+        writer.write(Window(0, 0, 1024, 1024), labels)
+    print(json.dumps(None))
+except OSError as err:
+    print(json.dumps(str(err)))
+"""
+
+
+def test_a_mask_that_cannot_be_written_whole_raises_and_leaves_nothing(tmp_path: Path) -> None:
+    """A full disk, as the writing process's file size limit: while the windows are written,
+    and while GDAL's COG driver copies them, which reports its failed writes only in its log
+    and returned a COG cut short (read back, it failed; rio-cogeo passed it). Either way an
+    OSError names the file, and neither file is left."""
+    import subprocess
+    import sys
+
+    def write(limit: int) -> str | None:
+        (tmp_path / "out").mkdir(exist_ok=True)
+        done = subprocess.run([sys.executable, "-c", _WRITE_UNDER_LIMIT, str(tmp_path / "out" / "mask.tif"), str(limit)],
+                              capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    assert write(1 << 30) is None
+    whole = (tmp_path / "out" / "mask.tif").stat().st_size
+    (tmp_path / "out" / "mask.tif").unlink()
+    # the COG's last tile cut off: the staging file, smaller (no overviews), was written whole
+    error = write(whole - 4096)
+    assert error is not None and error.startswith(f"cannot write {tmp_path / 'out' / 'mask.tif'}: the COG was cut short")
+    assert list((tmp_path / "out").iterdir()) == []
+    # the windows' own file cannot be written
+    error = write(4096)
+    assert error is not None and error.startswith(f"cannot write {tmp_path / 'out'}/.mask.tif."), error
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_levels_are_averaged_for_overviews_and_class_ids_never(tmp_path: Path) -> None:
     """A confidence map's overviews average its levels (its nodata left out); a palette's class
     ids are never blended."""

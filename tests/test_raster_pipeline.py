@@ -435,6 +435,38 @@ def test_a_raster_without_the_bands_asked_for_is_a_missing_bands_row(shared_data
     assert (record.ok, record.error_type) == (False, "missing_bands") and "[4] not in the raster" in record.error
 
 
+def test_a_raster_of_complex_samples_is_an_unsupported_row(tmp_path):
+    """Radar's complex samples show no image as they are: one row naming the raster and the
+    type, where their real parts were segmented (numpy dropping the imaginary ones)."""
+    (tmp_path / "src").mkdir()
+    with rasterio.open(tmp_path / "src" / "slc.tif", "w", driver="GTiff", width=64, height=64, count=1,
+                       dtype="complex64", crs="EPSG:32633", transform=from_origin(500000, 5000000, 1, 1)) as dst:
+        dst.write((np.ones((1, 64, 64)) + 1j).astype(np.complex64))
+    record = _raster_stage(tmp_path / "src", tmp_path / "out", tile=64)(ImageRecord(key="slc.tif", georeferenced=True))
+    assert (record.ok, record.error_type) == (False, "unsupported")
+    assert record.error.startswith(f"{tmp_path / 'src' / 'slc.tif'}: complex samples (complex64)")
+    assert not (tmp_path / "out").exists() or not any(p.is_file() for p in (tmp_path / "out").rglob("*"))
+
+
+def test_a_raster_storage_refuses_is_a_read_error_row_not_a_stopped_run(s3_bucket, get_object_denied, shared_data,
+                                                                       tmp_path):
+    """S3's AccessDenied on one raster, from a real S3 API, is that raster's `read_error` row
+    (as the decode stage makes it for an image); the next raster is segmented. It was taken
+    for a failed write of the mask, which stops the run."""
+    bucket, options = s3_bucket
+    root = bucket.removeprefix("s3://")
+    fs = s3fs.S3FileSystem(**options)
+    for name in ("denied", "allowed"):
+        fs.put_file(str(_mosaic(shared_data, tmp_path / f"{name}.tif", height=200, width=200)), f"{root}/src/{name}.tif")
+    stage = _raster_stage(tmp_path, tmp_path / "out", tile=128)
+    with get_object_denied([f"{root}/src/denied.tif"]) as denied:
+        stage.source = open_location(f"{bucket}/src", denied)
+        records = [stage(ImageRecord(key=f"{name}.tif", georeferenced=True)) for name in ("denied", "allowed")]
+    assert [(r.ok, r.error_type) for r in records] == [(False, "read_error"), (True, None)]
+    assert records[0].error == "cannot read: PermissionError: Forbidden" and records[0].mask_key is None
+    assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["allowed.tif"]
+
+
 def test_the_readmes_notebook_example_segments_a_raster_as_written(tmp_path, monkeypatch):
     """The README's RasterStage example, run as written on a small generated UTM raster."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
