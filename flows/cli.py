@@ -48,11 +48,19 @@ _SECRET_HELP = ("name of a Prefect Secret block holding storage options (credent
                 "(default: none)")
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        return parse_json_object(text, "the value")
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err).replace("the value ", "")) from None
+# what a JSON object option's error shows it as, quoted for the shell
+_JSON_EXAMPLES = {"label_map": """'{"255": 1}'""", "storage_options": """'{"endpoint_url": "http://localhost:9000"}'"""}
+
+
+def _json_object(example: str | None) -> Callable[[str], dict[str, Any]]:
+    def parse(text: str) -> dict[str, Any]:
+        try:
+            return parse_json_object(text, "the value")
+        except ValueError as err:  # `255:1` for a label map, or the shell's quotes lost
+            shown = f": give a JSON object, quoted for the shell, e.g. {example}" if example else ""
+            raise argparse.ArgumentTypeError(str(err).replace("the value ", "") + shown) from None
+
+    return parse
 
 
 def _json_value(text: str) -> Any:
@@ -88,7 +96,7 @@ def _argument(name: str, field: Any, positional: bool) -> tuple[list[str], dict[
     elif origin is tuple and args[0] in (str, int, float):  # names, one per class; band numbers
         keywords |= {"nargs": "+", "type": args[0]}
     elif annotation is StorageOptions or origin is dict:
-        keywords["type"] = _json_object
+        keywords["type"] = _json_object(_JSON_EXAMPLES.get(name))
     elif origin is tuple:  # nested, e.g. a palette: JSON
         keywords["type"] = _json_value
     else:

@@ -62,7 +62,7 @@ def parse_json_object(text: str, origin: str) -> dict[str, Any]:
     try:
         value = json.loads(text) if text.strip() else {}
     except json.JSONDecodeError as err:
-        raise ValueError(f"{origin} is not valid JSON ({err.msg} at position {err.pos})") from None
+        raise ValueError(f"{origin} is not valid JSON ({err.msg.removesuffix(' at')} at position {err.pos})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{origin} must be a JSON object, got {type(value).__name__}")
     return value

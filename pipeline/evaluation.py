@@ -39,6 +39,8 @@ SCORE_WINDOW = 2048
 # two georeferenced masks cover the same pixels when every corner of one lies within this
 # share of a pixel of the other's
 PLACEMENT_TOLERANCE_PIXELS = 1e-3
+# pairs left out for reasons other than their labels, named in the one-line summary
+EXCLUDED_EXAMPLES = 3
 
 
 @dataclass(frozen=True)
@@ -469,8 +471,9 @@ def exclusion_summary(total: BatchScore, settings: ScoreSettings, rejected: Sequ
     stray_ids = {s.image_id for s in total.stray}
     others = [e for e in total.excluded if e["image_id"] not in stray_ids]
     if others:
-        parts.append(f"{counted(len(others), 'pair')} left out for other reasons, e.g. {others[0]['image_id']}: "
-                     f"{others[0]['reason']}")
+        # up to three named: when nothing could be scored, this line is all there is (no metrics.json)
+        examples = "; ".join(f"{e['image_id']}: {e['reason']}" for e in others[:EXCLUDED_EXAMPLES])
+        parts.append(f"{counted(len(others), 'pair')} left out{' for other reasons' if parts else ''}, e.g. {examples}")
     if rejected:
         first = rejected[0]
         parts.append(f"{counted(len(rejected), 'file')} not paired, e.g. {first['side'].replace('_', ' ')} {first['key']}: "

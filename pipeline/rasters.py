@@ -355,7 +355,9 @@ def band_limits(dataset: DatasetReader, bands: Sequence[int]) -> np.ndarray:
             break
     for band in unique:
         if band not in by_band:
-            log.warning("%s: band %d has no valid pixel in the sample taken for the stretch; limits (0, 1)",
+            # a raster without data (a scene's empty tile) is no mistake: its mask is all nodata,
+            # and a worker's warning would print on the run's console
+            log.info("%s: band %d has no valid pixel in the sample taken for the stretch; limits (0, 1)",
                         _name(dataset), band)
             by_band[band] = (0.0, 1.0)
     return np.array([by_band[band] for band in bands], dtype=np.float64)

@@ -94,8 +94,12 @@ class ImageRecord:
         return self.error is None
 
     def fail(self, error_type: ErrorType, message: str) -> None:
+        """An error row, holding nothing of a result: a mask written before the failure (a
+        raster's, committed as its blocks finished) is then no row's, and the shard's commit
+        removes it (`OutputStore._remove_stale_masks`)."""
         self.error, self.error_type = message, error_type
         self.image = self.encoded = self.labels = self.confidence = self.stats = self.polygons_key = None
+        self.mask_key = self.confidence_key = None
 
 
 def mask_key(image_key: str, extension: str = ".png") -> str:

@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import re
 import shutil
 import socket
 import time
@@ -100,7 +101,13 @@ def folder_exists(location: Location) -> bool:
 
 def missing_folder(location: Location, what: str) -> str:
     """What to say of `what` (naming `location`) when `folder_exists` says no."""
-    return f"{what} is not a folder that exists" if location.is_local else f"{what}: its bucket {location.bucket} does not exist"
+    if not location.is_local:
+        return f"{what}: its bucket {location.bucket} does not exist"
+    # `s3:/bucket/key` is a local path to fsspec (made absolute: /cwd/s3:/bucket/key), a slash
+    # short of the URL meant
+    if (typo := re.search(r"/([a-z][a-z0-9]+):/([^/].*)$", location.root)) and typo[1] in fsspec.available_protocols():
+        return f"{what} is not a folder that exists; did you mean {typo[1]}://{typo[2]}?"
+    return f"{what} is not a folder that exists"
 
 
 def is_local_url(url: str) -> bool:

@@ -73,6 +73,12 @@ def test_evaluate_command(tmp_path) -> None:
     bad = _segpipe("evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "r2"), "--num-classes", "2",
                    "--label-map", "[1, 2]")
     assert bad.returncode == 2 and "--label-map: must be a JSON object" in bad.stderr
+    # the form a user guesses first: answered with the JSON it takes
+    colon = _segpipe("evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "r2"), "--num-classes",
+                     "2", "--label-map", "255:1")
+    assert colon.returncode == 2 and colon.stderr.rstrip().endswith(
+        """--label-map: is not valid JSON (Extra data at position 3): give a JSON object, quoted for the shell, """
+        """e.g. '{"255": 1}'""")
     # nothing pairs: found inside the flow, and still one line, without Prefect's own
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "z.png").write_bytes(encode_mask(np.zeros((2, 2), np.uint8)))
@@ -158,7 +164,8 @@ def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_end
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--model", "nope"], "unknown model 'nope'"),
-    (["--storage-options", '{"secret": "hunter2'], "argument --storage-options: is not valid JSON"),
+    (["--storage-options", '{"secret": "hunter2'], "argument --storage-options: is not valid JSON (Unterminated string "
+     """starting at position 11): give a JSON object, quoted for the shell, e.g. '{"endpoint_url": """),
     (["--storage-options", "[1]"], "must be a JSON object"),
     (["--batch-size", "0"], "segpipe: error: --batch-size: must be 1 or more"),
     (["--device", "gpu"], "segpipe: error: argument --device: invalid choice: 'gpu'"),

@@ -397,7 +397,8 @@ def test_a_mask_storage_refuses_leaves_its_pair_out_named_and_the_others_are_sco
         {"image_id": "a", "reason": "cannot read prediction a.tif: PermissionError: Forbidden"},
         {"image_id": "c", "reason": "cannot read ground truth c.png: PermissionError: Access Denied"}]
     assert report["excluded_summary"] == (
-        "2 pairs left out for other reasons, e.g. a: cannot read prediction a.tif: PermissionError: Forbidden")
+        "2 pairs left out, e.g. a: cannot read prediction a.tif: PermissionError: Forbidden; c: cannot read ground "
+        "truth c.png: PermissionError: Access Denied")
 
 
 def test_a_suffix_that_ends_no_mask_name_is_said_with_the_option_and_one_mask(tmp_path):

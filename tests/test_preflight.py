@@ -246,8 +246,12 @@ def test_a_misspelled_model_names_the_closest(source, tmp_path) -> None:
 
 
 def test_source_output_and_layout(source, tmp_path) -> None:
-    _refused(["segment", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--weights", "none", "--num-classes", "2"],
-             f"SOURCE {tmp_path / 'nowhere'} is not a folder that exists")
+    line = _refused(["segment", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--weights", "none", "--num-classes",
+                     "2"], f"SOURCE {tmp_path / 'nowhere'} is not a folder that exists")
+    assert line.endswith("exists")
+    # a slash short of an S3 URL is a local path to fsspec: the URL meant is named
+    _refused(["segment", "s3:/survey/ortho", str(tmp_path / "out"), "--weights", "none", "--num-classes", "2"],
+             "s3:/survey/ortho is not a folder that exists; did you mean s3://survey/ortho?")
     (tmp_path / "a-file").write_text("not a folder")
     # a file given as SOURCE: its folder named, the path tidied
     _refused(["segment", f"{source}/../a-file", str(tmp_path / "out"), "--weights", "none", "--num-classes", "2"],

@@ -154,6 +154,22 @@ def test_stale_masks_are_compared_as_the_output_folds_case(tmp_path, monkeypatch
     assert "masks/A.tif" in removed and (output / "masks" / "A.png").exists() and not (output / "masks" / "A.tif").exists()
 
 
+def test_a_mask_written_before_its_image_failed_is_no_rows_and_is_removed(tmp_path):
+    """A raster's mask is committed as its blocks finish; should the raster fail after that,
+    its error row names no mask, and the shard's commit removes the file, so that no mask
+    outlives its row."""
+    output = tmp_path / "out"
+    (output / "masks").mkdir(parents=True)
+    (output / "masks" / "a.tif").write_bytes(b"a mask written before the failure")
+    (output / "confidence").mkdir()
+    (output / "confidence" / "a.tif").write_bytes(b"its confidence")
+    record = ImageRecord("a.tif", mask_key="masks/a.tif", confidence_key="confidence/a.tif")
+    record.fail("inference", "ValueError: failed after the mask was written")
+    assert (record.mask_key, record.confidence_key) == (None, None)
+    OutputStore(open_location(str(output)))._remove_stale_masks({"a.tif"}, [record])
+    assert not (output / "masks" / "a.tif").exists() and not (output / "confidence" / "a.tif").exists()
+
+
 def test_keys_differing_in_case_collide_only_where_the_output_folds_case(tmp_path):
     files = [SourceFile(k, 1, "v") for k in ["Cam/A.jpg", "cam/a.JPG", "b.jpg"]]
     todo, refused = plan_shard(files)
