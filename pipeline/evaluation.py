@@ -116,6 +116,8 @@ class PairScore:
     confusion: np.ndarray | None = None  # (C, C) int64, rows ground truth
     pixels: int = 0  # the pair's pixels, scored or not (ignore index, nodata)
     nodata_pixels: int = 0  # those not scored for being nodata in either GeoTIFF
+    # of those, the ground truth's pixels of its nodata value (one outside the classes), by value
+    truth_nodata: dict[int, int] = field(default_factory=dict)
     error: str | None = None
     stray: StrayLabels | None = None  # why it was left out, when labels were out of range
 
@@ -284,7 +286,7 @@ def _nodata_rule(file: DatasetReader, labels: Callable[[int], int], settings: Sc
       often inherit nodata 0 from their imagery's profile). A class id as `labels` sees it: the
       prediction's value as it is, the ground truth's after --label-map and --reduce-zero-label,
       as its labels are checked (0/255 footprints saved with nodata 255 and scored with
-      --label-map 255:1 have 255 scored as class 1);
+      --label-map '{"255": 1}' have 255 scored as class 1);
     - GDAL reports the mask of a nodata value as `nodata`: that one follows the value rule, so
       only a mask of the file's own (`per_dataset`: an internal mask) is read. An alpha band
       would be a second band, which a mask of class ids does not have."""
@@ -338,7 +340,7 @@ def score_raster_pair(pair: Pair, predictions: Location, ground_truth: Location,
             truth_rule = _nodata_rule(truth_file, lambda value: int(remap_ground_truth(np.array([value]), settings)[0]),
                                       settings)
             confusion = np.zeros((settings.num_classes,) * 2, dtype=np.int64)
-            nodata_pixels = 0
+            nodata_pixels = truth_nodata_pixels = 0
             for row in range(0, pred_file.height, SCORE_WINDOW):
                 for col in range(0, pred_file.width, SCORE_WINDOW):
                     window = Window(col, row, min(SCORE_WINDOW, pred_file.width - col), min(SCORE_WINDOW, pred_file.height - row))
@@ -350,12 +352,15 @@ def score_raster_pair(pair: Pair, predictions: Location, ground_truth: Location,
                     nodata = pred_nodata | truth_nodata
                     truth[nodata] = settings.ignore_index
                     nodata_pixels += int(nodata.sum())
+                    if truth_rule[0] is not None:
+                        truth_nodata_pixels += int((raw_truth == truth_rule[0]).sum())
                     confusion += _labels_confusion(pair, pred, truth, settings)
     # ImageDecodeError (a corrupt file) and RefusedMaskError are ValueErrors: named, left out
     except (ValueError, FileNotFoundError) as err:
         return PairScore(pair.image_id, error=str(err), stray=getattr(err, "stray", None))
+    truth_nodata = {int(truth_rule[0]): truth_nodata_pixels} if truth_nodata_pixels else {}
     return PairScore(pair.image_id, confusion=confusion, pixels=pred_file.width * pred_file.height,
-                     nodata_pixels=nodata_pixels)
+                     nodata_pixels=nodata_pixels, truth_nodata=truth_nodata)
 
 
 def _open_side(opened: ExitStack, side: str, location: Location, key: str) -> DatasetReader:
@@ -403,6 +408,8 @@ class BatchScore:
     iou: list[np.ndarray] = field(default_factory=list)
     pixels: int = 0  # of the scored pairs, the confusion's and those not scored
     nodata_pixels: int = 0  # of those not scored, the nodata of either GeoTIFF
+    # of those, the ground truth's pixels of its nodata value, by value (`PairScore.truth_nodata`)
+    truth_nodata: Counter[int] = field(default_factory=Counter)
     excluded: list[dict[str, str]] = field(default_factory=list)
     # the excluded pairs whose labels were out of range, and which labels
     stray: list[StrayLabels] = field(default_factory=list)
@@ -414,6 +421,7 @@ class BatchScore:
         self.iou += other.iou
         self.pixels += other.pixels
         self.nodata_pixels += other.nodata_pixels
+        self.truth_nodata.update(other.truth_nodata)
         self.excluded += other.excluded
         self.stray += other.stray
 
@@ -459,6 +467,7 @@ def _add(batch: BatchScore, pair: Pair, result: PairScore) -> None:
     batch.iou.append(own["iou"])
     batch.pixels += result.pixels
     batch.nodata_pixels += result.nodata_pixels
+    batch.truth_nodata.update(result.truth_nodata)
 
 
 def exclusion_summary(total: BatchScore, settings: ScoreSettings, rejected: Sequence[dict[str, str]] = ()) -> str | None:
@@ -534,6 +543,8 @@ def build_report(total: BatchScore, pairing: Pairing, settings: ScoreSettings,
         # equal to ignore_index (after --label-map and --reduce-zero-label)
         "unscored_pixels": total.pixels - int(confusion.sum()),
         "nodata_pixels": total.nodata_pixels,
+        # of those, the ground truth's of its nodata value (outside the classes), by value
+        "ground_truth_nodata": {str(value): pixels for value, pixels in sorted(total.truth_nodata.items())},
         "pixels": total.pixels,
         "confusion_matrix": confusion.astype(np.int64).tolist(),
         "unpaired_predictions": pairing.unpaired_predictions,
@@ -658,6 +669,10 @@ def class_table(report: dict[str, Any], *, markdown: bool) -> str:
                   f"{nodata} nodata" if nodata else ""]
         # for 255 only, the value of 0/255 masks; another ignore index was chosen for its masks
         advice = f"; if {index} is a class of these masks, map it to one with --label-map" if ignored and index == 255 else ""
+        # 0/255 footprints saved with nodata 255 lose every building to nodata: said, with the way out
+        for value, pixels in report.get("ground_truth_nodata", {}).items():
+            advice += (f"; {pixels} are the ground truth's nodata value {value}: if it marks a class, map it to one "
+                       f"""with --label-map '{{"{value}": CLASS}}'""")
         lines += ["", f"Not scored: {unscored} of {report['pixels']} pixels ({unscored / report['pixels']:.1%}): "
                   f"{', '.join(c for c in causes if c)}{advice}."]
     if report["unpaired_predictions"] or report["unpaired_ground_truth"]:

@@ -21,6 +21,7 @@ from rasterio.transform import from_origin
 from pipeline.evaluation import (
     NothingToScoreError,
     Pair,
+    Pairing,
     ScoreSettings,
     build_report,
     class_table,
@@ -313,16 +314,24 @@ def test_an_internal_mask_on_either_side_is_nodata(tmp_path):
 
 
 def test_a_ground_truth_nodata_value_the_label_map_makes_a_class_is_scored(tmp_path):
-    """0/255 footprints saved with nodata 255 and scored with --label-map 255:1: the map says
-    255 is a class, so its pixels are scored as it, not dropped as nodata."""
+    """0/255 footprints saved with nodata 255 and scored with --label-map '{"255": 1}': the map
+    says 255 is a class, so its pixels are scored as it, not dropped as nodata. Without it,
+    they are nodata, and the table says how many and the way out."""
     truth = _columns(0, 0, 255, 255)
     _geotiff(tmp_path / "g" / "a.tif", truth, nodata=255)
     _geotiff(tmp_path / "p" / "a.tif", (truth > 0).astype(np.uint8))
-    batch = _scored(tmp_path, "a.tif", "a.tif", ScoreSettings(num_classes=2, label_map={255: 1}))
+    mapped = ScoreSettings(num_classes=2, label_map={255: 1})
+    batch = _scored(tmp_path, "a.tif", "a.tif", mapped)
     assert batch.confusion.tolist() == [[8, 0], [0, 8]] and batch.nodata_pixels == 0
+    assert "Not scored" not in class_table(build_report(batch, Pairing([], [], []), mapped, None), markdown=False)
     # without the map, 255 is no class: nodata
-    batch = _scored(tmp_path, "a.tif", "a.tif", ScoreSettings(num_classes=2))
+    unmapped = ScoreSettings(num_classes=2)
+    batch = _scored(tmp_path, "a.tif", "a.tif", unmapped)
     assert batch.confusion.tolist() == [[8, 0], [0, 0]] and batch.nodata_pixels == 8
+    report = build_report(batch, Pairing([], [], []), unmapped, None)
+    assert report["ground_truth_nodata"] == {"255": 8}
+    assert ("Not scored: 8 of 16 pixels (50.0%): 8 nodata; 8 are the ground truth's nodata value 255: if it marks a "
+            """class, map it to one with --label-map '{"255": CLASS}'.""") in class_table(report, markdown=False)
 
 
 class _Cut:
