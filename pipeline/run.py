@@ -463,6 +463,8 @@ class RunSummary:
     errors_kept: int = 0
     # shards OUTPUT held that SOURCE no longer has, removed (`OutputStore.remove_vanished_shards`)
     shards_removed: int = 0
+    # with --polygons, the TIFFs without a CRS and transform, segmented as plain images (PNG masks)
+    plain_tiffs: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -550,6 +552,12 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     if s["errors_by_type"]:
         reasons = ", ".join(f"{name} {count}" for name, count in sorted(s["errors_by_type"].items(), key=lambda kv: -kv[1]))
         lines.append(f"errors by reason: {reasons} (details: status = 'error' rows of the images table)")
+    if s["errors_by_type"].get("missing_bands") == s["images"]:  # each raster is checked alone: together, a setting
+        lines.append("no raster has the bands --bands names: check --bands (1-based), or leave it out for each "
+                     "raster's red, green and blue")
+    if plain := s.get("plain_tiffs", 0):
+        lines.append(f"{counted(plain, 'TIFF')} without a CRS and transform {verb_for(plain, 'was', 'were')} segmented as "
+                     "plain images: PNG masks, no polygons or areas (sidecar .tfw and .aux.xml files are not read)")
     devices = Counter(r["device"] + _replica_details(r) for r in s["replicas"])
     lines.append(f"model {s['model']} ({s['weights']}) on {counted(len(s['replicas']), 'replica')} in "
                  f"{s['ray_cluster']}: " + ", ".join(f"{n} on {device}" for device, n in devices.items()))

@@ -539,3 +539,36 @@ def test_a_raster_and_an_image_of_one_stem_each_get_their_own_mask(ray_cpu, tmp_
     assert Image.open(out / "tile.png").size == (40, 30)
     assert Image.open(out / "plain.png").size == (60, 40)  # the JPEG's, not the TIFF's 50 x 30
     assert sorted(p.name for p in out.iterdir()) == ["broken.png", "plain.png", "tile.png", "tile.tif", "twin.tif"]
+
+
+def test_the_summary_says_what_a_raster_run_could_not_do_as_asked(ray_cpu, tmp_path):
+    """With --polygons, TIFFs without a CRS and transform are counted (segmented as images:
+    no polygons); a --bands that no raster has is said as the setting it is, beside the
+    missing_bands rows."""
+    from pipeline.run import summary_lines
+    from pipeline.runtime.driver import run_segmentation
+    from pipeline.samples import synthetic_scene
+
+    source = tmp_path / "survey"
+    source.mkdir()
+    for name, place in (("placed.tif", {"crs": "EPSG:32633", "transform": from_origin(500000, 5000000, 0.3, 0.3)}),
+                        ("unplaced.tif", {})):
+        with rasterio.open(source / name, "w", driver="GTiff", width=64, height=48, count=3, dtype="uint8", **place) as dst:
+            dst.write(np.moveaxis(synthetic_scene(48, 64, 1)[0], -1, 0))
+
+    def summary(output: str, **settings) -> list[str]:
+        config = SegmentConfig(precision="fp32", source=str(source), output=str(tmp_path / output), model=MODEL,
+                               weights=None, num_classes=CLASSES, crf=False, **settings)
+        return summary_lines(run_segmentation(config).as_record() | {"record": "r", "folders": []})
+
+    said = summary("polygons", polygons=True)
+    assert ("1 TIFF without a CRS and transform was segmented as plain images: PNG masks, no polygons or areas "
+            "(sidecar .tfw and .aux.xml files are not read)") in said
+    assert not any("TIFF" in line for line in summary("masks"))  # without --polygons, PNG masks are what was asked
+    said = summary("bands", bands=(5,))
+    assert "errors by reason: missing_bands 1 (details: status = 'error' rows of the images table)" in said
+    assert not any("no raster has the bands" in line for line in said)  # the plain TIFF is segmented: not every one
+    (source / "unplaced.tif").unlink()
+    assert "no raster has the bands --bands names: check --bands (1-based), or leave it out for each raster's red, " \
+           "green and blue" in summary("bands-all", bands=(5,))
+

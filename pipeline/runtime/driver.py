@@ -54,6 +54,7 @@ from ..storage import (
     Shard,
     SourceFile,
     StorageUnavailableError,
+    is_raster_key,
     open_location,
 )
 from .cluster import short_error
@@ -93,6 +94,8 @@ class _Run:
         self.opened_while_starting = 0
         self.progress = Progress(run_id=run.run_id)
         self.errors_by_type: Counter[str] = Counter()
+        # with --polygons, the TIFFs segmented as plain images: no CRS and transform, so no polygons
+        self.plain_tiffs = 0
         self.pixels_by_class: Counter[str] = Counter()
         self.retried = 0
         self.errors_kept = 0  # error rows of the shards skipped as up to date
@@ -243,6 +246,8 @@ class _Run:
         open_shard.records.extend(records)
         failed = [r for r in records if not r.ok]
         self.errors_by_type.update(r.error_type for r in failed)
+        if self.config.polygons:
+            self.plain_tiffs += sum(r.ok and not r.georeferenced and is_raster_key(r.key) for r in records)
         for record in records:
             if record.stats is not None:
                 for class_id, count in zip(record.stats.class_id, record.stats.pixel_count, strict=True):
@@ -306,6 +311,7 @@ def run_segmentation(
             run_id=run.run_id, source=source.url, output=store.location.url, model=run.model, weights=run.weights,
             class_names=list(run.class_names), shards_committed=progress.shards_committed, shards_skipped=progress.shards_skipped,
             images=progress.images, errors=progress.errors, errors_by_type=dict(loop.errors_by_type),
+            plain_tiffs=loop.plain_tiffs,
             non_image_keys=counts.skipped, pixels_by_class=dict(loop.pixels_by_class), retried_batches=loop.retried,
             # from the replicas' start where the caller started them first (the command line,
             # while Prefect starts): the run's seconds are then the command's, not the flow's
