@@ -304,7 +304,10 @@ def _nodata_rule(file: DatasetReader, labels: Callable[[int], int], settings: Sc
 def _nodata_in(file: DatasetReader, values: np.ndarray, window: Window, rule: tuple[float | None, bool]) -> np.ndarray:
     """The pixels of `window` (whose `values` are read) without data by `_nodata_rule`."""
     value, masked = rule
-    nodata = values == value if value is not None else np.zeros(values.shape, dtype=bool)
+    if value is None:
+        nodata = np.zeros(values.shape, dtype=bool)
+    else:  # a float mask's NaN nodata equals no value, itself included
+        nodata = np.isnan(values) if math.isnan(value) else values == value
     if masked:
         nodata |= read_named(file, f"the mask of window {window}", file.read_masks, 1, window=window) == 0
     return nodata
@@ -352,7 +355,7 @@ def score_raster_pair(pair: Pair, predictions: Location, ground_truth: Location,
                     nodata = pred_nodata | truth_nodata
                     truth[nodata] = settings.ignore_index
                     nodata_pixels += int(nodata.sum())
-                    if truth_rule[0] is not None:
+                    if truth_rule[0] is not None and not math.isnan(truth_rule[0]):  # NaN is no class to map
                         truth_nodata_pixels += int((raw_truth == truth_rule[0]).sum())
                     confusion += _labels_confusion(pair, pred, truth, settings)
     # ImageDecodeError (a corrupt file) and RefusedMaskError are ValueErrors: named, left out

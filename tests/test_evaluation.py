@@ -294,6 +294,24 @@ def test_a_prediction_nodata_value_that_is_a_class_id_is_scored_as_that_class(tm
     assert batch.confusion.tolist() == [[4, 0], [0, 8]] and batch.nodata_pixels == 4
 
 
+def test_a_float_mask_with_nan_nodata_leaves_those_pixels_out(tmp_path):
+    """A float32 label raster whose nodata is NaN (as rasters out of a GIS's raster calculator
+    are): its NaN pixels are nodata, not labels out of range that leave the pair out."""
+    labels = _columns(0, 0, 1, 1).astype(np.float32)
+    labels[0] = np.nan
+    for float_side, other_side in (("p", "g"), ("g", "p")):
+        _geotiff(tmp_path / other_side / f"{float_side}.tif", _columns(0, 0, 1, 1))
+        path = tmp_path / float_side / f"{float_side}.tif"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with rasterio.open(path, "w", driver="GTiff", width=4, height=4, count=1, dtype="float32", crs="EPSG:32633",
+                           transform=from_origin(500000, 5000000, 1, 1), nodata=float("nan")) as dst:
+            dst.write(labels, 1)
+    for key in ("p.tif", "g.tif"):
+        batch = _scored(tmp_path, key, key, ScoreSettings(num_classes=2))
+        assert batch.excluded == [] and batch.confusion.tolist() == [[6, 0], [0, 6]], batch.excluded
+        assert (batch.pixels, batch.nodata_pixels) == (16, 4)
+
+
 def test_an_internal_mask_on_either_side_is_nodata(tmp_path):
     """A GeoTIFF with no nodata value but an internal mask (as GDAL writes for a raster cut to a
     footprint): its masked pixels are not scored. With a nodata value that is a class id as
