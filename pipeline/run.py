@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import queue
+import re
 import threading
 import time
 import uuid
@@ -40,6 +41,7 @@ from .storage import (
     missing_folder,
     open_location,
     read_bytes,
+    similar_folders,
     write_atomic,
 )
 from .text import counted, every, per_second, verb_for
@@ -465,6 +467,9 @@ class RunSummary:
     shards_removed: int = 0
     # with --polygons, the TIFFs without a CRS and transform, segmented as plain images (PNG masks)
     plain_tiffs: int = 0
+    # an object store's SOURCE under which nothing at all is listed: the folders beside it of
+    # the closest names, the one meant if it was mistyped (`source_hints`)
+    similar_sources: list[str] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
@@ -529,8 +534,19 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
         class_names=list(run.class_names), shards_committed=0, shards_skipped=skipped, images=0, errors=0, errors_by_type={},
         non_image_keys=counts.skipped, pixels_by_class={}, retried_batches=0, setup_seconds=0.0,
         ray_cluster=NO_CLUSTER, replicas=[], seconds=time.monotonic() - started, errors_kept=errors_kept,
+        similar_sources=source_hints(source, skipped, counts),
     )
     return summary.as_record() | {"pixel_share": {}, "record": record_run(store.location, summary)}
+
+
+def source_hints(source: Location, shards_listed: int, counts: ListingCounts) -> list[str]:
+    """`RunSummary.similar_sources`: for a SOURCE on an object store that listed no shard and no
+    other key, the folders beside it of the closest names (`storage.similar_folders`: one more
+    listing, on such a night only). A local SOURCE that does not exist is refused instead; and
+    a folder named by a date is a night's (`{date}`), which a night without uploads lacks."""
+    if source.is_local or shards_listed or counts.skipped or re.search(r"\d{4}-\d{2}-\d{2}", source.root.rpartition("/")[2]):
+        return []
+    return similar_folders(source)
 
 
 def summary_lines(s: dict[str, Any]) -> list[str]:
@@ -540,6 +556,8 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         skipped = s["shards_skipped"]
         what = (f"{every(skipped, 'shard')} of {s['source']} {verb_for(skipped, 'is', 'are')} already up to date "
                 f"in {s['output']}" if skipped else f"no images under {s['source']}")
+        if similar := s.get("similar_sources"):  # nothing at all there: a mistyped prefix succeeds every night
+            what += f", nor any other key: did you mean {' or '.join(similar)}?"
         nothing = "nothing to segment" if s.get("shards_removed") else "nothing to do"
         return [f"{nothing}: {what} (run {s['run_id']}, record {s['record']})", *_removed_lines(s), *_errors_kept_lines(s)]
     ok = s["images"] - s["errors"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import datetime as dt
+import difflib
 import hashlib
 import logging
 import os
@@ -401,6 +402,23 @@ def list_folders(location: Location, key: str) -> list[str]:
         return []
     names = (entry["name"].rstrip("/") for entry in entries if entry.get("type") == "directory")
     return sorted(posixpath.basename(name) for name in names if name != path)
+
+
+def similar_folders(location: Location) -> list[str]:
+    """The URLs of the folders beside `location` whose names are closest to its own, for a
+    prefix under which nothing at all is listed: on object storage, where no folder is ever
+    missing, the one meant when it was mistyped (`s3://survey/ortho` for `s3://survey/orth`).
+    One listing of the parent folder; none when none is close, or it cannot be listed (a hint
+    never stops a run)."""
+    parent_root, slash, name = location.root.rpartition("/")
+    if not slash or not name:
+        return []
+    parent = Location(fs=location.fs, root=parent_root, url=location.url.rstrip("/").rpartition("/")[0])
+    try:
+        names = [folder for folder in list_folders(parent, "") if folder != name]
+    except (OSError, StorageUnavailableError):
+        return []
+    return [parent.uri(folder) for folder in difflib.get_close_matches(name, names, n=3)]
 
 
 def _s3_bucket_and_folder(location: Location) -> tuple[str, str]:

@@ -179,6 +179,29 @@ def test_a_night_nobody_uploaded_to_on_s3_is_nothing_to_do(s3_bucket, tmp_path):
         up_to_date(typo)
 
 
+def test_a_mistyped_s3_prefix_is_nothing_to_do_with_the_folder_meant_named(s3_bucket):
+    """A prefix with no key at all under it is an empty night on S3 (exit 0), so a mistyped one
+    would succeed every night: the summary names the folders beside it of the closest names.
+    Not for a night's folder named by its date, which a night without uploads lacks."""
+    from pipeline.run import summary_lines
+
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    for key in ("survey/ortho/a.jpg", "survey/dsm/a.tif", "survey/2026-11-21/a.jpg"):
+        fs.pipe_file(f"{bucket.removeprefix('s3://')}/{key}", _jpeg(0))
+
+    def said(source: str) -> str:
+        config = SegmentConfig(source=f"{bucket}/survey/{source}", output=f"{bucket}/out/{source}",
+                               storage_options=options, **MODEL)
+        [line] = summary_lines(up_to_date(config))
+        return line
+
+    assert said("orth").startswith(f"nothing to do: no images under {bucket}/survey/orth, nor any other key: did you "
+                                   f"mean {bucket}/survey/ortho? (run ")
+    assert ", nor any other key" not in said("2026-11-22")  # a night nobody uploaded to
+    assert ", nor any other key" not in said("zzzz")  # nothing close: nothing said
+
+
 def test_a_checkpoint_counts_by_its_contents_not_by_its_path(ray_cpu, tmp_path, monkeypatch):
     """Weights retrained and saved over the same checkpoint file are work to do (the path is
     the same, the model is not); the same file given by another path is not, nor a copy of it

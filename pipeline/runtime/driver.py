@@ -47,6 +47,7 @@ from ..run import (
     model_meta,
     plan_shard,
     run_info,
+    source_hints,
 )
 from ..storage import (
     ListingCounts,
@@ -320,6 +321,7 @@ def run_segmentation(
             ray_cluster=replicas.ray_cluster if replicas.started else NO_CLUSTER,
             replicas=_replica_entries(pool),
             seconds=time.monotonic() - begun, errors_kept=loop.errors_kept, shards_removed=len(removed),
+            similar_sources=source_hints(source, len(loop.listed), counts),
         )
     finally:
         if shards is not None:
