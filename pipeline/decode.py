@@ -52,6 +52,13 @@ class ImageDecodeError(ValueError):
         return type(self), (self.reason, str(self))
 
 
+def unreadable(err: OSError) -> ImageDecodeError:
+    """A permanent storage error reading a source file (forbidden: S3's AccessDenied) as the
+    file's `read_error`, whether an image's bytes or a raster's blocks were being read.
+    Transient errors were retried, and end as StorageUnavailableError, which stops the run."""
+    return ImageDecodeError("read_error", f"cannot read: {type(err).__name__}: {err}")
+
+
 class DecodeTimeout(BaseException):
     """Raised into a decode that ran past its time limit.
 

@@ -293,12 +293,19 @@ def _nodata_rule(file: DatasetReader, labels: Callable[[int], int], settings: Sc
     if file.driver != "GTiff":
         return None, False
     value = file.nodata
-    # a float's -3.4e38 or 0.5 is none: labels are the int64 pixels that `remap_ground_truth` makes
-    if (value is not None and float(value).is_integer() and 0 <= value <= np.iinfo(np.int64).max
-            and 0 <= labels(int(value)) < settings.num_classes):
+    if (label := _as_label(value)) is not None and 0 <= labels(label) < settings.num_classes:
         value = None
     flags = file.mask_flag_enums[0]
     return value, MaskFlags.per_dataset in flags
+
+
+def _as_label(value: float | None) -> int | None:
+    """A nodata value as the label it would be, or None for one no label takes: labels are the
+    int64 pixels that `remap_ground_truth` makes, never negative (a float's -3.4e38 or 0.5,
+    -9999, NaN are none), so --label-map cannot make such a value a class either."""
+    if value is None or not math.isfinite(value) or not float(value).is_integer() or not 0 <= value <= np.iinfo(np.int64).max:
+        return None
+    return int(value)
 
 
 def _nodata_in(file: DatasetReader, values: np.ndarray, window: Window, rule: tuple[float | None, bool]) -> np.ndarray:
@@ -344,24 +351,27 @@ def score_raster_pair(pair: Pair, predictions: Location, ground_truth: Location,
                                       settings)
             confusion = np.zeros((settings.num_classes,) * 2, dtype=np.int64)
             nodata_pixels = truth_nodata_pixels = 0
+            # the ground truth's nodata value left out, when a label map could make it a class
+            truth_label = _as_label(truth_rule[0])
             for row in range(0, pred_file.height, SCORE_WINDOW):
                 for col in range(0, pred_file.width, SCORE_WINDOW):
                     window = Window(col, row, min(SCORE_WINDOW, pred_file.width - col), min(SCORE_WINDOW, pred_file.height - row))
                     pred, pred_nodata = _read_side("prediction", pair.prediction, pred_file, window, pred_rule)
                     raw_truth, truth_nodata = _read_side("ground truth", pair.ground_truth, truth_file, window, truth_rule)
-                    pred = pred.astype(np.int64)
-                    truth = remap_ground_truth(raw_truth, settings)
-                    pred[pred_nodata] = 0  # a class id for the range check: these pixels are not scored
+                    # nodata pixels made 0 before the cast (a float mask's NaN has no int64): a class
+                    # id for the range check, never scored
+                    pred = np.where(pred_nodata, 0, pred).astype(np.int64)
+                    truth = remap_ground_truth(np.where(truth_nodata, 0, raw_truth), settings)
                     nodata = pred_nodata | truth_nodata
                     truth[nodata] = settings.ignore_index
                     nodata_pixels += int(nodata.sum())
-                    if truth_rule[0] is not None and not math.isnan(truth_rule[0]):  # NaN is no class to map
-                        truth_nodata_pixels += int((raw_truth == truth_rule[0]).sum())
+                    if truth_label is not None:
+                        truth_nodata_pixels += int((raw_truth == truth_label).sum())
                     confusion += _labels_confusion(pair, pred, truth, settings)
     # ImageDecodeError (a corrupt file) and RefusedMaskError are ValueErrors: named, left out
     except (ValueError, FileNotFoundError) as err:
         return PairScore(pair.image_id, error=str(err), stray=getattr(err, "stray", None))
-    truth_nodata = {int(truth_rule[0]): truth_nodata_pixels} if truth_nodata_pixels else {}
+    truth_nodata = {truth_label: truth_nodata_pixels} if truth_label is not None and truth_nodata_pixels else {}
     return PairScore(pair.image_id, confusion=confusion, pixels=pred_file.width * pred_file.height,
                      nodata_pixels=nodata_pixels, truth_nodata=truth_nodata)
 

@@ -32,10 +32,18 @@ import rasterio.features
 import rasterio.shutil
 import shapely
 from affine import Affine
-from rasterio._err import CPLE_BaseError
+
+# GDAL's error classes, which rasterio raises from writes and exposes nowhere else
+from rasterio._err import (
+    CPLE_AppDefinedError,
+    CPLE_BaseError,
+    CPLE_FileIOError,
+    CPLE_NoWriteAccessError,
+    CPLE_OpenFailedError,
+)
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
-from rasterio.errors import RasterioError
+from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 from .rasters import gdal_env
@@ -195,7 +203,8 @@ class MaskWriter:
             with contextlib.suppress(OSError):
                 self._staging.unlink(missing_ok=True)
         if exc_type is not None:
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the caller's error is the one to see
+                self.path.unlink(missing_ok=True)
 
     def _check_complete(self) -> None:
         """Raise OSError unless the COG reads to its end. GDAL's COG driver reports a write
@@ -213,6 +222,12 @@ class MaskWriter:
                           ) from err
 
 
+# what GDAL raises when a file cannot be written: libtiff's failed writes and seeks (a full
+# disk) come as application-defined errors. Not its other kinds (an illegal argument, a
+# driver without a capability), which are mistakes of the code, not of the disk.
+_WRITE_ERRORS = (RasterioIOError, CPLE_AppDefinedError, CPLE_FileIOError, CPLE_NoWriteAccessError, CPLE_OpenFailedError)
+
+
 @contextlib.contextmanager
 def _written(path: Path) -> Iterator[None]:
     """GDAL's errors writing `path` (rasterio raises some as its own types, not OSError: a
@@ -220,7 +235,7 @@ def _written(path: Path) -> Iterator[None]:
     written, not an input that cannot be read."""
     try:
         yield
-    except (RasterioError, CPLE_BaseError) as err:
+    except _WRITE_ERRORS as err:
         raise OSError(f"cannot write {path}: {err.__cause__ or err}") from err
 
 

@@ -9,7 +9,14 @@ import time
 from collections.abc import Sequence
 
 from .config import DEFAULT_MAX_RASTER_PIXELS
-from .decode import DEFAULT_MAX_PIXELS, DeviceJpeg, ImageDecodeError, check_pixels, decode
+from .decode import (
+    DEFAULT_MAX_PIXELS,
+    DeviceJpeg,
+    ImageDecodeError,
+    check_pixels,
+    decode,
+    unreadable,
+)
 from .masks import encode_confidence, encode_mask
 from .rasters import is_georeferenced, open_raster
 from .records import ImageRecord, confidence_key_for, mask_key
@@ -66,7 +73,8 @@ def read_and_decode(
         except FileNotFoundError:
             record.fail("missing", "the file disappeared after it was listed")
         except OSError as err:  # permanent (forbidden...): transient ones were retried, then raised
-            record.fail("read_error", f"cannot read: {type(err).__name__}: {err}")
+            error = unreadable(err)
+            record.fail(error.reason, str(error))
         record.seconds.decode = time.perf_counter() - start
         records.append(record)
     return records

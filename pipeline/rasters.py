@@ -237,7 +237,8 @@ def choose_bands(dataset: DatasetReader, bands: Sequence[int] | None) -> tuple[i
     three, else (one or two bands: grey, grey and alpha) the first band three times.
     """
     count = dataset.count
-    if complex_bands := sorted({dtype for dtype in dataset.dtypes if np.dtype(dtype).kind == "c"}):
+    # rasterio names GDAL's CInt16 and CInt32 complex_int16 and complex_int32, which numpy does not know
+    if complex_bands := sorted({dtype for dtype in dataset.dtypes if dtype.startswith("complex")}):
         # radar's complex samples (SLC): what they show is their amplitude, which is a choice of
         # processing (amplitude, intensity, dB) the raster's producer makes, not segpipe
         raise ImageDecodeError("unsupported", f"{_name(dataset)}: complex samples ({', '.join(complex_bands)}); give "
@@ -355,9 +356,7 @@ def band_limits(dataset: DatasetReader, bands: Sequence[int]) -> np.ndarray:
             break
     for band in unique:
         if band not in by_band:
-            # a raster without data (a scene's empty tile) is no mistake: its mask is all nodata,
-            # and a worker's warning would print on the run's console
-            log.info("%s: band %d has no valid pixel in the sample taken for the stretch; limits (0, 1)",
+            log.warning("%s: band %d has no valid pixel in the sample taken for the stretch; limits (0, 1)",
                         _name(dataset), band)
             by_band[band] = (0.0, 1.0)
     return np.array([by_band[band] for band in bands], dtype=np.float64)

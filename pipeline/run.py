@@ -465,6 +465,8 @@ class RunSummary:
     errors_kept: int = 0
     # shards OUTPUT held that SOURCE no longer has, removed (`OutputStore.remove_vanished_shards`)
     shards_removed: int = 0
+    # of the images, the georeferenced rasters (segmented block by block, or error rows)
+    rasters: int = 0
     # with --polygons, the TIFFs without a CRS and transform, segmented as plain images (PNG masks)
     plain_tiffs: int = 0
     # an object store's SOURCE under which nothing at all is listed: the folders beside it of
@@ -534,19 +536,19 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
         class_names=list(run.class_names), shards_committed=0, shards_skipped=skipped, images=0, errors=0, errors_by_type={},
         non_image_keys=counts.skipped, pixels_by_class={}, retried_batches=0, setup_seconds=0.0,
         ray_cluster=NO_CLUSTER, replicas=[], seconds=time.monotonic() - started, errors_kept=errors_kept,
-        similar_sources=source_hints(source, skipped, counts),
+        similar_sources=source_hints(source, store.location, skipped, counts),
     )
     return summary.as_record() | {"pixel_share": {}, "record": record_run(store.location, summary)}
 
 
-def source_hints(source: Location, shards_listed: int, counts: ListingCounts) -> list[str]:
+def source_hints(source: Location, output: Location, shards_listed: int, counts: ListingCounts) -> list[str]:
     """`RunSummary.similar_sources`: for a SOURCE on an object store that listed no shard and no
     other key, the folders beside it of the closest names (`storage.similar_folders`: one more
     listing, on such a night only). A local SOURCE that does not exist is refused instead; and
     a folder named by a date is a night's (`{date}`), which a night without uploads lacks."""
     if source.is_local or shards_listed or counts.skipped or re.search(r"\d{4}-\d{2}-\d{2}", source.root.rpartition("/")[2]):
         return []
-    return similar_folders(source)
+    return similar_folders(source, besides=output)
 
 
 def summary_lines(s: dict[str, Any]) -> list[str]:
@@ -570,12 +572,14 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     if s["errors_by_type"]:
         reasons = ", ".join(f"{name} {count}" for name, count in sorted(s["errors_by_type"].items(), key=lambda kv: -kv[1]))
         lines.append(f"errors by reason: {reasons} (details: status = 'error' rows of the images table)")
-    if s["errors_by_type"].get("missing_bands") == s["images"]:  # each raster is checked alone: together, a setting
+    # each raster is checked alone: all of them together, the setting is the likelier mistake
+    if (rasters := s.get("rasters", 0)) and s["errors_by_type"].get("missing_bands") == rasters:
         lines.append("no raster has the bands --bands names: check --bands (1-based), or leave it out for each "
                      "raster's red, green and blue")
     if plain := s.get("plain_tiffs", 0):
         lines.append(f"{counted(plain, 'TIFF')} without a CRS and transform {verb_for(plain, 'was', 'were')} segmented as "
-                     "plain images: PNG masks, no polygons or areas (sidecar .tfw and .aux.xml files are not read)")
+                     f"{'a plain image' if plain == 1 else 'plain images'}: PNG masks, no polygons or areas (sidecar .tfw "
+                     "and .aux.xml files are not read)")
     devices = Counter(r["device"] + _replica_details(r) for r in s["replicas"])
     lines.append(f"model {s['model']} ({s['weights']}) on {counted(len(s['replicas']), 'replica')} in "
                  f"{s['ray_cluster']}: " + ", ".join(f"{n} on {device}" for device, n in devices.items()))

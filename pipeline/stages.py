@@ -40,7 +40,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from .config import RasterSettings
 from .crf import DEFAULT_DOWNSAMPLE, crf_logits, dense_crf
-from .decode import DeviceJpeg, ImageDecodeError, decode_image
+from .decode import DeviceJpeg, ImageDecodeError, decode_image, unreadable
 from .geo import ClassPolygon, MaskWriter, PolygonCollector, PolygonsWriter, pixel_area
 from .inference import GridLogits, Segmenter, SlidingWindow, softmax_classes
 from .labels import PixelLabeler
@@ -260,16 +260,15 @@ RASTER_NODATA = 255
 
 @contextlib.contextmanager
 def _source_read() -> Iterator[None]:
-    """A permanent storage error reading the raster (forbidden, as S3's AccessDenied) as its
-    error row, as the decode stage makes it for an image: the raster's fault, not the
-    output's. A missing object and an outage (StorageUnavailableError, after the retries)
-    pass as they are."""
+    """A permanent storage error reading the raster as its error row (`decode.unreadable`, as
+    the decode stage makes it for an image): the raster's fault, not the output's. A missing
+    object and an outage (StorageUnavailableError, after the retries) pass as they are."""
     try:
         yield
     except FileNotFoundError:
         raise
     except OSError as err:
-        raise ImageDecodeError("read_error", f"cannot read: {type(err).__name__}: {err}") from err
+        raise unreadable(err) from err
 
 
 class RasterStage:

@@ -140,10 +140,17 @@ def open_location(url: str, storage_options: dict[str, Any] | None = None) -> Lo
 def open_file(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Location, str]:
     """A whole-file URL (a checkpoint) as the location of its folder and the file's key there,
     so a single file is read and written the way every object is: `read_bytes`, `write_atomic`."""
-    location = open_location(url, storage_options)
+    parent, name = _parent(open_location(url, storage_options))
+    if not name:
+        raise ValueError(f"{url!r} names no file (a bucket or a root?); give the URL of a file, e.g. s3://bucket/model.pt")
+    return parent, name
+
+
+def _parent(location: Location) -> tuple[Location, str]:
+    """The folder that holds `location`, and its name there ("" for a root or a bucket)."""
     parent, slash, name = location.root.rpartition("/")
     if not slash or not name:
-        raise ValueError(f"{url!r} names no file (a bucket or a root?); give the URL of a file, e.g. s3://bucket/model.pt")
+        return location, ""
     return Location(fs=location.fs, root=parent, url=location.url.rpartition("/")[0]), name
 
 
@@ -404,20 +411,24 @@ def list_folders(location: Location, key: str) -> list[str]:
     return sorted(posixpath.basename(name) for name in names if name != path)
 
 
-def similar_folders(location: Location) -> list[str]:
+def similar_folders(location: Location, *, besides: Location) -> list[str]:
     """The URLs of the folders beside `location` whose names are closest to its own, for a
     prefix under which nothing at all is listed: on object storage, where no folder is ever
     missing, the one meant when it was mistyped (`s3://survey/ortho` for `s3://survey/orth`).
-    One listing of the parent folder; none when none is close, or it cannot be listed (a hint
-    never stops a run)."""
-    parent_root, slash, name = location.root.rpartition("/")
-    if not slash or not name:
+    Not a sibling numbered otherwise (`cam4` for `cam3`, a camera that has uploaded nothing
+    yet), nor the folder that holds `besides` (the run's OUTPUT, `orth-out`). One listing of
+    the parent folder; none when none is close, or it cannot be listed (a hint never stops a
+    run)."""
+    parent, name = _parent(location)
+    if not name:
         return []
-    parent = Location(fs=location.fs, root=parent_root, url=location.url.rstrip("/").rpartition("/")[0])
     try:
-        names = [folder for folder in list_folders(parent, "") if folder != name]
+        names = list_folders(parent, "")
     except (OSError, StorageUnavailableError):
         return []
+    numbered = re.sub(r"\d+", "#", name)
+    names = [folder for folder in names if re.sub(r"\d+", "#", folder) != numbered
+             and not f"{besides.root}/".startswith(f"{parent.path(folder)}/")]
     return [parent.uri(folder) for folder in difflib.get_close_matches(name, names, n=3)]
 
 

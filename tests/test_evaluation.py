@@ -255,8 +255,8 @@ def _geotiff(path: Path, labels: np.ndarray, *, mask: np.ndarray | None = None, 
     path.parent.mkdir(parents=True, exist_ok=True)
     height, width = labels.shape
     with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(
-            path, "w", driver="GTiff", width=width, height=height, count=1, dtype="uint8", crs="EPSG:32633",
-            transform=from_origin(500000, 5000000, 1, 1), **profile) as dst:
+            path, "w", driver="GTiff", width=width, height=height, count=1, crs="EPSG:32633",
+            transform=from_origin(500000, 5000000, 1, 1), **({"dtype": "uint8"} | profile)) as dst:
         dst.write(labels, 1)
         if mask is not None:
             dst.write_mask(mask)
@@ -350,6 +350,12 @@ def test_a_ground_truth_nodata_value_the_label_map_makes_a_class_is_scored(tmp_p
     assert report["ground_truth_nodata"] == {"255": 8}
     assert ("Not scored: 8 of 16 pixels (50.0%): 8 nodata; 8 are the ground truth's nodata value 255: if it marks a "
             """class, map it to one with --label-map '{"255": CLASS}'.""") in class_table(report, markdown=False)
+    # a value no label map can make a class (negative, as GIS tools' -9999): counted as nodata, no advice
+    _geotiff(tmp_path / "g" / "b.tif", np.where(truth == 255, -9999, truth.astype(np.int16)), dtype="int16",
+             nodata=-9999)
+    batch = _scored(tmp_path, "a.tif", "b.tif", unmapped)
+    assert batch.nodata_pixels == 8 and batch.truth_nodata == {}
+    assert "--label-map" not in class_table(build_report(batch, Pairing([], [], []), unmapped, None), markdown=False)
 
 
 class _Cut:

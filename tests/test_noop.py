@@ -187,18 +187,23 @@ def test_a_mistyped_s3_prefix_is_nothing_to_do_with_the_folder_meant_named(s3_bu
 
     bucket, options = s3_bucket
     fs = s3fs.S3FileSystem(**options)
-    for key in ("survey/ortho/a.jpg", "survey/dsm/a.tif", "survey/2026-11-21/a.jpg"):
+    for key in ("survey/ortho/a.jpg", "survey/dsm/a.tif", "survey/2026-11-21/a.jpg", "survey/cam4/a.jpg",
+                "survey/orth-out/_segpipe.json"):
         fs.pipe_file(f"{bucket.removeprefix('s3://')}/{key}", _jpeg(0))
 
-    def said(source: str) -> str:
-        config = SegmentConfig(source=f"{bucket}/survey/{source}", output=f"{bucket}/out/{source}",
+    def said(source: str, output: str = "out") -> str:
+        config = SegmentConfig(source=f"{bucket}/survey/{source}", output=f"{bucket}/{output}/{source}",
                                storage_options=options, **MODEL)
         [line] = summary_lines(up_to_date(config))
         return line
 
     assert said("orth").startswith(f"nothing to do: no images under {bucket}/survey/orth, nor any other key: did you "
-                                   f"mean {bucket}/survey/ortho? (run ")
+                                   f"mean {bucket}/survey/ortho or {bucket}/survey/orth-out? (run ")
+    # the folder that holds the run's OUTPUT is none it meant
+    assert said("orth", "survey/orth-out").startswith(f"nothing to do: no images under {bucket}/survey/orth, nor any "
+                                                      f"other key: did you mean {bucket}/survey/ortho? (run ")
     assert ", nor any other key" not in said("2026-11-22")  # a night nobody uploaded to
+    assert ", nor any other key" not in said("cam3")  # a camera that has uploaded nothing yet, beside cam4
     assert ", nor any other key" not in said("zzzz")  # nothing close: nothing said
 
 

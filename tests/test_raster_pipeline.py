@@ -358,7 +358,10 @@ def test_evaluation_skips_ground_truth_nodata_and_refuses_masks_that_are_not_one
     report = build_report(batch, Pairing([Pair("tile", "tile.tif", "tile.tif")], [], []), settings, None)
     assert (report["unscored_pixels"], report["nodata_pixels"]) == (truth[:50].size, truth[:50].size)
     assert f"Not scored: {truth[:50].size} of {truth.size} pixels" in class_table(report, markdown=False)
-    assert f": {truth[:50].size} nodata." in class_table(report, markdown=False)  # no ignore-index advice for nodata
+    # no ignore-index advice for nodata; the nodata value's own, since a label map could make it a class
+    assert class_table(report, markdown=False).endswith(
+        f": {truth[:50].size} nodata; {truth[:50].size} are the ground truth's nodata value 200: if it marks a class, "
+        """map it to one with --label-map '{"200": CLASS}'.""")
     batch = scored("nodata_a_class")
     np.testing.assert_array_equal(batch.confusion, np.diag(np.bincount(truth.ravel(), minlength=2)))
     for name, reason in [("colours", "has 3 bands: a mask must be a single band"),
@@ -435,16 +438,18 @@ def test_a_raster_without_the_bands_asked_for_is_a_missing_bands_row(shared_data
     assert (record.ok, record.error_type) == (False, "missing_bands") and "[4] not in the raster" in record.error
 
 
-def test_a_raster_of_complex_samples_is_an_unsupported_row(tmp_path):
+@pytest.mark.parametrize("dtype", ["complex64", "complex_int16"])  # GDAL's CFloat32, and CInt16 (Sentinel-1 SLC)
+def test_a_raster_of_complex_samples_is_an_unsupported_row(tmp_path, dtype):
     """Radar's complex samples show no image as they are: one row naming the raster and the
     type, where their real parts were segmented (numpy dropping the imaginary ones)."""
     (tmp_path / "src").mkdir()
     with rasterio.open(tmp_path / "src" / "slc.tif", "w", driver="GTiff", width=64, height=64, count=1,
-                       dtype="complex64", crs="EPSG:32633", transform=from_origin(500000, 5000000, 1, 1)) as dst:
-        dst.write((np.ones((1, 64, 64)) + 1j).astype(np.complex64))
+                       dtype=dtype, crs="EPSG:32633", transform=from_origin(500000, 5000000, 1, 1)) as dst:
+        if dtype == "complex64":  # rasterio writes no CInt16 from numpy (it has no such type): zeros
+            dst.write((np.ones((1, 64, 64)) + 1j).astype(np.complex64))
     record = _raster_stage(tmp_path / "src", tmp_path / "out", tile=64)(ImageRecord(key="slc.tif", georeferenced=True))
     assert (record.ok, record.error_type) == (False, "unsupported")
-    assert record.error.startswith(f"{tmp_path / 'src' / 'slc.tif'}: complex samples (complex64)")
+    assert record.error.startswith(f"{tmp_path / 'src' / 'slc.tif'}: complex samples ({dtype})")
     assert not (tmp_path / "out").exists() or not any(p.is_file() for p in (tmp_path / "out").rglob("*"))
 
 
@@ -562,13 +567,19 @@ def test_the_summary_says_what_a_raster_run_could_not_do_as_asked(ray_cpu, tmp_p
         return summary_lines(run_segmentation(config).as_record() | {"record": "r", "folders": []})
 
     said = summary("polygons", polygons=True)
-    assert ("1 TIFF without a CRS and transform was segmented as plain images: PNG masks, no polygons or areas "
+    assert ("1 TIFF without a CRS and transform was segmented as a plain image: PNG masks, no polygons or areas "
             "(sidecar .tfw and .aux.xml files are not read)") in said
     assert not any("TIFF" in line for line in summary("masks"))  # without --polygons, PNG masks are what was asked
+    # the one raster lacks band 5 (the plain TIFF, an image, takes no --bands)
     said = summary("bands", bands=(5,))
     assert "errors by reason: missing_bands 1 (details: status = 'error' rows of the images table)" in said
-    assert not any("no raster has the bands" in line for line in said)  # the plain TIFF is segmented: not every one
-    (source / "unplaced.tif").unlink()
     assert "no raster has the bands --bands names: check --bands (1-based), or leave it out for each raster's red, " \
-           "green and blue" in summary("bands-all", bands=(5,))
+           "green and blue" in said
+    # a raster that has band 5: the others' rows are theirs, the setting no mistake
+    with rasterio.open(source / "five.tif", "w", driver="GTiff", width=64, height=48, count=5, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 5000000, 0.3, 0.3)) as dst:
+        dst.write(np.zeros((5, 48, 64), np.uint8))
+    said = summary("bands-some", bands=(5,))
+    assert "errors by reason: missing_bands 1 (details: status = 'error' rows of the images table)" in said
+    assert not any("no raster has the bands" in line for line in said)
 

@@ -97,6 +97,7 @@ class _Run:
         self.errors_by_type: Counter[str] = Counter()
         # with --polygons, the TIFFs segmented as plain images: no CRS and transform, so no polygons
         self.plain_tiffs = 0
+        self.rasters = 0  # georeferenced rasters, segmented or not
         self.pixels_by_class: Counter[str] = Counter()
         self.retried = 0
         self.errors_kept = 0  # error rows of the shards skipped as up to date
@@ -247,6 +248,7 @@ class _Run:
         open_shard.records.extend(records)
         failed = [r for r in records if not r.ok]
         self.errors_by_type.update(r.error_type for r in failed)
+        self.rasters += sum(r.georeferenced for r in records)
         if self.config.polygons:
             self.plain_tiffs += sum(r.ok and not r.georeferenced and is_raster_key(r.key) for r in records)
         for record in records:
@@ -312,7 +314,7 @@ def run_segmentation(
             run_id=run.run_id, source=source.url, output=store.location.url, model=run.model, weights=run.weights,
             class_names=list(run.class_names), shards_committed=progress.shards_committed, shards_skipped=progress.shards_skipped,
             images=progress.images, errors=progress.errors, errors_by_type=dict(loop.errors_by_type),
-            plain_tiffs=loop.plain_tiffs,
+            rasters=loop.rasters, plain_tiffs=loop.plain_tiffs,
             non_image_keys=counts.skipped, pixels_by_class=dict(loop.pixels_by_class), retried_batches=loop.retried,
             # from the replicas' start where the caller started them first (the command line,
             # while Prefect starts): the run's seconds are then the command's, not the flow's
@@ -321,7 +323,7 @@ def run_segmentation(
             ray_cluster=replicas.ray_cluster if replicas.started else NO_CLUSTER,
             replicas=_replica_entries(pool),
             seconds=time.monotonic() - begun, errors_kept=loop.errors_kept, shards_removed=len(removed),
-            similar_sources=source_hints(source, len(loop.listed), counts),
+            similar_sources=source_hints(source, store.location, len(loop.listed), counts),
         )
     finally:
         if shards is not None:
