@@ -215,12 +215,16 @@ class JobConfig(BaseModel):
         return self.model_copy(update={"storage_options": kept})
 
 
+# what {date} becomes in a URL: a night's folder is named by it
+DATE_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
 def _iso_date(value: str | None) -> str | None:
     if value is not None:
         # fromisoformat alone also takes 20261122 (ISO's basic format), which would name
         # another folder than the YYYY-MM-DD ones {date} stands for
         try:
-            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+            if not DATE_PATTERN.fullmatch(value):
                 raise ValueError(value)
             dt.date.fromisoformat(value)
         except ValueError as err:

@@ -14,7 +14,6 @@ import hashlib
 import itertools
 import json
 import queue
-import re
 import threading
 import time
 import uuid
@@ -23,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
-from .config import RunError, SegmentConfig, is_checkpoint_uri
+from .config import DATE_PATTERN, RunError, SegmentConfig, is_checkpoint_uri
 from .model_meta import ModelMeta, Preprocessing
 from .outputs import LAYOUT_FORMAT, OutputStore, RunInfo
 from .records import ImageRecord, mask_key, run_record_key
@@ -546,7 +545,7 @@ def source_hints(source: Location, output: Location, shards_listed: int, counts:
     other key, the folders beside it of the closest names (`storage.similar_folders`: one more
     listing, on such a night only). A local SOURCE that does not exist is refused instead; and
     a folder named by a date is a night's (`{date}`), which a night without uploads lacks."""
-    if source.is_local or shards_listed or counts.skipped or re.search(r"\d{4}-\d{2}-\d{2}", source.root.rpartition("/")[2]):
+    if source.is_local or shards_listed or counts.skipped or DATE_PATTERN.search(source.root.rpartition("/")[2]):
         return []
     return similar_folders(source, besides=output)
 
