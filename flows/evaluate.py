@@ -16,12 +16,10 @@ from flows._storage import resolve_storage_options
 from pipeline.config import EvaluateConfig
 from pipeline.evaluation import (
     BatchScore,
-    NothingToScoreError,
     Pairing,
     ScoreSettings,
     build_report,
     class_table,
-    exclusion_summary,
     pair_masks,
     per_image_table,
     resolve_class_names,
@@ -50,11 +48,8 @@ def pair(predictions: str, ground_truth: str, prediction_suffix: str, ground_tru
 @task(cache_policy=NO_CACHE)
 def score(predictions: str, ground_truth: str, pairing: Pairing, settings: ScoreSettings,
           storage_options: dict[str, Any], ray_address: str | None) -> BatchScore:
-    total = score_on_ray(open_location(predictions, storage_options), open_location(ground_truth, storage_options),
-                         pairing.pairs, settings, ray_address=ray_address)
-    if not total.image_ids:
-        raise NothingToScoreError(f"none of the {len(pairing.pairs)} pairs could be scored: {exclusion_summary(total, settings)}")
-    return total
+    return score_on_ray(open_location(predictions, storage_options), open_location(ground_truth, storage_options),
+                        pairing.pairs, settings, ray_address=ray_address)
 
 
 @task(**IO_TASK)

@@ -563,7 +563,7 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         return [f"{nothing}: {what} (run {s['run_id']}, record {s['record']})", *_removed_lines(s), *_errors_kept_lines(s)]
     ok = s["images"] - s["errors"]
     lines = [
-        f"run {s['run_id']}: {counted(s['images'], 'image')} segmented ({ok} ok, {counted(s['errors'], 'error')}) "
+        f"run {s['run_id']}: {counted(s['images'], 'image')}, {ok} segmented and {counted(s['errors'], 'error')}, "
         f"in {s['seconds']:.1f} s ({s['setup_seconds']:.1f} s to start), {per_second(s['images_per_second'])} images/s",
         f"shards: {s['shards_committed']} committed, {s['shards_skipped']} already up to date; "
         f"{counted(s['non_image_keys'], 'non-image key')} skipped",

@@ -125,7 +125,7 @@ def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_end
     assert "\x1b[" not in done.stdout + done.stderr  # piped: no colour codes
     assert not re.search("[\u2800-\u28ff]", done.stderr), done.stderr  # nor a spinner's frozen frame
     assert re.search(r"^4 images of 4, .* 0 up to date \d+:\d\d:\d\d$", done.stderr, re.MULTILINE), done.stderr
-    assert "4 images segmented (3 ok, 1 error)" in done.stdout
+    assert "4 images, 3 segmented and 1 error," in done.stdout
     # the run's seconds are counted from the replicas' start, which the command line begins
     # while Prefect starts: Ray and the model take seconds, not the "0.0 s to start" of the
     # flow's own share
@@ -151,7 +151,7 @@ def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_end
                "--storage-options", f'{{"endpoint_url": "{s3_endpoint}", "key": "testing", "secret": "{marker}"}}')
     again = _segpipe(*command, env={"PREFECT_HOME": str(prefect_home)})
     assert again.returncode == 0, again.stderr
-    assert "1 image segmented" in again.stdout and "1 already up to date" in again.stdout
+    assert "1 image, 1 segmented" in again.stdout and "1 already up to date" in again.stdout
     stored = b"".join(p.read_bytes() for p in prefect_home.rglob("*") if p.is_file())
     assert f"{bucket}/in".encode() in stored  # the run's parameters are in there...
     assert marker.encode() not in stored  # ...its credentials are not (an endpoint is no secret)
@@ -331,7 +331,7 @@ def test_the_summary_counts_in_english(n: int) -> None:
         "folders": ["images/", "masks/"],
     }))
     plural = "" if n == 1 else "s"
-    for words in (f"{n} image{plural} segmented (0 ok, {n} error{plural})", f"{n} non-image key{plural} skipped",
+    for words in (f"{n} image{plural}, 0 segmented and {n} error{plural},", f"{n} non-image key{plural} skipped",
                   f"on {n} replica{plural} in a local Ray: {n} on cpu ({n} thread{plural}, bf16)",
                   f"{n} {'batch' if n == 1 else 'batches'} sent again"):
         assert words in printed

@@ -307,7 +307,7 @@ def test_segpipe_serve_logs_a_night_it_runs_and_stops_on_sigterm(prefect_server,
         assert json.load(response)["state"]["type"] == "CANCELLED", output
     assert "Beginning flow run" in output and "for flow 'segment-archive'" in output, output
     assert "2 images of 2" in output, output  # the run's progress
-    summary = re.search(r"run (\S+): 2 images segmented \(2 ok, 0 errors\)", output)
+    summary = re.search(r"run (\S+): 2 images, 2 segmented and 0 errors,", output)
     assert summary, output
     assert (tmp_path / "out" / f"date={yesterday}" / "_runs" / f"{summary.group(1)}.json").is_file()
     assert f"outputs: {tmp_path}/out/date={yesterday}/images/" in output

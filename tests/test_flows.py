@@ -229,7 +229,7 @@ def test_evaluate_flow_scores_dataset_wide_and_reports_what_it_left_out(prefect_
     assert "| 1 | sidewalk | 0.6000 |" in artifact.data
 
 
-def test_evaluate_flow_fails_only_when_nothing_pairs(prefect_harness, ray_cpu, tmp_path):
+def test_evaluate_flow_fails_only_when_nothing_pairs_or_nothing_scores(prefect_harness, ray_cpu, tmp_path):
     (tmp_path / "pred").mkdir()
     (tmp_path / "gt").mkdir()
     (tmp_path / "pred" / "a.png").write_bytes(encode_mask(np.zeros((2, 2), np.uint8)))
@@ -247,6 +247,13 @@ def test_evaluate_flow_fails_only_when_nothing_pairs(prefect_harness, ray_cpu, t
                                                   r"prediction's: pass --ground-truth-suffix _gtFine$"):
         evaluate_predictions(EvaluateConfig(predictions=str(tmp_path / "pred"), ground_truth=str(tmp_path / "gt"),
                                             output=str(tmp_path / "eval"), num_classes=2))
+    # pairs made, none of them scorable: refused by the scoring itself, naming why, and no report
+    for name in ("a_gtFine.png", "c_gtFine.png"):
+        (tmp_path / "gt" / name).write_bytes(encode_mask(np.zeros((3, 3), np.uint8)))
+    with pytest.raises(NothingToScoreError, match=r"^none of the 2 pairs could be scored: 2 pairs left out, e\.g\. a: size mismatch"):
+        evaluate_predictions(EvaluateConfig(predictions=str(tmp_path / "pred"), ground_truth=str(tmp_path / "gt"),
+                                            output=str(tmp_path / "eval"), num_classes=2, ground_truth_suffix="_gtFine"))
+    assert not (tmp_path / "eval").exists()
 
 
 def test_io_tasks_retry_only_io_errors(prefect_harness):

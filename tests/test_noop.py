@@ -265,7 +265,7 @@ def test_the_command_line_says_nothing_to_do_without_starting_ray(tmp_path):
     try:
         first = _segment(str(source), str(tmp_path / "out"), env)
         assert first.returncode == 0, first.stderr[-3000:]
-        assert "1 image segmented" in first.stdout
+        assert "1 image, 1 segmented" in first.stdout
         assert len(sessions()) == 1  # Ray does leave its session there: the check below would see one
         assert "Token authentication" not in first.stdout + first.stderr
 

@@ -338,7 +338,7 @@ def test_cli_joins_an_existing_cluster(ray_cpu, tmp_path, how):
     )
     assert done.returncode == 0, done.stderr
     assert f"in the Ray cluster at {address}" in done.stdout
-    assert "2 images segmented (2 ok, 0 errors)" in done.stdout
+    assert "2 images, 2 segmented and 0 errors," in done.stdout
 
 
 def test_real_frames_and_a_geotiff(ray_cpu, tmp_path, shared_data):

@@ -271,7 +271,7 @@ def test_train_command_learns_and_segment_runs_its_checkpoint_alone(tmp_path):
     segmented = _segpipe("segment", images, str(tmp_path / "out"), "--weights", str(checkpoint), "--no-crf",
                          "--precision", "fp32")
     assert segmented.returncode == 0, segmented.stderr[-3000:]
-    assert "14 images segmented (14 ok, 0 errors)" in segmented.stdout
+    assert "14 images, 14 segmented and 0 errors," in segmented.stdout
     assert "model deeplabv3_mobilenet_v3_large" in segmented.stdout
     names = {r[0] for r in duckdb.sql(
         f"select distinct class_name from read_parquet('{tmp_path}/out/class_stats/**/*.parquet')").fetchall()}

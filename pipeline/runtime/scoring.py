@@ -8,8 +8,16 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import ray
 
-from ..evaluation import BatchScore, Pair, ScoreSettings, score_pairs
+from ..evaluation import (
+    BatchScore,
+    NothingToScoreError,
+    Pair,
+    ScoreSettings,
+    exclusion_summary,
+    score_pairs,
+)
 from ..storage import Location
+from ..text import counted
 from .cluster import connect_ray
 
 
@@ -28,7 +36,9 @@ def score_on_ray(
     batch_size: int = 32,
     on_batch: Callable[[int], None] | None = None,
 ) -> BatchScore:
-    """Score every pair; at most two batches per CPU are in flight, so memory stays flat."""
+    """Score every pair; at most two batches per CPU are in flight, so memory stays flat.
+    Raises NothingToScoreError, naming why pairs were left out, when none could be scored:
+    there would be no report to write."""
     stop_ray, _ = connect_ray(ray_address)
     try:
         n = settings.num_classes
@@ -42,6 +52,9 @@ def score_on_ray(
             pending.append(_score.remote(predictions, ground_truth, batch, settings))
         while pending:
             pending = _collect(pending, total, on_batch)
+        if not total.image_ids:
+            raise NothingToScoreError(f"none of the {counted(len(pairs), 'pair')} could be scored: "
+                                      f"{exclusion_summary(total, settings)}")
         return total
     finally:
         if stop_ray:
