@@ -41,7 +41,7 @@ from pipeline.config import (
     option_name,
     parse_json_object,
 )
-from pipeline.errors import error_chain
+from pipeline.errors import StorageUnavailableError, error_chain
 
 # options a command takes besides its config's fields
 _SECRET_HELP = ("name of a Prefect Secret block holding storage options (credentials) as a JSON object "
@@ -548,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingError as err:
         print(f"segpipe: error: {err}", file=sys.stderr)
+        return 1
+    except StorageUnavailableError as err:  # an outage, not a setting: what is committed is kept
+        print(f"segpipe: error: storage unavailable: {err}; run the same command again once it answers", file=sys.stderr)
         return 1
     except BaseException as err:
         if (stopped := _interrupting_signal(err)) is None:

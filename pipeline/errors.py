@@ -1,4 +1,5 @@
-"""An exception's chain: what it was raised from, and what it was raised while handling."""
+"""An exception's chain: what it was raised from, and what it was raised while handling; and
+the errors the command line tells apart without importing what raises them."""
 
 from __future__ import annotations
 
@@ -19,3 +20,8 @@ def error_chain(error: BaseException | None, *, implicit: bool = True) -> Iterat
             error = error.__cause__
         else:
             error = error.__context__
+
+
+class StorageUnavailableError(RuntimeError):
+    """Storage kept failing through every retry (`storage.retry_io`): the run stops (nothing
+    more is committed) and the next run resumes from the shards committed so far."""

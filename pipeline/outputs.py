@@ -190,6 +190,8 @@ class OutputStore:
         # commit owns their masks from then on (None: an image that left a shard was deleted)
         self.source = source
         self._case_insensitive: bool | None = None
+        # the layout `check_layout` found unrecorded: recorded with the first shard committed
+        self._unrecorded_layout: dict[str, Any] | None = None
 
     @property
     def case_insensitive(self) -> bool:
@@ -199,12 +201,14 @@ class OutputStore:
         return self._case_insensitive
 
     def check_layout(self, source_url: str, shard_by: ShardBy, shard_size: int) -> None:
-        """Record the source and sharding on first use; refuse a different one afterwards,
-        since other shard boundaries would leave rows of the old shards behind as duplicates."""
+        """Refuse a source or sharding other than the one OUTPUT records, since other shard
+        boundaries would leave rows of the old shards behind as duplicates. An OUTPUT that
+        records none gets this one with its first shard committed (`commit_shard`): a run
+        stopped before that, or refused as it starts, leaves nothing that binds the next."""
         layout = {"format": LAYOUT_FORMAT, "source": source_url, "shard_by": shard_by, "shard_size": shard_size}
         existing = read_bytes(self.location, "_segpipe.json")
         if existing is None:
-            write_atomic(self.location, "_segpipe.json", json.dumps(layout, indent=2).encode())
+            self._unrecorded_layout = layout
             return
         found = json.loads(existing)
         for name in ("format", "source", "shard_by", "shard_size"):
@@ -231,7 +235,12 @@ class OutputStore:
         return commit if current else None
 
     def commit_shard(self, shard: Shard, records: Sequence[ImageRecord], run: RunInfo) -> None:
-        """Write the shard's tables, then its marker. Every input must have a record."""
+        """Write the shard's tables, remove the masks its images no longer have, then write its
+        manifest and, last, its marker. Every input must have a record.
+
+        In that order a commit stopped at any point is finished by the next run: until the
+        manifest is replaced, the old one still names the images whose masks must go, and until
+        the marker is written the shard is not up to date."""
         by_key = {r.key: r for r in records}
         missing = [f.key for f in shard.files if f.key not in by_key]
         if missing or len(by_key) != len(shard.files) or len(records) != len(shard.files):
@@ -240,15 +249,22 @@ class OutputStore:
                 f"(missing: {missing[:5]}); refusing to commit"
             )
         ordered = [by_key[f.key] for f in shard.files]
+        if self._unrecorded_layout is not None:
+            write_atomic(self.location, "_segpipe.json", json.dumps(self._unrecorded_layout, indent=2).encode())
+            self._unrecorded_layout = None
         previous_keys = self._manifest_keys(shard.shard_id)
+        # images first: `stored_shards` finds a new shard by it, should the commit stop here
         tables = {
-            "manifest": self._manifest_table(shard),
             "images": self._images_table(shard.shard_id, ordered, run),
             "class_stats": self._class_stats_table(shard.shard_id, ordered, run),
         }
         for name, table in tables.items():
             write_atomic(self.location, table_key(name, shard.shard_id), _parquet_bytes(table))
         self._write_polygons(shard.shard_id, ordered, reprocessed=bool(previous_keys))
+        # also in a shard new here, which may hold images that moved in from another (a
+        # folder's chunks shifted), with masks of another kind or settings than it writes
+        self._remove_stale_masks(previous_keys | {r.key for r in ordered}, ordered)
+        write_atomic(self.location, table_key("manifest", shard.shard_id), _parquet_bytes(self._manifest_table(shard)))
         ok = sum(r.ok for r in ordered)
         marker = {
             "shard_id": shard.shard_id,
@@ -261,15 +277,21 @@ class OutputStore:
             "errors": len(ordered) - ok,
         }
         write_atomic(self.location, f"_commits/{shard.shard_id}.json", json.dumps(marker, indent=2).encode())
-        # also in a shard new here, which may hold images that moved in from another (a
-        # folder's chunks shifted), with masks of another kind or settings than it writes
-        self._remove_stale_masks(previous_keys | {r.key for r in ordered}, ordered)
+
+    def withdraw_commit(self, shard_id: str) -> None:
+        """Remove the marker of a shard about to be segmented again. Its masks are rewritten
+        before it commits, so a run stopped halfway must not leave the old marker to pass the
+        shard as up to date for the settings it had before (its manifest still names its
+        images for `commit_shard` and `remove_vanished_shards`)."""
+        remove_files(self.location, [f"_commits/{shard_id}.json"])
 
     def stored_shards(self) -> set[str]:
         """The ids of the shards stored here: committed (a marker), or with tables written by
-        a run stopped before it committed them."""
+        a run stopped before it committed them (images, the first one `commit_shard` writes;
+        the manifest, which outlives a withdrawn marker)."""
         committed = {name.removesuffix(".json") for name in list_files(self.location, "_commits") if name.endswith(".json")}
-        tables = {name.removeprefix("shard=") for name in list_folders(self.location, "manifest") if name.startswith("shard=")}
+        tables = {name.removeprefix("shard=") for table in ("images", "manifest")
+                  for name in list_folders(self.location, table) if name.startswith("shard=")}
         return committed | tables
 
     def vanished_shards(self, listed: set[str]) -> list[str]:
@@ -523,14 +545,15 @@ def class_names_of_masks(url: str, storage_options: dict[str, Any] | None = None
 
 
 def prepare_output(config: SegmentConfig, source: Location) -> OutputStore:
-    """Open OUTPUT, record or check its layout (SOURCE and sharding), and remove what runs
-    that were killed before their shards committed left staged there."""
+    """Open OUTPUT, check the layout it records (SOURCE and sharding; recorded with the first
+    shard committed), and remove what runs that were killed before their shards committed left
+    staged there."""
     output = open_location(config.output, config.storage_options)
     store = OutputStore(output, source)
     try:
         store.check_layout(source.url, config.shard_by, config.shard_size)
-    except OSError as err:
-        raise RunError(f"cannot write to output {output.url}: {type(err).__name__}: {err}") from err
+    except (OSError, StorageUnavailableError) as err:
+        raise RunError(f"cannot read output {output.url}: {type(err).__name__}: {err}") from err
     # once the OUTPUT is known to be this SOURCE's, and before this run stages anything: a
     # killed run never comes back for its staged files, so the next run to open OUTPUT does
     store.remove_abandoned_staging()

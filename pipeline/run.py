@@ -202,7 +202,7 @@ def list_source(source: Location, *, shard_by: ShardBy, shard_size: int, counts:
         missing = first is None and counts.skipped == 0 and not folder_exists(source)
     except FileNotFoundError:
         missing = True
-    except OSError as err:
+    except (OSError, StorageUnavailableError) as err:
         raise RunError(f"cannot read source {source.url}: {type(err).__name__}: {err}") from err
     if missing:
         raise RunError(missing_folder(source, f"source {source.url}"))

@@ -43,7 +43,7 @@ import fsspec.asyn
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
-from .errors import error_chain
+from .errors import StorageUnavailableError, error_chain
 
 log = logging.getLogger(__name__)
 
@@ -340,9 +340,11 @@ def iter_shards(
 
 def is_case_insensitive(location: Location) -> bool:
     """Whether names differing only in case are the same file there (local folders on macOS
-    and Windows by default), found by asking the folder itself. Object stores never are."""
+    and Windows by default), found by asking the folder itself, made first if it is not there
+    yet (asked where a run is about to write). Object stores never are."""
     if not location.is_local:
         return False
+    os.makedirs(location.root, exist_ok=True)
     name = f".segpipe-case-probe-{uuid.uuid4().hex}"
     with open(os.path.join(location.root, name), "wb"):
         pass
@@ -566,11 +568,6 @@ _PERMANENT = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Permissi
 # botocore's network errors (endpoint unreachable, connection reset or closed) are not
 # OSErrors, and s3fs passes them on as they are; named, so botocore stays optional
 _BOTOCORE_NETWORK_ERRORS = frozenset({"ConnectionError", "HTTPClientError"})
-
-
-class StorageUnavailableError(RuntimeError):
-    """Storage kept failing through every retry: the run stops (nothing more is committed)
-    and the next run resumes from the shards committed so far."""
 
 
 def is_transient(error: BaseException | None) -> bool:

@@ -110,6 +110,20 @@ def test_storage_failing_for_a_while_is_retried_and_loses_nothing(ray_cpu, flaky
     assert (summary.images, summary.errors, summary.shards_committed) == (6, 0, 3)
 
 
+def test_storage_down_as_a_run_starts_is_one_line_and_writes_nothing(flaky_s3):
+    import s3fs
+
+    from pipeline.config import RunError
+    from pipeline.runtime.driver import run_segmentation
+
+    bucket, direct, through_proxy, proxy = flaky_s3
+    _upload(bucket, direct, shards=1, per_shard=1)
+    proxy.fail_next(10**9)
+    with pytest.raises(RunError, match=rf"^cannot read source {bucket}/in: StorageUnavailableError: .*still failing after 5 attempts"):
+        run_segmentation(_config(bucket, through_proxy))
+    assert not s3fs.S3FileSystem(**direct).exists(f"{bucket[5:]}/out")
+
+
 def test_storage_that_stays_down_stops_the_run_and_the_next_run_resumes(ray_cpu, flaky_s3):
     import s3fs
 

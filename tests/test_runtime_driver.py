@@ -200,6 +200,55 @@ def test_an_actor_killed_mid_run_loses_and_duplicates_nothing(ray_cpu, tmp_path)
     assert sorted(rows) == [(f"d{i // 4}/{i:03d}.jpg", "ok") for i in range(10)]
 
 
+def test_a_run_stopped_with_other_settings_leaves_its_shard_to_be_done_again(ray_cpu, tmp_path):
+    """A run with other settings rewrites a shard's masks before it commits it: stopped
+    halfway, the shard's old marker is gone, so a run with the old settings does it again
+    rather than skipping it beside masks of the other settings."""
+    source, output = _local_source(tmp_path, 3)
+    config = SegmentConfig(source=source, output=output, batch_size=1, crf=False, **MODEL)
+    assert run_segmentation(config).shards_committed == 1
+
+    class Stopped(Exception):
+        pass
+
+    def stop_after_one_image(progress):
+        if progress.images >= 1:
+            raise Stopped
+    with pytest.raises(Stopped):
+        run_segmentation(config.model_copy(update={"crf": True}), on_progress=stop_after_one_image)
+    assert not list(Path(output, "_commits").iterdir())
+    again = run_segmentation(config)
+    assert (again.shards_committed, again.shards_skipped, again.images) == (1, 0, 3)
+
+
+def test_a_replica_lost_for_good_leaves_the_others_their_own_share(ray_cpu, tmp_path, monkeypatch):
+    """Batches in flight stay bounded per replica (memory, and the time limits' meaning): the
+    share of a replica that is gone is not piled onto those left."""
+    from pipeline.runtime.replicas import _ReplicaPool
+
+    source, output = _local_source(tmp_path, 24, per_dir=24)
+    config = SegmentConfig(source=source, output=output, batch_size=1, crf=False, actors=2, cpus_per_actor=0.5,
+                           max_restarts=0, batches_in_flight_per_actor=2, batch_io="tasks", **MODEL)
+    most = Counter()
+    pick = _ReplicaPool.pick
+
+    def counted_pick(self, **kwargs):
+        replica = pick(self, **kwargs)
+        if replica is not None:
+            most[replica] = max(most[replica], self.load[replica] + 1)
+        return replica
+    monkeypatch.setattr(_ReplicaPool, "pick", counted_pick)
+    killed = []
+
+    def kill_one(progress):
+        if progress.images >= 2 and not killed:
+            ray_cpu.kill(ray_cpu.get_actor(f"segpipe-{progress.run_id}-0"), no_restart=True)
+            killed.append(True)
+    summary = run_segmentation(config, on_progress=kill_one)
+    assert killed and summary.images == 24
+    assert max(most.values()) <= 2, most
+
+
 class AlwaysDyingWorker(SegmentWorker):
     """A replica that crashes on every batch (as on a poisoned input that kills the process)."""
 
@@ -381,13 +430,13 @@ def test_readme_queries_run_on_real_outputs(ray_cpu, tmp_path):
     run_segmentation(SegmentConfig(precision="fp32", source=source, output=output, model="lraspp_mobilenet_v3_large",
                                    weights=str(tmp_path / "model.pt")))
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    # the three analyst queries are the README's SQL blocks written against OUTPUT
+    # the analyst queries are the README's SQL blocks written against OUTPUT
     queries = [q.replace("OUTPUT", output) for q in re.findall(r"```sql\n(.*?)```", readme, re.S)
                # the polygons query: test_raster_pipeline; the evaluation report's join: test_flows
                if "OUTPUT" in q and "OUTPUT/polygons" not in q and "REPORT" not in q]
-    assert len(queries) == 3
+    assert len(queries) == 4
     con = _duckdb()
-    shares, cars, errors = (con.sql(q).fetchall() for q in queries)
+    _, shares, cars, errors = (con.sql(q).fetchall() for q in queries)
     stats = ds.dataset(f"{output}/class_stats", format="parquet", partitioning="hive").to_table().to_pylist()
     total = sum(r["pixel_count"] for r in stats)
     expected_shares = {r["class_name"]: 0 for r in stats}
@@ -398,6 +447,14 @@ def test_readme_queries_run_on_real_outputs(ray_cpu, tmp_path):
         r["image_id"] for r in stats if r["class_name"] == "car" and r["fraction"] > 0.05)
     assert len(cars) > 0
     assert errors == [("not_an_image", 1, "d0/broken.jpg")]
+    committed = {image_id for image_id, in con.sql(f"select image_id from ({queries[0].rstrip().rstrip(';')})").fetchall()}
+    assert len(committed) == 6  # every row: every shard is committed
+    # a shard being segmented again has no marker: its rows leave the committed view
+    marker = sorted(Path(output, "_commits").glob("*.json"))[0]
+    marker.unlink()
+    withdrawn = {r[0] for r in con.sql(f"select image_id from read_parquet('{output}/images/shard={marker.stem}/*.parquet')").fetchall()}
+    left = {image_id for image_id, in con.sql(f"select image_id from ({queries[0].rstrip().rstrip(';')})").fetchall()}
+    assert withdrawn and left == committed - withdrawn
 
 
 def test_tile_option_segments_large_images_with_sliding_windows(ray_cpu, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import math
 import os
 
@@ -370,9 +371,78 @@ def test_recommit_replaces_rows_and_removes_masks_of_deleted_images(tmp_path, st
     assert (tmp_path / "out" / "masks" / "d" / "img0.png").exists()
 
 
+def _stop_commits_at_the_manifest(monkeypatch) -> None:
+    """Commits fail as a run killed just before it writes a shard's manifest."""
+    write = pipeline.outputs.write_atomic
+
+    def write_until_the_manifest(location, key, data):
+        if key.startswith("manifest/"):
+            raise OSError("the run was killed here")
+        write(location, key, data)
+    monkeypatch.setattr(pipeline.outputs, "write_atomic", write_until_the_manifest)
+
+
+def test_a_commit_stopped_before_its_manifest_is_finished_by_the_next(tmp_path, stage, monkeypatch):
+    """The masks of images deleted at the source go before the manifest that names them is
+    replaced, and the marker after it: a commit stopped in between leaves the old manifest, so
+    the next commit still knows which masks to remove, and no marker passes the shard."""
+    source = _source(tmp_path)
+    store = OutputStore(open_location(str(tmp_path / "out")), source)
+    [shard] = list(iter_shards(source))
+    store.commit_shard(shard, write_masks(store.location, stage(read_and_decode(source, shard.files)), [(0, 0, 0)] * 4), _run("r1"))
+    (tmp_path / "src" / "d" / "img1.jpg").unlink()
+    [shard] = list(iter_shards(source))
+    records = write_masks(store.location, stage(read_and_decode(source, shard.files)), [(0, 0, 0)] * 4)
+    _stop_commits_at_the_manifest(monkeypatch)
+    with pytest.raises(OSError, match="killed"):
+        store.commit_shard(shard, records, _run("r2"))
+    monkeypatch.undo()
+    assert store.current_commit(shard, _run("r2")) is None  # the old marker's digest is of the old manifest
+    assert not (tmp_path / "out" / "masks" / "d" / "img1.png").exists()
+    # stopped after the tables, before the masks were removed: the old manifest still names img1
+    (tmp_path / "out" / "masks" / "d" / "img1.png").write_bytes(b"left by the stopped commit")
+    again = OutputStore(open_location(str(tmp_path / "out")), source)
+    again.commit_shard(shard, records, _run("r3"))
+    assert not (tmp_path / "out" / "masks" / "d" / "img1.png").exists()
+    assert again.current_commit(shard, _run("r3")) is not None
+
+
+def test_a_shard_segmented_again_loses_its_marker_before_its_masks_change(tmp_path):
+    """A run with other settings rewrites a shard's masks before it commits: stopped halfway,
+    the old marker must not pass the shard as up to date for the old settings."""
+    store = OutputStore(open_location(str(tmp_path / "out")))
+    shard = Shard("s1", (SourceFile("a.jpg", 1, "v"),))
+    store.commit_shard(shard, [ImageRecord("a.jpg")], _run("r1"))
+    assert store.current_commit(shard, _run("r1")) is not None
+    store.withdraw_commit(shard.shard_id)
+    assert store.current_commit(shard, _run("r1")) is None
+    assert store.stored_shards() == {"s1"}  # by its manifest, for `remove_vanished_shards`
+    store.withdraw_commit("never-committed")  # a new shard has none: no error
+
+
+def test_a_new_shard_stopped_before_its_manifest_is_still_found(tmp_path, monkeypatch):
+    store = OutputStore(open_location(str(tmp_path / "out")))
+    _stop_commits_at_the_manifest(monkeypatch)
+    with pytest.raises(OSError, match="killed"):
+        store.commit_shard(Shard("s1", (SourceFile("a.jpg", 1, "v"),)), [ImageRecord("a.jpg")], _run("r1"))
+    assert (tmp_path / "out" / "images" / "shard=s1").is_dir()
+    assert store.stored_shards() == {"s1"}
+
+
+def test_the_layout_is_recorded_with_the_first_commit(tmp_path):
+    """A run refused or stopped before it commits a shard leaves no layout to bind the next."""
+    store = OutputStore(open_location(str(tmp_path / "out")))
+    store.check_layout("s3://b/src", "directory", 1000)
+    assert not (tmp_path / "out" / "_segpipe.json").exists()
+    OutputStore(open_location(str(tmp_path / "out"))).check_layout("s3://b/src", "directory", 10)  # nothing recorded
+    store.commit_shard(Shard("s1", (SourceFile("a.jpg", 1, "v"),)), [ImageRecord("a.jpg")], _run())
+    assert json.loads((tmp_path / "out" / "_segpipe.json").read_text())["shard_size"] == 1000
+
+
 def test_layout_is_fixed_per_output(tmp_path):
     store = OutputStore(open_location(str(tmp_path / "out")))
     store.check_layout("s3://b/src", "directory", 1000)
+    store.commit_shard(Shard("s1", (SourceFile("a.jpg", 1, "v"),)), [ImageRecord("a.jpg")], _run())
     store.check_layout("s3://b/src", "directory", 1000)
     with pytest.raises(LayoutMismatchError, match="shard_size=1000 but this run has shard_size=10"):
         store.check_layout("s3://b/src", "directory", 10)

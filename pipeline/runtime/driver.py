@@ -112,6 +112,7 @@ class _Run:
                 self.on_progress(self.progress)
                 continue
             self.replicas.start()  # with the first shard that needs work; the listing goes on meanwhile
+            self.store.withdraw_commit(shard.shard_id)  # its masks are rewritten before it commits again
             if self.pool is None:
                 self.opened_while_starting += 1
             todo, refused = plan_shard(shard.files, fold_case=self.store.case_insensitive)

@@ -288,9 +288,12 @@ class _ReplicaPool:
         return set(self.checks.values()) | set(self.recheck_at) | self.dead
 
     def pick(self, *, alone: bool = False) -> int | None:
-        """The least busy replica that can take work now, if any; with `alone`, an idle one,
-        which then takes nothing else until that batch is back."""
-        usable = [i for i in range(len(self.actors)) if i not in self._set_aside() and i not in self.alone]
+        """The least busy replica that can take work now, if any: one with fewer than
+        `in_flight` batches, so that the batches of a replica lost for good do not pile onto
+        the others; with `alone`, an idle one, which then takes nothing else until that batch
+        is back."""
+        usable = [i for i in range(len(self.actors))
+                  if i not in self._set_aside() and i not in self.alone and self.load[i] < self.in_flight]
         if alone:
             usable = [i for i in usable if self.load[i] == 0]
         if not usable:
