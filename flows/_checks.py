@@ -1,6 +1,7 @@
-"""A flow run stopped by its own checks (`pipeline.preflight`) ends Failed with the one line
-the command line prints, and no traceback: a wrong setting or a missing night's folder is
-not a crash, and `segpipe serve`'s log is a service's journal, read every morning.
+"""A flow run stopped by its own checks (`pipeline.preflight`), or refused for its inputs
+(nothing to score), ends Failed with the one line the command line prints, and no traceback:
+a wrong setting or a missing night's folder is not a crash, and `segpipe serve`'s log is a
+service's journal, read every morning.
 
 Prefect logs a flow that raises twice, each time with the traceback: when the flow raises,
 and again when its engine, in the served run's process, re-raises the final state's error
@@ -20,6 +21,7 @@ from pipeline.config import JobConfig
 from pipeline.preflight import PreflightError
 
 Config = TypeVar("Config", bound=JobConfig)
+Refusal = TypeVar("Refusal", bound=Exception)
 
 
 def failed_checks(check: Callable[[Config], None], config: Config) -> State | None:
@@ -28,18 +30,32 @@ def failed_checks(check: Callable[[Config], None], config: Config) -> State | No
     try:
         check(config)
     except PreflightError as err:
-        setattr(err, _REFUSED, True)  # an attribute: Prefect may hand back a copy of the state's error
-        _without_traceback(logging.getLogger("prefect.flow_runs"))
-        return Failed(message=str(err), data=err)
+        return failed(err)
     return None
+
+
+def failed(err: Exception) -> State:
+    """The Failed state a flow returns for an error that refuses its settings or inputs:
+    `refused(err)` as its data, which calling the flow raises."""
+    return Failed(message=str(err), data=refused(err))
+
+
+def refused(err: Refusal) -> Refusal:
+    """`err`, marked as a refusal of the run's settings or inputs: the records Prefect logs of
+    it (a task's that raises it, the flow's, and its engine's) keep its reason and lose the
+    traceback. A task raises it marked so, before Prefect logs its failure."""
+    setattr(err, _REFUSED, True)  # an attribute: Prefect may hand back a copy of the state's error
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        _without_traceback(logging.getLogger(name))
+    return err
 
 
 _REFUSED = "refused_by_flow_checks"
 
 
 class _RefusedSettingsRecords(logging.Filter):
-    """Drops the traceback of a record logged with an error `failed_checks` returned, keeping
-    its reason; every other record passes as it is."""
+    """Drops the traceback of a record logged with an error marked by `refused`, keeping its
+    reason; every other record passes as it is."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None

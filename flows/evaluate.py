@@ -10,12 +10,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
-from flows._checks import failed_checks
+from flows._checks import failed, failed_checks, refused
 from flows._retries import IO_TASK
 from flows._storage import resolve_storage_options
 from pipeline.config import EvaluateConfig
 from pipeline.evaluation import (
     BatchScore,
+    NothingToScoreError,
     Pairing,
     ScoreSettings,
     build_report,
@@ -35,8 +36,11 @@ from pipeline.text import counted
 @task(**IO_TASK)
 def pair(predictions: str, ground_truth: str, prediction_suffix: str, ground_truth_suffix: str,
          storage_options: dict[str, Any]) -> Pairing:
-    pairing = pair_masks(open_location(predictions, storage_options), open_location(ground_truth, storage_options),
-                         prediction_suffix=prediction_suffix, ground_truth_suffix=ground_truth_suffix)
+    try:
+        pairing = pair_masks(open_location(predictions, storage_options), open_location(ground_truth, storage_options),
+                             prediction_suffix=prediction_suffix, ground_truth_suffix=ground_truth_suffix)
+    except NothingToScoreError as err:  # the folders' contents, not a crash: one line in serve's log
+        raise refused(err) from None
     logger = get_run_logger()
     logger.info("%d pairs; %d predictions and %d ground-truth masks without a partner",
                 len(pairing.pairs), len(pairing.unpaired_predictions), len(pairing.unpaired_ground_truth))
@@ -48,8 +52,11 @@ def pair(predictions: str, ground_truth: str, prediction_suffix: str, ground_tru
 @task(cache_policy=NO_CACHE)
 def score(predictions: str, ground_truth: str, pairing: Pairing, settings: ScoreSettings,
           storage_options: dict[str, Any], ray_address: str | None) -> BatchScore:
-    return score_on_ray(open_location(predictions, storage_options), open_location(ground_truth, storage_options),
-                        pairing.pairs, settings, ray_address=ray_address)
+    try:
+        return score_on_ray(open_location(predictions, storage_options), open_location(ground_truth, storage_options),
+                            pairing.pairs, settings, ray_address=ray_address)
+    except NothingToScoreError as err:
+        raise refused(err) from None
 
 
 @task(**IO_TASK)
@@ -77,16 +84,19 @@ def evaluate_predictions(config: EvaluateConfig, storage_secret: str | None = No
     """
     config = config.dated().with_storage_options(resolve_storage_options(config.storage_options, storage_secret))
     # as the command line does; here with the credentials of a Secret block too
-    if (failed := failed_checks(check_evaluate, config)) is not None:
-        return failed
+    if (checks_failed := failed_checks(check_evaluate, config)) is not None:
+        return checks_failed
     options = config.storage_options
     # masks of a segpipe OUTPUT are named by the classes of the run that wrote them
     of_masks = None if config.class_names else class_names_of_masks(config.predictions, options)
     names = resolve_class_names(config.class_names, config.num_classes, of_masks=of_masks)
     settings = ScoreSettings(num_classes=config.num_classes, ignore_index=config.ignore_index,
                              label_map=config.label_map, reduce_zero_label=config.reduce_zero_label)
-    pairing = pair(config.predictions, config.ground_truth, config.prediction_suffix, config.ground_truth_suffix, options)
-    total = score(config.predictions, config.ground_truth, pairing, settings, options, config.ray_address)
+    try:
+        pairing = pair(config.predictions, config.ground_truth, config.prediction_suffix, config.ground_truth_suffix, options)
+        total = score(config.predictions, config.ground_truth, pairing, settings, options, config.ray_address)
+    except NothingToScoreError as err:
+        return failed(err)
     report = build_report(total, pairing, settings, names)
     files = write(config.output, report, total, names, options)
     publish(report, files, f"{config.predictions} against {config.ground_truth}")

@@ -181,7 +181,7 @@ def check_segment(config: SegmentConfig, *, remote: bool = True) -> None:
     URLs unchecked: their credentials are in a Prefect Secret block, which the flow loads and
     checks them with at its start."""
     published = _classes_given(config)
-    _endpoints_have_schemes((config.source, config.output, config.weights), config.storage_options, remote)
+    _client_settings((config.source, config.output, config.weights), config.storage_options, remote)
     _output_outside_source(config)
     source = _readable_folder(config.source, config.storage_options, "SOURCE", remote)
     _writable_folder(config.output, config.storage_options, "OUTPUT", remote,
@@ -196,7 +196,7 @@ def check_serve(config: SegmentConfig, *, remote: bool = True) -> None:
     are in (SOURCE and OUTPUT up to their {date}). Each night's own folders, and OUTPUT's
     record of earlier runs, are its run's to check (`check_segment`), when they exist."""
     published = _classes_given(config)
-    _endpoints_have_schemes((config.source, config.output, config.weights), config.storage_options, remote)
+    _client_settings((config.source, config.output, config.weights), config.storage_options, remote)
     _output_outside_source(config)
     for name, check in (("source", _readable_folder), ("output", _writable_folder)):
         url = getattr(config, name)
@@ -269,7 +269,7 @@ def _model_weights(config: SegmentConfig, published: PublishedWeights | None, re
 def check_evaluate(config: EvaluateConfig, *, remote: bool = True) -> None:
     """Everything `evaluate` can be refused for before it starts (`remote`: as for `check_segment`)."""
     options = config.storage_options
-    _endpoints_have_schemes((config.predictions, config.ground_truth, config.output), options, remote)
+    _client_settings((config.predictions, config.ground_truth, config.output), options, remote)
     # the report beside the masks it scores, not among them; and masks to score in each folder
     # (an empty one is often a {date} that named the wrong night)
     for url, folder in ((config.predictions, "PREDICTIONS"), (config.ground_truth, "GROUND_TRUTH")):
@@ -289,7 +289,7 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
     A resumed run is checked as it will run: with the settings its checkpoint was trained with
     where none are given (`TrainConfig.resumed_with`), its validation set included."""
     options = config.storage_options
-    _endpoints_have_schemes((config.images, config.labels, config.val_images, config.val_labels, config.output,
+    _client_settings((config.images, config.labels, config.val_images, config.val_labels, config.output,
                              config.resume, config.init), options, remote)
     resumed = read_checkpoint(config.resume, options, "--resume", remote) if config.resume is not None else None
     trained = resumed.meta.get("extra", {}).get("training", {}) if resumed is not None else {}
@@ -579,7 +579,38 @@ def _ask(what: str, call: Callable[[], T], *, local: bool) -> T:
         raise
 
 
-def _endpoints_have_schemes(urls: Collection[str | None], options: StorageOptions, remote: bool) -> None:
+def _client_settings(urls: Collection[str | None], options: StorageOptions, remote: bool) -> None:
+    """What the client of remote URLs is set up with, checked before its first request: the
+    endpoint (`_endpoints_have_schemes`) and, for S3, the profile (`_profile_exists`)."""
+    urls = [url for url in urls if url and not is_local_url(url)]
+    _endpoints_have_schemes(urls, options, remote)
+    if any(url.partition("://")[0] in {"s3", "s3a"} for url in urls):
+        _profile_exists(options, remote)
+
+
+def _profile_exists(options: StorageOptions, remote: bool) -> None:
+    """A named AWS profile that no config file holds. botocore raises ProfileNotFound at the
+    first request, which escapes a listing as a traceback and which s3fs's exists() takes for
+    a bucket that does not exist. Named by the storage option `profile`, else (but with
+    `remote=False`: the Secret block may name one) by AWS_DEFAULT_PROFILE or AWS_PROFILE, as
+    botocore reads them; botocore then wants it in ~/.aws/config or ~/.aws/credentials (or
+    where AWS_CONFIG_FILE and AWS_SHARED_CREDENTIALS_FILE point), "default" included."""
+    profile, origin = options.get("profile"), f"{options.origin('profile')} profile"
+    if profile is None and remote:
+        origin = next((name for name in ("AWS_DEFAULT_PROFILE", "AWS_PROFILE") if os.environ.get(name)), "")
+        profile = os.environ.get(origin)
+    if not profile:
+        return
+    import botocore.session  # s3fs's own dependency; only where a profile is named
+
+    available = botocore.session.Session().available_profiles
+    if profile not in available:
+        known = f"profiles there: {', '.join(sorted(available))}" if available else "no profile is configured there"
+        raise PreflightError(f"{origin} {profile!r} names no AWS profile of ~/.aws/config or ~/.aws/credentials "
+                             f"({known})")
+
+
+def _endpoints_have_schemes(urls: Collection[str], options: StorageOptions, remote: bool) -> None:
     """An endpoint given without its scheme (127.0.0.1:9000), which botocore refuses at the
     first request as "Invalid endpoint: 127.0.0.1:9000", naming neither where it was given nor
     what it lacks: refused naming the place it was given in (`StorageOptions.origin`:
@@ -589,7 +620,6 @@ def _endpoints_have_schemes(urls: Collection[str | None], options: StorageOption
     the endpoint: a job that would not use one is not refused for it. `remote=False` (options
     in a Secret block, which the flow checks with them): the variables are not looked at,
     since the Secret may name the endpoint."""
-    urls = [url for url in urls if url and not is_local_url(url)]
     if not urls:
         return
     nested = options.get("client_kwargs")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -229,7 +230,35 @@ def test_evaluate_flow_scores_dataset_wide_and_reports_what_it_left_out(prefect_
     assert "| 1 | sidewalk | 0.6000 |" in artifact.data
 
 
+class _Kept(logging.Handler):
+    """The records a logger hands its handlers: what is left once its filters have run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def test_evaluate_flow_fails_only_when_nothing_pairs_or_nothing_scores(prefect_harness, ray_cpu, tmp_path):
+    """Nothing to score is the folders' doing, not a crash: the flow ends Failed with one line,
+    and Prefect's records of it (the task's, the flow's) keep the reason without a traceback."""
+    kept = _Kept()
+    loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    for logger in loggers:
+        logger.addHandler(kept)
+    try:
+        _nothing_pairs_or_nothing_scores(tmp_path)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(kept)
+    failures = [r for r in kept.records if r.levelno >= logging.ERROR]
+    assert any("none of the 2 pairs could be scored" in r.getMessage() for r in failures)
+    assert all(r.exc_info is None for r in failures), [r.getMessage() for r in failures if r.exc_info]
+
+
+def _nothing_pairs_or_nothing_scores(tmp_path) -> None:
     (tmp_path / "pred").mkdir()
     (tmp_path / "gt").mkdir()
     (tmp_path / "pred" / "a.png").write_bytes(encode_mask(np.zeros((2, 2), np.uint8)))

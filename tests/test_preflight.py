@@ -608,6 +608,38 @@ def test_an_endpoint_without_its_scheme_names_where_it_was_given(source, tmp_pat
     check_segment(remote, remote=False)
 
 
+def test_an_aws_profile_that_is_not_configured_is_named(s3_bucket, source, tmp_path, monkeypatch) -> None:
+    """botocore raises ProfileNotFound at the first request: a traceback from a listing, and a
+    bucket that "does not exist" from s3fs's exists(). Refused naming where the profile was
+    given, for every job and for the weights too; a profile that is configured passes."""
+    bucket, options = s3_bucket
+    config = tmp_path / "aws-config"
+    config.write_text("[profile survey]\nregion = us-east-1\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
+        "AWS_CONFIG_FILE": str(config), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_ENDPOINT_URL": options["endpoint_url"]}
+    untrained = ["--weights", "none", "--num-classes", "2"]
+    _refused(["segment", f"{bucket}/in", str(tmp_path / "out"), *untrained],
+             "AWS_PROFILE 'nosuch' names no AWS profile of ~/.aws/config or ~/.aws/credentials (profiles there: survey)",
+             env=env | {"AWS_PROFILE": "nosuch"})
+    _refused(["segment", str(source), f"{bucket}/out", *untrained, "--storage-options", '{"profile": "nosuch"}'],
+             "--storage-options profile 'nosuch' names no AWS profile", env=env)
+    assert not (tmp_path / "out").exists()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_PROFILE", "nosuch")
+    with pytest.raises(PreflightError, match=r"^AWS_PROFILE 'nosuch' names no AWS profile"):
+        check_evaluate(EvaluateConfig(predictions=f"{bucket}/masks", ground_truth=str(source), output=str(tmp_path / "r"),
+                                      num_classes=2))
+    with pytest.raises(PreflightError, match=r"^AWS_PROFILE 'nosuch' names no AWS profile"):
+        check_segment(SegmentConfig(source=str(source), output=str(tmp_path / "out"), weights=f"{bucket}/m.pt"))
+    # with the storage options in a Secret block (which may name a profile), the variable waits for the flow's check
+    check_segment(SegmentConfig(source=f"{bucket}/in", output=str(tmp_path / "out"), weights="none", num_classes=2),
+                  remote=False)
+    monkeypatch.setenv("AWS_PROFILE", "survey")
+    check_segment(SegmentConfig(source=str(source), output=f"{bucket}/out", weights="none", num_classes=2))
+
+
 def test_an_endpoint_without_its_scheme_names_the_place_it_came_from(s3_bucket, source, tmp_path, monkeypatch) -> None:
     """The command line merges SEGPIPE_STORAGE_OPTIONS with --storage-options (the latter
     winning key by key) before its checks: the line names the one the endpoint came from."""
