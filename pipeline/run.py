@@ -34,11 +34,13 @@ from .storage import (
     SourceFile,
     StorageUnavailableError,
     folder_exists,
+    holds_files,
     is_local_url,
     is_raster_key,
     iter_shards,
     missing_folder,
     open_location,
+    parent_folder,
     read_bytes,
     similar_folders,
     write_atomic,
@@ -543,11 +545,18 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
 def source_hints(source: Location, output: Location, shards_listed: int, counts: ListingCounts) -> list[str]:
     """`RunSummary.similar_sources`: for a SOURCE on an object store that listed no shard and no
     other key, the folders beside it of the closest names (`storage.similar_folders`: one more
-    listing, on such a night only). A local SOURCE that does not exist is refused instead; and
-    a folder named by a date is a night's (`{date}`), which a night without uploads lacks."""
-    if source.is_local or shards_listed or counts.skipped or DATE_PATTERN.search(source.root.rpartition("/")[2]):
+    listing, on such a night only). A local SOURCE that does not exist is refused instead.
+    A folder named by a date is a night's (`{date}`), which a night without uploads lacks: then
+    the folder of the nights is the one that may be mistyped (s3://cams/labls/{date}), when it
+    holds nothing either, and the night is named in the folder meant."""
+    if source.is_local or shards_listed or counts.skipped:
         return []
-    return similar_folders(source, besides=output)
+    nights, night = parent_folder(source)
+    if not DATE_PATTERN.search(night):
+        return similar_folders(source, besides=output)
+    if holds_files(nights):  # earlier nights are there: this one is not yet
+        return []
+    return [f"{folder}/{night}" for folder in similar_folders(nights, besides=output)]
 
 
 def summary_lines(s: dict[str, Any]) -> list[str]:

@@ -140,13 +140,13 @@ def open_location(url: str, storage_options: dict[str, Any] | None = None) -> Lo
 def open_file(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Location, str]:
     """A whole-file URL (a checkpoint) as the location of its folder and the file's key there,
     so a single file is read and written the way every object is: `read_bytes`, `write_atomic`."""
-    parent, name = _parent(open_location(url, storage_options))
+    parent, name = parent_folder(open_location(url, storage_options))
     if not name:
         raise ValueError(f"{url!r} names no file (a bucket or a root?); give the URL of a file, e.g. s3://bucket/model.pt")
     return parent, name
 
 
-def _parent(location: Location) -> tuple[Location, str]:
+def parent_folder(location: Location) -> tuple[Location, str]:
     """The folder that holds `location`, and its name there ("" for a root or a bucket)."""
     parent, slash, name = location.root.rpartition("/")
     if not slash or not name:
@@ -413,6 +413,17 @@ def list_folders(location: Location, key: str) -> list[str]:
     return sorted(posixpath.basename(name) for name in names if name != path)
 
 
+def holds_files(location: Location) -> bool:
+    """Whether anything at all is listed under `location` (its first page, on S3); True when
+    it cannot be listed, for the hints that ask it (a hint never stops a run)."""
+    try:
+        return next(iter_files(location), None) is not None
+    except FileNotFoundError:
+        return False
+    except (OSError, StorageUnavailableError):
+        return True
+
+
 def similar_folders(location: Location, *, besides: Location) -> list[str]:
     """The URLs of the folders beside `location` whose names are closest to its own, for a
     prefix under which nothing at all is listed: on object storage, where no folder is ever
@@ -421,7 +432,7 @@ def similar_folders(location: Location, *, besides: Location) -> list[str]:
     yet), nor the folder that holds `besides` (the run's OUTPUT, `orth-out`). One listing of
     the parent folder; none when none is close, or it cannot be listed (a hint never stops a
     run)."""
-    parent, name = _parent(location)
+    parent, name = parent_folder(location)
     if not name:
         return []
     try:
