@@ -282,7 +282,9 @@ def _segment(args: argparse.Namespace) -> int:
     spinner = (SpinnerColumn(),) if sys.stderr.isatty() else ()
     columns = (*spinner, TextColumn("{task.description}"), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        # to a file or a pipe, the line whole: rich cuts it at the 80 columns it assumes there
+        console = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)
+        with Progress(*columns, console=console, transient=False) as bar:
             task = bar.add_task("starting Prefect, Ray and the model")
             try:
                 with prefect_server.api():
@@ -349,6 +351,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"{counted(summary['train_images'], 'training image')} and {counted(summary['val_images'], 'validation image')}, "
           f"{counted(summary['workers'], summary['device'] + ' worker')}, {summary['seconds']:.0f} s; best "
           f"{_SCORE_NAMES[summary['score']]} {score_text(summary['best_score'])} at epoch {summary['best_epoch']}")
+    for line in summary.get("left_out", []):
+        print(line)
     print(f"checkpoint: {summary['output']} (the best epoch; run it with: segpipe segment SOURCE OUTPUT --weights "
           f"{summary['output']})")
     print(f"last epoch: {summary['last_checkpoint']} (--resume {summary['last_checkpoint']} with more --epochs goes on "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import sys
 import threading
@@ -37,6 +38,7 @@ import tifffile
 from PIL import Image, ImageOps
 
 from .config import DEFAULT_MAX_PIXELS
+from .text import counted
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -175,7 +177,12 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         if data[:4] in _TIFF_MAGIC:
             return _decode_tiff(data, max_pixels, err)
-        raise ImageDecodeError("corrupt", f"cannot decode: {err}") from err
+        # Pillow's "(8 bytes not processed)" counts what its last read left over, not what is
+        # missing: the file's own size says more
+        reason = re.sub(r" \(\d+ bytes not processed\)$", "", str(err))
+        if "truncated" in reason.lower():
+            reason += f" (the file ends after {counted(len(data), 'byte')})"
+        raise ImageDecodeError("corrupt", f"cannot decode: {reason}") from err
 
 
 _EXIF_ORIENTATION = 0x0112

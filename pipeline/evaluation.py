@@ -214,11 +214,11 @@ def _pairing_advice(pairing: Pairing, predictions: Location, prediction_suffix: 
     # the whole OUTPUT of a segment run, given for its masks: their keys start with masks/
     if any(key.startswith("masks/") for key in pairing.unpaired_predictions):
         advice.append(f"pass {predictions.url.rstrip('/')}/masks, where segment writes its masks")
-    elif not ground_truth_suffix and (suffix := suggested_suffix(
-            {pairing_key(key, prediction_suffix) for key in pairing.unpaired_predictions},
-            pairing.unpaired_ground_truth)):
+    elif (suffix := suggested_suffix({pairing_key(key, prediction_suffix) for key in pairing.unpaired_predictions},
+                                     pairing.unpaired_ground_truth)) and suffix != ground_truth_suffix:
+        instead = f", not {ground_truth_suffix}" if ground_truth_suffix else ""
         advice.append(f"the ground-truth masks' names end with {suffix} after a prediction's: pass "
-                      f"--ground-truth-suffix {suffix}")
+                      f"--ground-truth-suffix {suffix}{instead}")
     return advice or ["check the roots and the suffixes"]
 
 

@@ -29,6 +29,7 @@ import io
 import json
 import os
 import pickle
+import socket
 import tempfile
 import urllib.error
 import urllib.request
@@ -188,6 +189,7 @@ def check_segment(config: SegmentConfig, *, remote: bool = True) -> None:
                      layout={"source": source.url if source else None, "shard_by": config.shard_by,
                              "shard_size": config.shard_size})
     _model_weights(config, published, remote)
+    _ray_answers(config.ray_address, config.argument_name("ray_address"))
 
 
 def check_serve(config: SegmentConfig, *, remote: bool = True) -> None:
@@ -277,6 +279,7 @@ def check_evaluate(config: EvaluateConfig, *, remote: bool = True) -> None:
                         "the report's files would be listed among the masks of the next evaluation")
         _readable_folder(url, options, folder, remote, holding=(is_mask_key, "masks", "nothing to score"))
     _writable_folder(config.output, options, "OUTPUT", remote)
+    _ray_answers(config.ray_address, config.argument_name("ray_address"))
 
 
 # what train's folders must hold (see _readable_folder)
@@ -298,6 +301,7 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
         if getattr(config, name) is not None:
             _readable_folder(getattr(config, name), options, config.argument_name(name), remote, holding=holding)
     _writable_file(config.output, options, "OUTPUT", remote)
+    _ray_answers(config.ray_address, config.argument_name("ray_address"))
     if config.resume is None:
         _no_checkpoint_replaced(config, remote)
     if config.init == "imagenet":
@@ -577,6 +581,22 @@ def _ask(what: str, call: Callable[[], T], *, local: bool) -> T:
             # a misspelled storage option, which the filesystem's client meets at its first request
             raise PreflightError(f"--storage-options: {what} cannot be opened with them: {err}") from err
         raise
+
+
+def _ray_answers(address: str | None, option: str) -> None:
+    """A Ray cluster named by its host and port (`option`, else RAY_ADDRESS) where nothing
+    answers: ray.init would wait minutes for it (its GCS client retries) before it failed.
+    One TCP connection, 3 s at most. "auto" and "local" are Ray's own to find or start."""
+    origin = option if address else "RAY_ADDRESS"
+    wanted = address or os.environ.get("RAY_ADDRESS")
+    host, _, port = (wanted or "").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
+    except OSError as err:
+        raise PreflightError(f"{origin} {wanted}: no Ray cluster answers there ({err.strerror or err}); start it, give "
+                             "the address of its head node, or leave it out for a local Ray") from err
 
 
 def _client_settings(urls: Collection[str | None], options: StorageOptions, remote: bool) -> None:

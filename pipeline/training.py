@@ -32,6 +32,7 @@ from .models import ModelMeta, Preprocessing, build_model
 from .models._registry import get_spec
 from .preprocess import Normalizer, to_chw_uint8
 from .storage import Location, is_image_key, is_mask_key, read_bytes
+from .text import counted, verb_for
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,25 @@ def _index_training(location: Location, suffix: str, accepts: Callable[[str], bo
     return {key: keys[0] for key, keys in groups.items()}
 
 
-def pair_training_data(images: Location, labels: Location, *, label_suffix: str = "") -> list[TrainingPair]:
+@dataclass
+class TrainingPairing:
+    pairs: list[TrainingPair]  # sorted by key
+    images_without_label: list[str]  # keys under the images root, sorted
+    labels_without_image: list[str]  # keys under the labels root, sorted
+
+    def left_out(self, images: str, labels: str) -> list[str]:
+        """What was not paired, one line per side: trained around, and so said."""
+        return [f"{counted(len(keys), what)} under {root} without {partner} {verb_for(len(keys), 'was', 'were')} left "
+                f"out, e.g. {keys[0]}"
+                for keys, what, root, partner in ((self.images_without_label, "image", images, "a label mask"),
+                                                  (self.labels_without_image, "label mask", labels, "an image"))
+                if keys]
+
+
+def pair_training_data(images: Location, labels: Location, *, label_suffix: str = "") -> TrainingPairing:
     """Images and PNG label masks with the same key relative to their roots (extension and
-    `label_suffix` removed; `pipeline.evaluation.index_by_key`), sorted by key. Refuses an
-    empty pairing, naming both roots, and two files under one key."""
+    `label_suffix` removed; `pipeline.evaluation.index_by_key`), and what pairs with nothing.
+    Refuses an empty pairing, naming both roots, and two files under one key."""
     image_keys = _index_training(images, "", is_image_key)
     label_keys = _index_training(labels, label_suffix, is_mask_key)
     # a suffix that ends no label's name removes nothing: a mistyped one, trained around silently
@@ -70,14 +86,17 @@ def pair_training_data(images: Location, labels: Location, *, label_suffix: str 
         raise ValueError(f"{unmatched}: give the suffix the labels' names end with, or leave it out")
     pairs = [TrainingPair(k, image_keys[k], label_keys[k]) for k in sorted(image_keys.keys() & label_keys.keys())]
     if not pairs:
-        suffix = None if label_suffix else suggested_suffix(image_keys.keys(), list(label_keys.values()))
-        advice = f"; the labels' names end with {suffix} after an image's: pass --label-suffix {suffix}" if suffix else ""
+        suffix = suggested_suffix(image_keys.keys(), list(label_keys.values()))
+        instead = f", not {label_suffix}" if label_suffix else ""
+        advice = (f"; the labels' names end with {suffix} after an image's: pass --label-suffix {suffix}{instead}"
+                  if suffix and suffix != label_suffix else "")
         raise ValueError(
             f"no image under {images.url} has a label mask under {labels.url} with the same key "
             f"({len(image_keys)} images, {len(label_keys)} PNG masks{f'; label suffix {label_suffix!r}' if label_suffix else ''})"
             f"{advice}"
         )
-    return pairs
+    return TrainingPairing(pairs, sorted(image_keys[k] for k in image_keys.keys() - label_keys.keys()),
+                           sorted(label_keys[k] for k in label_keys.keys() - image_keys.keys()))
 
 
 def load_samples(images: Location, labels: Location, pairs: Sequence[TrainingPair], *, num_classes: int,

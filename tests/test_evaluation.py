@@ -468,6 +468,10 @@ def test_pairing_nothing_is_refused_with_what_would_pair(tmp_path):
     with pytest.raises(NothingToScoreError, match=r"names end with _gtFine after a prediction's: pass "
                                                   r"--ground-truth-suffix _gtFine$"):
         pair_masks(open_location(str(tmp_path / "run" / "masks")), g)
+    # a suffix short of its underscore ends the names but leaves it on the keys: the one meant named
+    with pytest.raises(NothingToScoreError, match=r"names end with _gtFine after a prediction's: pass "
+                                                  r"--ground-truth-suffix _gtFine, not gtFine$"):
+        pair_masks(open_location(str(tmp_path / "run" / "masks")), g, ground_truth_suffix="gtFine")
     assert [p.image_id for p in pair_masks(open_location(str(tmp_path / "run" / "masks")), g,
                                            ground_truth_suffix="_gtFine").pairs] == ["a", "b"]
 
@@ -485,7 +489,8 @@ def test_the_cli_names_a_suffix_that_matches_no_mask(tmp_path):
     assert mistyped.stderr.splitlines() == [
         f"segpipe: error: no prediction under {tmp_path / 'pred'} pairs with a ground-truth mask under "
         f"{tmp_path / 'gt'} (2 predictions, 2 ground-truth masks); --ground-truth-suffix _gt matches none of "
-        "the 2 ground-truth masks, e.g. a_gtFine.png"]
+        "the 2 ground-truth masks, e.g. a_gtFine.png; the ground-truth masks' names end with _gtFine after a "
+        "prediction's: pass --ground-truth-suffix _gtFine, not _gt"]
     # a prediction suffix the masks do not have, while they pair by their whole names: under
     # the table the command prints, in metrics.json, and in the flow's log at WARNING
     paired = _segpipe("evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "r2"),

@@ -101,3 +101,22 @@ def test_a_closed_listing_leaves_no_thread_behind():
     assert listing.get() == 0
     listing.close()  # a run that stops early
     assert not listing._thread.is_alive()
+
+
+def test_a_folder_deleted_while_it_is_listed_lists_as_empty(tmp_path):
+    """As a prefix gone from an object store: the images deleted are not there, and the
+    listing (the run) goes on; SOURCE itself gone is still an error."""
+    import shutil
+
+    from pipeline.storage import iter_files, open_location
+
+    for folder in ("a", "b", "c"):
+        (tmp_path / "src" / folder).mkdir(parents=True)
+        (tmp_path / "src" / folder / "x.jpg").write_bytes(b"x")
+    listing = iter_files(open_location(str(tmp_path / "src")))
+    assert next(listing)[1].key == "a/x.jpg"
+    shutil.rmtree(tmp_path / "src" / "b")
+    assert [file.key for _, file in listing] == ["c/x.jpg"]
+    listing = iter_files(open_location(str(tmp_path / "gone")))
+    with pytest.raises(FileNotFoundError):
+        next(listing)

@@ -39,7 +39,7 @@ def test_bf16_labels_agree_with_fp32_on_camvid(shared_data, tmp_path):
                          model="deeplabv3_mobilenet_v3_large", num_classes=CAMVID_CLASSES, ignore_index=UNLABELLED,
                          epochs=6, batch_size=8, crop=(256, 256), scale=(0.5, 1.5), optimizer="adamw", lr=1e-3)
     images, labels = open_location(config.images), open_location(config.labels)
-    pairs = pair_training_data(images, labels)
+    pairs = pair_training_data(images, labels).pairs
     load = dict(num_classes=CAMVID_CLASSES, ignore_index=UNLABELLED)
     train, held_out = load_samples(images, labels, pairs[:-20], **load), load_samples(images, labels, pairs[-20:], **load)
     torch.manual_seed(0)

@@ -689,3 +689,28 @@ def test_polygon_settings_without_polygons_are_one_line(source, tmp_path) -> Non
     _refused(["serve", "--source", f"{source}/{{date}}", "--output", f"{tmp_path}/out/{{date}}", "--weights", "none",
               "--num-classes", "2", "--simplify", "1.5"], "--simplify applies to polygons; add --polygons (or leave it out)")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_ray_address_where_nothing_answers_is_refused_at_once(source, tmp_path, monkeypatch) -> None:
+    """ray.init waits minutes for a cluster that is not there: one connection tells, for the
+    option and for RAY_ADDRESS alike; "auto" is Ray's to find."""
+    import socket
+
+    with socket.socket() as free:  # a port nothing listens on once closed
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    untrained = ["--weights", "none", "--num-classes", "2"]
+    _refused(["segment", str(source), str(tmp_path / "out"), *untrained, "--ray-address", f"127.0.0.1:{port}"],
+             f"--ray-address 127.0.0.1:{port}: no Ray cluster answers there (Connection refused)")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    with pytest.raises(PreflightError, match=rf"^RAY_ADDRESS 127\.0\.0\.1:{port}: no Ray cluster answers there"):
+        check_evaluate(EvaluateConfig(predictions=str(source), ground_truth=str(source), output=str(tmp_path / "r"),
+                                      num_classes=2))
+    with socket.socket() as listening:  # something answers: Ray's own to say if it is no cluster
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_segment(SegmentConfig(source=str(source), output=str(tmp_path / "out"), weights="none", num_classes=2,
+                                    ray_address=f"127.0.0.1:{listening.getsockname()[1]}"))
+    check_segment(SegmentConfig(source=str(source), output=str(tmp_path / "out"), weights="none", num_classes=2,
+                                ray_address="auto"))

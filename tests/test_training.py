@@ -230,6 +230,7 @@ def _segpipe(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 @pytest.mark.slow
 def test_train_command_learns_and_segment_runs_its_checkpoint_alone(tmp_path):
     images, labels = _scenes(tmp_path / "data", 14)
+    Image.fromarray(synthetic_scene(64, 80, 14)[0]).save(Path(images) / "day1" / "unlabelled.jpg")
     checkpoint = tmp_path / "models" / "scenes.pt"
     done = _segpipe(
         "train", images, labels, str(checkpoint), "--model", "deeplabv3_mobilenet_v3_large", "--num-classes", "4",
@@ -245,6 +246,7 @@ def test_train_command_learns_and_segment_runs_its_checkpoint_alone(tmp_path):
     # (uniformly random); learning takes it well above both
     assert max(train_miou[-3:]) > 0.33 and max(train_miou[-3:]) > train_miou[0] + 0.1, train_miou
     assert "12 training images and 2 validation images, 2 cpu workers" in done.stdout
+    assert f"1 image under {images} without a label mask was left out, e.g. day1/unlabelled.jpg" in done.stdout
     # each epoch said once (Ray Train's patched print() said it twice), without Ray Train's own progress
     said = [line for line in done.stdout.splitlines() if "segpipe train: epoch " in line]
     assert [line.split("segpipe train: epoch ")[1].split()[0] for line in said] == [f"{e}/20" for e in range(1, 21)]
@@ -271,7 +273,7 @@ def test_train_command_learns_and_segment_runs_its_checkpoint_alone(tmp_path):
     segmented = _segpipe("segment", images, str(tmp_path / "out"), "--weights", str(checkpoint), "--no-crf",
                          "--precision", "fp32")
     assert segmented.returncode == 0, segmented.stderr[-3000:]
-    assert "14 images, 14 segmented and 0 errors," in segmented.stdout
+    assert "15 images, 15 segmented and 0 errors," in segmented.stdout
     assert "model deeplabv3_mobilenet_v3_large" in segmented.stdout
     names = {r[0] for r in duckdb.sql(
         f"select distinct class_name from read_parquet('{tmp_path}/out/class_stats/**/*.parquet')").fetchall()}
@@ -321,7 +323,7 @@ def _epochs_in_process(device: torch.device, tmp_path, epochs: int) -> list[floa
 
     config = _config(tmp_path, epochs=epochs, batch_size=3)
     images, labels = open_location(config.images), open_location(config.labels)
-    samples = load_samples(images, labels, pair_training_data(images, labels, label_suffix="_L"), num_classes=4,
+    samples = load_samples(images, labels, pair_training_data(images, labels, label_suffix="_L").pairs, num_classes=4,
                            ignore_index=255)
     torch.manual_seed(0)
     model, meta, _ = build_training_model(config)
@@ -371,11 +373,22 @@ def test_pairs_that_cannot_be_made_are_said_in_the_options_words(tmp_path):
     with pytest.raises(ValueError, match=r"\(2 images, 2 PNG masks\); the labels' names end with _L after an image's: "
                                          r"pass --label-suffix _L$"):
         pair_training_data(open_location(images), open_location(labels))
+    with pytest.raises(ValueError, match=r"; the labels' names end with _L after an image's: pass --label-suffix _L, "
+                                         r"not L$"):
+        pair_training_data(open_location(images), open_location(labels), label_suffix="L")
     config = TrainConfig(images=images, labels=labels, output=str(tmp_path / "m.pt"), model="lraspp_mobilenet_v3_large",
                          num_classes=4, label_suffix="_L", val_last=2)
     with pytest.raises(ValueError, match=r"^--val-last 2 leaves nothing to train on \(2 pairs\)$"):
         split_pairs(config)
-    assert [len(part) for part in split_pairs(config.model_copy(update={"val_last": 1}))] == [1, 1]
+    train, val, left_out = split_pairs(config.model_copy(update={"val_last": 1}))
+    assert ([len(train), len(val)], left_out) == ([1, 1], [])
+    # files that pair with nothing are trained around, and said, a line for each folder
+    Image.fromarray(synthetic_scene(64, 80, 9)[0]).save(Path(images) / "day1" / "unlabelled.jpg")
+    (Path(labels) / "day1" / "orphan_L.png").write_bytes(encode_mask(np.zeros((64, 80), np.uint8)))
+    train, val, left_out = split_pairs(config.model_copy(update={"val_last": 1}))
+    assert [len(train), len(val)] == [1, 1]
+    assert left_out == [f"1 image under {images} without a label mask was left out, e.g. day1/unlabelled.jpg",
+                        f"1 label mask under {labels} without an image was left out, e.g. day1/orphan_L.png"]
 
 
 def test_validation_miou_is_what_segment_and_evaluate_measure(tmp_path):

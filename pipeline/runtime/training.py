@@ -66,6 +66,7 @@ class TrainSummary:
     workers: int
     device: str
     epochs: list[dict[str, Any]] = field(default_factory=list)  # one row of metrics per epoch
+    left_out: list[str] = field(default_factory=list)  # the files that paired with nothing, a line per folder
     best_epoch: int | None = None
     best_score: float | None = None
     score: str = "val_miou"
@@ -77,17 +78,21 @@ class TrainSummary:
         return float(np.mean(rates)) if rates else 0.0
 
 
-def split_pairs(config: TrainConfig) -> tuple[list[TrainingPair], list[TrainingPair]]:
+def split_pairs(config: TrainConfig) -> tuple[list[TrainingPair], list[TrainingPair], list[str]]:
+    """The training pairs and the validation pairs, and a line for each folder's files that
+    paired with nothing (`TrainingPairing.left_out`)."""
     images, labels = open_location(config.images, config.storage_options), open_location(config.labels, config.storage_options)
-    pairs = pair_training_data(images, labels, label_suffix=config.label_suffix)
+    pairing = pair_training_data(images, labels, label_suffix=config.label_suffix)
+    pairs, left_out = pairing.pairs, pairing.left_out(images.url, labels.url)
     if config.val_images is not None:
-        val = pair_training_data(open_location(config.val_images, config.storage_options),
-                                 open_location(config.val_labels, config.storage_options), label_suffix=config.label_suffix)
-        return pairs, val
+        val_images, val_labels = (open_location(config.val_images, config.storage_options),
+                                  open_location(config.val_labels, config.storage_options))
+        val = pair_training_data(val_images, val_labels, label_suffix=config.label_suffix)
+        return pairs, val.pairs, left_out + val.left_out(val_images.url, val_labels.url)
     if config.val_last >= len(pairs):
         raise ValueError(f"{config.argument_name('val_last')} {config.val_last} leaves nothing to train on ({len(pairs)} pairs)")
     cut = len(pairs) - config.val_last
-    return pairs[:cut], pairs[cut:]
+    return pairs[:cut], pairs[cut:], left_out
 
 
 def check_labels(url: str, pairs: list[TrainingPair], config: TrainConfig) -> None:
@@ -240,7 +245,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
     """Train `config.model` and write the best checkpoint to `config.output`."""
     started = time.monotonic()
     config = _absolute(config)
-    train_pairs, val_pairs = split_pairs(config)
+    train_pairs, val_pairs, left_out = split_pairs(config)
     if len(train_pairs) < 2:
         raise ValueError(f"{len(train_pairs)} training pair(s): at least 2 are needed (batch norm)")
     check_labels(config.labels, train_pairs, config)
@@ -304,7 +309,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
             best = epoch
     return TrainSummary(
         output=config.output, last_checkpoint=config.last_checkpoint, model=config.model,
-        train_images=len(train_pairs), val_images=len(val_pairs),
+        train_images=len(train_pairs), val_images=len(val_pairs), left_out=left_out,
         workers=workers, device="cuda" if use_gpu else "cpu", epochs=epochs,
         best_epoch=best["epoch"] if best else None, best_score=best[score] if best else None, score=score,
         seconds=time.monotonic() - started,
