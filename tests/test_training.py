@@ -415,7 +415,7 @@ def test_validation_miou_is_what_segment_and_evaluate_measure(tmp_path):
 
     config = _config(tmp_path, epochs=1, batch_size=3, val_last=4)
     images, labels = open_location(config.images), open_location(config.labels)
-    pairs = pair_training_data(images, labels, label_suffix="_L")
+    pairs = pair_training_data(images, labels, label_suffix="_L").pairs
     train, val = pairs[:-4], pairs[-4:]
     load = dict(num_classes=4, ignore_index=255)
     train_samples, val_samples = load_samples(images, labels, train, **load), load_samples(images, labels, val, **load)
