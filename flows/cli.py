@@ -257,14 +257,16 @@ def _segment(args: argparse.Namespace) -> int:
 
     config = config_from_arguments(SegmentConfig, args).dated()
     _preflight(check_segment, config, args.storage_secret)
-    replicas = None
+    replicas = listing = None
     if not args.storage_secret:
         from flows._storage import resolve_storage_options
         from pipeline.run import up_to_date
 
         resolved = config.with_storage_options(resolve_storage_options(config.storage_options, None))
-        if (record := up_to_date(resolved)) is not None:
-            print("\n".join(summary_lines(record)))
+        # the run goes on with this listing: the archive is listed once, not again from its start
+        listing = up_to_date(resolved, hand_over=True)
+        if isinstance(listing, dict):
+            print("\n".join(summary_lines(listing)))
             return 0
     prefect_server = _start_prefect()
     if not args.storage_secret:
@@ -289,11 +291,14 @@ def _segment(args: argparse.Namespace) -> int:
             try:
                 with prefect_server.api():
                     summary = segment_archive(config, storage_secret=args.storage_secret, replicas=replicas,
+                                              listing=listing,
                                               on_progress=lambda p: bar.update(task, description=p.describe()))
             except LayoutMismatchError as err:
                 raise UsageError(str(err)) from err
         print("\n".join(summary_lines(summary)))
     finally:
+        if listing is not None:
+            listing.close()  # the run closes it; unless it never started (its checks refused the config)
         if replicas is not None:
             replicas.close()  # removes the replicas, and shuts down the Ray it started
     return 0

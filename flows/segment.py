@@ -22,7 +22,7 @@ from flows._retries import IO_TASK
 from flows._storage import resolve_storage_options
 from pipeline.config import SegmentConfig
 from pipeline.preflight import check_segment
-from pipeline.run import Progress, RunSummary, record_run, summary_lines
+from pipeline.run import ListingUnderway, Progress, RunSummary, record_run, summary_lines
 from pipeline.runtime.driver import run_segmentation
 from pipeline.runtime.replicas import Replicas
 from pipeline.storage import open_location
@@ -31,7 +31,7 @@ from pipeline.text import counted, every, per_second, verb_for
 
 @task(cache_policy=NO_CACHE)
 def run_on_ray(config: SegmentConfig, on_progress: Callable[[Progress], None] | None,
-               replicas: Replicas | None = None) -> RunSummary:
+               replicas: Replicas | None = None, listing: ListingUnderway | None = None) -> RunSummary:
     """The whole Ray job in one task: the archive is listed once, as the run goes, and shards
     are committed inside it as they complete, so a retry of the flow resumes from them; the
     task itself is not retried."""
@@ -45,7 +45,7 @@ def run_on_ray(config: SegmentConfig, on_progress: Callable[[Progress], None] | 
             last_log[0] = time.monotonic()
             logger.info("%s", progress.describe())
 
-    return run_segmentation(config, on_progress=report, replicas=replicas)
+    return run_segmentation(config, on_progress=report, replicas=replicas, listing=listing)
 
 
 @task(**IO_TASK)
@@ -110,6 +110,7 @@ def segment_archive(
     storage_secret: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     replicas: Replicas | None = None,
+    listing: ListingUnderway | None = None,
 ) -> dict[str, Any] | State:
     """Segment every image under config.source into config.output (`segpipe segment`).
 
@@ -118,13 +119,15 @@ def segment_archive(
     (see flows/_storage.py); Prefect stores the config with its credentials hidden.
     `on_progress` follows the run from the calling process (the command line's progress bar);
     `replicas`, Ray and the model replicas that process started for this config while Prefect
-    started (see `pipeline.runtime.replicas.Replicas`), which the run takes over.
+    started (see `pipeline.runtime.replicas.Replicas`), which the run takes over; `listing`,
+    SOURCE's listing as that process began it (`pipeline.run.up_to_date`), which the run goes
+    on with.
     """
     config = config.dated().with_storage_options(resolve_storage_options(config.storage_options, storage_secret))
     # as the command line does; here with the credentials of a Secret block too
     if (failed := failed_checks(check_segment, config)) is not None:
         return failed
-    summary = run_on_ray(config, on_progress, replicas)
+    summary = run_on_ray(config, on_progress, replicas, listing)
     record = commit_run(config, summary)
     result = summarise(summary, record, config.polygons, config.confidence)
     logger = get_run_logger()

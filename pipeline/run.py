@@ -229,6 +229,7 @@ class Prefetched(Generic[T]):
     the producer is raised in the reader, at the point it would have been reached."""
 
     def __init__(self, items: Iterator[T], depth: int = 2) -> None:
+        self._put_back: list[T] = []
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
         self._closed = threading.Event()
         self._done = False
@@ -255,6 +256,8 @@ class Prefetched(Generic[T]):
 
     def get(self, timeout: float | None = None) -> T | _Marker:
         """The next item; NOT_YET if none arrived within `timeout`; DONE at the end."""
+        if self._put_back:
+            return self._put_back.pop()
         if self._done:
             return DONE
         try:
@@ -268,6 +271,11 @@ class Prefetched(Generic[T]):
             self._done = True
             return DONE
         return value
+
+    def put_back(self, item: T) -> None:
+        """Make `item`, just taken, the next one again: for a reader that stops at it and hands
+        the listing on to another."""
+        self._put_back.append(item)
 
     def close(self) -> None:
         """Stop the producer (a run that ends early leaves no listing running behind it): it
@@ -495,43 +503,74 @@ def record_run(output: Location, summary: RunSummary) -> str:
     return output.uri(key)
 
 
-def up_to_date(config: SegmentConfig) -> dict[str, Any] | None:
+class ListingUnderway:
+    """SOURCE's one listing (`list_source`), stopped by `up_to_date` at the first shard that
+    needs work, for the run to go on with rather than list the archive again: the listing from
+    that shard on, what it has counted so far, and the shards before it, committed and current
+    (their ids, and the error rows each keeps). The run takes it over (`run_segmentation`);
+    whoever holds it otherwise closes it."""
+
+    # no __dict__: a Prefect flow's parameters are JSON-encoded for its run's record, and
+    # FastAPI's encoder walks an object's vars() and iterates what it finds there, which would
+    # take shards off the listing; with slots it gives up, and the record says <ListingUnderway>
+    __slots__ = ("config", "shards", "counts", "up_to_date")
+
+    def __init__(self, config: SegmentConfig, shards: Prefetched[Shard], counts: ListingCounts,
+                 up_to_date: dict[str, int]) -> None:
+        self.config, self.shards, self.counts, self.up_to_date = config, shards, counts, up_to_date
+
+    def close(self) -> None:
+        self.shards.close()
+
+
+def up_to_date(config: SegmentConfig, *, hand_over: bool = False) -> dict[str, Any] | ListingUnderway | None:
     """A run with nothing to do, found out before Ray, Prefect or a model start: when every
     shard of SOURCE is committed in OUTPUT with the same inputs and settings (as the run itself
     decides, `OutputStore.current_commit`) and OUTPUT stores no other (`vanished_shards`, which
     refuses a SOURCE that lists nothing beside stored shards), or SOURCE has no images at all
     and OUTPUT nothing of it, the run is recorded in OUTPUT/_runs/ and its record returned,
-    with `record` its URI, as the segmentation flow returns it. None as soon as one shard
-    needs work: the run itself then starts and does it (a listing that stops at the first such
-    shard, so a night with new images pays one page and one commit marker for it).
+    with `record` its URI, as the segmentation flow returns it. As soon as one shard needs work,
+    None, or with `hand_over` the listing stopped there (`ListingUnderway`): the run itself
+    then starts and does the work, going on with that listing. So a night with new images pays
+    one page and one commit marker before the run starts, and the archive is listed once
+    whichever shard needs work.
 
     `config` is dated, with its storage options resolved. Reads only, but for the record."""
     started = time.monotonic()
     source = open_location(config.source, config.storage_options)
     counts = ListingCounts()
     shards = list_source(source, shard_by=config.shard_by, shard_size=config.shard_size, counts=counts)
+    current: dict[str, int] = {}  # the shards up to date so far: their error rows
+    handed_over = None
+
+    def work(shard: Shard | None) -> ListingUnderway | None:
+        nonlocal handed_over
+        if shard is not None:
+            shards.put_back(shard)
+        if hand_over:
+            handed_over = ListingUnderway(config, shards, counts, current)
+        return handed_over
+
     try:
         store = OutputStore(open_location(config.output, config.storage_options))
         if read_bytes(store.location, "_segpipe.json") is not None:
             store.check_layout(source.url, config.shard_by, config.shard_size)  # only reads: the layout is recorded
-        elif next(iter(shards), None) is not None:
-            return None  # nothing was ever committed there, and SOURCE has a shard: all of it is work
+        elif (first := next(iter(shards), None)) is not None:
+            return work(first)  # nothing was ever committed there, and SOURCE has a shard: all of it is work
         run = run_info(config, source.url, new_run_id(), model_meta(config))
-        skipped = errors_kept = 0
-        listed: set[str] = set()
         for shard in shards:
             commit = store.current_commit(shard, run, redo_errors=config.redo_errors)
             if commit is None:
-                return None
-            skipped += 1
-            errors_kept += commit.get("errors", 0)
-            listed.add(shard.shard_id)
-        if store.vanished_shards(listed):  # refused here already if SOURCE lists nothing at all
-            return None  # shards SOURCE no longer has: the run removes them (`OutputStore.remove_vanished_shards`)
+                return work(shard)
+            current[shard.shard_id] = commit.get("errors", 0)
+        if store.vanished_shards(set(current)):  # refused here already if SOURCE lists nothing at all
+            return work(None)  # shards SOURCE no longer has: the run removes them (`OutputStore.remove_vanished_shards`)
     except (StorageUnavailableError, OSError) as err:
         raise RunError(f"storage unavailable: {type(err).__name__}: {err}") from err
     finally:
-        shards.close()
+        if handed_over is None:
+            shards.close()
+    skipped, errors_kept = len(current), sum(current.values())
     summary = RunSummary(
         run_id=run.run_id, source=source.url, output=store.location.url, model=run.model, weights=run.weights,
         class_names=list(run.class_names), shards_committed=0, shards_skipped=skipped, images=0, errors=0, errors_by_type={},

@@ -249,6 +249,34 @@ def test_a_replica_lost_for_good_leaves_the_others_their_own_share(ray_cpu, tmp_
     assert max(most.values()) <= 2, most
 
 
+def test_a_night_whose_work_is_in_its_last_folder_lists_the_archive_once(ray_cpu, tmp_path, monkeypatch):
+    """The check for nothing to do stops its listing at the first shard that needs work, and
+    the run goes on with it (`ListingUnderway`): no folder is listed twice, nor the commit
+    marker of a shard up to date read twice."""
+    import pipeline.storage
+    from pipeline.outputs import OutputStore
+    from pipeline.run import ListingUnderway, up_to_date
+
+    source, output = _local_source(tmp_path, 6, per_dir=2)
+    config = SegmentConfig(source=source, output=output, batch_size=2, crf=False, **MODEL)
+    assert run_segmentation(config).shards_committed == 3
+    Path(source, "d3").mkdir()
+    Path(source, "d3", "new.jpg").write_bytes(_jpeg(7, 24, 24))  # tonight's folder, listed last
+    listed, markers = Counter(), Counter()
+    entries, read_commit = pipeline.storage._entries, OutputStore.read_commit
+    monkeypatch.setattr(pipeline.storage, "_entries", lambda fs, path: (listed.update([path]), entries(fs, path))[1])
+    monkeypatch.setattr(OutputStore, "read_commit", lambda self, shard_id: (markers.update([shard_id]),
+                                                                            read_commit(self, shard_id))[1])
+    listing = up_to_date(config, hand_over=True)
+    assert isinstance(listing, ListingUnderway) and len(listing.up_to_date) == 3
+    summary = run_segmentation(config, listing=listing)
+    assert (summary.shards_skipped, summary.shards_committed, summary.images) == (3, 1, 1)
+    of_source = Counter({path: n for path, n in listed.items() if path.startswith(source)})
+    assert set(of_source) == {source, *(str(Path(source, f"d{i}")) for i in range(4))}
+    assert max(of_source.values()) == 1, of_source
+    assert all(markers[shard] == 1 for shard in listing.up_to_date), markers  # the one that needs work: once more
+
+
 class AlwaysDyingWorker(SegmentWorker):
     """A replica that crashes on every batch (as on a poisoned input that kills the process)."""
 

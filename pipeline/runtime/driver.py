@@ -38,6 +38,7 @@ from ..run import (
     DONE,
     NO_CLUSTER,
     NOT_YET,
+    ListingUnderway,
     Prefetched,
     Progress,
     RunSummary,
@@ -102,6 +103,13 @@ class _Run:
         self.retried = 0
         self.errors_kept = 0  # error rows of the shards skipped as up to date
         self.listed: set[str] = set()  # the ids of the listing's shards, up to date or not
+
+    def skip_up_to_date(self, shards: dict[str, int]) -> None:
+        """Count as skipped the shards the listing had already found up to date before this
+        run took it over (`ListingUnderway.up_to_date`: their ids and error rows)."""
+        self.listed.update(shards)
+        self.progress.shards_skipped += len(shards)
+        self.errors_kept += sum(shards.values())
 
     def process(self, listing: Prefetched[Shard], counts: ListingCounts) -> None:
         while (shard := self._next_shard(listing, counts)) is not None:
@@ -279,28 +287,37 @@ def run_segmentation(
     on_progress: Callable[[Progress], None] | None = None,
     worker_class: type = SegmentWorker,
     replicas: Replicas | None = None,
+    listing: ListingUnderway | None = None,
 ) -> RunSummary:
     """Segment every image under config.source into config.output; see `pipeline.outputs`
     for the layout. Shards already committed with the same inputs and settings are skipped;
     when every shard is, neither Ray nor a model start. `replicas`: started for this config by
-    the caller (the command line starts them before Prefect starts), who closes them."""
+    the caller (the command line starts them before Prefect starts), who closes them.
+    `listing`: SOURCE's listing for this config, which `up_to_date` began, taken over (and
+    closed) here."""
     started = time.monotonic()
     if replicas is not None and replicas.config != config:
         raise ValueError("replicas were started for another config than the run's")
+    if listing is not None and listing.config != config:
+        listing.close()
+        raise ValueError("the listing was begun for another config than the run's")
     given = replicas is not None
     replicas = replicas or Replicas(config, worker_class=worker_class)
     begun = min(started, replicas.started_at) if replicas.started_at is not None else started
     source = open_location(config.source, config.storage_options)
-    counts = ListingCounts()
-    shards = None
+    counts = listing.counts if listing is not None else ListingCounts()
+    shards = listing.shards if listing is not None else None
     try:
         # SOURCE is checked by its first page, and the model by its metadata, before anything
         # is written to OUTPUT
-        shards = list_source(source, shard_by=config.shard_by, shard_size=config.shard_size, counts=counts)
+        if shards is None:
+            shards = list_source(source, shard_by=config.shard_by, shard_size=config.shard_size, counts=counts)
         meta = model_meta(config)
         store = prepare_output(config, source)
         run = run_info(config, source.url, replicas.run_id, meta)
         loop = _Run(config, source, store, replicas, run, meta["palette"], on_progress)
+        if listing is not None:
+            loop.skip_up_to_date(listing.up_to_date)
         try:
             loop.process(shards, counts)
             # the listing is complete and every shard of it committed: what else is committed is gone from SOURCE
