@@ -513,7 +513,7 @@ class ListingUnderway:
     # no __dict__: a Prefect flow's parameters are JSON-encoded for its run's record, and
     # FastAPI's encoder walks an object's vars() and iterates what it finds there, which would
     # take shards off the listing; with slots it gives up, and the record says <ListingUnderway>
-    __slots__ = ("config", "shards", "counts", "up_to_date")
+    __slots__ = ("config", "counts", "shards", "up_to_date")
 
     def __init__(self, config: SegmentConfig, shards: Prefetched[Shard], counts: ListingCounts,
                  up_to_date: dict[str, int]) -> None:
