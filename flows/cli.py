@@ -264,26 +264,26 @@ def _segment(args: argparse.Namespace) -> int:
 
         resolved = config.with_storage_options(resolve_storage_options(config.storage_options, None))
         # the run goes on with this listing: the archive is listed once, not again from its start
-        listing = up_to_date(resolved, hand_over=True)
+        listing = up_to_date(resolved)
         if isinstance(listing, dict):
             print("\n".join(summary_lines(listing)))
             return 0
-    prefect_server = _start_prefect()
-    if not args.storage_secret:
-        from pipeline.runtime.replicas import Replicas
-
-        replicas = Replicas(resolved)
-        replicas.start()
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from flows.segment import segment_archive
-    from pipeline.outputs import LayoutMismatchError
-
-    # the spinner only where it spins: to a file or a pipe, the bar is printed once, at the end
-    spinner = (SpinnerColumn(),) if sys.stderr.isatty() else ()
-    columns = (*spinner, TextColumn("{task.description}"), TimeElapsedColumn())
     try:
+        prefect_server = _start_prefect()
+        if not args.storage_secret:
+            from pipeline.runtime.replicas import Replicas
+
+            replicas = Replicas(resolved)
+            replicas.start()
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        from flows.segment import segment_archive
+        from pipeline.outputs import LayoutMismatchError
+
+        # the spinner only where it spins: to a file or a pipe, the bar is printed once, at the end
+        spinner = (SpinnerColumn(),) if sys.stderr.isatty() else ()
+        columns = (*spinner, TextColumn("{task.description}"), TimeElapsedColumn())
         # to a file or a pipe, the line whole: rich cuts it at the 80 columns it assumes there
         console = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)
         with Progress(*columns, console=console, transient=False) as bar:

@@ -63,7 +63,7 @@ def summarise(summary: RunSummary, record_uri: str, polygons: bool = False, conf
     shares = {name: count / total_pixels for name, count in sorted(summary.pixels_by_class.items(), key=lambda kv: -kv[1])}
     rows = [
         {"metric": "images", "value": summary.images},
-        {"metric": "images segmented", "value": summary.images - summary.errors},
+        {"metric": "images ok", "value": summary.images - summary.errors},
         {"metric": "errors", "value": summary.errors},
         *({"metric": f"errors: {reason}", "value": count} for reason, count in sorted(summary.errors_by_type.items())),
         {"metric": "images/s", "value": round(summary.images_per_second, 2)},

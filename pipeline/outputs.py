@@ -180,6 +180,17 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
+def is_current(commit: dict[str, Any] | None, shard: Shard, run: RunInfo, *, redo_errors: bool = False) -> bool:
+    """Whether a shard's commit marker (None: it has none) is of the same inputs and the same
+    settings (and, with `redo_errors`, of no error rows)."""
+    return (
+        commit is not None
+        and commit.get("manifest_sha256") == shard.manifest_digest()
+        and commit.get("fingerprint") == run.fingerprint
+        and not (redo_errors and commit.get("errors", 0) > 0)
+    )
+
+
 class OutputStore:
     """Reads and writes one OUTPUT location following the layout above."""
 
@@ -206,10 +217,15 @@ class OutputStore:
         records none gets this one with its first shard committed (`commit_shard`): a run
         stopped before that, or refused as it starts, leaves nothing that binds the next."""
         layout = {"format": LAYOUT_FORMAT, "source": source_url, "shard_by": shard_by, "shard_size": shard_size}
+        if not self._same_layout(layout):
+            self._unrecorded_layout = layout
+
+    def _same_layout(self, layout: dict[str, Any]) -> bool:
+        """Whether OUTPUT records `layout` (False: it records none); LayoutMismatchError when
+        it records another."""
         existing = read_bytes(self.location, "_segpipe.json")
         if existing is None:
-            self._unrecorded_layout = layout
-            return
+            return False
         found = json.loads(existing)
         for name in ("format", "source", "shard_by", "shard_size"):
             if found.get(name) != layout[name]:
@@ -217,6 +233,7 @@ class OutputStore:
                     f"{self.location.uri('_segpipe.json')} records {name}={found.get(name)!r} but this run has "
                     f"{name}={layout[name]!r}; use the same value or a new OUTPUT"
                 )
+        return True
 
     def read_commit(self, shard_id: str) -> dict[str, Any] | None:
         data = read_bytes(self.location, f"_commits/{shard_id}.json")
@@ -226,13 +243,7 @@ class OutputStore:
         """The shard's commit marker when the shard is committed with the same inputs and the
         same settings (and, with `redo_errors`, without error rows); else None."""
         commit = self.read_commit(shard.shard_id)
-        current = (
-            commit is not None
-            and commit.get("manifest_sha256") == shard.manifest_digest()
-            and commit.get("fingerprint") == run.fingerprint
-            and not (redo_errors and commit.get("errors", 0) > 0)
-        )
-        return commit if current else None
+        return commit if is_current(commit, shard, run, redo_errors=redo_errors) else None
 
     def commit_shard(self, shard: Shard, records: Sequence[ImageRecord], run: RunInfo) -> None:
         """Write the shard's tables, remove the masks its images no longer have, then write its
@@ -250,7 +261,9 @@ class OutputStore:
             )
         ordered = [by_key[f.key] for f in shard.files]
         if self._unrecorded_layout is not None:
-            write_atomic(self.location, "_segpipe.json", json.dumps(self._unrecorded_layout, indent=2).encode())
+            # asked again: another run may have recorded its own since this one checked
+            if not self._same_layout(self._unrecorded_layout):
+                write_atomic(self.location, "_segpipe.json", json.dumps(self._unrecorded_layout, indent=2).encode())
             self._unrecorded_layout = None
         previous_keys = self._manifest_keys(shard.shard_id)
         # images first: `stored_shards` finds a new shard by it, should the commit stop here
@@ -413,11 +426,12 @@ class OutputStore:
         return True
 
     def _manifest_keys(self, shard_id: str) -> set[str]:
-        """Inputs of the shard's last (possibly uncommitted) attempt, from its manifest."""
-        data = read_bytes(self.location, table_key("manifest", shard_id))
-        if data is None:
-            return set()
-        return set(pq.read_table(io.BytesIO(data), columns=["image_id"]).column("image_id").to_pylist())
+        """Inputs of the shard's last (possibly uncommitted) commit: its manifest's, or for a
+        shard whose first commit stopped before its manifest, its images table's."""
+        for table in ("manifest", "images"):
+            if (data := read_bytes(self.location, table_key(table, shard_id))) is not None:
+                return set(pq.read_table(io.BytesIO(data), columns=["image_id"]).column("image_id").to_pylist())
+        return set()
 
     def _remove_stale_masks(self, keys: set[str], records: Sequence[ImageRecord]) -> None:
         """Delete the mask paths (masks/ and confidence/, .png and .tif) of `keys` that no

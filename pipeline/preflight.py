@@ -588,9 +588,9 @@ def _ray_answers(address: str | None, option: str) -> None:
     answers: ray.init would wait minutes for it (its GCS client retries) before it failed.
     One TCP connection, 3 s at most. "auto" and "local" are Ray's own to find or start."""
     origin = option if address else "RAY_ADDRESS"
-    wanted = address or os.environ.get("RAY_ADDRESS")
-    host, _, port = (wanted or "").rpartition(":")
-    if not host or not port.isdigit():
+    wanted = address or os.environ.get("RAY_ADDRESS") or ""
+    host, _, port = wanted.rpartition(":")
+    if not host or not port.isdigit() or "://" in wanted or "," in wanted:  # Ray's to refuse (ray:// clients)
         return
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
@@ -614,7 +614,8 @@ def _profile_exists(options: StorageOptions, remote: bool) -> None:
     a bucket that does not exist. Named by the storage option `profile`, else (but with
     `remote=False`: the Secret block may name one) by AWS_DEFAULT_PROFILE or AWS_PROFILE, as
     botocore reads them; botocore then wants it in ~/.aws/config or ~/.aws/credentials (or
-    where AWS_CONFIG_FILE and AWS_SHARED_CREDENTIALS_FILE point), "default" included."""
+    where AWS_CONFIG_FILE and AWS_SHARED_CREDENTIALS_FILE point, as the line names them),
+    "default" included."""
     profile, origin = options.get("profile"), f"{options.origin('profile')} profile"
     if profile is None and remote:
         origin = next((name for name in ("AWS_DEFAULT_PROFILE", "AWS_PROFILE") if os.environ.get(name)), "")
@@ -623,11 +624,12 @@ def _profile_exists(options: StorageOptions, remote: bool) -> None:
         return
     import botocore.session  # s3fs's own dependency; only where a profile is named
 
-    available = botocore.session.Session().available_profiles
+    session = botocore.session.Session()
+    available = session.available_profiles
     if profile not in available:
         known = f"profiles there: {', '.join(sorted(available))}" if available else "no profile is configured there"
-        raise PreflightError(f"{origin} {profile!r} names no AWS profile of ~/.aws/config or ~/.aws/credentials "
-                             f"({known})")
+        files = " or ".join(dict.fromkeys(session.get_config_variable(name) for name in ("config_file", "credentials_file")))
+        raise PreflightError(f"{origin} {profile!r} names no AWS profile of {files} ({known})")
 
 
 def _endpoints_have_schemes(urls: Collection[str], options: StorageOptions, remote: bool) -> None:

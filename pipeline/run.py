@@ -283,7 +283,10 @@ class Prefetched(Generic[T]):
         self._closed.set()
         self._thread.join(timeout=1.0)
 
-    def __iter__(self) -> Iterator[T]:
+    def remaining(self) -> Iterator[T]:
+        """The items from here to the end, each waited for. A method, not `__iter__`: what
+        walks into an object's attributes and iterates what it can (FastAPI's JSON encoder,
+        on a Prefect flow's parameters) must not take items off the listing."""
         while (item := self.get()) is not DONE:
             yield item  # type: ignore[misc]
 
@@ -523,17 +526,16 @@ class ListingUnderway:
         self.shards.close()
 
 
-def up_to_date(config: SegmentConfig, *, hand_over: bool = False) -> dict[str, Any] | ListingUnderway | None:
+def up_to_date(config: SegmentConfig) -> dict[str, Any] | ListingUnderway:
     """A run with nothing to do, found out before Ray, Prefect or a model start: when every
     shard of SOURCE is committed in OUTPUT with the same inputs and settings (as the run itself
     decides, `OutputStore.current_commit`) and OUTPUT stores no other (`vanished_shards`, which
     refuses a SOURCE that lists nothing beside stored shards), or SOURCE has no images at all
     and OUTPUT nothing of it, the run is recorded in OUTPUT/_runs/ and its record returned,
     with `record` its URI, as the segmentation flow returns it. As soon as one shard needs work,
-    None, or with `hand_over` the listing stopped there (`ListingUnderway`): the run itself
-    then starts and does the work, going on with that listing. So a night with new images pays
-    one page and one commit marker before the run starts, and the archive is listed once
-    whichever shard needs work.
+    the listing stopped there (`ListingUnderway`): the run itself then starts and does the
+    work, going on with that listing. So a night with new images pays one page and one commit
+    marker before the run starts, and the archive is listed once whichever shard needs work.
 
     `config` is dated, with its storage options resolved. Reads only, but for the record."""
     started = time.monotonic()
@@ -543,22 +545,21 @@ def up_to_date(config: SegmentConfig, *, hand_over: bool = False) -> dict[str, A
     current: dict[str, int] = {}  # the shards up to date so far: their error rows
     handed_over = None
 
-    def work(shard: Shard | None) -> ListingUnderway | None:
+    def work(shard: Shard | None) -> ListingUnderway:
         nonlocal handed_over
         if shard is not None:
             shards.put_back(shard)
-        if hand_over:
-            handed_over = ListingUnderway(config, shards, counts, current)
+        handed_over = ListingUnderway(config, shards, counts, current)
         return handed_over
 
     try:
         store = OutputStore(open_location(config.output, config.storage_options))
         if read_bytes(store.location, "_segpipe.json") is not None:
             store.check_layout(source.url, config.shard_by, config.shard_size)  # only reads: the layout is recorded
-        elif (first := next(iter(shards), None)) is not None:
+        elif (first := next(shards.remaining(), None)) is not None:
             return work(first)  # nothing was ever committed there, and SOURCE has a shard: all of it is work
         run = run_info(config, source.url, new_run_id(), model_meta(config))
-        for shard in shards:
+        for shard in shards.remaining():
             commit = store.current_commit(shard, run, redo_errors=config.redo_errors)
             if commit is None:
                 return work(shard)

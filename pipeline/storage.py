@@ -239,27 +239,22 @@ def _entries(fs: AbstractFileSystem, path: str) -> Iterator[dict[str, Any]]:
 def iter_files(location: Location) -> Iterator[tuple[str, SourceFile]]:
     """Every object under the location as (directory key, file), depth first: the files of a
     directory in name order, then its sub-directories in name order. Deterministic for a
-    given listing, and the same order on every backend. A sub-directory deleted while the
-    listing goes on lists as empty, as a prefix gone from an object store does."""
+    given listing, and the same order on every backend."""
     pending = [location.root]
     prefix = len(location.root) + 1
     while pending:
         path = pending.pop()
         subdirs = []
         directory = path[prefix:] if len(path) > len(location.root) else ""
-        try:
-            for entry in _entries(location.fs, path):
-                name = entry["name"]
-                if entry.get("type") == "directory":
-                    if name != path:  # never the folder again: the listing would not end
-                        subdirs.append(name)
-                    continue
-                if name.endswith("/"):
-                    continue  # a zero-byte "folder marker" object
-                yield directory, SourceFile(key=name[prefix:], size=int(entry.get("size") or 0), version=_version(entry))
-        except FileNotFoundError:
-            if path == location.root:
-                raise
+        for entry in _entries(location.fs, path):
+            name = entry["name"]
+            if entry.get("type") == "directory":
+                if name != path:  # never the folder again: the listing would not end
+                    subdirs.append(name)
+                continue
+            if name.endswith("/"):
+                continue  # a zero-byte "folder marker" object
+            yield directory, SourceFile(key=name[prefix:], size=int(entry.get("size") or 0), version=_version(entry))
         pending.extend(sorted(subdirs, reverse=True))
 
 

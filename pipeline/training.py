@@ -62,6 +62,9 @@ def _index_training(location: Location, suffix: str, accepts: Callable[[str], bo
 
 @dataclass
 class TrainingPairing:
+    """What `pair_training_data` made of two folders: the pairs, and the files of either that
+    paired with nothing, which training goes on without."""
+
     pairs: list[TrainingPair]  # sorted by key
     images_without_label: list[str]  # keys under the images root, sorted
     labels_without_image: list[str]  # keys under the labels root, sorted

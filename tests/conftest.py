@@ -242,3 +242,15 @@ def _get_object_denied(endpoint: str, denied: list[str]) -> Iterator[dict]:
         yield {"endpoint_url": endpoint, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
     finally:
         _set_moto_auth(endpoint, before)
+
+
+def needs_work(checked: dict | object) -> bool:
+    """Whether `pipeline.run.up_to_date` found work (it hands over its listing, closed here)
+    rather than a night with nothing to do (its record)."""
+    from pipeline.run import ListingUnderway
+
+    if isinstance(checked, ListingUnderway):
+        checked.close()
+        return True
+    assert isinstance(checked, dict), checked
+    return False

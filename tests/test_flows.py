@@ -74,6 +74,8 @@ def test_segment_flow_nightly_partitions_on_s3(prefect_harness, ray_cpu, s3_buck
     assert [(str(d), n, e) for d, n, e in rows] == [("2026-11-19", 2, 0), ("2026-11-20", 4, 1)]
     table = Artifact.get("segpipe-run-summary")
     assert table.type == "table" and "errors: not_an_image" in str(table.data)
+    metrics = {row["metric"]: row["value"] for row in (json.loads(table.data) if isinstance(table.data, str) else table.data)}
+    assert (metrics["images"], metrics["images ok"], metrics["errors"]) == (4, 3, 1)
     markdown = Artifact.get("segpipe-run-outputs")
     assert f"{bucket}/segpipe/date=2026-11-20/images/" in markdown.data
     assert second["folders"] == ["images/", "class_stats/", "masks/"] and "polygons/" not in markdown.data

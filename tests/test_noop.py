@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import ray
 import s3fs
+from conftest import needs_work
 from PIL import Image
 
 from pipeline.config import SegmentConfig
@@ -104,7 +105,7 @@ def test_a_night_with_nothing_new_loads_no_model_and_a_new_image_costs_its_shard
     assert json.loads(archive.read(record["record"]))["run_id"] == record["run_id"]
 
     archive.put("2026-11-20/2.jpg", _jpeg(7))  # one new image: its shard (now 3 images), and only it, is done again
-    assert up_to_date(config) is None
+    assert needs_work(up_to_date(config))
     incremental = run_segmentation(config, worker_class=_counting_worker(replicas))
     assert (incremental.shards_committed, incremental.shards_skipped, incremental.images) == (1, 1, 3)
     assert len(list(replicas.iterdir())) == 1  # the counting worker does count a replica that starts
@@ -121,7 +122,7 @@ def test_nothing_to_do_says_how_many_error_rows_stay_and_how_to_retry_them(ray_c
     first, second = summary_lines(record)
     assert first.startswith("nothing to do: the one shard")
     assert second == "1 error row is kept in the shards already up to date; --redo-errors segments their images again"
-    assert up_to_date(config.model_copy(update={"redo_errors": True})) is None  # then there is work
+    assert needs_work(up_to_date(config.model_copy(update={"redo_errors": True})))  # then there is work
     # a night with new images in another shard says the same of the shard it skipped
     archive.put("later/c.jpg", _jpeg(1))
     night = run_segmentation(config)
@@ -138,10 +139,10 @@ def test_other_settings_are_work_to_do(ray_cpu, tmp_path):
     (source / "0.jpg").write_bytes(_jpeg(0))
     config = SegmentConfig(source=str(source), output=str(tmp_path / "out"), **MODEL)
     run_segmentation(config)
-    assert up_to_date(config) is not None
-    assert up_to_date(config.model_copy(update={"crf": True})) is None
-    assert up_to_date(config.model_copy(update={"class_names": ("sky", "building", "road", "car")})) is None
-    assert up_to_date(SegmentConfig(source=str(source), output=str(tmp_path / "elsewhere"), **MODEL)) is None
+    assert not needs_work(up_to_date(config))
+    assert needs_work(up_to_date(config.model_copy(update={"crf": True})))
+    assert needs_work(up_to_date(config.model_copy(update={"class_names": ("sky", "building", "road", "car")})))
+    assert needs_work(up_to_date(SegmentConfig(source=str(source), output=str(tmp_path / "elsewhere"), **MODEL)))
 
 
 def test_a_source_without_images_is_nothing_to_do_even_for_a_new_output(tmp_path):
@@ -155,7 +156,7 @@ def test_a_source_without_images_is_nothing_to_do_even_for_a_new_output(tmp_path
     assert record is not None and (record["shards_skipped"], record["images"], record["non_image_keys"]) == (0, 0, 1)
     assert [p.relative_to(tmp_path / "out").parts[0] for p in (tmp_path / "out").rglob("*") if p.is_file()] == ["_runs"]
     (source / "0.jpg").write_bytes(_jpeg(0))
-    assert up_to_date(config) is None  # an image: work, for an OUTPUT never written
+    assert needs_work(up_to_date(config))  # an image: work, for an OUTPUT never written
 
 
 def test_a_night_nobody_uploaded_to_on_s3_is_nothing_to_do(s3_bucket, tmp_path):
@@ -229,20 +230,20 @@ def test_a_checkpoint_counts_by_its_contents_not_by_its_path(ray_cpu, tmp_path, 
     config = SegmentConfig(source=str(source), output=str(tmp_path / "out"), weights=str(checkpoint), crf=False,
                            precision="fp32")
     run_segmentation(config)
-    assert up_to_date(config) is not None
+    assert not needs_work(up_to_date(config))
 
     monkeypatch.chdir(tmp_path)
-    assert up_to_date(config.model_copy(update={"weights": "models/../models/night.pt"})) is not None
+    assert not needs_work(up_to_date(config.model_copy(update={"weights": "models/../models/night.pt"})))
     shutil.copy(checkpoint, tmp_path / "copy.pt")
-    assert up_to_date(config.model_copy(update={"weights": str(tmp_path / "copy.pt")})) is not None
+    assert not needs_work(up_to_date(config.model_copy(update={"weights": str(tmp_path / "copy.pt")})))
 
     with torch.no_grad():
         next(model.parameters()).add_(1.0)  # a night of training later
     save_checkpoint(model, str(checkpoint), model.meta)
-    assert up_to_date(config) is None
+    assert needs_work(up_to_date(config))
     rerun = run_segmentation(config)
     assert (rerun.shards_committed, rerun.images) == (1, 1)
-    assert up_to_date(config) is not None
+    assert not needs_work(up_to_date(config))
 
 
 def _segment(source: str, output: str, env: dict[str, str]) -> subprocess.CompletedProcess:

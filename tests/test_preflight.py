@@ -620,7 +620,7 @@ def test_an_aws_profile_that_is_not_configured_is_named(s3_bucket, source, tmp_p
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_ENDPOINT_URL": options["endpoint_url"]}
     untrained = ["--weights", "none", "--num-classes", "2"]
     _refused(["segment", f"{bucket}/in", str(tmp_path / "out"), *untrained],
-             "AWS_PROFILE 'nosuch' names no AWS profile of ~/.aws/config or ~/.aws/credentials (profiles there: survey)",
+             f"AWS_PROFILE 'nosuch' names no AWS profile of {config} or {tmp_path / 'none'} (profiles there: survey)",
              env=env | {"AWS_PROFILE": "nosuch"})
     _refused(["segment", str(source), f"{bucket}/out", *untrained, "--storage-options", '{"profile": "nosuch"}'],
              "--storage-options profile 'nosuch' names no AWS profile", env=env)
@@ -705,6 +705,11 @@ def test_a_ray_address_where_nothing_answers_is_refused_at_once(source, tmp_path
     assert not (tmp_path / "out").exists()
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     with pytest.raises(PreflightError, match=rf"^RAY_ADDRESS 127\.0\.0\.1:{port}: no Ray cluster answers there"):
+        check_evaluate(EvaluateConfig(predictions=str(source), ground_truth=str(source), output=str(tmp_path / "r"),
+                                      num_classes=2))
+    # a Ray client's URL (the option's own check refuses it) and an address list are Ray's to refuse
+    for address in (f"ray://127.0.0.1:{port}", f"127.0.0.1:{port},127.0.0.1:{port}"):
+        monkeypatch.setenv("RAY_ADDRESS", address)
         check_evaluate(EvaluateConfig(predictions=str(source), ground_truth=str(source), output=str(tmp_path / "r"),
                                       num_classes=2))
     with socket.socket() as listening:  # something answers: Ray's own to say if it is no cluster

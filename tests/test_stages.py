@@ -422,13 +422,26 @@ def test_a_shard_segmented_again_loses_its_marker_before_its_masks_change(tmp_pa
     store.withdraw_commit("never-committed")  # a new shard has none: no error
 
 
-def test_a_new_shard_stopped_before_its_manifest_is_still_found(tmp_path, monkeypatch):
-    store = OutputStore(open_location(str(tmp_path / "out")))
+def test_a_new_shard_stopped_before_its_manifest_is_still_found_and_finished(tmp_path, stage, monkeypatch):
+    """A shard's first commit stopped after its images table: the shard is still found
+    (`stored_shards`, for `remove_vanished_shards`), and its images table stands for the
+    manifest it lacks, so the next commit removes the masks of images deleted meanwhile."""
+    source = _source(tmp_path)
+    store = OutputStore(open_location(str(tmp_path / "out")), source)
+    [shard] = list(iter_shards(source))
+    records = write_masks(store.location, stage(read_and_decode(source, shard.files)), [(0, 0, 0)] * 4)
     _stop_commits_at_the_manifest(monkeypatch)
     with pytest.raises(OSError, match="killed"):
-        store.commit_shard(Shard("s1", (SourceFile("a.jpg", 1, "v"),)), [ImageRecord("a.jpg")], _run("r1"))
-    assert (tmp_path / "out" / "images" / "shard=s1").is_dir()
-    assert store.stored_shards() == {"s1"}
+        store.commit_shard(shard, records, _run("r1"))
+    monkeypatch.undo()
+    assert not (tmp_path / "out" / "manifest").exists()
+    assert store.stored_shards() == {shard.shard_id}
+    (tmp_path / "src" / "d" / "img1.jpg").unlink()
+    [shard] = list(iter_shards(source))
+    store.commit_shard(shard, write_masks(store.location, stage(read_and_decode(source, shard.files)), [(0, 0, 0)] * 4),
+                       _run("r2"))
+    assert not (tmp_path / "out" / "masks" / "d" / "img1.png").exists()
+    assert (tmp_path / "out" / "masks" / "d" / "img0.png").exists()
 
 
 def test_the_layout_is_recorded_with_the_first_commit(tmp_path):
@@ -439,6 +452,18 @@ def test_the_layout_is_recorded_with_the_first_commit(tmp_path):
     OutputStore(open_location(str(tmp_path / "out"))).check_layout("s3://b/src", "directory", 10)  # nothing recorded
     store.commit_shard(Shard("s1", (SourceFile("a.jpg", 1, "v"),)), [ImageRecord("a.jpg")], _run())
     assert json.loads((tmp_path / "out" / "_segpipe.json").read_text())["shard_size"] == 1000
+
+
+def test_a_layout_another_run_recorded_first_is_refused_at_the_commit(tmp_path):
+    """Two runs start on an OUTPUT that records no layout yet, with other sharding: the one
+    that commits second is refused, as it would have been at its start."""
+    first, second = (OutputStore(open_location(str(tmp_path / "out"))) for _ in range(2))
+    first.check_layout("s3://b/src", "directory", 1000)
+    second.check_layout("s3://b/src", "directory", 10)
+    second.commit_shard(Shard("s1", (SourceFile("a.jpg", 1, "v"),)), [ImageRecord("a.jpg")], _run())
+    with pytest.raises(LayoutMismatchError, match="shard_size=10 but this run has shard_size=1000"):
+        first.commit_shard(Shard("s2", (SourceFile("b.jpg", 1, "v"),)), [ImageRecord("b.jpg")], _run())
+    assert not (tmp_path / "out" / "images" / "shard=s2").exists()
 
 
 def test_layout_is_fixed_per_output(tmp_path):

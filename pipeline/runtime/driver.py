@@ -32,7 +32,7 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from ..config import RunError, SegmentConfig
-from ..outputs import OpenShard, OutputStore, RunInfo, prepare_output
+from ..outputs import OpenShard, OutputStore, RunInfo, is_current, prepare_output
 from ..records import ImageRecord
 from ..run import (
     DONE,
@@ -114,13 +114,15 @@ class _Run:
     def process(self, listing: Prefetched[Shard], counts: ListingCounts) -> None:
         while (shard := self._next_shard(listing, counts)) is not None:
             self.listed.add(shard.shard_id)
-            if (commit := self.store.current_commit(shard, self.run, redo_errors=self.config.redo_errors)) is not None:
+            commit = self.store.read_commit(shard.shard_id)
+            if is_current(commit, shard, self.run, redo_errors=self.config.redo_errors):
                 self.progress.shards_skipped += 1
                 self.errors_kept += commit.get("errors", 0)
                 self.on_progress(self.progress)
                 continue
             self.replicas.start()  # with the first shard that needs work; the listing goes on meanwhile
-            self.store.withdraw_commit(shard.shard_id)  # its masks are rewritten before it commits again
+            if commit is not None:  # its masks are rewritten before it commits again
+                self.store.withdraw_commit(shard.shard_id)
             if self.pool is None:
                 self.opened_while_starting += 1
             todo, refused = plan_shard(shard.files, fold_case=self.store.case_insensitive)
@@ -296,11 +298,13 @@ def run_segmentation(
     `listing`: SOURCE's listing for this config, which `up_to_date` began, taken over (and
     closed) here."""
     started = time.monotonic()
-    if replicas is not None and replicas.config != config:
-        raise ValueError("replicas were started for another config than the run's")
     if listing is not None and listing.config != config:
         listing.close()
         raise ValueError("the listing was begun for another config than the run's")
+    if replicas is not None and replicas.config != config:
+        if listing is not None:
+            listing.close()
+        raise ValueError("replicas were started for another config than the run's")
     given = replicas is not None
     replicas = replicas or Replicas(config, worker_class=worker_class)
     begun = min(started, replicas.started_at) if replicas.started_at is not None else started
