@@ -611,11 +611,11 @@ def _client_settings(urls: Collection[str | None], options: StorageOptions, remo
 def _profile_exists(options: StorageOptions, remote: bool) -> None:
     """A named AWS profile that no config file holds. botocore raises ProfileNotFound at the
     first request, which escapes a listing as a traceback and which s3fs's exists() takes for
-    a bucket that does not exist. Named by the storage option `profile`, else (but with
-    `remote=False`: the Secret block may name one) by AWS_DEFAULT_PROFILE or AWS_PROFILE, as
-    botocore reads them; botocore then wants it in ~/.aws/config or ~/.aws/credentials (or
-    where AWS_CONFIG_FILE and AWS_SHARED_CREDENTIALS_FILE point, as the line names them),
-    "default" included."""
+    a bucket that does not exist. Named by the storage option `profile`, else by
+    AWS_DEFAULT_PROFILE or AWS_PROFILE as botocore reads them (not with `remote=False`: the
+    Secret block may name another). botocore wants it in ~/.aws/config or ~/.aws/credentials,
+    or where AWS_CONFIG_FILE and AWS_SHARED_CREDENTIALS_FILE point (the line names the files
+    it read), "default" included."""
     profile, origin = options.get("profile"), f"{options.origin('profile')} profile"
     if profile is None and remote:
         origin = next((name for name in ("AWS_DEFAULT_PROFILE", "AWS_PROFILE") if os.environ.get(name)), "")
