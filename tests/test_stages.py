@@ -327,8 +327,7 @@ def _run(run_id="r1", fingerprint="f1") -> RunInfo:
 def test_commit_writes_tables_marker_and_manifest(tmp_path, stage):
     source = _source(tmp_path)
     store = OutputStore(open_location(str(tmp_path / "out")))
-    [shard] = list(iter_shards(source))
-    records = write_masks(store.location, stage(read_and_decode(source, shard.files)), [(0, 0, 0)] * 4)
+    shard, records = _segmented(store, source, stage)
     assert store.current_commit(shard, _run()) is None
     store.commit_shard(shard, records, _run())
     assert store.current_commit(shard, _run()) is not None
@@ -361,16 +360,20 @@ def test_commit_refuses_a_shard_with_missing_records(tmp_path):
 def test_recommit_replaces_rows_and_removes_masks_of_deleted_images(tmp_path, stage):
     source = _source(tmp_path)
     store = OutputStore(open_location(str(tmp_path / "out")))
-    [shard] = list(iter_shards(source))
-    store.commit_shard(shard, write_masks(store.location, stage(read_and_decode(source, shard.files)), [(0, 0, 0)] * 4), _run("r1"))
+    store.commit_shard(*_segmented(store, source, stage), _run("r1"))
     assert (tmp_path / "out" / "masks" / "d" / "img1.png").exists()
     (tmp_path / "src" / "d" / "img1.jpg").unlink()
-    [shard] = list(iter_shards(source))
-    store.commit_shard(shard, write_masks(store.location, stage(read_and_decode(source, shard.files)), [(0, 0, 0)] * 4), _run("r2"))
+    store.commit_shard(*_segmented(store, source, stage), _run("r2"))
     rows = duckdb.sql(f"select run_id, image_id from read_parquet('{tmp_path}/out/images/**/*.parquet') order by 2").fetchall()
     assert rows == [("r2", "d/broken.png"), ("r2", "d/img0.jpg"), ("r2", "d/img2.jpg")]
     assert not (tmp_path / "out" / "masks" / "d" / "img1.png").exists()
     assert (tmp_path / "out" / "masks" / "d" / "img0.png").exists()
+
+
+def _segmented(store: OutputStore, source, stage) -> tuple[Shard, list[ImageRecord]]:
+    """SOURCE's one shard as it is now, and its records with their masks written to `store`."""
+    [shard] = list(iter_shards(source))
+    return shard, write_masks(store.location, stage(read_and_decode(source, shard.files)), [(0, 0, 0)] * 4)
 
 
 def _stop_commits_at_the_manifest(monkeypatch) -> None:
@@ -390,11 +393,9 @@ def test_a_commit_stopped_before_its_manifest_is_finished_by_the_next(tmp_path, 
     the next commit still knows which masks to remove, and no marker passes the shard."""
     source = _source(tmp_path)
     store = OutputStore(open_location(str(tmp_path / "out")), source)
-    [shard] = list(iter_shards(source))
-    store.commit_shard(shard, write_masks(store.location, stage(read_and_decode(source, shard.files)), [(0, 0, 0)] * 4), _run("r1"))
+    store.commit_shard(*_segmented(store, source, stage), _run("r1"))
     (tmp_path / "src" / "d" / "img1.jpg").unlink()
-    [shard] = list(iter_shards(source))
-    records = write_masks(store.location, stage(read_and_decode(source, shard.files)), [(0, 0, 0)] * 4)
+    shard, records = _segmented(store, source, stage)
     _stop_commits_at_the_manifest(monkeypatch)
     with pytest.raises(OSError, match="killed"):
         store.commit_shard(shard, records, _run("r2"))
@@ -428,8 +429,7 @@ def test_a_new_shard_stopped_before_its_manifest_is_still_found_and_finished(tmp
     manifest it lacks, so the next commit removes the masks of images deleted meanwhile."""
     source = _source(tmp_path)
     store = OutputStore(open_location(str(tmp_path / "out")), source)
-    [shard] = list(iter_shards(source))
-    records = write_masks(store.location, stage(read_and_decode(source, shard.files)), [(0, 0, 0)] * 4)
+    shard, records = _segmented(store, source, stage)
     _stop_commits_at_the_manifest(monkeypatch)
     with pytest.raises(OSError, match="killed"):
         store.commit_shard(shard, records, _run("r1"))
@@ -437,9 +437,7 @@ def test_a_new_shard_stopped_before_its_manifest_is_still_found_and_finished(tmp
     assert not (tmp_path / "out" / "manifest").exists()
     assert store.stored_shards() == {shard.shard_id}
     (tmp_path / "src" / "d" / "img1.jpg").unlink()
-    [shard] = list(iter_shards(source))
-    store.commit_shard(shard, write_masks(store.location, stage(read_and_decode(source, shard.files)), [(0, 0, 0)] * 4),
-                       _run("r2"))
+    store.commit_shard(*_segmented(store, source, stage), _run("r2"))
     assert not (tmp_path / "out" / "masks" / "d" / "img1.png").exists()
     assert (tmp_path / "out" / "masks" / "d" / "img0.png").exists()
 
