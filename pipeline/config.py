@@ -287,7 +287,7 @@ class SegmentConfig(JobConfig):
     polygons: bool = Field(default=False, description=(
         "georeferenced rasters: vectorise class regions into OUTPUT/polygons/ (GeoParquet)"))
     min_polygon_area: float = Field(default=0.0, ge=0, description=(
-        "drop polygons smaller than this (m² in a projected CRS, else pixels)"))
+        "drop polygons smaller than this, in m² on the ground"))
     simplify: float = Field(default=0.0, ge=0, description=(
         "simplify polygons with this tolerance: metres in a projected CRS, else pixels (0: exact pixel edges)"))
     redo_errors: bool = Field(default=False, description="also re-process committed shards that hold error rows")

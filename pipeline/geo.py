@@ -27,11 +27,14 @@ from typing import NamedTuple, Self
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pyproj
 import rasterio
 import rasterio.features
 import rasterio.shutil
 import shapely
 from affine import Affine
+from pyproj.crs import ProjectedCRS
+from pyproj.crs.coordinate_operation import LambertAzimuthalEqualAreaConversion
 
 # GDAL's error classes, which rasterio raises from writes and exposes nowhere else
 from rasterio._err import (
@@ -60,7 +63,7 @@ POLYGONS_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
     pa.field("class_id", pa.int32(), nullable=False),
     pa.field("class_name", pa.string(), nullable=False),
-    # the region's pixels, in m² in a projected CRS, else in pixels: see pixel_area
+    # the region's area on the ground, in m² (pixels for a local CRS): see GroundArea
     pa.field("area", pa.float64(), nullable=False),
     pa.field("geometry", pa.binary(), nullable=False),  # WKB, in the raster's CRS
     # GeoParquet 1.1's covering: each row's bounding box, whose row-group statistics let a
@@ -239,18 +242,70 @@ def _written(path: Path) -> Iterator[None]:
         raise OSError(f"cannot write {path}: {err.__cause__ or err}") from err
 
 
-def pixel_area(crs: CRS | None, transform: Affine) -> float:
-    """The area of one pixel: m² in a projected CRS (whatever its linear unit, US feet
-    included), else 1, so that areas are in pixels (a geographic CRS's degrees are no unit of
-    area; nor is a raster without a CRS). Class areas and polygon areas use it alike."""
-    if crs is not None and crs.is_projected:
-        return abs(transform.determinant) * crs.linear_units_factor[1] ** 2
-    return 1.0
+class GroundArea:
+    """The area on the ground of a raster's pixels and of its regions: m² on the ellipsoid of
+    the raster's CRS, projected or geographic, as GIS tools measure with an ellipsoid; pixels
+    for a local (engineering) CRS, which lies on no ellipsoid.
+
+    A map's own area is the ground's only in a projection that keeps areas: UTM's differs by
+    up to 0.2%, Web Mercator's by 1/cos² of the latitude (4x at 60°), and a geographic CRS's
+    square degrees are no area at all. So each pixel row's area is measured once: the pixel in
+    the row's middle column, its corners taken into a Lambert azimuthal equal-area projection
+    centred on the raster (areas there are the ellipsoid's). A row's pixels are taken to share
+    its area, which is exact for a north-up raster in a geographic or cylindrical CRS (Web
+    Mercator's included), and within about 1e-4 for a raster of some kilometres in UTM.
+    """
+
+    def __init__(self, crs: CRS | None, transform: Affine, *, width: int, height: int) -> None:
+        self.unit = "pixels"
+        self.row_area = np.ones(height)
+        if crs is not None:
+            source = pyproj.CRS.from_wkt(crs.to_wkt())
+            if source.geodetic_crs is not None:
+                self.row_area = _row_areas(source, transform, width, height)
+                self.unit = "m²"
+        # the area of the rows above each pixel row's top edge: a region's area from its outline
+        self._above = np.concatenate(([0.0], np.cumsum(self.row_area)))
+
+    def of_regions(self, pixel_polygons: np.ndarray) -> np.ndarray:
+        """The area of each polygon whose vertices are pixel corners (the raster's pixel
+        coordinates, as `rasterio.features.shapes` outlines regions): Green's theorem over the
+        outline, whose horizontal edges each add their length times the area above them."""
+        rings, polygon_of_ring = shapely.get_rings(pixel_polygons, return_index=True)
+        xy, ring_of_point = shapely.get_coordinates(rings, return_index=True)
+        # consecutive vertices of one ring (a ring's last vertex repeats its first)
+        same_ring = ring_of_point[1:] == ring_of_point[:-1]
+        dx = np.where(same_ring, xy[1:, 0] - xy[:-1, 0], 0.0)
+        above = self._above[np.rint(xy[:-1, 1]).astype(np.int64)]
+        ring_area = np.abs(np.bincount(ring_of_point[:-1], weights=dx * above, minlength=len(rings)))
+        # each polygon's first ring is its outline, the others its holes
+        outline = np.ones(len(rings), dtype=bool)
+        outline[1:] = polygon_of_ring[1:] != polygon_of_ring[:-1]
+        return np.bincount(polygon_of_ring, weights=np.where(outline, ring_area, -ring_area),
+                           minlength=len(pixel_polygons))
+
+
+def _row_areas(source: pyproj.CRS, transform: Affine, width: int, height: int) -> np.ndarray:
+    """m² of a pixel in each row of the raster: its middle column's, in an equal-area projection
+    centred on the raster, on the CRS's own datum (so no datum shift moves it)."""
+    geodetic = source.geodetic_crs
+    centre = transform @ (width / 2, height / 2)
+    lon, lat = pyproj.Transformer.from_crs(source, geodetic, always_xy=True).transform(*centre)
+    equal_area = ProjectedCRS(conversion=LambertAzimuthalEqualAreaConversion(lat, lon), geodetic_crs=geodetic)
+    to_equal_area = pyproj.Transformer.from_crs(source, equal_area, always_xy=True)
+    edges = np.arange(height + 1, dtype=np.float64)  # the rows' top edges, and the last one's bottom
+    column = float(width // 2)
+    left = to_equal_area.transform(*(transform @ (np.full_like(edges, column), edges)))
+    right = to_equal_area.transform(*(transform @ (np.full_like(edges, column + 1), edges)))
+    # each pixel's quadrilateral: top left, top right, bottom right, bottom left (shoelace)
+    xs = np.stack([left[0][:-1], right[0][:-1], right[0][1:], left[0][1:]], axis=1)
+    ys = np.stack([left[1][:-1], right[1][:-1], right[1][1:], left[1][1:]], axis=1)
+    return 0.5 * np.abs(np.sum(xs * np.roll(ys, -1, axis=1) - np.roll(xs, -1, axis=1) * ys, axis=1))
 
 
 class ClassPolygon(NamedTuple):
     """One connected region of one class: a Polygon in the raster's CRS, and the area of its
-    pixels (`pixel_area`'s units)."""
+    pixels on the ground (`GroundArea`'s units)."""
 
     class_id: int
     geometry: shapely.Polygon
@@ -276,10 +331,11 @@ class PolygonCollector:
     two neighbouring blocks share are the same integers, so the union closes every seam
     exactly (map coordinates computed from two window transforms may differ in the last bit
     and leave slivers). Geometries go to map coordinates only when final. A region's `area`
-    is that of its pixels, in `pixel_area`'s units (m² in a projected CRS, else pixels), and
+    is that of its pixels on the ground (`ground`: m², or pixels for a local CRS), and
     `min_area` drops regions by it. `simplify` then simplifies each polygon on its own
     (Douglas-Peucker preserving its topology, as `ogr2ogr -simplify` does), with its tolerance
-    in the same units (metres, or pixels), from a canonical form of the polygon, so that the
+    in metres in a projected CRS, else in pixels (a geographic CRS's degrees are no unit to
+    take a tolerance in metres), from a canonical form of the polygon, so that the
     result does not depend on how the blocks cut it; neighbouring polygons may gain gaps or
     overlaps up to the tolerance where their shared edge simplifies differently.
     """
@@ -300,6 +356,7 @@ class PolygonCollector:
             raise ValueError(f"min_area and simplify must be >= 0, got {min_area} and {simplify}")
         self.transform, self.crs = transform, crs
         self.width, self.height = width, height
+        self.ground = GroundArea(crs, transform, width=width, height=height)
         self.min_area, self.simplify = min_area, simplify
         # held pieces by id: polygon, class, bounds; and the union-find joining a region's pieces
         self._pieces: dict[int, tuple[shapely.Polygon, int, tuple[float, float, float, float]]] = {}
@@ -311,8 +368,10 @@ class PolygonCollector:
         self._next_id = 0
         self._row = 0  # the top of the row of blocks being added
         # every region found so far, per class, those `min_area` drops included: the raster's
-        # connected regions (class statistics' `components`), whatever the polygons' settings
+        # connected regions (class statistics' `components`), whatever the polygons' settings,
+        # and their area: each class's, as its regions tile its pixels
         self.regions: Counter[int] = Counter()
+        self.area: defaultdict[int, float] = defaultdict(float)
         self._finished = False
 
     @property
@@ -437,8 +496,15 @@ class PolygonCollector:
         self.regions.update(class_ids)
         if not pixel_polygons:
             return []
-        geometries = np.asarray(pixel_polygons, dtype=object)
-        areas = shapely.area(geometries) * pixel_area(self.crs, self.transform)  # whole pixels: exact
+        # where a ring starts differs between a region found whole in one block and the same
+        # region merged from pieces: the normal form starts it at the same vertex either way,
+        # so the rows are the same whatever the blocks, and so are the sums of its area and
+        # Douglas-Peucker's result, which depend on it (taken in pixels, so that a CRS's axes,
+        # flipped or scaled, make no difference either)
+        geometries = shapely.normalize(np.asarray(pixel_polygons, dtype=object))
+        areas = self.ground.of_regions(geometries)
+        for class_id, area in zip(class_ids, areas.tolist(), strict=True):
+            self.area[class_id] += area
         keep = areas >= self.min_area
         geometries, areas = geometries[keep], areas[keep]
         class_ids = [class_id for class_id, kept in zip(class_ids, keep, strict=True) if kept]
@@ -448,15 +514,9 @@ class PolygonCollector:
             return np.column_stack((a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f))
 
         projected = self.crs is not None and self.crs.is_projected
-        # where a ring starts differs between a region found whole in one block and the same
-        # region merged from pieces: the normal form starts it at the same vertex either way,
-        # so the rows are the same whatever the blocks, and so is Douglas-Peucker's result,
-        # which depends on it (taken in pixels, so that a CRS's axes, flipped or scaled, make
-        # no difference either)
-        geometries = shapely.normalize(geometries)
         if self.simplify > 0 and not projected:
-            # pixels, as the areas are counted: in degrees, a tolerance meant for metres would
-            # reduce every region to a triangle or nothing
+            # pixels: in degrees, a tolerance meant for metres would reduce every region to a
+            # triangle or nothing
             geometries = shapely.simplify(geometries, self.simplify, preserve_topology=True)
         geometries = shapely.transform(geometries, to_map)
         if self.simplify > 0 and projected:

@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 
 # 2: masks of georeferenced rasters are COGs, class_stats has `area`, images has
 # `confidence_uri`, polygons/ is new
-LAYOUT_FORMAT = "segpipe-output/3"
+LAYOUT_FORMAT = "segpipe-output/4"
 # a shard is at most a few thousand images; one row group per file keeps scans simple while
 # staying far below the sizes (~128 MiB) where readers would want to split it
 ROW_GROUP_ROWS = 1 << 20
@@ -120,7 +120,7 @@ CLASS_STATS_SCHEMA = pa.schema([
     pa.field("fraction", pa.float64(), nullable=False),
     pa.field("mean_confidence", pa.float32(), nullable=False),
     pa.field("components", pa.int32(), nullable=False),
-    # pixel_count x the pixel's area (`geo.pixel_area`: m² in a projected CRS, else pixels);
+    # the class's pixels' area on the ground (`geo.GroundArea`: m², pixels for a local CRS);
     # null for images without georeferencing
     pa.field("area", pa.float64()),
 ])

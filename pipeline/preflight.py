@@ -63,7 +63,7 @@ CHECKPOINT_FORMAT = "segpipe-checkpoint/1"
 # pipeline.outputs' layout record and its format, named here because importing pipeline.outputs
 # imports torch; tests/test_preflight.py checks that the two agree
 LAYOUT_KEY = "_segpipe.json"
-LAYOUT_FORMAT = "segpipe-output/3"
+LAYOUT_FORMAT = "segpipe-output/4"
 # seconds a download URL may take to answer before the weights count as unreachable
 DOWNLOAD_CHECK_TIMEOUT_S = 3.0
 

@@ -52,7 +52,7 @@ class ClassStats:
     fraction: np.ndarray  # float64, pixel_count / (H * W)
     mean_confidence: np.ndarray  # float64, mean probability of the pixels assigned to the class
     components: np.ndarray  # int64, connected regions (8-connectivity)
-    # float64, pixel_count x `geo.pixel_area` (georeferenced rasters only)
+    # float64, the class's pixels' area on the ground (`geo.GroundArea`; georeferenced rasters only)
     area: np.ndarray | None = None
 
     def __len__(self) -> int:

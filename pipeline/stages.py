@@ -41,7 +41,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from .config import RasterSettings
 from .crf import DEFAULT_DOWNSAMPLE, crf_logits, dense_crf
 from .decode import DeviceJpeg, ImageDecodeError, decode_image, unreadable
-from .geo import ClassPolygon, MaskWriter, PolygonCollector, PolygonsWriter, pixel_area
+from .geo import ClassPolygon, MaskWriter, PolygonCollector, PolygonsWriter
 from .inference import GridLogits, Segmenter, SlidingWindow, softmax_classes
 from .labels import PixelLabeler
 from .masks import confidence_levels
@@ -336,7 +336,7 @@ class RasterStage:
         profile = {"width": dataset.width, "height": dataset.height, "crs": dataset.crs, "transform": dataset.transform,
                    "threads": self.gdal_threads}
         totals = _ClassTotals(self.num_classes)
-        # run without --polygons too: its regions are the statistics' `components`
+        # run without --polygons too: its regions are the statistics' `components` and `area`
         collector = PolygonCollector(dataset.transform, dataset.crs, width=dataset.width, height=dataset.height,
                                      min_area=s.min_polygon_area, simplify=s.simplify)
         polygons_path = os.path.join(scratch, "polygons.parquet")
@@ -378,7 +378,7 @@ class RasterStage:
         if s.confidence:
             record.confidence_key = confidence_key_for(record.key, ".tif")
             put_file_atomic(self.output, record.confidence_key, confidence_path)
-        record.stats = totals.stats(components=collector.regions, pixel_area=pixel_area(dataset.crs, dataset.transform))
+        record.stats = totals.stats(components=collector.regions, area=collector.area)
         if polygons.close():
             record.polygons_key = staged_polygons_key(self.run_id, record.key)
             put_file_atomic(self.output, record.polygons_key, polygons_path)
@@ -496,14 +496,14 @@ class _ClassTotals:
         self.counts += np.bincount(labels, minlength=n)[:n]
         self.confidence += np.bincount(labels, weights=score.ravel(), minlength=n)[:n]
 
-    def stats(self, *, components: Counter[int], pixel_area: float) -> ClassStats:
+    def stats(self, *, components: Counter[int], area: dict[int, float]) -> ClassStats:
         """`fraction` is of the raster's valid pixels; `components`, the connected regions of
-        each class; `area` in `pixel_area`'s units."""
+        each class; `area`, each class's on the ground (its regions', `geo.GroundArea`)."""
         present = np.nonzero(self.counts)[0]
         counts = self.counts[present]
         return ClassStats(
             class_id=present.astype(np.int64), pixel_count=counts, fraction=counts / max(int(self.counts.sum()), 1),
             mean_confidence=self.confidence[present] / counts,
             components=np.array([components.get(int(c), 0) for c in present], dtype=np.int64),
-            area=counts * pixel_area,
+            area=np.array([area[int(c)] for c in present], dtype=np.float64),
         )

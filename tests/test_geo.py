@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pyproj
 import pytest
 import rasterio
 import shapely
@@ -22,10 +23,10 @@ from rio_cogeo.cogeo import cog_validate
 
 from pipeline.geo import (
     ClassPolygon,
+    GroundArea,
     MaskWriter,
     PolygonCollector,
     PolygonsWriter,
-    pixel_area,
     polygons_table,
 )
 from pipeline.masks import default_palette
@@ -234,13 +235,72 @@ def test_region_cut_by_block_edges_is_one_polygon() -> None:
     assert len(by_class[0]) == 1 and by_class[0][0].area == 36 - 12 - 1 - 1
 
 
-def test_pixel_area_units() -> None:
-    """A pixel's area: m² in a projected CRS whatever its unit, else 1 (areas in pixels)."""
-    assert pixel_area(UTM16N, from_origin(0, 0, 0.5, 0.5)) == 0.25  # m²
-    us_feet = CRS.from_epsg(2263)  # NY Long Island, US survey feet
-    assert pixel_area(us_feet, from_origin(0, 0, 2, 2)) == pytest.approx(4 * 0.3048006096**2)
-    assert pixel_area(CRS.from_epsg(4326), from_origin(10, 50, 0.001, 0.001)) == 1  # pixels
-    assert pixel_area(None, Affine.identity()) == 1
+def geodesic_area(polygon: shapely.Polygon, crs: CRS) -> float:
+    """m² of a polygon in `crs` on WGS84, as GIS tools measure with an ellipsoid: its outline,
+    densified, in longitude and latitude, by pyproj's geodesic area (another way than
+    GroundArea's)."""
+    to_lonlat = pyproj.Transformer.from_crs(pyproj.CRS.from_wkt(crs.to_wkt()), "EPSG:4326", always_xy=True)
+    dense = shapely.segmentize(polygon, max_segment_length=max(shapely.length(polygon) / 4000, 1e-9))
+    area = 0.0
+    for ring, sign in [(dense.exterior, 1)] + [(hole, -1) for hole in dense.interiors]:
+        lon, lat = to_lonlat.transform(*np.asarray(ring.coords).T)
+        area += sign * abs(pyproj.Geod(ellps="WGS84").polygon_area_perimeter(lon, lat)[0])
+    return area
+
+
+def class_areas(ground: GroundArea, labels: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Each class's area counted pixel by pixel, each taking its row's area."""
+    valid = np.ones(labels.shape, bool) if valid is None else valid
+    areas = np.broadcast_to(ground.row_area[:, None], labels.shape)
+    return np.bincount(labels[valid], weights=areas[valid], minlength=int(labels.max()) + 1)
+
+
+@pytest.mark.parametrize("crs, transform", [
+    (UTM16N, TRANSFORM),                                             # metres
+    (CRS.from_epsg(2263), from_origin(980000, 200000, 2, 2)),        # NY Long Island, US survey feet
+    (CRS.from_epsg(3857), from_origin(1_100_000, 8_400_000, 0.3, 0.3)),  # Web Mercator at 60° N
+    (CRS.from_epsg(4326), from_origin(10.0, 60.0, 3e-6, 3e-6)),     # degrees
+    (CRS.from_epsg(4326), Affine(2e-6, 1e-6, 10.0, 1e-6, -2e-6, -33.0)),  # rotated, south of the equator
+])
+def test_ground_area_is_the_ellipsoids(crs: CRS, transform: Affine) -> None:
+    """A raster's area on the ground, in m², whatever its CRS's unit: the geodesic area of its
+    outline, to 1e-6 (where the map's own area is 0.2% off in UTM, 4x in Web Mercator at
+    60°, and in square degrees in a geographic CRS)."""
+    width, height = 3000, 2000
+    ground = GroundArea(crs, transform, width=width, height=height)
+    outline = shapely.transform(shapely.box(0, 0, width, height), lambda xy: np.column_stack(transform @ xy.T))
+    assert ground.unit == "m²"
+    assert ground.row_area.sum() * width == pytest.approx(geodesic_area(outline, crs), rel=1e-6)
+
+
+def test_ground_area_in_pixels_without_an_ellipsoid() -> None:
+    local = CRS.from_wkt('LOCAL_CS["site grid",UNIT["metre",1]]')  # an engineering CRS: on no ellipsoid
+    for crs in (local, None):
+        ground = GroundArea(crs, from_origin(0, 0, 0.5, 0.5), width=4, height=3)
+        assert ground.unit == "pixels" and ground.row_area.tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("crs, transform", [
+    (CRS.from_epsg(3857), from_origin(1_100_000, 8_400_000, 30, 30)),
+    (CRS.from_epsg(4326), from_origin(10.0, 60.0, 3e-4, 3e-4)),
+])
+def test_region_areas_add_up_to_their_pixels_on_the_ground(crs: CRS, transform: Affine) -> None:
+    """Each region's area is that of its pixels on the ground, holes left out (its outline by
+    Green's theorem against the pixels counted row by row), and its polygon's geodesic area
+    (pixels 30 m high, whose area changes from row to row by 0.1%)."""
+    rng = np.random.default_rng(3)
+    labels = (rng.random((60, 80)) < 0.45).astype(np.uint8)
+    labels[10:50, 10:70] = 2
+    labels[20:40, 30:50] = 0  # a hole in class 2's region
+    ground = GroundArea(crs, transform, width=80, height=60)
+    regions = collect(labels, None, 32, transform=transform, crs=crs)
+    assert any(len(r.geometry.interiors) for r in regions)
+    counted = class_areas(ground, labels)
+    for class_id in range(3):
+        mine = [r for r in regions if r.class_id == class_id]
+        assert sum(r.area for r in mine) == pytest.approx(counted[class_id], rel=1e-12)
+    for region in regions:
+        assert region.area == pytest.approx(geodesic_area(region.geometry, crs), rel=1e-5)
 
 
 @pytest.fixture
@@ -264,7 +324,7 @@ def test_footprints_in_blocks_match_whole_raster(footprints) -> None:
     height, width = labels.shape
     valid = np.ones_like(labels, bool)
     valid[600:700, 200:560] = False  # a nodata band across block edges
-    pixel_area = abs(transform.determinant)
+    ground = GroundArea(crs, transform, width=width, height=height)
 
     whole = collect(labels, valid, max(width, height), transform=transform, crs=crs)
     blocked = collect(labels, valid, 256, transform=transform, crs=crs)
@@ -278,9 +338,12 @@ def test_footprints_in_blocks_match_whole_raster(footprints) -> None:
     right, bottom = transform @ (width, height)
     bounds = shapely.box(left, bottom, right, top)
     assert all(bounds.covers(r.geometry) for r in blocked)
+    class_area = class_areas(ground, labels, valid)
     for class_id in (0, 1):
+        assert sum(r.area for r in blocked if r.class_id == class_id) == pytest.approx(class_area[class_id], rel=1e-12)
+        # in UTM, the ground's area is the map's to 0.2%
         pixels = int(((labels == class_id) & valid).sum())
-        assert sum(r.area for r in blocked if r.class_id == class_id) == pixels * pixel_area
+        assert class_area[class_id] == pytest.approx(pixels * abs(transform.determinant), rel=2e-3)
     # buildings really were cut by block edges (every 256 px) and joined again
     inverse = ~transform
 
@@ -440,7 +503,8 @@ def test_polygons_geoparquet_read_by_geopandas_and_duckdb(footprints, tmp_path: 
     ).fetchall()
     buildings = [r for r in rows if r.class_id == 1]
     assert counts[1][:2] == ("building", len(buildings))
-    assert counts[1][2] == pytest.approx(int(labels.sum()) * abs(transform.determinant))
+    assert counts[1][2] == pytest.approx(sum(r.area for r in buildings), rel=1e-12)
+    assert counts[1][2] == pytest.approx(int(labels.sum()) * abs(transform.determinant), rel=2e-3)  # UTM
     geometry_type = duckdb.sql(f"select geometry from read_parquet('{path}') limit 0").types[0]
     if str(geometry_type).startswith("GEOMETRY"):  # DuckDB reads GeoParquet as GEOMETRY
         # a bounding-box predicate, built into DuckDB without the spatial extension

@@ -12,6 +12,7 @@ from pathlib import Path
 import duckdb
 import geopandas as gpd
 import numpy as np
+import pyproj
 import pytest
 import rasterio
 import s3fs
@@ -36,6 +37,15 @@ from pipeline.windows import window_starts
 MODEL = "lraspp_mobilenet_v3_large"
 CLASSES = 4
 NODATA_BOX = (slice(40, 140), slice(60, 220))  # rows, columns of the mosaic left without data
+
+
+def areal_scale(dataset) -> float:
+    """How much larger an area is on the map than on the ground at a small raster's centre:
+    PROJ's areal scale factor there (1/0.9996² on a UTM zone's central meridian)."""
+    crs = pyproj.CRS.from_wkt(dataset.crs.to_wkt())
+    lon, lat = pyproj.Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True).transform(
+        *(dataset.transform @ (dataset.width / 2, dataset.height / 2)))
+    return pyproj.Proj(crs).get_factors(lon, lat).areal_scale
 
 
 def _pixel_driven_model() -> torch.nn.Module:
@@ -173,6 +183,7 @@ def test_a_geotiff_on_s3_becomes_a_cog_mask_polygons_and_areas(ray_cpu, s3_bucke
     assert len(timings) == 3
     for decode, inference, encode, total in timings:
         assert min(decode, inference, encode) > 0 and total == pytest.approx(decode + inference + encode, rel=1e-5)
+    scale = {}
     for key, source in sources.items():
         mask_uri, confidence_uri, width, height = images[key]
         assert mask_uri == f"{bucket}/out/masks/{key}" and confidence_uri == f"{bucket}/out/confidence/{key}"
@@ -187,7 +198,9 @@ def test_a_geotiff_on_s3_becomes_a_cog_mask_polygons_and_areas(ray_cpu, s3_bucke
             assert bool(mask.overviews(1)) == (max(mask.width, mask.height) > 512)
             assert mask.colormap(1)[1][:3] == tuple(ModelMeta.default(MODEL, CLASSES).palette[1])
             labels = mask.read(1)
-            pixel_area = abs(mask.transform.determinant)
+            # a pixel's area on the ground: the map's (m² in these UTM rasters) over its scale
+            pixel_area = abs(mask.transform.determinant) / areal_scale(mask)
+            scale[key] = areal_scale(mask)
             bounds = shapely.box(*mask.bounds)
         stats = dict(con.sql(f"""select class_id, pixel_count from read_parquet('{bucket}/out/class_stats/**/*.parquet')
                                  where image_id = '{key}'""").fetchall())
@@ -195,7 +208,7 @@ def test_a_geotiff_on_s3_becomes_a_cog_mask_polygons_and_areas(ray_cpu, s3_bucke
         assert stats == {c: int(n) for c, n in enumerate(counts) if n}  # nodata is not counted
         areas = dict(con.sql(f"""select class_id, area from read_parquet('{bucket}/out/class_stats/**/*.parquet')
                                  where image_id = '{key}'""").fetchall())
-        assert areas == pytest.approx({c: int(n) * pixel_area for c, n in enumerate(counts) if n})
+        assert areas == pytest.approx({c: int(n) * pixel_area for c, n in enumerate(counts) if n}, rel=1e-5)
         assert all(bounds.contains(g) or bounds.buffer(1e-6).contains(g) for g in _polygons(fs, bucket, tmp_path, key))
     # polygons: one GeoParquet file per raster (the mosaic is in UTM 33N, SpaceNet in 16N,
     # Vaihingen in 32N), read by geopandas with its CRS; per class, their areas add up to the
@@ -209,8 +222,8 @@ def test_a_geotiff_on_s3_becomes_a_cog_mask_polygons_and_areas(ray_cpu, s3_bucke
         for image_id, rows in polygons.groupby("image_id"):
             class_area = dict(con.sql(f"""select class_id, area from read_parquet('{bucket}/out/class_stats/**/*.parquet')
                                           where image_id = '{image_id}'""").fetchall())
-            assert rows.groupby("class_id").area.sum().to_dict() == pytest.approx(class_area)
-            assert rows.geometry.area.sum() == pytest.approx(sum(class_area.values()))
+            assert rows.groupby("class_id")["area"].sum().to_dict() == pytest.approx(class_area, rel=1e-12)
+            assert rows.geometry.area.sum() == pytest.approx(sum(class_area.values()) * scale[image_id], rel=1e-5)
     # the README's spatial query, as written (its 'building' is class 1 of this model)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     [query] = [q for q in re.findall(r"```sql\n(.*?)```", readme, re.S) if "OUTPUT/polygons" in q]
@@ -218,8 +231,9 @@ def test_a_geotiff_on_s3_becomes_a_cog_mask_polygons_and_areas(ray_cpu, s3_bucke
     expected = {}
     for file in files:
         frame = gpd.read_parquet(file)
-        for image_id, rows in frame[(frame.class_name == "class_1") & (frame.area > 200)].groupby("image_id"):
-            expected[image_id] = (len(rows), rows.area.sum())
+        # the column: a GeoDataFrame's .area is its geometries' area on the map
+        for image_id, rows in frame[(frame.class_name == "class_1") & (frame["area"] > 200)].groupby("image_id"):
+            expected[image_id] = (len(rows), rows["area"].sum())
     got = {r[0]: (r[1], r[2]) for r in con.sql(query).fetchall()}
     assert got.keys() == expected.keys()
     for image_id, (count, m2) in got.items():  # DuckDB rounds halves away from zero, Python to even
@@ -430,6 +444,32 @@ def test_a_colour_mapped_raster_is_segmented_as_the_rgb_its_colour_table_shows(s
     assert len(np.unique(mask)) > 1
 
 
+def test_a_geographic_rasters_areas_are_m2_on_the_ground(shared_data, tmp_path):
+    """A raster in longitude and latitude (30 m pixels at 60° N, whose area changes by 0.5%
+    from its top row to its bottom one) has its class areas in m² block by block: they add up
+    to the geodesic area of its data, and its polygons to its class areas."""
+    (tmp_path / "src").mkdir()
+    with rasterio.open(_mosaic(shared_data, tmp_path / "utm.tif", height=520, width=650)) as src:
+        pixels, profile = src.read(), src.profile
+    transform = from_origin(10.0, 60.0, 5.4e-4, 2.7e-4)
+    profile.update(crs="EPSG:4326", transform=transform)
+    with rasterio.open(tmp_path / "src" / "lonlat.tif", "w", **profile) as dst:
+        dst.write(pixels)
+    stage = _raster_stage(tmp_path / "src", tmp_path / "out", tile=128, block=256, polygons=True)
+    record = stage(ImageRecord(key="lonlat.tif", georeferenced=True))
+    assert record.ok, record.error
+    geod = pyproj.Geod(ellps="WGS84")
+    row_area = [abs(geod.polygon_area_perimeter([10, 10 + 5.4e-4, 10 + 5.4e-4, 10],
+                                                [60 - 2.7e-4 * r, 60 - 2.7e-4 * r, 60 - 2.7e-4 * (r + 1),
+                                                 60 - 2.7e-4 * (r + 1)])[0]) for r in range(520)]
+    has_data = (pixels != 0).any(axis=0)
+    assert record.stats.area.sum() == pytest.approx(float(has_data.sum(axis=1) @ row_area), rel=1e-6)
+    polygons = gpd.read_parquet(tmp_path / "out" / record.polygons_key)
+    by_class = polygons.groupby("class_id")["area"].sum()
+    assert by_class.to_dict() == pytest.approx(dict(zip(record.stats.class_id.tolist(), record.stats.area.tolist(),
+                                                        strict=True)), rel=1e-9)
+
+
 def test_a_raster_without_the_bands_asked_for_is_a_missing_bands_row(shared_data, tmp_path):
     (tmp_path / "src").mkdir()
     _mosaic(shared_data, tmp_path / "src" / "rgb.tif", height=200, width=200)
@@ -489,7 +529,8 @@ def test_the_readmes_notebook_example_segments_a_raster_as_written(tmp_path, mon
     assert cog_validate(tmp_path / "survey-out" / record.mask_key)[0]  # (valid, errors, warnings)
     with rasterio.open(tmp_path / "survey-out" / record.mask_key) as mask:
         assert (mask.crs.to_epsg(), mask.width, mask.height) == (32633, 400, 300)
-    assert record.stats.area.sum() == pytest.approx(300 * 400 * 0.25)  # every pixel, in m²
+    # every pixel, in m² on the ground: on the zone's central meridian the map's are 0.9996² of them
+    assert record.stats.area.sum() == pytest.approx(300 * 400 * 0.25 / 0.9996**2, rel=1e-6)
     assert polygons.crs.to_epsg() == 32633 and (polygons.area >= 20.0).all()
     assert set(polygons.class_id) <= set(record.stats.class_id.tolist())
 
