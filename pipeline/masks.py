@@ -56,12 +56,19 @@ def encode_mask(labels: np.ndarray, palette: Sequence[Sequence[int]] | None = No
 
 
 def decode_mask(data: bytes) -> np.ndarray:
-    """Class ids from a mask PNG written by `encode_mask` (or any single-channel PNG)."""
+    """Class ids from a mask PNG written by `encode_mask` (or any single-channel image Pillow
+    reads): uint8, uint16, or int64 for 32-bit masks, whose values are kept as they are."""
     with Image.open(io.BytesIO(data)) as image:
         if image.mode not in {"P", "L", "I;16", "I;16B", "I"}:
             raise ValueError(f"a mask must be a single-channel image, got mode {image.mode!r}")
         array = np.array(image)
-    return array.astype(np.uint16) if array.dtype != np.uint8 else array
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # 16-bit, either byte order
+        return array.astype(np.uint16)
+    # 32-bit, signed: a nodata value such as -2147483648 stays out of every class's range, where
+    # uint16 would wrap it onto class 0
+    return array.astype(np.int64)
 
 
 def confidence_levels(confidence: torch.Tensor) -> torch.Tensor:

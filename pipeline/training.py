@@ -102,17 +102,28 @@ def pair_training_data(images: Location, labels: Location, *, label_suffix: str 
                            sorted(label_keys[k] for k in label_keys.keys() - image_keys.keys()))
 
 
+def read_label(labels: Location, key: str) -> np.ndarray:
+    """A label mask's class ids (`decode_mask`); one that is no single-channel image is refused
+    naming the file."""
+    data = read_bytes(labels, key) or b""
+    try:
+        return decode_mask(data)
+    except (OSError, ValueError) as err:  # Pillow's UnidentifiedImageError is an OSError
+        raise ValueError(f"{labels.uri(key)} is no label mask: {type(err).__name__}: {err}") from None
+
+
 def load_samples(images: Location, labels: Location, pairs: Sequence[TrainingPair], *, num_classes: int,
                  ignore_index: int) -> list[Sample]:
     """Decoded pairs, checked: a mask whose size differs from its image, or that holds a label
     outside [0, num_classes) other than ignore_index, is refused naming the file."""
     samples = []
     for pair in pairs:
+        data = read_bytes(images, pair.image) or b""
         try:
-            image = decode_image(read_bytes(images, pair.image) or b"")
-            label = decode_mask(read_bytes(labels, pair.label) or b"").astype(np.int64)
+            image = decode_image(data)
         except ValueError as err:  # a training set with a broken file is fixed, not trained around
-            raise ValueError(f"{images.uri(pair.image)} or its label {labels.uri(pair.label)}: {err}") from None
+            raise ValueError(f"{images.uri(pair.image)}: {err}") from None
+        label = read_label(labels, pair.label).astype(np.int64)
         if label.shape != image.shape[:2]:
             raise ValueError(f"{labels.uri(pair.label)} is {label.shape[1]}x{label.shape[0]} but its image "
                              f"{images.uri(pair.image)} is {image.shape[1]}x{image.shape[0]}")
@@ -317,8 +328,9 @@ def worker_share(pairs: Sequence[TrainingPair], rank: int, world: int) -> list[T
 
 
 def improves(score: float | None, best: float | None) -> bool:
-    """Whether an epoch's score makes it the best so far: the first epoch is, then only a
-    higher score (a tie keeps the earlier epoch; an epoch without a score never is)."""
+    """Whether an epoch's score makes it the best so far: a higher score (a tie keeps the
+    earlier epoch; an epoch without a score never beats one with a score). Until an epoch has
+    a score, each epoch is: the latest, trained the longest."""
     return best is None or (score is not None and score > best)
 
 

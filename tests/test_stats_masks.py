@@ -106,6 +106,17 @@ def test_more_than_256_classes_use_uint16_png() -> None:
     np.testing.assert_array_equal(decode_mask(data), labels)
 
 
+def test_a_32_bit_mask_keeps_its_values() -> None:
+    """Signed and wide class ids come back as they are, for the range checks to refuse: a
+    nodata value of -2147483648 or a label of 65537 must not wrap onto classes 0 and 1."""
+    labels = np.array([[-2147483648, -1], [65537, 3]], dtype=np.int32)
+    buffer = io.BytesIO()
+    Image.fromarray(labels).save(buffer, format="TIFF")
+    decoded = decode_mask(buffer.getvalue())
+    assert decoded.dtype == np.int64
+    np.testing.assert_array_equal(decoded, labels)
+
+
 def test_default_palette_is_pascal_voc() -> None:
     palette = default_palette(21)
     assert palette[0] == (0, 0, 0) and palette[1] == (128, 0, 0) and palette[15] == (192, 128, 128)

@@ -98,6 +98,29 @@ def test_a_wrong_label_range_is_one_clear_error_before_training(tmp_path):
         run_training(config.model_copy(update={"num_classes": 2}))
 
 
+def test_a_label_file_that_is_no_mask_is_refused_naming_it_before_training(tmp_path):
+    """An empty upload, an RGB picture of the labels, and a 32-bit mask whose nodata would
+    have wrapped onto class 0: each refused naming its file, before any worker starts."""
+    from pipeline.runtime.training import run_training
+
+    config = _config(tmp_path)
+    label = Path(config.labels) / "day1" / "03_L.png"
+    label.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"day1/03_L.png is no label mask: UnidentifiedImageError: "):
+        run_training(config)
+    Image.new("RGB", (80, 64), (255, 128, 0)).save(label)
+    with pytest.raises(ValueError, match=r"day1/03_L.png is no label mask: ValueError: a mask must be a "
+                                         r"single-channel image, got mode 'RGB'"):
+        run_training(config)
+    labels = np.zeros((64, 80), np.int32)
+    labels[:8] = -2147483648  # a GIS tool's nodata for Int32
+    Image.fromarray(labels).save(label.with_suffix(".tif"))
+    label.unlink()
+    with pytest.raises(ValueError, match=r"day1/03_L.tif holds labels \[-2147483648\] outside \[0, 4\)"):
+        run_training(config)
+    assert not os.path.exists(config.output)
+
+
 def test_training_resumes_after_the_epoch_of_its_checkpoint(ray_cpu, tmp_path):
     from pipeline.runtime.training import run_training
 

@@ -29,7 +29,6 @@ from ray.train import LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from ..config import TrainingError
-from ..masks import decode_mask
 from ..metrics import LabelRangeError, check_label_range, likely_unlabelled
 from ..models import is_checkpoint_uri, load_resumable, save_checkpoint
 from ..preflight import check_resumed_best, read_checkpoint
@@ -46,6 +45,7 @@ from ..training import (
     miou,
     pair_training_data,
     precise_batch_norm,
+    read_label,
     resume_schedule,
     train_epoch,
     validate,
@@ -100,7 +100,7 @@ def check_labels(url: str, pairs: list[TrainingPair], config: TrainConfig) -> No
     labels = open_location(url, config.storage_options)
     n = config.num_classes
     for pair in pairs:
-        label = decode_mask(read_bytes(labels, pair.label) or b"")
+        label = read_label(labels, pair.label)
         try:
             check_label_range(label, n, config.ignore_index, source=labels.uri(pair.label))
         except LabelRangeError as err:
