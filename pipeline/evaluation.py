@@ -143,14 +143,24 @@ def index_by_key(location: Location, suffix: str, accepts: Callable[[str], bool]
     return groups, refused
 
 
-def _index(location: Location, suffix: str, side: str, rejected: list[dict[str, str]]) -> tuple[dict[str, str], list[str]]:
-    """Masks by pairing key, and every mask in listing order; other files, and every file
-    after the first under a key, go to `rejected` with the reason."""
+def _index(location: Location, suffix: str, side: str, rejected: list[dict[str, str]]) -> dict[str, list[str]]:
+    """Masks by pairing key, in listing order; other files go to `rejected` with the reason."""
     groups, refused = index_by_key(location, suffix, is_mask_key)
     rejected += [{"key": key, "side": side, "reason": "not a mask (PNG or GeoTIFF)"} for key in refused]
-    rejected += [{"key": key, "side": side, "reason": f"pairs under the same key as {keys[0]}"}
-                 for keys in groups.values() for key in keys[1:]]
-    return {key: keys[0] for key, keys in groups.items()}, [key for keys in groups.values() for key in keys]
+    return groups
+
+
+def _is_geotiff(key: str) -> bool:
+    return key.lower().endswith((".tif", ".tiff"))
+
+
+def _choose(keys: list[str], others: list[str]) -> str:
+    """Of the masks under one pairing key, the one scored: the first of the other side's kind
+    where it has one, else the first listed. A raster segmented beside its quick-look
+    (`a.tif`, `a.jpg`) has two masks under the key `a`, its COG and the quick-look's PNG, and
+    GeoTIFF ground truth is the raster's."""
+    kinds = {_is_geotiff(key) for key in others}
+    return next((key for key in keys if _is_geotiff(key) in kinds), keys[0]) if len(kinds) == 1 else keys[0]
 
 
 def unmatched_suffix(option: str, suffix: str, masks: Sequence[str], noun: str) -> str | None:
@@ -184,8 +194,15 @@ def pair_masks(predictions: Location, ground_truth: Location, *, prediction_suff
     """Predictions and ground-truth masks with the same pairing key, sorted by key. Refuses an
     empty pairing (NothingToScoreError), naming both roots and what would make them pair."""
     rejected: list[dict[str, str]] = []
-    preds, pred_masks = _index(predictions, prediction_suffix, "prediction", rejected)
-    truths, truth_masks = _index(ground_truth, ground_truth_suffix, "ground_truth", rejected)
+    pred_groups = _index(predictions, prediction_suffix, "prediction", rejected)
+    truth_groups = _index(ground_truth, ground_truth_suffix, "ground_truth", rejected)
+    preds = {key: _choose(keys, truth_groups.get(key, [])) for key, keys in pred_groups.items()}
+    truths = {key: _choose(keys, pred_groups.get(key, [])) for key, keys in truth_groups.items()}
+    for side, groups, chosen in (("prediction", pred_groups, preds), ("ground_truth", truth_groups, truths)):
+        rejected += [{"key": key, "side": side, "reason": f"pairs under the same key as {chosen[pairing]}"}
+                     for pairing, keys in groups.items() for key in keys if key != chosen[pairing]]
+    pred_masks = [key for keys in pred_groups.values() for key in keys]
+    truth_masks = [key for keys in truth_groups.values() for key in keys]
     pairs = [Pair(key, preds[key], truths[key]) for key in sorted(preds.keys() & truths.keys())]
     unmatched = [unmatched_suffix("--prediction-suffix", prediction_suffix, pred_masks, "prediction"),
                  unmatched_suffix("--ground-truth-suffix", ground_truth_suffix, truth_masks, "ground-truth mask")]

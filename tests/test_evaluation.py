@@ -129,6 +129,29 @@ def test_camvid_ground_truth_against_itself_and_a_degraded_copy(shared_data, tmp
     assert len(perfect.image_ids) == 6 and scores(perfect.confusion)["miou"] == 1.0
 
 
+def test_a_raster_beside_its_quick_look_is_scored_against_geotiff_ground_truth(tmp_path):
+    """`segment` writes masks/a.tif for a raster and masks/a.png for its quick-look a.jpg:
+    GeoTIFF ground truth pairs with the raster's COG, PNG ground truth with the PNG."""
+    for folder in ("p", "g_tif", "g_png"):
+        (tmp_path / folder).mkdir()
+    truth = np.random.default_rng(0).integers(0, 3, (40, 50)).astype(np.uint8)
+    profile = dict(driver="GTiff", width=50, height=40, count=1, dtype="uint8", crs="EPSG:32633",
+                   transform=from_origin(500000, 5000000, 0.5, 0.5))
+    for path in (tmp_path / "p" / "a.tif", tmp_path / "g_tif" / "a.tif"):
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(truth[None])
+    (tmp_path / "p" / "a.png").write_bytes(encode_mask(truth[::4, ::4]))  # the quick-look's, a tenth the size
+    (tmp_path / "g_png" / "a.png").write_bytes(encode_mask(truth[::4, ::4]))
+    p = open_location(str(tmp_path / "p"))
+    for folder, expected, other in (("g_tif", "a.tif", "a.png"), ("g_png", "a.png", "a.tif")):
+        g = open_location(str(tmp_path / folder))
+        pairing = pair_masks(p, g)
+        assert [(x.prediction, x.ground_truth) for x in pairing.pairs] == [(expected, expected)]
+        assert pairing.rejected == [{"key": other, "side": "prediction", "reason": f"pairs under the same key as {expected}"}]
+        total = score_pairs(p, g, pairing.pairs, ScoreSettings(num_classes=3))
+        assert total.excluded == [] and total.pixels == (truth if expected == "a.tif" else truth[::4, ::4]).size
+
+
 def test_second_mask_under_a_key_and_labels_out_of_range_are_reported_by_name(tmp_path):
     (tmp_path / "p").mkdir()
     (tmp_path / "g").mkdir()
