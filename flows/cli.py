@@ -356,7 +356,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"{counted(summary['train_images'], 'training image')} and {counted(summary['val_images'], 'validation image')}, "
           f"{counted(summary['workers'], summary['device'] + ' worker')}, {summary['seconds']:.0f} s; best "
           f"{_SCORE_NAMES[summary['score']]} {score_text(summary['best_score'])} at epoch {summary['best_epoch']}")
-    for line in summary["left_out"]:
+    for line in summary["left_out"] + summary["absent_classes"]:
         print(line)
     print(f"checkpoint: {summary['output']} (the best epoch; run it with: segpipe segment SOURCE OUTPUT --weights "
           f"{summary['output']})")

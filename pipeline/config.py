@@ -158,6 +158,12 @@ def is_checkpoint_uri(weights: str) -> bool:
     return "://" in weights or os.sep in weights or weights.endswith((".pt", ".pth", ".ckpt")) or os.path.exists(weights)
 
 
+def _three_bands(value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    if value is not None and (len(value) not in (1, 3) or min(value) < 1):
+        raise ValueError(f"give one band (grey) or three (R G B), numbered from 1; got {' '.join(map(str, value))}")
+    return value
+
+
 def _known_model(value: str | None) -> str | None:
     if value is not None and value not in (names := model_names()):
         raise ValueError(unknown_model_message(value, names))
@@ -360,12 +366,7 @@ class SegmentConfig(JobConfig):
     _ray_address = field_validator("ray_address")(_no_ray_client)
     _date = field_validator("date")(_iso_date)
 
-    @field_validator("bands")
-    @classmethod
-    def _three_bands(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
-        if value is not None and (len(value) not in (1, 3) or min(value) < 1):
-            raise ValueError(f"give one band (grey) or three (R G B), numbered from 1; got {' '.join(map(str, value))}")
-        return value
+    _bands = field_validator("bands")(_three_bands)
 
     @field_validator("weights")
     @classmethod
@@ -450,12 +451,14 @@ class EvaluateConfig(JobConfig):
 # class names and palette: the recipe and the pairing (`TrainConfig.resumed_with`); and its
 # validation set, as one, so that epochs are compared by the same score
 RESUMED_SETTINGS = ("batch_size", "crop", "scale", "ignore_index", "optimizer", "lr", "weight_decay", "aux_weight",
-                    "label_suffix", "seed")
+                    "label_suffix", "bands", "label_map", "seed")
 VALIDATION_SETTINGS = ("val_images", "val_labels", "val_last")
 
 
 def _shown(value: Any) -> str:
     """A setting's value as it is typed on the command line."""
+    if isinstance(value, dict):  # a JSON object, quoted for the shell
+        return "'" + json.dumps({str(k): v for k, v in value.items()}) + "'"
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
@@ -487,6 +490,12 @@ class TrainConfig(JobConfig):
     weight_decay: float | None = Field(default=None, ge=0, description="weight decay (default: 1e-4 for sgd, 0.01 for adamw)")
     aux_weight: float = Field(default=0.4, ge=0, description="weight of the auxiliary head's loss, where there is one")
     label_suffix: str = Field(default="", description="suffix of label names, e.g. _L for x_L.png")
+    label_map: dict[int, int] | None = Field(default=None, description=(
+        "JSON object remapping label values before training, e.g. '{\"255\": 1}' for 0/255 footprint masks "
+        "(others kept)"))
+    bands: tuple[int, ...] | None = Field(default=None, description=(
+        "georeferenced rasters: the 1-based bands to train on, as R G B (default: the raster's RGB by colour "
+        "interpretation, else the first three); give segment the same --bands"))
     val_images: str | None = Field(default=None, description="fsspec URL of validation images")
     val_labels: str | None = Field(default=None, description="fsspec URL of their label masks")
     val_last: int = Field(default=0, ge=0, description=(
@@ -506,6 +515,7 @@ class TrainConfig(JobConfig):
     _ray_address = field_validator("ray_address")(_no_ray_client)
 
     _model = field_validator("model")(_known_model)
+    _bands = field_validator("bands")(_three_bands)
 
     @field_validator("init")
     @classmethod

@@ -28,7 +28,7 @@ from rasterio.enums import MaskFlags
 from rasterio.io import DatasetReader
 from rasterio.windows import Window
 
-from .masks import decode_mask
+from .masks import decode_mask, map_labels
 from .metrics import LabelRangeError, check_label_range, confusion_matrix, likely_unlabelled, scores
 from .rasters import is_georeferenced, open_raster, read_named
 from .storage import Location, is_mask_key, iter_files, read_bytes, write_atomic
@@ -241,15 +241,7 @@ def _pairing_advice(pairing: Pairing, predictions: Location, prediction_suffix: 
 
 def remap_ground_truth(labels: np.ndarray, settings: ScoreSettings) -> np.ndarray:
     """Apply the label map, then reduce-zero-label, leaving ignore_index pixels alone."""
-    out = labels.astype(np.int64)
-    if settings.label_map:
-        # one lookup table, one pass over the pixels (not one pass per mapped value)
-        top = max(int(out.max(initial=0)), *settings.label_map)
-        table = np.arange(top + 1, dtype=np.int64)
-        for old, new in settings.label_map.items():
-            if old >= 0:
-                table[old] = new
-        out = np.where(out >= 0, table[np.clip(out, 0, None)], out)
+    out = map_labels(labels, settings.label_map)
     if settings.reduce_zero_label:
         ignore = out == settings.ignore_index
         out = out - 1

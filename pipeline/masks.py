@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -69,6 +69,21 @@ def decode_mask(data: bytes) -> np.ndarray:
     # 32-bit, signed: a nodata value such as -2147483648 stays out of every class's range, where
     # uint16 would wrap it onto class 0
     return array.astype(np.int64)
+
+
+def map_labels(labels: np.ndarray, label_map: Mapping[int, int] | None) -> np.ndarray:
+    """int64 labels with `label_map`'s values put in (others kept; negative ones too), as
+    MMSegmentation's `label_map`: ground truth for scoring, label masks for training."""
+    out = labels.astype(np.int64)
+    if label_map:
+        # one lookup table, one pass over the pixels (not one pass per mapped value)
+        top = max(int(out.max(initial=0)), *label_map)
+        table = np.arange(top + 1, dtype=np.int64)
+        for old, new in label_map.items():
+            if old >= 0:
+                table[old] = new
+        out = np.where(out >= 0, table[np.clip(out, 0, None)], out)
+    return out
 
 
 def confidence_levels(confidence: torch.Tensor) -> torch.Tensor:

@@ -20,18 +20,27 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rasterio.windows import Window
 from torch import nn
 
 from .config import TrainConfig
-from .decode import decode_image
+from .decode import DEFAULT_MAX_PIXELS, check_pixels, decode_image
 from .evaluation import index_by_key, suggested_suffix, unmatched_suffix
 from .inference import Segmenter
-from .masks import decode_mask, default_palette
+from .masks import decode_mask, default_palette, map_labels
 from .metrics import check_label_range, confusion_matrix, scores
 from .models import ModelMeta, Preprocessing, build_model
 from .models._registry import get_spec
 from .preprocess import Normalizer, to_chw_uint8
-from .storage import Location, is_image_key, is_mask_key, read_bytes
+from .rasters import (
+    band_colour_table,
+    band_limits,
+    choose_bands,
+    is_georeferenced,
+    open_raster,
+    read_rgb,
+)
+from .storage import Location, is_image_key, is_mask_key, is_raster_key, read_bytes
 from .text import counted, verb_for
 
 
@@ -102,31 +111,52 @@ def pair_training_data(images: Location, labels: Location, *, label_suffix: str 
                            sorted(label_keys[k] for k in label_keys.keys() - image_keys.keys()))
 
 
-def read_label(labels: Location, key: str) -> np.ndarray:
-    """A label mask's class ids (`decode_mask`); one that is no single-channel image is refused
-    naming the file."""
+def read_label(labels: Location, key: str, label_map: dict[int, int] | None = None) -> np.ndarray:
+    """A label mask's class ids (`decode_mask`), int64, `label_map` applied; one that is no
+    single-channel image is refused naming the file."""
     data = read_bytes(labels, key) or b""
     try:
-        return decode_mask(data)
+        return map_labels(decode_mask(data), label_map)
     except (OSError, ValueError) as err:  # Pillow's UnidentifiedImageError is an OSError
         raise ValueError(f"{labels.uri(key)} is no label mask: {type(err).__name__}: {err}") from None
 
 
+def read_image(images: Location, key: str, bands: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A training image's RGB as `segment` reads it, and where it has data (None: everywhere).
+    A georeferenced raster goes through `rasters`, as its blocks do: its bands by colour
+    interpretation (or `bands`), deep samples stretched by limits its nodata takes no part in,
+    nodata black. Any other file is decoded whole (`decode_image`)."""
+    if is_raster_key(key):
+        with open_raster(images, key) as dataset:
+            if is_georeferenced(dataset):
+                check_pixels(dataset.width, dataset.height, DEFAULT_MAX_PIXELS)
+                chosen = choose_bands(dataset, bands)
+                colour_table = band_colour_table(dataset, chosen)
+                limits = band_limits(dataset, chosen) if colour_table is None else None
+                rgb, valid = read_rgb(dataset, Window(0, 0, dataset.width, dataset.height), chosen, limits,
+                                      colour_table=colour_table)
+                return rgb, None if valid.all() else valid
+    return decode_image(read_bytes(images, key) or b""), None
+
+
 def load_samples(images: Location, labels: Location, pairs: Sequence[TrainingPair], *, num_classes: int,
-                 ignore_index: int) -> list[Sample]:
+                 ignore_index: int, bands: Sequence[int] | None = None,
+                 label_map: dict[int, int] | None = None) -> list[Sample]:
     """Decoded pairs, checked: a mask whose size differs from its image, or that holds a label
-    outside [0, num_classes) other than ignore_index, is refused naming the file."""
+    outside [0, num_classes) other than ignore_index (after `label_map`), is refused naming the
+    file. A raster's pixels without data are labelled ignore_index: nothing is learnt from them."""
     samples = []
     for pair in pairs:
-        data = read_bytes(images, pair.image) or b""
         try:
-            image = decode_image(data)
+            image, valid = read_image(images, pair.image, bands)
         except ValueError as err:  # a training set with a broken file is fixed, not trained around
             raise ValueError(f"{images.uri(pair.image)}: {err}") from None
-        label = read_label(labels, pair.label).astype(np.int64)
+        label = read_label(labels, pair.label, label_map)
         if label.shape != image.shape[:2]:
             raise ValueError(f"{labels.uri(pair.label)} is {label.shape[1]}x{label.shape[0]} but its image "
                              f"{images.uri(pair.image)} is {image.shape[1]}x{image.shape[0]}")
+        if valid is not None:
+            label[~valid] = ignore_index
         check_label_range(label, num_classes, ignore_index, source=labels.uri(pair.label))
         samples.append(Sample(pair.key, image if image.flags.writeable else image.copy(), label))
     return samples

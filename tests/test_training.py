@@ -14,20 +14,26 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
+import rasterio
 import torch
 from PIL import Image
+from rasterio.enums import ColorInterp
+from rasterio.transform import from_origin
 
 from pipeline.config import TrainConfig
 from pipeline.masks import decode_mask, encode_mask
 from pipeline.models import build_model, load_checkpoint, load_training_state, save_checkpoint
 from pipeline.samples import _COLOURS, SAMPLE_CLASSES, synthetic_scene
+from pipeline.storage import open_location
 from pipeline.training import (
     Sample,
     augment,
     build_training_model,
     improves,
     load_matching,
+    load_samples,
     make_optimizer,
+    pair_training_data,
     resume_schedule,
     worker_share,
 )
@@ -119,6 +125,75 @@ def test_a_label_file_that_is_no_mask_is_refused_naming_it_before_training(tmp_p
     with pytest.raises(ValueError, match=r"day1/03_L.tif holds labels \[-2147483648\] outside \[0, 4\)"):
         run_training(config)
     assert not os.path.exists(config.output)
+
+
+def test_a_georeferenced_training_tile_is_read_as_segment_reads_it(tmp_path):
+    """A uint16 tile whose bands are B, G, R, NIR (so tagged) and half without data: trained
+    on as its red, green and blue, stretched by limits its nodata takes no part in, its pixels
+    without data labelled ignore_index. Decoded whole, it was B, G, R, stretched from 0."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    rows, cols = np.mgrid[0:64, 0:80]
+    red, green, blue = 1000 + 40 * cols, 1000 + 40 * rows, 3000 + (rows * cols) % 7
+    pixels = np.stack([blue, green, red, 5000 + 0 * rows]).astype(np.uint16)
+    pixels[:, :, :40] = 0  # no data in the left half
+    with rasterio.open(tmp_path / "images" / "a.tif", "w", driver="GTiff", width=80, height=64, count=4,
+                       dtype="uint16", crs="EPSG:32633", transform=from_origin(500000, 5000000, 0.5, 0.5),
+                       nodata=0) as dst:
+        dst.write(pixels)
+        dst.colorinterp = [ColorInterp.blue, ColorInterp.green, ColorInterp.red, ColorInterp.undefined]
+    (tmp_path / "labels" / "a.png").write_bytes(encode_mask((cols >= 60).astype(np.uint8)))
+    images, labels = open_location(str(tmp_path / "images")), open_location(str(tmp_path / "labels"))
+    pairs = pair_training_data(images, labels).pairs
+    [sample] = load_samples(images, labels, pairs, num_classes=2, ignore_index=255)
+    valid = cols >= 40
+    assert (sample.label[~valid] == 255).all() and (sample.label[valid] == (cols >= 60)[valid]).all()
+    assert (sample.image[~valid] == 0).all()
+    red_seen = sample.image[..., 0][valid].astype(float)
+    assert np.corrcoef(red_seen, cols[valid])[0, 1] > 0.99 and np.corrcoef(sample.image[..., 1][valid], rows[valid])[0, 1] > 0.99
+    # the 2nd and 98th percentiles of the data alone: about 2% of it at each end
+    assert 0.01 < (red_seen == 0).mean() < 0.06 and 0.01 < (red_seen == 255).mean() < 0.06
+    # --bands, as segment's: the near infrared (constant) as grey
+    [nir] = load_samples(images, labels, pairs, num_classes=2, ignore_index=255, bands=(4,))
+    assert len(np.unique(nir.image[valid])) == 1
+
+
+def test_footprint_masks_train_on_their_buildings_with_a_label_map(shared_data, tmp_path):
+    """SpaceNet's 0/255 footprints: 255 is the ignore index, so without --label-map there is
+    no building to learn; with '{"255": 1}' there is, pixel for pixel."""
+    folder = shared_data / "aerial" / "geotiff"
+    if not (folder / "sample_fp_mask.tif").is_file():
+        pytest.skip(f"SpaceNet sample not found in {folder}")
+    for side, name in (("images", "sample_geotiff.tif"), ("labels", "sample_fp_mask.tif")):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "tile.tif").write_bytes((folder / name).read_bytes())
+    images, labels = open_location(str(tmp_path / "images")), open_location(str(tmp_path / "labels"))
+    pairs = pair_training_data(images, labels).pairs
+    footprints = np.asarray(Image.open(folder / "sample_fp_mask.tif")) == 255
+    [plain] = load_samples(images, labels, pairs, num_classes=2, ignore_index=255)
+    assert not (plain.label == 1).any()
+    [mapped] = load_samples(images, labels, pairs, num_classes=2, ignore_index=255, label_map={255: 1})
+    assert (mapped.label == footprints).all() and footprints.any()
+    assert mapped.image.shape == (900, 900, 3)  # the grey band, as segment shows it
+    # said before training (and under the table `train` prints), with the option that fixes it
+    from pipeline.runtime.training import check_labels
+
+    config = TrainConfig(images=images.url, labels=labels.url, output=str(tmp_path / "m.pt"), num_classes=2,
+                         model="lraspp_mobilenet_v3_large", class_names=("background", "building"))
+    share = footprints.mean()
+    assert check_labels(labels.url, pairs, config) == [
+        f"1 class is in none of the 1 training mask under {labels.url}, so the model cannot learn it: 1 (building); "
+        f"the ignore index 255 covers {share:.0%} of their pixels: if it marks that class, pass --label-map "
+        """'{"255": 1}'"""]
+    assert check_labels(labels.url, pairs, config.model_copy(update={"label_map": {255: 1}})) == []
+
+
+def test_a_resumed_run_keeps_its_label_map_and_bands(tmp_path):
+    """As saved in a checkpoint (JSON: the map's keys strings), and named as typed."""
+    config = _config(tmp_path)
+    resumed, taken = config.resumed_with({"label_map": {"255": 1}, "bands": [4, 3, 2]})
+    assert (resumed.label_map, resumed.bands) == ({255: 1}, (4, 3, 2))
+    assert taken == ["--bands 4 3 2", """--label-map '{"255": 1}'"""]
 
 
 def test_training_resumes_after_the_epoch_of_its_checkpoint(ray_cpu, tmp_path):

@@ -34,7 +34,7 @@ from ..models import is_checkpoint_uri, load_resumable, save_checkpoint
 from ..preflight import check_resumed_best, read_checkpoint
 from ..preprocess import Normalizer
 from ..storage import absolute_url, open_file, open_location, read_bytes, write_atomic
-from ..text import score_text
+from ..text import counted, score_text, verb_for
 from ..training import (
     TrainConfig,
     TrainingPair,
@@ -67,6 +67,7 @@ class TrainSummary:
     device: str
     epochs: list[dict[str, Any]] = field(default_factory=list)  # one row of metrics per epoch
     left_out: list[str] = field(default_factory=list)  # the files that paired with nothing, a line per folder
+    absent_classes: list[str] = field(default_factory=list)  # classes no training mask holds (`check_labels`)
     best_epoch: int | None = None
     best_score: float | None = None
     score: str = "val_miou"
@@ -95,12 +96,17 @@ def split_pairs(config: TrainConfig) -> tuple[list[TrainingPair], list[TrainingP
     return pairs[:cut], pairs[cut:], left_out
 
 
-def check_labels(url: str, pairs: list[TrainingPair], config: TrainConfig) -> None:
-    """Every mask's values within [0, num_classes) or ignore_index, before any training."""
+def check_labels(url: str, pairs: list[TrainingPair], config: TrainConfig) -> list[str]:
+    """Every mask's values within [0, num_classes) or ignore_index, before any training; and a
+    line for the classes none of the masks holds, which the model cannot learn."""
     labels = open_location(url, config.storage_options)
     n = config.num_classes
+    counts = np.zeros(n, dtype=np.int64)
+    ignored = total = 0
     for pair in pairs:
-        label = read_label(labels, pair.label)
+        label = read_label(labels, pair.label, config.label_map)
+        counts += np.bincount(label[(label >= 0) & (label < n)], minlength=n)
+        ignored, total = ignored + int((label == config.ignore_index).sum()), total + label.size
         try:
             check_label_range(label, n, config.ignore_index, source=labels.uri(pair.label))
         except LabelRangeError as err:
@@ -113,6 +119,18 @@ def check_labels(url: str, pairs: list[TrainingPair], config: TrainConfig) -> No
                                  f"--ignore-index {config.ignore_index}: pass --num-classes {n + 1} if it is a class"
                                  ) from None
             raise
+    absent = [int(c) for c in np.flatnonzero(counts == 0)]
+    if not absent or not pairs:
+        return []
+    names = config.class_names or tuple(f"class_{c}" for c in range(n))
+    line = (f"{counted(len(absent), 'class', 'classes')} {verb_for(len(absent), 'is', 'are')} in none of the "
+            f"{counted(len(pairs), 'training mask')} under {labels.url}, so the model cannot learn "
+            f"{verb_for(len(absent), 'it', 'them')}: {', '.join(f'{c} ({names[c]})' for c in absent)}")
+    if ignored:  # 0/255 footprint masks: the class is the ignore index's value
+        line += (f"; the ignore index {config.ignore_index} covers {ignored / total:.0%} of their pixels: if it "
+                 f"marks {'that class' if len(absent) == 1 else 'one of them'}, pass --label-map "
+                 f"'{{\"{config.ignore_index}\": {absent[0]}}}'")
+    return [line]
 
 
 def _all_reduce(*tensors: torch.Tensor) -> None:
@@ -136,12 +154,12 @@ def _average_batch_norm(model: torch.nn.Module, world: int) -> None:
 def _worker_samples(config: TrainConfig, loop: dict[str, Any], rank: int, world: int) -> tuple[list, list]:
     """This worker's share of the training and validation pairs, decoded and checked."""
     options = config.storage_options
+    read = {"num_classes": config.num_classes, "ignore_index": config.ignore_index, "bands": config.bands,
+            "label_map": config.label_map}
     train = load_samples(open_location(config.images, options), open_location(config.labels, options),
-                         worker_share(loop["train"], rank, world), num_classes=config.num_classes,
-                         ignore_index=config.ignore_index)
+                         worker_share(loop["train"], rank, world), **read)
     val = load_samples(open_location(config.val_images or config.images, options),
-                       open_location(config.val_labels or config.labels, options), loop["val"][rank::world],
-                       num_classes=config.num_classes, ignore_index=config.ignore_index)
+                       open_location(config.val_labels or config.labels, options), loop["val"][rank::world], **read)
     return train, val
 
 
@@ -248,7 +266,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
     train_pairs, val_pairs, left_out = split_pairs(config)
     if len(train_pairs) < 2:
         raise ValueError(f"{len(train_pairs)} training pair(s): at least 2 are needed (batch norm)")
-    check_labels(config.labels, train_pairs, config)
+    absent_classes = check_labels(config.labels, train_pairs, config)
     check_labels(config.val_labels or config.labels, val_pairs, config)
     start_epoch = 0
     if config.resume:
@@ -309,7 +327,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
             best = epoch
     return TrainSummary(
         output=config.output, last_checkpoint=config.last_checkpoint, model=config.model,
-        train_images=len(train_pairs), val_images=len(val_pairs), left_out=left_out,
+        train_images=len(train_pairs), val_images=len(val_pairs), left_out=left_out, absent_classes=absent_classes,
         workers=workers, device="cuda" if use_gpu else "cpu", epochs=epochs,
         best_epoch=best["epoch"] if best else None, best_score=best[score] if best else None, score=score,
         seconds=time.monotonic() - started,
