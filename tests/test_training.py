@@ -288,6 +288,18 @@ def test_every_worker_trains_on_as_many_pairs(count: int):
     assert set().union(*shares) == set(pairs)
 
 
+def test_more_workers_than_pairs_to_share_is_refused_before_training(ray_cpu, tmp_path):
+    """3 pairs for 3 workers give each worker 1, a batch too small to take a step: every epoch
+    would pass without training."""
+    from pipeline.runtime.training import run_training
+
+    config = _config(tmp_path, val_last=7, workers=3)  # 10 scenes: 3 to train on
+    with pytest.raises(ValueError, match=r"^3 training pairs for 3 workers: each would train on 1, and a step takes 2 "
+                                         r"\(batch norm\); pass --workers 1 or fewer$"):
+        run_training(config)
+    assert not os.path.exists(config.output)
+
+
 def test_an_epoch_is_the_best_only_if_it_scores_higher():
     assert improves(0.1, None) and improves(None, None)  # the first epoch is the best so far, scored or not
     assert improves(0.5, 0.4) and not improves(0.4, 0.4) and not improves(0.3, 0.4)  # a tie keeps the earlier

@@ -299,6 +299,10 @@ def run_training(config: TrainConfig) -> TrainSummary:
         gpus = ray.cluster_resources().get("GPU", 0.0)
         use_gpu = config.device == "cuda" or (config.device == "auto" and gpus >= 1)
         workers = config.workers or (max(1, int(gpus)) if use_gpu else 1)
+        if (share := -(-len(train_pairs) // workers)) < 2:  # `worker_share`: as many pairs each
+            raise ValueError(f"{counted(len(train_pairs), 'training pair')} for {workers} workers: each would train "
+                             f"on {share}, and a step takes 2 (batch norm); pass --workers {len(train_pairs) // 2} "
+                             "or fewer")
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config={"config": config.model_dump(), "train": train_pairs, "val": val_pairs,
