@@ -85,7 +85,11 @@ class TemporaryServer:
             [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_parent), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
-            env=self._env, stdin=subprocess.DEVNULL,
+            # a session of its own: a Ctrl-C in a terminal, or a SIGTERM that systemd or `timeout`
+            # sends to the command's whole process group, stops the command, which then ends its
+            # flow run through this server and stops it on its way out (`stop`); stopped with
+            # the command, the server left the flow engine retrying for minutes
+            env=self._env, stdin=subprocess.DEVNULL, start_new_session=True,
         )
 
     @property
