@@ -220,10 +220,13 @@ def _output_outside(output_url: str, folder_url: str, folder: str, options: dict
                       for url, label in ((folder_url, folder), (output_url, "OUTPUT")))
     if type(inputs.fs) is not type(output.fs):
         return
-    inside = inputs.root.rstrip("/") + "/"
-    if output.root.rstrip("/") + "/" == inside:
+    input_root, output_root = inputs.root, output.root
+    if inputs.is_local:  # as the filesystem resolves them: `..` and symbolic links taken
+        input_root, output_root = os.path.realpath(input_root), os.path.realpath(output_root)
+    inside = input_root.rstrip("/") + "/"
+    if output_root.rstrip("/") + "/" == inside:
         raise PreflightError(f"OUTPUT {output_url} is {folder}: {why}; write OUTPUT outside {folder}")
-    if output.root.startswith(inside):
+    if output_root.startswith(inside):
         raise PreflightError(f"OUTPUT {output_url} is inside {folder} {folder_url}: {why}; write OUTPUT outside {folder}")
 
 

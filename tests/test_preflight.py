@@ -530,6 +530,13 @@ def test_an_output_in_its_source_is_refused(source, tmp_path, monkeypatch) -> No
     _refused(["segment", f"{source}/", str(source), *untrained], f"OUTPUT {source} is SOURCE")
     monkeypatch.chdir(tmp_path)
     _refused(["segment", "src", "src/night/out", *untrained], "OUTPUT src/night/out is inside SOURCE src")
+    # as the filesystem resolves it: through `..`, and through a symbolic link either way
+    (tmp_path / "elsewhere").mkdir()
+    dotted, link = f"{tmp_path}/elsewhere/../src/out", tmp_path / "link"
+    _refused(["segment", str(source), dotted, *untrained], f"OUTPUT {dotted} is inside SOURCE {source}")
+    link.symlink_to(source)
+    _refused(["segment", str(source), f"{link}/out", *untrained], f"OUTPUT {link}/out is inside SOURCE {source}")
+    _refused(["segment", str(link), f"{source}/out", *untrained], f"OUTPUT {source}/out is inside SOURCE {link}")
     with pytest.raises(PreflightError, match=r"OUTPUT .*/\{date\}/out is inside SOURCE"):
         check_serve(SegmentConfig(source=f"{source}/{{date}}", output=f"{source}/{{date}}/out", weights="none",
                                   num_classes=2))
