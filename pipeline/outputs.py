@@ -61,6 +61,7 @@ from .storage import (
     move_atomic,
     open_location,
     read_bytes,
+    remove_emptied_folders,
     remove_empty_folder,
     remove_files,
     remove_folder,
@@ -356,7 +357,9 @@ class OutputStore:
         except FileNotFoundError:
             return
         keys = (path[len(self.location.root) + 1:] for path in previous)
-        remove_files(self.location, [key for key in keys if key not in written])
+        stale = [key for key in keys if key not in written]
+        remove_files(self.location, stale)
+        remove_emptied_folders(self.location, stale)
 
     def remove_staging(self, run_id: str) -> None:
         """Delete OUTPUT/_staging/<run_id>/, for a run that has committed every shard and has
@@ -455,6 +458,7 @@ class OutputStore:
                 continue
             stale += [candidate for candidate in candidates if fold(candidate) not in written]
         remove_files(self.location, stale)
+        remove_emptied_folders(self.location, stale)
 
     def _stems_in_source(self, keys: set[str]) -> set[str]:
         """The stems (keys but for their extension) of `keys` that SOURCE holds an image of,

@@ -479,7 +479,7 @@ class RunSummary:
     shards_removed: int = 0
     # of the images, the georeferenced rasters (segmented block by block, or error rows)
     rasters: int = 0
-    # with --polygons, the TIFFs without a CRS and transform, segmented as plain images (PNG masks)
+    # with --polygons, the TIFFs without both a CRS and a transform, segmented as plain images (PNG masks)
     plain_tiffs: int = 0
     # an object store's SOURCE under which nothing at all is listed: the folders beside it of
     # the closest names, the one meant if it was mistyped (`source_hints`)
@@ -625,9 +625,10 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         lines.append("no raster has the bands --bands names: check --bands (1-based), or leave it out for each "
                      "raster's red, green and blue")
     if plain := s.get("plain_tiffs", 0):
-        lines.append(f"{counted(plain, 'TIFF')} without a CRS and transform {verb_for(plain, 'was', 'were')} segmented as "
-                     f"{'a plain image' if plain == 1 else 'plain images'}: PNG masks, no polygons or areas (sidecar .tfw "
-                     "and .aux.xml files are not read)")
+        lines.append(f"{counted(plain, 'TIFF')} without both a CRS and a transform {verb_for(plain, 'was', 'were')} "
+                     f"segmented as {'a plain image' if plain == 1 else 'plain images'}: PNG masks, no polygons or areas "
+                     "(sidecar .tfw and .aux.xml files are not read; a raster placed by ground control points or RPCs "
+                     "alone takes gdalwarp first)")
     devices = Counter(r["device"] + _replica_details(r) for r in s["replicas"])
     lines.append(f"model {s['model']} ({s['weights']}) on {counted(len(s['replicas']), 'replica')} in "
                  f"{s['ray_cluster']}: " + ", ".join(f"{n} on {device}" for device, n in devices.items()))

@@ -544,6 +544,21 @@ def remove_empty_folder(location: Location, key: str) -> None:
             os.rmdir(location.path(key))
 
 
+def remove_emptied_folders(location: Location, keys: Sequence[str]) -> None:
+    """After the files `keys` were deleted, the folders that held them and their parents, up
+    to the first level, that are left empty: on a local disk, where folders outlive their files
+    (an empty partition folder stops `geopandas.read_parquet` of the table)."""
+    if not location.is_local:
+        return
+    tried: set[str] = set()
+    for key in keys:
+        folder = posixpath.dirname(key)
+        while folder and folder not in tried:
+            tried.add(folder)
+            remove_empty_folder(location, folder)
+            folder = posixpath.dirname(folder)
+
+
 def _replace_local_file(path: str, fill: Callable[[BinaryIO], object]) -> None:
     """`fill` a hidden temporary file beside `path`, flushed to disk, then rename it over
     `path`: a reader sees the old file or the new one. Nothing is left behind on failure."""

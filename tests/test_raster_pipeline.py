@@ -588,7 +588,7 @@ def test_a_raster_and_an_image_of_one_stem_each_get_their_own_mask(ray_cpu, tmp_
 
 
 def test_the_summary_says_what_a_raster_run_could_not_do_as_asked(ray_cpu, tmp_path):
-    """With --polygons, TIFFs without a CRS and transform are counted (segmented as images:
+    """With --polygons, TIFFs without both a CRS and a transform are counted (segmented as images:
     no polygons); a --bands that no raster has is said as the setting it is, beside the
     missing_bands rows."""
     from pipeline.run import summary_lines
@@ -608,8 +608,9 @@ def test_the_summary_says_what_a_raster_run_could_not_do_as_asked(ray_cpu, tmp_p
         return summary_lines(run_segmentation(config).as_record() | {"record": "r", "folders": []})
 
     said = summary("polygons", polygons=True)
-    assert ("1 TIFF without a CRS and transform was segmented as a plain image: PNG masks, no polygons or areas "
-            "(sidecar .tfw and .aux.xml files are not read)") in said
+    assert ("1 TIFF without both a CRS and a transform was segmented as a plain image: PNG masks, no polygons or "
+            "areas (sidecar .tfw and .aux.xml files are not read; a raster placed by ground control points or RPCs "
+            "alone takes gdalwarp first)") in said
     assert not any("TIFF" in line for line in summary("masks"))  # without --polygons, PNG masks are what was asked
     # the one raster lacks band 5 (the plain TIFF, an image, takes no --bands)
     said = summary("bands", bands=(5,))

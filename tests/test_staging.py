@@ -212,6 +212,34 @@ def test_a_shard_committed_again_replaces_each_rasters_polygons_by_name(output):
     assert committed() == {name["a.tif"]: first, name["b.tif"]: first}
     commit(second, ("b.tif",))  # a.tif's regions are gone: say, it failed this time
     assert committed() == {name["b.tif"]: second}
+    commit(new_run_id(NOW), ())  # a run without --polygons: no folder is left for a reader to trip on
+    location.fs.invalidate_cache()
+    assert not location.fs.exists(location.path("polygons/shard=s1"))
+    if location.is_local:  # emptied folders outlive their files only there
+        assert not os.path.exists(location.path("polygons"))
+
+
+def test_a_run_without_confidence_leaves_no_empty_confidence_folders(tmp_path):
+    """A shard's confidence masks removed by a run without --confidence take their emptied
+    folders with them, up to confidence/ itself; the masks' folders stay."""
+    store = OutputStore(open_location(str(tmp_path / "out")))
+    location = store.location
+    shard = Shard("day1", (SourceFile("day1/cam/a.jpg", 10, "v1"),))
+
+    def commit(confidence: bool) -> None:
+        run = RunInfo(run_id=new_run_id(NOW), run_date=NOW.date(), model="m", weights="none", num_classes=2,
+                      class_names=("a", "b"), crf=False, source_url="/src", fingerprint="f")
+        record = ImageRecord(key="day1/cam/a.jpg", size=10, version="v1", mask_key="masks/day1/cam/a.png",
+                             confidence_key="confidence/day1/cam/a.png" if confidence else None)
+        for key in filter(None, (record.mask_key, record.confidence_key)):
+            write_atomic(location, key, b"png")
+        store.commit_shard(shard, [record], run)
+
+    commit(confidence=True)
+    assert (tmp_path / "out" / "confidence" / "day1" / "cam" / "a.png").is_file()
+    commit(confidence=False)
+    assert not (tmp_path / "out" / "confidence").exists()
+    assert (tmp_path / "out" / "masks" / "day1" / "cam" / "a.png").is_file()
 
 
 def test_staging_that_cannot_be_removed_does_not_stop_the_run(output, monkeypatch, caplog):

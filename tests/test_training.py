@@ -186,6 +186,9 @@ def test_footprint_masks_train_on_their_buildings_with_a_label_map(shared_data, 
         f"the ignore index 255 covers {share:.0%} of their pixels: if it marks that class, pass --label-map "
         """'{"255": 1}'"""]
     assert check_labels(labels.url, pairs, config.model_copy(update={"label_map": {255: 1}})) == []
+    # a class that is the ignore index is not one to learn
+    ignoring = config.model_copy(update={"label_map": {255: 1}, "num_classes": 3, "ignore_index": 2, "class_names": None})
+    assert check_labels(labels.url, pairs, ignoring) == []
 
 
 def test_a_resumed_run_keeps_its_label_map_and_bands(tmp_path):

@@ -119,7 +119,7 @@ def check_labels(url: str, pairs: list[TrainingPair], config: TrainConfig) -> li
                                  f"--ignore-index {config.ignore_index}: pass --num-classes {n + 1} if it is a class"
                                  ) from None
             raise
-    absent = [int(c) for c in np.flatnonzero(counts == 0)]
+    absent = [int(c) for c in np.flatnonzero(counts == 0) if c != config.ignore_index]  # an ignored class is not learnt
     if not absent or not pairs:
         return []
     names = config.class_names or tuple(f"class_{c}" for c in range(n))
