@@ -33,6 +33,7 @@ from .storage import (
     ShardBy,
     SourceFile,
     StorageUnavailableError,
+    absolute_url,
     folder_exists,
     holds_files,
     is_local_url,
@@ -174,7 +175,8 @@ def _meta_without_torch(config: SegmentConfig) -> ModelMeta | None:
             return None  # not readable without torch, or not valid: model_meta says why
         if meta is not None:
             _same_architecture(config, meta.architecture)
-            meta = meta.model_copy(update={"weights": weights, "weights_digest": checkpoint.digest})
+            # recorded as a path from anywhere: a nightly job's working folder is no provenance
+            meta = meta.model_copy(update={"weights": absolute_url(weights), "weights_digest": checkpoint.digest})
         return meta
     if (published := published_weights(name, weights)) is None:
         return None

@@ -4,6 +4,7 @@ progress. No Ray here: these rules are plain functions, tested as such."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 
 import pytest
@@ -153,6 +154,9 @@ def test_model_meta_is_what_the_loaded_model_carries(tmp_path) -> None:
     loaded = build_model(None, weights=str(tmp_path / "m.pt")).meta.model_dump(mode="json")
     assert model_meta(checkpoint) == loaded and loaded["weights"] == str(tmp_path / "m.pt")
     assert loaded["weights_digest"] and model_meta(untrained)["weights_digest"] is None
+    # given from the working folder, recorded from anywhere: the run record's provenance
+    relative = checkpoint.model_copy(update={"weights": os.path.relpath(tmp_path / "m.pt")})
+    assert model_meta(relative)["weights"] == str(tmp_path / "m.pt")
 
     # published weights: described by torchvision's enum, nothing downloaded
     published = model_meta(SegmentConfig(source="s", output="o", model="lraspp_mobilenet_v3_large", weights="DEFAULT"))
