@@ -41,6 +41,18 @@ _PORTS = range(8000, 9000)
 
 _server: TemporaryServer | None = None
 
+# how the server starts on Linux: it asks the kernel for SIGTERM when the command that started
+# it dies (prctl's PR_SET_PDEATHSIG, kept across exec), then becomes uvicorn. In a session of its
+# own, no signal to the command's process group reaches it, so a command ended without its
+# atexit handlers (SIGHUP from a closed terminal, SIGKILL) would otherwise leave it running
+_TIED_TO_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(0)  # the command ended before the request was made\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n"
+)
+
 
 def temporary_server() -> TemporaryServer:
     """This process's temporary server, launched at the first call (see `TemporaryServer.start`)."""
@@ -81,10 +93,11 @@ class TemporaryServer:
     def _launch(self) -> None:
         self.port = _free_port()
         prefect_parent = Path(importlib.util.find_spec("prefect").origin).parent.parent  # type: ignore[arg-type]
+        server = ["-m", "uvicorn", "--app-dir", str(prefect_parent), "--factory", "prefect.server.api.server:create_app",
+                  "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
+        tied = ["-c", _TIED_TO_PARENT, str(os.getpid())] if sys.platform == "linux" else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_parent), "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "error", "--lifespan", "on"],
+            [sys.executable, *tied, *server],
             # a session of its own: a Ctrl-C in a terminal, or a SIGTERM that systemd or `timeout`
             # sends to the command's whole process group, stops the command, which then ends its
             # flow run through this server and stops it on its way out (`stop`); stopped with
@@ -107,7 +120,8 @@ class TemporaryServer:
         from prefect.settings import temporary_settings
 
         # no flow-run heartbeats: they let a server mark a run whose process died as crashed,
-        # and this server dies with the process; ending them costs the flow up to 1 s at exit
+        # and this server ends with the process (its atexit handler, or the kernel's SIGTERM
+        # on Linux); ending them costs the flow up to 1 s at exit
         with temporary_settings(updates={"api.url": self.url, "flows.heartbeat_frequency": None}):
             yield
 

@@ -155,12 +155,16 @@ def _is_geotiff(key: str) -> bool:
 
 
 def _choose(keys: list[str], others: list[str]) -> str:
-    """Of the masks under one pairing key, the one scored: the first of the other side's kind
-    where it has one, else the first listed. A raster segmented beside its quick-look
-    (`a.tif`, `a.jpg`) has two masks under the key `a`, its COG and the quick-look's PNG, and
-    GeoTIFF ground truth is the raster's."""
-    kinds = {_is_geotiff(key) for key in others}
-    return next((key for key in keys if _is_geotiff(key) in kinds), keys[0]) if len(kinds) == 1 else keys[0]
+    """Of the masks under one pairing key, the one scored: one of the other side's kind, a
+    GeoTIFF first where both sides have one, else the first listed. A raster segmented beside
+    its quick-look (`a.tif`, `a.jpg`) has two masks under the key `a`, its COG and the
+    quick-look's PNG: the raster is scored against GeoTIFF ground truth, the quick-look
+    against PNG ground truth."""
+    other_kinds = {_is_geotiff(key) for key in others}
+    for geotiff in (True, False):
+        if geotiff in other_kinds and (key := next((k for k in keys if _is_geotiff(k) == geotiff), None)):
+            return key
+    return keys[0]
 
 
 def unmatched_suffix(option: str, suffix: str, masks: Sequence[str], noun: str) -> str | None:

@@ -249,11 +249,13 @@ class GroundArea:
 
     A map's own area is the ground's only in a projection that keeps areas: UTM's differs by
     up to 0.2%, Web Mercator's by 1/cos² of the latitude (4x at 60°), and a geographic CRS's
-    square degrees are no area at all. So each pixel row's area is measured once: the pixel in
-    the row's middle column, its corners taken into a Lambert azimuthal equal-area projection
-    centred on the raster (areas there are the ellipsoid's). A row's pixels are taken to share
-    its area, which is exact for a north-up raster in a geographic or cylindrical CRS (Web
-    Mercator's included), and within about 1e-4 for a raster of some kilometres in UTM.
+    square degrees are no area at all. So each pixel row's area is measured once, and a row's
+    pixels share it: for a north-up raster in longitude and latitude, the exact area of the
+    ellipsoid's band between the row's parallels; otherwise the mean area of the row's pixels
+    at `_AREA_COLUMNS` columns, each taken into a Lambert azimuthal equal-area projection
+    centred on the raster. That is the pixels' own area where rows follow parallels (Web
+    Mercator, any cylindrical CRS); elsewhere a region's area is its rows' mean, off by how
+    much a projection's scale changes along a row (see the README).
     """
 
     def __init__(self, crs: CRS | None, transform: Affine, *, width: int, height: int) -> None:
@@ -285,22 +287,63 @@ class GroundArea:
                            minlength=len(pixel_polygons))
 
 
+# columns at which a projected raster's pixel rows are measured, spread over its width: where
+# rows do not follow parallels (a polar stereographic, a national grid, a rotated grid) a row's
+# pixels differ in area, and the row takes their mean
+_AREA_COLUMNS = 9
+
+
 def _row_areas(source: pyproj.CRS, transform: Affine, width: int, height: int) -> np.ndarray:
-    """m² of a pixel in each row of the raster: its middle column's, in an equal-area projection
-    centred on the raster, on the CRS's own datum (so no datum shift moves it)."""
+    """m² of a pixel in each row of the raster, on the CRS's own datum (so no datum shift moves
+    it). ValueError where a row lies outside what the CRS can place on the earth."""
+    if source.is_geographic and transform.b == 0 and transform.d == 0:
+        areas = _lonlat_row_areas(source, transform, height)
+    else:
+        areas = _projected_row_areas(source, transform, width, height)
+    if not np.isfinite(areas).all():
+        bad = np.flatnonzero(~np.isfinite(areas))
+        raise ValueError(f"rows {bad[0]} to {bad[-1]} of the raster lie outside what {source.name} places on the "
+                         "earth: their ground area cannot be measured")
+    return areas
+
+
+def _lonlat_row_areas(source: pyproj.CRS, transform: Affine, height: int) -> np.ndarray:
+    """North-up longitude and latitude: each row a band of the ellipsoid between two parallels,
+    whose area is exact (the authalic integral), latitudes beyond the poles taken at the pole
+    (a global grid's edge rows, centred on ±90°, reach half a pixel past it)."""
+    radians = source.axis_info[0].unit_conversion_factor
+    a, b = source.ellipsoid.semi_major_metre, source.ellipsoid.semi_minor_metre
+    e = np.sqrt(max(0.0, 1.0 - (b / a) ** 2))
+    edges = np.clip((transform.f + transform.e * np.arange(height + 1)) * radians, -np.pi / 2, np.pi / 2)
+    sin = np.sin(edges)
+    if e < 1e-12:  # a sphere
+        below_edge = a * a * sin
+    else:  # the area from the equator to each edge, per radian of longitude
+        below_edge = b * b / 2 * (sin / (1 - (e * sin) ** 2) + np.log((1 + e * sin) / (1 - e * sin)) / (2 * e))
+    return abs(transform.a) * radians * np.abs(np.diff(below_edge))
+
+
+def _projected_row_areas(source: pyproj.CRS, transform: Affine, width: int, height: int) -> np.ndarray:
+    """Each row's mean pixel area at `_AREA_COLUMNS` columns, each pixel's corners taken into a
+    Lambert azimuthal equal-area projection centred on the raster."""
     geodetic = source.geodetic_crs
     centre = transform @ (width / 2, height / 2)
     lon, lat = pyproj.Transformer.from_crs(source, geodetic, always_xy=True).transform(*centre)
+    if not np.isfinite((lon, lat)).all():  # the projection has no centre for it: no row can be placed
+        return np.full(height, np.nan)
     equal_area = ProjectedCRS(conversion=LambertAzimuthalEqualAreaConversion(lat, lon), geodetic_crs=geodetic)
     to_equal_area = pyproj.Transformer.from_crs(source, equal_area, always_xy=True)
-    edges = np.arange(height + 1, dtype=np.float64)  # the rows' top edges, and the last one's bottom
-    column = float(width // 2)
-    left = to_equal_area.transform(*(transform @ (np.full_like(edges, column), edges)))
-    right = to_equal_area.transform(*(transform @ (np.full_like(edges, column + 1), edges)))
+    columns = np.unique(np.linspace(0, width - 1, _AREA_COLUMNS).round())
+    rows = np.arange(height + 1, dtype=np.float64)  # the rows' top edges, and the last one's bottom
+    # corners of the measured pixels: (rows + 1) x columns, left and right
+    row, column = np.meshgrid(rows, columns, indexing="ij")
+    left = np.stack(to_equal_area.transform(*(transform @ (column, row))))
+    right = np.stack(to_equal_area.transform(*(transform @ (column + 1, row))))
     # each pixel's quadrilateral: top left, top right, bottom right, bottom left (shoelace)
-    xs = np.stack([left[0][:-1], right[0][:-1], right[0][1:], left[0][1:]], axis=1)
-    ys = np.stack([left[1][:-1], right[1][:-1], right[1][1:], left[1][1:]], axis=1)
-    return 0.5 * np.abs(np.sum(xs * np.roll(ys, -1, axis=1) - np.roll(xs, -1, axis=1) * ys, axis=1))
+    xs = np.stack([left[0, :-1], right[0, :-1], right[0, 1:], left[0, 1:]])
+    ys = np.stack([left[1, :-1], right[1, :-1], right[1, 1:], left[1, 1:]])
+    pixel = 0.5 * np.abs(np.sum(xs * np.roll(ys, -1, axis=0) - np.roll(xs, -1, axis=0) * ys, axis=0))
+    return pixel.mean(axis=1)
 
 
 class ClassPolygon(NamedTuple):

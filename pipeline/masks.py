@@ -72,18 +72,24 @@ def decode_mask(data: bytes) -> np.ndarray:
 
 
 def map_labels(labels: np.ndarray, label_map: Mapping[int, int] | None) -> np.ndarray:
-    """int64 labels with `label_map`'s values put in (others kept; negative ones too), as
+    """int64 labels with `label_map`'s values put in, all at once (others kept), as
     MMSegmentation's `label_map`: ground truth for scoring, label masks for training."""
     out = labels.astype(np.int64)
-    if label_map:
-        # one lookup table, one pass over the pixels (not one pass per mapped value)
-        top = max(int(out.max(initial=0)), *label_map)
+    if not label_map:
+        return out
+    mapped = out
+    if values := {old: new for old, new in label_map.items() if old >= 0}:
+        # one lookup table up to the largest value mapped (not the largest in the mask: a 32-bit
+        # nodata such as 2147483647 would ask for 16 GiB), one pass over the pixels
+        top = max(values)
         table = np.arange(top + 1, dtype=np.int64)
-        for old, new in label_map.items():
-            if old >= 0:
-                table[old] = new
-        out = np.where(out >= 0, table[np.clip(out, 0, None)], out)
-    return out
+        for old, new in values.items():
+            table[old] = new
+        mapped = np.where((out >= 0) & (out <= top), table[np.clip(out, 0, top)], out)
+    for old, new in label_map.items():  # a signed nodata such as -9999: few, and compared as read
+        if old < 0:
+            mapped = np.where(out == old, new, mapped)
+    return mapped
 
 
 def confidence_levels(confidence: torch.Tensor) -> torch.Tensor:

@@ -462,6 +462,47 @@ def test_a_run_stopped_by_a_signal_says_so_in_one_line_and_the_same_command_goes
         assert sorted(k for (k,) in keys) == sorted(p.name for p in source.iterdir())
 
 
+_HOLDS_A_TEMPORARY_SERVER = """
+import sys, time
+from flows._prefect_server import temporary_server
+server = temporary_server()
+with server.api():
+    print(server.process.pid, flush=True)
+    time.sleep(300)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie no init has reaped yet does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+@pytest.mark.parametrize("end", [signal.SIGHUP, signal.SIGKILL], ids=["terminal-closed", "killed"])
+def test_the_temporary_prefect_server_ends_with_a_command_that_ends_without_its_exit_handlers(tmp_path, end) -> None:
+    """The server runs in a session of its own (a signal to the command's group must not stop
+    it before the command's flow ends), so nothing but the kernel's parent-death signal stops
+    it when the command dies without its atexit handlers: a closed terminal's SIGHUP, SIGKILL."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path)}
+    command = subprocess.Popen([sys.executable, "-c", _HOLDS_A_TEMPORARY_SERVER], stdout=subprocess.PIPE, text=True,
+                               env=env, start_new_session=True)
+    try:
+        server = int(command.stdout.readline())
+        assert _running(server)
+        os.killpg(command.pid, end)
+        command.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _running(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(server)
+    finally:
+        command.kill()
+
+
 def test_a_job_stopped_before_ray_starts_says_so_in_one_line(tmp_path) -> None:
     """SIGTERM while the command still checks SOURCE (here a store that takes the connection
     and never answers, so the check waits on it): the same one line and exit 143 as once Ray

@@ -40,6 +40,11 @@ def test_label_map_keeps_unmapped_values_and_reduce_zero_label_shifts():
     gt = np.array([[0, 7, 8], [26, 255, 3]])
     mapped = remap_ground_truth(gt, ScoreSettings(num_classes=3, label_map={0: 255, 7: 0, 8: 1, 26: 2}))
     assert mapped.tolist() == [[255, 0, 1], [2, 255, 3]]
+    # a 32-bit mask's signed nodata mapped like any value, its largest value left as it is
+    # (a lookup table up to it would take 16 GiB), and every value mapped at once
+    wide = np.array([[-2147483648, -1, 0], [2147483647, 255, 1]])
+    mapped = remap_ground_truth(wide, ScoreSettings(num_classes=3, label_map={-2147483648: 255, 255: 1, 1: 0, 0: 1}))
+    assert mapped.tolist() == [[255, -1, 1], [2147483647, 1, 0]]
     reduced = remap_ground_truth(np.array([[0, 1, 2], [255, 3, 0]]), ScoreSettings(num_classes=3, reduce_zero_label=True))
     assert reduced.tolist() == [[255, 0, 1], [255, 2, 255]]
 
@@ -150,6 +155,10 @@ def test_a_raster_beside_its_quick_look_is_scored_against_geotiff_ground_truth(t
         assert pairing.rejected == [{"key": other, "side": "prediction", "reason": f"pairs under the same key as {expected}"}]
         total = score_pairs(p, g, pairing.pairs, ScoreSettings(num_classes=3))
         assert total.excluded == [] and total.pixels == (truth if expected == "a.tif" else truth[::4, ::4]).size
+    # ground truth of both kinds too: the raster's pair, whichever is listed first
+    (tmp_path / "g_tif" / "a.png").write_bytes(encode_mask(truth[::4, ::4]))
+    pairing = pair_masks(p, open_location(str(tmp_path / "g_tif")))
+    assert [(x.prediction, x.ground_truth) for x in pairing.pairs] == [("a.tif", "a.tif")]
 
 
 def test_second_mask_under_a_key_and_labels_out_of_range_are_reported_by_name(tmp_path):

@@ -273,6 +273,18 @@ def test_ground_area_is_the_ellipsoids(crs: CRS, transform: Affine) -> None:
     assert ground.row_area.sum() * width == pytest.approx(geodesic_area(outline, crs), rel=1e-6)
 
 
+def test_a_global_grid_past_the_poles_is_the_whole_ellipsoid_and_an_unplaceable_row_is_refused() -> None:
+    """A global 1° grid whose pixels are centred on ±90° reaches half a pixel past each pole:
+    those rows are taken at the pole, so the grid is the whole ellipsoid (WGS84's 510,065,622
+    km²). A row its CRS cannot place on the earth is refused, where its NaN would have spread
+    to every region below it."""
+    ground = GroundArea(CRS.from_epsg(4326), from_origin(-180, 90.5, 1, 1), width=360, height=181)
+    assert np.isfinite(ground.row_area).all()
+    assert ground.row_area.sum() * 360 == pytest.approx(510_065_621_724_088, rel=1e-9)
+    with pytest.raises(ValueError, match=r"rows 0 to 9 of the raster lie outside what WGS 84 / UTM zone 16N places"):
+        GroundArea(UTM16N, from_origin(1e9, 1e9, 1, 1), width=10, height=10)
+
+
 def test_ground_area_in_pixels_without_an_ellipsoid() -> None:
     local = CRS.from_wkt('LOCAL_CS["site grid",UNIT["metre",1]]')  # an engineering CRS: on no ellipsoid
     for crs in (local, None):

@@ -298,7 +298,7 @@ def test_more_workers_than_pairs_to_share_is_refused_before_training(ray_cpu, tm
 
     config = _config(tmp_path, val_last=7, workers=3)  # 10 scenes: 3 to train on
     with pytest.raises(ValueError, match=r"^3 training pairs for 3 workers: each would train on 1, and a step takes 2 "
-                                         r"\(batch norm\); pass --workers 1 or fewer$"):
+                                         r"\(batch norm\); pass --workers 2 or fewer$"):
         run_training(config)
     assert not os.path.exists(config.output)
 

@@ -301,7 +301,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
         workers = config.workers or (max(1, int(gpus)) if use_gpu else 1)
         if (share := -(-len(train_pairs) // workers)) < 2:  # `worker_share`: as many pairs each
             raise ValueError(f"{counted(len(train_pairs), 'training pair')} for {workers} workers: each would train "
-                             f"on {share}, and a step takes 2 (batch norm); pass --workers {len(train_pairs) // 2} "
+                             f"on {share}, and a step takes 2 (batch norm); pass --workers {len(train_pairs) - 1} "
                              "or fewer")
         trainer = TorchTrainer(
             _train_worker,
