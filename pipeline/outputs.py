@@ -73,7 +73,8 @@ from .text import counted
 log = logging.getLogger(__name__)
 
 # 2: masks of georeferenced rasters are COGs, class_stats has `area`, images has
-# `confidence_uri`, polygons/ is new
+# `confidence_uri`, polygons/ is new; 3: polygons' `area` is their pixels', their files are named
+# by raster and carry `bbox`; 4: `area` is the ground's, in m² in every CRS (`geo.GroundArea`)
 LAYOUT_FORMAT = "segpipe-output/4"
 # a shard is at most a few thousand images; one row group per file keeps scans simple while
 # staying far below the sizes (~128 MiB) where readers would want to split it

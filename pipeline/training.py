@@ -11,6 +11,7 @@ MMSegmentation's schedules do, and validation mIoU with `pipeline.metrics` on th
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,7 +25,7 @@ from rasterio.windows import Window
 from torch import nn
 
 from .config import TrainConfig
-from .decode import DEFAULT_MAX_PIXELS, check_pixels, decode_image
+from .decode import DEFAULT_MAX_PIXELS, ImageDecodeError, check_pixels, decode_image
 from .evaluation import index_by_key, suggested_suffix, unmatched_suffix
 from .inference import Segmenter
 from .masks import decode_mask, default_palette, map_labels
@@ -126,17 +127,21 @@ def read_image(images: Location, key: str, bands: Sequence[int] | None = None) -
     A georeferenced raster goes through `rasters`, as its blocks do: its bands by colour
     interpretation (or `bands`), deep samples stretched by limits its nodata takes no part in,
     nodata black. Any other file is decoded whole (`decode_image`)."""
+    georeferenced = False
     if is_raster_key(key):
-        with open_raster(images, key) as dataset:
-            if is_georeferenced(dataset):
-                check_pixels(dataset.width, dataset.height, DEFAULT_MAX_PIXELS)
-                chosen = choose_bands(dataset, bands)
-                colour_table = band_colour_table(dataset, chosen)
-                limits = band_limits(dataset, chosen) if colour_table is None else None
-                rgb, valid = read_rgb(dataset, Window(0, 0, dataset.width, dataset.height), chosen, limits,
-                                      colour_table=colour_table)
-                return rgb, None if valid.all() else valid
-    return decode_image(read_bytes(images, key) or b""), None
+        # not something GDAL reads: the image decoder names what is wrong
+        with contextlib.suppress(ImageDecodeError), open_raster(images, key) as dataset:
+            georeferenced = is_georeferenced(dataset)
+    if not georeferenced:
+        return decode_image(read_bytes(images, key) or b""), None
+    with open_raster(images, key) as dataset:
+        check_pixels(dataset.width, dataset.height, DEFAULT_MAX_PIXELS)
+        chosen = choose_bands(dataset, bands)
+        colour_table = band_colour_table(dataset, chosen)
+        limits = band_limits(dataset, chosen) if colour_table is None else None
+        rgb, valid = read_rgb(dataset, Window(0, 0, dataset.width, dataset.height), chosen, limits,
+                              colour_table=colour_table)
+    return rgb, None if valid.all() else valid
 
 
 def load_samples(images: Location, labels: Location, pairs: Sequence[TrainingPair], *, num_classes: int,
