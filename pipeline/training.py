@@ -127,14 +127,14 @@ def read_image(images: Location, key: str, bands: Sequence[int] | None = None) -
     A georeferenced raster goes through `rasters`, as its blocks do: its bands by colour
     interpretation (or `bands`), deep samples stretched by limits its nodata takes no part in,
     nodata black. Any other file is decoded whole (`decode_image`)."""
-    georeferenced = False
-    if is_raster_key(key):
-        # not something GDAL reads: the image decoder names what is wrong
-        with contextlib.suppress(ImageDecodeError), open_raster(images, key) as dataset:
-            georeferenced = is_georeferenced(dataset)
-    if not georeferenced:
-        return decode_image(read_bytes(images, key) or b""), None
-    with open_raster(images, key) as dataset:
+    with contextlib.ExitStack() as opened:
+        dataset = None
+        if is_raster_key(key):
+            # not something GDAL reads: the image decoder names what is wrong
+            with contextlib.suppress(ImageDecodeError):
+                dataset = opened.enter_context(open_raster(images, key))
+        if dataset is None or not is_georeferenced(dataset):
+            return decode_image(read_bytes(images, key) or b""), None
         check_pixels(dataset.width, dataset.height, DEFAULT_MAX_PIXELS)
         chosen = choose_bands(dataset, bands)
         colour_table = band_colour_table(dataset, chosen)
