@@ -347,7 +347,7 @@ def _train(args: argparse.Namespace) -> int:
 
     with prefect_server.api():
         summary = train_model(config, storage_secret=args.storage_secret)
-    if summary["resumed"]:  # what was not given again, taken from the checkpoint
+    if summary["resumed"]:  # what was taken from the checkpoint, and what differs from it
         print(summary["resumed"])
     print(f"{'epoch':>5} {'loss':>8} {'train mIoU':>10} {'val mIoU':>8} {'images/s':>8}")
     for e in summary["epochs"]:

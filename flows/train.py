@@ -47,10 +47,15 @@ def train_model(config: TrainConfig, storage_secret: str | None = None) -> dict[
     resumed = None  # the line saying what a resumed run took from its checkpoint, if anything
     if config.resume is not None:
         trained = read_checkpoint(config.resume, config.storage_options, "--resume").meta.get("extra", {})
-        config, taken = config.resumed_with(trained.get("training", {}))
+        config, taken, overridden = config.resumed_with(trained.get("training", {}))
+        said = []
         if taken:
-            resumed = f"resumed with the settings {config.resume} was trained with: {', '.join(taken)}"
-            print(resumed)
+            said.append(f"resumed with the settings {config.resume} was trained with: {', '.join(taken)}")
+        if overridden:
+            said.append(f"resumed with settings other than {config.resume} was trained with: {', '.join(overridden)}")
+        for line in said:
+            print(line)
+        resumed = "\n".join(said) or None
     summary = train_on_ray(config)
     publish(summary)
     print(f"{summary.model}: best {summary.score} {summary.best_score} at epoch {summary.best_epoch}; "

@@ -283,8 +283,8 @@ class SegmentConfig(JobConfig):
         "segment images larger than TILE x TILE in sliding windows of that side (aerial tiles); default: whole"))
     tile_stride: int | None = Field(default=None, ge=16, description="window stride (default: 3/4 of --tile)")
     bands: tuple[int, ...] | None = Field(default=None, description=(
-        "georeferenced rasters: the 1-based bands to segment, as R G B (default: the raster's RGB by colour "
-        "interpretation, else its first three)"))
+        "georeferenced rasters: the 1-based bands to segment, as R G B (default: those the checkpoint was trained "
+        "on, else the raster's RGB by colour interpretation, else its first three)"))
     block: int = Field(default=2048, ge=256, description=(
         "georeferenced rasters are segmented in blocks of about this side, so memory stays flat whatever "
         "their size (windows of --tile, default 512, slide within and across blocks)"))
@@ -495,7 +495,7 @@ class TrainConfig(JobConfig):
         "(others kept)"))
     bands: tuple[int, ...] | None = Field(default=None, description=(
         "georeferenced rasters: the 1-based bands to train on, as R G B (default: the raster's RGB by colour "
-        "interpretation, else the first three); give segment the same --bands"))
+        "interpretation, else the first three); the checkpoint carries them, and segment reads the same"))
     val_images: str | None = Field(default=None, description="fsspec URL of validation images")
     val_labels: str | None = Field(default=None, description="fsspec URL of their label masks")
     val_last: int = Field(default=0, ge=0, description=(
@@ -538,19 +538,25 @@ class TrainConfig(JobConfig):
             raise ValueError(f"--scale must be LOW HIGH with 0 < LOW <= HIGH, got {self.scale}")
         return self
 
-    def resumed_with(self, trained: Mapping[str, Any]) -> tuple[TrainConfig, list[str]]:
+    def resumed_with(self, trained: Mapping[str, Any]) -> tuple[TrainConfig, list[str], list[str]]:
         """This config with the settings a resumed checkpoint was trained with (`trained`, as
         saved in it) where this one gives none: `RESUMED_SETTINGS`, and its validation set
-        unless one is given. Also those that changed a value, as the command line spells them.
-        Given settings stay (another --lr is allowed, another --optimizer refused later)."""
-        taken = [name for name in RESUMED_SETTINGS if name not in self.model_fields_set and name in trained]
-        if not self.model_fields_set & set(VALIDATION_SETTINGS):
-            taken += [name for name in VALIDATION_SETTINGS if name in trained]
-        if not taken:
-            return self, []
-        resumed = type(self).model_validate(self.model_dump() | {name: trained[name] for name in taken})
-        changed = [name for name in taken if getattr(resumed, name) != getattr(self, name)]
-        return resumed, [f"{option_name(name)} {_shown(getattr(resumed, name))}" for name in changed]
+        unless one is given. Also, as the command line spells them, those taken that changed a
+        value, and those given that differ from the checkpoint's (another --lr or --bands is
+        allowed and said; another --optimizer is refused later)."""
+        names = RESUMED_SETTINGS if self.model_fields_set & set(VALIDATION_SETTINGS) else RESUMED_SETTINGS + VALIDATION_SETTINGS
+        saved = {name: trained[name] for name in names if name in trained}
+        if not saved:
+            return self, [], []
+        as_trained = type(self).model_validate(self.model_dump() | saved)
+        taken = [name for name in saved if name not in self.model_fields_set]
+        resumed = type(self).model_validate(self.model_dump() | {name: saved[name] for name in taken})
+        changed = [f"{option_name(name)} {_shown(getattr(resumed, name))}" for name in taken
+                   if getattr(resumed, name) != getattr(self, name)]
+        overridden = [f"{option_name(name)} {_shown(getattr(self, name))} (trained with {_shown(getattr(as_trained, name))})"
+                      for name in RESUMED_SETTINGS
+                      if name in self.model_fields_set and name in saved and getattr(self, name) != getattr(as_trained, name)]
+        return resumed, changed, overridden
 
     @property
     def last_checkpoint(self) -> str:

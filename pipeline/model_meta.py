@@ -22,6 +22,11 @@ class Preprocessing(BaseModel):
     ones); "short_side"/"long_side" scale that side to `size` keeping the aspect ratio (what
     torchvision's published segmentation weights expect: short side 520); "fixed" resizes to
     `size` = (height, width). Predictions are always returned at the original size.
+
+    `bands`: the 1-based bands of a georeferenced raster the weights were trained on, as R G B
+    (or one, as grey); None: each raster's red, green and blue by colour interpretation. A
+    checkpoint trained with `--bands` carries them, so `segment` reads the same bands without
+    being told (its own `--bands` wins).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -30,6 +35,7 @@ class Preprocessing(BaseModel):
     std: tuple[float, float, float] = IMAGENET_STD
     resize: Literal["none", "short_side", "long_side", "fixed"] = "none"
     size: tuple[int, ...] | None = None
+    bands: tuple[int, ...] | None = None
 
     @model_validator(mode="after")
     def _check_size(self) -> Preprocessing:
@@ -41,6 +47,8 @@ class Preprocessing(BaseModel):
             )
         if min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
+        if self.bands is not None and (len(self.bands) not in (1, 3) or min(self.bands) < 1):
+            raise ValueError(f"bands must be 1 or 3 band indexes from 1, got {self.bands}")
         return self
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:

@@ -299,7 +299,7 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
                              config.resume, config.init), options, remote)
     resumed = read_checkpoint(config.resume, options, "--resume", remote) if config.resume is not None else None
     trained = resumed.meta.get("extra", {}).get("training", {}) if resumed is not None else {}
-    config, _ = config.resumed_with(trained)
+    config, _, _ = config.resumed_with(trained)
     for name, holding in (("images", _IMAGES), ("labels", _MASKS), ("val_images", _IMAGES), ("val_labels", _MASKS)):
         if getattr(config, name) is not None:
             _readable_folder(getattr(config, name), options, config.argument_name(name), remote, holding=holding)

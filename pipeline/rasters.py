@@ -229,10 +229,11 @@ def is_georeferenced(dataset: DatasetReader) -> bool:
     return dataset.crs is not None and dataset.transform != Affine.identity()
 
 
-def choose_bands(dataset: DatasetReader, bands: Sequence[int] | None) -> tuple[int, ...]:
+def choose_bands(dataset: DatasetReader, bands: Sequence[int] | None, *, named_by: str = "--bands") -> tuple[int, ...]:
     """The three 1-based band indexes shown as red, green and blue.
 
-    `bands` as given (one index is shown as grey, three as RGB), checked against the raster;
+    `bands` as given (one index is shown as grey, three as RGB), checked against the raster
+    (`named_by` says who gave them: --bands, or the model trained on them);
     without them the bands whose colour interpretation is red, green and blue, else the first
     three, else (one or two bands: grey, grey and alpha) the first band three times.
     """
@@ -251,7 +252,7 @@ def choose_bands(dataset: DatasetReader, bands: Sequence[int] | None) -> tuple[i
         if outside:  # this raster's own: the others of an archive may have them
             raise ImageDecodeError(
                 "missing_bands",
-                f"--bands {list(chosen)}: band(s) {outside} not in the raster, which has {count} band(s) "
+                f"{named_by} {list(chosen)}: band(s) {outside} not in the raster, which has {count} band(s) "
                 f"(indexes 1 to {count})"
             )
         return chosen * 3 if len(chosen) == 1 else chosen

@@ -624,8 +624,8 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         lines.append(f"errors by reason: {reasons} (details: status = 'error' rows of the images table)")
     # each raster is checked alone: all of them together, the setting is the likelier mistake
     if (rasters := s.get("rasters", 0)) and s["errors_by_type"].get("missing_bands") == rasters:
-        lines.append("no raster has the bands --bands names: check --bands (1-based), or leave it out for each "
-                     "raster's red, green and blue")
+        lines.append("no raster has the bands the run read (--bands, else those the model was trained on): give these "
+                     "rasters' own with --bands (1-based)")
     if plain := s.get("plain_tiffs", 0):
         lines.append(f"{counted(plain, 'TIFF')} without both a CRS and a transform {verb_for(plain, 'was', 'were')} "
                      f"segmented as {'a plain image' if plain == 1 else 'plain images'}: PNG masks, no polygons or areas "

@@ -30,6 +30,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -280,7 +281,10 @@ class RasterStage:
 
     def __init__(self, stage: SegmentStage, settings: RasterSettings, *, source: Location, output: Location,
                  palette: Sequence[Sequence[int]], class_names: Sequence[str], run_id: str) -> None:
-        self.settings = settings
+        # the bands the model was trained on (its checkpoint's), unless --bands names others
+        trained_bands = stage.segmenter.meta.preprocessing.bands
+        self.bands_named_by = "--bands" if settings.bands is not None or trained_bands is None else "the model's bands"
+        self.settings = settings if settings.bands is not None else replace(settings, bands=trained_bands)
         self.run_id = run_id  # the polygons' rows carry it
         self.crf = stage.crf
         self.num_classes = stage.num_classes
@@ -325,7 +329,7 @@ class RasterStage:
         s = self.settings
         if self.num_classes > 255:
             raise ValueError(f"a raster mask is uint8 with a nodata value: at most 255 classes, not {self.num_classes}")
-        bands = choose_bands(dataset, s.bands)
+        bands = choose_bands(dataset, s.bands, named_by=self.bands_named_by)
         colour_table = band_colour_table(dataset, bands)  # a colour-mapped band is shown in its colours
         started = time.perf_counter()
         with _source_read():  # from overviews, or windows read

@@ -227,7 +227,7 @@ def build_training_model(config: TrainConfig) -> tuple[nn.Module, ModelMeta, lis
         architecture=config.model, num_classes=config.num_classes,
         class_names=config.class_names or tuple(f"class_{i}" for i in range(config.num_classes)),
         palette=config.palette or default_palette(config.num_classes),
-        preprocessing=Preprocessing(), weights=config.output, model_kwargs=kwargs,
+        preprocessing=Preprocessing(bands=config.bands), weights=config.output, model_kwargs=kwargs,
     )
     model.meta = meta
     return model, meta, skipped

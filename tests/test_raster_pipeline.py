@@ -26,7 +26,7 @@ from pipeline.config import RasterSettings, SegmentConfig
 from pipeline.evaluation import Pair, Pairing, ScoreSettings, build_report, class_table, score_pairs
 from pipeline.inference import Segmenter
 from pipeline.masks import encode_mask
-from pipeline.models import ModelMeta, build_model, save_checkpoint
+from pipeline.models import ModelMeta, Preprocessing, build_model, save_checkpoint
 from pipeline.outputs import OutputStore, RunInfo
 from pipeline.rasters import band_limits, choose_bands, open_raster, plan_blocks, read_rgb
 from pipeline.records import ImageRecord
@@ -93,8 +93,8 @@ def _as_geotiff(image: Path, path: Path) -> Path:
     return path
 
 
-def _raster_stage(folder: Path, output: Path, **settings) -> RasterStage:
-    meta = ModelMeta.default(MODEL, CLASSES)
+def _raster_stage(folder: Path, output: Path, meta: ModelMeta | None = None, **settings) -> RasterStage:
+    meta = meta or ModelMeta.default(MODEL, CLASSES)
     segmenter = Segmenter(_pixel_driven_model(), meta, device="cpu", batch_size=4, precision="fp32")
     stage = SegmentStage(segmenter, crf=settings.pop("crf", False))
     return RasterStage(stage, RasterSettings(**settings), source=open_location(str(folder)),
@@ -470,6 +470,34 @@ def test_a_geographic_rasters_areas_are_m2_on_the_ground(shared_data, tmp_path):
                                                         strict=True)), rel=1e-9)
 
 
+def test_a_model_trained_on_other_bands_reads_them_unless_told_otherwise(tmp_path):
+    """A checkpoint trained with --bands carries them (`Preprocessing.bands`): a raster is read
+    in those bands without --bands, in --bands' where given, and one that lacks the model's
+    bands is a missing_bands row that says whose bands they were."""
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(1, 256, size=(4, 96, 96), dtype=np.uint8)
+    (tmp_path / "src").mkdir()
+    for name, count in (("bgrn.tif", 4), ("rgb.tif", 3)):
+        with rasterio.open(tmp_path / "src" / name, "w", driver="GTiff", width=96, height=96, count=count,
+                           dtype="uint8", crs="EPSG:32633", transform=from_origin(500000, 5000000, 0.3, 0.3)) as dst:
+            dst.write(pixels[:count])
+
+    def mask(output: str, meta: ModelMeta | None = None, **settings) -> np.ndarray:
+        stage = _raster_stage(tmp_path / "src", tmp_path / output, meta, tile=64, **settings)
+        record = stage(ImageRecord(key="bgrn.tif", georeferenced=True))
+        assert record.ok, record.error
+        return _mask(tmp_path / output / record.mask_key)
+
+    false_colour = ModelMeta.default(MODEL, CLASSES, preprocessing=Preprocessing(bands=(4, 3, 2)))
+    trained = mask("trained", false_colour)
+    assert np.array_equal(trained, mask("asked", bands=(4, 3, 2)))
+    assert not np.array_equal(trained, mask("rgb"))  # bands 1, 2, 3: other pixels, other labels
+    assert np.array_equal(mask("overridden", false_colour, bands=(1, 2, 3)), mask("rgb-again"))
+    record = _raster_stage(tmp_path / "src", tmp_path / "missing", false_colour, tile=64)(
+        ImageRecord(key="rgb.tif", georeferenced=True))
+    assert record.error_type == "missing_bands" and record.error.startswith("the model's bands [4, 3, 2]: band(s) [4]")
+
+
 def test_a_raster_without_the_bands_asked_for_is_a_missing_bands_row(shared_data, tmp_path):
     (tmp_path / "src").mkdir()
     _mosaic(shared_data, tmp_path / "src" / "rgb.tif", height=200, width=200)
@@ -615,8 +643,8 @@ def test_the_summary_says_what_a_raster_run_could_not_do_as_asked(ray_cpu, tmp_p
     # the one raster lacks band 5 (the plain TIFF, an image, takes no --bands)
     said = summary("bands", bands=(5,))
     assert "errors by reason: missing_bands 1 (details: status = 'error' rows of the images table)" in said
-    assert "no raster has the bands --bands names: check --bands (1-based), or leave it out for each raster's red, " \
-           "green and blue" in said
+    assert ("no raster has the bands the run read (--bands, else those the model was trained on): give these "
+            "rasters' own with --bands (1-based)") in said
     # a raster that has band 5: the others' rows are theirs, the setting no mistake
     with rasterio.open(source / "five.tif", "w", driver="GTiff", width=64, height=48, count=5, dtype="uint8",
                        crs="EPSG:32633", transform=from_origin(500000, 5000000, 0.3, 0.3)) as dst:

@@ -87,6 +87,15 @@ def test_init_from_a_checkpoint_with_other_classes_keeps_the_backbone(tmp_path):
     assert load_matching(target, {"classifier.low_classifier.weight": torch.zeros(9, 40, 1, 1)}) != []
 
 
+def test_a_checkpoint_carries_the_bands_it_was_trained_on(tmp_path):
+    """So that segment reads the same bands of a raster without being told (`RasterStage`)."""
+    config = _config(tmp_path, bands=(4, 3, 2))
+    model, meta, _ = build_training_model(config)
+    save_checkpoint(model, str(tmp_path / "nrg.pt"), meta)
+    assert load_checkpoint(str(tmp_path / "nrg.pt"))[0].preprocessing.bands == (4, 3, 2)
+    assert build_training_model(config.model_copy(update={"bands": None}))[1].preprocessing.bands is None
+
+
 def test_a_wrong_label_range_is_one_clear_error_before_training(tmp_path):
     from pipeline.runtime.training import run_training
 
@@ -192,11 +201,21 @@ def test_footprint_masks_train_on_their_buildings_with_a_label_map(shared_data, 
 
 
 def test_a_resumed_run_keeps_its_label_map_and_bands(tmp_path):
-    """As saved in a checkpoint (JSON: the map's keys strings), and named as typed."""
+    """As saved in a checkpoint (JSON: the map's keys strings), and named as typed; others
+    given again stay, and are said beside what the checkpoint was trained with."""
     config = _config(tmp_path)
-    resumed, taken = config.resumed_with({"label_map": {"255": 1}, "bands": [4, 3, 2]})
+    trained = {"label_map": {"255": 1}, "bands": [4, 3, 2], "lr": 0.02, "val_last": 2}
+    resumed, taken, overridden = config.resumed_with(trained)
     assert (resumed.label_map, resumed.bands) == ({255: 1}, (4, 3, 2))
-    assert taken == ["--bands 4 3 2", """--label-map '{"255": 1}'"""]
+    assert taken == ["--bands 4 3 2", """--label-map '{"255": 1}'"""] and overridden == []  # lr and val_last as given
+    resumed, taken, overridden = config.model_copy(update={"bands": (1, 2, 3), "lr": 0.001}).resumed_with(trained)
+    assert (resumed.bands, resumed.lr, resumed.label_map) == ((1, 2, 3), 0.001, {255: 1})
+    assert taken == ["""--label-map '{"255": 1}'"""]
+    assert overridden == ["--lr 0.001 (trained with 0.02)", "--bands 1 2 3 (trained with 4 3 2)"]
+    # a validation set given again replaces the checkpoint's, whichever kind it was
+    resumed, _, _ = config.model_copy(update={"val_last": 0, "val_images": config.images, "val_labels": config.labels},
+                                      ).resumed_with(trained)
+    assert (resumed.val_last, resumed.val_images) == (0, config.images)
 
 
 def test_training_resumes_after_the_epoch_of_its_checkpoint(ray_cpu, tmp_path):
@@ -399,10 +418,11 @@ def test_train_command_learns_and_segment_runs_its_checkpoint_alone(tmp_path):
     # validation set go on from the checkpoint (the default crop, 512, would have been larger
     # than these 64 x 80 scenes, and no validation set is refused)
     more = _segpipe("train", images, labels, str(checkpoint), "--model", "deeplabv3_mobilenet_v3_large",
-                    "--num-classes", "4", "--epochs", "21", "--resume", str(last), "--workers", "2")
+                    "--num-classes", "4", "--epochs", "21", "--resume", str(last), "--workers", "2", "--seed", "1")
     assert more.returncode == 0, more.stderr[-3000:]
     assert (f"resumed with the settings {last} was trained with: --batch-size 3, --crop 48 48, --lr 0.02, "
             "--label-suffix _L, --val-last 2") in more.stdout
+    assert f"resumed with settings other than {last} was trained with: --seed 1 (trained with 0)" in more.stdout
     trained = load_checkpoint(str(last))[0].extra["training"]
     assert (trained["epochs"], trained["crop"], trained["batch_size"], trained["val_last"]) == (21, [48, 48], 3, 2)
     assert "12 training images and 2 validation images" in more.stdout
