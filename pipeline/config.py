@@ -330,7 +330,8 @@ class SegmentConfig(JobConfig):
         "seconds the replicas may take to be placed and load their model (autoscaling included)"))
     batch_attempts: int = Field(default=3, ge=1, description=(
         "times a batch whose replica died is sent before its images become error rows"))
-    max_restarts: int = Field(default=3, ge=0, description="times Ray restarts a replica that died")
+    max_restarts: int = Field(default=3, ge=0, description=(
+        "times in a row a replica that died is restarted without finishing a batch between (0: never)"))
     no_replica_timeout_s: float = Field(default=900.0, gt=0, description=(
         "seconds without any live replica (every worker node lost) before the run stops; long enough for an "
         "autoscaler to add nodes"))

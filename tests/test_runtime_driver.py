@@ -554,6 +554,31 @@ def test_a_decoder_crash_in_a_replica_is_retried_through_the_tasks(ray_cpu, tmp_
     assert (summary.images, summary.errors, summary.retried_batches) == (4, 0, 1)
 
 
+def test_images_that_crash_the_replica_cost_only_themselves_however_many_a_night_holds(ray_cpu, tmp_path):
+    """With the default --max-restarts (3): each crashing image kills its replica up to
+    --batch-attempts times while the driver finds it, more than 3 for these two together, and
+    Ray's own max_restarts, which counts an actor's whole life, stopped the run at them every
+    night. Only deaths in a row without a batch finished count, and not those of an image sent
+    alone."""
+    source, output = _local_source(tmp_path, 8, per_dir=8)
+    for name in ("001", "002", "005"):
+        os.rename(f"{source}/d0/{name}.jpg", f"{source}/d0/{name}-poison.jpg")
+    config = SegmentConfig(source=source, output=output, batch_size=4, crf=False, batch_io="tasks", **MODEL)
+    summary = run_segmentation(config, worker_class=PoisonedWorker)
+    assert (summary.images, summary.errors, summary.errors_by_type) == (8, 3, {"worker_failed": 3})
+
+
+def test_a_replica_that_finishes_nothing_is_not_restarted_forever(ray_cpu, tmp_path):
+    """Every batch kills it: after --max-restarts deaths in a row the run stops with one line,
+    rather than restarting and reloading the model for every batch of the night."""
+    source, output = _local_source(tmp_path, 16, per_dir=16)
+    config = SegmentConfig(source=source, output=output, batch_size=2, batch_attempts=1, max_restarts=1,
+                           batch_io="tasks", **MODEL)
+    with pytest.raises(RunError, match=r"every model replica died 2 times in a row without finishing a batch "
+                                       r"\(--max-restarts\)"):
+        run_segmentation(config, worker_class=AlwaysDyingWorker)
+
+
 @pytest.mark.parametrize("batch_io", ["tasks", "replica"])
 def test_a_crashing_image_costs_only_itself(ray_cpu, tmp_path, batch_io):
     source, output = _local_source(tmp_path, 4)

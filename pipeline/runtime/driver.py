@@ -196,8 +196,9 @@ class _Run:
         refs = [*self.pending, *self.pool.checks]
         if not refs:
             if self.pool.all_dead():
-                raise RunError("every model replica died and Ray could not restart them (max_restarts); "
-                               "committed shards are kept, and the next run resumes from them")
+                raise RunError(f"every model replica died {self.config.max_restarts + 1} times in a row without "
+                               "finishing a batch (--max-restarts); committed shards are kept, and the next run "
+                               "resumes from them")
             time.sleep(0.1)  # replicas are restarting; their next ping is due shortly
             return
         ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
@@ -230,11 +231,12 @@ class _Run:
             self.pool.alone.discard(batch.replica)
         try:
             records = ray.get(ref)
+            self.pool.finished(batch.replica)
         except StorageUnavailableError as err:  # Ray re-raises the task's error as this type too
             raise RunError(f"storage unavailable: {short_error(err)}; committed shards are kept, run again to resume") from err
         except RayError as err:
             if isinstance(err, RayActorError):
-                self.pool.suspect(batch.replica)
+                self.pool.died(batch.replica, alone=batch.alone)
             batch.attempts += 1
             if batch.attempts < self.config.batch_attempts:
                 log.warning("batch of %d images failed (%s); sending them again one by one", len(batch.files), short_error(err))

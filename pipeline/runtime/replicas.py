@@ -168,10 +168,18 @@ def _on_node(node: str | None) -> Any:
 class _ReplicaPool:
     """The model actors: how busy each is, and which are restarting or gone.
 
-    Ray restarts a dead actor (up to max_restarts) and rebuilds its model. Calls made while it
-    restarts fail at once, so a replica whose call failed is set aside and pinged until it
-    answers again (or until Ray declares it dead for good); meanwhile batches go elsewhere or
-    wait, instead of burning their attempts on a replica that cannot take them. A replica not
+    Ray restarts a dead actor and rebuilds its model. Calls made while it restarts fail at
+    once, so a replica whose call failed is set aside and pinged until it answers again (or
+    until it is gone for good); meanwhile batches go elsewhere or wait, instead of burning their
+    attempts on a replica that cannot take them.
+
+    A replica's restarts are counted here, not by Ray, whose max_restarts counts an actor's
+    whole life: over a night of millions of images, a few that crash the replica (each costs
+    up to `batch_attempts` deaths while the driver finds it) would use that up and stop every
+    night at the same images. What `max_restarts` bounds is deaths in a row, with no batch
+    finished between them (`died`, `finished`): a replica that cannot finish anything. A
+    death on a batch of one image sent alone is that image's, which becomes an error row after
+    its attempts; it does not count against the replica. A replica not
     set aside counts as alive (it may be busy with a long batch); when every one is set aside,
     `down_for` says for how long, since with its node gone a restart waits for a new node and
     its pings may never answer.
@@ -207,12 +215,15 @@ class _ReplicaPool:
         actor_class = ray.remote(worker_class)
         self.actors = [
             actor_class.options(
-                num_gpus=num_gpus, num_cpus=config.cpus_per_actor, max_restarts=config.max_restarts,
+                # none, or as many as `died` allows
+                num_gpus=num_gpus, num_cpus=config.cpus_per_actor, max_restarts=-1 if config.max_restarts else 0,
                 name=f"segpipe-{run_id}-{index}", scheduling_strategy=_on_node(node),
             ).remote(replace(spec, replicas_per_node=sharing))
             for index, (node, sharing) in enumerate(places)
         ]
         self.load = [0] * count
+        self.max_restarts = config.max_restarts
+        self.deaths_in_a_row = [0] * count  # each replica's since it last finished a batch (`died`)
         self.dead: set[int] = set()
         self.checks: dict[ray.ObjectRef, int] = {}  # pings in flight to replicas set aside
         self.recheck_at: dict[int, float] = {}
@@ -303,6 +314,27 @@ class _ReplicaPool:
             self.alone.add(replica)
         return replica
 
+    def died(self, replica: int, *, alone: bool) -> None:
+        """A batch on `replica` failed because it died. The replica is set aside until it
+        answers again, or gone for good after `max_restarts` deaths in a row (`alone`: the
+        batch was one image, sent alone to find the one that crashes it, which does not count).
+        One death fails every batch the replica held: it is counted once."""
+        if replica in self._set_aside():
+            return
+        self.deaths_in_a_row[replica] += not alone
+        if self.deaths_in_a_row[replica] <= self.max_restarts:
+            self.suspect(replica)
+            return
+        self.dead.add(replica)
+        ray.kill(self.actors[replica], no_restart=True)
+        log.warning("model replica %d died %d times in a row without finishing a batch (--max-restarts %d); "
+                    "it is not restarted again", replica, self.deaths_in_a_row[replica], self.max_restarts)
+        self._share_cores()
+
+    def finished(self, replica: int) -> None:
+        """A batch on `replica` came back: its deaths are no longer in a row."""
+        self.deaths_in_a_row[replica] = 0
+
     def suspect(self, replica: int) -> None:
         if replica not in self._set_aside():
             self.checks[self.actors[replica].ready.remote()] = replica
@@ -322,7 +354,7 @@ class _ReplicaPool:
         try:
             answer = ray.get(ref)
         except ActorDiedError:
-            self.dead.add(replica)  # restarts used up: Ray will not bring it back
+            self.dead.add(replica)  # Ray will not bring it back (--max-restarts 0)
             log.warning("model replica %d is gone for good", replica)
             self._share_cores()
             return
