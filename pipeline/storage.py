@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import datetime as dt
 import difflib
+import errno
 import hashlib
 import logging
 import os
@@ -591,6 +592,12 @@ def read_bytes(location: Location, key: str) -> bytes | None:
 
 # I/O errors that another attempt will meet again
 _PERMANENT = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+# and the error numbers s3fs gives a request the store refuses for good (a 400's InvalidRequest,
+# as for an object encrypted with a customer's key read without it, InvalidArgument,
+# InvalidRange; 405; 501; a redirect to another region): those errors and an unknown code's
+# EIO, a 500's EREMOTEIO and a 503's or SlowDown's EBUSY may pass
+_PERMANENT_ERRNOS = frozenset({errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.EMSGSIZE, errno.ENAMETOOLONG,
+                               errno.EREMCHG})
 # botocore's network errors (endpoint unreachable, connection reset or closed) are not
 # OSErrors, and s3fs passes them on as they are; named, so botocore stays optional
 _BOTOCORE_NETWORK_ERRORS = frozenset({"ConnectionError", "HTTPClientError"})
@@ -599,9 +606,9 @@ _BOTOCORE_NETWORK_ERRORS = frozenset({"ConnectionError", "HTTPClientError"})
 def is_transient(error: BaseException | None) -> bool:
     """An I/O error that may pass (connection errors, timeouts, a storage service's 5xx, which
     s3fs raises as OSError), itself or as the cause of one of our errors; not a missing,
-    forbidden or misplaced path."""
+    forbidden or misplaced path, nor a request the store refuses for good."""
     for link in error_chain(error, implicit=False):
-        if isinstance(link, _PERMANENT):
+        if isinstance(link, _PERMANENT) or (isinstance(link, OSError) and link.errno in _PERMANENT_ERRNOS):
             return False
         if isinstance(link, OSError | TimeoutError) or _is_botocore(link, _BOTOCORE_NETWORK_ERRORS):
             return True

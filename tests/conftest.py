@@ -107,7 +107,10 @@ def ray_cpu(_ray_session):
 
 class FlakyS3Proxy:
     """An HTTP proxy in front of moto's S3 server that answers 503 to the next N requests
-    when told to: a storage service failing, then recovering (or not)."""
+    when told to: a storage service failing, then recovering (or not). And, for the keys in
+    `refused`, the error S3 answers their GETs with every time (status, code): as AWS refuses an
+    object encrypted with a customer's key read without it (400 InvalidRequest), which moto's
+    server does not enforce."""
 
     def __init__(self, upstream: str) -> None:
         import http.client
@@ -117,6 +120,7 @@ class FlakyS3Proxy:
 
         self.failures_left = 0
         self.failed = 0
+        self.refused: dict[str, tuple[int, str]] = {}  # "bucket/key": (status, S3's error code)
         # LIST requests (ListObjectsV2 pages) seen, and a delay added to each, to stand in for
         # a slow listing of a huge archive
         self.list_requests: list[str] = []
@@ -149,9 +153,12 @@ class FlakyS3Proxy:
                     if fail:
                         proxy.failures_left -= 1
                         proxy.failed += 1
+                status, code = 503, "SlowDown"
+                if self.command in {"GET", "HEAD"} and (refusal := proxy.refused.get(self.path.lstrip("/").split("?")[0])):
+                    fail, (status, code) = True, refusal
                 if fail:
-                    payload = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
-                    self.send_response(503)
+                    payload = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+                    self.send_response(status)
                     # a HEAD answer has no body: one would break the kept-alive connection
                     self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(payload)))
                     self.end_headers()

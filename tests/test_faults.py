@@ -110,6 +110,31 @@ def test_storage_failing_for_a_while_is_retried_and_loses_nothing(ray_cpu, flaky
     assert (summary.images, summary.errors, summary.shards_committed) == (6, 0, 3)
 
 
+def test_an_object_the_store_refuses_for_good_is_its_error_row_in_seconds(flaky_s3):
+    """S3 refuses a GET for good with a 400 (InvalidRequest: an object encrypted with a
+    customer's key, read without it), which s3fs raises as OSError(EINVAL): that image's
+    read_error row at the first attempt. Taken as an outage, it was retried for 7.5 s, then
+    stopped every night's run at that object as storage unavailable. A 503 is still retried."""
+    import time
+
+    from pipeline.io_stages import read_and_decode
+    from pipeline.storage import StorageUnavailableError, iter_shards, open_location
+
+    bucket, direct, through_proxy, proxy = flaky_s3
+    _upload(bucket, direct, shards=1, per_shard=2)
+    source = open_location(f"{bucket}/in", through_proxy)
+    [shard] = list(iter_shards(source))
+    proxy.refused[f"{bucket[5:]}/in/d0/0.jpg"] = (400, "InvalidRequest")
+    started = time.monotonic()
+    refused, decoded = read_and_decode(source, shard.files)
+    assert time.monotonic() - started < 5
+    assert (refused.error_type, decoded.ok) == ("read_error", True)
+    assert refused.error.startswith("cannot read: OSError: [Errno 22]")
+    proxy.refused[f"{bucket[5:]}/in/d0/0.jpg"] = (503, "SlowDown")
+    with pytest.raises(StorageUnavailableError):
+        read_and_decode(source, shard.files[:1])
+
+
 def test_storage_down_as_a_run_starts_is_one_line_and_writes_nothing(flaky_s3):
     import s3fs
 

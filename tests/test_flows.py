@@ -3,6 +3,7 @@ a real local Ray, Parquet and JSON read back."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -335,6 +336,9 @@ def test_missing_or_forbidden_paths_are_not_worth_a_retry():
     assert is_transient(wrapped(ConnectionResetError())) and is_transient(TimeoutError()) and is_transient(OSError(5, "5xx"))
     assert not any(is_transient(wrapped(e)) for e in [FileNotFoundError(), PermissionError(), NotADirectoryError()])
     assert not is_transient(ValueError("bad"))
+    # as s3fs raises S3's answers: a 400 or 405 refuses the request for good, a 503 and a 500 may pass
+    assert not any(is_transient(OSError(number, "refused")) for number in (errno.EINVAL, errno.EPERM, errno.ENOSYS))
+    assert all(is_transient(OSError(number, "5xx")) for number in (errno.EBUSY, errno.EREMOTEIO, errno.EIO))
 
 
 def test_credentials_never_reach_outputs_artifacts_or_logs(prefect_harness, ray_cpu, s3_bucket, capfd, caplog):
