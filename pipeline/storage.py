@@ -598,6 +598,9 @@ _PERMANENT = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Permissi
 # EIO, a 500's EREMOTEIO and a 503's or SlowDown's EBUSY may pass
 _PERMANENT_ERRNOS = frozenset({errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.EMSGSIZE, errno.ENAMETOOLONG,
                                errno.EREMCHG})
+# S3's codes that s3fs gives EINVAL, though they tell of a connection cut or corrupted in
+# flight, or of credentials to refresh: another attempt may pass
+_S3_CODES_THAT_MAY_PASS = frozenset({"IncompleteBody", "BadDigest", "TokenRefreshRequired"})
 # botocore's network errors (endpoint unreachable, connection reset or closed) are not
 # OSErrors, and s3fs passes them on as they are; named, so botocore stays optional
 _BOTOCORE_NETWORK_ERRORS = frozenset({"ConnectionError", "HTTPClientError"})
@@ -608,11 +611,18 @@ def is_transient(error: BaseException | None) -> bool:
     s3fs raises as OSError), itself or as the cause of one of our errors; not a missing,
     forbidden or misplaced path, nor a request the store refuses for good."""
     for link in error_chain(error, implicit=False):
-        if isinstance(link, _PERMANENT) or (isinstance(link, OSError) and link.errno in _PERMANENT_ERRNOS):
+        if isinstance(link, _PERMANENT) or (isinstance(link, OSError) and link.errno in _PERMANENT_ERRNOS
+                                            and _s3_code(link) not in _S3_CODES_THAT_MAY_PASS):
             return False
         if isinstance(link, OSError | TimeoutError) or _is_botocore(link, _BOTOCORE_NETWORK_ERRORS):
             return True
     return False
+
+
+def _s3_code(error: BaseException) -> str | None:
+    """S3's error code behind an error s3fs translated (its cause, botocore's ClientError)."""
+    response = getattr(error.__cause__, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
 
 
 def _is_botocore(error: BaseException, names: frozenset[str]) -> bool:

@@ -339,6 +339,15 @@ def test_missing_or_forbidden_paths_are_not_worth_a_retry():
     # as s3fs raises S3's answers: a 400 or 405 refuses the request for good, a 503 and a 500 may pass
     assert not any(is_transient(OSError(number, "refused")) for number in (errno.EINVAL, errno.EPERM, errno.ENOSYS))
     assert all(is_transient(OSError(number, "5xx")) for number in (errno.EBUSY, errno.EREMOTEIO, errno.EIO))
+    # as s3fs translates botocore's errors: a body cut short in flight may pass, an invalid request not
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    def s3_error(code: str) -> OSError:
+        return translate_boto_error(ClientError({"Error": {"Code": code, "Message": code}}, "GetObject"))
+
+    assert not is_transient(s3_error("InvalidRequest")) and not is_transient(s3_error("InvalidRange"))
+    assert is_transient(s3_error("IncompleteBody")) and is_transient(s3_error("SlowDown"))
 
 
 def test_credentials_never_reach_outputs_artifacts_or_logs(prefect_harness, ray_cpu, s3_bucket, capfd, caplog):
