@@ -240,23 +240,55 @@ def _entries(fs: AbstractFileSystem, path: str) -> Iterator[dict[str, Any]]:
 def iter_files(location: Location) -> Iterator[tuple[str, SourceFile]]:
     """Every object under the location as (directory key, file), depth first: the files of a
     directory in name order, then its sub-directories in name order. Deterministic for a
-    given listing, and the same order on every backend."""
+    given listing, and the same order on every backend.
+
+    On a local disk, a folder removed between its parent's listing and its own (a retention
+    job's) holds nothing, as a prefix emptied on S3 does; and a symbolic link to a folder is
+    followed as the folder it names, unless that folder is SOURCE's own or under it (its files
+    are listed where they are) or under a link already followed (a link back up would never
+    end)."""
     pending = [location.root]
     prefix = len(location.root) + 1
+    followed = _FollowedLinks(location) if location.is_local else None
     while pending:
         path = pending.pop()
         subdirs = []
         directory = path[prefix:] if len(path) > len(location.root) else ""
-        for entry in _entries(location.fs, path):
-            name = entry["name"]
-            if entry.get("type") == "directory":
-                if name != path:  # never the folder again: the listing would not end
-                    subdirs.append(name)
-                continue
-            if name.endswith("/"):
-                continue  # a zero-byte "folder marker" object
-            yield directory, SourceFile(key=name[prefix:], size=int(entry.get("size") or 0), version=_version(entry))
+        try:
+            for entry in _entries(location.fs, path):
+                name = entry["name"]
+                if entry.get("type") == "directory":
+                    if name != path:  # never the folder again: the listing would not end
+                        subdirs.append(name)
+                    continue
+                if followed is not None and entry.get("islink") and os.path.isdir(name):
+                    if followed.follows(name):
+                        subdirs.append(name)
+                    continue
+                if name.endswith("/"):
+                    continue  # a zero-byte "folder marker" object
+                yield directory, SourceFile(key=name[prefix:], size=int(entry.get("size") or 0), version=_version(entry))
+        except FileNotFoundError:
+            if path == location.root:
+                raise
+            log.info("%s was removed while SOURCE was listed: nothing under it is segmented", path)
         pending.extend(sorted(subdirs, reverse=True))
+
+
+class _FollowedLinks:
+    """Which symbolic links to folders a local listing follows (`iter_files`)."""
+
+    def __init__(self, location: Location) -> None:
+        self.within = [os.path.realpath(location.root)]
+
+    def follows(self, link: str) -> bool:
+        """Whether to list the folder `link` names (a link to a file is a file, a broken one
+        the error row of its image)."""
+        target = os.path.realpath(link)
+        if any(target == folder or target.startswith(folder.rstrip(os.sep) + os.sep) for folder in self.within):
+            return False
+        self.within.append(target)
+        return True
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,36 @@ def test_directory_shards_are_deterministic_and_skip_non_images(where, tmp_path,
     assert len({s.shard_id for s in shards}) == len(shards)
 
 
+def test_a_local_folder_removed_while_it_is_listed_holds_nothing(tmp_path):
+    """A retention job removing a night's folder after its parent was listed: the folders
+    after it are still listed, as an emptied prefix on S3 is; the run went down with it."""
+    import shutil
+
+    for folder in ("a", "b", "c"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.jpg").write_bytes(b"x")
+    listing = iter_files(open_location(str(tmp_path)))
+    assert next(listing)[1].key == "a/x.jpg"
+    shutil.rmtree(tmp_path / "b")
+    assert [file.key for _, file in listing] == ["c/x.jpg"]
+
+
+def test_symbolic_links_to_folders_are_followed_once(tmp_path):
+    """A folder linked into SOURCE is listed as a folder, under the link's name; a link to a
+    folder SOURCE lists anyway (`latest` -> a night's) is not listed twice, and a link back
+    up a followed folder ends. They were skipped as files without an image extension."""
+    source, elsewhere = tmp_path / "source", tmp_path / "elsewhere"
+    for folder in (source / "2026-11-24", elsewhere / "night"):
+        folder.mkdir(parents=True)
+        (folder / "x.jpg").write_bytes(b"x")
+    (source / "2026-11-25").symlink_to(elsewhere / "night")
+    (source / "latest").symlink_to(source / "2026-11-24")
+    (elsewhere / "night" / "again").symlink_to(elsewhere / "night")
+    (source / "frame.jpg").symlink_to(elsewhere / "night" / "x.jpg")  # a link to a file is a file
+    keys = [file.key for _, file in iter_files(open_location(str(source)))]
+    assert keys == ["frame.jpg", "2026-11-24/x.jpg", "2026-11-25/x.jpg"]
+
+
 def test_count_shards_cross_directories(tmp_path):
     shards = list(iter_shards(_fill_local(tmp_path), shard_by="count", shard_size=4))
     assert [len(s.files) for s in shards] == [4, 4, 1]
