@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except StorageUnavailableError as err:  # an outage, not a setting: what is committed is kept
         print(f"segpipe: error: storage unavailable: {err}; run the same command again once it answers", file=sys.stderr)
-        return 1
+        return 2  # as the run's own outages (RunError): a scheduler tells a night that could not run by its 2
     except BaseException as err:
         if (stopped := _interrupting_signal(err)) is None:
             raise

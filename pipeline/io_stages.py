@@ -111,13 +111,18 @@ def write_masks(output: Location, records: list[ImageRecord], palette: Sequence[
         start = time.perf_counter()
         try:
             key = mask_key(record.key)
+        except ValueError as err:  # refused when the shard was planned; here for a caller that did not plan
+            record.fail("unsafe_key", str(err))
+            record.labels = record.confidence = None
+            continue
+        try:
             write_atomic(output, key, encode_mask(record.labels, palette))
             if record.confidence is not None:
                 record.confidence_key = confidence_key_for(record.key)
                 write_atomic(output, record.confidence_key, encode_confidence(record.confidence))
             record.mask_key = key
-        except ValueError as err:
-            record.fail("unsafe_key", str(err))
+        except ValueError as err:  # labels no mask can hold (as the model's stage fails an image)
+            record.fail("inference", f"cannot encode its mask: {err}")
         except OSError as err:
             # a write fails for the output's sake (disk full, no permission), not the image's:
             # stop the run rather than commit error rows for images that are fine

@@ -181,7 +181,8 @@ def test_segment_refuses_bad_settings_in_one_line(tmp_path, args, message) -> No
 
 def test_storage_that_stays_down_past_the_checks_is_one_line(monkeypatch, capsys) -> None:
     """Storage that fails for good once a job is under way (the checks before it passed) is
-    an outage, not a setting: one line, exit 1. The job raises it here in place of a store
+    an outage, not a setting: one line, exit 2, as for an outage the run itself meets
+    (`storage unavailable: ...`, a RunError). The job raises it here in place of a store
     going down at that moment; the run's own handling of a store that is down is
     tests/test_faults.py's, over a real S3 API."""
     import flows.cli
@@ -190,7 +191,7 @@ def test_storage_that_stays_down_past_the_checks_is_one_line(monkeypatch, capsys
     def outage(args):
         raise StorageUnavailableError("listing s3://survey/in/: still failing after 5 attempts (ConnectionError: reset)")
     monkeypatch.setattr(flows.cli, "_segment", outage)
-    assert main(["segment", "s3://survey/in", "s3://survey/out"]) == 1
+    assert main(["segment", "s3://survey/in", "s3://survey/out"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "segpipe: error: storage unavailable: listing s3://survey/in/: still failing after 5 attempts "
         "(ConnectionError: reset); run the same command again once it answers"]

@@ -128,3 +128,20 @@ def test_confidence_map_png() -> None:
     with Image.open(io.BytesIO(encode_confidence(confidence_levels(confidence).numpy()))) as image:
         assert image.mode == "L"
         np.testing.assert_array_equal(np.array(image), [[0, 128], [255, 64]])
+
+
+def test_a_mask_that_cannot_be_encoded_is_its_images_inference_error(tmp_path) -> None:
+    """Labels no mask holds are the image's `inference` row, named as such; an unsafe key is an
+    `unsafe_key` row. Both were `unsafe_key`."""
+    from pipeline.io_stages import write_masks
+    from pipeline.records import ImageRecord
+    from pipeline.storage import open_location
+
+    records = [ImageRecord("a.jpg", labels=np.zeros((2, 4, 4), np.uint8)),
+               ImageRecord("../b.jpg", labels=np.zeros((4, 4), np.uint8)),
+               ImageRecord("c.jpg", labels=np.zeros((4, 4), np.uint8))]
+    written = write_masks(open_location(str(tmp_path)), records, [(0, 0, 0)])
+    assert [(r.error_type, r.mask_key) for r in written] == [("inference", None), ("unsafe_key", None),
+                                                            (None, "masks/c.png")]
+    assert written[0].error == "cannot encode its mask: labels must be (H, W), got shape (2, 4, 4)"
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["c.png"]
