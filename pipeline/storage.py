@@ -387,17 +387,49 @@ def is_case_insensitive(location: Location) -> bool:
         os.remove(os.path.join(location.root, name))
 
 
+# the filesystems on which one upload replaces an object whole (object stores); on the others
+# (sftp, hdfs, smb, webdav, ...) a write opens the file at its path and fills it, as on a local
+# disk, so a crash or a full disk leaves part of it there
+_WHOLE_OBJECT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"})
+
+
+def _replaces_whole(fs: AbstractFileSystem) -> bool:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & _WHOLE_OBJECT_PROTOCOLS)
+
+
+def _replace_remote_file(location: Location, key: str, fill: Callable[[str], object]) -> None:
+    """`fill` a hidden temporary file beside `key` on a filesystem that is neither local nor an
+    object store, then rename it over `key` (sftp's posix rename, hdfs's): a reader sees the
+    old file or the new one. The temporary file is removed on failure."""
+    path = location.path(key)
+    folder, name = posixpath.split(path)
+    temporary = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    retry_io(location.uri(key), location.fs.makedirs, folder, exist_ok=True)  # a folder is made, as on a disk
+    try:
+        fill(temporary)
+        retry_io(location.uri(key), location.fs.mv, temporary, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            location.fs.rm_file(temporary)
+        raise
+
+
 def write_atomic(location: Location, key: str, data: bytes) -> None:
     """Write a whole object so that a reader sees the old one or the new one, never part.
 
-    Object stores replace an object in one PUT; on a local disk the bytes go to a hidden
-    temporary file (ignored by Parquet readers) and are renamed over the target.
+    Object stores replace an object in one PUT; on a local disk, and any other filesystem,
+    the bytes go to a hidden temporary file (ignored by Parquet readers) renamed over the
+    target.
     """
     path = location.path(key)
-    if not location.is_local:
+    if location.is_local:
+        _replace_local_file(path, lambda handle: handle.write(data))
+    elif _replaces_whole(location.fs):
         retry_io(location.uri(key), location.fs.pipe_file, path, data)
-        return
-    _replace_local_file(path, lambda handle: handle.write(data))
+    else:
+        _replace_remote_file(location, key, lambda temporary: retry_io(location.uri(key), location.fs.pipe_file,
+                                                                       temporary, data))
 
 
 def put_file_atomic(location: Location, key: str, local_path: str | os.PathLike[str]) -> None:
@@ -410,7 +442,11 @@ def put_file_atomic(location: Location, key: str, local_path: str | os.PathLike[
     """
     path = location.path(key)
     if not location.is_local:
-        retry_io(location.uri(key), location.fs.put_file, os.fspath(local_path), path)
+        if _replaces_whole(location.fs):
+            retry_io(location.uri(key), location.fs.put_file, os.fspath(local_path), path)
+        else:
+            _replace_remote_file(location, key, lambda temporary: retry_io(location.uri(key), location.fs.put_file,
+                                                                           os.fspath(local_path), temporary))
         return
 
     def copy(handle: BinaryIO) -> None:
@@ -422,12 +458,16 @@ def put_file_atomic(location: Location, key: str, local_path: str | os.PathLike[
 
 def move_atomic(location: Location, source_key: str, key: str) -> None:
     """Move an object to `key` so that a reader of `key` sees the old object or the new one,
-    never part: a rename on a local disk; on object stores a server-side copy (no bytes pass
-    through this process), then the source is deleted."""
+    never part: a rename on a local disk (and other filesystems); on object stores a
+    server-side copy (no bytes pass through this process), then the source is deleted."""
     source, path = location.path(source_key), location.path(key)
     if location.is_local:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         os.replace(source, path)
+        return
+    if not _replaces_whole(location.fs):  # a rename there too
+        retry_io(location.uri(key), location.fs.makedirs, posixpath.dirname(path), exist_ok=True)
+        retry_io(location.uri(key), location.fs.mv, source, path)
         return
     retry_io(location.uri(key), location.fs.copy, source, path)
     with contextlib.suppress(FileNotFoundError):

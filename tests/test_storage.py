@@ -323,4 +323,46 @@ def test_put_file_atomic_local_and_remote(tmp_path: Path, monkeypatch: pytest.Mo
     assert len(calls) == 2 and remote.fs.cat_file(remote.path("masks/a/b.tif")) == b"new mask"
 
 
+FULL_DISK_BEHIND_ANOTHER_FILESYSTEM = """
+import resource, sys
+from fsspec.implementations.dirfs import DirFileSystem
+from fsspec.implementations.local import LocalFileSystem
+from pipeline.storage import Location, StorageUnavailableError, move_atomic, put_file_atomic, write_atomic
+
+# a filesystem that is neither a local disk nor an object store, as sftp or hdfs are to
+# segpipe: writes go through fsspec's open-and-fill, renames through its mv
+location = Location(DirFileSystem(path=sys.argv[1], fs=LocalFileSystem()), "out", "dir://out")
+write_atomic(location, "images/part-0.parquet", b"old rows" * 100)
+write_atomic(location, "staged.parquet", b"staged rows")
+move_atomic(location, "staged.parquet", "class_stats/part-0.parquet")
+resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))  # the disk fills: no file grows past 2 KiB
+for write in (lambda: write_atomic(location, "images/part-0.parquet", b"new rows" * 1000),
+              lambda: put_file_atomic(location, "images/part-0.parquet", sys.argv[2])):
+    try:
+        write()
+    except StorageUnavailableError as err:  # EFBIG, retried as a full disk may be emptied
+        print(type(err).__name__)
+"""
+
+
+def test_writes_are_whole_on_a_filesystem_that_is_no_object_store(tmp_path: Path) -> None:
+    """On sftp, hdfs, webdav and the like, a write fills the file at its path: a full disk (or
+    a crash) left a truncated table there, which a reader took as whole. They go through a
+    hidden temporary file renamed over the target, as on a local disk."""
+    import subprocess
+    import sys
+
+    big = tmp_path / "big.parquet"
+    big.write_bytes(b"x" * 1000)  # under the limit, so that the copy is what fails
+    big.write_bytes(b"new rows" * 1000)
+    done = subprocess.run([sys.executable, "-c", FULL_DISK_BEHIND_ANOTHER_FILESYSTEM, str(tmp_path), str(big)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["StorageUnavailableError"] * 2
+    out = tmp_path / "out"
+    assert (out / "images" / "part-0.parquet").read_bytes() == b"old rows" * 100
+    assert (out / "class_stats" / "part-0.parquet").read_bytes() == b"staged rows" and not (out / "staged.parquet").exists()
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["part-0.parquet"]  # no temporary left
+
+
 # --- polygons ---------------------------------------------------------------------------
