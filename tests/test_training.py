@@ -7,8 +7,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -357,6 +359,47 @@ def _config_fields(output: str) -> TrainConfig:
 def _segpipe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=900,
                           env={**os.environ, **(env or {})}, cwd=Path(__file__).parent.parent)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop, group", [(signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGINT, True)],
+                         ids=["SIGTERM", "SIGTERM-to-its-group", "SIGINT-to-its-group"])
+def test_training_stopped_by_a_signal_says_so_in_one_line_and_resumes(tmp_path, stop, group):
+    """Once an epoch's checkpoint is written: one line and exit 128 + the signal, as `segment`
+    says it. Ray Train's own SIGINT handler left a Ctrl-C unanswered, or ended the command with
+    exit 1 and no word; SIGTERM to the process group (systemd's stop) aborted it (exit 134)
+    after a C++ stack dump from Ray's crash handler. The last epoch's checkpoint goes on."""
+    images, labels = _scenes(tmp_path / "data", 8)
+    output = tmp_path / "model.pt"
+    command = [sys.executable, "-m", "flows.cli", "train", images, labels, str(output), "--model",
+               "lraspp_mobilenet_v3_large", "--num-classes", "4", "--epochs", "200", "--batch-size", "4",
+               "--crop", "48", "48", "--label-suffix", "_L"]
+    running = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=group, cwd=Path(__file__).parent.parent)
+    last = tmp_path / "model.last.pt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and running.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running.poll() is None, running.communicate()
+    stopped = time.monotonic()
+    if group:
+        os.killpg(running.pid, stop)
+    else:
+        running.send_signal(stop)
+    _, err = running.communicate(timeout=120)
+    assert time.monotonic() - stopped < 45, err
+    assert running.returncode == 128 + stop, err
+    assert "Traceback" not in err and "SIGTERM received" not in err, err
+    assert err.rstrip().splitlines()[-1] == (
+        f"segpipe: stopped by {stop.name}: the finished epochs' checkpoints are kept; --resume the last one "
+        "(OUTPUT's name with .last before its extension) to go on")
+    trained = load_checkpoint(str(last))[0].extra["epoch"]
+    assert 1 <= trained < 200
+    if not group:
+        more = _segpipe("train", images, labels, str(output), "--model", "lraspp_mobilenet_v3_large", "--num-classes",
+                        "4", "--epochs", str(trained + 1), "--resume", str(last))
+        assert more.returncode == 0, more.stderr[-3000:]
+        assert load_checkpoint(str(last))[0].extra["epoch"] == trained + 1
 
 
 @pytest.mark.slow

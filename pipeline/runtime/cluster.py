@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 
 import ray
 
@@ -30,9 +32,24 @@ def connect_ray(address: str | None, *, training: bool = False) -> tuple[bool, s
         # "local", not None: given no address, Ray joins the newest cluster started on this
         # machine (`ray start`, another program's), which the summary would call this run's own
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, runtime_env=hook)
+        _python_handles_sigterm()
         return True, "a local Ray started for this run"
     ray.init(address=address, logging_level=logging.WARNING)
+    _python_handles_sigterm()
     return True, f"the Ray cluster at {ray.get_runtime_context().gcs_address}"
+
+
+def _python_handles_sigterm() -> None:
+    """SIGTERM to Python's handler again (`ray.init`'s, which raises SystemExit(15)), in place
+    of the crash handler Ray's core worker put in as it connected. That one printed a C++
+    stack dump on every SIGTERM and handed the signal on; and when the signal also reached the
+    local Ray's daemons (sent to the command's process group: systemd's stop, a terminal's job
+    control) the process then aborted in `ray.shutdown`, exit 134 with no line of ours. A
+    segmentation run was spared only because Prefect's flow engine, started after Ray, puts in
+    a Python handler of its own; training and evaluation start Ray inside their flow."""
+    handler = signal.getsignal(signal.SIGTERM)  # None: one put in outside Python, left alone
+    if threading.current_thread() is threading.main_thread() and handler is not None:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def quiet_placement_group_cleaner() -> None:

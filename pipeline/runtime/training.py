@@ -14,6 +14,7 @@ import logging
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -259,6 +260,31 @@ def _absolute(config: TrainConfig) -> TrainConfig:
     return config.model_copy(update=update)
 
 
+def _fit(trainer: TorchTrainer) -> ray.train.Result:
+    """`trainer.fit()`, run in a thread of its own while this one waits for it. Called from the
+    main thread, Ray Train puts in a SIGINT handler of its own, which asks the run to stop
+    "gracefully": a Ctrl-C then went unanswered for minutes, or ended the command with exit 1
+    and no word. Here a stop signal surfaces in this thread as it does in `segment`'s
+    (KeyboardInterrupt, or SystemExit(15) for SIGTERM), and the caller's `ray.shutdown` (or
+    this driver's exit) ends the controller and its workers; the epochs finished are in their
+    checkpoints, written whole."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the waiting thread, which raises it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="segpipe-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # short waits: a signal's handler runs between them
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def run_training(config: TrainConfig) -> TrainSummary:
     """Train `config.model` and write the best checkpoint to `config.output`."""
     started = time.monotonic()
@@ -315,7 +341,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
                                  logging_config=LoggingConfig(log_level="WARNING")),
         )
         try:
-            history = trainer.fit().return_value or []
+            history = _fit(trainer).return_value or []
         except ray.train.TrainingFailedError as err:
             lines = [line.strip() for line in str(err).splitlines() if "Error" in line and ":" in line]
             raise TrainingError(f"training failed: {lines[-1] if lines else err}") from err
