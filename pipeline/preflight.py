@@ -24,6 +24,7 @@ neither torch (2 to 5 s), Ray nor Prefect.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import io
 import json
@@ -734,6 +735,7 @@ def _writable_folder(url: str, options: dict[str, Any], label: str, remote: bool
         return
     data = _ask(f"{label} {location.url}", lambda: read_bytes(location, LAYOUT_KEY), local=location.is_local)
     if data is None:
+        _holds_no_tables(location, label)
         return
     try:
         found = json.loads(data)
@@ -752,6 +754,29 @@ def _writable_folder(url: str, options: dict[str, Any], label: str, remote: bool
             raise PreflightError(f"{label} {location.url} was sharded with {option} {found.get(name)}, not "
                                  f"{layout[name]}; pass {option} {found.get(name)} or use a new {label} (other shard "
                                  "boundaries would leave the old shards' rows behind)")
+
+
+# the folders of OUTPUT that segpipe writes only once it has recorded its layout (a run's
+# first commit): masks may be there before it, from a run stopped earlier
+_TABLE_FOLDERS = ("images", "class_stats")
+
+
+def _holds_no_tables(location: Location, label: str) -> None:
+    """An OUTPUT that records no layout holds nothing in the tables' folders: there it would
+    be a folder segpipe did not write (another tool's work folder, a copy), whose files
+    would be mixed with the tables and stop a reader of them (pyarrow's dataset takes every
+    file under images/ for Parquet)."""
+    def first_file(folder: str) -> str | None:
+        try:
+            return next((file.key for _, file in iter_files(
+                Location(location.fs, location.path(folder), location.uri(folder)))), None)
+        except FileNotFoundError:
+            return None
+
+    for folder in _TABLE_FOLDERS:
+        if (key := _ask(f"{label} {location.url}", functools.partial(first_file, folder), local=location.is_local)) is not None:
+            raise PreflightError(f"{label} {location.url} holds {folder}/{key}, but no {LAYOUT_KEY}: segpipe did not "
+                                 f"write it (it records that before its tables); use a new {label}, or an empty one")
 
 
 def _writable_file(url: str, options: dict[str, Any], label: str, remote: bool) -> None:

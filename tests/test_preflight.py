@@ -281,6 +281,23 @@ def test_source_output_and_layout(source, tmp_path) -> None:
     assert "AWS_ENDPOINT_URL" not in str(refused.value)
 
 
+def test_an_output_segpipe_did_not_write_is_refused(source, tmp_path) -> None:
+    """A folder holding tables without segpipe's layout record (another tool's work folder)
+    was written into, and pyarrow's dataset of OUTPUT/images then failed on its files. Masks
+    alone, from a first run stopped before it committed anything, are segpipe's own."""
+    foreign = tmp_path / "work_dir"
+    (foreign / "images").mkdir(parents=True)
+    (foreign / "images" / "foo.txt").write_text("x")
+    _refused(["segment", str(source), str(foreign), "--weights", "none", "--num-classes", "2"],
+             f"OUTPUT {foreign} holds images/foo.txt, but no {LAYOUT_KEY}: segpipe did not write it (it records that "
+             "before its tables); use a new OUTPUT, or an empty one")
+    assert sorted(p.name for p in foreign.rglob("*")) == ["foo.txt", "images"]
+    stopped = tmp_path / "stopped"
+    (stopped / "masks" / "d0").mkdir(parents=True)
+    (stopped / "masks" / "d0" / "a.png").write_bytes(b"mask")
+    check_segment(SegmentConfig(source=str(source), output=str(stopped), weights="none", num_classes=2))
+
+
 def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> None:
     _refused(["evaluate", str(source), str(tmp_path / "gt"), str(tmp_path / "report"), "--num-classes", "2"],
              f"GROUND_TRUTH {tmp_path / 'gt'} is not a folder that exists")
