@@ -255,7 +255,7 @@ def _segment(args: argparse.Namespace) -> int:
     from pipeline.preflight import check_segment
     from pipeline.run import summary_lines
 
-    config = config_from_arguments(SegmentConfig, args).dated()
+    config = _dated(config_from_arguments(SegmentConfig, args))
     _preflight(check_segment, config, args.storage_secret)
     replicas = listing = None
     if not args.storage_secret:
@@ -304,10 +304,21 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dated(config: SegmentConfig | EvaluateConfig) -> SegmentConfig | EvaluateConfig:
+    """The config with its night's date in its URLs (`JobConfig.dated`). A --date given where
+    no URL holds {date} would do nothing: refused, as the night meant would not be the one run."""
+    if config.date is not None and not any("{date}" in getattr(config, name) for name in config.dated_urls):
+        *others, last = (config.argument_name(name) for name in config.dated_urls)
+        urls = f"{', '.join(others)} and {last}"
+        raise UsageError(f"--date {config.date} fills {{date}} in {urls}, and none of them holds it; put {{date}} "
+                         "where the night's folder is named (e.g. s3://cams/{date}/), or leave --date out")
+    return config.dated()
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.preflight import check_evaluate
 
-    config = config_from_arguments(EvaluateConfig, args).dated()
+    config = _dated(config_from_arguments(EvaluateConfig, args))
     _preflight(check_evaluate, config, args.storage_secret)
     prefect_server = _start_prefect()
     from flows.evaluate import evaluate_predictions

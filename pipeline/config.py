@@ -229,12 +229,12 @@ def _iso_date(value: str | None) -> str | None:
     if value is not None:
         # fromisoformat alone also takes 20261122 (ISO's basic format), which would name
         # another folder than the YYYY-MM-DD ones {date} stands for
+        if not DATE_PATTERN.fullmatch(value):
+            raise ValueError(f"date must be YYYY-MM-DD, got {value!r}")
         try:
-            if not DATE_PATTERN.fullmatch(value):
-                raise ValueError(value)
             dt.date.fromisoformat(value)
-        except ValueError as err:
-            raise ValueError(f"date must be YYYY-MM-DD, got {value!r}") from err
+        except ValueError as err:  # 2026-02-30: the format's, but no day
+            raise ValueError(f"{value} is no day of the calendar ({err})") from err
     return value
 
 

@@ -171,6 +171,10 @@ def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_end
     (["--storage-options", "[1]"], "must be a JSON object"),
     (["--batch-size", "0"], "segpipe: error: --batch-size: must be 1 or more"),
     (["--device", "gpu"], "segpipe: error: argument --device: invalid choice: 'gpu'"),
+    (["--date", "2026-02-30"], "segpipe: error: --date: 2026-02-30 is no day of the calendar"),
+    # SOURCE and OUTPUT without {date}: the night asked for would not be the one segmented
+    (["--date", "2026-02-20"], "segpipe: error: --date 2026-02-20 fills {date} in SOURCE and OUTPUT, and none of them "
+                               "holds it"),
 ])
 def test_segment_refuses_bad_settings_in_one_line(tmp_path, args, message) -> None:
     done = _segpipe("segment", str(tmp_path), str(tmp_path / "out"), *args)
