@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 if TYPE_CHECKING:  # annotations only: the palette is needed where torch is not imported
     import torch
@@ -58,7 +58,13 @@ def encode_mask(labels: np.ndarray, palette: Sequence[Sequence[int]] | None = No
 def decode_mask(data: bytes) -> np.ndarray:
     """Class ids from a mask PNG written by `encode_mask` (or any single-channel image Pillow
     reads): uint8, uint16, or int64 for 32-bit masks, whose values are kept as they are."""
-    with Image.open(io.BytesIO(data)) as image:
+    if not data:
+        raise ValueError("the file is empty (0 bytes)")
+    try:
+        opened = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # Pillow names the in-memory buffer, never the file
+        raise ValueError("not an image file (Pillow recognises no format in it)") from None
+    with opened as image:
         if image.mode not in {"P", "L", "I;16", "I;16B", "I"}:
             raise ValueError(f"a mask must be a single-channel image, got mode {image.mode!r}")
         array = np.array(image)

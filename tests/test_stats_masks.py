@@ -145,3 +145,12 @@ def test_a_mask_that_cannot_be_encoded_is_its_images_inference_error(tmp_path) -
                                                             (None, "masks/c.png")]
     assert written[0].error == "cannot encode its mask: labels must be (H, W), got shape (2, 4, 4)"
     assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["c.png"]
+
+
+@pytest.mark.parametrize("data, reason", [(b"", "the file is empty (0 bytes)"),
+                                          (b"not a png", "not an image file (Pillow recognises no format in it)")])
+def test_a_mask_that_is_no_image_says_what_it_is(data: bytes, reason: str) -> None:
+    """Said of the file, not of Pillow's in-memory buffer (`<_io.BytesIO object at 0x...>`)."""
+    with pytest.raises(ValueError) as refused:
+        decode_mask(data)
+    assert str(refused.value) == reason
