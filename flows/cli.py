@@ -38,6 +38,7 @@ from pipeline.config import (
     StorageOptions,
     TrainConfig,
     TrainingError,
+    is_checkpoint_uri,
     option_name,
     parse_json_object,
 )
@@ -331,10 +332,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _absolute_paths(config: SegmentConfig) -> SegmentConfig:
+    """Local paths made absolute: a deployment's parameters are read by whichever process runs
+    it, a worker in another folder included, where a relative path names another place."""
+    from pipeline.storage import absolute_url
+
+    update = {"source": absolute_url(config.source), "output": absolute_url(config.output)}
+    if config.weights is not None and is_checkpoint_uri(config.weights):
+        update["weights"] = absolute_url(config.weights)
+    return config.model_copy(update=update)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from pipeline.preflight import check_serve
 
-    config = config_from_arguments(SegmentConfig, args)
+    config = _absolute_paths(config_from_arguments(SegmentConfig, args))
     _preflight(check_serve, config, args.storage_secret)
     _prefect_logging("INFO")
     from flows.deployments import serve_deployments

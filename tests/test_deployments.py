@@ -91,10 +91,13 @@ def test_segpipe_serve_registers_both_deployments(tmp_path):
 
     with prefect_test_harness(server_startup_timeout=120):
         env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+        # paths given relative to the folder `serve` runs in: stored absolute, for a worker elsewhere
+        (tmp_path / "cams").mkdir()
         process = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "serve", "--source", f"{tmp_path}/{{date}}",
-             "--output", f"{tmp_path}/out/date={{date}}", "--cron", "30 3 * * *", *UNTRAINED],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            [sys.executable, "-m", "flows.cli", "serve", "--source", "cams/{date}",
+             "--output", "out/date={date}", "--cron", "30 3 * * *", *UNTRAINED],
+            env=env | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}, cwd=tmp_path,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
         try:
             deadline = time.monotonic() + 120
@@ -105,7 +108,8 @@ def test_segpipe_serve_registers_both_deployments(tmp_path):
                     found = {d.name: d for d in client.read_deployments()}
             assert set(found) == {"nightly", "on-demand"}, process.poll()
             assert found["nightly"].schedules[0].schedule.cron == "30 3 * * *"
-            assert found["nightly"].parameters["config"]["source"] == f"{tmp_path}/{{date}}"
+            assert found["nightly"].parameters["config"]["source"] == f"{tmp_path}/cams/{{date}}"
+            assert found["nightly"].parameters["config"]["output"] == f"{tmp_path}/out/date={{date}}"
         finally:
             _stop(process)
 
