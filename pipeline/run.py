@@ -70,10 +70,21 @@ def fingerprint(meta: dict[str, Any], config: SegmentConfig) -> str:
         "format": LAYOUT_FORMAT, "architecture": meta["architecture"],
         "weights": meta.get("weights_digest") or meta["weights"],
         "num_classes": meta["num_classes"], "class_names": meta["class_names"],
-        "preprocessing": meta["preprocessing"], "model_kwargs": meta["model_kwargs"],
+        "preprocessing": _counted_preprocessing(meta["preprocessing"]), "model_kwargs": meta["model_kwargs"],
         **{name: getattr(config, name) for name in RESULT_SETTINGS},
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# `Preprocessing` fields added after outputs were written, with the value that changes nothing
+# they were written by: left out of the fingerprint at that value, so that those outputs' shards
+# stay up to date (a checkpoint trained on other bands counts them)
+_PREPROCESSING_ADDED = {"bands": None}
+
+
+def _counted_preprocessing(preprocessing: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in preprocessing.items()
+            if name not in _PREPROCESSING_ADDED or value != _PREPROCESSING_ADDED[name]}
 
 
 def model_meta(config: SegmentConfig) -> dict[str, Any]:

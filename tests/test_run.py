@@ -69,7 +69,11 @@ def test_the_fingerprint_changes_with_every_setting_that_shapes_results() -> Non
         fingerprint(META | {"weights": "COCO_WITH_VOC_LABELS_V1"}, base_config),
         fingerprint(META | {"num_classes": 19}, base_config),
         fingerprint(META | {"preprocessing": {"mean": [0.4] * 3, "std": [0.5] * 3}}, base_config),
+        fingerprint(META | {"preprocessing": META["preprocessing"] | {"bands": [4, 3, 2]}}, base_config),
     ]
+    # a model's preprocessing read before it had bands, and with none: the outputs written
+    # before the field came stay up to date
+    assert fingerprint(META | {"preprocessing": META["preprocessing"] | {"bands": None}}, base_config) == base
     changes = {"precision": "fp32", "crf": False, "tile": 512, "tile_stride": 256, "bands": (4, 3, 2), "confidence": True, "polygons": True,
                "min_polygon_area": 20.0, "simplify": 0.5}
     assert set(changes) == set(RESULT_SETTINGS)
