@@ -38,7 +38,6 @@ from pipeline.config import (
     StorageOptions,
     TrainConfig,
     TrainingError,
-    is_checkpoint_uri,
     option_name,
     parse_json_object,
 )
@@ -307,7 +306,9 @@ def _segment(args: argparse.Namespace) -> int:
 
 def _dated(config: SegmentConfig | EvaluateConfig) -> SegmentConfig | EvaluateConfig:
     """The config with its night's date in its URLs (`JobConfig.dated`). A --date given where
-    no URL holds {date} would do nothing: refused, as the night meant would not be the one run."""
+    no URL holds {date} would do nothing: refused, as the night meant would not be the one run.
+    Here rather than in the config's validation: a flow's run validates its config again once
+    the URLs are filled, when none holds {date} any more."""
     if config.date is not None and not any("{date}" in getattr(config, name) for name in config.dated_urls):
         *others, last = (config.argument_name(name) for name in config.dated_urls)
         urls = f"{', '.join(others)} and {last}"
@@ -332,21 +333,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _absolute_paths(config: SegmentConfig) -> SegmentConfig:
-    """Local paths made absolute: a deployment's parameters are read by whichever process runs
-    it, a worker in another folder included, where a relative path names another place."""
-    from pipeline.storage import absolute_url
-
-    update = {"source": absolute_url(config.source), "output": absolute_url(config.output)}
-    if config.weights is not None and is_checkpoint_uri(config.weights):
-        update["weights"] = absolute_url(config.weights)
-    return config.model_copy(update=update)
-
-
 def _serve(args: argparse.Namespace) -> int:
     from pipeline.preflight import check_serve
 
-    config = _absolute_paths(config_from_arguments(SegmentConfig, args))
+    # a deployment's parameters are read by whichever process runs it, in whatever folder
+    config = config_from_arguments(SegmentConfig, args).with_absolute_paths("source", "output", "weights")
     _preflight(check_serve, config, args.storage_secret)
     _prefect_logging("INFO")
     from flows.deployments import serve_deployments

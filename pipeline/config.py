@@ -214,6 +214,19 @@ class JobConfig(BaseModel):
         when = date or getattr(self, "date", None)
         return self.model_copy(update={name: substitute_date(getattr(self, name), when) for name in self.dated_urls})
 
+    def with_absolute_paths(self, *names: str) -> Self:
+        """A copy with the local paths among these fields made absolute (of `init` and
+        `weights`, a checkpoint's only), for a process that runs in another folder: Ray
+        Train's workers, a deployment's worker."""
+        from .storage import absolute_url  # fsspec's import, for the commands that need it
+
+        update = {}
+        for name in names:
+            value = getattr(self, name)
+            if value and (name not in ("init", "weights") or is_checkpoint_uri(value)):
+                update[name] = absolute_url(value)
+        return self.model_copy(update=update)
+
     def with_storage_options(self, options: Mapping[str, Any]) -> Self:
         """A copy with these storage options; a `StorageOptions` is kept as it is, with the
         origin of each (`StorageOptions.merged`)."""
@@ -549,15 +562,26 @@ class TrainConfig(JobConfig):
         saved = {name: trained[name] for name in names if name in trained}
         if not saved:
             return self, [], []
-        as_trained = type(self).model_validate(self.model_dump() | saved)
         taken = [name for name in saved if name not in self.model_fields_set]
         resumed = type(self).model_validate(self.model_dump() | {name: saved[name] for name in taken})
         changed = [f"{option_name(name)} {_shown(getattr(resumed, name))}" for name in taken
                    if getattr(resumed, name) != getattr(self, name)]
-        overridden = [f"{option_name(name)} {_shown(getattr(self, name))} (trained with {_shown(getattr(as_trained, name))})"
-                      for name in RESUMED_SETTINGS
-                      if name in self.model_fields_set and name in saved and getattr(self, name) != getattr(as_trained, name)]
+        overridden = []
+        for name in (*RESUMED_SETTINGS, *VALIDATION_SETTINGS):
+            if name in self.model_fields_set and name in trained:
+                trained_with = self._as_typed(name, trained[name])
+                if trained_with != getattr(self, name):
+                    overridden.append(f"{option_name(name)} {_shown(getattr(self, name))} (trained with "
+                                      f"{_shown(trained_with)})")
         return resumed, changed, overridden
+
+    def _as_typed(self, name: str, saved: Any) -> Any:
+        """A setting as a checkpoint saved it (JSON), as this field types it; as saved where
+        this version would refuse it."""
+        try:
+            return getattr(type(self).model_validate(self.model_dump() | {name: saved}), name)
+        except ValueError:
+            return saved
 
     @property
     def last_checkpoint(self) -> str:

@@ -62,8 +62,8 @@ def decode_mask(data: bytes) -> np.ndarray:
         raise ValueError("the file is empty (0 bytes)")
     try:
         opened = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:  # Pillow names the in-memory buffer, never the file
-        raise ValueError("not an image file (Pillow recognises no format in it)") from None
+    except UnidentifiedImageError as err:  # its message names the in-memory buffer, never the file
+        raise ValueError("not an image file (Pillow recognises no format in it)") from err
     with opened as image:
         if image.mode not in {"P", "L", "I;16", "I;16B", "I"}:
             raise ValueError(f"a mask must be a single-channel image, got mode {image.mode!r}")

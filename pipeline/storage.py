@@ -41,6 +41,7 @@ from typing import Any, BinaryIO, Literal
 
 import fsspec
 import fsspec.asyn
+from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
@@ -244,9 +245,10 @@ def iter_files(location: Location) -> Iterator[tuple[str, SourceFile]]:
 
     On a local disk, a folder removed between its parent's listing and its own (a retention
     job's) holds nothing, as a prefix emptied on S3 does; and a symbolic link to a folder is
-    followed as the folder it names, unless that folder is SOURCE's own or under it (its files
-    are listed where they are) or under a link already followed (a link back up would never
-    end)."""
+    followed as the folder it names, unless that folder is SOURCE's own, lies in it or in a
+    folder already followed (its files are listed where they are; a link back up would never
+    end), or holds one of them (a link up to SOURCE's parent would list SOURCE again, and the
+    OUTPUT beside it)."""
     pending = [location.root]
     prefix = len(location.root) + 1
     followed = _FollowedLinks(location) if location.is_local else None
@@ -269,7 +271,10 @@ def iter_files(location: Location) -> Iterator[tuple[str, SourceFile]]:
                     continue  # a zero-byte "folder marker" object
                 yield directory, SourceFile(key=name[prefix:], size=int(entry.get("size") or 0), version=_version(entry))
         except FileNotFoundError:
-            if path == location.root:
+            # a local folder only: a store's "not found" for a folder it listed a moment ago
+            # (S3's NoSuchBucket) is no folder removed, and a listing taken as whole without
+            # it would remove the results of everything under it
+            if path == location.root or not location.is_local:
                 raise
             log.info("%s was removed while SOURCE was listed: nothing under it is segmented", path)
         pending.extend(sorted(subdirs, reverse=True))
@@ -285,10 +290,14 @@ class _FollowedLinks:
         """Whether to list the folder `link` names (a link to a file is a file, a broken one
         the error row of its image)."""
         target = os.path.realpath(link)
-        if any(target == folder or target.startswith(folder.rstrip(os.sep) + os.sep) for folder in self.within):
-            return False
+        if any(_within(target, folder) or _within(folder, target) for folder in self.within):
+            return False  # listed there, or it would list them again (a link up to SOURCE's parent)
         self.within.append(target)
         return True
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 @dataclass(frozen=True)
@@ -387,22 +396,40 @@ def is_case_insensitive(location: Location) -> bool:
         os.remove(os.path.join(location.root, name))
 
 
-# the filesystems on which one upload replaces an object whole (object stores); on the others
-# (sftp, hdfs, smb, webdav, ...) a write opens the file at its path and fills it, as on a local
-# disk, so a crash or a full disk leaves part of it there
+# the filesystems on which one upload replaces an object whole (object stores)
 _WHOLE_OBJECT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"})
+# and those whose rename replaces a file that is there (sftp's posix_rename): on them a write
+# fills a hidden temporary file renamed over the target, as on a local disk. On the others
+# (smb's rename refuses an existing target, webhdfs's fails silently, pyarrow's hdfs deletes
+# it first) a write fills the file at its path, so a crash there leaves part of it
+_RENAME_REPLACES_PROTOCOLS = frozenset({"sftp", "ssh"})
+
+
+def _protocols(fs: AbstractFileSystem) -> set[str]:
+    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
 
 
 def _replaces_whole(fs: AbstractFileSystem) -> bool:
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    return bool(protocols & _WHOLE_OBJECT_PROTOCOLS)
+    return bool(_protocols(fs) & _WHOLE_OBJECT_PROTOCOLS)
+
+
+def _rename_replaces(fs: AbstractFileSystem) -> bool:
+    """Whether `fs.mv` over an existing file replaces it in one step (fsspec's DirFileSystem:
+    as the filesystem it wraps)."""
+    if isinstance(fs, DirFileSystem):
+        return isinstance(fs.fs, LocalFileSystem) or _rename_replaces(fs.fs)
+    return bool(_protocols(fs) & _RENAME_REPLACES_PROTOCOLS)
 
 
 def _replace_remote_file(location: Location, key: str, fill: Callable[[str], object]) -> None:
-    """`fill` a hidden temporary file beside `key` on a filesystem that is neither local nor an
-    object store, then rename it over `key` (sftp's posix rename, hdfs's): a reader sees the
-    old file or the new one. The temporary file is removed on failure."""
+    """`fill` the file at `key` on a filesystem that is neither local nor an object store:
+    through a hidden temporary file renamed over it where a rename replaces (`_rename_replaces`),
+    so that a reader sees the old file or the new one; else in place. The temporary file is
+    removed on failure."""
     path = location.path(key)
+    if not _rename_replaces(location.fs):
+        fill(path)
+        return
     folder, name = posixpath.split(path)
     temporary = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
     retry_io(location.uri(key), location.fs.makedirs, folder, exist_ok=True)  # a folder is made, as on a disk
@@ -418,9 +445,9 @@ def _replace_remote_file(location: Location, key: str, fill: Callable[[str], obj
 def write_atomic(location: Location, key: str, data: bytes) -> None:
     """Write a whole object so that a reader sees the old one or the new one, never part.
 
-    Object stores replace an object in one PUT; on a local disk, and any other filesystem,
-    the bytes go to a hidden temporary file (ignored by Parquet readers) renamed over the
-    target.
+    Object stores replace an object in one PUT; on a local disk (and sftp) the bytes go to a
+    hidden temporary file (ignored by Parquet readers) renamed over the target. Other
+    filesystems are written in place (`_replace_remote_file`).
     """
     path = location.path(key)
     if location.is_local:
@@ -428,8 +455,8 @@ def write_atomic(location: Location, key: str, data: bytes) -> None:
     elif _replaces_whole(location.fs):
         retry_io(location.uri(key), location.fs.pipe_file, path, data)
     else:
-        _replace_remote_file(location, key, lambda temporary: retry_io(location.uri(key), location.fs.pipe_file,
-                                                                       temporary, data))
+        _replace_remote_file(location, key, lambda target: retry_io(location.uri(key), location.fs.pipe_file,
+                                                                    target, data))
 
 
 def put_file_atomic(location: Location, key: str, local_path: str | os.PathLike[str]) -> None:
@@ -445,8 +472,8 @@ def put_file_atomic(location: Location, key: str, local_path: str | os.PathLike[
         if _replaces_whole(location.fs):
             retry_io(location.uri(key), location.fs.put_file, os.fspath(local_path), path)
         else:
-            _replace_remote_file(location, key, lambda temporary: retry_io(location.uri(key), location.fs.put_file,
-                                                                           os.fspath(local_path), temporary))
+            _replace_remote_file(location, key, lambda target: retry_io(location.uri(key), location.fs.put_file,
+                                                                        os.fspath(local_path), target))
         return
 
     def copy(handle: BinaryIO) -> None:
@@ -458,14 +485,13 @@ def put_file_atomic(location: Location, key: str, local_path: str | os.PathLike[
 
 def move_atomic(location: Location, source_key: str, key: str) -> None:
     """Move an object to `key` so that a reader of `key` sees the old object or the new one,
-    never part: a rename on a local disk (and other filesystems); on object stores a
-    server-side copy (no bytes pass through this process), then the source is deleted."""
+    never part: a rename on a local disk (and sftp); on object stores a server-side copy (no bytes pass through this process), then the source is deleted."""
     source, path = location.path(source_key), location.path(key)
     if location.is_local:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         os.replace(source, path)
         return
-    if not _replaces_whole(location.fs):  # a rename there too
+    if _rename_replaces(location.fs):  # a rename there too
         retry_io(location.uri(key), location.fs.makedirs, posixpath.dirname(path), exist_ok=True)
         retry_io(location.uri(key), location.fs.mv, source, path)
         return
@@ -668,8 +694,8 @@ _PERMANENT = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Permissi
 # as for an object encrypted with a customer's key read without it, InvalidArgument,
 # InvalidRange; 405; 501; a redirect to another region): those errors and an unknown code's
 # EIO, a 500's EREMOTEIO and a 503's or SlowDown's EBUSY may pass
-_PERMANENT_ERRNOS = frozenset({errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.EMSGSIZE, errno.ENAMETOOLONG,
-                               errno.EREMCHG})
+# (405's EPERM is a PermissionError already)
+_PERMANENT_ERRNOS = frozenset({errno.EINVAL, errno.ENOSYS, errno.EMSGSIZE, errno.ENAMETOOLONG, errno.EREMCHG})
 # S3's codes that s3fs gives EINVAL, though they tell of a connection cut or corrupted in
 # flight, or of credentials to refresh: another attempt may pass
 _S3_CODES_THAT_MAY_PASS = frozenset({"IncompleteBody", "BadDigest", "TokenRefreshRequired"})

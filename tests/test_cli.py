@@ -383,7 +383,8 @@ def test_the_summary_gives_the_rate_without_the_compilation() -> None:
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--weights", "none"], "segpipe: error: --weights none needs --num-classes"),
-    (["--weights", "none", "--num-classes", "2", "--source", "{root}/camz/{{date}}/"], "segpipe: error: --source {root}/camz/{{date}}/: the folder of its nights "
+    # named as stored, absolute and normalised (a deployment's worker may run in another folder)
+    (["--weights", "none", "--num-classes", "2", "--source", "{root}/camz/{{date}}/"], "segpipe: error: --source {root}/camz/{{date}}: the folder of its nights "
                                               "{root}/camz is not a folder that exists"),
     (["--weights", "{root}/nope.pt"], "segpipe: error: --weights {root}/nope.pt: no such file"),
     (["--weights", "none", "--num-classes", "2", "--cron", "0 2 * * * *"], "segpipe: error: argument --cron: '0 2 * * * *' has 6 fields; a cron schedule has 5"),

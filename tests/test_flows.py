@@ -337,7 +337,7 @@ def test_missing_or_forbidden_paths_are_not_worth_a_retry():
     assert not any(is_transient(wrapped(e)) for e in [FileNotFoundError(), PermissionError(), NotADirectoryError()])
     assert not is_transient(ValueError("bad"))
     # as s3fs raises S3's answers: a 400 or 405 refuses the request for good, a 503 and a 500 may pass
-    assert not any(is_transient(OSError(number, "refused")) for number in (errno.EINVAL, errno.EPERM, errno.ENOSYS))
+    assert not any(is_transient(OSError(number, "refused")) for number in (errno.EINVAL, errno.ENOSYS, errno.EREMCHG))
     assert all(is_transient(OSError(number, "5xx")) for number in (errno.EBUSY, errno.EREMOTEIO, errno.EIO))
     # as s3fs translates botocore's errors: a body cut short in flight may pass, an invalid request not
     from botocore.exceptions import ClientError

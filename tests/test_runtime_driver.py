@@ -568,15 +568,57 @@ def test_images_that_crash_the_replica_cost_only_themselves_however_many_a_night
     assert (summary.images, summary.errors, summary.errors_by_type) == (8, 3, {"worker_failed": 3})
 
 
+def test_deaths_apart_do_not_add_up_to_the_restarts_allowed(ray_cpu, tmp_path):
+    """With --max-restarts 1, three batches that each hold a crashing image, the clean images
+    of each finished between them: no two deaths in a row, so the replica goes on."""
+    source, output = _local_source(tmp_path, 8, per_dir=8)
+    for name in ("000", "002", "004"):
+        os.rename(f"{source}/d0/{name}.jpg", f"{source}/d0/{name}-poison.jpg")
+    # one batch at a time, so that each death is one batch's (one death fails all a replica holds)
+    config = SegmentConfig(source=source, output=output, batch_size=2, batch_attempts=2, max_restarts=1, crf=False,
+                           batches_in_flight_per_actor=1, batch_io="tasks", **MODEL)
+    summary = run_segmentation(config, worker_class=PoisonedWorker)
+    assert (summary.images, summary.errors, summary.errors_by_type) == (8, 3, {"worker_failed": 3})
+
+
 def test_a_replica_that_finishes_nothing_is_not_restarted_forever(ray_cpu, tmp_path):
     """Every batch kills it: after --max-restarts deaths in a row the run stops with one line,
     rather than restarting and reloading the model for every batch of the night."""
     source, output = _local_source(tmp_path, 16, per_dir=16)
     config = SegmentConfig(source=source, output=output, batch_size=2, batch_attempts=1, max_restarts=1,
                            batch_io="tasks", **MODEL)
-    with pytest.raises(RunError, match=r"every model replica died 2 times in a row without finishing a batch "
-                                       r"\(--max-restarts\)"):
+    with pytest.raises(RunError, match=r"every model replica is gone, the last one because it died 2 times in a row "
+                                       r"without finishing a batch \(--max-restarts 1\); it is not restarted again; "
+                                       r"committed shards are kept"):
         run_segmentation(config, worker_class=AlwaysDyingWorker)
+
+
+class RestartsDyingWorker(SegmentWorker):
+    """A replica that dies on its first batch, then at every restart as it loads its model
+    (a crash, or the memory killer, at each load): no batch of it is ever sent again to fail."""
+
+    def __init__(self, spec):
+        if Path(f"{spec.output_url}-died").exists():
+            os._exit(1)
+        super().__init__(spec)
+
+    def segment(self, records):
+        Path(f"{self.spec.output_url}-died").touch()
+        os._exit(1)
+
+
+def test_a_replica_that_dies_at_every_restart_is_given_up_on(ray_cpu, tmp_path):
+    """Ray restarts it as often as asked (restarts are counted by batches, which it never
+    gets again): after --startup-timeout-s set aside it is gone, and the run stops in one line
+    rather than waiting on it all night."""
+    source, output = _local_source(tmp_path, 4)
+    config = SegmentConfig(source=source, output=output, batch_size=4, crf=False, batch_io="tasks",
+                           startup_timeout_s=20, **MODEL)
+    started = time.monotonic()
+    with pytest.raises(RunError, match=r"every model replica is gone, the last one because it did not come back "
+                                       r"within 20 s of dying \(--startup-timeout-s\)"):
+        run_segmentation(config, worker_class=RestartsDyingWorker)
+    assert time.monotonic() - started < 120
 
 
 @pytest.mark.parametrize("batch_io", ["tasks", "replica"])

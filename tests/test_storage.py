@@ -140,6 +140,8 @@ def test_symbolic_links_to_folders_are_followed_once(tmp_path):
     (source / "latest").symlink_to(source / "2026-11-24")
     (elsewhere / "night" / "again").symlink_to(elsewhere / "night")
     (source / "frame.jpg").symlink_to(elsewhere / "night" / "x.jpg")  # a link to a file is a file
+    (source / "up").symlink_to(tmp_path)  # SOURCE's parent, which holds it and its OUTPUT: never listed
+    (elsewhere / "night" / "home").symlink_to(elsewhere)  # up from a followed folder
     keys = [file.key for _, file in iter_files(open_location(str(source)))]
     assert keys == ["frame.jpg", "2026-11-24/x.jpg", "2026-11-25/x.jpg"]
 
@@ -329,8 +331,8 @@ from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from pipeline.storage import Location, StorageUnavailableError, move_atomic, put_file_atomic, write_atomic
 
-# a filesystem that is neither a local disk nor an object store, as sftp or hdfs are to
-# segpipe: writes go through fsspec's open-and-fill, renames through its mv
+# a filesystem that is neither a local disk nor an object store, as sftp is to segpipe:
+# writes go through fsspec's open-and-fill, renames through its mv
 location = Location(DirFileSystem(path=sys.argv[1], fs=LocalFileSystem()), "out", "dir://out")
 write_atomic(location, "images/part-0.parquet", b"old rows" * 100)
 write_atomic(location, "staged.parquet", b"staged rows")
@@ -346,14 +348,14 @@ for write in (lambda: write_atomic(location, "images/part-0.parquet", b"new rows
 
 
 def test_writes_are_whole_on_a_filesystem_that_is_no_object_store(tmp_path: Path) -> None:
-    """On sftp, hdfs, webdav and the like, a write fills the file at its path: a full disk (or
-    a crash) left a truncated table there, which a reader took as whole. They go through a
-    hidden temporary file renamed over the target, as on a local disk."""
+    """On a filesystem that is neither local nor an object store, whose rename replaces a
+    file (sftp; here fsspec's DirFileSystem over a disk), a write filled the file at its path:
+    a full disk (or a crash) left a truncated table there, which a reader took as whole. It
+    goes through a hidden temporary file renamed over the target, as on a local disk."""
     import subprocess
     import sys
 
-    big = tmp_path / "big.parquet"
-    big.write_bytes(b"x" * 1000)  # under the limit, so that the copy is what fails
+    big = tmp_path / "big.parquet"  # over the limit: its copy is what fails
     big.write_bytes(b"new rows" * 1000)
     done = subprocess.run([sys.executable, "-c", FULL_DISK_BEHIND_ANOTHER_FILESYSTEM, str(tmp_path), str(big)],
                           capture_output=True, text=True, timeout=120)

@@ -214,10 +214,11 @@ def test_a_resumed_run_keeps_its_label_map_and_bands(tmp_path):
     assert (resumed.bands, resumed.lr, resumed.label_map) == ((1, 2, 3), 0.001, {255: 1})
     assert taken == ["""--label-map '{"255": 1}'"""]
     assert overridden == ["--lr 0.001 (trained with 0.02)", "--bands 1 2 3 (trained with 4 3 2)"]
-    # a validation set given again replaces the checkpoint's, whichever kind it was
-    resumed, _, _ = config.model_copy(update={"val_last": 0, "val_images": config.images, "val_labels": config.labels},
-                                      ).resumed_with(trained)
+    # a validation set given again replaces the checkpoint's, whichever kind it was, and is said
+    resumed, _, overridden = config.model_copy(update={"val_last": 0, "val_images": config.images,
+                                                       "val_labels": config.labels}).resumed_with(trained)
     assert (resumed.val_last, resumed.val_images) == (0, config.images)
+    assert overridden == ["--val-last 0 (trained with 2)"]
 
 
 def test_training_resumes_after_the_epoch_of_its_checkpoint(ray_cpu, tmp_path):

@@ -196,9 +196,7 @@ class _Run:
         refs = [*self.pending, *self.pool.checks]
         if not refs:
             if self.pool.all_dead():
-                raise RunError(f"every model replica died {self.config.max_restarts + 1} times in a row without "
-                               "finishing a batch (--max-restarts); committed shards are kept, and the next run "
-                               "resumes from them")
+                raise RunError(self.pool.gone_line())
             time.sleep(0.1)  # replicas are restarting; their next ping is due shortly
             return
         ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)

@@ -10,6 +10,7 @@ Ray's cost of moving each batch through three calls (`run.io_in_replica` decides
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -25,6 +26,7 @@ from ..config import RasterSettings, RunError, SegmentConfig
 from ..records import ImageRecord
 from ..run import batches_in_flight, io_in_replica, new_run_id, place_cpu_replicas, replica_threads
 from ..storage import Location, SourceFile
+from ..text import counted
 from .cluster import connect_ray, cpu_nodes, nodes_with_cpus, short_error
 from .spec import WorkerSpec
 
@@ -224,6 +226,10 @@ class _ReplicaPool:
         self.load = [0] * count
         self.max_restarts = config.max_restarts
         self.deaths_in_a_row = [0] * count  # each replica's since it last finished a batch (`died`)
+        # since when each replica set aside has been so, and how long it may stay so (`ping_due`)
+        self.aside_since: dict[int, float] = {}
+        self.why_gone = ""  # the reason the last replica gone for good went (`_gone`)
+        self.restart_timeout_s = config.startup_timeout_s
         self.dead: set[int] = set()
         self.checks: dict[ray.ObjectRef, int] = {}  # pings in flight to replicas set aside
         self.recheck_at: dict[int, float] = {}
@@ -325,11 +331,8 @@ class _ReplicaPool:
         if self.deaths_in_a_row[replica] <= self.max_restarts:
             self.suspect(replica)
             return
-        self.dead.add(replica)
-        ray.kill(self.actors[replica], no_restart=True)
-        log.warning("model replica %d died %d times in a row without finishing a batch (--max-restarts %d); "
-                    "it is not restarted again", replica, self.deaths_in_a_row[replica], self.max_restarts)
-        self._share_cores()
+        self._gone(replica, f"died {counted(self.deaths_in_a_row[replica], 'time')} in a row without finishing a "
+                            f"batch (--max-restarts {self.max_restarts}); it is not restarted again")
 
     def finished(self, replica: int) -> None:
         """A batch on `replica` came back: its deaths are no longer in a row."""
@@ -338,35 +341,58 @@ class _ReplicaPool:
     def suspect(self, replica: int) -> None:
         if replica not in self._set_aside():
             self.checks[self.actors[replica].ready.remote()] = replica
-            if len(self._set_aside()) == len(self.actors):
-                self.down_since = time.monotonic()
+            self.aside_since[replica] = time.monotonic()
+            self._note_all_aside()
+
+    def _note_all_aside(self) -> None:
+        if len(self._set_aside()) == len(self.actors) and self.down_since is None:
+            self.down_since = time.monotonic()
+
+    def _gone(self, replica: int, why: str) -> None:
+        """`replica` taken out for good: Ray restarts it no more."""
+        self.dead.add(replica)
+        self.why_gone = why
+        self.aside_since.pop(replica, None)
+        with contextlib.suppress(RayError):
+            ray.kill(self.actors[replica], no_restart=True)
+        log.warning("model replica %d %s", replica, why)
+        self._note_all_aside()
+        self._share_cores()
 
     def ping_due(self) -> None:
         self._answered_share_cores()
         now = time.monotonic()
+        for replica, since in list(self.aside_since.items()):
+            # restarted again and again as it loads its model (a crash, the memory killer), or
+            # waiting for a node that never comes: no batch of it fails to count that
+            if now - since > self.restart_timeout_s:
+                self._gone(replica, f"did not come back within {self.restart_timeout_s:g} s of dying "
+                                    "(--startup-timeout-s); it is not restarted again")
         for replica, when in list(self.recheck_at.items()):
-            if now >= when:
+            if replica in self.dead:
+                del self.recheck_at[replica]
+            elif now >= when:
                 del self.recheck_at[replica]
                 self.checks[self.actors[replica].ready.remote()] = replica
 
     def resolve(self, ref: ray.ObjectRef) -> None:
         replica = self.checks.pop(ref)
+        if replica in self.dead:
+            return
         try:
             answer = ray.get(ref)
         except ActorDiedError:
-            self.dead.add(replica)  # Ray will not bring it back (--max-restarts 0)
-            log.warning("model replica %d is gone for good", replica)
-            self._share_cores()
+            self._gone(replica, "died, and --max-restarts 0 restarts none")
             return
         except RayActorError:
             self.recheck_at[replica] = time.monotonic() + 0.5  # still restarting
             return
         if "error" in answer:
-            self.dead.add(replica)
-            log.warning("model replica %d could not reload its model: %s", replica, answer["error"])
-        else:
-            self.placements[replica] = answer  # restarted, perhaps on another node
-            self.down_since = None  # back: it takes work again
+            self._gone(replica, f"could not reload its model: {answer['error']}")
+            return
+        self.placements[replica] = answer  # restarted, perhaps on another node
+        self.aside_since.pop(replica, None)
+        self.down_since = None  # back: it takes work again
         self._share_cores()
 
     def _share_cores(self) -> None:
@@ -404,6 +430,11 @@ class _ReplicaPool:
                 self.placements[replica] = self.placements[replica] | {"threads": ray.get(ref)}
             except RayError:
                 self.suspect(replica)
+
+    def gone_line(self) -> str:
+        """What the run says when every replica is gone: the last one's reason."""
+        return (f"every model replica is gone, the last one because it {self.why_gone}; committed shards are kept, "
+                "and the next run resumes from them")
 
     def all_dead(self) -> bool:
         return len(self.dead) == len(self.actors)

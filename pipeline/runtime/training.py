@@ -31,7 +31,7 @@ from ray.train.torch import TorchTrainer
 
 from ..config import TrainingError
 from ..metrics import LabelRangeError, check_label_range, likely_unlabelled
-from ..models import is_checkpoint_uri, load_resumable, save_checkpoint
+from ..models import load_resumable, save_checkpoint
 from ..preflight import check_resumed_best, read_checkpoint
 from ..preprocess import Normalizer
 from ..storage import absolute_url, open_file, open_location, read_bytes, write_atomic
@@ -250,16 +250,6 @@ def _save(model: torch.nn.Module, meta: Any, config: TrainConfig, optimizer: Any
                            training_state=state)
 
 
-def _absolute(config: TrainConfig) -> TrainConfig:
-    """Local paths made absolute: Ray Train's workers run in other folders."""
-    update = {}
-    for name in ("images", "labels", "val_images", "val_labels", "output", "resume", "init"):
-        value = getattr(config, name)
-        if value and (name != "init" or is_checkpoint_uri(value)):
-            update[name] = absolute_url(value)
-    return config.model_copy(update=update)
-
-
 def _fit(trainer: TorchTrainer) -> ray.train.Result:
     """`trainer.fit()`, run in a thread of its own while this one waits for it. Called from the
     main thread, Ray Train puts in a SIGINT handler of its own, which asks the run to stop
@@ -267,7 +257,8 @@ def _fit(trainer: TorchTrainer) -> ray.train.Result:
     and no word. Here a stop signal surfaces in this thread as it does in `segment`'s
     (KeyboardInterrupt, or SystemExit(15) for SIGTERM), and the caller's `ray.shutdown` (or
     this driver's exit) ends the controller and its workers; the epochs finished are in their
-    checkpoints, written whole."""
+    checkpoints, written whole. For a Ray session this process started and ends (`ray.shutdown`),
+    which ends the run with it: the thread, a daemon, goes with the process."""
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -288,7 +279,8 @@ def _fit(trainer: TorchTrainer) -> ray.train.Result:
 def run_training(config: TrainConfig) -> TrainSummary:
     """Train `config.model` and write the best checkpoint to `config.output`."""
     started = time.monotonic()
-    config = _absolute(config)
+    # Ray Train's workers run in other folders
+    config = config.with_absolute_paths("images", "labels", "val_images", "val_labels", "output", "resume", "init")
     train_pairs, val_pairs, left_out = split_pairs(config)
     if len(train_pairs) < 2:
         raise ValueError(f"{len(train_pairs)} training pair(s): at least 2 are needed (batch norm)")
@@ -341,14 +333,17 @@ def run_training(config: TrainConfig) -> TrainSummary:
                                  logging_config=LoggingConfig(log_level="WARNING")),
         )
         try:
-            history = _fit(trainer).return_value or []
+            # a Ray this call started ends with it, and the run with that: a stop signal may
+            # then reach this thread (`_fit`); in a program's own Ray session, Ray Train's
+            # handler is the one that can stop the run
+            history = (_fit(trainer) if stop_ray else trainer.fit()).return_value or []
         except ray.train.TrainingFailedError as err:
             lines = [line.strip() for line in str(err).splitlines() if "Error" in line and ":" in line]
             raise TrainingError(f"training failed: {lines[-1] if lines else err}") from err
     finally:
-        shutil.rmtree(storage, ignore_errors=True)
         if stop_ray:
             ray.shutdown()
+        shutil.rmtree(storage, ignore_errors=True)  # after the run's last use of it
     score = "val_miou" if val_pairs else "train_miou"
     epochs = history[-(config.epochs - start_epoch):] if history else []  # this run's epochs
     best = None  # OUTPUT's epoch, chosen as the workers chose it
