@@ -167,7 +167,7 @@ def test_model_meta_is_what_the_loaded_model_carries(tmp_path) -> None:
     assert (published["weights"], published["num_classes"], published["class_names"][15]) == (
         "COCO_WITH_VOC_LABELS_V1", 21, "person")
     assert published["preprocessing"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                                          "resize": "short_side", "size": [520]}
+                                          "resize": "short_side", "size": [520], "bands": None}
 
 
 def test_model_meta_refuses_what_the_replicas_would_refuse(tmp_path) -> None:
