@@ -147,9 +147,11 @@ def test_a_dated_source_needs_a_dated_output_and_a_real_date() -> None:
     with pytest.raises(ValueError, match="put \\{date\\} in OUTPUT too"):
         SegmentConfig(source="s3://cams/{date}/", output="s3://out/")
     # ISO's basic format, which Python's fromisoformat takes, would name another folder
-    for wrong in ("20/11/2026", "20261120", "2026-13-45", "2026-11-20T00:00"):
+    for wrong in ("20/11/2026", "20261120", "2026-11-20T00:00"):
         with pytest.raises(ValueError, match="YYYY-MM-DD"):
             SegmentConfig(source="s3://cams/{date}", output="s3://o/{date}", date=wrong)
+    with pytest.raises(ValueError, match="2026-13-45 is no day of the calendar"):  # the format, but no day
+        SegmentConfig(source="s3://cams/{date}", output="s3://o/{date}", date="2026-13-45")
 
 
 def test_polygon_settings_without_polygons_are_refused_however_the_config_is_made() -> None:
