@@ -261,3 +261,28 @@ def needs_work(checked: dict | object) -> bool:
         return True
     assert isinstance(checked, dict), checked
     return False
+
+
+def stop_with_signal(command: list[str], ready: Callable[[], bool], stop: int, *, group: bool,
+                     cwd: Path | None = None) -> str:
+    """Run a segpipe command until `ready()`, then send it `stop` (to its process group with
+    `group`, as a terminal's Ctrl-C, systemd's stop and `timeout` send it): it must end within
+    45 s (Ray's and Prefect's own timeouts, a flow engine retrying a dead server or a driver
+    waiting 60 s for a dead GCS, not after them), with exit 128 + the signal and no traceback.
+    Returns its stderr."""
+    running = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=group, cwd=cwd)
+    deadline = time.monotonic() + 300
+    while not ready() and running.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running.poll() is None, running.communicate()
+    stopped = time.monotonic()
+    if group:
+        os.killpg(running.pid, stop)
+    else:
+        running.send_signal(stop)
+    _, err = running.communicate(timeout=120)
+    assert time.monotonic() - stopped < 45, err
+    assert running.returncode == 128 + stop, err
+    assert "Traceback" not in err, err
+    return err

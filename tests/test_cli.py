@@ -18,6 +18,7 @@ import duckdb
 import numpy as np
 import pytest
 import s3fs
+from conftest import stop_with_signal
 from PIL import Image
 
 from flows.cli import _plain_output_when_piped, build_parser, main
@@ -438,23 +439,7 @@ def test_a_run_stopped_by_a_signal_says_so_in_one_line_and_the_same_command_goes
     command = [sys.executable, "-m", "flows.cli", "segment", str(source), str(output), "--model",
                "lraspp_mobilenet_v3_large", "--weights", "none", "--num-classes", "4", "--shard-size", "8",
                "--precision", "fp32", "--no-compile"]
-    running = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=group)
-    deadline = time.monotonic() + 300
-    while not list((output / "_commits").glob("*.json")) and running.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert running.poll() is None, running.communicate()
-    stopped = time.monotonic()
-    if group:
-        os.killpg(running.pid, stop)
-    else:
-        running.send_signal(stop)
-    _, err = running.communicate(timeout=120)
-    # within Ray's and Prefect's own timeouts (a flow engine retrying a dead server, a driver
-    # waiting 60 s for a dead GCS), not after them
-    assert time.monotonic() - stopped < 45, err
-    assert running.returncode == 128 + stop, err
-    assert "Traceback" not in err, err
+    err = stop_with_signal(command, lambda: any((output / "_commits").glob("*.json")), stop, group=group)
     assert err.rstrip().splitlines()[-1] == (
         f"segpipe: stopped by {stop.name}: what was committed is kept; run the same command again to go on")
     committed = len(list((output / "_commits").glob("*.json")))

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import duckdb
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from conftest import stop_with_signal
 from PIL import Image
 from rasterio.enums import ColorInterp
 from rasterio.transform import from_origin
@@ -375,22 +375,9 @@ def test_training_stopped_by_a_signal_says_so_in_one_line_and_resumes(tmp_path, 
     command = [sys.executable, "-m", "flows.cli", "train", images, labels, str(output), "--model",
                "lraspp_mobilenet_v3_large", "--num-classes", "4", "--epochs", "200", "--batch-size", "4",
                "--crop", "48", "48", "--label-suffix", "_L"]
-    running = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=group, cwd=Path(__file__).parent.parent)
     last = tmp_path / "model.last.pt"
-    deadline = time.monotonic() + 300
-    while not last.exists() and running.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert running.poll() is None, running.communicate()
-    stopped = time.monotonic()
-    if group:
-        os.killpg(running.pid, stop)
-    else:
-        running.send_signal(stop)
-    _, err = running.communicate(timeout=120)
-    assert time.monotonic() - stopped < 45, err
-    assert running.returncode == 128 + stop, err
-    assert "Traceback" not in err and "SIGTERM received" not in err, err
+    err = stop_with_signal(command, last.exists, stop, group=group, cwd=Path(__file__).parent.parent)
+    assert "SIGTERM received" not in err, err  # Ray's crash handler's dump
     assert err.rstrip().splitlines()[-1] == (
         f"segpipe: stopped by {stop.name}: the finished epochs' checkpoints are kept; --resume the last one "
         "(OUTPUT's name with .last before its extension) to go on")
