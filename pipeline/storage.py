@@ -396,21 +396,16 @@ def is_case_insensitive(location: Location) -> bool:
         os.remove(os.path.join(location.root, name))
 
 
-# the filesystems on which one upload replaces an object whole (object stores)
-_WHOLE_OBJECT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"})
-# and those whose rename replaces a file that is there (sftp's posix_rename): on them a write
-# fills a hidden temporary file renamed over the target, as on a local disk. On the others
-# (smb's rename refuses an existing target, webhdfs's fails silently, pyarrow's hdfs deletes
-# it first) a write fills the file at its path, so a crash there leaves part of it
+# the filesystems that are not local and whose rename replaces a file that is there (sftp's
+# posix_rename): on them a write fills a hidden temporary file renamed over the target, as on
+# a local disk. On the others a write goes to the target itself: object stores make an upload
+# visible whole, in one PUT; elsewhere (smb's rename refuses an existing target, webhdfs's
+# fails silently, pyarrow's hdfs deletes it first) a crash leaves part of it there
 _RENAME_REPLACES_PROTOCOLS = frozenset({"sftp", "ssh"})
 
 
 def _protocols(fs: AbstractFileSystem) -> set[str]:
     return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-
-
-def _replaces_whole(fs: AbstractFileSystem) -> bool:
-    return bool(_protocols(fs) & _WHOLE_OBJECT_PROTOCOLS)
 
 
 def _rename_replaces(fs: AbstractFileSystem) -> bool:
@@ -422,10 +417,10 @@ def _rename_replaces(fs: AbstractFileSystem) -> bool:
 
 
 def _replace_remote_file(location: Location, key: str, fill: Callable[[str], object]) -> None:
-    """`fill` the file at `key` on a filesystem that is neither local nor an object store:
-    through a hidden temporary file renamed over it where a rename replaces (`_rename_replaces`),
-    so that a reader sees the old file or the new one; else in place. The temporary file is
-    removed on failure."""
+    """`fill` the file at `key` on a filesystem that is not local: through a hidden temporary
+    file renamed over it where a rename replaces (`_rename_replaces`), so that a reader sees
+    the old file or the new one; else at `key` itself. The temporary file is removed on
+    failure."""
     path = location.path(key)
     if not _rename_replaces(location.fs):
         fill(path)
@@ -452,8 +447,6 @@ def write_atomic(location: Location, key: str, data: bytes) -> None:
     path = location.path(key)
     if location.is_local:
         _replace_local_file(path, lambda handle: handle.write(data))
-    elif _replaces_whole(location.fs):
-        retry_io(location.uri(key), location.fs.pipe_file, path, data)
     else:
         _replace_remote_file(location, key, lambda target: retry_io(location.uri(key), location.fs.pipe_file,
                                                                     target, data))
@@ -469,11 +462,8 @@ def put_file_atomic(location: Location, key: str, local_path: str | os.PathLike[
     """
     path = location.path(key)
     if not location.is_local:
-        if _replaces_whole(location.fs):
-            retry_io(location.uri(key), location.fs.put_file, os.fspath(local_path), path)
-        else:
-            _replace_remote_file(location, key, lambda target: retry_io(location.uri(key), location.fs.put_file,
-                                                                        os.fspath(local_path), target))
+        _replace_remote_file(location, key, lambda target: retry_io(location.uri(key), location.fs.put_file,
+                                                                    os.fspath(local_path), target))
         return
 
     def copy(handle: BinaryIO) -> None:
@@ -485,7 +475,8 @@ def put_file_atomic(location: Location, key: str, local_path: str | os.PathLike[
 
 def move_atomic(location: Location, source_key: str, key: str) -> None:
     """Move an object to `key` so that a reader of `key` sees the old object or the new one,
-    never part: a rename on a local disk (and sftp); on object stores a server-side copy (no bytes pass through this process), then the source is deleted."""
+    never part: a rename on a local disk (and sftp); on object stores a server-side copy (no
+    bytes pass through this process), then the source is deleted."""
     source, path = location.path(source_key), location.path(key)
     if location.is_local:
         os.makedirs(os.path.dirname(path), exist_ok=True)
