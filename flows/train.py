@@ -14,7 +14,7 @@ from prefect.states import State
 from flows._checks import failed_checks
 from flows._storage import resolve_storage_options
 from pipeline.config import TrainConfig
-from pipeline.preflight import check_train, read_checkpoint
+from pipeline.preflight import check_train, read_checkpoint, resume_point
 from pipeline.runtime.training import TrainSummary, run_training
 
 
@@ -44,11 +44,12 @@ def train_model(config: TrainConfig, storage_secret: str | None = None) -> dict[
     # as the command line does; here with the credentials of a Secret block too
     if (failed := failed_checks(check_train, config)) is not None:
         return failed
-    resumed = None  # the line saying what a resumed run took from its checkpoint, if anything
+    resumed = None  # the lines saying what a resumed run goes on from and took from it, if anything
     if config.resume is not None:
+        config, went_on = resume_point(config)
         trained = read_checkpoint(config.resume, config.storage_options, "--resume").meta.get("extra", {})
         config, taken, overridden = config.resumed_with(trained.get("training", {}))
-        said = []
+        said = [went_on] if went_on else []
         if taken:
             said.append(f"resumed with the settings {config.resume} was trained with: {', '.join(taken)}")
         if overridden:

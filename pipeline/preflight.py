@@ -298,6 +298,7 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
     options = config.storage_options
     _client_settings((config.images, config.labels, config.val_images, config.val_labels, config.output,
                              config.resume, config.init), options, remote)
+    config, _ = resume_point(config, remote=remote)
     resumed = read_checkpoint(config.resume, options, "--resume", remote) if config.resume is not None else None
     trained = resumed.meta.get("extra", {}).get("training", {}) if resumed is not None else {}
     config, _, _ = config.resumed_with(trained)
@@ -401,6 +402,33 @@ def check_resumed_best(config: TrainConfig, training_state: Mapping[str, Any], *
         raise PreflightError(f"--resume {config.resume} goes on with its run's best epoch ({best_epoch}) in {best}, "
                              f"which was written over since (it now holds epoch {found.trained_epochs}); pass --resume "
                              f"{best} to go on from that one instead")
+
+
+def resume_point(config: TrainConfig, *, remote: bool = True) -> tuple[TrainConfig, str | None]:
+    """`config`, going on from the checkpoint its run got furthest in, and a line saying so when
+    that is not `resume`. An epoch that beats the best writes OUTPUT and then the last epoch's
+    checkpoint: a run stopped between the two (a signal, a lost node) leaves a last epoch's
+    checkpoint whose best was written over by that same run's next epoch, which holds more of
+    it. That run is told by its history, which the later file's goes on from; a best written
+    over by anything else is refused (`check_resumed_best`)."""
+    if config.resume is None or absolute_url(config.output) == absolute_url(config.resume):
+        return config, None
+    resumed = read_checkpoint(config.resume, config.storage_options, "--resume", remote)
+    if resumed is None or (carried := config.resumed_best(resumed.training_state)) is None:
+        return config, None
+    best = carried[0]
+    try:
+        found = read_checkpoint(best, config.storage_options, "--resume's best", remote)
+    except PreflightError:  # check_resumed_best says what is wrong with it
+        return config, None
+    if found is None or found.digest == resumed.training_state.get("best_digest"):
+        return config, None
+    done, later = (summary.meta.get("extra", {}).get("history") or [] for summary in (resumed, found))
+    if not done or (found.trained_epochs or 0) <= (resumed.trained_epochs or 0) or later[:len(done)] != done:
+        return config, None
+    return config.model_copy(update={"resume": best}), (
+        f"--resume {config.resume}: its run went on to epoch {found.trained_epochs} (its best, in {best}) and was "
+        f"stopped before writing it to {config.resume}; going on from {best}")
 
 
 # ---------------------------------------------------------------------------- model weights

@@ -33,6 +33,7 @@ from pipeline.preflight import (
     check_train,
     hub_cache_path,
     read_checkpoint,
+    resume_point,
     undated_folder,
 )
 from pipeline.samples import synthetic_scene
@@ -72,14 +73,17 @@ def source(tmp_path) -> Path:
 
 
 def _checkpoint(path: Path, num_classes: int = 3, *, epoch: int | None = None,
-                best: tuple[str, int, str] | None = None, training: dict | None = None) -> str:
+                best: tuple[str, int, str] | None = None, training: dict | None = None,
+                history: list[dict] | None = None) -> str:
     """A small real checkpoint, written the way segpipe train writes one (`best`: a last
-    epoch's, naming its run's best file beside it, that best's epoch and its digest)."""
+    epoch's, naming its run's best file beside it, that best's epoch and its digest; `history`:
+    its run's epochs)."""
     model = build_model("lraspp_mobilenet_v3_large", num_classes=num_classes)
-    state = {"epoch": epoch, "optimizer": {"state": {}, "param_groups": [{"lr": 0.01}]}, "history": []} if epoch else None
+    state = {"epoch": epoch, "optimizer": {"state": {}, "param_groups": [{"lr": 0.01}]},
+             "history": history or []} if epoch else None
     if best is not None:
         state |= dict(zip(("best_checkpoint", "best_epoch", "best_digest"), best, strict=True))
-    extra = {"training": {"optimizer": "sgd"} | (training or {}), "epoch": epoch} if epoch else {}
+    extra = {"training": {"optimizer": "sgd"} | (training or {}), "epoch": epoch, "history": history or []} if epoch else {}
     save_checkpoint(model, str(path), ModelMeta.default("lraspp_mobilenet_v3_large", num_classes, extra=extra),
                     training_state=state)
     return str(path)
@@ -402,6 +406,26 @@ def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> N
     _checkpoint(best, 3, epoch=3)  # written over by another run since, at the same epoch
     _refused(resuming(best), f"{best}, which was written over since (it now holds epoch 3); pass --resume {best} to go "
              "on from that one instead")
+    # written over by that run's next epoch, which a run stopped between its two writes leaves:
+    # gone on from (its history goes on from the last epoch's); any other run's is refused
+    (tmp_path / "stopped").mkdir()
+    epochs = [{"epoch": epoch, "val_miou": epoch / 10} for epoch in range(1, 6)]
+    stopped_best = _checkpoint(tmp_path / "stopped" / "m.pt", 3, epoch=3, history=epochs[:3])
+    stopped = _checkpoint(tmp_path / "stopped" / "m.last.pt", 3, epoch=4, history=epochs[:4],
+                          best=("m.pt", 3, read_checkpoint(stopped_best, {}, "x").digest))
+    _checkpoint(Path(stopped_best), 3, epoch=5, history=epochs)
+    going_on = TrainConfig(images=str(source), labels=str(source), output=stopped_best,
+                           model="lraspp_mobilenet_v3_large", num_classes=3, resume=stopped, epochs=6)
+    assert resume_point(going_on) == (going_on.model_copy(update={"resume": stopped_best}), (
+        f"--resume {stopped}: its run went on to epoch 5 (its best, in {stopped_best}) and was stopped before writing it "
+        f"to {stopped}; going on from {stopped_best}"))
+    check_train(going_on)
+    _refused([*train[:3], stopped_best, *train[4:], "--num-classes", "3", "--resume", stopped, "--epochs", "5"],
+             f"--resume {stopped_best} already trained 5 epochs")
+    _checkpoint(Path(stopped_best), 3, epoch=5, history=[{"epoch": 1, "val_miou": 0.9}, *epochs[1:]])
+    assert resume_point(going_on) == (going_on, None)
+    with pytest.raises(PreflightError, match="which was written over since"):
+        check_train(going_on)
     best.write_bytes(written)
     _refused(resuming(tmp_path / "runs" / "m.last.pt"),
              f"OUTPUT {last} is the --resume checkpoint, the last epoch's of a run whose best is {best}; pass that as OUTPUT")

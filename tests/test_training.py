@@ -384,10 +384,14 @@ def test_training_stopped_by_a_signal_says_so_in_one_line_and_resumes(tmp_path, 
     trained = load_checkpoint(str(last))[0].extra["epoch"]
     assert 1 <= trained < 200
     if not group:
+        # a signal between an improving epoch's two writes leaves OUTPUT that next epoch, which
+        # the resume goes on from (`resume_point`), saying so
+        went_on = max(trained, load_checkpoint(str(output))[0].extra["epoch"])
         more = _segpipe("train", images, labels, str(output), "--model", "lraspp_mobilenet_v3_large", "--num-classes",
-                        "4", "--epochs", str(trained + 1), "--resume", str(last))
+                        "4", "--epochs", str(went_on + 1), "--resume", str(last))
         assert more.returncode == 0, more.stderr[-3000:]
-        assert load_checkpoint(str(last))[0].extra["epoch"] == trained + 1
+        assert load_checkpoint(str(last))[0].extra["epoch"] == went_on + 1
+        assert (f"its run went on to epoch {went_on} (its best, in {output})" in more.stdout) == (went_on > trained), more.stdout
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ from ray.train.torch import TorchTrainer
 from ..config import TrainingError
 from ..metrics import LabelRangeError, check_label_range, likely_unlabelled
 from ..models import load_resumable, save_checkpoint
-from ..preflight import check_resumed_best, read_checkpoint
+from ..preflight import check_resumed_best, read_checkpoint, resume_point
 from ..preprocess import Normalizer
 from ..storage import absolute_url, open_file, open_location, read_bytes, write_atomic
 from ..text import counted, score_text, verb_for
@@ -226,8 +226,8 @@ def _train_worker(loop: dict[str, Any]) -> list[dict[str, Any]] | None:
             if improves(score, best):
                 best, best_epoch = score, epoch + 1
                 best_digest = _save(plain, meta, config, optimizer, schedule, history, best, config.output)
-            # every epoch, the best first: a crash between the two leaves a last epoch's
-            # checkpoint whose best was written over, which a resume refuses (`check_resumed_best`)
+            # every epoch, the best first: a run stopped between the two leaves a last epoch's
+            # checkpoint whose best holds its next epoch, which a resume goes on from (`resume_point`)
             _save(plain, meta, config, optimizer, schedule, history, best, config.last_checkpoint,
                   best_of_run={"best_checkpoint": config.output.rpartition("/")[2], "best_epoch": best_epoch,
                                "best_digest": best_digest})
@@ -288,6 +288,9 @@ def run_training(config: TrainConfig) -> TrainSummary:
     check_labels(config.val_labels or config.labels, val_pairs, config)
     start_epoch = 0
     if config.resume:
+        config, went_on = resume_point(config)
+        if went_on:
+            sys.stdout.write(f"segpipe train: {went_on}\n")
         # its metadata alone (the pickle, kilobytes): the workers read the whole file
         resumed = read_checkpoint(config.resume, config.storage_options, "--resume")
         if resumed.trained_epochs is None:
