@@ -205,12 +205,16 @@ def run_info(config: SegmentConfig, source_url: str, run_id: str, meta: dict[str
     )
 
 
-def list_source(source: Location, *, shard_by: ShardBy, shard_size: int, counts: ListingCounts) -> Prefetched[Shard]:
+def list_source(source: Location, output: str, *, shard_by: ShardBy, shard_size: int,
+                counts: ListingCounts) -> Prefetched[Shard]:
     """The run's one streamed listing of SOURCE, as shards. Its first shard is listed here,
     before Ray or a model starts, so a SOURCE that cannot be read stops the run at once; the
     rest is listed by a thread a few shards ahead of the run, so work starts with the first
-    page and a slow listing never holds finished shards back from their commit."""
-    shards = iter_shards(source, shard_by=shard_by, shard_size=shard_size, counts=counts)
+    page and a slow listing never holds finished shards back from their commit. A symbolic
+    link in a local SOURCE is not followed into OUTPUT (`iter_files`), whose masks would be
+    listed as images: preflight's OUTPUT-outside-SOURCE check compares folders, not links."""
+    never = (open_location(output).root,) if source.is_local and is_local_url(output) else ()
+    shards = iter_shards(source, shard_by=shard_by, shard_size=shard_size, counts=counts, never=never)
     try:
         first = next(shards, None)
         # an empty listing: the folder, or the bucket, may not exist at all (asked only then, once)
@@ -554,7 +558,7 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | ListingUnderway:
     started = time.monotonic()
     source = open_location(config.source, config.storage_options)
     counts = ListingCounts()
-    shards = list_source(source, shard_by=config.shard_by, shard_size=config.shard_size, counts=counts)
+    shards = list_source(source, config.output, shard_by=config.shard_by, shard_size=config.shard_size, counts=counts)
     current: dict[str, int] = {}  # the shards up to date so far: their error rows
     handed_over = None
 

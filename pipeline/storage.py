@@ -238,7 +238,7 @@ def _entries(fs: AbstractFileSystem, path: str) -> Iterator[dict[str, Any]]:
     yield from sorted([*(f for f in folders if f["name"] != path.rstrip("/")), *files], key=lambda entry: entry["name"])
 
 
-def iter_files(location: Location) -> Iterator[tuple[str, SourceFile]]:
+def iter_files(location: Location, *, never: Sequence[str] = ()) -> Iterator[tuple[str, SourceFile]]:
     """Every object under the location as (directory key, file), depth first: the files of a
     directory in name order, then its sub-directories in name order. Deterministic for a
     given listing, and the same order on every backend.
@@ -248,10 +248,11 @@ def iter_files(location: Location) -> Iterator[tuple[str, SourceFile]]:
     followed as the folder it names, unless that folder is SOURCE's own, lies in it or in a
     folder already followed (its files are listed where they are; a link back up would never
     end), or holds one of them (a link up to SOURCE's parent would list SOURCE again, and the
-    OUTPUT beside it)."""
+    OUTPUT beside it); nor into or above the local folders `never` (OUTPUT: its masks would be
+    listed as images)."""
     pending = [location.root]
     prefix = len(location.root) + 1
-    followed = _FollowedLinks(location) if location.is_local else None
+    followed = _FollowedLinks(location, never) if location.is_local else None
     while pending:
         path = pending.pop()
         subdirs = []
@@ -283,8 +284,8 @@ def iter_files(location: Location) -> Iterator[tuple[str, SourceFile]]:
 class _FollowedLinks:
     """Which symbolic links to folders a local listing follows (`iter_files`)."""
 
-    def __init__(self, location: Location) -> None:
-        self.within = [os.path.realpath(location.root)]
+    def __init__(self, location: Location, never: Sequence[str]) -> None:
+        self.within = [os.path.realpath(folder) for folder in (location.root, *never)]
 
     def follows(self, link: str) -> bool:
         """Whether to list the folder `link` names (a link to a file is a file, a broken one
@@ -334,6 +335,7 @@ def iter_shards(
     shard_by: ShardBy = "directory",
     shard_size: int = 1000,
     counts: ListingCounts | None = None,
+    never: Sequence[str] = (),
 ) -> Iterator[Shard]:
     """Stream the images under `location` as shards.
 
@@ -344,7 +346,7 @@ def iter_shards(
     `STEM_CHUNK_LIMIT` times `shard_size`: so the images of one stem are planned together
     (`run.plan_shard`). A shard's id derives from its directory and chunk index, so the same
     listing always gives the same shards. Keys that are not images are counted in `counts`
-    and skipped.
+    and skipped. `never`: as for `iter_files`.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -356,7 +358,7 @@ def iter_shards(
     # the stems of the chunk's keys whose names later keys may still begin with (stem and a
     # dot): in name order such keys follow one another, and the blocks nest, so it is a stack
     open_stems: list[str] = []
-    for directory, file in iter_files(location):
+    for directory, file in iter_files(location, never=never):
         if not is_image_key(file.key):
             counts.skipped += 1
             counts.skipped_by_extension[posixpath.splitext(file.key)[1].lower() or "(none)"] += 1

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import s3fs
 
-from pipeline.run import plan_shard
+from pipeline.run import list_source, plan_shard
 from pipeline.storage import (
     STEM_CHUNK_LIMIT,
     ListingCounts,
@@ -144,6 +144,17 @@ def test_symbolic_links_to_folders_are_followed_once(tmp_path):
     (elsewhere / "night" / "home").symlink_to(elsewhere)  # up from a followed folder
     keys = [file.key for _, file in iter_files(open_location(str(source)))]
     assert keys == ["frame.jpg", "2026-11-24/x.jpg", "2026-11-25/x.jpg"]
+    # nor into OUTPUT, or a folder that holds it, which preflight's check of folders cannot see
+    # through a link: a run would segment the masks the last one wrote
+    output = tmp_path / "results" / "out"
+    (output / "masks").mkdir(parents=True)
+    (output / "masks" / "x.png").write_bytes(b"x")
+    (source / "masks").symlink_to(output / "masks")
+    (source / "results").symlink_to(tmp_path / "results")
+    assert "masks/x.png" in [file.key for _, file in iter_files(open_location(str(source)))]  # unasked
+    listed = list_source(open_location(str(source)), f"file://{output}", shard_by="count", shard_size=10,
+                         counts=ListingCounts())
+    assert [file.key for shard in listed.remaining() for file in shard.files] == keys
 
 
 def test_count_shards_cross_directories(tmp_path):

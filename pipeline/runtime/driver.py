@@ -315,7 +315,8 @@ def run_segmentation(
         # SOURCE is checked by its first page, and the model by its metadata, before anything
         # is written to OUTPUT
         if shards is None:
-            shards = list_source(source, shard_by=config.shard_by, shard_size=config.shard_size, counts=counts)
+            shards = list_source(source, config.output, shard_by=config.shard_by, shard_size=config.shard_size,
+                                 counts=counts)
         meta = model_meta(config)
         store = prepare_output(config, source)
         run = run_info(config, source.url, replicas.run_id, meta)
