@@ -105,7 +105,8 @@ class MaskWriter:
     stream tile by tile through GDAL's block cache, so memory does not grow with the raster.
     On an error both files are removed, and GDAL's own errors (a full disk) are raised as
     OSError naming the file. Pixels no window covered read as `nodata` (0 when
-    `nodata` is None). The same writer serves the confidence map (no palette), whose levels
+    `nodata` is None). `class_names`, by class id, go in the band's metadata (`CLASS_0=road`).
+    The same writer serves the confidence map (no palette), whose levels
     are averaged for its overviews (`Resampling.average`, nodata left out). `threads`:
     GDAL's for compressing tiles and building the overviews (`rasters.gdal_env`).
     """
@@ -120,6 +121,7 @@ class MaskWriter:
         transform: Affine,
         nodata: int | None,
         palette: Sequence[Sequence[int]] | None = None,
+        class_names: Sequence[str] | None = None,
         overview_resampling: Resampling = Resampling.mode,
         threads: int = 1,
     ) -> None:
@@ -139,9 +141,12 @@ class MaskWriter:
                              "average for levels")
         if palette is not None and overview_resampling == Resampling.average:
             raise ValueError("overview_resampling=average with a palette: class ids must not be blended; use mode or nearest")
+        if class_names is not None and nodata is not None and nodata < len(class_names):
+            raise ValueError(f"{len(class_names)} class names for a uint8 band whose nodata is {nodata}: class ids "
+                             "must lie below the nodata value")
         self.width, self.height = width, height
         self.crs, self.transform, self.nodata = crs, transform, nodata
-        self.palette = palette
+        self.palette, self.class_names = palette, class_names
         self.overview_resampling = overview_resampling
         self.threads = threads
         # hidden, so that a folder listing or a glob for *.tif never picks up a partial file
@@ -159,6 +164,12 @@ class MaskWriter:
             )
             if self.palette is not None:
                 self._dataset.write_colormap(1, {i: (*colour, 255) for i, colour in enumerate(self.palette)})
+            if self.class_names is not None:
+                # inside the file (TIFF's GDAL_METADATA tag, which the COG copy keeps), as
+                # gdalinfo and rasterio's tags(1) show them: GDAL keeps a GeoTIFF's category
+                # names in a .aux.xml beside it, a second file to every mask
+                self._dataset.set_band_description(1, "class")
+                self._dataset.update_tags(1, **{f"CLASS_{i}": name for i, name in enumerate(self.class_names)})
         return self
 
     def write(self, window: Window, array: np.ndarray) -> None:

@@ -354,7 +354,8 @@ class RasterStage:
                 polygons.write(regions)
                 writing += time.perf_counter() - started
 
-        with MaskWriter(mask_path, **profile, nodata=RASTER_NODATA, palette=self.palette) as mask, \
+        with MaskWriter(mask_path, **profile, nodata=RASTER_NODATA, palette=self.palette,
+                        class_names=self.class_names) as mask, \
                 MaskWriter(confidence_path, **profile, nodata=0, overview_resampling=Resampling.average) \
                 if s.confidence else _NoWriter() as confidence:
             cell = self.segmenter.grid_cell()

@@ -62,7 +62,7 @@ def test_mask_cog_round_trip(tmp_path: Path) -> None:
     palette = default_palette(4)
     path = tmp_path / "mask.tif"
     with MaskWriter(path, width=width, height=height, crs=UTM16N, transform=TRANSFORM,
-                    nodata=NODATA, palette=palette) as writer:
+                    nodata=NODATA, palette=palette, class_names=("road", "building", "tree", "car")) as writer:
         for window in blocks(width, height, 512):
             r, c = int(window.row_off), int(window.col_off)
             # int64, as np.argmax gives: accepted when the values fit uint8
@@ -78,6 +78,10 @@ def test_mask_cog_round_trip(tmp_path: Path) -> None:
         assert src.overviews(1) == [2, 4]  # until an overview fits one 512 tile
         colormap = src.colormap(1)
         assert [colormap[i][:3] for i in range(4)] == [tuple(c) for c in palette]
+        # the classes' names inside the one file, by class id
+        assert src.descriptions == ("class",)
+        assert {key: value for key, value in src.tags(1).items() if key.startswith("CLASS_")} == {
+            "CLASS_0": "road", "CLASS_1": "building", "CLASS_2": "tree", "CLASS_3": "car"}
         np.testing.assert_array_equal(src.read(1), labels)
         # overviews by mode: class ids only, never a blend of two
         overview = src.read(1, out_shape=(height // 4, width // 4))
@@ -97,6 +101,7 @@ def test_confidence_cog_without_palette_or_nodata(tmp_path: Path) -> None:
         assert src.nodata is None
         with pytest.raises(ValueError):
             src.colormap(1)
+        assert src.tags(1) == {} and src.descriptions == (None,)
         np.testing.assert_array_equal(src.read(1), confidence)
 
 
@@ -129,6 +134,8 @@ def test_mask_writer_refuses_bad_blocks_and_cleans_up(tmp_path: Path) -> None:
             writer.write(Window(0, 0, 32, 32), np.zeros((32, 32), np.float32))
     with pytest.raises(ValueError, match="nodata"):
         MaskWriter(path, width=64, height=64, crs=None, transform=pixels, nodata=256)
+    with pytest.raises(ValueError, match="class ids must lie below the nodata value"):
+        MaskWriter(path, width=64, height=64, crs=None, transform=pixels, nodata=2, class_names=("a", "b", "c"))
 
 
 # writes a noisy 1024 x 1024 mask with MaskWriter in a process whose files may not grow past

@@ -197,6 +197,8 @@ def test_a_geotiff_on_s3_becomes_a_cog_mask_polygons_and_areas(ray_cpu, s3_bucke
             # overviews down to one 512-pixel tile (a raster of one tile needs none)
             assert bool(mask.overviews(1)) == (max(mask.width, mask.height) > 512)
             assert mask.colormap(1)[1][:3] == tuple(ModelMeta.default(MODEL, CLASSES).palette[1])
+            names = ModelMeta.default(MODEL, CLASSES).class_names
+            assert [mask.tags(1)[f"CLASS_{i}"] for i in range(CLASSES)] == list(names)
             labels = mask.read(1)
             # a pixel's area on the ground: the map's (m² in these UTM rasters) over its scale
             pixel_area = abs(mask.transform.determinant) / areal_scale(mask)
