@@ -333,8 +333,9 @@ class OutputStore:
             for table in ("images", "class_stats", "manifest", "polygons"):
                 remove_folder(self.location, f"{table}/shard={shard_id}")
             remove_files(self.location, [f"_commits/{shard_id}.json"])
-            log.warning("removed shard %s, which SOURCE no longer has: its %s were deleted there or are in other "
-                        "shards now", shard_id, counted(len(keys), "image"))
+            # at INFO: the run's summary says how many were removed, and why
+            log.info("removed shard %s, which SOURCE no longer has: its %s were deleted there or are in other "
+                     "shards now", shard_id, counted(len(keys), "image"))
         return vanished
 
     def _write_polygons(self, shard_id: str, records: Sequence[ImageRecord], *, reprocessed: bool) -> None:

@@ -546,15 +546,17 @@ class ListingUnderway:
 def up_to_date(config: SegmentConfig) -> dict[str, Any] | ListingUnderway:
     """A run with nothing to do, found out before Ray, Prefect or a model start: when every
     shard of SOURCE is committed in OUTPUT with the same inputs and settings (as the run itself
-    decides, `OutputStore.current_commit`) and OUTPUT stores no other (`vanished_shards`, which
-    refuses a SOURCE that lists nothing beside stored shards), or SOURCE has no images at all
+    decides, `OutputStore.current_commit`), once the shards OUTPUT stores and SOURCE no longer
+    has are removed (`OutputStore.remove_vanished_shards`, which refuses a SOURCE that lists
+    nothing beside stored shards), or SOURCE has no images at all
     and OUTPUT nothing of it, the run is recorded in OUTPUT/_runs/ and its record returned,
     with `record` its URI, as the segmentation flow returns it. As soon as one shard needs work,
     the listing stopped there (`ListingUnderway`): the run itself then starts and does the
     work, going on with that listing. So a night with new images pays one page and one commit
     marker before the run starts, and the archive is listed once whichever shard needs work.
 
-    `config` is dated, with its storage options resolved. Reads only, but for the record."""
+    `config` is dated, with its storage options resolved. Reads only, but for the record and
+    the removal of shards SOURCE no longer has."""
     started = time.monotonic()
     source = open_location(config.source, config.storage_options)
     counts = ListingCounts()
@@ -581,8 +583,9 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | ListingUnderway:
             if commit is None:
                 return work(shard)
             current[shard.shard_id] = commit.get("errors", 0)
-        if store.vanished_shards(set(current)):  # refused here already if SOURCE lists nothing at all
-            return work(None)  # shards SOURCE no longer has: the run removes them (`OutputStore.remove_vanished_shards`)
+        # shards SOURCE no longer has (a folder a retention job deleted), removed here: no work
+        # for a model, so no Ray (refused, removing nothing, if SOURCE lists nothing at all)
+        removed = store.remove_vanished_shards(set(current))
     except (StorageUnavailableError, OSError) as err:
         raise RunError(f"storage unavailable: {type(err).__name__}: {err}") from err
     finally:
@@ -594,7 +597,7 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | ListingUnderway:
         class_names=list(run.class_names), shards_committed=0, shards_skipped=skipped, images=0, errors=0, errors_by_type={},
         non_image_keys=counts.skipped, pixels_by_class={}, retried_batches=0, setup_seconds=0.0,
         ray_cluster=NO_CLUSTER, replicas=[], seconds=time.monotonic() - started, errors_kept=errors_kept,
-        similar_sources=source_hints(source, store.location, skipped, counts),
+        similar_sources=source_hints(source, store.location, skipped, counts), shards_removed=len(removed),
     )
     return summary.as_record() | {"pixel_share": {}, "record": record_run(store.location, summary)}
 

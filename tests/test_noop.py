@@ -257,10 +257,12 @@ def _segment(source: str, output: str, env: dict[str, str]) -> subprocess.Comple
 def test_the_command_line_says_nothing_to_do_without_starting_ray(tmp_path):
     """Two `segpipe segment` in fresh processes. Ray keeps each local session it starts under
     RAY_TMPDIR: the first run makes one there, the rerun none. Neither prints Ray's warning
-    about token authentication (segpipe chooses it for the local Ray it starts)."""
+    about token authentication (segpipe chooses it for the local Ray it starts). A folder
+    deleted from SOURCE meanwhile is said once, in the summary, not as a log line too."""
     source = tmp_path / "src"
-    source.mkdir()
+    (source / "gone").mkdir(parents=True)
     (source / "0.jpg").write_bytes(_jpeg(0))
+    (source / "gone" / "1.jpg").write_bytes(_jpeg(1))
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
     env = {name: value for name, value in os.environ.items() if name not in {"RAY_AUTH_MODE", "PREFECT_API_URL"}}
     env |= {"RAY_ADDRESS": "local", "RAY_TMPDIR": ray_tmp, "PREFECT_HOME": str(tmp_path / "prefect-home")}
@@ -271,13 +273,15 @@ def test_the_command_line_says_nothing_to_do_without_starting_ray(tmp_path):
     try:
         first = _segment(str(source), str(tmp_path / "out"), env)
         assert first.returncode == 0, first.stderr[-3000:]
-        assert "1 image, 1 segmented" in first.stdout
+        assert "2 images, 2 segmented" in first.stdout
         assert len(sessions()) == 1  # Ray does leave its session there: the check below would see one
         assert "Token authentication" not in first.stdout + first.stderr
 
+        shutil.rmtree(source / "gone")
         again = _segment(str(source), str(tmp_path / "out"), env)
         assert again.returncode == 0, again.stderr[-3000:]
         assert "up to date" in again.stdout
+        assert again.stdout.count("removed 1 shard") == 1 and "WARNING" not in again.stdout + again.stderr, again
         assert len(sessions()) == 1, "the rerun started a Ray"
         assert "Token authentication" not in again.stdout + again.stderr
     finally:
