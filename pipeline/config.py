@@ -48,6 +48,14 @@ DEFAULT_MAX_PIXELS = 2 * 89_478_485
 DEFAULT_MAX_RASTER_PIXELS = 1 << 34
 
 
+def _each_once(names: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """Class names, none given twice: tables and reports name columns and rows by them
+    (evaluate's iou_<name>), where one would hide the other."""
+    if names is not None and (twice := sorted({name for name in names if names.count(name) > 1})):
+        raise ValueError(f"names {', '.join(twice)} more than once: each class needs a name of its own")
+    return names
+
+
 class RunError(RuntimeError):
     """The run could not start or could not go on (bad settings, no workers left)."""
 
@@ -379,6 +387,7 @@ class SegmentConfig(JobConfig):
     _model = field_validator("model")(_known_model)
     _ray_address = field_validator("ray_address")(_no_ray_client)
     _date = field_validator("date")(_iso_date)
+    _class_names = field_validator("class_names")(_each_once)
 
     _bands = field_validator("bands")(_three_bands)
 
@@ -453,6 +462,7 @@ class EvaluateConfig(JobConfig):
 
     _ray_address = field_validator("ray_address")(_no_ray_client)
     _date = field_validator("date")(_iso_date)
+    _class_names = field_validator("class_names")(_each_once)
 
     @model_validator(mode="after")
     def _names_per_class(self) -> EvaluateConfig:
@@ -530,6 +540,7 @@ class TrainConfig(JobConfig):
 
     _model = field_validator("model")(_known_model)
     _bands = field_validator("bands")(_three_bands)
+    _class_names = field_validator("class_names")(_each_once)
 
     @field_validator("init")
     @classmethod

@@ -173,6 +173,9 @@ def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_end
     (["--batch-size", "0"], "segpipe: error: --batch-size: must be 1 or more"),
     (["--device", "gpu"], "segpipe: error: argument --device: invalid choice: 'gpu'"),
     (["--date", "2026-02-30"], "segpipe: error: --date: 2026-02-30 is no day of the calendar"),
+    # tables and reports name columns by class (evaluate's iou_<name>): one would hide the other
+    (["--weights", "none", "--num-classes", "3", "--class-names", "road", "road", "car"],
+     "segpipe: error: --class-names: names road more than once: each class needs a name of its own"),
     # SOURCE and OUTPUT without {date}: the night asked for would not be the one segmented
     (["--date", "2026-02-20"], "segpipe: error: --date 2026-02-20 fills {date} in SOURCE and OUTPUT, and none of them "
                                "holds it"),

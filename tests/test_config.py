@@ -188,3 +188,16 @@ def test_a_model_a_program_registers_is_accepted_and_a_misspelled_one_is_named(m
     assert SegmentConfig(source="s", output="o", model="my_segmenter").model == "my_segmenter"
     with pytest.raises(ValueError, match=r"unknown model 'deeplabv3_resnet10' \(did you mean deeplabv3_resnet101\?\)"):
         TrainConfig(images="i", labels="l", output="m.pt", model="deeplabv3_resnet10", num_classes=2)
+
+
+@pytest.mark.parametrize("job", [
+    lambda names: SegmentConfig(source="s", output="o", weights="none", num_classes=3, class_names=names),
+    lambda names: EvaluateConfig(predictions="p", ground_truth="g", output="o", num_classes=3, class_names=names),
+    lambda names: TrainConfig(images="i", labels="l", output="o.pt", model="lraspp_mobilenet_v3_large", num_classes=3,
+                              class_names=names),
+], ids=["segment", "evaluate", "train"])
+def test_no_class_is_named_twice(job) -> None:
+    """Columns and rows are named by class (evaluate's iou_<name>): one would hide the other."""
+    assert job(("road", "tree", "car")).class_names == ("road", "tree", "car")
+    with pytest.raises(ValidationError, match="names road more than once"):
+        job(("road", "road", "car"))
