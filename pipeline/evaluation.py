@@ -314,11 +314,12 @@ def _nodata_rule(file: DatasetReader, labels: Callable[[int], int], settings: Sc
 
 def _as_label(value: float | None) -> int | None:
     """A nodata value as the label it would be, or None for one no label takes: labels are the
-    int64 pixels that `remap_ground_truth` makes, never negative (a float's -3.4e38 or 0.5,
-    -9999, NaN are none), so --label-map cannot make such a value a class either."""
-    if value is None or not math.isfinite(value) or not float(value).is_integer() or not 0 <= value <= np.iinfo(np.int64).max:
+    int64 pixels that `remap_ground_truth` makes (a float's 0.5 or NaN are none). A negative
+    one (-1, -9999) is a label --label-map may make a class, as it does the pixels."""
+    if value is None or not math.isfinite(value) or not float(value).is_integer():
         return None
-    return int(value)
+    int64 = np.iinfo(np.int64)
+    return int(value) if int64.min <= value <= int64.max else None
 
 
 def _nodata_in(file: DatasetReader, values: np.ndarray, window: Window, rule: tuple[float | None, bool]) -> np.ndarray:
@@ -364,8 +365,9 @@ def score_raster_pair(pair: Pair, predictions: Location, ground_truth: Location,
                                       settings)
             confusion = np.zeros((settings.num_classes,) * 2, dtype=np.int64)
             nodata_pixels = truth_nodata_pixels = 0
-            # the ground truth's nodata value left out, when a label map could make it a class
-            truth_label = _as_label(truth_rule[0])
+            # the ground truth's nodata value left out, counted for the advice to map it to a class:
+            # not a negative one (GIS tools' -9999), which is rarely a class (a map still makes it one)
+            truth_label = label if (label := _as_label(truth_rule[0])) is not None and label >= 0 else None
             for row in range(0, pred_file.height, SCORE_WINDOW):
                 for col in range(0, pred_file.width, SCORE_WINDOW):
                     window = Window(col, row, min(SCORE_WINDOW, pred_file.width - col), min(SCORE_WINDOW, pred_file.height - row))
@@ -401,7 +403,13 @@ def _read_side(side: str, key: str, file: DatasetReader, window: Window,
     with _refusal_named(side, key):
         # through `read_named`: a storage outage under GDAL raises its own error, not a corrupt file's
         values = read_named(file, f"window {window}", file.read, 1, window=window)
-        return values, _nodata_in(file, values, window, rule)
+        nodata = _nodata_in(file, values, window, rule)
+    if values.dtype.kind == "f":  # class ids in floats: whole numbers, or the cast to labels would cut them
+        kept = values[~nodata]
+        if (cut := kept[kept != np.round(kept)]).size:  # NaN too, unless it is the nodata value
+            raise ValueError(f"{side} {key} holds {cut[0]:g}, which is no class id: a mask holds whole numbers "
+                             "(resampled by nearest, not by averaging)")
+    return values, nodata
 
 
 def score_pair(pair: Pair, prediction: bytes, ground_truth: bytes, settings: ScoreSettings) -> PairScore:

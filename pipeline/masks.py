@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -61,15 +62,22 @@ def decode_mask(data: bytes) -> np.ndarray:
     if not data:
         raise ValueError("the file is empty (0 bytes)")
     try:
-        opened = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # past half Pillow's limit it warns; past the limit it refuses
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as err:  # its message names the in-memory buffer, never the file
         raise ValueError("not an image file (Pillow recognises no format in it)") from err
+    except Image.DecompressionBombError as err:  # not an OSError: it would stop a whole run
+        size = str(err).split(",")[0]  # "Image size (N pixels) exceeds limit of M pixels"
+        raise ValueError(f"{size}, Pillow's for one image; a mask this large is read window by window as a "
+                         "GeoTIFF (gdal_translate -of COG)") from err
     with opened as image:
-        if image.mode not in {"P", "L", "I;16", "I;16B", "I"}:
+        # "1": one bit a pixel, as binary masks (footprints) are often saved: class ids 0 and 1
+        if image.mode not in {"1", "P", "L", "I;16", "I;16B", "I"}:
             raise ValueError(f"a mask must be a single-channel image, got mode {image.mode!r}")
         array = np.array(image)
-    if array.dtype == np.uint8:
-        return array
+    if array.dtype in (np.uint8, np.bool_):
+        return array.astype(np.uint8, copy=False)
     if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # 16-bit, either byte order
         return array.astype(np.uint16)
     # 32-bit, signed: a nodata value such as -2147483648 stays out of every class's range, where

@@ -382,12 +382,15 @@ def test_a_ground_truth_nodata_value_the_label_map_makes_a_class_is_scored(tmp_p
     assert report["ground_truth_nodata"] == {"255": 8}
     assert ("Not scored: 8 of 16 pixels (50.0%): 8 nodata; 8 are the ground truth's nodata value 255: if it marks a "
             """class, map it to one with --label-map '{"255": CLASS}'.""") in class_table(report, markdown=False)
-    # a value no label map can make a class (negative, as GIS tools' -9999): counted as nodata, no advice
+    # a negative value (GIS tools' -9999): counted as nodata, without the advice (rarely a
+    # class); mapped to a class, scored as it (it was dropped as nodata still)
     _geotiff(tmp_path / "g" / "b.tif", np.where(truth == 255, -9999, truth.astype(np.int16)), dtype="int16",
              nodata=-9999)
     batch = _scored(tmp_path, "a.tif", "b.tif", unmapped)
     assert batch.nodata_pixels == 8 and batch.truth_nodata == {}
     assert "--label-map" not in class_table(build_report(batch, Pairing([], [], []), unmapped, None), markdown=False)
+    batch = _scored(tmp_path, "a.tif", "b.tif", ScoreSettings(num_classes=2, label_map={-9999: 1}))
+    assert batch.confusion.tolist() == [[8, 0], [0, 8]] and batch.nodata_pixels == 0
 
 
 class _Cut:
@@ -541,3 +544,51 @@ def test_the_cli_names_a_suffix_that_matches_no_mask(tmp_path):
 def _segpipe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=600,
                           env={**os.environ, **(env or {})})
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height 8-bit grey pixels, with no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def test_a_png_mask_past_pillows_limit_is_left_out_named_and_a_one_bit_mask_is_scored(tmp_path):
+    """Pillow refuses an image past its decompression-bomb limit with an error that is neither
+    OSError nor ValueError: it stopped the whole evaluation with a traceback. A 1-bit PNG
+    (binary footprints) was refused as "not single-channel"; its pixels are class ids 0 and 1."""
+    from PIL import Image
+
+    for side in ("p", "g"):
+        (tmp_path / side).mkdir()
+    (tmp_path / "p" / "a.png").write_bytes(encode_mask(_columns(0, 1, 1, 0)))
+    (tmp_path / "g" / "a.png").write_bytes(_png_header_only(20000, 20000))
+    batch = _scored(tmp_path, "a.png", "a.png", ScoreSettings(num_classes=2))
+    assert batch.image_ids == [] and len(batch.excluded) == 1, batch.excluded
+    assert "Image size (400000000 pixels) exceeds limit of" in batch.excluded[0]["reason"], batch.excluded
+    Image.fromarray(_columns(0, 1, 1, 1).astype(bool)).convert("1").save(tmp_path / "g" / "a.png")
+    batch = _scored(tmp_path, "a.png", "a.png", ScoreSettings(num_classes=2))
+    assert batch.excluded == [] and batch.confusion.tolist() == [[4, 0], [4, 8]], batch.excluded
+
+
+def test_a_float_mask_of_fractions_is_left_out_named(tmp_path):
+    """Class ids in a float GeoTIFF are scored when whole; a fraction (a label raster resampled
+    by averaging) was cut to the class below it without a word."""
+    truth = _columns(0, 0, 1, 1).astype(np.float32)
+    _geotiff(tmp_path / "g" / "a.tif", truth, dtype="float32", nodata=float("nan"))
+    _geotiff(tmp_path / "p" / "a.tif", _columns(0, 1, 1, 1))
+    assert _scored(tmp_path, "a.tif", "a.tif", ScoreSettings(num_classes=2)).confusion.tolist() == [[4, 4], [0, 8]]
+    truth[0, 0] = np.nan  # its nodata: left out
+    _geotiff(tmp_path / "g" / "a.tif", truth, dtype="float32", nodata=float("nan"))
+    batch = _scored(tmp_path, "a.tif", "a.tif", ScoreSettings(num_classes=2))
+    assert batch.confusion.tolist() == [[3, 4], [0, 8]] and batch.nodata_pixels == 1
+    truth[1, 2] = 0.6
+    _geotiff(tmp_path / "g" / "a.tif", truth, dtype="float32", nodata=float("nan"))
+    batch = _scored(tmp_path, "a.tif", "a.tif", ScoreSettings(num_classes=2))
+    assert batch.image_ids == [] and batch.excluded[0]["reason"] == (
+        "ground truth a.tif holds 0.6, which is no class id: a mask holds whole numbers (resampled by nearest, not "
+        "by averaging)"), batch.excluded
