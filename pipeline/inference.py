@@ -204,8 +204,8 @@ class Segmenter:
     convolutions before them (`fold_batch_norms`): the model given is left as it is, so
     training can validate through a Segmenter and go on training.
 
-    `precision`: "auto" is bf16 autocast where the device has native bf16 (`native_bf16`),
-    float32 elsewhere. `channels_last`: None means yes, on every device. `compile`: wrap the
+    `precision`: "auto" is bf16 autocast where the device has native bf16 (`native_bf16`), on
+    CPU unless `compile` is False, float32 elsewhere. `channels_last`: None means yes, on every device. `compile`: wrap the
     model in `torch.compile`, on CPU with inductor's freezing (weights prepacked once); None
     compiles where it pays: bf16 on CPU. The model runs without its final resize to the input's
     pixels (`models.GridHead`); its output stride (`output_stride`) is measured once, here, by
@@ -237,7 +237,9 @@ class Segmenter:
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
         self.batch_size = batch_size
         self.sliding_window = sliding_window
-        bf16 = precision == "bf16" or (precision == "auto" and native_bf16(self.device))
+        # auto on CPU: bf16 only compiled, where it pays (eager bf16 is slower than float32)
+        bf16 = precision == "bf16" or (precision == "auto" and native_bf16(self.device)
+                                       and (self.device.type != "cpu" or compile is not False))
         self.autocast_dtype = torch.bfloat16 if bf16 else None
         self.channels_last = True if channels_last is None else channels_last
         head = GridHead(fold_batch_norms(model)).to(self.device)

@@ -272,6 +272,9 @@ def test_segmenter_defaults_and_validation() -> None:
     # auto: bf16 where the CPU has it natively, and then compiled (eager bf16 is slower than fp32)
     auto = Segmenter(model, device="cpu")
     assert (auto.autocast_dtype == torch.bfloat16) == auto.compiled == native_bf16(torch.device("cpu"))
+    # and not compiled (--no-compile): float32, the faster eager arithmetic on CPU
+    eager = Segmenter(model, device="cpu", compile=False)
+    assert eager.autocast_dtype is None and not eager.compiled
     with pytest.raises(ValueError, match="precision"):
         Segmenter(model, device="cpu", precision="fp16")
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
