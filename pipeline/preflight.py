@@ -283,6 +283,17 @@ def check_evaluate(config: EvaluateConfig, *, remote: bool = True) -> None:
                         "the report's files would be listed among the masks of the next evaluation")
         _readable_folder(url, options, folder, remote, holding=(is_mask_key, "masks", "nothing to score"))
     _writable_folder(config.output, options, "OUTPUT", remote)
+    # the masks/ folder of a segpipe OUTPUT holds its model's class ids: with fewer classes
+    # every pair holding one past them would be left out, and the report made of the rest.
+    # Imported here: pyarrow and numpy come with the outputs, which other commands' checks skip
+    from .outputs import class_names_of_masks
+
+    if (remote or is_local_url(config.predictions)) and \
+            (model_classes := class_names_of_masks(config.predictions, options)) is not None and \
+            config.num_classes < len(model_classes):
+        raise PreflightError(f"--num-classes {config.num_classes}: PREDICTIONS {config.predictions} are the masks of a "
+                             f"model of {len(model_classes)} classes (its OUTPUT's newest run record); pass "
+                             f"--num-classes {len(model_classes)}, or more where the ground truth has classes it lacks")
     _ray_answers(config.ray_address, config.argument_name("ray_address"))
 
 

@@ -324,6 +324,20 @@ def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> N
     _refused(["train", str(source), str(tmp_path / "jpegs"), str(tmp_path / "m.pt"), "--model",
               "lraspp_mobilenet_v3_large", "--num-classes", "2"],
              f"LABELS {tmp_path / 'jpegs'} holds no label masks, only 2 other files such as b.jpg: nothing to train on")
+    # the masks of a segpipe OUTPUT with fewer classes than its model's: every pair holding a
+    # class past them would be left out (exit 0, a report of the rest)
+    segmented = tmp_path / "segmented"
+    (segmented / "masks").mkdir(parents=True)
+    (segmented / "_runs").mkdir()
+    (segmented / "_segpipe.json").write_text("{}")
+    (segmented / "_runs" / "20261122T040000Z-1a2b3c.json").write_text(json.dumps({"class_names": ["sky", "road", "car"]}))
+    (segmented / "masks" / "a.png").write_bytes((source / "a.png").read_bytes())
+    _refused(["evaluate", str(segmented / "masks"), str(source), str(tmp_path / "report"), "--num-classes", "2"],
+             f"--num-classes 2: PREDICTIONS {segmented / 'masks'} are the masks of a model of 3 classes (its OUTPUT's "
+             "newest run record); pass --num-classes 3, or more where the ground truth has classes it lacks")
+    for enough in (3, 4):
+        check_evaluate(EvaluateConfig(predictions=str(segmented / "masks"), ground_truth=str(source),
+                                      output=str(tmp_path / "report"), num_classes=enough))
     # a report inside the masks it scores: the next evaluation would list its files as masks
     _refused(["evaluate", str(source), str(source), str(source / "report"), "--num-classes", "2"],
              f"OUTPUT {source / 'report'} is inside PREDICTIONS {source}", "write OUTPUT outside PREDICTIONS")
