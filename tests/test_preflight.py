@@ -83,7 +83,9 @@ def _checkpoint(path: Path, num_classes: int = 3, *, epoch: int | None = None,
              "history": history or []} if epoch else None
     if best is not None:
         state |= dict(zip(("best_checkpoint", "best_epoch", "best_digest"), best, strict=True))
-    extra = {"training": {"optimizer": "sgd"} | (training or {}), "epoch": epoch, "history": history or []} if epoch else {}
+    extra = {"training": {"optimizer": "sgd"} | (training or {}), "epoch": epoch} if epoch else {}
+    if history is not None:
+        extra["history"] = history
     save_checkpoint(model, str(path), ModelMeta.default("lraspp_mobilenet_v3_large", num_classes, extra=extra),
                     training_state=state)
     return str(path)
