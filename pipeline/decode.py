@@ -23,6 +23,7 @@ and still take minutes (a highly compressed plane of zeros, a JPEG with thousand
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import signal
@@ -161,6 +162,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # what Pillow finds wrong in a file it still reads ("Tag data larger than file",
+            # "Corrupt EXIF data"): a line per tag, per worker; a file it cannot read is an error row
+            warnings.simplefilter("ignore", UserWarning)
             with Image.open(io.BytesIO(data)) as image:
                 check_pixels(*image.size, max_pixels)
                 image.seek(0)
@@ -177,12 +181,19 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         if data[:4] in _TIFF_MAGIC:
             return _decode_tiff(data, max_pixels, err)
-        # Pillow's "(8 bytes not processed)" counts what its last read left over, not what is
-        # missing: the file's own size says more
-        reason = re.sub(r" \(\d+ bytes not processed\)$", "", str(err))
+        reason = _pillow_reason(err)
         if "truncated" in reason.lower():
             reason += f" (the file ends after {counted(len(data), 'byte')})"
         raise ImageDecodeError("corrupt", f"cannot decode: {reason}") from err
+
+
+def _pillow_reason(err: BaseException) -> str:
+    """Pillow's error, as said of the file: its "cannot identify image file <_io.BytesIO object
+    at 0x...>" names the buffer it read, and its "(8 bytes not processed)" counts what its last
+    read left over, not what is missing (the file's own size says more)."""
+    if isinstance(err, Image.UnidentifiedImageError):
+        return "Pillow recognises no format in it"
+    return re.sub(r" \(\d+ bytes not processed\)$", "", str(err))
 
 
 _EXIF_ORIENTATION = 0x0112
@@ -212,7 +223,17 @@ def plain_jpeg_shape(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tu
         return None
 
 
+class _Unsaid(logging.Filter):
+    """Drops every record: tifffile logs what it finds wrong in a broken file as a warning (one
+    line a tag, printed by each worker), and then raises; the error row says it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
 def _decode_tiff(data: bytes, max_pixels: int, pillow_error: BaseException) -> np.ndarray:
+    tifffile_log, unsaid = logging.getLogger("tifffile"), _Unsaid()
+    tifffile_log.addFilter(unsaid)
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tiff:
             page = tiff.pages.first
@@ -222,7 +243,10 @@ def _decode_tiff(data: bytes, max_pixels: int, pillow_error: BaseException) -> n
     except ImageDecodeError:
         raise
     except Exception as err:  # tifffile raises many types for broken files
-        raise ImageDecodeError("corrupt", f"cannot decode TIFF: {pillow_error}; tifffile: {err}") from err
+        raise ImageDecodeError("corrupt", f"cannot decode TIFF ({counted(len(data), 'byte')}): "
+                                          f"{_pillow_reason(pillow_error)}; tifffile: {err}") from err
+    finally:
+        tifffile_log.removeFilter(unsaid)
     if array.ndim == 3 and array.shape[:2] != (height, width):
         array = np.moveaxis(array, 0, -1)  # separate band planes: (bands, H, W)
     return _bands_to_rgb(array)

@@ -18,6 +18,7 @@ import duckdb
 import numpy as np
 import pytest
 import s3fs
+import tifffile
 import torch
 from PIL import Image
 
@@ -289,3 +290,18 @@ def test_a_plain_tiff_whose_header_claims_too_many_pixels_is_refused_before_its_
     # within the limit it is read and decoded as before (the stub's None: "missing")
     [record] = read_and_decode(source, files, max_pixels=20_000 * 20_000)
     assert (read, record.error_type) == (["plain.tif"], "missing")
+
+
+def test_a_tiff_cut_inside_its_header_is_said_in_one_row_and_nothing_else(capfd, caplog, recwarn):
+    """Its row said "cannot identify image file <_io.BytesIO object at 0x...>" (Pillow's buffer),
+    and each worker printed tifffile's complaint about every tag and Pillow's warnings besides."""
+    tiff = io.BytesIO()  # its header first, and a strip a row: the strips' offsets cut off
+    tifffile.imwrite(tiff, np.zeros((225, 30, 3), np.uint8), rowsperstrip=1)
+    with pytest.raises(ValueError) as refused:
+        decode_image(tiff.getvalue()[:300])
+    assert refused.value.reason == "corrupt"
+    assert str(refused.value) == ("cannot decode TIFF (300 bytes): Pillow recognises no format in it; tifffile: "
+                                  "missing data offset")
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "") and [str(w.message) for w in recwarn] == []
+    assert [record.getMessage() for record in caplog.records] == []
