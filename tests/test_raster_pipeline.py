@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import time
 from pathlib import Path
 
 import duckdb
@@ -655,3 +656,24 @@ def test_the_summary_says_what_a_raster_run_could_not_do_as_asked(ray_cpu, tmp_p
     assert "errors by reason: missing_bands 1 (details: status = 'error' rows of the images table)" in said
     assert not any("no raster has the bands" in line for line in said)
 
+
+
+def test_a_rasters_seconds_leave_out_the_compilation_it_paid(tmp_path):
+    """As for images (`SegmentStage`): the raster that compiled the model for its windows was the
+    night's slowest in the images table by the compilation, said once in the run's summary."""
+    (tmp_path / "src").mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 96, 128), dtype=np.uint8)
+    with rasterio.open(tmp_path / "src" / "a.tif", "w", driver="GTiff", width=128, height=96, count=3, dtype="uint8",
+                       crs="EPSG:32632", transform=from_origin(368000, 5808000, 0.5, 0.5)) as dst:
+        dst.write(pixels)
+    meta = ModelMeta.default(MODEL, CLASSES)
+    segmenter = Segmenter(_pixel_driven_model(), meta, device="cpu", batch_size=4, precision="fp32", compile=True)
+    stage = RasterStage(SegmentStage(segmenter, crf=False), RasterSettings(tile=64, block=256),
+                        source=open_location(str(tmp_path / "src")), output=open_location(str(tmp_path / "out")),
+                        palette=meta.palette, class_names=meta.class_names, run_id="run-1")
+    started = time.perf_counter()
+    record = stage(ImageRecord(key="a.tif", georeferenced=True))
+    wall = time.perf_counter() - started
+    assert record.ok and stage.stage.compile_seconds > 0, record.error
+    seconds = record.seconds
+    assert seconds.decode + seconds.inference + seconds.encode <= wall - stage.stage.compile_seconds

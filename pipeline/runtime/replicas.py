@@ -95,7 +95,7 @@ class SegmentWorker:
     def compile_seconds(self) -> float:
         """Seconds this replica's compiled model spent in the first call of each input shape,
         and its compiled labelling kernels in theirs (`labels.PixelLabeler`)."""
-        return self.stage.segmenter.compile_seconds + self.stage.labeler.compile_seconds
+        return self.stage.compile_seconds
 
     def segment(self, records: list[ImageRecord]) -> list[ImageRecord]:
         records = self.stage(records)
