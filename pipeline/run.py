@@ -498,6 +498,10 @@ class RunSummary:
     rasters: int = 0
     # with --polygons, the TIFFs without both a CRS and a transform, segmented as plain images (PNG masks)
     plain_tiffs: int = 0
+    # the first keys (NAMED_KEYS at most) of the error rows of each reason, and of the plain
+    # TIFFs: the summary names them, so that one bad file is found without a query
+    error_keys: dict[str, list[str]] = field(default_factory=dict)
+    plain_tiff_keys: list[str] = field(default_factory=list)
     # an object store's SOURCE under which nothing at all is listed: the folders beside it of
     # the closest names, the one meant if it was mistyped (`source_hints`)
     similar_sources: list[str] = field(default_factory=list)
@@ -619,6 +623,17 @@ def source_hints(source: Location, output: Location, shards_listed: int, counts:
     return [f"{folder}/{night}" for folder in similar_folders(nights, besides=output)]
 
 
+# keys the summary names of each kind of error row, and of the plain TIFFs
+NAMED_KEYS = 3
+
+
+def _such_as(keys: Sequence[str], count: int) -> str:
+    """The keys of `count` rows, as the summary names them: all of them, or the first few."""
+    if not keys:
+        return ""
+    return f" ({', '.join(keys)}{', ...' if count > len(keys) else ''})"
+
+
 def summary_lines(s: dict[str, Any]) -> list[str]:
     """A run's summary as the command line prints it and `segpipe serve` logs it, from the
     record the segmentation flow returns (or `up_to_date`'s)."""
@@ -638,14 +653,17 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         f"{counted(s['non_image_keys'], 'non-image key')} skipped",
     ]
     if s["errors_by_type"]:
-        reasons = ", ".join(f"{name} {count}" for name, count in sorted(s["errors_by_type"].items(), key=lambda kv: -kv[1]))
+        named = s.get("error_keys", {})
+        reasons = ", ".join(f"{name} {count}{_such_as(named.get(name, []), count)}"
+                            for name, count in sorted(s["errors_by_type"].items(), key=lambda kv: -kv[1]))
         lines.append(f"errors by reason: {reasons} (details: status = 'error' rows of the images table)")
     # each raster is checked alone: all of them together, the setting is the likelier mistake
     if (rasters := s.get("rasters", 0)) and s["errors_by_type"].get("missing_bands") == rasters:
         lines.append("no raster has the bands the run read (--bands, else those the model was trained on): give these "
                      "rasters' own with --bands (1-based)")
     if plain := s.get("plain_tiffs", 0):
-        lines.append(f"{counted(plain, 'TIFF')} without both a CRS and a transform {verb_for(plain, 'was', 'were')} "
+        lines.append(f"{counted(plain, 'TIFF')}{_such_as(s.get('plain_tiff_keys', []), plain)} without both a CRS and a "
+                     f"transform {verb_for(plain, 'was', 'were')} "
                      f"segmented as {'a plain image' if plain == 1 else 'plain images'}: PNG masks, no polygons or areas "
                      "(sidecar .tfw and .aux.xml files are not read; a raster placed by ground control points or RPCs "
                      "alone takes gdalwarp first)")

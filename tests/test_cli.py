@@ -134,7 +134,7 @@ def test_segment_command_on_s3_configured_from_the_environment(s3_bucket, s3_end
     # flow's own share
     seconds, to_start = map(float, re.search(r"segmented .* in ([\d.]+) s \(([\d.]+) s to start\)", done.stdout).groups())
     assert 1.0 <= to_start < seconds, done.stdout
-    assert "errors by reason: corrupt 1" in done.stdout
+    assert "errors by reason: corrupt 1 (night/broken.png) (details:" in done.stdout
     assert "4 images of 4," in done.stderr and "1 error, 1 shard committed" in done.stderr  # the progress line
     con = duckdb.connect()
     con.register_filesystem(s3fs.S3FileSystem(**options))
@@ -367,6 +367,19 @@ def test_the_summary_counts_in_english(n: int) -> None:
                                "shards_skipped": n})
     every = "the one shard of src is" if n == 1 else f"all {n} shards of src are"
     assert nothing.startswith(f"nothing to do: {every} already up to date in out")
+
+
+def test_the_summary_names_the_first_files_of_each_kind_of_error() -> None:
+    """One bad file among thousands is found from the summary, without a query."""
+    printed = summary_lines({
+        "run_id": "r", "record": "out/_runs/r.json", "source": "src", "output": "out", "model": "m", "weights": "w",
+        "ray_cluster": "a local Ray", "shards_committed": 1, "shards_skipped": 0, "images": 9, "errors": 5,
+        "seconds": 2.0, "setup_seconds": 1.0, "images_per_second": 9.0, "non_image_keys": 0, "retried_batches": 0,
+        "errors_by_type": {"corrupt": 4, "missing": 1}, "replicas": [], "folders": [],
+        "error_keys": {"corrupt": ["a.tif", "b.tif", "c.tif"], "missing": ["d.jpg"]},
+    })
+    assert ("errors by reason: corrupt 4 (a.tif, b.tif, c.tif, ...), missing 1 (d.jpg) (details: status = 'error' "
+            "rows of the images table)") in printed
 
 
 def test_the_summary_gives_the_rate_without_the_compilation() -> None:

@@ -639,13 +639,14 @@ def test_the_summary_says_what_a_raster_run_could_not_do_as_asked(ray_cpu, tmp_p
         return summary_lines(run_segmentation(config).as_record() | {"record": "r", "folders": []})
 
     said = summary("polygons", polygons=True)
-    assert ("1 TIFF without both a CRS and a transform was segmented as a plain image: PNG masks, no polygons or "
+    assert ("1 TIFF (unplaced.tif) without both a CRS and a transform was segmented as a plain image: PNG masks, no "
+            "polygons or "
             "areas (sidecar .tfw and .aux.xml files are not read; a raster placed by ground control points or RPCs "
             "alone takes gdalwarp first)") in said
     assert not any("TIFF" in line for line in summary("masks"))  # without --polygons, PNG masks are what was asked
     # the one raster lacks band 5 (the plain TIFF, an image, takes no --bands)
     said = summary("bands", bands=(5,))
-    assert "errors by reason: missing_bands 1 (details: status = 'error' rows of the images table)" in said
+    assert "errors by reason: missing_bands 1 (placed.tif) (details: status = 'error' rows of the images table)" in said
     assert ("no raster has the bands the run read (--bands, else those the model was trained on): give these "
             "rasters' own with --bands (1-based)") in said
     # a raster that has band 5: the others' rows are theirs, the setting no mistake
@@ -653,7 +654,7 @@ def test_the_summary_says_what_a_raster_run_could_not_do_as_asked(ray_cpu, tmp_p
                        crs="EPSG:32633", transform=from_origin(500000, 5000000, 0.3, 0.3)) as dst:
         dst.write(np.zeros((5, 48, 64), np.uint8))
     said = summary("bands-some", bands=(5,))
-    assert "errors by reason: missing_bands 1 (details: status = 'error' rows of the images table)" in said
+    assert "errors by reason: missing_bands 1 (placed.tif) (details: status = 'error' rows of the images table)" in said
     assert not any("no raster has the bands" in line for line in said)
 
 

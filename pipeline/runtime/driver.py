@@ -36,6 +36,7 @@ from ..outputs import OpenShard, OutputStore, RunInfo, is_current, prepare_outpu
 from ..records import ImageRecord
 from ..run import (
     DONE,
+    NAMED_KEYS,
     NO_CLUSTER,
     NOT_YET,
     ListingUnderway,
@@ -96,8 +97,10 @@ class _Run:
         self.opened_while_starting = 0
         self.progress = Progress(run_id=run.run_id)
         self.errors_by_type: Counter[str] = Counter()
+        self.error_keys: dict[str, list[str]] = {}  # the first keys of each reason (`RunSummary.error_keys`)
         # with --polygons, the TIFFs segmented as plain images: no CRS and transform, so no polygons
         self.plain_tiffs = 0
+        self.plain_tiff_keys: list[str] = []
         self.rasters = 0  # georeferenced rasters, segmented or not
         self.pixels_by_class: Counter[str] = Counter()
         self.retried = 0
@@ -259,9 +262,15 @@ class _Run:
         open_shard.records.extend(records)
         failed = [r for r in records if not r.ok]
         self.errors_by_type.update(r.error_type for r in failed)
+        for record in failed:
+            named = self.error_keys.setdefault(record.error_type, [])
+            if len(named) < NAMED_KEYS:
+                named.append(record.key)
         self.rasters += sum(r.georeferenced for r in records)
         if self.config.polygons:
-            self.plain_tiffs += sum(r.ok and not r.georeferenced and is_raster_key(r.key) for r in records)
+            plain = [r.key for r in records if r.ok and not r.georeferenced and is_raster_key(r.key)]
+            self.plain_tiffs += len(plain)
+            self.plain_tiff_keys += plain[:NAMED_KEYS - len(self.plain_tiff_keys)]
         for record in records:
             if record.stats is not None:
                 for class_id, count in zip(record.stats.class_id, record.stats.pixel_count, strict=True):
@@ -337,7 +346,8 @@ def run_segmentation(
             run_id=run.run_id, source=source.url, output=store.location.url, model=run.model, weights=run.weights,
             class_names=list(run.class_names), shards_committed=progress.shards_committed, shards_skipped=progress.shards_skipped,
             images=progress.images, errors=progress.errors, errors_by_type=dict(loop.errors_by_type),
-            rasters=loop.rasters, plain_tiffs=loop.plain_tiffs,
+            error_keys=loop.error_keys, rasters=loop.rasters, plain_tiffs=loop.plain_tiffs,
+            plain_tiff_keys=loop.plain_tiff_keys,
             non_image_keys=counts.skipped, pixels_by_class=dict(loop.pixels_by_class), retried_batches=loop.retried,
             # from the replicas' start where the caller started them first (the command line,
             # while Prefect starts): the run's seconds are then the command's, not the flow's
