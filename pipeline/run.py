@@ -644,7 +644,9 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         if similar := s.get("similar_sources"):  # nothing at all there: a mistyped prefix succeeds every night
             what += f", nor any other key: did you mean {' or '.join(similar)}?"
         nothing = "nothing to segment" if s.get("shards_removed") else "nothing to do"
-        return [f"{nothing}: {what} (run {s['run_id']}, record {s['record']})", *_removed_lines(s), *_errors_kept_lines(s)]
+        # the record is this night's, of a run that found nothing to do, not that of the run that did the work
+        return [f"{nothing}: {what} (this night recorded as run {s['run_id']} in {s['record']})", *_removed_lines(s),
+                *_errors_kept_lines(s)]
     ok = s["images"] - s["errors"]
     lines = [
         f"run {s['run_id']}: {counted(s['images'], 'image')}, {ok} segmented and {counted(s['errors'], 'error')}, "

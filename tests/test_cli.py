@@ -366,7 +366,7 @@ def test_the_summary_counts_in_english(n: int) -> None:
     [nothing] = summary_lines({"run_id": "r", "record": "x", "source": "src", "output": "out", "shards_committed": 0,
                                "shards_skipped": n})
     every = "the one shard of src is" if n == 1 else f"all {n} shards of src are"
-    assert nothing.startswith(f"nothing to do: {every} already up to date in out")
+    assert nothing == f"nothing to do: {every} already up to date in out (this night recorded as run r in x)"
 
 
 def test_the_summary_names_the_first_files_of_each_kind_of_error() -> None:
