@@ -115,10 +115,11 @@ def test_images_that_move_to_another_shard_keep_their_masks_and_vanished_shards_
     """One folder of 12 images in shards of 5: 5, 5 and 2. Three deleted at its start move
     the others up a shard (the third one is gone); three added there move them back. Each
     time every image has one row in each table and its mask, and the masks of deleted images
-    go. A shard that SOURCE no longer has at all is not "nothing to do": the run removes it."""
+    go. A shard that SOURCE no longer has at all is removed by the check for nothing to do,
+    which then has nothing to segment: no Ray, no model."""
     from conftest import needs_work
 
-    from pipeline.run import up_to_date
+    from pipeline.run import summary_lines, up_to_date
 
     source, output = _local_source(tmp_path, 12, per_dir=12)
     config = SegmentConfig(source=source, output=output, crf=False, shard_size=5, **MODEL)
@@ -144,11 +145,13 @@ def test_images_that_move_to_another_shard_keep_their_masks_and_vanished_shards_
     check(sorted([f"d0/000{i}.jpg" for i in range(3)] + [f"d0/{i:03d}.jpg" for i in range(3, 12)]))
     for i in range(10, 12):  # the third shard's two images: the first two shards are as they were
         Path(source, f"d0/{i:03d}.jpg").unlink()
-    assert needs_work(up_to_date(config))
-    summary = run_segmentation(config)
-    assert (summary.shards_skipped, summary.shards_committed) == (2, 0)
+    removed = up_to_date(config)
+    assert not needs_work(removed), removed
+    assert (removed["shards_skipped"], removed["shards_committed"], removed["shards_removed"]) == (2, 0, 1)
+    assert summary_lines(removed)[0].startswith("nothing to segment: all 2 shards of")
     check(sorted([f"d0/000{i}.jpg" for i in range(3)] + [f"d0/{i:03d}.jpg" for i in range(3, 10)]))
-    assert up_to_date(config)["shards_skipped"] == 2
+    again = up_to_date(config)
+    assert (again["shards_skipped"], again["shards_removed"]) == (2, 0)
 
 
 def test_an_image_beside_a_deleted_one_of_its_stem_keeps_its_mask(ray_cpu, tmp_path):
