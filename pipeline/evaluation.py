@@ -288,10 +288,10 @@ def _placement_mismatch(pred_file: Any, truth_file: Any) -> str | None:
     return None
 
 
-def _nodata_rule(file: DatasetReader, labels: Callable[[int], int], settings: ScoreSettings) -> tuple[float | None, bool]:
-    """How one side of a raster pair marks its pixels without data: the nodata value to leave
-    out (or None), and whether to read its mask (an internal mask or alpha band; 0 is no data).
-    One rule for both sides:
+def nodata_rule(file: DatasetReader, labels: Callable[[int], int], num_classes: int) -> tuple[float | None, bool]:
+    """How a mask raster (a side of a raster pair; a training label, `training.read_label`)
+    marks its pixels without data: the nodata value to leave out (or None), and whether to read
+    its mask (an internal mask or alpha band; 0 is no data). One rule for both sides:
 
     - only a GeoTIFF has nodata: a PNG's transparent colour, which GDAL reports as nodata, is
       scored, as in PNG pairs;
@@ -306,7 +306,7 @@ def _nodata_rule(file: DatasetReader, labels: Callable[[int], int], settings: Sc
     if file.driver != "GTiff":
         return None, False
     value = file.nodata
-    if (label := _as_label(value)) is not None and 0 <= labels(label) < settings.num_classes:
+    if (label := _as_label(value)) is not None and 0 <= labels(label) < num_classes:
         value = None
     flags = file.mask_flag_enums[0]
     return value, MaskFlags.per_dataset in flags
@@ -323,7 +323,7 @@ def _as_label(value: float | None) -> int | None:
 
 
 def _nodata_in(file: DatasetReader, values: np.ndarray, window: Window, rule: tuple[float | None, bool]) -> np.ndarray:
-    """The pixels of `window` (whose `values` are read) without data by `_nodata_rule`."""
+    """The pixels of `window` (whose `values` are read) without data by `nodata_rule`."""
     value, masked = rule
     if value is None:
         nodata = np.zeros(values.shape, dtype=bool)
@@ -337,7 +337,7 @@ def _nodata_in(file: DatasetReader, values: np.ndarray, window: Window, rule: tu
 def score_raster_pair(pair: Pair, predictions: Location, ground_truth: Location, settings: ScoreSettings) -> PairScore:
     """A pair of which one side is a GeoTIFF, read window by window (PNG masks open through
     GDAL as well). Pixels are not scored where either GeoTIFF has no data: the prediction
-    outside the raster's valid data, the ground truth unlabelled (`_nodata_rule`). Each side
+    outside the raster's valid data, the ground truth unlabelled (`nodata_rule`). Each side
     must be one band of class ids, and two georeferenced sides must lie on the same pixels of
     the same CRS. As for PNG pairs, storage that fails through its retries raises
     StorageUnavailableError (the pair is not left out), and storage that refuses a mask for
@@ -360,9 +360,9 @@ def score_raster_pair(pair: Pair, predictions: Location, ground_truth: Location,
                 return PairScore(pair.image_id, error=(
                     f"prediction {pair.prediction} and ground truth {pair.ground_truth} do not cover the same "
                     f"pixels: {mismatch}"))
-            pred_rule = _nodata_rule(pred_file, lambda value: value, settings)
-            truth_rule = _nodata_rule(truth_file, lambda value: int(remap_ground_truth(np.array([value]), settings)[0]),
-                                      settings)
+            pred_rule = nodata_rule(pred_file, lambda value: value, settings.num_classes)
+            truth_rule = nodata_rule(truth_file, lambda value: int(remap_ground_truth(np.array([value]), settings)[0]),
+                                     settings.num_classes)
             confusion = np.zeros((settings.num_classes,) * 2, dtype=np.int64)
             nodata_pixels = truth_nodata_pixels = 0
             # the ground truth's nodata value left out, counted for the advice to map it to a class:
@@ -371,8 +371,8 @@ def score_raster_pair(pair: Pair, predictions: Location, ground_truth: Location,
             for row in range(0, pred_file.height, SCORE_WINDOW):
                 for col in range(0, pred_file.width, SCORE_WINDOW):
                     window = Window(col, row, min(SCORE_WINDOW, pred_file.width - col), min(SCORE_WINDOW, pred_file.height - row))
-                    pred, pred_nodata = _read_side("prediction", pair.prediction, pred_file, window, pred_rule)
-                    raw_truth, truth_nodata = _read_side("ground truth", pair.ground_truth, truth_file, window, truth_rule)
+                    pred, pred_nodata = read_mask_window("prediction", pair.prediction, pred_file, window, pred_rule)
+                    raw_truth, truth_nodata = read_mask_window("ground truth", pair.ground_truth, truth_file, window, truth_rule)
                     # nodata pixels made 0 before the cast (a float mask's NaN has no int64): a class
                     # id for the range check, never scored
                     pred = np.where(pred_nodata, 0, pred).astype(np.int64)
@@ -397,9 +397,10 @@ def _open_side(opened: ExitStack, side: str, location: Location, key: str) -> Da
         return opened.enter_context(open_raster(location, key))
 
 
-def _read_side(side: str, key: str, file: DatasetReader, window: Window,
-               rule: tuple[float | None, bool]) -> tuple[np.ndarray, np.ndarray]:
-    """One side's values in `window` and its pixels without data by `rule` (`_nodata_rule`)."""
+def read_mask_window(side: str, key: str, file: DatasetReader, window: Window,
+                     rule: tuple[float | None, bool]) -> tuple[np.ndarray, np.ndarray]:
+    """A mask's values in `window` (`side` and `key` name it in errors) and its pixels without
+    data by `rule` (`nodata_rule`); ValueError for a float value that is no whole number."""
     with _refusal_named(side, key):
         # through `read_named`: a storage outage under GDAL raises its own error, not a corrupt file's
         values = read_named(file, f"window {window}", file.read, 1, window=window)

@@ -26,7 +26,13 @@ from torch import nn
 
 from .config import TrainConfig
 from .decode import DEFAULT_MAX_PIXELS, ImageDecodeError, check_pixels, decode_image
-from .evaluation import index_by_key, suggested_suffix, unmatched_suffix
+from .evaluation import (
+    index_by_key,
+    nodata_rule,
+    read_mask_window,
+    suggested_suffix,
+    unmatched_suffix,
+)
 from .inference import Segmenter
 from .masks import decode_mask, default_palette, map_labels
 from .metrics import check_label_range, confusion_matrix, scores
@@ -112,14 +118,32 @@ def pair_training_data(images: Location, labels: Location, *, label_suffix: str 
                            sorted(label_keys[k] for k in label_keys.keys() - image_keys.keys()))
 
 
-def read_label(labels: Location, key: str, label_map: dict[int, int] | None = None) -> np.ndarray:
-    """A label mask's class ids (`decode_mask`), int64, `label_map` applied; one that is no
-    single-channel image is refused naming the file."""
-    data = read_bytes(labels, key) or b""
+def read_label(labels: Location, key: str, label_map: dict[int, int] | None = None, *, num_classes: int,
+               ignore_index: int) -> np.ndarray:
+    """A label mask's class ids, int64, `label_map` applied; one that is no single-channel image
+    is refused naming the file. A GeoTIFF is read as `evaluate` reads ground truth: its pixels
+    without data (its nodata value unless that is a class id after `label_map`, NaN, an internal
+    mask: `evaluation.nodata_rule`) are `ignore_index`, nothing learnt from them; a float one's
+    values are class ids when whole. Any other file is decoded whole (`decode_mask`)."""
     try:
-        return map_labels(decode_mask(data), label_map)
+        with contextlib.ExitStack() as opened:
+            dataset = None
+            if is_raster_key(key):
+                # not something GDAL reads: the mask decoder names what is wrong
+                with contextlib.suppress(ImageDecodeError):
+                    dataset = opened.enter_context(open_raster(labels, key))
+            if dataset is None or dataset.driver != "GTiff":
+                return map_labels(decode_mask(read_bytes(labels, key) or b""), label_map)
+            if dataset.count != 1:
+                raise ValueError(f"it has {dataset.count} bands; a mask of class ids has one")
+            check_pixels(dataset.width, dataset.height, DEFAULT_MAX_PIXELS)
+            rule = nodata_rule(dataset, lambda value: int(map_labels(np.array([value]), label_map)[0]), num_classes)
+            values, nodata = read_mask_window("label", key, dataset, Window(0, 0, dataset.width, dataset.height), rule)
     except (OSError, ValueError) as err:  # Pillow's UnidentifiedImageError is an OSError
         raise ValueError(f"{labels.uri(key)} is no label mask: {type(err).__name__}: {err}") from None
+    label = map_labels(np.where(nodata, 0, values), label_map)  # 0 first: NaN has no int64
+    label[nodata] = ignore_index
+    return label
 
 
 def read_image(images: Location, key: str, bands: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -156,7 +180,7 @@ def load_samples(images: Location, labels: Location, pairs: Sequence[TrainingPai
             image, valid = read_image(images, pair.image, bands)
         except ValueError as err:  # a training set with a broken file is fixed, not trained around
             raise ValueError(f"{images.uri(pair.image)}: {err}") from None
-        label = read_label(labels, pair.label, label_map)
+        label = read_label(labels, pair.label, label_map, num_classes=num_classes, ignore_index=ignore_index)
         if label.shape != image.shape[:2]:
             raise ValueError(f"{labels.uri(pair.label)} is {label.shape[1]}x{label.shape[0]} but its image "
                              f"{images.uri(pair.image)} is {image.shape[1]}x{image.shape[0]}")

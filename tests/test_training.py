@@ -36,6 +36,7 @@ from pipeline.training import (
     load_samples,
     make_optimizer,
     pair_training_data,
+    read_label,
     resume_schedule,
     worker_share,
 )
@@ -615,3 +616,29 @@ def test_validation_miou_is_what_segment_and_evaluate_measure(tmp_path):
     assert abs(scores(total.confusion)["miou"] - reported) < 1e-3
     # the same pixels, labelled the same way
     np.testing.assert_array_equal(total.confusion, confusion.numpy())
+
+
+def test_a_label_geotiff_is_read_as_evaluate_reads_ground_truth(tmp_path):
+    """Its nodata value is ignore_index unless it is a class id (after --label-map), its float
+    values class ids when whole: train refused a label raster with nodata 200 ("holds the label
+    200") and any float32 one, which evaluate scored."""
+    labels = np.tile(np.array([0, 1, 2, 200], np.uint8), (4, 1))
+
+    def label(name: str, values: np.ndarray, **profile) -> np.ndarray:
+        with rasterio.open(tmp_path / name, "w", driver="GTiff", width=4, height=4, count=len(values),
+                           dtype=values.dtype, crs="EPSG:32632", transform=from_origin(0, 4, 1, 1), **profile) as dst:
+            dst.write(values)
+        return read_label(open_location(str(tmp_path)), name, num_classes=3, ignore_index=255)
+
+    assert (label("nodata.tif", labels[None], nodata=200)[:, 3] == 255).all()
+    assert (label("mapped.tif", labels[None], nodata=200)[:, :3] == labels[:, :3]).all()
+    kept = read_label(open_location(str(tmp_path)), "mapped.tif", {200: 2}, num_classes=3, ignore_index=255)
+    assert (kept[:, 3] == 2).all()  # a nodata value the map makes a class: that class
+    floats = label("float.tif", np.where(labels == 200, np.nan, labels).astype(np.float32)[None], nodata=float("nan"))
+    assert floats.dtype == np.int64 and (floats[:, :3] == labels[:, :3]).all() and (floats[:, 3] == 255).all()
+    with pytest.raises(ValueError, match=r"three.tif is no label mask: ValueError: it has 3 bands; a mask of class ids "
+                                         "has one"):
+        label("three.tif", np.stack([labels] * 3))
+    with pytest.raises(ValueError, match=r"half.tif is no label mask: ValueError: label half.tif holds 0.5, which is "
+                                         "no class id"):
+        label("half.tif", (labels[None] / 2).astype(np.float32))

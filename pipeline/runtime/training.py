@@ -105,7 +105,7 @@ def check_labels(url: str, pairs: list[TrainingPair], config: TrainConfig) -> li
     counts = np.zeros(n, dtype=np.int64)
     ignored = total = 0
     for pair in pairs:
-        label = read_label(labels, pair.label, config.label_map)
+        label = read_label(labels, pair.label, config.label_map, num_classes=n, ignore_index=config.ignore_index)
         counts += np.bincount(label[(label >= 0) & (label < n)], minlength=n)
         ignored, total = ignored + int((label == config.ignore_index).sum()), total + label.size
         try:
