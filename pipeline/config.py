@@ -296,7 +296,7 @@ class SegmentConfig(JobConfig):
     crf: bool = Field(default=True, description="refine the labels with the dense CRF")
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description=(
         "the model's arithmetic: auto is bf16 where the device has it natively (CUDA; CPUs with AVX512_BF16 or "
-        "AMX), else fp32"))
+        "AMX, compiled: with --no-compile fp32, the faster there), else fp32"))
     compile: bool | None = Field(default=None, description=(
         "torch.compile the model in each replica (on CPU with inductor's freezing: weights prepacked once); the "
         "first batch of each new image size waits for a compilation (default: where it pays, bf16 on CPU)"))

@@ -595,9 +595,11 @@ def resolve_class_names(class_names: Sequence[str] | None, num_classes: int, *,
                         of_masks: Sequence[str] | None = None) -> list[str]:
     """The names given; else `of_masks`, those of the segpipe run whose masks are scored
     (`outputs.class_names_of_masks`), with class_<id> for ids past its model's classes (a
-    ground-truth class the model lacks); else class_<id>."""
+    ground-truth class the model lacks); else class_<id>, also where those would name a
+    class twice (a record written before names were checked: a column would hide another)."""
     if not class_names and of_masks:
-        class_names = [of_masks[i] if i < len(of_masks) else f"class_{i}" for i in range(num_classes)]
+        named = [of_masks[i] if i < len(of_masks) else f"class_{i}" for i in range(num_classes)]
+        class_names = named if len(set(named)) == len(named) else None
     names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"class_names has {len(names)} names but num_classes={num_classes}")

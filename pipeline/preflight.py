@@ -337,6 +337,12 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
             _downloadable(_published(config.model, config.init, "--init").url, f"the weights of {config.model}", "--init",
                           config.init)
     if resumed is not None:
+        # its names go on unless given: each once (`config._each_once`), as a checkpoint written
+        # before they were checked may not have them
+        if config.class_names is None and len(set(resumed.class_names)) != len(resumed.class_names):
+            twice = sorted({name for name in resumed.class_names if resumed.class_names.count(name) > 1})
+            raise PreflightError(f"--resume {config.resume} names {', '.join(twice)} more than once among its classes; "
+                                 "pass --class-names, a name of its own for each class")
         if resumed.trained_epochs is None:
             raise PreflightError(f"--resume {config.resume} holds no training state; resume from a checkpoint written by "
                                  "segpipe train")
@@ -434,8 +440,10 @@ def resume_point(config: TrainConfig, *, remote: bool = True) -> tuple[TrainConf
         return config, None
     if found is None or found.digest == resumed.training_state.get("best_digest"):
         return config, None
+    # one epoch on, no more: a stop can fall between an epoch's two writes only; a .last further
+    # behind (put back from a backup, to train again from there) is refused as written over
     done, later = (summary.meta.get("extra", {}).get("history") or [] for summary in (resumed, found))
-    if not done or (found.trained_epochs or 0) <= (resumed.trained_epochs or 0) or later[:len(done)] != done:
+    if not done or found.trained_epochs != (resumed.trained_epochs or 0) + 1 or later[:len(done)] != done:
         return config, None
     return config.model_copy(update={"resume": best}), (
         f"--resume {config.resume}: its run went on to epoch {found.trained_epochs} (its best, in {best}) and was "

@@ -576,7 +576,8 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | ListingUnderway:
         return handed_over
 
     try:
-        store = OutputStore(open_location(config.output, config.storage_options))
+        # with SOURCE: an image of a shard removed below may be in another shard now, which keeps its mask
+        store = OutputStore(open_location(config.output, config.storage_options), source)
         if read_bytes(store.location, "_segpipe.json") is not None:
             store.check_layout(source.url, config.shard_by, config.shard_size)  # only reads: the layout is recorded
         elif (first := next(shards.remaining(), None)) is not None:

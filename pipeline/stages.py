@@ -151,12 +151,13 @@ class SegmentStage:
         except (RuntimeError, ValueError):
             # one bad image (or out of memory) must not cost its neighbours: retry one by one
             grids = [self._predict_one(r) for r in todo]
-        share = (time.perf_counter() - start - (self.compile_seconds - compiled)) / len(todo)
+        # the first call's forward is counted with its compilation (`Segmenter.compile_seconds`)
+        share = max(0.0, time.perf_counter() - start - (self.compile_seconds - compiled)) / len(todo)
         ready = [(record, grid) for record, grid in zip(todo, grids, strict=True) if grid is not None]
         for chunk in self._chunks(ready):
             started, compiled = time.perf_counter(), self.compile_seconds
             self._refine(chunk)
-            each = (time.perf_counter() - started - (self.compile_seconds - compiled)) / len(chunk)
+            each = max(0.0, time.perf_counter() - started - (self.compile_seconds - compiled)) / len(chunk)
             for record, _ in chunk:
                 record.seconds.inference = share + each
                 record.image = None  # the decoded pixels need not travel further
@@ -330,7 +331,7 @@ class RasterStage:
             record.seconds.encode = writing
             start += reading + writing
         # without the compilation paid (`SegmentStage.__call__`)
-        record.seconds.inference = time.perf_counter() - start - (self.stage.compile_seconds - compiled)
+        record.seconds.inference = max(0.0, time.perf_counter() - start - (self.stage.compile_seconds - compiled))
         return record
 
     def _segment(self, record: ImageRecord, dataset: Any, scratch: str) -> tuple[float, float]:

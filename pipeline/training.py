@@ -119,12 +119,13 @@ def pair_training_data(images: Location, labels: Location, *, label_suffix: str 
 
 
 def read_label(labels: Location, key: str, label_map: dict[int, int] | None = None, *, num_classes: int,
-               ignore_index: int) -> np.ndarray:
-    """A label mask's class ids, int64, `label_map` applied; one that is no single-channel image
-    is refused naming the file. A GeoTIFF is read as `evaluate` reads ground truth: its pixels
-    without data (its nodata value unless that is a class id after `label_map`, NaN, an internal
-    mask: `evaluation.nodata_rule`) are `ignore_index`, nothing learnt from them; a float one's
-    values are class ids when whole. Any other file is decoded whole (`decode_mask`)."""
+               ignore_index: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """A label mask's class ids, int64, `label_map` applied, and where it has data (None:
+    everywhere); one that is no single-channel image is refused naming the file. A GeoTIFF is
+    read as `evaluate` reads ground truth: its pixels without data (its nodata value unless that
+    is a class id after `label_map`, NaN, an internal mask: `evaluation.nodata_rule`) are
+    `ignore_index`, nothing learnt from them; a float one's values are class ids when whole.
+    Any other file is decoded whole (`decode_mask`)."""
     try:
         with contextlib.ExitStack() as opened:
             dataset = None
@@ -133,7 +134,7 @@ def read_label(labels: Location, key: str, label_map: dict[int, int] | None = No
                 with contextlib.suppress(ImageDecodeError):
                     dataset = opened.enter_context(open_raster(labels, key))
             if dataset is None or dataset.driver != "GTiff":
-                return map_labels(decode_mask(read_bytes(labels, key) or b""), label_map)
+                return map_labels(decode_mask(read_bytes(labels, key) or b""), label_map), None
             if dataset.count != 1:
                 raise ValueError(f"it has {dataset.count} bands; a mask of class ids has one")
             check_pixels(dataset.width, dataset.height, DEFAULT_MAX_PIXELS)
@@ -143,7 +144,7 @@ def read_label(labels: Location, key: str, label_map: dict[int, int] | None = No
         raise ValueError(f"{labels.uri(key)} is no label mask: {type(err).__name__}: {err}") from None
     label = map_labels(np.where(nodata, 0, values), label_map)  # 0 first: NaN has no int64
     label[nodata] = ignore_index
-    return label
+    return label, None if not nodata.any() else ~nodata
 
 
 def read_image(images: Location, key: str, bands: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -180,7 +181,7 @@ def load_samples(images: Location, labels: Location, pairs: Sequence[TrainingPai
             image, valid = read_image(images, pair.image, bands)
         except ValueError as err:  # a training set with a broken file is fixed, not trained around
             raise ValueError(f"{images.uri(pair.image)}: {err}") from None
-        label = read_label(labels, pair.label, label_map, num_classes=num_classes, ignore_index=ignore_index)
+        label, _ = read_label(labels, pair.label, label_map, num_classes=num_classes, ignore_index=ignore_index)
         if label.shape != image.shape[:2]:
             raise ValueError(f"{labels.uri(pair.label)} is {label.shape[1]}x{label.shape[0]} but its image "
                              f"{images.uri(pair.image)} is {image.shape[1]}x{image.shape[0]}")

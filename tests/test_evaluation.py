@@ -592,3 +592,12 @@ def test_a_float_mask_of_fractions_is_left_out_named(tmp_path):
     assert batch.image_ids == [] and batch.excluded[0]["reason"] == (
         "ground truth a.tif holds 0.6, which is no class id: a mask holds whole numbers (resampled by nearest, not "
         "by averaging)"), batch.excluded
+
+
+def test_names_of_masks_that_name_a_class_twice_give_way_to_class_ids():
+    """A run record written before names were checked: iou_road of one class hid the other's."""
+    from pipeline.evaluation import resolve_class_names
+
+    assert resolve_class_names(None, 3, of_masks=("road", "car")) == ["road", "car", "class_2"]
+    assert resolve_class_names(None, 3, of_masks=("road", "road", "car")) == ["class_0", "class_1", "class_2"]
+    assert resolve_class_names(None, 3, of_masks=("road", "class_2")) == ["class_0", "class_1", "class_2"]

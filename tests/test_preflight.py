@@ -442,6 +442,9 @@ def test_evaluate_and_train_are_checked_before_they_start(source, tmp_path) -> N
     assert resume_point(going_on) == (going_on, None)
     with pytest.raises(PreflightError, match="which was written over since"):
         check_train(going_on)
+    # more than one epoch on (a .last put back from a backup): no stop leaves that, refused
+    _checkpoint(Path(stopped_best), 3, epoch=6, history=[*epochs, {"epoch": 6, "val_miou": 0.6}])
+    assert resume_point(going_on.model_copy(update={"epochs": 8})) == (going_on.model_copy(update={"epochs": 8}), None)
     best.write_bytes(written)
     _refused(resuming(tmp_path / "runs" / "m.last.pt"),
              f"OUTPUT {last} is the --resume checkpoint, the last epoch's of a run whose best is {best}; pass that as OUTPUT")
@@ -783,3 +786,21 @@ def test_a_ray_address_where_nothing_answers_is_refused_at_once(source, tmp_path
                                     ray_address=f"127.0.0.1:{listening.getsockname()[1]}"))
     check_segment(SegmentConfig(source=str(source), output=str(tmp_path / "out"), weights="none", num_classes=2,
                                 ray_address="auto"))
+
+
+def test_a_checkpoint_that_names_a_class_twice_is_resumed_only_with_names_given(source, tmp_path) -> None:
+    """Its names go on with the weights unless given; written before names were checked, it
+    may name a class twice, which failed inside every Ray Train worker, after the cluster
+    started."""
+    model = build_model("lraspp_mobilenet_v3_large", num_classes=3)
+    meta = ModelMeta.default("lraspp_mobilenet_v3_large", 3, class_names=("road", "road", "car"),
+                             extra={"training": {"optimizer": "sgd"}, "epoch": 2})
+    resumed = str(tmp_path / "old.pt")
+    save_checkpoint(model, resumed, meta, training_state={"epoch": 2, "optimizer": {"state": {}, "param_groups": []},
+                                                          "history": []})
+    config = TrainConfig(images=str(source), labels=str(source), output=str(tmp_path / "m.pt"),
+                         model="lraspp_mobilenet_v3_large", num_classes=3, resume=resumed, epochs=4)
+    with pytest.raises(PreflightError, match=f"--resume {resumed} names road more than once among its classes; pass "
+                                             "--class-names, a name of its own for each class"):
+        check_train(config)
+    check_train(config.model_copy(update={"class_names": ("road", "lane", "car")}))

@@ -111,7 +111,7 @@ def _local_source(tmp_path, count: int, per_dir: int = 4):
     return str(tmp_path / "src"), str(tmp_path / "out")
 
 
-def test_images_that_move_to_another_shard_keep_their_masks_and_vanished_shards_go(ray_cpu, tmp_path):
+def test_images_that_move_to_another_shard_keep_their_masks_and_vanished_shards_go(ray_cpu, tmp_path, monkeypatch):
     """One folder of 12 images in shards of 5: 5, 5 and 2. Three deleted at its start move
     the others up a shard (the third one is gone); three added there move them back. Each
     time every image has one row in each table and its mask, and the masks of deleted images
@@ -119,6 +119,7 @@ def test_images_that_move_to_another_shard_keep_their_masks_and_vanished_shards_
     which then has nothing to segment: no Ray, no model."""
     from conftest import needs_work
 
+    from pipeline.outputs import OutputStore
     from pipeline.run import summary_lines, up_to_date
 
     source, output = _local_source(tmp_path, 12, per_dir=12)
@@ -152,6 +153,16 @@ def test_images_that_move_to_another_shard_keep_their_masks_and_vanished_shards_
     check(sorted([f"d0/000{i}.jpg" for i in range(3)] + [f"d0/{i:03d}.jpg" for i in range(3, 10)]))
     again = up_to_date(config)
     assert (again["shards_skipped"], again["shards_removed"]) == (2, 0)
+    # a run stopped after committing its shards, before removing the one SOURCE no longer has
+    # (a signal, an outage): the next night's check removes it, and the masks of its images,
+    # in the other shard now, stay (they were deleted with it)
+    for name in ("0000", "0001", "0002", "003", "004"):
+        Path(source, f"d0/{name}.jpg").unlink()
+    with monkeypatch.context() as stopped:
+        stopped.setattr(OutputStore, "remove_vanished_shards", lambda self, listed: [])
+        run_segmentation(config)
+    assert up_to_date(config)["shards_removed"] == 1
+    check([f"d0/{i:03d}.jpg" for i in range(5, 10)])
 
 
 def test_an_image_beside_a_deleted_one_of_its_stem_keeps_its_mask(ray_cpu, tmp_path):

@@ -208,7 +208,8 @@ def rerun_modules(request, tmp_path_factory, small_model) -> set[str]:
     source = open_location(config.source, config.storage_options)
     store = prepare_output(config, source)
     run = run_info(config, source.url, new_run_id(), model_meta(config))
-    for shard in list_source(source, shard_by=config.shard_by, shard_size=config.shard_size, counts=ListingCounts()).remaining():
+    for shard in list_source(source, config.output, shard_by=config.shard_by, shard_size=config.shard_size,
+                             counts=ListingCounts()).remaining():
         records = [ImageRecord(key=f.key, size=f.size, version=f.version) for f in shard.files]
         for record in records:
             record.fail("inference", "not segmented: this test commits the shard without a model")

@@ -628,14 +628,22 @@ def test_a_label_geotiff_is_read_as_evaluate_reads_ground_truth(tmp_path):
         with rasterio.open(tmp_path / name, "w", driver="GTiff", width=4, height=4, count=len(values),
                            dtype=values.dtype, crs="EPSG:32632", transform=from_origin(0, 4, 1, 1), **profile) as dst:
             dst.write(values)
-        return read_label(open_location(str(tmp_path)), name, num_classes=3, ignore_index=255)
+        return read_label(open_location(str(tmp_path)), name, num_classes=3, ignore_index=255)[0]
 
     assert (label("nodata.tif", labels[None], nodata=200)[:, 3] == 255).all()
     assert (label("mapped.tif", labels[None], nodata=200)[:, :3] == labels[:, :3]).all()
-    kept = read_label(open_location(str(tmp_path)), "mapped.tif", {200: 2}, num_classes=3, ignore_index=255)
-    assert (kept[:, 3] == 2).all()  # a nodata value the map makes a class: that class
+    kept, valid = read_label(open_location(str(tmp_path)), "mapped.tif", {200: 2}, num_classes=3, ignore_index=255)
+    assert (kept[:, 3] == 2).all() and valid is None  # a nodata value the map makes a class: that class
     floats = label("float.tif", np.where(labels == 200, np.nan, labels).astype(np.float32)[None], nodata=float("nan"))
     assert floats.dtype == np.int64 and (floats[:, :3] == labels[:, :3]).all() and (floats[:, 3] == 255).all()
+    # its nodata pixels are not the ignore index's own: no advice to map 255 to the class none holds
+    from pipeline.runtime.training import check_labels
+    from pipeline.training import TrainingPair
+
+    config = TrainConfig(images=str(tmp_path), labels=str(tmp_path), output=str(tmp_path / "m.pt"),
+                         model="lraspp_mobilenet_v3_large", num_classes=4)
+    [said] = check_labels(str(tmp_path), [TrainingPair("n", "n.tif", "nodata.tif")], config)
+    assert said.endswith("so the model cannot learn it: 3 (class_3)"), said
     with pytest.raises(ValueError, match=r"three.tif is no label mask: ValueError: it has 3 bands; a mask of class ids "
                                          "has one"):
         label("three.tif", np.stack([labels] * 3))

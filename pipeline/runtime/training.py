@@ -105,9 +105,11 @@ def check_labels(url: str, pairs: list[TrainingPair], config: TrainConfig) -> li
     counts = np.zeros(n, dtype=np.int64)
     ignored = total = 0
     for pair in pairs:
-        label = read_label(labels, pair.label, config.label_map, num_classes=n, ignore_index=config.ignore_index)
+        label, valid = read_label(labels, pair.label, config.label_map, num_classes=n, ignore_index=config.ignore_index)
         counts += np.bincount(label[(label >= 0) & (label < n)], minlength=n)
-        ignored, total = ignored + int((label == config.ignore_index).sum()), total + label.size
+        # the ignore index's own pixels, which a --label-map can make a class: not nodata's
+        marked = label == config.ignore_index if valid is None else (label == config.ignore_index) & valid
+        ignored, total = ignored + int(marked.sum()), total + label.size
         try:
             check_label_range(label, n, config.ignore_index, source=labels.uri(pair.label))
         except LabelRangeError as err:
