@@ -199,15 +199,15 @@ def test_a_mistyped_s3_prefix_is_nothing_to_do_with_the_folder_meant_named(s3_bu
         return line
 
     assert said("orth").startswith(f"nothing to do: no images under {bucket}/survey/orth, nor any other key: did you "
-                                   f"mean {bucket}/survey/ortho or {bucket}/survey/orth-out? (run ")
+                                   f"mean {bucket}/survey/ortho or {bucket}/survey/orth-out? (this night recorded as run ")
     # the folder that holds the run's OUTPUT is none it meant
     assert said("orth", "survey/orth-out").startswith(f"nothing to do: no images under {bucket}/survey/orth, nor any "
-                                                      f"other key: did you mean {bucket}/survey/ortho? (run ")
+                                                      f"other key: did you mean {bucket}/survey/ortho? (this night recorded as run ")
     assert ", nor any other key" not in said("2026-11-22")  # a night nobody uploaded to
     # the nights' folder mistyped before the night's date: the night in the folder meant
     fs.pipe_file(f"{bucket.removeprefix('s3://')}/survey/labels/2026-11-21/a.png", _jpeg(0))
     assert said("labls/2026-11-22").startswith(f"nothing to do: no images under {bucket}/survey/labls/2026-11-22, nor "
-                                               f"any other key: did you mean {bucket}/survey/labels/2026-11-22? (run ")
+                                               f"any other key: did you mean {bucket}/survey/labels/2026-11-22? (this night recorded as run ")
     assert ", nor any other key" not in said("labels/2026-11-22")  # the nights' folder holds earlier ones
     assert ", nor any other key" not in said("cam3")  # a camera that has uploaded nothing yet, beside cam4
     assert ", nor any other key" not in said("zzzz")  # nothing close: nothing said
