@@ -15,7 +15,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Self
 
@@ -48,10 +48,15 @@ DEFAULT_MAX_PIXELS = 2 * 89_478_485
 DEFAULT_MAX_RASTER_PIXELS = 1 << 34
 
 
+def repeated(names: Sequence[str]) -> list[str]:
+    """The names given more than once, sorted."""
+    return sorted({name for name in names if names.count(name) > 1})
+
+
 def _each_once(names: tuple[str, ...] | None) -> tuple[str, ...] | None:
     """Class names, none given twice: tables and reports name columns and rows by them
     (evaluate's iou_<name>), where one would hide the other."""
-    if names is not None and (twice := sorted({name for name in names if names.count(name) > 1})):
+    if names is not None and (twice := repeated(names)):
         raise ValueError(f"names {', '.join(twice)} more than once: each class needs a name of its own")
     return names
 

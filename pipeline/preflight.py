@@ -39,7 +39,14 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .config import EvaluateConfig, SegmentConfig, StorageOptions, TrainConfig, is_checkpoint_uri
+from .config import (
+    EvaluateConfig,
+    SegmentConfig,
+    StorageOptions,
+    TrainConfig,
+    is_checkpoint_uri,
+    repeated,
+)
 from .errors import error_chain
 from .storage import (
     Location,
@@ -339,8 +346,7 @@ def check_train(config: TrainConfig, *, remote: bool = True) -> None:
     if resumed is not None:
         # its names go on unless given: each once (`config._each_once`), as a checkpoint written
         # before they were checked may not have them
-        if config.class_names is None and len(set(resumed.class_names)) != len(resumed.class_names):
-            twice = sorted({name for name in resumed.class_names if resumed.class_names.count(name) > 1})
+        if config.class_names is None and (twice := repeated(resumed.class_names)):
             raise PreflightError(f"--resume {config.resume} names {', '.join(twice)} more than once among its classes; "
                                  "pass --class-names, a name of its own for each class")
         if resumed.trained_epochs is None:

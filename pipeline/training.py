@@ -118,6 +118,16 @@ def pair_training_data(images: Location, labels: Location, *, label_suffix: str 
                            sorted(label_keys[k] for k in label_keys.keys() - image_keys.keys()))
 
 
+def _raster(location: Location, key: str, opened: contextlib.ExitStack) -> Any:
+    """The raster at `key` as GDAL opens it, open until `opened` closes; None for a key that is
+    no raster's or a file GDAL cannot read (the image or mask decoder then names what is wrong)."""
+    if not is_raster_key(key):
+        return None
+    with contextlib.suppress(ImageDecodeError):
+        return opened.enter_context(open_raster(location, key))
+    return None
+
+
 def read_label(labels: Location, key: str, label_map: dict[int, int] | None = None, *, num_classes: int,
                ignore_index: int) -> tuple[np.ndarray, np.ndarray | None]:
     """A label mask's class ids, int64, `label_map` applied, and where it has data (None:
@@ -128,11 +138,7 @@ def read_label(labels: Location, key: str, label_map: dict[int, int] | None = No
     Any other file is decoded whole (`decode_mask`)."""
     try:
         with contextlib.ExitStack() as opened:
-            dataset = None
-            if is_raster_key(key):
-                # not something GDAL reads: the mask decoder names what is wrong
-                with contextlib.suppress(ImageDecodeError):
-                    dataset = opened.enter_context(open_raster(labels, key))
+            dataset = _raster(labels, key, opened)
             if dataset is None or dataset.driver != "GTiff":
                 return map_labels(decode_mask(read_bytes(labels, key) or b""), label_map), None
             if dataset.count != 1:
@@ -153,11 +159,7 @@ def read_image(images: Location, key: str, bands: Sequence[int] | None = None) -
     interpretation (or `bands`), deep samples stretched by limits its nodata takes no part in,
     nodata black. Any other file is decoded whole (`decode_image`)."""
     with contextlib.ExitStack() as opened:
-        dataset = None
-        if is_raster_key(key):
-            # not something GDAL reads: the image decoder names what is wrong
-            with contextlib.suppress(ImageDecodeError):
-                dataset = opened.enter_context(open_raster(images, key))
+        dataset = _raster(images, key, opened)
         if dataset is None or not is_georeferenced(dataset):
             return decode_image(read_bytes(images, key) or b""), None
         check_pixels(dataset.width, dataset.height, DEFAULT_MAX_PIXELS)
