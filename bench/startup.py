@@ -13,6 +13,11 @@ the same work. One JSON object per measurement, then one summary line.
   with native bf16 compiles the model in the replica at its first batch (seconds).
 - noop_rerun_seconds: the same command again: every shard is up to date, nothing to do.
 - noop_rerun_vs_seed_loop (goal: 1 or less) and one_image_run_vs_seed_loop (goal: 3 or less).
+- folder_run_seconds: the same command over a folder of --folder-images copies of the image
+  (one shard), into an empty OUTPUT; new_image_rerun_seconds: again once one image more is in
+  the folder. new_image_rerun_vs_one_image_run: the second over one_image_run_seconds, what a
+  night adding one image to a committed folder costs against a run of that image alone (the
+  folder's other images keep their rows and masks).
 - startup_breakdown: where a run's start-up goes, each step timed in one fresh process in the
   order and overlap of a run's driver: the interpreter, the driver's imports (no torch),
   Prefect's settings and its temporary server launched, a local Ray, the replica created, the
@@ -144,6 +149,8 @@ def main() -> None:
                         help="how to run segpipe (default: %(default)s)")
     parser.add_argument("--precision", default="fp32", help="the runs' --precision (default: %(default)s, as the "
                         "script; '' leaves the option out, for versions without it)")
+    parser.add_argument("--folder-images", type=int, default=64,
+                        help="images in the folder one image is added to (default: %(default)s)")
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the start-up breakdown")
     args = parser.parse_args()
     segpipe = shlex.split(args.command)
@@ -170,6 +177,22 @@ def main() -> None:
         results["noop_rerun_vs_seed_loop"] = round(min(noops) / seed, 2)
         print(json.dumps({"benchmark": "segment", "command": shlex.join(segpipe), "one_image_run_seconds": results[
             "one_image_run_seconds"], "noop_rerun_seconds": results["noop_rerun_seconds"]}), flush=True)
+
+        folders, reruns = [], []
+        for i in range(args.repeats):
+            folder, output = work / f"folder-{i}", work / f"folder-out-{i}"
+            folder.mkdir()
+            for n in range(args.folder_images):
+                shutil.copyfile(image, folder / f"{n:05d}{image.suffix}")
+            folders.append(timed([*segpipe, "segment", str(folder), str(output), *options], env, ROOT))
+            shutil.copyfile(image, folder / f"new{image.suffix}")
+            reruns.append(timed([*segpipe, "segment", str(folder), str(output), *options], env, ROOT))
+        results["folder_run_seconds"] = round(min(folders), 2)
+        results["new_image_rerun_seconds"] = round(min(reruns), 2)
+        results["new_image_rerun_vs_one_image_run"] = round(min(reruns) / min(runs), 2)
+        print(json.dumps({"benchmark": "new_image_in_a_folder", "folder_images": args.folder_images,
+                          "folder_run_seconds": results["folder_run_seconds"],
+                          "new_image_rerun_seconds": results["new_image_rerun_seconds"]}), flush=True)
 
     if args.breakdown:
         done = subprocess.run([sys.executable, "-c", BREAKDOWN], env=env, cwd=ROOT, capture_output=True, text=True,

@@ -70,8 +70,8 @@ def summarise(summary: RunSummary, record_uri: str, polygons: bool = False, conf
         {"metric": "shards committed", "value": summary.shards_committed},
         {"metric": "shards already up to date", "value": summary.shards_skipped},
         {"metric": "shards removed (SOURCE no longer has them)", "value": summary.shards_removed},
-        {"metric": "error rows kept in shards already up to date (--redo-errors retries them)",
-         "value": summary.errors_kept},
+        {"metric": "images of changed shards kept as they were (unchanged)", "value": summary.images_kept},
+        {"metric": "error rows of unchanged images kept (--redo-errors retries them)", "value": summary.errors_kept},
         {"metric": "keys that are not images", "value": summary.non_image_keys},
         *({"metric": f"pixel share: {name}", "value": round(share, 4)} for name, share in shares.items()),
     ]

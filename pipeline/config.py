@@ -322,7 +322,7 @@ class SegmentConfig(JobConfig):
         "drop polygons smaller than this, in m² on the ground"))
     simplify: float = Field(default=0.0, ge=0, description=(
         "simplify polygons with this tolerance: metres in a projected CRS, else pixels (0: exact pixel edges)"))
-    redo_errors: bool = Field(default=False, description="also re-process committed shards that hold error rows")
+    redo_errors: bool = Field(default=False, description="also segment again the images of committed error rows")
     batch_size: int = Field(default=8, ge=1, description="images per batch sent to a replica")
     shard_by: Literal["directory", "count"] = Field(default="directory", description=(
         "one shard per directory (split at --shard-size), or chunks of --shard-size keys"))

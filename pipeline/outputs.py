@@ -15,7 +15,9 @@ Each table file belongs to exactly one shard and lives at a path fixed by the sh
 re-processing a shard replaces its rows by overwriting one object (atomic on object stores,
 rename on local disks): a reader sees the old rows or the new ones, never both, never half.
 The commit marker is written last, once every input of the shard is accounted for; a shard
-without a current marker is processed again on the next run.
+without a current marker is processed again on the next run. A shard processed again under the
+same settings keeps the rows and masks of its images that have not changed (`KeptRows`), and
+segments only the others.
 
 What a run stages is removed with its folder, `_staging/<run_id>/`: by the run, once every
 shard is committed (`OutputStore.remove_staging`), and else by the next run to open OUTPUT
@@ -29,11 +31,12 @@ import io
 import json
 import logging
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import RunError, SegmentConfig
@@ -156,6 +159,24 @@ class RunInfo:
     fingerprint: str
 
 
+@dataclass(frozen=True)
+class KeptRows:
+    """What a shard processed again under the same settings keeps of its last commit: the rows
+    (images, class_stats) of the images unchanged since, whose masks, confidence masks and
+    polygons stay as they are (`OutputStore.kept_rows`)."""
+
+    keys: frozenset[str]
+    images: pa.Table
+    class_stats: pa.Table
+
+    @property
+    def errors(self) -> int:
+        return sum(status != "ok" for status in self.images.column("status").to_pylist())
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
 @dataclass
 class OpenShard:
     """A shard being processed: its records so far and its batches still out. It is committed
@@ -163,6 +184,7 @@ class OpenShard:
 
     shard: Shard
     records: list[ImageRecord]
+    kept: KeptRows | None = None
     outstanding: int = 0
     # True until every batch of the shard is queued: the first batches may come back while
     # later ones are still being queued, and the shard must not be committed then
@@ -247,58 +269,129 @@ class OutputStore:
         commit = self.read_commit(shard.shard_id)
         return commit if is_current(commit, shard, run, redo_errors=redo_errors) else None
 
-    def commit_shard(self, shard: Shard, records: Sequence[ImageRecord], run: RunInfo) -> None:
+    def kept_rows(self, shard: Shard, commit: dict[str, Any] | None, run: RunInfo, *,
+                  redo_errors: bool = False) -> KeptRows | None:
+        """What the shard, about to be processed again, keeps of its last commit (`commit`, its
+        marker): the rows of each image with the same key, size and version as then, whose
+        stem's keys are all so and are the same keys as then (they are planned together,
+        `run.plan_shard`), and that the last run to start on the shard did not set out to
+        segment again (the marker's `redoing`: its masks may be of another version since).
+        With `redo_errors`, error rows are not kept. None where the last commit was made with
+        other settings, or its rows cannot be read as this layout's: every image is segmented."""
+        if commit is None or commit.get("fingerprint") != run.fingerprint:
+            return None
+        tables = {}
+        for name, schema in (("images", IMAGES_SCHEMA), ("class_stats", CLASS_STATS_SCHEMA)):
+            data = read_bytes(self.location, table_key(name, shard.shard_id))
+            if data is None:
+                return None
+            try:
+                tables[name] = pq.read_table(io.BytesIO(data)).select(schema.names).cast(schema)
+            except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                log.warning("shard %s: its rows cannot be kept (%s: %s); all its images are segmented again",
+                            shard.shard_id, type(err).__name__, err)
+                return None
+        before = {row["image_id"]: row for row in tables["images"].select(["image_id", "bytes", "source_version", "status"]).to_pylist()}
+        redoing = set(commit.get("redoing", ()))
+        stems_now, stems_then = self._keys_by_stem(f.key for f in shard.files), self._keys_by_stem(before)
+        unchanged = {f.key for f in shard.files
+                     if (row := before.get(f.key)) is not None and (row["bytes"], row["source_version"]) == (f.size, f.version)
+                     and f.key not in redoing and not (redo_errors and row["status"] != "ok")}
+        kept = frozenset(key for stem, keys in stems_now.items() if keys <= unchanged and keys == stems_then.get(stem)
+                         for key in keys)
+        keep = {name: table.filter(pc.is_in(table.column("image_id"), value_set=pa.array(sorted(kept), pa.string())))
+                for name, table in tables.items()}
+        return KeptRows(kept, keep["images"], keep["class_stats"])
+
+    def _keys_by_stem(self, keys: Iterable[str]) -> dict[str, set[str]]:
+        """Keys by the PNG mask path of their stem, folded as OUTPUT folds names; unsafe keys,
+        which have no mask, are left out."""
+        fold = str.casefold if self.case_insensitive else str
+        by_stem: dict[str, set[str]] = {}
+        for key in keys:
+            try:
+                by_stem.setdefault(fold(mask_key(key)), set()).add(key)
+            except ValueError:
+                continue
+        return by_stem
+
+    def commit_shard(self, shard: Shard, records: Sequence[ImageRecord], run: RunInfo,
+                     kept: KeptRows | None = None) -> None:
         """Write the shard's tables, remove the masks its images no longer have, then write its
-        manifest and, last, its marker. Every input must have a record.
+        manifest and, last, its marker. Every input must have a record, or rows kept from the
+        last commit (`kept`).
 
         In that order a commit stopped at any point is finished by the next run: until the
         manifest is replaced, the old one still names the images whose masks must go, and until
         the marker is written the shard is not up to date."""
+        kept_keys = kept.keys if kept is not None else frozenset()
         by_key = {r.key: r for r in records}
-        missing = [f.key for f in shard.files if f.key not in by_key]
-        if missing or len(by_key) != len(shard.files) or len(records) != len(shard.files):
+        missing = [f.key for f in shard.files if f.key not in by_key and f.key not in kept_keys]
+        if missing or len(by_key) + len(kept_keys) != len(shard.files) or len(records) != len(by_key) or by_key.keys() & kept_keys:
             raise RuntimeError(
-                f"shard {shard.shard_id}: {len(records)} records for {len(shard.files)} inputs "
-                f"(missing: {missing[:5]}); refusing to commit"
+                f"shard {shard.shard_id}: {len(records)} records and {len(kept_keys)} kept rows for {len(shard.files)} "
+                f"inputs (missing: {missing[:5]}); refusing to commit"
             )
-        ordered = [by_key[f.key] for f in shard.files]
+        ordered = [by_key[f.key] for f in shard.files if f.key in by_key]
         if self._unrecorded_layout is not None:
             # asked again: another run may have recorded its own since this one checked
             if not self._same_layout(self._unrecorded_layout):
                 write_atomic(self.location, "_segpipe.json", json.dumps(self._unrecorded_layout, indent=2).encode())
             self._unrecorded_layout = None
-        previous_keys = self._manifest_keys(shard.shard_id)
+        # and the images the last run to start on it set out to segment: their masks may be
+        # there though no commit names them (new images since deleted)
+        previous_keys = self._manifest_keys(shard.shard_id) | set((self.read_commit(shard.shard_id) or {}).get("redoing", ()))
         # images first: `stored_shards` finds a new shard by it, should the commit stop here
         tables = {
             "images": self._images_table(shard.shard_id, ordered, run),
             "class_stats": self._class_stats_table(shard.shard_id, ordered, run),
         }
+        if kept is not None:
+            position = {f.key: i for i, f in enumerate(shard.files)}
+            for name, rows in (("images", kept.images), ("class_stats", kept.class_stats)):
+                table = pa.concat_tables([tables[name], rows])
+                # in the shard's order, as a shard segmented whole is (a stable sort: an image's
+                # classes stay in id order)
+                positions = [position[key] for key in table.column("image_id").to_pylist()]
+                tables[name] = table.take(sorted(range(table.num_rows), key=positions.__getitem__))
         for name, table in tables.items():
             write_atomic(self.location, table_key(name, shard.shard_id), _parquet_bytes(table))
-        self._write_polygons(shard.shard_id, ordered, reprocessed=bool(previous_keys))
+        self._write_polygons(shard.shard_id, ordered, kept_keys, reprocessed=bool(previous_keys))
         # also in a shard new here, which may hold images that moved in from another (a
         # folder's chunks shifted), with masks of another kind or settings than it writes
-        self._remove_stale_masks(previous_keys | {r.key for r in ordered}, ordered)
+        self._remove_stale_masks((previous_keys | {r.key for r in ordered}) - kept_keys, ordered)
         write_atomic(self.location, table_key("manifest", shard.shard_id), _parquet_bytes(self._manifest_table(shard)))
-        ok = sum(r.ok for r in ordered)
+        ok = sum(r.ok for r in ordered) + (len(kept) - kept.errors if kept is not None else 0)
         marker = {
             "shard_id": shard.shard_id,
             "run_id": run.run_id,
             "committed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "manifest_sha256": shard.manifest_digest(),
             "fingerprint": run.fingerprint,
-            "images": len(ordered),
+            "images": len(shard.files),
             "ok": ok,
-            "errors": len(ordered) - ok,
+            "errors": len(shard.files) - ok,
+            "kept": len(kept_keys),
         }
         write_atomic(self.location, f"_commits/{shard.shard_id}.json", json.dumps(marker, indent=2).encode())
 
     def withdraw_commit(self, shard_id: str) -> None:
-        """Remove the marker of a shard about to be segmented again. Its masks are rewritten
-        before it commits, so a run stopped halfway must not leave the old marker to pass the
-        shard as up to date for the settings it had before (its manifest still names its
-        images for `commit_shard` and `remove_vanished_shards`)."""
+        """Remove the marker of a shard about to be segmented again with other settings. Its
+        masks are rewritten before it commits, so a run stopped halfway must not leave the old
+        marker to pass the shard as up to date for the settings it had before (its manifest
+        still names its images for `commit_shard` and `remove_vanished_shards`)."""
         remove_files(self.location, [f"_commits/{shard_id}.json"])
+
+    def mark_redoing(self, shard_id: str, commit: dict[str, Any], run: RunInfo, redoing: Iterable[str]) -> None:
+        """Replace the marker (`commit`) of a shard about to be processed again with the same
+        settings by one without its manifest's digest, naming the images to segment, and those
+        the marker named so (a run stopped before committing them): written before any of
+        their masks, so a run stopped halfway leaves the shard not up to date, and the next run
+        keeps the other images' rows (`kept_rows`) but not theirs, whose masks may be of a
+        version since reverted; a commit removes their masks if they are deleted meanwhile."""
+        named = sorted({*redoing, *commit.get("redoing", ())})
+        marker = {"shard_id": shard_id, "run_id": run.run_id, "fingerprint": run.fingerprint, "redoing": named}
+        write_atomic(self.location, f"_commits/{shard_id}.json", json.dumps(marker, indent=2).encode())
 
     def stored_shards(self) -> set[str]:
         """The ids of the shards stored here: committed (a marker), or with tables written by
@@ -338,13 +431,14 @@ class OutputStore:
                      "shards now", shard_id, counted(len(keys), "image"))
         return vanished
 
-    def _write_polygons(self, shard_id: str, records: Sequence[ImageRecord], *, reprocessed: bool) -> None:
+    def _write_polygons(self, shard_id: str, records: Sequence[ImageRecord], kept: frozenset[str], *,
+                        reprocessed: bool) -> None:
         """OUTPUT/polygons/shard=<id>/part-<digest of the raster's key>.parquet: each raster's
         GeoParquet file (a file has one CRS, and the rasters of a shard may lie in several),
         moved from where its replica staged it over the file of the same raster a previous
-        attempt committed; then that attempt's files of other rasters are removed, so the
-        shard's rows are exactly this attempt's."""
-        written = set()
+        attempt committed; then that attempt's files of other rasters are removed, but for
+        those of the rasters whose rows are `kept`, so the shard's rows are exactly its images'."""
+        written = {polygons_part_key(shard_id, key) for key in kept}
         for record in records:
             if record.polygons_key:
                 part = polygons_part_key(shard_id, record.key)

@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 
 from .config import DATE_PATTERN, RunError, SegmentConfig, is_checkpoint_uri
 from .model_meta import ModelMeta, Preprocessing
-from .outputs import LAYOUT_FORMAT, OutputStore, RunInfo
+from .outputs import LAYOUT_FORMAT, OutputStore, RunInfo, is_current
 from .records import ImageRecord, mask_key, run_record_key
 from .storage import (
     ListingCounts,
@@ -443,6 +443,8 @@ class Progress:
     listing_done: bool = False
     images: int = 0
     errors: int = 0
+    # images of the shards processed again whose rows and masks were kept: unchanged since
+    kept: int = 0
     shards_committed: int = 0
     shards_skipped: int = 0
     finished: bool = False
@@ -458,7 +460,8 @@ class Progress:
 
     def describe(self) -> str:
         found = f"of {self.listed}" if self.listing_done else f"of {self.listed}+ found so far"
-        return (f"{counted(self.images, 'image')} {found}, {per_second(self.images_per_second)} img/s, "
+        kept = f" ({self.kept} unchanged kept)" if self.kept else ""
+        return (f"{counted(self.images, 'image')} {found}{kept}, {per_second(self.images_per_second)} img/s, "
                 f"{counted(self.errors, 'error')}, {counted(self.shards_committed, 'shard')} committed, "
                 f"{self.shards_skipped} up to date")
 
@@ -489,9 +492,13 @@ class RunSummary:
     # one entry per model replica: the device it ran on, the GPUs Ray gave it, its torch CPU threads
     replicas: list[dict[str, Any]]
     seconds: float
-    # error rows in the shards skipped as up to date: a changed setting outside the results'
-    # fingerprint (--max-raster-pixels) does not make them work; --redo-errors does
+    # error rows kept, of the shards skipped as up to date and of the unchanged images of the
+    # others: a changed setting outside the results' fingerprint (--max-raster-pixels) does not
+    # make them work; --redo-errors does
     errors_kept: int = 0
+    # images of the shards committed whose rows and masks were kept from their shard's last
+    # commit, since they are unchanged (`OutputStore.kept_rows`): not among `images`
+    images_kept: int = 0
     # shards OUTPUT held that SOURCE no longer has, removed (`OutputStore.remove_vanished_shards`)
     shards_removed: int = 0
     # of the images, the georeferenced rasters (segmented block by block, or error rows)
@@ -530,18 +537,20 @@ def record_run(output: Location, summary: RunSummary) -> str:
 class ListingUnderway:
     """SOURCE's one listing (`list_source`), stopped by `up_to_date` at the first shard that
     needs work, for the run to go on with rather than list the archive again: the listing from
-    that shard on, what it has counted so far, and the shards before it, committed and current
-    (their ids, and the error rows each keeps). The run takes it over (`run_segmentation`);
-    whoever holds it otherwise closes it."""
+    that shard on, what it has counted so far, and the shards before it: committed and current
+    (their ids, and the error rows each keeps), and committed by `up_to_date` itself, having
+    only lost images (their ids, the images they kept and the error rows among those). The run
+    takes it over (`run_segmentation`); whoever holds it otherwise closes it."""
 
     # no __dict__: a Prefect flow's parameters are JSON-encoded for its run's record, and
     # FastAPI's encoder walks an object's vars() and iterates what it finds there, which would
     # take shards off the listing; with slots it gives up, and the record says <ListingUnderway>
-    __slots__ = ("config", "counts", "shards", "up_to_date")
+    __slots__ = ("config", "counts", "shards", "trimmed", "up_to_date")
 
     def __init__(self, config: SegmentConfig, shards: Prefetched[Shard], counts: ListingCounts,
-                 up_to_date: dict[str, int]) -> None:
+                 up_to_date: dict[str, int], trimmed: dict[str, tuple[int, int]]) -> None:
         self.config, self.shards, self.counts, self.up_to_date = config, shards, counts, up_to_date
+        self.trimmed = trimmed
 
     def close(self) -> None:
         self.shards.close()
@@ -550,8 +559,9 @@ class ListingUnderway:
 def up_to_date(config: SegmentConfig) -> dict[str, Any] | ListingUnderway:
     """A run with nothing to do, found out before Ray, Prefect or a model start: when every
     shard of SOURCE is committed in OUTPUT with the same inputs and settings (as the run itself
-    decides, `OutputStore.current_commit`), once the shards OUTPUT stores and SOURCE no longer
-    has are removed (`OutputStore.remove_vanished_shards`, which refuses a SOURCE that lists
+    decides, `OutputStore.current_commit`), once the shards whose only change is images
+    deleted at SOURCE are committed without them (`OutputStore.kept_rows`: every image left
+    keeps its rows) and the shards OUTPUT stores and SOURCE no longer has are removed (`OutputStore.remove_vanished_shards`, which refuses a SOURCE that lists
     nothing beside stored shards), or SOURCE has no images at all
     and OUTPUT nothing of it, the run is recorded in OUTPUT/_runs/ and its record returned,
     with `record` its URI, as the segmentation flow returns it. As soon as one shard needs work,
@@ -566,13 +576,14 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | ListingUnderway:
     counts = ListingCounts()
     shards = list_source(source, config.output, shard_by=config.shard_by, shard_size=config.shard_size, counts=counts)
     current: dict[str, int] = {}  # the shards up to date so far: their error rows
+    trimmed: dict[str, tuple[int, int]] = {}  # committed here, having only lost images: images and error rows kept
     handed_over = None
 
     def work(shard: Shard | None) -> ListingUnderway:
         nonlocal handed_over
         if shard is not None:
             shards.put_back(shard)
-        handed_over = ListingUnderway(config, shards, counts, current)
+        handed_over = ListingUnderway(config, shards, counts, current, trimmed)
         return handed_over
 
     try:
@@ -584,25 +595,32 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | ListingUnderway:
             return work(first)  # nothing was ever committed there, and SOURCE has a shard: all of it is work
         run = run_info(config, source.url, new_run_id(), model_meta(config))
         for shard in shards.remaining():
-            commit = store.current_commit(shard, run, redo_errors=config.redo_errors)
-            if commit is None:
+            commit = store.read_commit(shard.shard_id)
+            if is_current(commit, shard, run, redo_errors=config.redo_errors):
+                current[shard.shard_id] = commit.get("errors", 0)
+                continue
+            kept = store.kept_rows(shard, commit, run, redo_errors=config.redo_errors)
+            if kept is None or len(kept) < len(shard.files):
                 return work(shard)
-            current[shard.shard_id] = commit.get("errors", 0)
+            # every image it still has is unchanged (a retention job deleted some): no work for a model
+            store.commit_shard(shard, [], run, kept)
+            trimmed[shard.shard_id] = (len(kept), kept.errors)
         # shards SOURCE no longer has (a folder a retention job deleted), removed here: no work
         # for a model, so no Ray (refused, removing nothing, if SOURCE lists nothing at all)
-        removed = store.remove_vanished_shards(set(current))
+        removed = store.remove_vanished_shards(set(current) | set(trimmed))
     except (StorageUnavailableError, OSError) as err:
         raise RunError(f"storage unavailable: {type(err).__name__}: {err}") from err
     finally:
         if handed_over is None:
             shards.close()
-    skipped, errors_kept = len(current), sum(current.values())
+    skipped, errors_kept = len(current), sum(current.values()) + sum(errors for _, errors in trimmed.values())
     summary = RunSummary(
         run_id=run.run_id, source=source.url, output=store.location.url, model=run.model, weights=run.weights,
-        class_names=list(run.class_names), shards_committed=0, shards_skipped=skipped, images=0, errors=0, errors_by_type={},
+        class_names=list(run.class_names), shards_committed=len(trimmed), shards_skipped=skipped, images=0, errors=0,
+        errors_by_type={}, images_kept=sum(images for images, _ in trimmed.values()),
         non_image_keys=counts.skipped, pixels_by_class={}, retried_batches=0, setup_seconds=0.0,
         ray_cluster=NO_CLUSTER, replicas=[], seconds=time.monotonic() - started, errors_kept=errors_kept,
-        similar_sources=source_hints(source, store.location, skipped, counts), shards_removed=len(removed),
+        similar_sources=source_hints(source, store.location, skipped + len(trimmed), counts), shards_removed=len(removed),
     )
     return summary.as_record() | {"pixel_share": {}, "record": record_run(store.location, summary)}
 
@@ -638,16 +656,17 @@ def _such_as(keys: Sequence[str], count: int) -> str:
 def summary_lines(s: dict[str, Any]) -> list[str]:
     """A run's summary as the command line prints it and `segpipe serve` logs it, from the
     record the segmentation flow returns (or `up_to_date`'s)."""
-    if s["shards_committed"] == 0:  # no shard needed work: neither Ray nor a model started
-        skipped = s["shards_skipped"]
-        what = (f"{every(skipped, 'shard')} of {s['source']} {verb_for(skipped, 'is', 'are')} already up to date "
-                f"in {s['output']}" if skipped else f"no images under {s['source']}")
+    if s["ray_cluster"] == NO_CLUSTER:  # no shard needed the model: neither Ray nor a model started
+        # up to date now: those committed without the images deleted at SOURCE are too
+        current = s["shards_skipped"] + s["shards_committed"]
+        what = (f"{every(current, 'shard')} of {s['source']} {verb_for(current, 'is', 'are')} already up to date "
+                f"in {s['output']}" if current else f"no images under {s['source']}")
         if similar := s.get("similar_sources"):  # nothing at all there: a mistyped prefix succeeds every night
             what += f", nor any other key: did you mean {' or '.join(similar)}?"
-        nothing = "nothing to segment" if s.get("shards_removed") else "nothing to do"
+        nothing = "nothing to segment" if s.get("shards_removed") or s["shards_committed"] else "nothing to do"
         # the record is this night's, of a run that found nothing to do, not that of the run that did the work
-        return [f"{nothing}: {what} (this night recorded as run {s['run_id']} in {s['record']})", *_removed_lines(s),
-                *_errors_kept_lines(s)]
+        return [f"{nothing}: {what} (this night recorded as run {s['run_id']} in {s['record']})", *_kept_lines(s),
+                *_removed_lines(s), *_errors_kept_lines(s)]
     ok = s["images"] - s["errors"]
     lines = [
         f"run {s['run_id']}: {counted(s['images'], 'image')}, {ok} segmented and {counted(s['errors'], 'error')}, "
@@ -682,7 +701,7 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
                      "shape, in every run; --no-compile skips it, for a few images)")
     if s["retried_batches"]:
         lines.append(f"{counted(s['retried_batches'], 'batch', 'batches')} sent again after a worker failed")
-    lines += _removed_lines(s) + _errors_kept_lines(s)
+    lines += _kept_lines(s) + _removed_lines(s) + _errors_kept_lines(s)
     lines.append(f"outputs: {', '.join(s['output'] + '/' + folder for folder in s['folders'])} "
                  f"(run record {s['record']})")
     return lines
@@ -693,6 +712,17 @@ def _replica_details(replica: dict[str, Any]) -> str:
     details = ([counted(replica["threads"], "thread")] if replica["device"] == "cpu" else []) + \
         ([replica["precision"]] if replica.get("precision") else [])
     return f" ({', '.join(details)})" if details else ""
+
+
+def _kept_lines(s: dict[str, Any]) -> list[str]:
+    """The images of the shards committed that kept their rows and masks, unchanged since."""
+    kept = s.get("images_kept", 0)
+    if not kept:
+        return []
+    how = ("every image they still have is unchanged: committed without those deleted at the source, with no model"
+           if s["ray_cluster"] == NO_CLUSTER else "only their new and changed images were segmented")
+    return [f"{counted(kept, 'unchanged image')} of the {counted(s['shards_committed'], 'shard')} committed kept "
+            f"{verb_for(kept, 'its', 'their')} rows and masks ({how})"]
 
 
 def _removed_lines(s: dict[str, Any]) -> list[str]:
@@ -709,5 +739,5 @@ def _errors_kept_lines(s: dict[str, Any]) -> list[str]:
     kept = s.get("errors_kept", 0)
     if not kept:
         return []
-    return [f"{counted(kept, 'error row')} {verb_for(kept, 'is', 'are')} kept in the shards already up to date; "
+    return [f"{counted(kept, 'error row')} of unchanged images {verb_for(kept, 'is', 'are')} kept; "
             "--redo-errors segments their images again"]

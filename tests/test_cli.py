@@ -24,7 +24,7 @@ from PIL import Image
 from flows.cli import _plain_output_when_piped, build_parser, main
 from pipeline.config import EvaluateConfig, SegmentConfig, TrainConfig
 from pipeline.masks import decode_mask, encode_mask
-from pipeline.run import summary_lines
+from pipeline.run import NO_CLUSTER, summary_lines
 from pipeline.samples import synthetic_scene
 
 
@@ -364,7 +364,7 @@ def test_the_summary_counts_in_english(n: int) -> None:
                   f"{n} {'batch' if n == 1 else 'batches'} sent again"):
         assert words in printed
     [nothing] = summary_lines({"run_id": "r", "record": "x", "source": "src", "output": "out", "shards_committed": 0,
-                               "shards_skipped": n})
+                               "shards_skipped": n, "ray_cluster": NO_CLUSTER})
     every = "the one shard of src is" if n == 1 else f"all {n} shards of src are"
     assert nothing == f"nothing to do: {every} already up to date in out (this night recorded as run r in x)"
 

@@ -84,7 +84,7 @@ def archive(request, tmp_path):
     return _S3(bucket, options)
 
 
-def test_a_night_with_nothing_new_loads_no_model_and_a_new_image_costs_its_shard(ray_cpu, archive, tmp_path):
+def test_a_night_with_nothing_new_loads_no_model_and_a_new_image_costs_itself(ray_cpu, archive, tmp_path):
     for night in ("2026-11-19", "2026-11-20"):
         for i in range(2):
             archive.put(f"{night}/{i}.jpg", _jpeg(i))
@@ -104,10 +104,10 @@ def test_a_night_with_nothing_new_loads_no_model_and_a_new_image_costs_its_shard
     assert record is not None and (record["shards_skipped"], record["images"], record["shards_committed"]) == (2, 0, 0)
     assert json.loads(archive.read(record["record"]))["run_id"] == record["run_id"]
 
-    archive.put("2026-11-20/2.jpg", _jpeg(7))  # one new image: its shard (now 3 images), and only it, is done again
+    archive.put("2026-11-20/2.jpg", _jpeg(7))  # one new image: segmented alone, its shard's others keep their rows
     assert needs_work(up_to_date(config))
     incremental = run_segmentation(config, worker_class=_counting_worker(replicas))
-    assert (incremental.shards_committed, incremental.shards_skipped, incremental.images) == (1, 1, 3)
+    assert (incremental.shards_committed, incremental.shards_skipped, incremental.images, incremental.images_kept) == (1, 1, 1, 2)
     assert len(list(replicas.iterdir())) == 1  # the counting worker does count a replica that starts
 
 
@@ -121,14 +121,14 @@ def test_nothing_to_do_says_how_many_error_rows_stay_and_how_to_retry_them(ray_c
     assert record is not None and record["errors_kept"] == 1
     first, second = summary_lines(record)
     assert first.startswith("nothing to do: the one shard")
-    assert second == "1 error row is kept in the shards already up to date; --redo-errors segments their images again"
+    assert second == "1 error row of unchanged images is kept; --redo-errors segments their images again"
     assert needs_work(up_to_date(config.model_copy(update={"redo_errors": True})))  # then there is work
     # a night with new images in another shard says the same of the shard it skipped
     archive.put("later/c.jpg", _jpeg(1))
     night = run_segmentation(config)
     assert (night.shards_committed, night.shards_skipped, night.errors, night.errors_kept) == (1, 1, 0, 1)
     lines = summary_lines(night.as_record() | {"record": "r", "folders": ["images/"]})
-    assert "1 error row is kept in the shards already up to date; --redo-errors segments their images again" in lines
+    assert "1 error row of unchanged images is kept; --redo-errors segments their images again" in lines
 
 
 def test_other_settings_are_work_to_do(ray_cpu, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -241,6 +242,22 @@ def test_a_geotiff_on_s3_becomes_a_cog_mask_polygons_and_areas(ray_cpu, s3_bucke
     assert got.keys() == expected.keys()
     for image_id, (count, m2) in got.items():  # DuckDB rounds halves away from zero, Python to even
         assert count == expected[image_id][0] and abs(m2 - expected[image_id][1]) <= 0.5
+
+    # a raster added to the folder: only it is segmented; the others keep their rows, their
+    # masks (not written again) and their polygons files, and the shard's polygons are all four's
+    modified = {key: fs.info(f"{bucket[5:]}/out/masks/{key}")["LastModified"] for key in sources}
+    fs.put_file(str(shared_data / "aerial/geotiff/sample_geotiff.tif"), f"{bucket[5:]}/in/survey/spacenet-2.tif")
+    fs.invalidate_cache()
+    added = run_segmentation(config)
+    assert (added.images, added.images_kept, added.shards_committed, added.shards_skipped) == (1, 3, 1, 1)
+    fs.invalidate_cache()
+    assert {key: fs.info(f"{bucket[5:]}/out/masks/{key}")["LastModified"] for key in sources} == modified
+    shutil.rmtree(tmp_path / "polygons")  # downloaded again
+    files = _polygon_files(fs, bucket, tmp_path)
+    assert sorted(gpd.read_parquet(f).image_id.unique().tolist()[0] for f in files) == sorted([*sources, "survey/spacenet-2.tif"])
+    rows = con.sql(f"select image_id, run_id from read_parquet('{bucket}/out/images/**/*.parquet')").fetchall()
+    assert sorted(rows) == sorted([(key, summary.run_id) for key in [*sources, "plain/potsdam.png"]]
+                                  + [("survey/spacenet-2.tif", added.run_id)])
 
 
 def test_polygons_are_staged_by_the_replica_and_moved_by_the_commit(shared_data, tmp_path):

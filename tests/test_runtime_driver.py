@@ -92,12 +92,15 @@ def test_s3_to_s3_idempotent_and_incremental(ray_cpu, s3_bucket):
     fs.pipe({f"{root}/src/2026-11-21/0.jpg": _jpeg(20), f"{root}/src/2026-11-20/0.JPG": _jpeg(21, 30, 30)})
     s3fs.S3FileSystem.clear_instance_cache()
     incremental = run_segmentation(config)
-    assert (incremental.shards_committed, incremental.shards_skipped, incremental.images) == (2, 1, 4)
+    # the new image and the rewritten one are segmented; the changed shard's other two keep their rows
+    assert (incremental.shards_committed, incremental.shards_skipped, incremental.images) == (2, 1, 2)
+    assert (incremental.images_kept, incremental.errors_kept) == (2, 1)
     expected |= {"2026-11-21/0.jpg"}
     con = _duckdb(s3fs.S3FileSystem(**options))  # a fresh fsspec listing: files were replaced
     rows = _check_outputs(con, f"{bucket}/out", fs, expected)
     run_of = {image_id: run_id for image_id, *_, run_id in rows}
     assert run_of["2026-11-19/0.jpg"] == first.run_id  # untouched shard keeps its rows
+    assert run_of["2026-11-20/1.JPG"] == run_of["2026-11-20/corrupt.jpg"] == first.run_id  # unchanged in a changed shard
     assert run_of["2026-11-20/0.JPG"] == run_of["2026-11-21/0.jpg"] == incremental.run_id
     size = con.sql(f"select width, height from read_parquet('{bucket}/out/images/*/*.parquet') where image_id = '2026-11-20/0.JPG'").fetchall()[0]
     assert size == (30, 30)  # the rewritten image's row and mask were replaced
@@ -109,6 +112,111 @@ def _local_source(tmp_path, count: int, per_dir: int = 4):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(_jpeg(i, 24, 24))
     return str(tmp_path / "src"), str(tmp_path / "out")
+
+
+def test_a_changed_shard_segments_only_its_new_and_changed_images(ray_cpu, tmp_path):
+    """A folder's shard that gains, loses and has rewritten an image keeps the rows and masks
+    (files untouched) of its unchanged images, error rows included until --redo-errors; a
+    shard that only lost images is committed without them by the check for nothing to do,
+    with no model."""
+    from conftest import needs_work
+
+    from pipeline.run import summary_lines, up_to_date
+
+    source, output = _local_source(tmp_path, 6, per_dir=6)
+    Path(source, "d0/bad.jpg").write_bytes(_jpeg(9)[:300])  # truncated: an error row
+    config = SegmentConfig(source=source, output=output, crf=False, batch_size=2, **MODEL)
+    first = run_segmentation(config)
+    assert (first.images, first.errors) == (7, 1)
+    masks = Path(output, "masks", "d0")
+    written = {p.name: p.stat().st_mtime_ns for p in masks.iterdir()}
+
+    def rows() -> dict[str, tuple]:
+        images = _duckdb().sql(f"select image_id, run_id, status, width from read_parquet('{output}/images/**/*.parquet')").fetchall()
+        stats = _duckdb().sql(f"select image_id, sum(pixel_count) from read_parquet('{output}/class_stats/**/*.parquet') "
+                              "group by image_id").fetchall()
+        assert len(images) == len({key for key, *_ in images})  # one row each
+        return {key: (*rest, dict(stats).get(key)) for key, *rest in images}
+
+    Path(source, "d0/000.jpg").unlink()
+    Path(source, "d0/001.jpg").write_bytes(_jpeg(50, 30, 36))  # rewritten, another size
+    Path(source, "d0/100.jpg").write_bytes(_jpeg(51, 24, 24))  # new
+    second = run_segmentation(config)
+    assert (second.shards_committed, second.images, second.images_kept, second.errors_kept) == (1, 2, 5, 1)
+    now = rows()
+    assert sorted(now) == ["d0/001.jpg", "d0/002.jpg", "d0/003.jpg", "d0/004.jpg", "d0/005.jpg", "d0/100.jpg", "d0/bad.jpg"]
+    assert {key for key, row in now.items() if row[0] == second.run_id} == {"d0/001.jpg", "d0/100.jpg"}
+    assert now["d0/001.jpg"][2:] == (36, 30 * 36) and now["d0/002.jpg"][2:] == (24, 24 * 24)
+    assert now["d0/bad.jpg"][1:] == ("error", None, None)
+    assert not (masks / "000.png").exists()
+    for name in ("002.png", "003.png", "004.png", "005.png"):  # not written again
+        assert (masks / name).stat().st_mtime_ns == written[name]
+    record = second.as_record() | {"record": "r", "folders": []}
+    assert ("5 unchanged images of the 1 shard committed kept their rows and masks (only their new and changed images "
+            "were segmented)") in summary_lines(record)
+    assert "1 error row of unchanged images is kept; --redo-errors segments their images again" in summary_lines(record)
+
+    redone = run_segmentation(config.model_copy(update={"redo_errors": True}))
+    assert (redone.images, redone.errors, redone.images_kept) == (1, 1, 6)
+    assert rows()["d0/bad.jpg"][0] == redone.run_id and rows()["d0/002.jpg"][0] == first.run_id
+
+    Path(source, "d0/002.jpg").unlink()  # a retention job: no new images, one deleted
+    Path(source, "d0/bad.jpg").unlink()
+    trimmed = up_to_date(config)
+    assert not needs_work(trimmed), trimmed
+    assert (trimmed["shards_committed"], trimmed["images_kept"], trimmed["shards_skipped"]) == (1, 5, 0)
+    lines = summary_lines(trimmed)
+    assert lines[0].startswith(f"nothing to segment: the one shard of {source} is already up to date")
+    assert lines[1] == ("5 unchanged images of the 1 shard committed kept their rows and masks (every image they still "
+                        "have is unchanged: committed without those deleted at the source, with no model)")
+    assert sorted(rows()) == ["d0/001.jpg", "d0/003.jpg", "d0/004.jpg", "d0/005.jpg", "d0/100.jpg"]
+    assert sorted(p.name for p in masks.iterdir()) == ["001.png", "003.png", "004.png", "005.png", "100.png"]
+    assert (masks / "003.png").stat().st_mtime_ns == written["003.png"]
+    assert up_to_date(config)["shards_committed"] == 0  # and up to date since
+    # such a shard before one that needs work: committed by the check, counted by the run that takes its listing over
+    Path(source, "d0/003.jpg").unlink()
+    Path(source, "d1").mkdir()
+    Path(source, "d1/0.jpg").write_bytes(_jpeg(52, 24, 24))
+    listing = up_to_date(config)
+    assert needs_work(listing) and len(listing.trimmed) == 1
+    night = run_segmentation(config, listing=listing)
+    assert (night.shards_committed, night.images, night.images_kept) == (2, 1, 4)
+    assert sorted(rows()) == ["d0/001.jpg", "d0/004.jpg", "d0/005.jpg", "d0/100.jpg", "d1/0.jpg"]
+
+
+def test_a_run_stopped_in_a_changed_shard_segments_again_what_it_had_begun(ray_cpu, tmp_path):
+    """A run stopped after rewriting the mask of a changed image, before its shard committed:
+    the image restored to its old version afterwards (same size and mtime) must not keep its
+    old row beside the mask of the version between, so the next run segments it again. A
+    new image it segmented, deleted before the next run, loses its mask with the commit."""
+    source, output = _local_source(tmp_path, 4, per_dir=4)
+    config = SegmentConfig(source=source, output=output, crf=False, batch_size=1, **MODEL)
+    run_segmentation(config)
+    masks = Path(output, "masks", "d0")
+    image = Path(source, "d0/001.jpg")
+    old_bytes, old_stat = image.read_bytes(), image.stat()
+    image.write_bytes(_jpeg(70, 30, 36))
+    Path(source, "d0/000a.jpg").write_bytes(_jpeg(71, 24, 24))  # sorts first: segmented first
+
+    class Stopped(Exception):
+        pass
+
+    def stop_after_two_images(progress):
+        if progress.images >= 2:
+            raise Stopped
+    with pytest.raises(Stopped):
+        run_segmentation(config, on_progress=stop_after_two_images)
+    assert decode_mask((masks / "001.png").read_bytes()).shape == (30, 36) and (masks / "000a.png").exists()
+    image.write_bytes(old_bytes)
+    os.utime(image, ns=(old_stat.st_atime_ns, old_stat.st_mtime_ns))
+    Path(source, "d0/000a.jpg").unlink()
+    again = run_segmentation(config)
+    assert (again.images, again.images_kept) == (1, 3)
+    assert decode_mask((masks / "001.png").read_bytes()).shape == (24, 24)  # the mask of its row's version
+    row = _duckdb().sql(f"select run_id, width from read_parquet('{output}/images/**/*.parquet') where image_id = 'd0/001.jpg'")
+    assert row.fetchall() == [(again.run_id, 24)]
+    assert sorted(p.name for p in masks.iterdir()) == ["000.png", "001.png", "002.png", "003.png"]
+    assert run_segmentation(config).shards_skipped == 1
 
 
 def test_images_that_move_to_another_shard_keep_their_masks_and_vanished_shards_go(ray_cpu, tmp_path, monkeypatch):

@@ -353,7 +353,7 @@ def test_commit_writes_tables_marker_and_manifest(tmp_path, stage):
 def test_commit_refuses_a_shard_with_missing_records(tmp_path):
     store = OutputStore(open_location(str(tmp_path / "out")))
     shard = Shard("s1", (SourceFile("a.jpg", 1, "v"), SourceFile("b.jpg", 1, "v")))
-    with pytest.raises(RuntimeError, match="1 records for 2 inputs"):
+    with pytest.raises(RuntimeError, match="1 records and 0 kept rows for 2 inputs"):
         store.commit_shard(shard, [ImageRecord("a.jpg")], _run())
     assert not (tmp_path / "out" / "_commits").exists()
 

@@ -104,15 +104,18 @@ class _Run:
         self.rasters = 0  # georeferenced rasters, segmented or not
         self.pixels_by_class: Counter[str] = Counter()
         self.retried = 0
-        self.errors_kept = 0  # error rows of the shards skipped as up to date
+        self.errors_kept = 0  # error rows kept: of the shards skipped as up to date, and of unchanged images
         self.listed: set[str] = set()  # the ids of the listing's shards, up to date or not
 
-    def skip_up_to_date(self, shards: dict[str, int]) -> None:
-        """Count as skipped the shards the listing had already found up to date before this
-        run took it over (`ListingUnderway.up_to_date`: their ids and error rows)."""
-        self.listed.update(shards)
-        self.progress.shards_skipped += len(shards)
-        self.errors_kept += sum(shards.values())
+    def take_over(self, listing: ListingUnderway) -> None:
+        """Count the shards the listing had already seen to before this run took it over: up
+        to date (`ListingUnderway.up_to_date`, skipped) or committed without the images deleted
+        at SOURCE (`ListingUnderway.trimmed`)."""
+        self.listed.update(listing.up_to_date, listing.trimmed)
+        self.progress.shards_skipped += len(listing.up_to_date)
+        self.progress.shards_committed += len(listing.trimmed)
+        self.progress.kept += sum(images for images, _ in listing.trimmed.values())
+        self.errors_kept += sum(listing.up_to_date.values()) + sum(errors for _, errors in listing.trimmed.values())
 
     def process(self, listing: Prefetched[Shard], counts: ListingCounts) -> None:
         while (shard := self._next_shard(listing, counts)) is not None:
@@ -123,13 +126,24 @@ class _Run:
                 self.errors_kept += commit.get("errors", 0)
                 self.on_progress(self.progress)
                 continue
-            self.replicas.start()  # with the first shard that needs work; the listing goes on meanwhile
-            if commit is not None:  # its masks are rewritten before it commits again
-                self.store.withdraw_commit(shard.shard_id)
-            if self.pool is None:
-                self.opened_while_starting += 1
+            kept = self.store.kept_rows(shard, commit, self.run, redo_errors=self.config.redo_errors)
             todo, refused = plan_shard(shard.files, fold_case=self.store.case_insensitive)
-            open_shard = OpenShard(shard, records=[])
+            # the marker, before any of the shard's masks is rewritten
+            if kept is not None:  # same settings: the images unchanged since keep their rows and masks
+                todo = [f for f in todo if f.key not in kept.keys]
+                refused = [r for r in refused if r.key not in kept.keys]
+                if todo:
+                    self.store.mark_redoing(shard.shard_id, commit, self.run, [f.key for f in todo])
+            elif commit is not None:
+                self.store.withdraw_commit(shard.shard_id)
+            if todo:
+                self.replicas.start()  # with the first shard that needs work; the listing goes on meanwhile
+                if self.pool is None:
+                    self.opened_while_starting += 1
+            open_shard = OpenShard(shard, records=[], kept=kept)
+            if kept:
+                self.progress.kept += len(kept)
+                self.errors_kept += kept.errors
             self._account(open_shard, refused)
             for files in batches(todo, self.config.batch_size):
                 open_shard.outstanding += 1
@@ -282,7 +296,7 @@ class _Run:
 
     def _commit(self, open_shard: OpenShard) -> None:
         try:
-            self.store.commit_shard(open_shard.shard, open_shard.records, self.run)
+            self.store.commit_shard(open_shard.shard, open_shard.records, self.run, open_shard.kept)
         except (OSError, StorageUnavailableError) as err:
             raise RunError(
                 f"cannot commit shard {open_shard.shard.shard_id} to {self.store.location.url}: {type(err).__name__}: {err}; "
@@ -331,7 +345,7 @@ def run_segmentation(
         run = run_info(config, source.url, replicas.run_id, meta)
         loop = _Run(config, source, store, replicas, run, meta["palette"], on_progress)
         if listing is not None:
-            loop.skip_up_to_date(listing.up_to_date)
+            loop.take_over(listing)
         try:
             loop.process(shards, counts)
             # the listing is complete and every shard of it committed: what else is committed is gone from SOURCE
@@ -355,7 +369,8 @@ def run_segmentation(
             setup_seconds=max(replicas.ready_at, started) - begun if replicas.ready_at is not None else 0.0,
             ray_cluster=replicas.ray_cluster if replicas.started else NO_CLUSTER,
             replicas=_replica_entries(pool),
-            seconds=time.monotonic() - begun, errors_kept=loop.errors_kept, shards_removed=len(removed),
+            seconds=time.monotonic() - begun, errors_kept=loop.errors_kept, images_kept=progress.kept,
+            shards_removed=len(removed),
             similar_sources=source_hints(source, store.location, len(loop.listed), counts),
         )
     finally:
