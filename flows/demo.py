@@ -198,7 +198,7 @@ def run_demo(workdir: str | Path, *, model: str = "deeplabv3_mobilenet_v3_large"
         print()
         skipped = segmentation["shards_skipped"]
         done = (f"{counted(segmentation['images'], 'image')}, {counted(segmentation['errors'], 'error')}"
-                if segmentation["shards_committed"]
+                if segmentation["images"]
                 else f"nothing new, {every(skipped, 'shard')} of the night {verb_for(skipped, 'was', 'were')} already up to date")
         print(f"segmentation: {done}; outputs in {output}/ (images/, class_stats/, masks/)")
         print(f"evaluation: mIoU {report['miou']:.3f} over {counted(report['images'], 'image')}; report in {workdir}/evaluation/ "

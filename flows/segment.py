@@ -80,9 +80,11 @@ def summarise(summary: RunSummary, record_uri: str, polygons: bool = False, conf
     create_markdown_artifact(
         "\n".join([
             f"## segpipe run `{summary.run_id}`",
-            *([f"Nothing to do: {every(summary.shards_skipped, 'shard')} of `{summary.source}` "
-               f"{verb_for(summary.shards_skipped, 'was', 'were')} already up to date.", ""]
-              if summary.shards_committed == 0 else []),
+            *([f"{'Nothing to do' if summary.shards_committed == 0 else 'Nothing to segment'}: "
+               f"{every(summary.shards_skipped + summary.shards_committed, 'shard')} of `{summary.source}` "
+               f"{verb_for(summary.shards_skipped + summary.shards_committed, 'was', 'were')} already up to date"
+               f"{'' if summary.shards_committed == 0 else ' once the images deleted there were left out'}.", ""]
+              if summary.images == 0 else []),
             f"{counted(summary.images, 'image')} from `{summary.source}` ({counted(summary.errors, 'error')}) with "
             f"`{summary.model}` (`{summary.weights}`), {per_second(summary.images_per_second)} images/s.",
             "",

@@ -9,6 +9,7 @@
     OUTPUT/polygons/shard=<id>/part-<n>.parquet   with --polygons: class regions, GeoParquet, one file per raster
     OUTPUT/manifest/shard=<id>/part-0.parquet     every input of the shard: key, size, version
     OUTPUT/_commits/<id>.json                     the shard's commit marker
+    OUTPUT/_underway/<id>.json                    a shard being processed: its tables' fingerprint, the images it redoes
     OUTPUT/_staging/<run_id>/polygons/            a raster's polygons from its replica until its shard commits
 
 Each table file belongs to exactly one shard and lives at a path fixed by the shard id, so
@@ -17,7 +18,8 @@ rename on local disks): a reader sees the old rows or the new ones, never both, 
 The commit marker is written last, once every input of the shard is accounted for; a shard
 without a current marker is processed again on the next run. A shard processed again under the
 same settings keeps the rows and masks of its images that have not changed (`KeptRows`), and
-segments only the others.
+segments only the others; while it is processed it has no marker, and its `_underway` record
+says what a run stopped then leaves uncertain (`OutputStore.mark_underway`).
 
 What a run stages is removed with its folder, `_staging/<run_id>/`: by the run, once every
 shard is committed (`OutputStore.remove_staging`), and else by the next run to open OUTPUT
@@ -75,6 +77,8 @@ from .text import counted
 
 log = logging.getLogger(__name__)
 
+# OUTPUT/_underway/<shard id>.json: a shard being processed (`OutputStore.mark_underway`)
+UNDERWAY = "_underway"
 # 2: masks of georeferenced rasters are COGs, class_stats has `area`, images has
 # `confidence_uri`, polygons/ is new; 3: polygons' `area` is their pixels', their files are named
 # by raster and carry `bbox`; 4: `area` is the ground's, in m² in every CRS (`geo.GroundArea`)
@@ -184,6 +188,12 @@ class OpenShard:
 
     shard: Shard
     records: list[ImageRecord]
+    # its marker when it was opened (None: it had none), and the keys it segments: the marker
+    # gives way to its underway record before its first mask or its tables are written
+    # (`OutputStore.mark_underway`)
+    commit: dict[str, Any] | None = None
+    segmenting: tuple[str, ...] = ()
+    marked: bool = False
     kept: KeptRows | None = None
     outstanding: int = 0
     # True until every batch of the shard is queued: the first batches may come back while
@@ -271,14 +281,17 @@ class OutputStore:
 
     def kept_rows(self, shard: Shard, commit: dict[str, Any] | None, run: RunInfo, *,
                   redo_errors: bool = False) -> KeptRows | None:
-        """What the shard, about to be processed again, keeps of its last commit (`commit`, its
-        marker): the rows of each image with the same key, size and version as then, whose
-        stem's keys are all so and are the same keys as then (they are planned together,
-        `run.plan_shard`), and that the last run to start on the shard did not set out to
-        segment again (the marker's `redoing`: its masks may be of another version since).
-        With `redo_errors`, error rows are not kept. None where the last commit was made with
-        other settings, or its rows cannot be read as this layout's: every image is segmented."""
-        if commit is None or commit.get("fingerprint") != run.fingerprint:
+        """What the shard, about to be processed again, keeps of its tables: the rows of each
+        image with the same key, size and version as then, whose stem's keys are all so and are
+        the same keys as then (they are planned together, `run.plan_shard`), and that no run
+        stopped since may have segmented (its underway record's `redoing`: their masks may be of
+        another version now). With `redo_errors`, error rows are not kept. `commit`: its marker
+        (None: it has none, and its underway record, if any, tells whose its tables are). None
+        where its tables were written with other settings, or cannot be read as this layout's:
+        every image is segmented."""
+        underway = self.read_underway(shard.shard_id)
+        fingerprint = (commit or underway or {}).get("fingerprint")
+        if fingerprint != run.fingerprint:
             return None
         tables = {}
         for name, schema in (("images", IMAGES_SCHEMA), ("class_stats", CLASS_STATS_SCHEMA)):
@@ -292,7 +305,7 @@ class OutputStore:
                             shard.shard_id, type(err).__name__, err)
                 return None
         before = {row["image_id"]: row for row in tables["images"].select(["image_id", "bytes", "source_version", "status"]).to_pylist()}
-        redoing = set(commit.get("redoing", ()))
+        redoing = set((underway or {}).get("redoing", ()))
         stems_now, stems_then = self._keys_by_stem(f.key for f in shard.files), self._keys_by_stem(before)
         unchanged = {f.key for f in shard.files
                      if (row := before.get(f.key)) is not None and (row["bytes"], row["source_version"]) == (f.size, f.version)
@@ -338,9 +351,7 @@ class OutputStore:
             if not self._same_layout(self._unrecorded_layout):
                 write_atomic(self.location, "_segpipe.json", json.dumps(self._unrecorded_layout, indent=2).encode())
             self._unrecorded_layout = None
-        # and the images the last run to start on it set out to segment: their masks may be
-        # there though no commit names them (new images since deleted)
-        previous_keys = self._manifest_keys(shard.shard_id) | set((self.read_commit(shard.shard_id) or {}).get("redoing", ()))
+        previous_keys = self._previous_keys(shard.shard_id)
         # images first: `stored_shards` finds a new shard by it, should the commit stop here
         tables = {
             "images": self._images_table(shard.shard_id, ordered, run),
@@ -374,30 +385,40 @@ class OutputStore:
             "kept": len(kept_keys),
         }
         write_atomic(self.location, f"_commits/{shard.shard_id}.json", json.dumps(marker, indent=2).encode())
+        # after the marker: stopped before this, the shard is committed and its record only
+        # names images the next change of the shard segments again
+        remove_files(self.location, [f"{UNDERWAY}/{shard.shard_id}.json"])
 
-    def withdraw_commit(self, shard_id: str) -> None:
-        """Remove the marker of a shard about to be segmented again with other settings. Its
-        masks are rewritten before it commits, so a run stopped halfway must not leave the old
-        marker to pass the shard as up to date for the settings it had before (its manifest
-        still names its images for `commit_shard` and `remove_vanished_shards`)."""
-        remove_files(self.location, [f"_commits/{shard_id}.json"])
+    def read_underway(self, shard_id: str) -> dict[str, Any] | None:
+        data = read_bytes(self.location, f"{UNDERWAY}/{shard_id}.json")
+        return json.loads(data) if data is not None else None
 
-    def mark_redoing(self, shard_id: str, commit: dict[str, Any], run: RunInfo, redoing: Iterable[str]) -> None:
-        """Replace the marker (`commit`) of a shard about to be processed again with the same
-        settings by one without its manifest's digest, naming the images to segment, and those
-        the marker named so (a run stopped before committing them): written before any of
-        their masks, so a run stopped halfway leaves the shard not up to date, and the next run
-        keeps the other images' rows (`kept_rows`) but not theirs, whose masks may be of a
-        version since reverted; a commit removes their masks if they are deleted meanwhile."""
-        named = sorted({*redoing, *commit.get("redoing", ())})
-        marker = {"shard_id": shard_id, "run_id": run.run_id, "fingerprint": run.fingerprint, "redoing": named}
-        write_atomic(self.location, f"_commits/{shard_id}.json", json.dumps(marker, indent=2).encode())
+    def mark_underway(self, shard: Shard, commit: dict[str, Any] | None, run_id: str, segmenting: Iterable[str]) -> None:
+        """Before any of a shard's masks or tables is written: remove its marker (`commit`;
+        None: it has none), so that a run stopped halfway leaves the shard not up to date, then
+        record it as underway (OUTPUT/_underway/<id>.json) with the fingerprint of its tables,
+        and the images whose masks may be written before it commits again (`redoing`): those
+        this run segments, those its tables hold that it no longer has (moved to another
+        shard, which may segment them now), and those the record named already (a run stopped
+        before committing them). The next run keeps no row of those images (`kept_rows`: their
+        masks may be of a version since reverted), and the shard's commit, or its removal,
+        removes their masks if no image holds them then. Stopped between the two writes, the
+        shard is left with neither: every image is segmented again."""
+        underway = self.read_underway(shard.shard_id) or {}
+        fingerprint = (commit or underway).get("fingerprint")  # whose the tables are
+        left = self._manifest_keys(shard.shard_id) - {f.key for f in shard.files}
+        redoing = sorted({*segmenting, *left, *underway.get("redoing", ())})
+        if commit is not None:
+            remove_files(self.location, [f"_commits/{shard.shard_id}.json"])
+        record = {"shard_id": shard.shard_id, "run_id": run_id, "fingerprint": fingerprint, "redoing": redoing}
+        write_atomic(self.location, f"{UNDERWAY}/{shard.shard_id}.json", json.dumps(record, indent=2).encode())
 
     def stored_shards(self) -> set[str]:
         """The ids of the shards stored here: committed (a marker), or with tables written by
         a run stopped before it committed them (images, the first one `commit_shard` writes;
         the manifest, which outlives a withdrawn marker)."""
-        committed = {name.removesuffix(".json") for name in list_files(self.location, "_commits") if name.endswith(".json")}
+        committed = {name.removesuffix(".json") for folder in ("_commits", UNDERWAY)
+                     for name in list_files(self.location, folder) if name.endswith(".json")}
         tables = {name.removeprefix("shard=") for table in ("images", "manifest")
                   for name in list_folders(self.location, table) if name.startswith("shard=")}
         return committed | tables
@@ -421,11 +442,11 @@ class OutputStore:
         stopped halfway leaves it for the next one to finish. The ids of the shards removed."""
         vanished = self.vanished_shards(listed)
         for shard_id in vanished:
-            keys = self._manifest_keys(shard_id)
+            keys = self._previous_keys(shard_id)
             self._remove_stale_masks(keys, [])
             for table in ("images", "class_stats", "manifest", "polygons"):
                 remove_folder(self.location, f"{table}/shard={shard_id}")
-            remove_files(self.location, [f"_commits/{shard_id}.json"])
+            remove_files(self.location, [f"_commits/{shard_id}.json", f"{UNDERWAY}/{shard_id}.json"])
             # at INFO: the run's summary says how many were removed, and why
             log.info("removed shard %s, which SOURCE no longer has: its %s were deleted there or are in other "
                      "shards now", shard_id, counted(len(keys), "image"))
@@ -523,6 +544,12 @@ class OutputStore:
         # the last run's folder gone, _staging/ itself would stay in OUTPUT, empty, for good
         remove_empty_folder(self.location, STAGING)
         return True
+
+    def _previous_keys(self, shard_id: str) -> set[str]:
+        """The images whose masks the shard may have left: those of its manifest, and those its
+        underway record names (`mark_underway`: segmented by a run stopped before it committed
+        them, or new images of a shard never committed)."""
+        return self._manifest_keys(shard_id) | set((self.read_underway(shard_id) or {}).get("redoing", ()))
 
     def _manifest_keys(self, shard_id: str) -> set[str]:
         """Inputs of the shard's last (possibly uncommitted) commit: its manifest's, or for a

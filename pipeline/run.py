@@ -569,8 +569,8 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | ListingUnderway:
     work, going on with that listing. So a night with new images pays one page and one commit
     marker before the run starts, and the archive is listed once whichever shard needs work.
 
-    `config` is dated, with its storage options resolved. Reads only, but for the record and
-    the removal of shards SOURCE no longer has."""
+    `config` is dated, with its storage options resolved. Reads only, but for the record, the
+    shards committed without their deleted images and the removal of shards SOURCE no longer has."""
     started = time.monotonic()
     source = open_location(config.source, config.storage_options)
     counts = ListingCounts()
@@ -602,7 +602,9 @@ def up_to_date(config: SegmentConfig) -> dict[str, Any] | ListingUnderway:
             kept = store.kept_rows(shard, commit, run, redo_errors=config.redo_errors)
             if kept is None or len(kept) < len(shard.files):
                 return work(shard)
-            # every image it still has is unchanged (a retention job deleted some): no work for a model
+            # every image it still has is unchanged (a retention job deleted some): no work for a
+            # model; underway while its tables are rewritten, as in a run
+            store.mark_underway(shard, commit, run.run_id, ())
             store.commit_shard(shard, [], run, kept)
             trimmed[shard.shard_id] = (len(kept), kept.errors)
         # shards SOURCE no longer has (a folder a retention job deleted), removed here: no work
@@ -656,7 +658,7 @@ def _such_as(keys: Sequence[str], count: int) -> str:
 def summary_lines(s: dict[str, Any]) -> list[str]:
     """A run's summary as the command line prints it and `segpipe serve` logs it, from the
     record the segmentation flow returns (or `up_to_date`'s)."""
-    if s["ray_cluster"] == NO_CLUSTER:  # no shard needed the model: neither Ray nor a model started
+    if s["ray_cluster"] == NO_CLUSTER and not s["images"]:  # no image to segment or refuse: no Ray, no model
         # up to date now: those committed without the images deleted at SOURCE are too
         current = s["shards_skipped"] + s["shards_committed"]
         what = (f"{every(current, 'shard')} of {s['source']} {verb_for(current, 'is', 'are')} already up to date "
@@ -689,9 +691,10 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
                      f"segmented as {'a plain image' if plain == 1 else 'plain images'}: PNG masks, no polygons or areas "
                      "(sidecar .tfw and .aux.xml files are not read; a raster placed by ground control points or RPCs "
                      "alone takes gdalwarp first)")
-    devices = Counter(r["device"] + _replica_details(r) for r in s["replicas"])
-    lines.append(f"model {s['model']} ({s['weights']}) on {counted(len(s['replicas']), 'replica')} in "
-                 f"{s['ray_cluster']}: " + ", ".join(f"{n} on {device}" for device, n in devices.items()))
+    if s["replicas"]:  # none where every image of the run was refused before reading (unsafe keys)
+        devices = Counter(r["device"] + _replica_details(r) for r in s["replicas"])
+        lines.append(f"model {s['model']} ({s['weights']}) on {counted(len(s['replicas']), 'replica')} in "
+                     f"{s['ray_cluster']}: " + ", ".join(f"{n} on {device}" for device, n in devices.items()))
     compiled = [r["compile_seconds"] for r in s["replicas"] if r.get("compile_seconds")]
     if compiled:  # paid inside the run, at each input shape's first batch, once per replica
         # the replicas compile side by side: the rate over the rest of the run, a long night's
@@ -719,10 +722,9 @@ def _kept_lines(s: dict[str, Any]) -> list[str]:
     kept = s.get("images_kept", 0)
     if not kept:
         return []
-    how = ("every image they still have is unchanged: committed without those deleted at the source, with no model"
-           if s["ray_cluster"] == NO_CLUSTER else "only their new and changed images were segmented")
-    return [f"{counted(kept, 'unchanged image')} of the {counted(s['shards_committed'], 'shard')} committed kept "
-            f"{verb_for(kept, 'its', 'their')} rows and masks ({how})"]
+    how = ("their shards only lost images deleted at the source, and were committed without them, with no model"
+           if not s["images"] else "only the new and changed images of their shards were segmented")
+    return [f"{counted(kept, 'unchanged image')} kept {verb_for(kept, 'its row and mask', 'their rows and masks')} ({how})"]
 
 
 def _removed_lines(s: dict[str, Any]) -> list[str]:

@@ -364,9 +364,26 @@ def test_the_summary_counts_in_english(n: int) -> None:
                   f"{n} {'batch' if n == 1 else 'batches'} sent again"):
         assert words in printed
     [nothing] = summary_lines({"run_id": "r", "record": "x", "source": "src", "output": "out", "shards_committed": 0,
-                               "shards_skipped": n, "ray_cluster": NO_CLUSTER})
+                               "shards_skipped": n, "ray_cluster": NO_CLUSTER, "images": 0})
     every = "the one shard of src is" if n == 1 else f"all {n} shards of src are"
     assert nothing == f"nothing to do: {every} already up to date in out (this night recorded as run r in x)"
+
+
+def test_a_run_whose_only_images_were_refused_before_reading_says_so_without_a_model_line() -> None:
+    """Keys refused by their names (unsafe, or whose mask another's takes) need no model, so
+    no Ray starts; the summary still counts them as errors, not as nothing to do."""
+    printed = summary_lines({
+        "run_id": "r", "record": "out/_runs/r.json", "source": "src", "output": "out", "model": "m", "weights": "w",
+        "ray_cluster": NO_CLUSTER, "shards_committed": 1, "shards_skipped": 2, "images": 1, "errors": 1,
+        "seconds": 0.5, "setup_seconds": 0.0, "images_per_second": 2.0, "non_image_keys": 0, "retried_batches": 0,
+        "errors_by_type": {"unsafe_key": 1}, "error_keys": {"unsafe_key": ["d/bad\x01.jpg"]}, "replicas": [],
+        "folders": ["images/"], "images_kept": 3,
+    })
+    assert printed[0].startswith("run r: 1 image, 0 segmented and 1 error")
+    assert "errors by reason: unsafe_key 1 (d/bad\x01.jpg) (details: status = 'error' rows of the images table)" in printed
+    assert not any(line.startswith(("model ", "nothing")) for line in printed)
+    assert ("3 unchanged images kept their rows and masks (only the new and changed images of their shards were "
+            "segmented)") in printed
 
 
 def test_the_summary_names_the_first_files_of_each_kind_of_error() -> None:

@@ -4,6 +4,7 @@ server), Parquet read back by DuckDB."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -152,8 +153,8 @@ def test_a_changed_shard_segments_only_its_new_and_changed_images(ray_cpu, tmp_p
     for name in ("002.png", "003.png", "004.png", "005.png"):  # not written again
         assert (masks / name).stat().st_mtime_ns == written[name]
     record = second.as_record() | {"record": "r", "folders": []}
-    assert ("5 unchanged images of the 1 shard committed kept their rows and masks (only their new and changed images "
-            "were segmented)") in summary_lines(record)
+    assert ("5 unchanged images kept their rows and masks (only the new and changed images of their shards were "
+            "segmented)") in summary_lines(record)
     assert "1 error row of unchanged images is kept; --redo-errors segments their images again" in summary_lines(record)
 
     redone = run_segmentation(config.model_copy(update={"redo_errors": True}))
@@ -167,8 +168,8 @@ def test_a_changed_shard_segments_only_its_new_and_changed_images(ray_cpu, tmp_p
     assert (trimmed["shards_committed"], trimmed["images_kept"], trimmed["shards_skipped"]) == (1, 5, 0)
     lines = summary_lines(trimmed)
     assert lines[0].startswith(f"nothing to segment: the one shard of {source} is already up to date")
-    assert lines[1] == ("5 unchanged images of the 1 shard committed kept their rows and masks (every image they still "
-                        "have is unchanged: committed without those deleted at the source, with no model)")
+    assert lines[1] == ("5 unchanged images kept their rows and masks (their shards only lost images deleted at the "
+                        "source, and were committed without them, with no model)")
     assert sorted(rows()) == ["d0/001.jpg", "d0/003.jpg", "d0/004.jpg", "d0/005.jpg", "d0/100.jpg"]
     assert sorted(p.name for p in masks.iterdir()) == ["001.png", "003.png", "004.png", "005.png", "100.png"]
     assert (masks / "003.png").stat().st_mtime_ns == written["003.png"]
@@ -182,6 +183,38 @@ def test_a_changed_shard_segments_only_its_new_and_changed_images(ray_cpu, tmp_p
     night = run_segmentation(config, listing=listing)
     assert (night.shards_committed, night.images, night.images_kept) == (2, 1, 4)
     assert sorted(rows()) == ["d0/001.jpg", "d0/004.jpg", "d0/005.jpg", "d0/100.jpg", "d1/0.jpg"]
+
+
+def test_a_shard_stopped_while_committed_without_its_deleted_images_is_not_up_to_date(ray_cpu, tmp_path, monkeypatch):
+    """The check for nothing to do commits a shard that only lost an image; stopped after its
+    tables and the image's mask went, before its manifest and marker: the image restored as
+    it was must not find the old marker current beside tables without it."""
+    from conftest import needs_work
+
+    from pipeline.outputs import OutputStore
+    from pipeline.run import up_to_date
+
+    source, output = _local_source(tmp_path, 4, per_dir=4)
+    config = SegmentConfig(source=source, output=output, crf=False, **MODEL)
+    run_segmentation(config)
+    image = Path(source, "d0/002.jpg")
+    data, stat = image.read_bytes(), image.stat()
+    image.unlink()
+    with monkeypatch.context() as stopped:
+        def stop(self, shard):
+            raise OSError("stopped before the manifest")
+        stopped.setattr(OutputStore, "_manifest_table", stop)
+        with pytest.raises(RunError, match="stopped before the manifest"):
+            up_to_date(config)
+    assert not Path(output, "masks/d0/002.png").exists()
+    image.write_bytes(data)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert needs_work(up_to_date(config))
+    again = run_segmentation(config)
+    assert (again.images, again.images_kept) == (1, 3)
+    rows = _duckdb().sql(f"select image_id from read_parquet('{output}/images/**/*.parquet')").fetchall()
+    assert sorted(key for key, in rows) == [f"d0/{i:03d}.jpg" for i in range(4)]
+    assert Path(output, "masks/d0/002.png").exists()
 
 
 def test_a_run_stopped_in_a_changed_shard_segments_again_what_it_had_begun(ray_cpu, tmp_path):
@@ -341,8 +374,10 @@ def test_a_run_stopped_with_other_settings_leaves_its_shard_to_be_done_again(ray
     with pytest.raises(Stopped):
         run_segmentation(config.model_copy(update={"crf": True}), on_progress=stop_after_one_image)
     assert not list(Path(output, "_commits").iterdir())
+    [underway] = [json.loads(p.read_text()) for p in Path(output, "_underway").iterdir()]
+    assert len(underway["redoing"]) == 3  # every image named
     again = run_segmentation(config)
-    assert (again.shards_committed, again.shards_skipped, again.images) == (1, 0, 3)
+    assert (again.shards_committed, again.shards_skipped, again.images, again.images_kept) == (1, 0, 3, 0)
 
 
 def test_a_replica_lost_for_good_leaves_the_others_their_own_share(ray_cpu, tmp_path, monkeypatch):
@@ -570,6 +605,8 @@ def test_readme_queries_run_on_real_outputs(ray_cpu, tmp_path):
     import torch
 
     from pipeline.models import ModelMeta, build_model, save_checkpoint
+    from pipeline.outputs import OutputStore
+    from pipeline.storage import Shard, open_location
 
     source, output = _local_source(tmp_path, 5)
     (tmp_path / "src" / "d0" / "broken.jpg").write_bytes(b"<html>")
@@ -579,8 +616,11 @@ def test_readme_queries_run_on_real_outputs(ray_cpu, tmp_path):
         model.classifier.high_classifier.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))  # mostly "car"
     meta = ModelMeta.default("lraspp_mobilenet_v3_large", 4, class_names=("sky", "building", "road", "car"))
     save_checkpoint(model, str(tmp_path / "model.pt"), meta)
-    run_segmentation(SegmentConfig(precision="fp32", source=source, output=output, model="lraspp_mobilenet_v3_large",
-                                   weights=str(tmp_path / "model.pt")))
+    config = SegmentConfig(precision="fp32", source=source, output=output, model="lraspp_mobilenet_v3_large",
+                           weights=str(tmp_path / "model.pt"))
+    first = run_segmentation(config)
+    (tmp_path / "src" / "d0" / "new.jpg").write_bytes(_jpeg(30, 24, 24))
+    assert run_segmentation(config).images_kept == 5  # the committed view holds kept rows, of the first run's id
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     # the analyst queries are the README's SQL blocks written against OUTPUT
     queries = [q.replace("OUTPUT", output) for q in re.findall(r"```sql\n(.*?)```", readme, re.S)
@@ -599,14 +639,20 @@ def test_readme_queries_run_on_real_outputs(ray_cpu, tmp_path):
         r["image_id"] for r in stats if r["class_name"] == "car" and r["fraction"] > 0.05)
     assert len(cars) > 0
     assert errors == [("not_an_image", 1, "d0/broken.jpg")]
-    committed = {image_id for image_id, in con.sql(f"select image_id from ({queries[0].rstrip().rstrip(';')})").fetchall()}
-    assert len(committed) == 6  # every row: every shard is committed
+
+    def committed_view() -> dict[str, str]:
+        return dict(con.sql(f"select image_id, run_id from ({queries[0].rstrip().rstrip(';')})").fetchall())
+    committed = committed_view()
+    assert len(committed) == 7  # every row: every shard is committed
+    assert committed["d0/000.jpg"] == first.run_id != committed["d0/new.jpg"]
+    markers = sorted(Path(output, "_commits").glob("*.json"))
+
+    def rows_of(marker: Path) -> set[str]:
+        return {r[0] for r in con.sql(f"select image_id from read_parquet('{output}/images/shard={marker.stem}/*.parquet')").fetchall()}
     # a shard being segmented again has no marker: its rows leave the committed view
-    marker = sorted(Path(output, "_commits").glob("*.json"))[0]
-    marker.unlink()
-    withdrawn = {r[0] for r in con.sql(f"select image_id from read_parquet('{output}/images/shard={marker.stem}/*.parquet')").fetchall()}
-    left = {image_id for image_id, in con.sql(f"select image_id from ({queries[0].rstrip().rstrip(';')})").fetchall()}
-    assert withdrawn and left == committed - withdrawn
+    store = OutputStore(open_location(output))
+    store.mark_underway(Shard(markers[0].stem, ()), json.loads(markers[0].read_text()), "r", ["x"])
+    assert rows_of(markers[0]) and committed_view().keys() == committed.keys() - rows_of(markers[0])
 
 
 def test_tile_option_segments_large_images_with_sliding_windows(ray_cpu, tmp_path):

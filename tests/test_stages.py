@@ -411,17 +411,39 @@ def test_a_commit_stopped_before_its_manifest_is_finished_by_the_next(tmp_path, 
     assert again.current_commit(shard, _run("r3")) is not None
 
 
-def test_a_shard_segmented_again_loses_its_marker_before_its_masks_change(tmp_path):
-    """A run with other settings rewrites a shard's masks before it commits: stopped halfway,
-    the old marker must not pass the shard as up to date for the old settings."""
+def test_a_shard_processed_again_loses_its_marker_and_is_recorded_underway_with_what_may_change(tmp_path):
+    """A shard's masks are rewritten before it commits: its marker goes first, and its
+    underway record names the images whose masks may change meanwhile, those it segments and
+    those its tables hold that it no longer has (moved to a neighbouring shard, which may
+    segment them): stopped there, the next run keeps no row of those, even if each came back
+    as it was (a chunk's boundaries moved back, an image reverted). The commit removes it."""
     store = OutputStore(open_location(str(tmp_path / "out")))
-    shard = Shard("s1", (SourceFile("a.jpg", 1, "v"),))
-    store.commit_shard(shard, [ImageRecord("a.jpg")], _run("r1"))
-    assert store.current_commit(shard, _run("r1")) is not None
-    store.withdraw_commit(shard.shard_id)
-    assert store.current_commit(shard, _run("r1")) is None
-    assert store.stored_shards() == {"s1"}  # by its manifest, for `remove_vanished_shards`
-    store.withdraw_commit("never-committed")  # a new shard has none: no error
+    files = {key: SourceFile(key, 1, "v") for key in ("b.jpg", "c.jpg", "d.jpg")}
+    before = Shard("s1", (files["b.jpg"], files["c.jpg"]))
+    records = [ImageRecord(key, size=1, version="v") for key in ("b.jpg", "c.jpg")]
+    store.commit_shard(before, records, _run("r1"))
+    commit = store.current_commit(before, _run("r1"))
+    assert commit is not None and len(store.kept_rows(before, commit, _run("r1"))) == 2
+    # b.jpg moved to the shard before this one; d.jpg is new here
+    now = Shard("s1", (files["c.jpg"], files["d.jpg"]))
+    store.mark_underway(now, commit, "r2", ["d.jpg"])
+    assert store.read_commit("s1") is None and store.current_commit(before, _run("r1")) is None
+    assert store.read_underway("s1") == {"shard_id": "s1", "run_id": "r2", "fingerprint": "f1", "redoing": ["b.jpg", "d.jpg"]}
+    assert store.stored_shards() == {"s1"}
+    # the run stopped; b.jpg comes back as it was: only c.jpg keeps its row
+    assert store.kept_rows(before, None, _run("r1")).keys == {"c.jpg"}
+    # stopped again: what the record named stays named
+    store.mark_underway(before, None, "r3", [])
+    assert store.read_underway("s1")["redoing"] == ["b.jpg", "d.jpg"]
+    # other settings keep nothing of the tables
+    assert store.kept_rows(before, None, _run("r4", fingerprint="f2")) is None
+    store.commit_shard(before, records, _run("r3"))
+    assert store.read_underway("s1") is None and store.current_commit(before, _run("r3")) is not None
+    # a shard never committed is recorded too, its tables nobody's
+    new = Shard("s2", (files["d.jpg"],))
+    store.mark_underway(new, None, "r5", ["d.jpg"])
+    assert store.read_underway("s2") == {"shard_id": "s2", "run_id": "r5", "fingerprint": None, "redoing": ["d.jpg"]}
+    assert store.kept_rows(new, None, _run("r5")) is None and store.stored_shards() == {"s1", "s2"}
 
 
 def test_a_new_shard_stopped_before_its_manifest_is_still_found_and_finished(tmp_path, stage, monkeypatch):

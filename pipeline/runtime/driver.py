@@ -128,19 +128,14 @@ class _Run:
                 continue
             kept = self.store.kept_rows(shard, commit, self.run, redo_errors=self.config.redo_errors)
             todo, refused = plan_shard(shard.files, fold_case=self.store.case_insensitive)
-            # the marker, before any of the shard's masks is rewritten
             if kept is not None:  # same settings: the images unchanged since keep their rows and masks
                 todo = [f for f in todo if f.key not in kept.keys]
                 refused = [r for r in refused if r.key not in kept.keys]
-                if todo:
-                    self.store.mark_redoing(shard.shard_id, commit, self.run, [f.key for f in todo])
-            elif commit is not None:
-                self.store.withdraw_commit(shard.shard_id)
             if todo:
                 self.replicas.start()  # with the first shard that needs work; the listing goes on meanwhile
                 if self.pool is None:
                     self.opened_while_starting += 1
-            open_shard = OpenShard(shard, records=[], kept=kept)
+            open_shard = OpenShard(shard, records=[], commit=commit, segmenting=tuple(f.key for f in todo), kept=kept)
             if kept:
                 self.progress.kept += len(kept)
                 self.errors_kept += kept.errors
@@ -187,6 +182,7 @@ class _Run:
             if replica is None:
                 return
             batch = self.queue.popleft()
+            self._mark(batch.shard)
             batch.replica = replica
             decoding = (self.source, batch.files, self.config.max_pixels, self.config.max_raster_pixels,
                         self.config.image_timeout_s, self.pool.decodes_jpeg(replica, self.config.jpeg_decode))
@@ -294,8 +290,19 @@ class _Run:
         self.progress.ready_at = self.replicas.ready_at
         self.on_progress(self.progress)
 
+    def _mark(self, open_shard: OpenShard) -> None:
+        """Mark the shard underway (`OutputStore.mark_underway`) before its first mask or its
+        tables are written, and not before: a run stopped as it starts (its model refused)
+        leaves OUTPUT as it was."""
+        if not open_shard.marked:
+            self.store.mark_underway(open_shard.shard, open_shard.commit, self.run.run_id, open_shard.segmenting)
+            open_shard.marked = True
+
     def _commit(self, open_shard: OpenShard) -> None:
         try:
+            # with nothing segmented too: its tables are rewritten, and a query joining the
+            # markers must not meet them half-written beside the old one
+            self._mark(open_shard)
             self.store.commit_shard(open_shard.shard, open_shard.records, self.run, open_shard.kept)
         except (OSError, StorageUnavailableError) as err:
             raise RunError(
