@@ -283,9 +283,9 @@ class OutputStore:
                   redo_errors: bool = False) -> KeptRows | None:
         """What the shard, about to be processed again, keeps of its tables: the rows of each
         image with the same key, size and version as then, whose stem's keys are all so and are
-        the same keys as then (they are planned together, `run.plan_shard`), and that no run
-        stopped since may have segmented (its underway record's `redoing`: their masks may be of
-        another version now). With `redo_errors`, error rows are not kept. `commit`: its marker
+        the same keys as then (they are planned together, `run.plan_shard`), and of which no run
+        stopped since may have segmented an image (its underway record's `redoing`: the stem's
+        mask may be of another version, or another image, now). With `redo_errors`, error rows are not kept. `commit`: its marker
         (None: it has none, and its underway record, if any, tells whose its tables are). None
         where its tables were written with other settings, or cannot be read as this layout's:
         every image is segmented."""
@@ -305,13 +305,15 @@ class OutputStore:
                             shard.shard_id, type(err).__name__, err)
                 return None
         before = {row["image_id"]: row for row in tables["images"].select(["image_id", "bytes", "source_version", "status"]).to_pylist()}
-        redoing = set((underway or {}).get("redoing", ()))
+        # the mask paths a stopped run may have written: of the images it segmented, which may
+        # share one with an image of their stem (a.jpg segmented where a.png had a row)
+        redone = set(self._keys_by_stem((underway or {}).get("redoing", ())))
         stems_now, stems_then = self._keys_by_stem(f.key for f in shard.files), self._keys_by_stem(before)
         unchanged = {f.key for f in shard.files
                      if (row := before.get(f.key)) is not None and (row["bytes"], row["source_version"]) == (f.size, f.version)
-                     and f.key not in redoing and not (redo_errors and row["status"] != "ok")}
-        kept = frozenset(key for stem, keys in stems_now.items() if keys <= unchanged and keys == stems_then.get(stem)
-                         for key in keys)
+                     and not (redo_errors and row["status"] != "ok")}
+        kept = frozenset(key for stem, keys in stems_now.items()
+                         if keys <= unchanged and keys == stems_then.get(stem) and stem not in redone for key in keys)
         keep = {name: table.filter(pc.is_in(table.column("image_id"), value_set=pa.array(sorted(kept), pa.string())))
                 for name, table in tables.items()}
         return KeptRows(kept, keep["images"], keep["class_stats"])
@@ -364,7 +366,8 @@ class OutputStore:
                 # in the shard's order, as a shard segmented whole is (a stable sort: an image's
                 # classes stay in id order)
                 positions = [position[key] for key in table.column("image_id").to_pylist()]
-                tables[name] = table.take(sorted(range(table.num_rows), key=positions.__getitem__))
+                # typed: an empty list would be an array of nulls, which `take` refuses
+                tables[name] = table.take(pa.array(sorted(range(table.num_rows), key=positions.__getitem__), pa.int64()))
         for name, table in tables.items():
             write_atomic(self.location, table_key(name, shard.shard_id), _parquet_bytes(table))
         self._write_polygons(shard.shard_id, ordered, kept_keys, reprocessed=bool(previous_keys))
@@ -414,9 +417,10 @@ class OutputStore:
         write_atomic(self.location, f"{UNDERWAY}/{shard.shard_id}.json", json.dumps(record, indent=2).encode())
 
     def stored_shards(self) -> set[str]:
-        """The ids of the shards stored here: committed (a marker), or with tables written by
-        a run stopped before it committed them (images, the first one `commit_shard` writes;
-        the manifest, which outlives a withdrawn marker)."""
+        """The ids of the shards stored here: committed (a marker), underway (a record, written
+        before any of its masks), or with tables written by a run stopped before it committed
+        them (images, the first one `commit_shard` writes; the manifest, which outlives the
+        marker a run removed)."""
         committed = {name.removesuffix(".json") for folder in ("_commits", UNDERWAY)
                      for name in list_files(self.location, folder) if name.endswith(".json")}
         tables = {name.removeprefix("shard=") for table in ("images", "manifest")

@@ -439,11 +439,30 @@ def test_a_shard_processed_again_loses_its_marker_and_is_recorded_underway_with_
     assert store.kept_rows(before, None, _run("r4", fingerprint="f2")) is None
     store.commit_shard(before, records, _run("r3"))
     assert store.read_underway("s1") is None and store.current_commit(before, _run("r3")) is not None
+    # an image segmented by a stopped run takes its stem's mask: the image of its stem with a
+    # row keeps none, though unchanged (a.jpg was segmented where a.png had its row, then deleted)
+    stems = Shard("s3", (SourceFile("a.png", 1, "v"),))
+    store.commit_shard(stems, [ImageRecord("a.png", size=1, version="v")], _run("r6"))
+    store.mark_underway(Shard("s3", (SourceFile("a.jpg", 1, "v"), SourceFile("a.png", 1, "v"))),
+                        store.read_commit("s3"), "r7", ["a.jpg"])
+    assert store.kept_rows(stems, None, _run("r7")).keys == frozenset()
+    # a shard all of whose rows are errors, committed without an image deleted at the source
+    errors = Shard("s4", (SourceFile("x.jpg", 1, "v"), SourceFile("y.jpg", 1, "v")))
+    failed = [ImageRecord(key, size=1, version="v") for key in ("x.jpg", "y.jpg")]
+    for record in failed:
+        record.fail("corrupt", "truncated")
+    store.commit_shard(errors, failed, _run("r8"))
+    left = Shard("s4", (SourceFile("x.jpg", 1, "v"),))
+    kept = store.kept_rows(left, store.read_commit("s4"), _run("r9"))
+    assert (len(kept), kept.errors) == (1, 1)
+    store.mark_underway(left, store.read_commit("s4"), "r9", [])
+    store.commit_shard(left, [], _run("r9"), kept)
+    assert store.read_commit("s4")["errors"] == 1 and store.current_commit(left, _run("r9")) is not None
     # a shard never committed is recorded too, its tables nobody's
     new = Shard("s2", (files["d.jpg"],))
     store.mark_underway(new, None, "r5", ["d.jpg"])
     assert store.read_underway("s2") == {"shard_id": "s2", "run_id": "r5", "fingerprint": None, "redoing": ["d.jpg"]}
-    assert store.kept_rows(new, None, _run("r5")) is None and store.stored_shards() == {"s1", "s2"}
+    assert store.kept_rows(new, None, _run("r5")) is None and store.stored_shards() == {"s1", "s2", "s3", "s4"}
 
 
 def test_a_new_shard_stopped_before_its_manifest_is_still_found_and_finished(tmp_path, stage, monkeypatch):
