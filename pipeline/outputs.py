@@ -391,6 +391,7 @@ class OutputStore:
         # after the marker: stopped before this, the shard is committed and its record only
         # names images the next change of the shard segments again
         remove_files(self.location, [f"{UNDERWAY}/{shard.shard_id}.json"])
+        remove_empty_folder(self.location, UNDERWAY)  # on a local disk, the last record gone
 
     def read_underway(self, shard_id: str) -> dict[str, Any] | None:
         data = read_bytes(self.location, f"{UNDERWAY}/{shard_id}.json")
@@ -451,6 +452,7 @@ class OutputStore:
             for table in ("images", "class_stats", "manifest", "polygons"):
                 remove_folder(self.location, f"{table}/shard={shard_id}")
             remove_files(self.location, [f"_commits/{shard_id}.json", f"{UNDERWAY}/{shard_id}.json"])
+            remove_empty_folder(self.location, UNDERWAY)
             # at INFO: the run's summary says how many were removed, and why
             log.info("removed shard %s, which SOURCE no longer has: its %s were deleted there or are in other "
                      "shards now", shard_id, counted(len(keys), "image"))
