@@ -165,7 +165,7 @@ class RunInfo:
 
 @dataclass(frozen=True)
 class KeptRows:
-    """What a shard processed again under the same settings keeps of its last commit: the rows
+    """What a shard processed again under the same settings keeps of its tables: the rows
     (images, class_stats) of the images unchanged since, whose masks, confidence masks and
     polygons stay as they are (`OutputStore.kept_rows`)."""
 
@@ -283,12 +283,12 @@ class OutputStore:
                   redo_errors: bool = False) -> KeptRows | None:
         """What the shard, about to be processed again, keeps of its tables: the rows of each
         image with the same key, size and version as then, whose stem's keys are all so and are
-        the same keys as then (they are planned together, `run.plan_shard`), and of which no run
-        stopped since may have segmented an image (its underway record's `redoing`: the stem's
-        mask may be of another version, or another image, now). With `redo_errors`, error rows are not kept. `commit`: its marker
-        (None: it has none, and its underway record, if any, tells whose its tables are). None
-        where its tables were written with other settings, or cannot be read as this layout's:
-        every image is segmented."""
+        the same keys as then (they are planned together, `run.plan_shard`), and of whose stem
+        no run stopped since may have segmented an image (its underway record's `redoing`: the
+        stem's mask may be of another version, or another image, now). With `redo_errors`,
+        error rows are not kept. `commit`: its marker (None: it has none, and its underway
+        record, if any, tells whose its tables are). None where its tables were written with
+        other settings, or cannot be read as this layout's: every image is segmented."""
         underway = self.read_underway(shard.shard_id)
         fingerprint = (commit or underway or {}).get("fingerprint")
         if fingerprint != run.fingerprint:
@@ -404,7 +404,7 @@ class OutputStore:
         and the images whose masks may be written before it commits again (`redoing`): those
         this run segments, those its tables hold that it no longer has (moved to another
         shard, which may segment them now), and those the record named already (a run stopped
-        before committing them). The next run keeps no row of those images (`kept_rows`: their
+        before committing them). The next run keeps no row of their stems (`kept_rows`: their
         masks may be of a version since reverted), and the shard's commit, or its removal,
         removes their masks if no image holds them then. Stopped between the two writes, the
         shard is left with neither: every image is segmented again."""
