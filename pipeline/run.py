@@ -559,7 +559,7 @@ class ListingUnderway:
 def up_to_date(config: SegmentConfig) -> dict[str, Any] | ListingUnderway:
     """A run with nothing to do, found out before Ray, Prefect or a model start: when every
     shard of SOURCE is committed in OUTPUT with the same inputs and settings (as the run itself
-    decides, `OutputStore.current_commit`), once the shards whose only change is images
+    decides, `outputs.is_current`), once the shards whose only change is images
     deleted at SOURCE are committed without them (`OutputStore.kept_rows`: every image left
     keeps its rows) and the shards OUTPUT stores and SOURCE no longer has are removed (`OutputStore.remove_vanished_shards`, which refuses a SOURCE that lists
     nothing beside stored shards), or SOURCE has no images at all

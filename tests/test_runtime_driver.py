@@ -107,6 +107,20 @@ def test_s3_to_s3_idempotent_and_incremental(ray_cpu, s3_bucket):
     assert size == (30, 30)  # the rewritten image's row and mask were replaced
 
 
+class _Stopped(Exception):
+    """Stands for a kill or a signal: raised from the run's progress callback."""
+
+
+def _run_stopped_after(config: SegmentConfig, images: int) -> None:
+    """A run stopped once `images` images are back from the replicas (their masks written),
+    before their shard commits."""
+    def stop(progress) -> None:
+        if progress.images >= images:
+            raise _Stopped
+    with pytest.raises(_Stopped):
+        run_segmentation(config, on_progress=stop)
+
+
 def _local_source(tmp_path, count: int, per_dir: int = 4):
     for i in range(count):
         path = tmp_path / "src" / f"d{i // per_dir}" / f"{i:03d}.jpg"
@@ -230,15 +244,7 @@ def test_a_run_stopped_in_a_changed_shard_segments_again_what_it_had_begun(ray_c
     old_bytes, old_stat = image.read_bytes(), image.stat()
     image.write_bytes(_jpeg(70, 30, 36))
     Path(source, "d0/000a.jpg").write_bytes(_jpeg(71, 24, 24))  # sorts first: segmented first
-
-    class Stopped(Exception):
-        pass
-
-    def stop_after_two_images(progress):
-        if progress.images >= 2:
-            raise Stopped
-    with pytest.raises(Stopped):
-        run_segmentation(config, on_progress=stop_after_two_images)
+    _run_stopped_after(config, images=2)
     assert decode_mask((masks / "001.png").read_bytes()).shape == (30, 36) and (masks / "000a.png").exists()
     image.write_bytes(old_bytes)
     os.utime(image, ns=(old_stat.st_atime_ns, old_stat.st_mtime_ns))
@@ -364,15 +370,7 @@ def test_a_run_stopped_with_other_settings_leaves_its_shard_to_be_done_again(ray
     source, output = _local_source(tmp_path, 3)
     config = SegmentConfig(source=source, output=output, batch_size=1, crf=False, **MODEL)
     assert run_segmentation(config).shards_committed == 1
-
-    class Stopped(Exception):
-        pass
-
-    def stop_after_one_image(progress):
-        if progress.images >= 1:
-            raise Stopped
-    with pytest.raises(Stopped):
-        run_segmentation(config.model_copy(update={"crf": True}), on_progress=stop_after_one_image)
+    _run_stopped_after(config.model_copy(update={"crf": True}), images=1)
     assert not list(Path(output, "_commits").iterdir())
     [underway] = [json.loads(p.read_text()) for p in Path(output, "_underway").iterdir()]
     assert len(underway["redoing"]) == 3  # every image named
